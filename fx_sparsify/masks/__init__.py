@@ -1,0 +1,27 @@
+"""Mask methods: the registry, shorthand parsing and the built-in methods."""
+
+from __future__ import annotations
+
+from . import builtin as _builtin  # noqa: F401  (registers the built-in methods)
+from ._registry import (
+    MaskMethod,
+    available_mask_methods,
+    compute_mask,
+    get_mask_method,
+    register_mask_method,
+    validate_options,
+)
+from ._selectors import count_to_prune
+from ._shorthand import ParsedMethod, parse_method
+
+__all__ = [
+    "MaskMethod",
+    "ParsedMethod",
+    "available_mask_methods",
+    "compute_mask",
+    "count_to_prune",
+    "get_mask_method",
+    "parse_method",
+    "register_mask_method",
+    "validate_options",
+]

@@ -1,0 +1,175 @@
+"""The mask-method registry.
+
+A mask method maps a score tensor to a boolean keep-mask of the same shape (True = kept).
+Built-in methods are registered with the same decorator users call::
+
+    >>> import torch, fx_sparsify as fxs
+    >>> @fxs.register_mask_method("sign", description="keep the positive entries")
+    ... def sign(tensor: torch.Tensor) -> torch.Tensor:
+    ...     return tensor > 0
+    >>> fxs.compute_mask("sign", torch.tensor([-1.0, 2.0]))
+    tensor([False,  True])
+
+A method's options are its keyword-only parameters; they are checked against the signature when a
+spec is built, so a misspelt option fails before any tensor is touched. A method that declares a
+keyword ``generator`` receives a ``torch.Generator`` seeded from the spec's seed and the target name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MaskMethod",
+    "register_mask_method",
+    "get_mask_method",
+    "compute_mask",
+    "available_mask_methods",
+    "validate_options",
+]
+
+MaskFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class MaskMethod:
+    """A registered mask method: its function and what its signature says about options."""
+
+    name: str
+    fn: MaskFn
+    description: str
+    options: tuple[str, ...]
+    required: tuple[str, ...]
+    takes_generator: bool
+
+    def __call__(self, tensor: Tensor, *, generator: torch.Generator | None = None, **options: Any) -> Tensor:
+        validate_options(self.name, options)
+        if self.takes_generator:
+            options["generator"] = generator
+        mask = self.fn(tensor, **options)
+        if not isinstance(mask, Tensor) or mask.shape != tensor.shape:
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(
+                f"mask method {self.name!r} returned {got} for a tensor of shape {tuple(tensor.shape)}; "
+                "a mask method must return a tensor of the same shape as its input"
+            )
+        return mask if mask.dtype == torch.bool else mask != 0
+
+
+_REGISTRY: dict[str, MaskMethod] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def _describe(fn: MaskFn, description: str | None) -> str:
+    if description:
+        return description
+    doc = inspect.getdoc(fn) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def register_mask_method(
+    name: str,
+    *,
+    description: str | None = None,
+    aliases: tuple[str, ...] = (),
+    override: bool = False,
+) -> Callable[[MaskFn], MaskFn]:
+    """Register ``fn(tensor, *, **options) -> bool mask`` under ``name`` (and ``aliases``).
+
+    Registering a taken name raises ``ValueError`` unless ``override=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a mask method name must be a non-empty string, got {name!r}")
+
+    def decorator(fn: MaskFn) -> MaskFn:
+        if not callable(fn):
+            raise TypeError(f"register_mask_method({name!r}) decorates a function, got {type(fn).__name__}")
+        params = list(inspect.signature(fn).parameters.values())
+        if not params or params[0].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            raise TypeError(
+                f"mask method {name!r} must take the score tensor as its first positional argument, "
+                "then keyword options: def method(tensor, *, option=default) -> Tensor"
+            )
+        keyword = [p for p in params[1:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        options = tuple(p.name for p in keyword if p.name != "generator")
+        required = tuple(p.name for p in keyword if p.name != "generator" and p.default is inspect.Parameter.empty)
+        method = MaskMethod(
+            name=name,
+            fn=fn,
+            description=_describe(fn, description),
+            options=options,
+            required=required,
+            takes_generator=any(p.name == "generator" for p in keyword),
+        )
+        for key in (name, *aliases):
+            if not override and (key in _REGISTRY or key in _ALIASES):
+                raise ValueError(
+                    f"a mask method named {key!r} is already registered; "
+                    "pass override=True to register_mask_method to replace it"
+                )
+        _REGISTRY[name] = method
+        _ALIASES.pop(name, None)
+        for alias in aliases:
+            _REGISTRY.pop(alias, None)
+            _ALIASES[alias] = name
+        return fn
+
+    return decorator
+
+
+def get_mask_method(name: str) -> MaskMethod:
+    """The registered method called ``name`` (or an alias of it); ``KeyError`` lists the known names."""
+    if not isinstance(name, str):
+        raise TypeError(f"a mask method is named by a string, got {type(name).__name__}: {name!r}")
+    key = _ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        known = sorted([*_REGISTRY, *_ALIASES])
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise KeyError(
+            f"unknown mask method {name!r}.{hint} Known methods: {', '.join(known)}. "
+            "Register your own with @fx_sparsify.register_mask_method(name)."
+        )
+    return _REGISTRY[key]
+
+
+def validate_options(name: str, options: Mapping[str, Any]) -> None:
+    """Check option names against the method's signature (``TypeError`` names the bad key)."""
+    method = get_mask_method(name)
+    unknown = [k for k in options if k not in method.options]
+    if unknown:
+        close = {k: difflib.get_close_matches(k, method.options, n=1) for k in unknown}
+        hints = "; ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
+        accepted = ", ".join(method.options) or "none"
+        raise TypeError(f"mask method {method.name!r} got unknown option {hints}; it accepts: {accepted}")
+    missing = [k for k in method.required if k not in options]
+    if missing:
+        raise TypeError(f"mask method {method.name!r} needs option(s) {', '.join(map(repr, missing))}")
+
+
+def compute_mask(name: str, tensor: Tensor, *, generator: torch.Generator | None = None, **options: Any) -> Tensor:
+    """Compute the boolean keep-mask of ``tensor`` with the method ``name`` (a name or a shorthand)."""
+    from ._shorthand import parse_method
+
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"compute_mask needs a torch.Tensor, got {type(tensor).__name__}")
+    parsed = parse_method(name)
+    merged = {**parsed.options, **options}
+    return get_mask_method(parsed.name)(tensor.detach(), generator=generator, **merged)
+
+
+def available_mask_methods() -> dict[str, str]:
+    """``{name: one-line description}`` of every registered method and alias."""
+    out = {name: m.description for name, m in sorted(_REGISTRY.items())}
+    for alias, target in sorted(_ALIASES.items()):
+        out[alias] = f"alias of {target!r}"
+    return out
