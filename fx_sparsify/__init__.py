@@ -1,7 +1,35 @@
-"""fx_sparsify: a graph-level sparsification compiler for PyTorch."""
+"""fx_sparsify: a graph-level sparsification compiler for PyTorch.
+
+    >>> import fx_sparsify as fxs
+    >>> sgm = fxs.sparsify_graph(model, {"weights": [{"target": "fc1", "method": "l1_unstructured",
+    ...                                               "sparsity": 0.5}]})     # doctest: +SKIP
+    >>> sgm.step(); print(sgm.report()); plain = sgm.squash()                 # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
+from .api import masks, report, sparsify_graph, sparsity, squash, step
+from .export import export
 from .masks import available_mask_methods, compute_mask, register_mask_method
+from .sparse_graph_module import SparseGraphModule
+from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
+from .trace import CaptureError
 
-__all__ = ["available_mask_methods", "compute_mask", "register_mask_method"]
+__all__ = [
+    "ActivationRule",
+    "CaptureError",
+    "GlobalRule",
+    "SparseGraphModule",
+    "SparsitySpec",
+    "WeightRule",
+    "available_mask_methods",
+    "compute_mask",
+    "export",
+    "masks",
+    "register_mask_method",
+    "report",
+    "sparsify_graph",
+    "sparsity",
+    "squash",
+    "step",
+]

@@ -1,0 +1,148 @@
+"""``sparsify_graph``: the stages in order (SPEC §2), and function forms of the module's methods.
+
+    capture (trace.py) → resolve targets (select.py) → insert_weight_masks → SparseGraphModule
+    → [forward passes / training] → step (update_masks) → squash → export (export.py)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .passes.insert_weight_masks import insert_weight_masks
+from .select import param_aliases, resolve_weight_targets
+from .sparse_graph_module import SparseGraphModule, SparsityState, TargetRecord
+from .spec import SparsitySpec
+from .trace import capture_graph
+
+__all__ = ["sparsify_graph", "step", "squash", "masks", "sparsity", "report"]
+
+
+def _as_spec(spec: SparsitySpec | Mapping[str, Any]) -> SparsitySpec:
+    if isinstance(spec, SparsitySpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return SparsitySpec.from_dict(spec)
+    raise TypeError(f"spec must be a dict or a fx_sparsify.SparsitySpec, got {type(spec).__name__}")
+
+
+def _as_inputs(example_inputs: Any, example_kwargs: Any) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None]:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}; wrap it: (x,)")
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
+    return (tuple(example_inputs) if example_inputs is not None else None,
+            dict(example_kwargs) if example_kwargs is not None else None)
+
+
+def sparsify_graph(
+    model: nn.Module,
+    spec: SparsitySpec | Mapping[str, Any],
+    *,
+    example_inputs: tuple[Any, ...] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    capture: str = "auto",
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Iterable[type[nn.Module] | str] | None = None,
+    inplace: bool = False,
+) -> SparseGraphModule:
+    """Capture ``model`` as a graph and insert a mask node for every tensor ``spec`` selects.
+
+    The user's model is not changed (it is deep-copied first) unless ``inplace=True``, in which case
+    the returned module shares its parameters. Every mask starts all-keep: call ``.step()`` to compute.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    spec = _as_spec(spec)
+    example_inputs, example_kwargs = _as_inputs(example_inputs, example_kwargs)
+    work = model if inplace else copy.deepcopy(model)
+    targets = resolve_weight_targets(spec, work)
+    aliases = param_aliases(work)
+    state_keys = tuple(work.state_dict().keys())
+    captured = capture_graph(
+        work, capture=capture, example_inputs=example_inputs, example_kwargs=example_kwargs,
+        concrete_args=concrete_args, leaf_modules=leaf_modules,
+    )
+    gm = captured.gm
+    if gm is work and isinstance(model, GraphModule) and inplace:
+        gm = copy.copy(gm)  # the user's GraphModule keeps its own graph even in place
+    insert_weight_masks(gm, targets, aliases)
+    records: dict[str, TargetRecord] = {}
+    for name, target in targets.items():
+        buffer = next(n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target == _buffer_of(gm, name))
+        param = gm.get_parameter(_path_in(gm, name, aliases))
+        kind = "embedding" if _is_lookup_target(gm, name) else "weight"
+        records[name] = TargetRecord(
+            name=name, kind=kind, param=_path_in(gm, name, aliases), buffer=buffer, method=target.rule.method,
+            rule=target.rule, shape=tuple(param.shape), group=target.group,
+        )
+    state = SparsityState(spec=spec, capture=captured.capture, targets=records, state_keys=state_keys,
+                          class_name=type(model).__name__)
+    sgm = SparseGraphModule.wrap(gm, state)
+    if example_inputs is not None or example_kwargs is not None:
+        _check_runs(sgm, example_inputs or (), example_kwargs or {})
+    return sgm
+
+
+def _buffer_of(gm: GraphModule, name: str) -> str:
+    from ._names import _flat
+
+    base = _flat(f"{name}_mask")
+    candidates = [n for n, _ in gm.named_buffers() if n == base or n.startswith(f"{base}_")]
+    return candidates[-1]
+
+
+def _path_in(gm: GraphModule, name: str, aliases: Mapping[str, str]) -> str:
+    own = dict(gm.named_parameters(remove_duplicate=False))
+    if name in own:
+        return name
+    return next(a for a, c in aliases.items() if c == name and a in own)
+
+
+def _is_lookup_target(gm: GraphModule, name: str) -> bool:
+    from . import ops
+
+    return not any(n.target is ops.apply_mask and n.meta.get("fx_sparsify") and n.meta["fx_sparsify"].target == name
+                   for n in gm.graph.nodes)
+
+
+def _check_runs(sgm: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    try:
+        with torch.no_grad():
+            sgm(*args, **kwargs)
+    except Exception as exc:
+        raise ValueError(
+            f"the rewritten module failed on example_inputs: {type(exc).__name__}: {exc}. Check that the example "
+            "inputs match the model's forward; if the unmodified model runs on them, please report this as a bug."
+        ) from exc
+
+
+def step(gm: SparseGraphModule) -> None:
+    """Function form of :meth:`SparseGraphModule.step`."""
+    gm.step()
+
+
+def squash(gm: SparseGraphModule) -> GraphModule:
+    """Function form of :meth:`SparseGraphModule.squash`."""
+    return gm.squash()
+
+
+def masks(gm: SparseGraphModule) -> dict[str, Any]:
+    """Function form of :meth:`SparseGraphModule.masks`."""
+    return gm.masks()
+
+
+def sparsity(gm: SparseGraphModule) -> dict[str, float]:
+    """Function form of :meth:`SparseGraphModule.sparsity`."""
+    return gm.sparsity()
+
+
+def report(gm: SparseGraphModule) -> str:
+    """Function form of :meth:`SparseGraphModule.report`."""
+    return gm.report()

@@ -1,0 +1,113 @@
+"""The functions that fx_sparsify's graph nodes call. Squash removes every one of them.
+
+``apply_mask(weight, mask)`` is the one mask node of a weight. Under ``torch.no_grad`` /
+``torch.inference_mode`` it returns a cached ``weight * mask`` that is recomputed only when the
+weight or the mask changed (their version counters, storage or dtype), so an unsquashed model runs
+eval forwards at plain speed. With autograd on it multiplies every call, so gradients flow.
+
+Embedding lookups mask the gathered rows instead of the table: ``embedding(x, W) * embedding(x, M)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["apply_mask", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS"]
+
+_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _cache_key(weight: Tensor, mask: Tensor) -> tuple[Any, ...]:
+    return (
+        id(weight),
+        weight._version,
+        weight.data_ptr(),
+        weight.dtype,
+        weight.device,
+        mask._version,
+        mask.data_ptr(),
+        torch.is_inference_mode_enabled(),
+    )
+
+
+def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
+    """``weight * mask``, cached while neither changes and autograd is off."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not isinstance(weight, torch.nn.Parameter):
+        return weight * mask
+    key = _cache_key(weight, mask)
+    hit = _CACHE.get(mask)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = weight * mask
+    _CACHE[mask] = (key, out)
+    return out
+
+
+def embedding_masked(
+    input: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> Tensor:
+    """``F.embedding`` of the masked table, computed on the gathered rows only."""
+    rows = F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    return rows * F.embedding(input, mask)
+
+
+def embedding_bag_masked(
+    input: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    offsets: Tensor | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    mode: str = "mean",
+    sparse: bool = False,
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+) -> Tensor:
+    """``F.embedding_bag`` of the masked table: mask the gathered rows, then pool them as bags."""
+    flat = input.reshape(-1)
+    rows = F.embedding(flat, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse) * F.embedding(flat, mask)
+    index = torch.arange(flat.numel(), device=flat.device)
+    pad = None
+    if padding_idx is not None:
+        pad_value = padding_idx if padding_idx >= 0 else padding_idx + weight.shape[0]
+        pad = flat.numel()
+        index = torch.where(flat == pad_value, pad, index)
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    return F.embedding_bag(
+        index.view(input.shape),
+        rows,
+        offsets,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        include_last_offset=include_last_offset,
+        padding_idx=pad,
+    )
+
+
+def module_call(module: torch.nn.Module, params: dict[str, Tensor], *args: Any, **kwargs: Any) -> Any:
+    """Call a leaf module with some of its parameters replaced (masked): ``functional_call``."""
+    return torch.func.functional_call(module, params, args, kwargs, tie_weights=False, strict=False)
+
+
+def conv_padded(
+    input: Tensor, weight: Tensor, bias: Tensor | None, conv: Any, pad: tuple[int, ...], padding_mode: str, *args: Any
+) -> Tensor:
+    """A ``Conv`` with ``padding_mode != "zeros"``: pad, then the functional conv with no padding."""
+    return conv(F.pad(input, pad, mode=padding_mode), weight, bias, *args)
+
+
+OPS = frozenset({apply_mask, embedding_masked, embedding_bag_masked, module_call, conv_padded})

@@ -1,0 +1,84 @@
+"""Stage: recompute every mask from the current values (``sgm.step()``).
+
+A weight target ranks its currently masked values (``weight * mask``), so a pruned entry stays pruned
+and a repeated step at the same sparsity changes nothing; ``"regrow": true`` ranks the raw values.
+``"scores"`` ranks another tensor (a tensor FQN) or ``scores(weight)`` (a callable) instead. Global
+rules rank all their targets' scores together, as ``torch.nn.utils.prune.global_unstructured``.
+Random methods draw from a generator seeded by the spec's seed and the target name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..masks import get_mask_method
+from ..masks._random import generator_for
+
+if TYPE_CHECKING:
+    from ..sparse_graph_module import SparseGraphModule, TargetRecord
+
+__all__ = ["update_masks", "weight_scores"]
+
+
+def weight_scores(sgm: SparseGraphModule, record: TargetRecord) -> Tensor:
+    """What ``record``'s method ranks: the (importance) scores, times the mask unless regrowing."""
+    weight = sgm.get_parameter(record.param).detach()
+    rule = record.rule
+    scores_spec: Any = getattr(rule, "scores", None)
+    if scores_spec is None:
+        scores = weight
+    elif callable(scores_spec):
+        scores = torch.as_tensor(scores_spec(weight)).detach()
+    else:
+        scores = _tensor_by_name(sgm, scores_spec).detach()
+    if scores.shape != weight.shape:
+        raise ValueError(
+            f"scores for target {record.name!r} have shape {tuple(scores.shape)}, the weight has "
+            f"{tuple(weight.shape)}; importance scores must have the weight's shape"
+        )
+    if getattr(rule, "regrow", False):
+        return scores
+    return scores * sgm.get_buffer(record.buffer).to(scores.dtype)
+
+
+def _tensor_by_name(sgm: SparseGraphModule, name: str) -> Tensor:
+    for getter in (sgm.get_parameter, sgm.get_buffer):
+        try:
+            return getter(name)
+        except AttributeError:
+            continue
+    raise KeyError(f"importance scores {name!r} are not a parameter or buffer of the model")
+
+
+def _write(sgm: SparseGraphModule, record: TargetRecord, keep: Tensor) -> None:
+    buf = sgm.get_buffer(record.buffer)
+    buf.copy_(keep.to(device=buf.device, dtype=buf.dtype))
+
+
+def update_masks(sgm: SparseGraphModule) -> None:
+    """Recompute the mask of every weight target of ``sgm`` in place (masks are buffers)."""
+    state = sgm._fxs
+    seed = state.spec.seed
+    groups: dict[int, list[TargetRecord]] = {}
+    with torch.no_grad():
+        for record in state.targets.values():
+            if record.kind not in ("weight", "embedding"):
+                continue
+            if record.group is not None:
+                groups.setdefault(record.group, []).append(record)
+                continue
+            scores = weight_scores(sgm, record)
+            method = get_mask_method(record.method)
+            gen = generator_for(seed, record.name, scores.device)
+            _write(sgm, record, method(scores, generator=gen, **sgm.current_options(record)))
+        for g, records in groups.items():
+            flat = torch.cat([weight_scores(sgm, r).reshape(-1).float() for r in records])
+            first = records[0]
+            method = get_mask_method(first.method)
+            keep = method(flat, generator=generator_for(seed, f"global:{g}", flat.device), **sgm.current_options(first))
+            for r, part in zip(records, keep.split([r.numel for r in records])):
+                _write(sgm, r, part.view(r.shape))
+    state.steps += 1

@@ -1,0 +1,63 @@
+"""The sparsity report: one row per target, as a ``tabulate`` table (SPEC §2)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tabulate import tabulate
+
+if TYPE_CHECKING:
+    from .sparse_graph_module import SparseGraphModule, TargetRecord
+
+__all__ = ["report", "target_sparsity_of"]
+
+HEADERS = ["target", "kind", "method", "shape", "target sparsity", "achieved", "kept", "at squash"]
+
+
+def target_sparsity_of(method: str, options: dict[str, Any], numel: int) -> float | None:
+    """The sparsity a method aims for, where its options say (None when they do not)."""
+    if "sparsity" in options and options["sparsity"] is not None:
+        s = options["sparsity"]
+        return float(s) if isinstance(s, float) else s / max(numel, 1)
+    if "density" in options and options["density"] is not None:
+        return 1.0 - float(options["density"])
+    if "n" in options and "m" in options:
+        return 1.0 - options["n"] / options["m"]
+    if method == "dense":
+        return 0.0
+    return None
+
+
+def _method_text(record: TargetRecord, options: dict[str, Any]) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in options.items() if k not in ("sparsity", "density"))
+    return f"{record.method}({opts})" if opts else record.method
+
+
+def report(sgm: SparseGraphModule) -> str:
+    """Render the table; the header line says which capture was used and how many steps ran."""
+    state = sgm._fxs
+    achieved = sgm.sparsity()
+    masks = sgm.masks()
+    rows = []
+    for name, record in state.targets.items():
+        options = sgm.current_options(record)
+        target = target_sparsity_of(record.method, options, record.numel)
+        mask = masks[name]
+        kept = sum(int(m.sum()) for m in mask) if isinstance(mask, list) else int(mask.sum())
+        rows.append([
+            name,
+            record.kind,
+            _method_text(record, options),
+            "x".join(map(str, record.shape)) or "scalar",
+            "-" if target is None else f"{target:.1%}",
+            f"{achieved[name]:.1%}",
+            kept,
+            record.fate,
+        ])
+    total = sum(r.numel for r in state.targets.values() if r.kind != "activation")
+    zeros = sum(achieved[n] * r.numel for n, r in state.targets.items() if r.kind != "activation")
+    head = (
+        f"fx_sparsify report: capture={state.capture}, steps={state.steps}, targets={len(rows)}, "
+        f"masked weights {zeros / max(total, 1):.1%} zero overall"
+    )
+    return head + "\n" + tabulate(rows, headers=HEADERS, tablefmt="github")

@@ -1,0 +1,109 @@
+"""Resolve spec selectors to the model's parameters (SPEC §3 "Selecting targets").
+
+A selector is a module FQN (its ``weight``), a tensor FQN, a glob over FQNs, ``"re:<regex>"`` or
+``"type:<ClassName>"``. Tied parameters resolve to one canonical name (the first FQN under which
+``named_parameters`` lists them). Rules apply in order and the last rule that selects a tensor wins;
+``"method": "dense"`` excludes it. A rule that selects nothing is an error naming the closest FQNs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .spec import GlobalRule, SparsitySpec, WeightRule
+
+__all__ = ["WeightTarget", "param_aliases", "select", "resolve_weight_targets"]
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """A parameter to sparsify: its canonical FQN, the rule that won, and its global group (if any)."""
+
+    name: str
+    rule: WeightRule | GlobalRule
+    group: int | None = None
+
+
+def param_aliases(model: nn.Module) -> dict[str, str]:
+    """Every FQN under which a parameter is reachable → its canonical FQN."""
+    canonical: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = canonical.setdefault(id(p), name)
+    return out
+
+
+def _module_weight(model: nn.Module, fqn: str, aliases: dict[str, str]) -> str | None:
+    name = f"{fqn}.weight" if fqn else "weight"
+    return aliases.get(name)
+
+
+def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str) -> list[str]:
+    """Canonical parameter FQNs that ``selector`` picks, in model order; errors if none."""
+    modules = [n for n, _ in model.named_modules(remove_duplicate=False)]
+    found: list[str | None] = []
+    if selector.startswith("re:"):
+        try:
+            pattern = re.compile(selector[3:])
+        except re.error as err:
+            raise ValueError(f"{where}: {selector!r} is not a valid regular expression ({err})") from None
+        found += [_module_weight(model, m, aliases) for m in modules if pattern.fullmatch(m)]
+        found += [aliases[p] for p in aliases if pattern.fullmatch(p)]
+    elif selector.startswith("type:"):
+        cls = selector[5:]
+        found += [_module_weight(model, n, aliases) for n, m in model.named_modules(remove_duplicate=False)
+                  if type(m).__name__ == cls]
+        if not found:
+            types = sorted({type(m).__name__ for m in model.modules()})
+            close = difflib.get_close_matches(cls, types, n=3) or types[:8]
+            raise ValueError(f"{where}: no module of type {cls!r} in the model; module types present include: {', '.join(close)}")
+    elif any(c in selector for c in "*?["):
+        found += [_module_weight(model, m, aliases) for m in modules if fnmatch.fnmatchcase(m, selector)]
+        found += [aliases[p] for p in aliases if fnmatch.fnmatchcase(p, selector)]
+    elif selector in aliases:
+        found.append(aliases[selector])
+    elif selector in modules:
+        weight = _module_weight(model, selector, aliases)
+        if weight is None:
+            own = [n.rsplit(".", 1)[-1] for n in aliases if n.startswith(f"{selector}.") and "." not in n[len(selector) + 1:]]
+            raise ValueError(
+                f"{where}: module {selector!r} has no parameter 'weight'; select a tensor by its FQN instead"
+                + (f" (its parameters: {', '.join(own)})" if own else " or a glob such as "
+                   f"'{selector}.*.weight'")
+            )
+        found.append(weight)
+    out = list(dict.fromkeys(f for f in found if f is not None))
+    if not out:
+        close = difflib.get_close_matches(selector.removeprefix("re:"), [*modules, *aliases], n=5, cutoff=0.3)
+        raise ValueError(
+            f"{where}: target {selector!r} selects nothing in {type(model).__name__}; "
+            f"closest names: {', '.join(close) or '(none)'}. Use a module FQN, a tensor FQN, a glob, "
+            "'re:<regex>' or 'type:<ClassName>'."
+        )
+    return out
+
+
+def resolve_weight_targets(spec: SparsitySpec, model: nn.Module) -> dict[str, WeightTarget]:
+    """Canonical FQN → the winning rule, applying ``weights`` then ``global`` rules in order."""
+    aliases = param_aliases(model)
+    params = dict(model.named_parameters())
+    chosen: dict[str, WeightTarget] = {}
+    for i, rule in enumerate(spec.weights):
+        for name in select(rule.target, model, aliases, f"spec['weights'][{i}] ({rule.target!r})"):
+            chosen[name] = WeightTarget(name, rule)
+    for g, grule in enumerate(spec.global_):
+        for selector in grule.targets:
+            for name in select(selector, model, aliases, f"spec['global'][{g}] ({selector!r})"):
+                chosen[name] = WeightTarget(name, grule, group=g)
+    for name in chosen:
+        if not params[name].dtype.is_floating_point:
+            raise TypeError(f"target {name!r} has dtype {params[name].dtype}; only floating-point tensors can be masked")
+    order = {n: i for i, n in enumerate(params)}
+    return {
+        n: t for n, t in sorted(chosen.items(), key=lambda kv: order[kv[0]]) if t.rule.method != "dense"
+    }

@@ -1,0 +1,145 @@
+"""``SparseGraphModule``: the rewritten model, with its masks and the methods that drive them."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from ._meta import META_KEY
+from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
+
+__all__ = ["SparseGraphModule", "SparsityState", "TargetRecord"]
+
+
+@dataclass
+class TargetRecord:
+    """One sparsified tensor: where its value and mask live in the module and how it is computed."""
+
+    name: str
+    kind: str  # "weight" | "embedding" | "activation"
+    param: str | None  # path of the parameter inside the module (weights)
+    buffer: str  # root attribute holding the mask
+    method: str
+    rule: WeightRule | GlobalRule | ActivationRule
+    shape: tuple[int, ...]
+    group: int | None = None
+    fate: str = "folded"  # at squash: "folded" | "kept as constant" | "removed"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class SparsityState:
+    """Everything fx_sparsify knows about a SparseGraphModule besides its graph and tensors."""
+
+    spec: SparsitySpec
+    capture: str
+    targets: dict[str, TargetRecord]
+    state_keys: tuple[str, ...]
+    class_name: str
+    steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SparseGraphModule(GraphModule):
+    """A ``torch.fx.GraphModule`` whose sparsified tensors pass through explicit mask nodes.
+
+    Build one with :func:`fx_sparsify.sparsify_graph`. Calling it runs the masked model.
+    """
+
+    _fxs: SparsityState
+
+    @classmethod
+    def wrap(cls, gm: GraphModule, state: SparsityState) -> SparseGraphModule:
+        sgm = cls(gm, gm.graph, class_name=state.class_name)
+        # GraphModule copies only what the graph names; keep whole modules (a rewritten Linear stays a Linear)
+        for name, child in gm.named_children():
+            setattr(sgm, name, child)
+        for name, buf in gm.named_buffers(recurse=False):
+            sgm.register_buffer(name, buf, persistent=name not in gm._non_persistent_buffers_set)
+        for name, param in gm.named_parameters(recurse=False):
+            sgm.register_parameter(name, param)
+        sgm._fxs = state
+        sgm.train(gm.training)
+        return sgm
+
+    # --- the public methods (SPEC §2) -------------------------------------------------------------
+    def step(self) -> None:
+        """Recompute every mask from the current weights (and activation statistics)."""
+        from .passes.update_masks import update_masks
+
+        update_masks(self)
+
+    def masks(self) -> dict[str, Any]:
+        """Target name → boolean keep-mask (True = kept)."""
+        return {name: self.get_buffer(r.buffer) != 0 for name, r in self._fxs.targets.items()}
+
+    def sparsity(self) -> dict[str, float]:
+        """Target name → achieved fraction of zeros in the mask."""
+        out = {}
+        for name, mask in self.masks().items():
+            masks = mask if isinstance(mask, list) else [mask]
+            total = sum(m.numel() for m in masks)
+            out[name] = 1.0 - sum(int(m.sum()) for m in masks) / max(total, 1)
+        return out
+
+    def report(self) -> str:
+        """A table of every target: kind, method, shape, target and achieved sparsity, fate at squash."""
+        from .report import report
+
+        return report(self)
+
+    def squash(self) -> GraphModule:
+        """A plain GraphModule with the masks folded into the constants; ``self`` is unchanged."""
+        from .passes.squash import squash
+
+        return squash(self)
+
+    def current_options(self, record: TargetRecord) -> dict[str, Any]:
+        """The method options of ``record`` at the current step."""
+        rule = record.rule
+        return dict(rule.options)
+
+    # --- state, copies and pickling ----------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"steps": self._fxs.steps}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._fxs.steps = int(state["steps"])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SparseGraphModule:
+        res = super().__deepcopy__(memo)
+        res._fxs = copy.deepcopy(self._fxs, memo)
+        return res  # type: ignore[return-value]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        info = {n.name: n.meta[META_KEY] for n in self.graph.nodes if META_KEY in n.meta}
+        return (_rebuild, (GraphModule.__reduce__(self), self._fxs, info, self.training))
+
+    def __copy__(self) -> SparseGraphModule:
+        return copy.deepcopy(self)
+
+    def __str__(self) -> str:
+        return f"SparseGraphModule({self._fxs.class_name}, {len(self._fxs.targets)} targets)\n{super().__str__()}"
+
+
+def _rebuild(reduced: tuple[Any, ...], state: SparsityState, info: dict[str, Any], training: bool) -> SparseGraphModule:
+    fn, args = reduced
+    gm = fn(*args)
+    for node in gm.graph.nodes:
+        if node.name in info:
+            node.meta[META_KEY] = info[node.name]
+    sgm = SparseGraphModule.wrap(gm, state)
+    sgm.train(training)
+    return sgm
+
+

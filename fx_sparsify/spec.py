@@ -1,0 +1,273 @@
+"""The sparsity spec: frozen dataclasses with ``from_dict`` / ``to_dict`` (SPEC §3).
+
+    >>> spec = SparsitySpec.from_dict({"weights": [{"target": "fc1", "method": "l1_unstructured",
+    ...                                             "sparsity": 0.5}]})
+    >>> spec.weights[0]
+    WeightRule(target='fc1', method='l1_unstructured', options={'sparsity': 0.5}, gradient='mask', scores=None, regrow=False, schedule=None)
+    >>> SparsitySpec.from_dict(spec.to_dict()) == spec
+    True
+
+Options are flat keys beside ``method``; they are checked against the method's signature here, so
+a misspelt option fails before any tensor is touched. Every error names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from .masks import get_mask_method, parse_method, validate_options
+
+__all__ = ["WeightRule", "GlobalRule", "ActivationRule", "SparsitySpec"]
+
+GRADIENT_MODES = ("mask", "ste", "supermask", "joint")
+AGGREGATES = ("sum", "abs_sum", "sq_sum", "max", "abs_max")
+REDUCES = ("mean", "sum", "none")
+
+
+def _where(where: str, key: str) -> str:
+    return f"{where}[{key!r}]" if where else repr(key)
+
+
+def _resolve_method(method: Any, options: dict[str, Any], where: str) -> tuple[str, dict[str, Any], str | None]:
+    """Parse a method string, merge shorthand options under explicit ones, validate against the signature."""
+    if not isinstance(method, str):
+        raise TypeError(f"{_where(where, 'method')}: expected a method name string, got {type(method).__name__}: {method!r}")
+    parsed = parse_method(method)
+    try:
+        get_mask_method(parsed.name)
+        merged = {**parsed.options, **options}
+        validate_options(parsed.name, merged)
+    except KeyError as err:
+        raise KeyError(f"{_where(where, 'method')}: {err.args[0]}") from None
+    except TypeError as err:
+        raise TypeError(f"{where}: {err}") from None
+    return get_mask_method(parsed.name).name, merged, parsed.gradient
+
+
+def _check_str(value: Any, key: str, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{_where(where, key)}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _check_gradient(value: Any, where: str) -> str:
+    if value not in GRADIENT_MODES:
+        raise ValueError(f"{_where(where, 'gradient')}: got {value!r}; choose one of {', '.join(GRADIENT_MODES)}")
+    return value
+
+
+def _check_scores(value: Any, where: str) -> None:
+    if value is not None and not (isinstance(value, str) or callable(value)):
+        raise TypeError(
+            f"{_where(where, 'scores')}: expected a tensor FQN string or a callable weight -> scores, got {value!r}"
+        )
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """One rule of ``"weights"``: which tensors, which method, which options."""
+
+    target: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    gradient: str = "mask"
+    scores: str | Callable[..., Any] | None = None
+    regrow: bool = False
+    schedule: Mapping[str, Any] | Callable[[int], float] | None = None
+
+    _KEYS = ("target", "method", "gradient", "scores", "regrow", "schedule")
+
+    def __post_init__(self) -> None:
+        where = f"weights rule {self.target!r}"
+        _check_str(self.target, "target", where)
+        name, options, gradient = _resolve_method(self.method, dict(self.options), where)
+        object.__setattr__(self, "method", name)
+        object.__setattr__(self, "options", options)
+        if gradient is not None and self.gradient == "mask":
+            object.__setattr__(self, "gradient", gradient)
+        _check_gradient(self.gradient, where)
+        _check_scores(self.scores, where)
+        if not isinstance(self.regrow, bool):
+            raise TypeError(f"{_where(where, 'regrow')}: expected True or False, got {self.regrow!r}")
+        if self.schedule is not None and not (isinstance(self.schedule, Mapping) or callable(self.schedule)):
+            raise TypeError(f"{_where(where, 'schedule')}: expected a dict or a callable step -> sparsity")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "weights") -> WeightRule:
+        d = _require_mapping(d, where, ("target", "method"))
+        return cls(**{k: d[k] for k in cls._KEYS if k in d}, options={k: v for k, v in d.items() if k not in cls._KEYS})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"target": self.target, "method": self.method, **copy.deepcopy(self.options)}
+        for key, default in (("gradient", "mask"), ("scores", None), ("regrow", False), ("schedule", None)):
+            if getattr(self, key) != default:
+                out[key] = copy.deepcopy(getattr(self, key))
+        return out
+
+
+@dataclass(frozen=True)
+class GlobalRule:
+    """One rule of ``"global"``: all ``targets`` ranked together (``prune.global_unstructured``)."""
+
+    targets: tuple[str, ...]
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    scores: str | Callable[..., Any] | None = None
+    regrow: bool = False
+
+    _KEYS = ("targets", "method", "scores", "regrow")
+
+    def __post_init__(self) -> None:
+        where = f"global rule {list(self.targets) if isinstance(self.targets, (list, tuple)) else self.targets!r}"
+        if isinstance(self.targets, str) or not isinstance(self.targets, Sequence) or not self.targets:
+            raise TypeError(f"{_where(where, 'targets')}: expected a non-empty list of target selectors, got {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(_check_str(t, "targets", where) for t in self.targets))
+        name, options, _ = _resolve_method(self.method, dict(self.options), where)
+        object.__setattr__(self, "method", name)
+        object.__setattr__(self, "options", options)
+        _check_scores(self.scores, where)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "global") -> GlobalRule:
+        d = _require_mapping(d, where, ("targets", "method"))
+        return cls(**{k: d[k] for k in cls._KEYS if k in d}, options={k: v for k, v in d.items() if k not in cls._KEYS})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"targets": list(self.targets), "method": self.method, **copy.deepcopy(self.options)}
+        if self.scores is not None:
+            out["scores"] = self.scores
+        if self.regrow:
+            out["regrow"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class ActivationRule:
+    """One rule of ``"activations"``: observe and mask the input of the selected layers (SPEC §5)."""
+
+    target: str
+    aggregate: str | Callable[..., Any] = "sum"
+    reduce: str | Callable[..., Any] = "mean"
+    mask: str | Callable[..., Any] = "threshold"
+    options: dict[str, Any] = field(default_factory=dict)
+    features: tuple[int, ...] | None = None
+    feature_dim: int | None = None
+
+    _KEYS = ("target", "aggregate", "reduce", "mask", "features", "feature_dim")
+
+    def __post_init__(self) -> None:
+        where = f"activations rule {self.target!r}"
+        _check_str(self.target, "target", where)
+        for key, names in (("aggregate", AGGREGATES), ("reduce", REDUCES)):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                if value not in names:
+                    raise ValueError(f"{_where(where, key)}: unknown {key} {value!r}; use one of {', '.join(names)} or a callable")
+            elif not callable(value):
+                raise TypeError(f"{_where(where, key)}: expected a name or a callable, got {type(value).__name__}: {value!r}")
+        if isinstance(self.mask, str):
+            name, options, _ = _resolve_method(self.mask, dict(self.options), where)
+            object.__setattr__(self, "mask", name)
+            object.__setattr__(self, "options", options)
+        elif not callable(self.mask):
+            raise TypeError(f"{_where(where, 'mask')}: expected a mask method name or a callable, got {self.mask!r}")
+        if (self.features is None) != (self.feature_dim is None):
+            raise ValueError(
+                f"{where}: 'features' and 'feature_dim' go together (got features={self.features!r}, "
+                f"feature_dim={self.feature_dim!r}); give both to mask per feature, or neither"
+            )
+        if self.features is not None:
+            if isinstance(self.features, (str, bytes)) or not isinstance(self.features, Sequence) or not all(
+                isinstance(f, numbers.Integral) and not isinstance(f, bool) for f in self.features
+            ):
+                raise TypeError(f"{_where(where, 'features')}: expected a list of int feature indices, got {self.features!r}")
+            object.__setattr__(self, "features", tuple(int(f) for f in self.features))
+            if not isinstance(self.feature_dim, numbers.Integral) or isinstance(self.feature_dim, bool):
+                raise TypeError(f"{_where(where, 'feature_dim')}: expected an int, got {self.feature_dim!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "activations") -> ActivationRule:
+        d = _require_mapping(d, where, ("target",))
+        return cls(**{k: d[k] for k in cls._KEYS if k in d}, options={k: v for k, v in d.items() if k not in cls._KEYS})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"target": self.target, "aggregate": self.aggregate, "reduce": self.reduce,
+                               "mask": self.mask, **copy.deepcopy(self.options)}
+        out["features"] = list(self.features) if self.features is not None else None
+        out["feature_dim"] = self.feature_dim
+        return out
+
+
+def _require_mapping(d: Any, where: str, required: tuple[str, ...]) -> Mapping[str, Any]:
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{where}: each rule is a dict, got {type(d).__name__}: {d!r}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise KeyError(f"{where}: rule {dict(d)!r} is missing {', '.join(map(repr, missing))}")
+    return d
+
+
+@dataclass(frozen=True)
+class SparsitySpec:
+    """What to sparsify and how. Build it from a dict with :meth:`from_dict`."""
+
+    weights: tuple[WeightRule, ...] = ()
+    global_: tuple[GlobalRule, ...] = ()
+    activations: tuple[ActivationRule, ...] = ()
+    seed: int = 0
+    mode: str = "graph"
+
+    def __post_init__(self) -> None:
+        for key, cls in (("weights", WeightRule), ("global_", GlobalRule), ("activations", ActivationRule)):
+            rules = getattr(self, key)
+            if isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence):
+                raise TypeError(f"spec[{key.rstrip('_')!r}]: expected a list of rules, got {type(rules).__name__}")
+            for rule in rules:
+                if not isinstance(rule, cls):
+                    raise TypeError(f"spec[{key.rstrip('_')!r}]: expected {cls.__name__} entries, got {type(rule).__name__}")
+            object.__setattr__(self, key, tuple(rules))
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
+            raise TypeError(f"spec['seed']: expected an int, got {self.seed!r}")
+        if self.mode not in ("graph", "inplace"):
+            raise ValueError(f"spec['mode']: got {self.mode!r}; use 'graph' (mask nodes) or 'inplace' (zeroed weights)")
+        if not (self.weights or self.global_ or self.activations):
+            raise ValueError("the spec has no rules: give at least one of 'weights', 'global' or 'activations'")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SparsitySpec:
+        if isinstance(d, SparsitySpec):
+            return d
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a spec is a dict or a SparsitySpec, got {type(d).__name__}")
+        known = ("seed", "weights", "global", "activations", "mode")
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise KeyError(f"spec has unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
+
+        def rules(key: str, cls: Any) -> tuple[Any, ...]:
+            items = d.get(key) or ()
+            if isinstance(items, (str, Mapping)) or not isinstance(items, Sequence):
+                raise TypeError(f"spec[{key!r}]: expected a list of rule dicts, got {type(items).__name__}")
+            return tuple(cls.from_dict(r, where=f"spec[{key!r}][{i}]") for i, r in enumerate(items))
+
+        return cls(
+            weights=rules("weights", WeightRule),
+            global_=rules("global", GlobalRule),
+            activations=rules("activations", ActivationRule),
+            seed=d.get("seed", 0),
+            mode=d.get("mode", "graph"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seed": self.seed}
+        if self.mode != "graph":
+            out["mode"] = self.mode
+        for key, attr in (("weights", "weights"), ("global", "global_"), ("activations", "activations")):
+            if getattr(self, attr):
+                out[key] = [r.to_dict() for r in getattr(self, attr)]
+        return out
+
+

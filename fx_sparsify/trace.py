@@ -1,0 +1,173 @@
+"""Capture: turn a model into a ``torch.fx.GraphModule`` (SPEC §2).
+
+``capture="fx"`` uses symbolic tracing with the layers that the passes rewrite (``Linear``, ``Conv*``,
+``ConvTranspose*``, ``Embedding``, ``EmbeddingBag``) kept as module calls. ``capture="export"`` uses
+``torch.export.export(...).module()``: an aten-level graph in which every parameter is a ``get_attr``
+under its original name. ``capture="auto"`` tries fx first and falls back to export when tracing fails
+and example inputs were given.
+
+The stock ``torch.fx.Tracer`` scans every parameter of the root on each parameter access, which is
+quadratic in model size; :class:`SparsityTracer` looks parameters up in a dict built once.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+from torch import nn
+
+__all__ = ["CaptureError", "Captured", "SparsityTracer", "capture_graph", "LEAF_TYPES"]
+
+log = logging.getLogger(__name__)
+
+#: Layers kept as module calls by the fx capture: the weight pass rewrites them into functional calls.
+LEAF_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Embedding,
+    nn.EmbeddingBag,
+)
+
+
+class CaptureError(ValueError):
+    """The model could not be captured as a graph; the message names where and the ways out."""
+
+
+@dataclass
+class Captured:
+    gm: torch.fx.GraphModule
+    capture: str  # "fx" or "export"
+
+
+class SparsityTracer(torch.fx.Tracer):
+    """A ``torch.fx.Tracer`` that keeps ``LEAF_TYPES`` (and user leaves) as calls and stays linear."""
+
+    def __init__(self, leaf_modules: Iterable[type[nn.Module] | str] = ()) -> None:
+        super().__init__()
+        leaves = list(leaf_modules)
+        self._leaf_types = LEAF_TYPES + tuple(t for t in leaves if isinstance(t, type))
+        self._leaf_names = {n for n in leaves if isinstance(n, str)}
+        self._param_names: dict[int, str] = {}
+        self._buffer_names: dict[int, str] = {}
+        self.module_stack_names: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaf_types) or module_qualified_name in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
+        if isinstance(root, nn.Module):
+            self._param_names = {id(p): n for n, p in root.named_parameters()}
+            self._buffer_names = {id(b): n for n, b in root.named_buffers()}
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.module_stack_names.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.module_stack_names.pop()
+
+    def _proxy_for(self, attr_val: Any, cache: dict[str, Any]) -> Any:
+        if isinstance(attr_val, nn.Parameter):
+            name = self._param_names.get(id(attr_val))
+        elif self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor):
+            name = self._buffer_names.get(id(attr_val))
+        else:
+            name = None
+        if name is None:
+            return None
+        if name not in cache:
+            cache[name] = self.create_proxy("get_attr", name, (), {})
+        return cache[name]
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        proxy = self._proxy_for(attr_val, parameter_proxy_cache)
+        return attr_val if proxy is None else proxy
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, nn.Parameter) and id(a) in self._param_names:
+            return self.create_node("get_attr", self._param_names[id(a)], (), {})
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and id(a) in self._buffer_names:
+            return self.create_node("get_attr", self._buffer_names[id(a)], (), {})
+        return super().create_arg(a)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost frame outside torch and fx_sparsify."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" not in path and "/fx_sparsify/" not in path:
+            return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+    last = frames[-1] if frames else None
+    return f"{last.filename}:{last.lineno} in {last.name}" if last else "<unknown location>"
+
+
+def _trace_fx(model: nn.Module, concrete_args: dict[str, Any] | None, leaf_modules: Iterable[Any]) -> torch.fx.GraphModule:
+    tracer = SparsityTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args)
+    except Exception as exc:  # re-raised with the place it failed and the ways out
+        where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
+        module = f"module {where!r} ({type(model.get_submodule(where)).__name__})" if where else f"{type(model).__name__}.forward"
+        raise CaptureError(
+            f"torch.fx symbolic tracing failed in {module} at {_user_frame(exc)}: {type(exc).__name__}: {exc}\n"
+            "Ways out: pass example_inputs=(...) (and example_kwargs) with capture='export' or 'auto' to use "
+            "torch.export; or keep that module opaque with leaf_modules=[...]; or fix data-dependent "
+            "arguments with concrete_args={...}."
+        ) from exc
+    name = model.__class__.__name__
+    return torch.fx.GraphModule(model, graph, name)
+
+
+def _export(model: nn.Module, example_inputs: tuple[Any, ...] | None, example_kwargs: dict[str, Any] | None) -> torch.fx.GraphModule:
+    if example_inputs is None and example_kwargs is None:
+        raise ValueError(
+            "capture='export' needs example inputs: pass example_inputs=(tensor, ...) and/or example_kwargs={...}"
+        )
+    try:
+        ep = torch.export.export(model, tuple(example_inputs or ()), dict(example_kwargs or {}))
+    except Exception as exc:
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__} at {_user_frame(exc)}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\nWays out: check that example_inputs match forward's "
+            "signature; mark data-dependent code with torch._check; or try capture='fx' with leaf_modules=[...]."
+        ) from exc
+    return ep.module()
+
+
+def capture_graph(
+    model: nn.Module,
+    *,
+    capture: str = "auto",
+    example_inputs: tuple[Any, ...] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Iterable[Any] | None = None,
+) -> Captured:
+    """Capture ``model`` as a GraphModule with the chosen strategy (the model is not copied here)."""
+    if capture not in ("fx", "export", "auto"):
+        raise ValueError(f"capture={capture!r}: use 'fx', 'export' or 'auto'")
+    if isinstance(model, torch.fx.GraphModule) and capture != "export":
+        return Captured(model, "fx")
+    if capture == "export":
+        return Captured(_export(model, example_inputs, example_kwargs), "export")
+    try:
+        return Captured(_trace_fx(model, concrete_args, leaf_modules or ()), "fx")
+    except CaptureError as err:
+        if capture == "fx" or (example_inputs is None and example_kwargs is None):
+            raise
+        log.info("fx tracing failed, falling back to torch.export: %s", err)
+        return Captured(_export(model, example_inputs, example_kwargs), "export")
