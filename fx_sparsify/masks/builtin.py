@@ -1,23 +1,256 @@
-"""Built-in mask methods, registered exactly the way a user registers one."""
+"""Built-in mask methods, registered exactly the way a user registers one.
+
+Each method is a *score* (``|x|``, an Lp norm over slices or blocks, random numbers, the raw value)
+handed to a shared *selector* from :mod:`._selectors` (exact k-smallest, N:M groups, blocks).
+
+Counting: ``sparsity`` (or ``density``) given as a float in [0, 1] is a fraction of the units
+(entries, slices or blocks), rounded half-to-even (``round(sparsity * n)``, as ``torch.nn.utils.prune``);
+given as an int it is an absolute count. Exact-count methods prune exactly that many, also under ties.
+
+Random methods (``random_unstructured``, ``random_structured``, ``bernoulli``) draw from the
+``generator`` they are given (the pipeline passes one seeded from the spec seed and the target name;
+``None`` falls back to torch's default generator) and prune entries (or slices) that are exactly zero
+first, so re-running a method on already-masked values keeps pruned entries pruned.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from torch import Tensor
 
 from ._registry import register_mask_method
-from ._selectors import count_to_prune, prune_smallest
+from ._selectors import (
+    block_grid,
+    block_scores,
+    count_to_prune,
+    from_blocks,
+    normalize_dim,
+    prune_smallest,
+    prune_smallest_in_groups,
+    to_blocks,
+)
 
 __all__: list[str] = []
+
+
+# ---- validation helpers -------------------------------------------------------------------------
+
+
+def _need_dims(tensor: Tensor, method: str, ndim: int, why: str) -> None:
+    if tensor.dim() < ndim:
+        raise ValueError(
+            f"{method} needs a tensor with at least {ndim} dims ({why}); got shape {tuple(tensor.shape)}. "
+            "Use an unstructured method (l1_unstructured, random_unstructured) for it instead"
+        )
+
+
+def _int_option(value: object, method: str, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{method}: {name} must be an int, got {type(value).__name__}: {value!r}")
+    if value < low:
+        raise ValueError(f"{method}: {name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _real_option(value: object, method: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{method}: {name} must be a real number, got {type(value).__name__}: {value!r}")
+    if math.isnan(float(value)):
+        raise ValueError(f"{method}: {name} must not be NaN")
+    return float(value)
+
+
+def _ones(tensor: Tensor) -> Tensor:
+    return torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
+
+
+def _broadcast_slices(keep: Tensor, tensor: Tensor, dim: int) -> Tensor:
+    shape = [1] * tensor.dim()
+    shape[dim] = tensor.shape[dim]
+    return keep.view(shape).expand(tensor.shape).contiguous()
+
+
+def _uniform(shape: torch.Size | tuple[int, ...], tensor: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = generator.device if generator is not None else tensor.device
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32).to(tensor.device)
+
+
+# ---- unstructured -------------------------------------------------------------------------------
 
 
 @register_mask_method("l1_unstructured")
 def l1_unstructured(tensor: Tensor, *, sparsity: float | int) -> Tensor:
     """Prune the entries of smallest |x| (exact count, as torch.nn.utils.prune.L1Unstructured)."""
-    return prune_smallest(tensor.abs(), count_to_prune(sparsity, tensor.numel()))
+    k = count_to_prune(sparsity, tensor.numel())
+    if k == 0:
+        return _ones(tensor)
+    return prune_smallest(tensor.abs(), k)
+
+
+@register_mask_method("topk")
+def topk(tensor: Tensor, *, density: float | int | None = None, sparsity: float | int | None = None) -> Tensor:
+    """Keep the entries with the largest raw scores (not magnitude; dmx TOPK); density or sparsity."""
+    if (density is None) == (sparsity is None):
+        raise TypeError(
+            f"topk takes exactly one of density (fraction kept) or sparsity (fraction pruned); "
+            f"got density={density!r}, sparsity={sparsity!r}"
+        )
+    n = tensor.numel()
+    if density is not None:
+        k = n - count_to_prune(density, n, what="density")
+    else:
+        assert sparsity is not None
+        k = count_to_prune(sparsity, n)
+    return prune_smallest(tensor, k)
+
+
+@register_mask_method("threshold")
+def threshold(tensor: Tensor, *, threshold: float) -> Tensor:
+    """Prune the entries with |x| < threshold."""
+    t = _real_option(threshold, "threshold", "threshold")
+    if t < 0:
+        raise ValueError(f"threshold: threshold={t} is negative, so |x| < threshold never holds; pass a value >= 0")
+    return tensor.abs() >= t
 
 
 @register_mask_method("dense")
 def dense(tensor: Tensor) -> Tensor:
     """Keep everything."""
-    return torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
+    return _ones(tensor)
+
+
+# ---- structured ---------------------------------------------------------------------------------
+
+
+def _slice_norms(tensor: Tensor, p: float, dim: int) -> Tensor:
+    others = [d for d in range(tensor.dim()) if d != dim]
+    return torch.linalg.vector_norm(tensor, ord=p, dim=others)
+
+
+@register_mask_method("ln_structured")
+def ln_structured(tensor: Tensor, *, sparsity: float | int, p: float = 2, dim: int = 0) -> Tensor:
+    """Prune whole slices along dim of smallest Lp norm over the other dims (as prune.LnStructured)."""
+    _need_dims(tensor, "ln_structured", 2, "it prunes slices along dim, measured over the other dims")
+    p = _real_option(p, "ln_structured", "p")
+    dim = normalize_dim(dim, tensor.dim(), method="ln_structured")
+    k = count_to_prune(sparsity, tensor.shape[dim])
+    if k == 0:
+        return _ones(tensor)
+    return _broadcast_slices(prune_smallest(_slice_norms(tensor, p, dim), k), tensor, dim)
+
+
+@register_mask_method("nm", aliases=("block_topk",))
+def nm(tensor: Tensor, *, n: int, m: int, dim: int = -1) -> Tensor:
+    """Keep the n largest |x| in every run of m consecutive entries along dim (N:M, e.g. 2:4)."""
+    m = _int_option(m, "nm", "m", 1)
+    n = _int_option(n, "nm", "n", 0)
+    if n > m:
+        raise ValueError(f"nm: n={n} kept out of every m={m} is impossible; n must be <= m")
+    if tensor.dim() == 0:
+        raise ValueError("nm needs a tensor with at least 1 dim; got a 0-d tensor")
+    dim = normalize_dim(dim, tensor.dim(), method="nm")
+    size = tensor.shape[dim]
+    if size % m:
+        raise ValueError(
+            f"nm: dim {dim} of shape {tuple(tensor.shape)} has size {size}, not divisible by m={m}; "
+            f"pick a dim whose size is a multiple of {m} (or pad the tensor)"
+        )
+    moved = tensor.movedim(dim, -1)
+    groups = moved.abs().reshape(*moved.shape[:-1], size // m, m)
+    keep = prune_smallest_in_groups(groups, m - n)
+    return keep.reshape(moved.shape).movedim(-1, dim).contiguous()
+
+
+@register_mask_method("block")
+def block(
+    tensor: Tensor,
+    *,
+    sparsity: float | int,
+    block_shape: tuple[int, ...] = (1, 4),
+    zeros_per_block: int | None = None,
+    p: float = 2,
+) -> Tensor:
+    """Prune the blocks of smallest norm; zeros_per_block smallest |x| inside each (WeightNormSparsifier)."""
+    if isinstance(block_shape, numbers.Integral) and not isinstance(block_shape, bool):
+        block_shape = (int(block_shape),)
+    if not isinstance(block_shape, (tuple, list)) or not all(
+        isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in block_shape
+    ):
+        raise TypeError(f"block: block_shape must be a tuple of ints such as (1, 4), got {block_shape!r}")
+    p = _real_option(p, "block", "p")
+    if not p > 0:
+        raise ValueError(f"block: p={p}; the block norm needs p > 0 (p=1 for L1, p=2 for L2, p=inf for max)")
+    blk = block_grid(tensor.shape, block_shape)
+    vpb = math.prod(blk)
+    zpb = vpb if zeros_per_block is None else _int_option(zeros_per_block, "block", "zeros_per_block", 0)
+    if zpb > vpb:
+        raise ValueError(
+            f"block: zeros_per_block={zpb} is more than the {vpb} entries of a {tuple(block_shape)} block"
+        )
+    n_blocks = math.prod(-(-s // b) for s, b in zip(tensor.shape, blk))
+    k = count_to_prune(sparsity, n_blocks)
+    if k == 0 or zpb == 0 or tensor.numel() == 0:
+        return _ones(tensor)
+    if k == n_blocks:
+        keep_block = torch.zeros((n_blocks, 1), dtype=torch.bool, device=tensor.device)
+    else:
+        keep_block = prune_smallest(block_scores(tensor, blk, p), k).unsqueeze(1)
+    if zpb == vpb:
+        return from_blocks(keep_block, tensor.shape, blk)
+    # Inside a pruned block only the zpb smallest |x| go; padding (+inf) is never chosen before real entries.
+    within = prune_smallest_in_groups(to_blocks(tensor.abs(), blk, math.inf), zpb)
+    return from_blocks(within.logical_or_(keep_block), tensor.shape, blk)
+
+
+# ---- random -------------------------------------------------------------------------------------
+
+
+@register_mask_method("random_unstructured")
+def random_unstructured(
+    tensor: Tensor, *, sparsity: float | int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Prune exactly k entries chosen at random (seeded), exact zeros first."""
+    k = count_to_prune(sparsity, tensor.numel())
+    if k == 0:
+        return _ones(tensor)
+    scores = _uniform(tensor.shape, tensor, generator)  # in [0, 1)
+    zero = tensor == 0
+    if bool(zero.any()):
+        scores.sub_(zero.to(scores.dtype))  # zeros score in [-1, 0): pruned first, in random order
+    return prune_smallest(scores, k)
+
+
+@register_mask_method("random_structured")
+def random_structured(
+    tensor: Tensor, *, sparsity: float | int, dim: int = 0, generator: torch.Generator | None = None
+) -> Tensor:
+    """Prune exactly k slices along dim chosen at random (seeded), all-zero slices first."""
+    _need_dims(tensor, "random_structured", 2, "it prunes slices along dim")
+    dim = normalize_dim(dim, tensor.dim(), method="random_structured")
+    k = count_to_prune(sparsity, tensor.shape[dim])
+    if k == 0:
+        return _ones(tensor)
+    scores = _uniform((tensor.shape[dim],), tensor, generator)
+    others = [d for d in range(tensor.dim()) if d != dim]
+    zero = (tensor != 0).sum(dim=others) == 0
+    scores.sub_(zero.to(scores.dtype))
+    return _broadcast_slices(prune_smallest(scores, k), tensor, dim)
+
+
+@register_mask_method("bernoulli")
+def bernoulli(tensor: Tensor, *, density: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
+    """Keep each entry with probability density (seeded); exact zeros are pruned first."""
+    d = _real_option(density, "bernoulli", "density")
+    if not 0.0 <= d <= 1.0:
+        raise ValueError(f"bernoulli: density={density} is the probability of keeping an entry; it must be in [0, 1]")
+    nonzero = tensor != 0
+    nnz = int(torch.count_nonzero(nonzero))
+    if nnz == 0:
+        return nonzero
+    # Zeros are always pruned; the nonzero entries are kept with the probability that keeps the
+    # expected density at `density` overall (capped at 1).
+    q = min(1.0, d * tensor.numel() / nnz)
+    return (_uniform(tensor.shape, tensor, generator) < q).logical_and_(nonzero)
