@@ -103,11 +103,21 @@ def module_call(module: torch.nn.Module, params: dict[str, Tensor], *args: Any, 
     return torch.func.functional_call(module, params, args, kwargs, tie_weights=False, strict=False)
 
 
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 def conv_padded(
-    input: Tensor, weight: Tensor, bias: Tensor | None, conv: Any, pad: tuple[int, ...], padding_mode: str, *args: Any
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    pad: tuple[int, ...],
+    padding_mode: str,
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
 ) -> Tensor:
     """A ``Conv`` with ``padding_mode != "zeros"``: pad, then the functional conv with no padding."""
-    return conv(F.pad(input, pad, mode=padding_mode), weight, bias, *args)
+    return _CONVS[weight.dim() - 2](F.pad(input, pad, mode=padding_mode), weight, bias, stride, 0, dilation, groups)
 
 
 OPS = frozenset({apply_mask, embedding_masked, embedding_bag_masked, module_call, conv_padded})

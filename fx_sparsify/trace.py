@@ -144,6 +144,7 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...] | None, example_kw
             f"torch.export could not capture {type(model).__name__} at {_user_frame(exc)}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}\nWays out: check that example_inputs match forward's "
             "signature; mark data-dependent code with torch._check; or try capture='fx' with leaf_modules=[...]."
+            + (" For Hugging Face models pass use_cache=False in example_kwargs." if "Cache" in str(exc) else "")
         ) from exc
     return ep.module()
 

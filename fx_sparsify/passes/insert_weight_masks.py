@@ -50,10 +50,9 @@ def _conv(fn: Callable[..., Any]) -> Builder:
             return None
         if m.padding_mode == "zeros":
             return fn, (args[0], p("weight"), p("bias"), m.stride, m.padding, m.dilation, m.groups), (0,), ()
-        zero = (0,) * len(m.stride)
         pad = tuple(m._reversed_padding_repeated_twice)
-        return (ops.conv_padded, (args[0], p("weight"), p("bias"), fn, pad, m.padding_mode, m.stride, zero,
-                                  m.dilation, m.groups), (0,), ())
+        return (ops.conv_padded, (args[0], p("weight"), p("bias"), pad, m.padding_mode, m.stride, m.dilation,
+                                  m.groups), (0,), ())
 
     return build
 

@@ -72,8 +72,17 @@ def strip(gm: GraphModule) -> PassResult:
     return finish(gm, [])
 
 
-def _restore_state_keys(out: GraphModule, source: GraphModule, keys: tuple[str, ...]) -> None:
-    """Re-attach original parameters/buffers the graph does not reference (unused or tied aliases)."""
+def _match_state_keys(out: GraphModule, source: GraphModule, keys: tuple[str, ...]) -> None:
+    """Make ``out.state_dict()`` have exactly the original model's keys.
+
+    Re-attaches parameters/buffers the graph does not reference (unused, tied aliases) and makes
+    buffers the original did not save (export lifts non-persistent buffers) non-persistent again.
+    """
+    wanted = set(keys)
+    for name, _ in list(out.named_buffers(remove_duplicate=False)):
+        if name not in wanted:
+            owner, _, leaf = name.rpartition(".")
+            out.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
     have = set(out.state_dict().keys())
     for key in keys:
         if key in have:
@@ -100,6 +109,6 @@ def squash(sgm: SparseGraphModule) -> GraphModule:
     restore_module_calls(work)
     strip(work)
     out = GraphModule(work, work.graph, class_name=state.class_name)
-    _restore_state_keys(out, work, state.state_keys)
+    _match_state_keys(out, work, state.state_keys)
     out.train(sgm.training)
     return out
