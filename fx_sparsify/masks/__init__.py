@@ -12,7 +12,7 @@ from ._registry import (
     validate_options,
 )
 from ._selectors import count_to_prune
-from ._shorthand import ParsedMethod, parse_method
+from ._shorthand import ParsedMethod, format_method, parse_method
 
 __all__ = [
     "MaskMethod",
@@ -20,6 +20,7 @@ __all__ = [
     "available_mask_methods",
     "compute_mask",
     "count_to_prune",
+    "format_method",
     "get_mask_method",
     "parse_method",
     "register_mask_method",

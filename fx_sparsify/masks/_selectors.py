@@ -104,7 +104,11 @@ def kth_smallest(flat: Tensor, k: int) -> Tensor:
         band = flat[flat <= hi]
     else:
         below = int(torch.count_nonzero(flat < lo))
-        band = flat[(flat >= lo) & (flat <= hi)] if hi is not None else flat[flat >= lo]
+        in_band = torch.ge(flat, lo)
+        if hi is not None:
+            in_band.logical_and_(torch.le(flat, hi))
+        band = flat[in_band]
+        del in_band
     if below < k <= below + band.numel():
         return torch.kthvalue(band, k - below).values
     return torch.kthvalue(flat, k).values

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ParsedMethod", "parse_method"]
+__all__ = ["ParsedMethod", "parse_method", "format_method"]
 
 _SUFFIX = re.compile(r"^(?P<body>.*?)\s*\((?P<mode>[UM])\)$")
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -64,3 +64,38 @@ def parse_method(method: str) -> ParsedMethod:
             "'BTOPK{4:8,-1}', 'BERN', 'DENSE', '2:4', each with an optional '(U)' or '(M)' suffix"
         )
     return ParsedMethod(text, {}, gradient)
+
+
+_SUFFIX_OF = {mode: letter for letter, mode in _GRADIENT.items()}
+
+
+def format_method(parsed: ParsedMethod) -> str:
+    """The shortest string that :func:`parse_method` turns back into ``parsed``.
+
+    >>> format_method(ParsedMethod("nm", {"n": 4, "m": 8, "dim": -1}, "ste"))
+    'BTOPK{4:8,-1}(U)'
+    >>> format_method(ParsedMethod("topk", {"density": 0.25}))
+    'TOPK{0.25}'
+
+    Only options a shorthand can carry are allowed; anything else raises ``ValueError`` (pass such
+    options separately, next to the method name).
+    """
+    name, opts = parsed.name, dict(parsed.options)
+    if parsed.gradient is not None and parsed.gradient not in _SUFFIX_OF:
+        raise ValueError(f"gradient mode {parsed.gradient!r} has no shorthand suffix; use 'ste' or 'mask'")
+    if name == "topk" and set(opts) == {"density"}:
+        body = f"TOPK{{{float(opts['density'])!r}}}"
+    elif name == "nm" and set(opts) in ({"n", "m"}, {"n", "m", "dim"}):
+        n, m = int(opts["n"]), int(opts["m"])
+        body = f"BTOPK{{{n}:{m},{int(opts['dim'])}}}" if "dim" in opts else f"{n}:{m}"
+    elif name == "bernoulli" and set(opts) <= {"density"}:
+        body = f"BERN{{{float(opts['density'])!r}}}" if opts else "BERN"
+    elif name == "dense" and not opts:
+        body = "DENSE"
+    elif not opts and parse_method(name) == ParsedMethod(name, {}, None):
+        body = name
+    else:
+        raise ValueError(
+            f"{name!r} with options {opts!r} has no shorthand; pass the options next to the method name"
+        )
+    return body if parsed.gradient is None else f"{body}({_SUFFIX_OF[parsed.gradient]})"

@@ -220,6 +220,7 @@ def random_unstructured(
     zero = tensor == 0
     if bool(zero.any()):
         scores.sub_(zero.to(scores.dtype))  # zeros score in [-1, 0): pruned first, in random order
+    del zero
     return prune_smallest(scores, k)
 
 
