@@ -128,8 +128,10 @@ def _trace_fx(model: nn.Module, concrete_args: dict[str, Any] | None, leaf_modul
             "torch.export; or keep that module opaque with leaf_modules=[...]; or fix data-dependent "
             "arguments with concrete_args={...}."
         ) from exc
-    name = model.__class__.__name__
-    return torch.fx.GraphModule(model, graph, name)
+    for node in graph.nodes:
+        if isinstance(node.type, str):  # `from __future__ import annotations`: the codegen cannot import a string
+            node.type = None
+    return torch.fx.GraphModule(model, graph, model.__class__.__name__)
 
 
 def _export(model: nn.Module, example_inputs: tuple[Any, ...] | None, example_kwargs: dict[str, Any] | None) -> torch.fx.GraphModule:
