@@ -232,3 +232,12 @@ def test_bernoulli_density_and_zeros() -> None:
     assert abs(again.float().mean().item() - 0.3) < 0.01  # and the density holds
     with pytest.raises(ValueError, match="\\[0, 1\\]"):
         compute_mask("bernoulli", t, density=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int32])
+def test_large_low_precision_exact_counts(dtype: torch.dtype) -> None:
+    t = (torch.randn(300, 700) * 50).to(dtype)  # many exact ties in low precision
+    for k in (1, 105_000, 209_999):
+        mask = compute_mask("l1_unstructured", t, sparsity=k)
+        assert int((~mask).sum()) == k
+        assert t.abs()[~mask].max() <= t.abs()[mask].min()
