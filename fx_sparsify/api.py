@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from ._modules import attach_tensor, find_tensor
 from .passes.insert_weight_masks import insert_weight_masks
 from .select import param_aliases, resolve_weight_targets
 from .sparse_graph_module import SparseGraphModule, SparsityState, TargetRecord
@@ -73,6 +74,7 @@ def sparsify_graph(
     if gm is work and isinstance(model, GraphModule) and inplace:
         gm = copy.copy(gm)  # the user's GraphModule keeps its own graph even in place
     insert_weight_masks(gm, targets, aliases)
+    _attach_score_tensors(gm, work, targets)
     records: dict[str, TargetRecord] = {}
     for name, target in targets.items():
         buffer = next(n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target == _buffer_of(gm, name))
@@ -88,6 +90,22 @@ def sparsify_graph(
     if example_inputs is not None or example_kwargs is not None:
         _check_runs(sgm, example_inputs or (), example_kwargs or {})
     return sgm
+
+
+def _attach_score_tensors(gm: GraphModule, model: nn.Module, targets: Mapping[str, Any]) -> None:
+    """Importance scores named by FQN must stay reachable from the sparse module."""
+    for target in targets.values():
+        path = target.rule.scores
+        if not isinstance(path, str):
+            continue
+        value = find_tensor(model, path)
+        if value is None:
+            raise KeyError(
+                f"rule for {target.name!r}: importance scores {path!r} are not a parameter or buffer of the model; "
+                "register them with model.register_buffer(name, tensor) or pass a callable weight -> scores"
+            )
+        if find_tensor(gm, path) is None:
+            attach_tensor(gm, path, value)
 
 
 def _buffer_of(gm: GraphModule, name: str) -> str:

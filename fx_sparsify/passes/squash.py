@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 
 from .. import ops
 from .._meta import META_KEY, info_of
+from .._modules import attach_tensor, find_tensor
 from ._runner import PassResult, finish
 
 if TYPE_CHECKING:
@@ -85,20 +86,10 @@ def _match_state_keys(out: GraphModule, source: GraphModule, keys: tuple[str, ..
             out.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
     have = set(out.state_dict().keys())
     for key in keys:
-        if key in have:
-            continue
-        *path, leaf = key.split(".")
-        src, dst = source, out
-        for part in path:
-            src = getattr(src, part)
-            if not hasattr(dst, part):
-                dst.add_module(part, torch.nn.Module())
-            dst = getattr(dst, part)
-        value = getattr(src, leaf)
-        if isinstance(value, torch.nn.Parameter):
-            dst.register_parameter(leaf, value)
-        else:
-            dst.register_buffer(leaf, value)
+        if key not in have:
+            value = find_tensor(source, key)
+            assert value is not None, f"{key} vanished from the sparse module"
+            attach_tensor(out, key, value)
 
 
 def squash(sgm: SparseGraphModule) -> GraphModule:

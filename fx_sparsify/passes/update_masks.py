@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .._modules import find_tensor
 from ..masks import get_mask_method
 from ..masks._random import generator_for
 
@@ -33,7 +34,9 @@ def weight_scores(sgm: SparseGraphModule, record: TargetRecord) -> Tensor:
     elif callable(scores_spec):
         scores = torch.as_tensor(scores_spec(weight)).detach()
     else:
-        scores = _tensor_by_name(sgm, scores_spec).detach()
+        found = find_tensor(sgm, scores_spec)
+        assert found is not None, f"scores {scores_spec!r} were checked at prepare time"
+        scores = found.detach()
     if scores.shape != weight.shape:
         raise ValueError(
             f"scores for target {record.name!r} have shape {tuple(scores.shape)}, the weight has "
@@ -42,15 +45,6 @@ def weight_scores(sgm: SparseGraphModule, record: TargetRecord) -> Tensor:
     if getattr(rule, "regrow", False):
         return scores
     return scores * sgm.get_buffer(record.buffer).to(scores.dtype)
-
-
-def _tensor_by_name(sgm: SparseGraphModule, name: str) -> Tensor:
-    for getter in (sgm.get_parameter, sgm.get_buffer):
-        try:
-            return getter(name)
-        except AttributeError:
-            continue
-    raise KeyError(f"importance scores {name!r} are not a parameter or buffer of the model")
 
 
 def _write(sgm: SparseGraphModule, record: TargetRecord, keep: Tensor) -> None:
