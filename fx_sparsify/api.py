@@ -14,8 +14,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ._modules import attach_tensor, find_tensor
+from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
 from .passes.insert_weight_masks import insert_weight_masks
-from .select import param_aliases, resolve_weight_targets
+from .select import WeightTarget, param_aliases, resolve_activation_targets, resolve_weight_targets
 from .sparse_graph_module import SparseGraphModule, SparsityState, TargetRecord
 from .spec import SparsitySpec
 from .trace import capture_graph
@@ -64,6 +65,8 @@ def sparsify_graph(
     example_inputs, example_kwargs = _as_inputs(example_inputs, example_kwargs)
     work = model if inplace else copy.deepcopy(model)
     targets = resolve_weight_targets(spec, work)
+    layers = resolve_activation_targets(spec, work)
+    norm_layers = _wanda_layers(work, targets)
     aliases = param_aliases(work)
     state_keys = tuple(work.state_dict().keys())
     captured = capture_graph(
@@ -73,30 +76,56 @@ def sparsify_graph(
     gm = captured.gm
     if gm is work and isinstance(model, GraphModule) and inplace:
         gm = copy.copy(gm)  # the user's GraphModule keeps its own graph even in place
-    insert_weight_masks(gm, targets, aliases)
+    activations = insert_activation_masks(gm, layers, norm_layers, aliases).created
+    weights = insert_weight_masks(gm, targets, aliases).created
     _attach_score_tensors(gm, work, targets)
+
     records: dict[str, TargetRecord] = {}
     for name, target in targets.items():
-        buffer = next(n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target == _buffer_of(gm, name))
-        param = gm.get_parameter(_path_in(gm, name, aliases))
-        kind = "embedding" if _is_lookup_target(gm, name) else "weight"
+        made = weights[name]
         records[name] = TargetRecord(
-            name=name, kind=kind, param=_path_in(gm, name, aliases), buffer=buffer, method=target.rule.method,
-            rule=target.rule, shape=tuple(param.shape), group=target.group,
+            name=name, kind=made.get("kind", "weight"), param=made["param"], buffer=made["buffer"],
+            method=target.rule.method, rule=target.rule, shape=tuple(gm.get_parameter(made["param"]).shape),
+            group=target.group, observer=activations.get(name, {}).get("observer"),
+        )
+    for layer, rule in layers.items():
+        name = activation_target_name(layer)
+        made = activations[name]
+        records[name] = TargetRecord(
+            name=name, kind="activation", param=None, buffer=made["buffer"],
+            method=rule.mask if isinstance(rule.mask, str) else getattr(rule.mask, "__name__", "callable"),
+            rule=rule, shape=(), observer=made["observer"], layer=layer,
+            layer_type=type(work.get_submodule(layer)),
         )
     state = SparsityState(spec=spec, capture=captured.capture, targets=records, state_keys=state_keys,
-                          class_name=type(model).__name__)
+                          class_name=type(model).__name__, aliases=aliases)
     sgm = SparseGraphModule.wrap(gm, state)
     if example_inputs is not None or example_kwargs is not None:
         _check_runs(sgm, example_inputs or (), example_kwargs or {})
     return sgm
 
 
+def _wanda_layers(model: nn.Module, targets: Mapping[str, WeightTarget]) -> dict[str, str]:
+    """Layer FQN → weight target for rules with ``"scores": "wanda"`` (|W|·‖X‖, Linear weights only)."""
+    out = {}
+    for name, target in targets.items():
+        if getattr(target.rule, "scores", None) != "wanda":
+            continue
+        layer = name.rpartition(".")[0]
+        if not name.endswith(".weight") or not isinstance(model.get_submodule(layer), nn.Linear):
+            raise ValueError(
+                f"'scores': 'wanda' ranks a Linear weight by |W|·‖X‖ of its input; {name!r} is not the weight of "
+                "an nn.Linear. Select Linear layers for this rule."
+            )
+        out[layer] = name
+    return out
+
+
 def _attach_score_tensors(gm: GraphModule, model: nn.Module, targets: Mapping[str, Any]) -> None:
     """Importance scores named by FQN must stay reachable from the sparse module."""
     for target in targets.values():
         path = target.rule.scores
-        if not isinstance(path, str):
+        if not isinstance(path, str) or path == "wanda":
             continue
         value = find_tensor(model, path)
         if value is None:
@@ -106,28 +135,6 @@ def _attach_score_tensors(gm: GraphModule, model: nn.Module, targets: Mapping[st
             )
         if find_tensor(gm, path) is None:
             attach_tensor(gm, path, value)
-
-
-def _buffer_of(gm: GraphModule, name: str) -> str:
-    from ._names import _flat
-
-    base = _flat(f"{name}_mask")
-    candidates = [n for n, _ in gm.named_buffers() if n == base or n.startswith(f"{base}_")]
-    return candidates[-1]
-
-
-def _path_in(gm: GraphModule, name: str, aliases: Mapping[str, str]) -> str:
-    own = dict(gm.named_parameters(remove_duplicate=False))
-    if name in own:
-        return name
-    return next(a for a, c in aliases.items() if c == name and a in own)
-
-
-def _is_lookup_target(gm: GraphModule, name: str) -> bool:
-    from . import ops
-
-    return not any(n.target is ops.apply_mask and n.meta.get("fx_sparsify") and n.meta["fx_sparsify"].target == name
-                   for n in gm.graph.nodes)
 
 
 def _check_runs(sgm: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

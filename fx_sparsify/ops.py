@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["apply_mask", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS"]
+__all__ = ["apply_mask", "mask_activation", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS"]
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -45,6 +45,19 @@ def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
         return hit[1]
     out = weight * mask
     _CACHE[mask] = (key, out)
+    return out
+
+
+def mask_activation(
+    x: Tensor, mask: Tensor, features: tuple[int, ...] | None = None, feature_dim: int | None = None
+) -> Tensor:
+    """``x * mask``; with ``features``, slice ``f`` along ``feature_dim`` is multiplied by ``mask[i]``."""
+    if features is None:
+        return x * mask
+    out = x
+    for i, f in enumerate(features):
+        index = torch.tensor([f], device=x.device)
+        out = out.index_copy(feature_dim, index, x.index_select(feature_dim, index) * mask[i])  # type: ignore[arg-type]
     return out
 
 
@@ -120,4 +133,4 @@ def conv_padded(
     return _CONVS[weight.dim() - 2](F.pad(input, pad, mode=padding_mode), weight, bias, stride, 0, dilation, groups)
 
 
-OPS = frozenset({apply_mask, embedding_masked, embedding_bag_masked, module_call, conv_padded})
+OPS = frozenset({apply_mask, mask_activation, embedding_masked, embedding_bag_masked, module_call, conv_padded})

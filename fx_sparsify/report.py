@@ -9,7 +9,7 @@ from tabulate import tabulate
 if TYPE_CHECKING:
     from .sparse_graph_module import SparseGraphModule, TargetRecord
 
-__all__ = ["report", "target_sparsity_of"]
+__all__ = ["report", "target_sparsity_of", "fate_of"]
 
 HEADERS = ["target", "kind", "method", "shape", "target sparsity", "achieved", "kept", "at squash"]
 
@@ -26,6 +26,15 @@ def target_sparsity_of(method: str, options: dict[str, Any], numel: int) -> floa
     if method == "dense":
         return 0.0
     return None
+
+
+def fate_of(sgm: SparseGraphModule, record: TargetRecord) -> str:
+    """What squash will do with this target's mask, judged on the current mask."""
+    if record.kind != "activation":
+        return "folded"
+    from .passes.squash import activation_fold
+
+    return "folded" if activation_fold(sgm, sgm._fxs, record) is not None else "kept as constant"
 
 
 def _method_text(record: TargetRecord, options: dict[str, Any]) -> str:
@@ -52,7 +61,7 @@ def report(sgm: SparseGraphModule) -> str:
             "-" if target is None else f"{target:.1%}",
             f"{achieved[name]:.1%}",
             kept,
-            record.fate,
+            fate_of(sgm, record),
         ])
     total = sum(r.numel for r in state.targets.values() if r.kind != "activation")
     zeros = sum(achieved[n] * r.numel for n, r in state.targets.items() if r.kind != "activation")

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .spec import GlobalRule, SparsitySpec, WeightRule
+from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
 
-__all__ = ["WeightTarget", "param_aliases", "select", "resolve_weight_targets"]
+__all__ = ["WeightTarget", "param_aliases", "select", "select_layers", "resolve_weight_targets", "resolve_activation_targets"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +107,42 @@ def resolve_weight_targets(spec: SparsitySpec, model: nn.Module) -> dict[str, We
     return {
         n: t for n, t in sorted(chosen.items(), key=lambda kv: order[kv[0]]) if t.rule.method != "dense"
     }
+
+
+def select_layers(selector: str, model: nn.Module, where: str) -> list[str]:
+    """Module FQNs that ``selector`` picks (module FQN, glob, ``re:``, ``type:``); errors if none."""
+    named = dict(model.named_modules())
+    if selector.startswith("re:"):
+        try:
+            pattern = re.compile(selector[3:])
+        except re.error as err:
+            raise ValueError(f"{where}: {selector!r} is not a valid regular expression ({err})") from None
+        found = [n for n in named if n and pattern.fullmatch(n)]
+    elif selector.startswith("type:"):
+        found = [n for n, m in named.items() if type(m).__name__ == selector[5:]]
+    elif any(c in selector for c in "*?["):
+        found = [n for n in named if n and fnmatch.fnmatchcase(n, selector)]
+    else:
+        found = [selector] if selector in named and selector else []
+    if not found:
+        close = difflib.get_close_matches(selector.removeprefix("re:").removeprefix("type:"), [n for n in named if n], n=5, cutoff=0.3)
+        raise ValueError(
+            f"{where}: target {selector!r} selects no layer of {type(model).__name__}; closest names: "
+            f"{', '.join(close) or '(none)'}. An activation rule names the layer whose input it masks."
+        )
+    return found
+
+
+def resolve_activation_targets(spec: SparsitySpec, model: nn.Module) -> dict[str, ActivationRule]:
+    """Layer FQN → the activation rule that wins for its input (last rule wins)."""
+    chosen: dict[str, ActivationRule] = {}
+    aliases = param_aliases(model)
+    for i, rule in enumerate(spec.activations):
+        for layer in select_layers(rule.target, model, f"spec['activations'][{i}] ({rule.target!r})"):
+            if aliases.get(f"{layer}.weight" if layer else "weight") is None:
+                raise ValueError(
+                    f"spec['activations'][{i}]: layer {layer!r} ({type(model.get_submodule(layer)).__name__}) has "
+                    "no 'weight'; an activation rule targets a layer with a weight (Linear, Conv, …) whose input it masks"
+                )
+            chosen[layer] = rule
+    return chosen

@@ -27,7 +27,9 @@ class TargetRecord:
     rule: WeightRule | GlobalRule | ActivationRule
     shape: tuple[int, ...]
     group: int | None = None
-    fate: str = "folded"  # at squash: "folded" | "kept as constant" | "removed"
+    observer: str | None = None  # the observer module feeding this target (activations, Wanda scores)
+    layer: str | None = None  # activations: the layer whose input is masked
+    layer_type: type | None = None  # activations: that layer's class in the original model
 
     @property
     def numel(self) -> int:
@@ -46,6 +48,7 @@ class SparsityState:
     targets: dict[str, TargetRecord]
     state_keys: tuple[str, ...]
     class_name: str
+    aliases: dict[str, str] = field(default_factory=dict)
     steps: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -80,8 +83,13 @@ class SparseGraphModule(GraphModule):
         update_masks(self)
 
     def masks(self) -> dict[str, Any]:
-        """Target name → boolean keep-mask (True = kept)."""
-        return {name: self.get_buffer(r.buffer) != 0 for name, r in self._fxs.targets.items()}
+        """Target name → boolean keep-mask (True = kept); a list of masks for per-feature activations."""
+        out: dict[str, Any] = {}
+        for name, r in self._fxs.targets.items():
+            keep = self.get_buffer(r.buffer) != 0
+            per_feature = r.kind == "activation" and getattr(r.rule, "features", None) is not None
+            out[name] = list(keep.unbind(0)) if per_feature and keep.dim() else keep
+        return out
 
     def sparsity(self) -> dict[str, float]:
         """Target name → achieved fraction of zeros in the mask."""
@@ -110,6 +118,15 @@ class SparseGraphModule(GraphModule):
         return dict(rule.options)
 
     # --- state, copies and pickling ----------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # activation masks take their shape at the first step(): adopt the saved shape
+        for r in self._fxs.targets.values():
+            incoming = state_dict.get(prefix + r.buffer)
+            if r.kind == "activation" and incoming is not None and incoming.shape != self.get_buffer(r.buffer).shape:
+                setattr(self, r.buffer, torch.empty_like(incoming))
+                r.shape = tuple(incoming.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def get_extra_state(self) -> dict[str, Any]:
         return {"steps": self._fxs.steps}
 

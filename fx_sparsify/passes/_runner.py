@@ -11,15 +11,15 @@ __all__ = ["PassResult", "finish"]
 
 @dataclass
 class PassResult:
-    """What a pass did: whether it changed the graph and the names it added or removed."""
+    """What a pass did: whether it changed the graph, and per target name the attributes it created."""
 
     gm: GraphModule
     modified: bool
-    names: list[str] = field(default_factory=list)
+    created: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def finish(gm: GraphModule, names: list[str]) -> PassResult:
+def finish(gm: GraphModule, created: dict[str, dict[str, str]]) -> PassResult:
     """Close a pass the one way: lint, recompile, report."""
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, bool(names), names)
+    return PassResult(gm, bool(created), created)

@@ -144,12 +144,12 @@ def insert_weight_masks(gm: GraphModule, targets: Mapping[str, WeightTarget], al
 
     masked: dict[str, Node] = {}
     lookup_masks: dict[str, tuple[Node, Node]] = {}
-    added: list[str] = []
+    created: dict[str, dict[str, str]] = {}
     for name, use_nodes in uses.items():
         first, use_set = use_nodes[0], set(use_nodes)
         buffer = mask_buffer_name(gm, name)
         gm.register_buffer(buffer, torch.ones_like(gm.get_parameter(paths[name]), requires_grad=False))
-        added.append(buffer)
+        created[name] = {"buffer": buffer, "param": paths[name]}
         anchor = next(
             n for n in graph.nodes
             if (n in use_set and n.op == "call_module") or any(i in use_set for i in n.all_input_nodes)
@@ -159,6 +159,7 @@ def insert_weight_masks(gm: GraphModule, targets: Mapping[str, WeightTarget], al
             mask = graph.get_attr(buffer)
             if lookup_only(name):
                 lookup_masks[name] = (weight, mask)
+                created[name]["kind"] = "embedding"
                 continue
             node = graph.create_node("call_function", ops.apply_mask, (weight, mask), name=f"{buffer}ed")
         annotate(node, NodeInfo("weight_mask", target=name))
@@ -175,7 +176,7 @@ def insert_weight_masks(gm: GraphModule, targets: Mapping[str, WeightTarget], al
             continue
         _rewrite_module_call(gm, node, local, masked, lookup_masks)
 
-    return finish(gm, added)
+    return finish(gm, created)
 
 
 def _rewrite_module_call(

@@ -4,8 +4,11 @@ Squash is a sequence of small passes over a copy of the sparse module; the spars
 left as it was:
 
 1. ``fold_weight_masks``: ``weight ← weight * mask`` under the weight's own name; mask nodes removed.
-2. ``restore_module_calls``: functional calls made by the weight pass become ``call_module`` again.
-3. ``strip``: our meta key dropped, dead nodes eliminated; mask buffers are not carried over.
+2. ``fold_activation_masks``: a mask constant over all but the consumer's input feature / channel is
+   folded into the consuming ``Linear`` columns / ``Conv`` input channels (``W·diag(m)``); any other
+   mask stays as ``x * mask`` with the mask a named non-persistent constant buffer. Observers go.
+3. ``restore_module_calls``: functional calls made by the weight pass become ``call_module`` again.
+4. ``strip``: our meta key dropped, dead nodes eliminated; mask buffers are not carried over.
 
 The result's ``state_dict`` has the original model's keys and shapes, so
 ``model.load_state_dict(squashed.state_dict())`` works on the user's eager model.
@@ -17,17 +20,19 @@ import copy
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from .. import ops
 from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
 from ._runner import PassResult, finish
+from .insert_activation_masks import layer_calls
 
 if TYPE_CHECKING:
-    from ..sparse_graph_module import SparseGraphModule, SparsityState
+    from ..sparse_graph_module import SparseGraphModule, SparsityState, TargetRecord
 
-__all__ = ["squash", "fold_weight_masks", "restore_module_calls", "strip"]
+__all__ = ["squash", "fold_weight_masks", "fold_activation_masks", "activation_fold", "restore_module_calls", "strip"]
 
 
 def fold_weight_masks(gm: GraphModule, state: SparsityState) -> PassResult:
@@ -37,22 +42,106 @@ def fold_weight_masks(gm: GraphModule, state: SparsityState) -> PassResult:
             if record.kind in ("weight", "embedding"):
                 weight = gm.get_parameter(record.param)
                 weight.mul_(gm.get_buffer(record.buffer).to(weight.dtype))
-    names = []
+    folded = {}
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is ops.apply_mask:
             node.replace_all_uses_with(node.args[0])
-            names.append(node.name)
+            folded[node.name] = {"fate": "folded"}
             gm.graph.erase_node(node)
-    return finish(gm, names)
+    return finish(gm, folded)
+
+
+#: layer type → position, counted from the right of the input, of the dim its weight's columns read
+FOLDABLE: dict[type[nn.Module], int] = {nn.Linear: 0, nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def _per_channel(mask: Tensor, from_right: int) -> Tensor | None:
+    """The per-channel vector of ``mask`` if it is constant over everything but that channel dim."""
+    if mask.dim() <= from_right:
+        flat = mask.reshape(-1)
+        return flat[:1] if bool((flat == flat[0]).all()) else None
+    axis = mask.dim() - 1 - from_right
+    grid = mask.movedim(axis, 0).reshape(mask.shape[axis], -1)
+    return grid[:, 0] if bool((grid == grid[:, :1]).all()) else None
+
+
+def activation_fold(gm: GraphModule, state: SparsityState, record: TargetRecord) -> Tensor | None:
+    """The vector to fold into ``record.layer``'s weight columns, or None when folding is not exact."""
+    if record.layer_type not in FOLDABLE or getattr(record.rule, "features", None) is not None:
+        return None
+    weight_name = f"{record.layer}.weight" if record.layer else "weight"
+    canonical = state.aliases.get(weight_name)
+    if sum(1 for c in state.aliases.values() if c == canonical) != 1:
+        return None  # a tied weight has other uses that must not see the mask
+    if len(layer_calls(gm, record.layer or "", state.aliases)) != 1:
+        return None  # several call sites: fold only when there is exactly one
+    return _per_channel(gm.get_buffer(record.buffer), FOLDABLE[record.layer_type])
+
+
+def _fold_into_weight(weight: Tensor, vector: Tensor) -> None:
+    if weight.dim() == 2 or vector.numel() == 1:
+        weight.mul_(vector.to(weight.dtype))
+        return
+    groups = vector.numel() // weight.shape[1]
+    grouped = weight.view(groups, weight.shape[0] // groups, weight.shape[1], *weight.shape[2:])
+    grouped.mul_(vector.to(weight.dtype).view(groups, 1, weight.shape[1], *([1] * (weight.dim() - 2))))
+
+
+def fold_activation_masks(gm: GraphModule, state: SparsityState) -> PassResult:
+    """Fold activation masks into the consuming weights where exact; keep the rest as constants."""
+    graph = gm.graph
+    done: dict[str, dict[str, str]] = {}
+    for node in list(graph.nodes):
+        info = info_of(node)
+        if info is None or info.role != "activation_mask":
+            continue
+        record = state.targets[info.target]  # type: ignore[index]
+        x = node.args[0]
+        vector = activation_fold(gm, state, record)
+        if vector is not None:
+            with torch.no_grad():
+                _fold_into_weight(gm.get_parameter(f"{record.layer}.weight" if record.layer else "weight"), vector)
+            node.replace_all_uses_with(x)
+            done[record.name] = {"fate": "folded"}
+        else:
+            constant = gm.get_buffer(record.buffer)
+            if record.rule.features is not None:  # type: ignore[union-attr]
+                constant = _dense_feature_mask(gm, record, constant)
+            setattr(gm, record.buffer, constant)
+            with graph.inserting_before(node):
+                mul = graph.call_function(torch.mul, (x, graph.get_attr(record.buffer)))
+            node.replace_all_uses_with(mul)
+            done[record.name] = {"fate": "kept as constant"}
+        graph.erase_node(node)
+    for node in list(graph.nodes):
+        info = info_of(node)
+        if info is not None and info.role == "observer":
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    return finish(gm, done)
+
+
+def _dense_feature_mask(gm: GraphModule, record: TargetRecord, mask: Tensor) -> Tensor:
+    """Per-feature masks as one multiplier: the masking op applied to ones of the observed input shape."""
+    observer = gm.get_submodule(record.observer)  # type: ignore[arg-type]
+    if observer.input_shape is None:
+        raise ValueError(
+            f"squash(): the per-feature mask of {record.name!r} needs the input's shape; run one forward pass "
+            "through the sparse module before squash()"
+        )
+    rule = record.rule
+    dense = ops.mask_activation(torch.ones(observer.input_shape, dtype=mask.dtype, device=mask.device), mask,
+                                rule.features, rule.feature_dim)  # type: ignore[union-attr]
+    return dense[0] if bool((dense == dense[:1]).all()) else dense
 
 
 def restore_module_calls(gm: GraphModule) -> PassResult:
     """Turn each functional call that replaced a leaf module call back into ``call_module``."""
     graph = gm.graph
-    names = []
+    restored = {}
     for node in list(graph.nodes):
         info = info_of(node)
-        if info is None or info.module is None:
+        if info is None or info.role not in ("module_call", "embedding_lookup"):
             continue
         args = tuple(node.args[i] for i in info.arg_positions)
         kwargs = {**{k: node.args[i] for k, i in info.kwarg_positions}, **node.kwargs}
@@ -61,8 +150,8 @@ def restore_module_calls(gm: GraphModule) -> PassResult:
         new.meta = {k: v for k, v in node.meta.items() if k != META_KEY}
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        names.append(new.name)
-    return finish(gm, names)
+        restored[new.name] = {"module": info.module}
+    return finish(gm, restored)
 
 
 def strip(gm: GraphModule) -> PassResult:
@@ -70,7 +159,7 @@ def strip(gm: GraphModule) -> PassResult:
     for node in gm.graph.nodes:
         node.meta.pop(META_KEY, None)
     gm.graph.eliminate_dead_code()
-    return finish(gm, [])
+    return finish(gm, {})
 
 
 def _match_state_keys(out: GraphModule, source: GraphModule, keys: tuple[str, ...]) -> None:
@@ -97,6 +186,7 @@ def squash(sgm: SparseGraphModule) -> GraphModule:
     work = copy.deepcopy(sgm)
     state = work._fxs
     fold_weight_masks(work, state)
+    fold_activation_masks(work, state)
     restore_module_calls(work)
     strip(work)
     out = GraphModule(work, work.graph, class_name=state.class_name)

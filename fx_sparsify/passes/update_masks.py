@@ -9,6 +9,7 @@ Random methods draw from a generator seeded by the spec's seed and the target na
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +32,10 @@ def weight_scores(sgm: SparseGraphModule, record: TargetRecord) -> Tensor:
     scores_spec: Any = getattr(rule, "scores", None)
     if scores_spec is None:
         scores = weight
+    elif scores_spec == "wanda":
+        observer = sgm.get_submodule(record.observer)  # type: ignore[arg-type]
+        (sq_sums,) = observer.reduced()
+        scores = weight.abs() * sq_sums.sqrt().to(weight.dtype).unsqueeze(0)
     elif callable(scores_spec):
         scores = torch.as_tensor(scores_spec(weight)).detach()
     else:
@@ -47,6 +52,29 @@ def weight_scores(sgm: SparseGraphModule, record: TargetRecord) -> Tensor:
     return scores * sgm.get_buffer(record.buffer).to(scores.dtype)
 
 
+def _activation_mask(sgm: SparseGraphModule, record: TargetRecord, seed: int) -> Tensor | None:
+    """``mask_fn(reduce_fn(aggregated), **options)`` per layer or per selected feature (stacked)."""
+    observer = sgm.get_submodule(record.observer)  # type: ignore[arg-type]
+    if int(observer.batches) == 0:
+        warnings.warn(
+            f"step(): activation target {record.name!r} saw no forward pass since the last step; its mask is "
+            "unchanged. Run calibration batches through the module before step().",
+            stacklevel=3,
+        )
+        return None
+    rule = record.rule
+    masks = []
+    for stat in observer.reduced():
+        if callable(rule.mask):
+            mask = torch.as_tensor(rule.mask(stat, **rule.options))
+        else:
+            gen = generator_for(seed, record.name, stat.device)
+            mask = get_mask_method(rule.mask)(stat, generator=gen, **rule.options)
+        masks.append(mask.to(stat.dtype if stat.dtype.is_floating_point else torch.float32))
+    observer.reset()
+    return torch.stack(masks) if rule.features is not None else masks[0]
+
+
 def _write(sgm: SparseGraphModule, record: TargetRecord, keep: Tensor) -> None:
     buf = sgm.get_buffer(record.buffer)
     buf.copy_(keep.to(device=buf.device, dtype=buf.dtype))
@@ -59,7 +87,11 @@ def update_masks(sgm: SparseGraphModule) -> None:
     groups: dict[int, list[TargetRecord]] = {}
     with torch.no_grad():
         for record in state.targets.values():
-            if record.kind not in ("weight", "embedding"):
+            if record.kind == "activation":
+                mask = _activation_mask(sgm, record, seed)
+                if mask is not None:
+                    setattr(sgm, record.buffer, mask.to(sgm.get_buffer(record.buffer).device))
+                    record.shape = tuple(mask.shape)
                 continue
             if record.group is not None:
                 groups.setdefault(record.group, []).append(record)
@@ -68,6 +100,8 @@ def update_masks(sgm: SparseGraphModule) -> None:
             method = get_mask_method(record.method)
             gen = generator_for(seed, record.name, scores.device)
             _write(sgm, record, method(scores, generator=gen, **sgm.current_options(record)))
+            if record.observer is not None:  # Wanda statistics restart with the next calibration
+                sgm.get_submodule(record.observer).reset()
         for g, records in groups.items():
             flat = torch.cat([weight_scores(sgm, r).reshape(-1).float() for r in records])
             first = records[0]

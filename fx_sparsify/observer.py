@@ -1,0 +1,132 @@
+"""``ActivationObserver``: the identity node that aggregates a layer's input statistics (SPEC §5).
+
+The statistic follows ``torch.ao.pruning``'s ``ActivationSparsifier``: it starts at zeros and each batch
+is folded in with ``aggregate(stat, x)``; ``step()`` computes ``reduce(stat)`` and restarts.
+With ``features`` / ``feature_dim``, one statistic per selected slice ``x.index_select(feature_dim, [f])``.
+
+For the sum-like built-ins (``sum``, ``abs_sum``, ``sq_sum``) with ``reduce`` ``mean`` or ``sum`` the
+batch dim is summed away as each batch arrives (``compact``): memory does not grow with the batch,
+calibration batches may differ in size, and with equal batch sizes the result equals the reference's
+exactly (``mean`` divides by the average batch size). Other combinations keep the per-sample
+statistic, as the reference does, so their calibration batches must share a shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ActivationObserver", "AGGREGATES", "REDUCES"]
+
+AGGREGATES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "sum": lambda acc, x: acc + x,
+    "abs_sum": lambda acc, x: acc + x.abs(),
+    "sq_sum": lambda acc, x: acc + x * x,
+    "max": torch.maximum,
+    "abs_max": lambda acc, x: torch.maximum(acc, x.abs()),
+}
+_ELEMENTWISE: dict[str, Callable[[Tensor], Tensor]] = {"sum": lambda x: x, "abs_sum": torch.abs, "sq_sum": torch.square}
+REDUCES: dict[str, Callable[[Tensor], Tensor]] = {
+    "mean": lambda t: t.mean(dim=0),
+    "sum": lambda t: t.sum(dim=0),
+    "none": lambda t: t,
+    "features_sum": lambda t: t.reshape(-1, t.shape[-1]).sum(dim=0),  # internal: per-input-feature (Wanda)
+}
+
+
+class ActivationObserver(nn.Module):
+    """Identity on its input; folds each batch into a running statistic while ``enabled``."""
+
+    def __init__(
+        self,
+        aggregate: str | Callable[[Tensor, Tensor], Tensor] = "sum",
+        reduce: str | Callable[[Tensor], Tensor] = "mean",
+        features: tuple[int, ...] | None = None,
+        feature_dim: int | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.aggregate = aggregate
+        self.reduce = reduce
+        self.features = tuple(features) if features is not None else None
+        self.feature_dim = feature_dim
+        self.name = name
+        self.enabled = True
+        self.compact = isinstance(aggregate, str) and aggregate in _ELEMENTWISE and reduce in ("mean", "sum", "features_sum")
+        self.register_buffer("stat", torch.zeros(0))
+        self.register_buffer("samples", torch.zeros((), dtype=torch.long))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+        self.input_shape: tuple[int, ...] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.enabled:
+            with torch.no_grad():
+                self._observe(x.detach())
+        return x
+
+    def _parts(self, x: Tensor) -> list[Tensor]:
+        if self.features is None:
+            return [x]
+        dim = self.feature_dim
+        return [x.index_select(dim, torch.tensor([f], device=x.device)) for f in self.features]  # type: ignore[arg-type]
+
+    def _observe(self, x: Tensor) -> None:
+        self.input_shape = tuple(x.shape)
+        parts = self._parts(x)
+        if self.compact:
+            fn = _ELEMENTWISE[self.aggregate]  # type: ignore[index]
+            if self.reduce == "features_sum":
+                new = torch.stack([fn(p).reshape(-1, p.shape[-1]).sum(0) for p in parts])
+            else:
+                new = torch.stack([fn(p).sum(0) for p in parts])
+        else:
+            agg = AGGREGATES[self.aggregate] if isinstance(self.aggregate, str) else self.aggregate
+            old = self.stat if self.batches > 0 else None
+            if old is not None and old.shape[1:] != parts[0].shape:
+                raise ValueError(
+                    f"observer {self.name!r} keeps per-sample statistics (aggregate={self._label(self.aggregate)}, "
+                    f"reduce={self._label(self.reduce)}) and saw a batch of shape {tuple(parts[0].shape)} after "
+                    f"{tuple(old.shape[1:])}; calibrate with batches of one shape, or use a sum-like aggregate "
+                    "('sum', 'abs_sum', 'sq_sum') with reduce 'mean' or 'sum', which accept any batch size"
+                )
+            new = torch.stack([agg(torch.zeros_like(p) if old is None else old[i], p) for i, p in enumerate(parts)])
+            self.stat = new
+            self.samples += x.shape[0] if x.dim() else 1
+            self.batches += 1
+            return
+        self.stat = new if self.batches == 0 else self.stat + new
+        self.samples += x.shape[0] if x.dim() else 1
+        self.batches += 1
+
+    @staticmethod
+    def _label(fn: Any) -> str:
+        return repr(fn) if isinstance(fn, str) else getattr(fn, "__name__", type(fn).__name__)
+
+    def reduced(self) -> list[Tensor]:
+        """``reduce(stat)`` per selected feature (one entry without features)."""
+        if self.batches == 0:
+            raise ValueError(f"observer {self.name!r} has seen no data since the last step; run forward passes first")
+        if self.compact:
+            if self.reduce == "mean":
+                scale = self.batches.item() / self.samples.item()
+                return [s * scale for s in self.stat]
+            return list(self.stat)
+        reduce = REDUCES[self.reduce] if isinstance(self.reduce, str) else self.reduce
+        return [reduce(s) for s in self.stat]
+
+    def reset(self) -> None:
+        self.stat = torch.zeros(0, device=self.stat.device)
+        self.samples.zero_()
+        self.batches.zero_()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        incoming = state_dict.get(prefix + "stat")
+        if incoming is not None and incoming.shape != self.stat.shape:
+            self.stat = torch.empty_like(incoming, device=self.stat.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"aggregate={self._label(self.aggregate)}, reduce={self._label(self.reduce)}, "
+                f"features={self.features}, feature_dim={self.feature_dim}, batches={int(self.batches)}")
