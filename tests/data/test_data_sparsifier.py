@@ -1,0 +1,79 @@
+"""DataSparsifier: any registered mask method on tensors and embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fx_sparsify.data as fxd
+from fx_sparsify.masks import compute_mask
+
+
+def test_methods_give_compute_mask_results():
+    w = torch.randn(8, 16)
+    for method, options in [
+        ("l1_unstructured", dict(sparsity=0.5)),
+        ("nm", dict(n=2, m=4)),
+        ("2:4", dict()),
+        ("block", dict(sparsity=0.5, block_shape=(2, 2))),
+        ("threshold", dict(threshold=0.5)),
+    ]:
+        s = fxd.DataSparsifier(method=method, **options)
+        s.add_data("w", w)
+        s.step()
+        assert torch.equal(s.get_mask("w"), compute_mask(method, w, **options))
+
+
+def test_per_data_method_replaces_default_options():
+    s = fxd.DataSparsifier(method="l1_unstructured", sparsity=0.25)
+    s.add_data("a", torch.randn(4, 8))
+    s.add_data("b", torch.randn(4, 8), method="nm", n=1, m=4)
+    s.add_data("c", nn.Embedding(6, 8), sparsity=0.75)
+    assert s.data_groups["b"] == {"method": "nm", "n": 1, "m": 4}
+    assert s.data_groups["c"] == {"method": "l1_unstructured", "sparsity": 0.75}
+    s.step()
+    assert s.get_mask("b").sum() == 8 and s.get_mask("c").sum() == 12
+
+
+def test_seeded_random_methods_are_reproducible():
+    masks = []
+    for _ in range(2):
+        s = fxd.DataSparsifier(method="random_unstructured", sparsity=0.5, seed=3)
+        s.add_data("w", torch.randn(10, 10))
+        s.step()
+        masks.append(s.get_mask("w").clone())
+    assert torch.equal(*masks)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(method="l1_unstructured", sparsty=0.5), TypeError),  # misspelt option
+        (dict(method="no_such_method"), KeyError),
+        (dict(method="l1_unstructured"), TypeError),  # missing required option
+        (dict(method="l1_unstructured", sparsity=0.5, seed="x"), TypeError),
+    ],
+)
+def test_bad_constructor(kwargs, error):
+    with pytest.raises(error):
+        fxd.DataSparsifier(**kwargs)
+
+
+def test_bad_per_data_options_register_nothing():
+    s = fxd.DataSparsifier(method="l1_unstructured", sparsity=0.5)
+    with pytest.raises(TypeError, match="did you mean"):
+        s.add_data("w", torch.randn(4, 4), sparsty=0.1)
+    assert not s.data_groups
+
+
+def test_squash_and_state_dict_round_trip():
+    w = torch.randn(6, 8)
+    s = fxd.DataSparsifier(method="nm", n=2, m=4)
+    s.add_data("w", w)
+    s.step()
+    fresh = fxd.DataSparsifier(method="dense")
+    fresh.load_state_dict(s.state_dict())
+    assert torch.equal(fresh.get_mask("w"), s.get_mask("w"))
+    s.squash_mask()
+    assert int((w != 0).sum()) == 24
