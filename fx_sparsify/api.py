@@ -77,7 +77,7 @@ def sparsify_graph(
     if gm is work and isinstance(model, GraphModule) and inplace:
         gm = copy.copy(gm)  # the user's GraphModule keeps its own graph even in place
     activations = insert_activation_masks(gm, layers, norm_layers, aliases).created
-    weights = insert_weight_masks(gm, targets, aliases).created
+    weights = insert_weight_masks(gm, targets, aliases, seed=spec.seed, in_graph=spec.mode == "graph").created
     _attach_score_tensors(gm, work, targets)
 
     records: dict[str, TargetRecord] = {}
@@ -86,7 +86,7 @@ def sparsify_graph(
         records[name] = TargetRecord(
             name=name, kind=made.get("kind", "weight"), param=made["param"], buffer=made["buffer"],
             method=target.rule.method, rule=target.rule, shape=tuple(gm.get_parameter(made["param"]).shape),
-            group=target.group, observer=activations.get(name, {}).get("observer"),
+            group=target.group, observer=activations.get(name, {}).get("observer"), module=made.get("module"),
         )
     for layer, rule in layers.items():
         name = activation_target_name(layer)
@@ -100,6 +100,8 @@ def sparsify_graph(
     state = SparsityState(spec=spec, capture=captured.capture, targets=records, state_keys=state_keys,
                           class_name=type(model).__name__, aliases=aliases)
     sgm = SparseGraphModule.wrap(gm, state)
+    if spec.mode == "inplace":
+        sgm.apply_masks_inplace()
     if example_inputs is not None or example_kwargs is not None:
         _check_runs(sgm, example_inputs or (), example_kwargs or {})
     return sgm

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["apply_mask", "mask_activation", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS"]
+__all__ = ["apply_mask", "apply_mask_ste", "mask_activation", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS"]
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -46,6 +46,25 @@ def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
     out = weight * mask
     _CACHE[mask] = (key, out)
     return out
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``weight * mask`` forward; the dense gradient backward (pruned weights keep learning)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, mask: Tensor) -> Tensor:
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def apply_mask_ste(weight: Tensor, mask: Tensor) -> Tensor:
+    """``weight * mask`` whose gradient reaches every weight (straight-through estimator)."""
+    if not torch.is_grad_enabled():
+        return apply_mask(weight, mask)
+    return _StraightThrough.apply(weight, mask)
 
 
 def mask_activation(
@@ -133,4 +152,4 @@ def conv_padded(
     return _CONVS[weight.dim() - 2](F.pad(input, pad, mode=padding_mode), weight, bias, stride, 0, dilation, groups)
 
 
-OPS = frozenset({apply_mask, mask_activation, embedding_masked, embedding_bag_masked, module_call, conv_padded})
+OPS = frozenset({apply_mask, apply_mask_ste, mask_activation, embedding_masked, embedding_bag_masked, module_call, conv_padded})

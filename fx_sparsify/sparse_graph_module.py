@@ -10,6 +10,7 @@ import torch
 from torch.fx import GraphModule
 
 from ._meta import META_KEY
+from .schedule import scheduled_sparsity
 from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
 
 __all__ = ["SparseGraphModule", "SparsityState", "TargetRecord"]
@@ -28,6 +29,7 @@ class TargetRecord:
     shape: tuple[int, ...]
     group: int | None = None
     observer: str | None = None  # the observer module feeding this target (activations, Wanda scores)
+    module: str | None = None  # supermask / joint: the Sparsify module holding the learnable scores
     layer: str | None = None  # activations: the layer whose input is masked
     layer_type: type | None = None  # activations: that layer's class in the original model
 
@@ -73,6 +75,13 @@ class SparseGraphModule(GraphModule):
             sgm.register_parameter(name, param)
         sgm._fxs = state
         sgm.train(gm.training)
+        # DDP must not broadcast rank 0's running statistics or the masks that change shape at step()
+        # (each rank aggregates its own batches; step() all-reduces them): keep them rank-local
+        sgm._ddp_params_and_buffers_to_ignore = [
+            name for name, _ in sgm.named_buffers()
+            if name.rsplit(".", 1)[-1] in ("stat", "samples", "batches", "mask")
+            or any(name == r.buffer for r in state.targets.values() if r.kind == "activation")
+        ]
         return sgm
 
     # --- the public methods (SPEC §2) -------------------------------------------------------------
@@ -113,9 +122,43 @@ class SparseGraphModule(GraphModule):
         return squash(self)
 
     def current_options(self, record: TargetRecord) -> dict[str, Any]:
-        """The method options of ``record`` at the current step."""
-        rule = record.rule
-        return dict(rule.options)
+        """The method options of ``record`` at the current step (a schedule moves the sparsity)."""
+        options = dict(record.rule.options)
+        schedule = getattr(record.rule, "schedule", None)
+        if schedule is not None:
+            options["sparsity"] = scheduled_sparsity(schedule, options.get("sparsity") or 0.0, self._fxs.steps)
+            options.pop("density", None)
+        return options
+
+    def target_sparsity(self) -> dict[str, float | None]:
+        """Target name → the sparsity its rule aims for at the current step (None where it has none)."""
+        from .report import target_sparsity_of
+
+        return {
+            name: target_sparsity_of(r.method, self.current_options(r), r.numel)
+            for name, r in self._fxs.targets.items() if r.kind != "activation"
+        }
+
+    def keep_sparse(self, optimizer: torch.optim.Optimizer) -> Any:
+        """``"mode": "inplace"``: re-zero the pruned weights after every ``optimizer.step()``.
+
+        Returns the hook handle (``handle.remove()`` detaches it).
+        """
+        if self._fxs.spec.mode != "inplace":
+            raise ValueError("keep_sparse() is for specs with 'mode': 'inplace'; in graph mode the masks are in the graph")
+
+        def rezero(opt: Any, args: Any, kwargs: Any) -> None:
+            self.apply_masks_inplace()
+
+        return optimizer.register_step_post_hook(rezero)
+
+    def apply_masks_inplace(self) -> None:
+        """Multiply every masked weight by its mask in place (``"mode": "inplace"``)."""
+        with torch.no_grad():
+            for r in self._fxs.targets.values():
+                if r.kind != "activation":
+                    weight = self.get_parameter(r.param)  # type: ignore[arg-type]
+                    weight.mul_(self.get_buffer(r.buffer).to(weight.dtype))
 
     # --- state, copies and pickling ----------------------------------------------------------------
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from .masks import get_mask_method, parse_method, validate_options
+from .schedule import check_schedule
 
 __all__ = ["WeightRule", "GlobalRule", "ActivationRule", "SparsitySpec"]
 
@@ -92,8 +93,14 @@ class WeightRule:
         _check_scores(self.scores, where)
         if not isinstance(self.regrow, bool):
             raise TypeError(f"{_where(where, 'regrow')}: expected True or False, got {self.regrow!r}")
-        if self.schedule is not None and not (isinstance(self.schedule, Mapping) or callable(self.schedule)):
-            raise TypeError(f"{_where(where, 'schedule')}: expected a dict or a callable step -> sparsity")
+        if self.schedule is not None:
+            if not (isinstance(self.schedule, Mapping) or callable(self.schedule)):
+                raise TypeError(f"{_where(where, 'schedule')}: expected a dict or a callable step -> sparsity")
+            check_schedule(self.schedule, _where(where, "schedule"))
+            if "sparsity" not in get_mask_method(self.method).options:
+                raise ValueError(f"{where}: a schedule moves 'sparsity', which method {self.method!r} does not take")
+            if self.options.get("sparsity") is None and not callable(self.schedule) and self.schedule.get("kind") == "cubic":
+                raise KeyError(f"{where}: a cubic schedule needs the final 'sparsity' beside 'method'")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "weights") -> WeightRule:

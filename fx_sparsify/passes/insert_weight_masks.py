@@ -26,7 +26,9 @@ from torch.fx import GraphModule, Node
 
 from .. import ops
 from .._meta import NodeInfo, annotate
-from .._names import mask_buffer_name
+from .._names import mask_buffer_name, unique_attr
+from ..masks._random import generator_for
+from ..sparsify import Sparsify
 from ..select import WeightTarget
 from ._runner import PassResult, finish
 
@@ -114,8 +116,21 @@ def _module_params(gm: GraphModule, fqn: str, aliases: Mapping[str, str]) -> dic
     return {local: aliases.get(prefix + local, prefix + local) for local, _ in mod.named_parameters(remove_duplicate=False)}
 
 
-def insert_weight_masks(gm: GraphModule, targets: Mapping[str, WeightTarget], aliases: Mapping[str, str]) -> PassResult:
-    """Insert mask buffers and mask nodes for ``targets`` (canonical FQN → target) into ``gm``."""
+def insert_weight_masks(
+    gm: GraphModule,
+    targets: Mapping[str, WeightTarget],
+    aliases: Mapping[str, str],
+    *,
+    seed: int = 0,
+    in_graph: bool = True,
+) -> PassResult:
+    """Insert mask buffers and mask nodes for ``targets`` (canonical FQN → target) into ``gm``.
+
+    The mask node follows the rule's ``gradient``: ``ops.apply_mask`` (``"mask"``), ``ops.apply_mask_ste``
+    (``"ste"``), or a :class:`~fx_sparsify.sparsify.Sparsify` module with learnable scores
+    (``"supermask"`` / ``"joint"``, buffer ``<module>.mask``). With ``in_graph=False`` (``"mode": "inplace"``)
+    only the mask buffers are registered: the graph carries no multiply.
+    """
     graph = gm.graph
     uses: dict[str, list[Node]] = {name: [] for name in targets}
     paths: dict[str, str] = {}  # canonical FQN → a path to the parameter inside gm
@@ -147,21 +162,34 @@ def insert_weight_masks(gm: GraphModule, targets: Mapping[str, WeightTarget], al
     created: dict[str, dict[str, str]] = {}
     for name, use_nodes in uses.items():
         first, use_set = use_nodes[0], set(use_nodes)
+        gradient = getattr(targets[name].rule, "gradient", "mask")
+        param = gm.get_parameter(paths[name])
         buffer = mask_buffer_name(gm, name)
-        gm.register_buffer(buffer, torch.ones_like(gm.get_parameter(paths[name]), requires_grad=False))
-        created[name] = {"buffer": buffer, "param": paths[name]}
+        created[name] = {"param": paths[name]}
+        if gradient in ("supermask", "joint"):
+            module = _sparsify_module(gm, name, targets[name], param, seed)
+            created[name].update(buffer=f"{module}.mask", module=module)
+        else:
+            gm.register_buffer(buffer, torch.ones_like(param, requires_grad=False))
+            created[name]["buffer"] = buffer
+        if not in_graph:
+            continue
         anchor = next(
             n for n in graph.nodes
             if (n in use_set and n.op == "call_module") or any(i in use_set for i in n.all_input_nodes)
         )
         with graph.inserting_before(anchor):
             weight = first if first.op == "get_attr" else graph.get_attr(paths[name])
-            mask = graph.get_attr(buffer)
-            if lookup_only(name):
-                lookup_masks[name] = (weight, mask)
-                created[name]["kind"] = "embedding"
-                continue
-            node = graph.create_node("call_function", ops.apply_mask, (weight, mask), name=f"{buffer}ed")
+            if gradient in ("supermask", "joint"):
+                node = graph.create_node("call_module", created[name]["module"], (weight,), {}, name=f"{buffer}ed")
+            else:
+                mask = graph.get_attr(buffer)
+                if gradient == "mask" and lookup_only(name):
+                    lookup_masks[name] = (weight, mask)
+                    created[name]["kind"] = "embedding"
+                    continue
+                fn = ops.apply_mask if gradient == "mask" else ops.apply_mask_ste
+                node = graph.create_node("call_function", fn, (weight, mask), name=f"{buffer}ed")
         annotate(node, NodeInfo("weight_mask", target=name))
         masked[name] = node
         for use in use_nodes:
@@ -177,6 +205,18 @@ def insert_weight_masks(gm: GraphModule, targets: Mapping[str, WeightTarget], al
         _rewrite_module_call(gm, node, local, masked, lookup_masks)
 
     return finish(gm, created)
+
+
+def _sparsify_module(gm: GraphModule, name: str, target: WeightTarget, param: torch.Tensor, seed: int) -> str:
+    """A Sparsify module whose learnable scores (initialised to ``|weight|``) rank the mask."""
+    rule = target.rule
+    module = Sparsify(param.shape, sparseness=rule.method, backward_mode=getattr(rule, "gradient"),
+                      generator=generator_for(seed, name, param.device), **rule.options)
+    module.to(param.device)
+    module.init_scores(param.detach().abs())
+    attr = unique_attr(gm, f"{name}_sparsify")
+    gm.add_module(attr, module)
+    return attr
 
 
 def _rewrite_module_call(

@@ -44,7 +44,8 @@ def fold_weight_masks(gm: GraphModule, state: SparsityState) -> PassResult:
                 weight.mul_(gm.get_buffer(record.buffer).to(weight.dtype))
     folded = {}
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is ops.apply_mask:
+        info = info_of(node)
+        if info is not None and info.role == "weight_mask":
             node.replace_all_uses_with(node.args[0])
             folded[node.name] = {"fate": "folded"}
             gm.graph.erase_node(node)

@@ -80,9 +80,29 @@ def _write(sgm: SparseGraphModule, record: TargetRecord, keep: Tensor) -> None:
     buf.copy_(keep.to(device=buf.device, dtype=buf.dtype))
 
 
+def sync_observers(sgm: SparseGraphModule) -> None:
+    """Under ``torch.distributed``, all-reduce every observer's statistic so each rank computes equal masks.
+
+    Sum-like aggregates (and callables) are summed across ranks, ``max`` / ``abs_max`` take the maximum.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    from ..observer import ActivationObserver
+
+    for module in sgm.modules():
+        if isinstance(module, ActivationObserver) and int(module.batches) > 0:
+            op = dist.ReduceOp.MAX if module.aggregate in ("max", "abs_max") else dist.ReduceOp.SUM
+            dist.all_reduce(module.stat, op=op)
+            dist.all_reduce(module.samples)
+            dist.all_reduce(module.batches)
+
+
 def update_masks(sgm: SparseGraphModule) -> None:
     """Recompute the mask of every weight target of ``sgm`` in place (masks are buffers)."""
     state = sgm._fxs
+    sync_observers(sgm)
     seed = state.spec.seed
     groups: dict[int, list[TargetRecord]] = {}
     with torch.no_grad():
@@ -95,6 +115,11 @@ def update_masks(sgm: SparseGraphModule) -> None:
                 continue
             if record.group is not None:
                 groups.setdefault(record.group, []).append(record)
+                continue
+            if record.module is not None:  # supermask / joint: the learnable scores rank the mask
+                sparsify = sgm.get_submodule(record.module)
+                sparsify.options = sgm.current_options(record)
+                sparsify.compute_mask(sparsify.scores.detach())
                 continue
             scores = weight_scores(sgm, record)
             method = get_mask_method(record.method)
@@ -109,4 +134,6 @@ def update_masks(sgm: SparseGraphModule) -> None:
             keep = method(flat, generator=generator_for(seed, f"global:{g}", flat.device), **sgm.current_options(first))
             for r, part in zip(records, keep.split([r.numel for r in records])):
                 _write(sgm, r, part.view(r.shape))
+    if state.spec.mode == "inplace":
+        sgm.apply_masks_inplace()
     state.steps += 1

@@ -1,0 +1,116 @@
+"""``fxs.Sparsify``: a standalone sparsifying module in the spirit of d-Matrix's ``Sparsify``.
+
+    >>> sp = Sparsify((4, 8), sparseness="TOPK{0.5}", backward_mode="STE")
+    >>> y = sp(torch.randn(4, 8))          # x * mask, mask from the scores of x
+    >>> sp.density
+    0.5
+
+``backward_mode``:
+- ``"STE"``: the mask is recomputed from ``|x|``-style scores of the input on every forward; the
+  gradient reaches every entry of ``x`` (straight-through), so pruned entries can come back.
+- ``"MASK"``: as ``STE`` but the gradient is masked too (pruned entries get zero gradient).
+- ``"supermask"``: a learnable ``scores`` parameter ranks the mask; ``x`` gets no gradient; the scores
+  get ``grad_out * x`` through a straight-through estimator. ``bernoulli`` samples
+  ``sigmoid(scores)`` while training (deterministic ``sigmoid(scores) > 0.5`` in eval).
+- ``"joint"``: as ``supermask`` and ``x`` is trained too (masked gradient).
+
+The graph passes use the same module for rules with ``"gradient": "supermask"`` / ``"joint"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .masks import get_mask_method, parse_method
+from .masks._registry import validate_options
+
+__all__ = ["Sparsify", "BACKWARD_MODES"]
+
+BACKWARD_MODES = ("STE", "MASK", "supermask", "joint")
+_MODE_ALIASES = {"ste": "STE", "mask": "MASK", "U": "STE", "M": "MASK"}
+
+
+class Sparsify(nn.Module):
+    """``forward(x) = x * mask`` with a mask method and a choice of gradient (see module docstring)."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...] | torch.Size,
+        sparseness: str = "DENSE",
+        backward_mode: str = "STE",
+        generator: torch.Generator | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.generator = generator
+        self.register_buffer("mask", torch.ones(self.shape))
+        self.scores: nn.Parameter | None = None
+        self.configure(sparseness=sparseness, backward_mode=backward_mode, **options)
+
+    def configure(self, sparseness: str | None = None, backward_mode: str | None = None, **options: Any) -> Sparsify:
+        """Change the method (a name or shorthand, with options) and/or the backward mode."""
+        if sparseness is not None:
+            parsed = parse_method(sparseness)
+            merged = {**parsed.options, **options}
+            get_mask_method(parsed.name)
+            validate_options(parsed.name, merged)
+            self.method, self.options = parsed.name, merged
+            if parsed.gradient is not None and backward_mode is None:
+                backward_mode = parsed.gradient
+        elif options:
+            validate_options(self.method, {**self.options, **options})
+            self.options = {**self.options, **options}
+        if backward_mode is not None:
+            mode = _MODE_ALIASES.get(backward_mode, backward_mode)
+            if mode not in BACKWARD_MODES:
+                raise ValueError(f"backward_mode={backward_mode!r}: use one of {', '.join(BACKWARD_MODES)}")
+            self.backward_mode = mode
+            if mode in ("supermask", "joint") and self.scores is None:
+                self.scores = nn.Parameter(torch.randn(self.shape).abs_().mul_(0.01))
+        return self
+
+    @property
+    def density(self) -> float:
+        """Fraction of entries the current mask keeps."""
+        return float((self.mask != 0).float().mean())
+
+    def init_scores(self, values: Tensor) -> None:
+        """Start the learnable scores from ``values`` (for example ``|weight|``)."""
+        if self.scores is None:
+            raise ValueError("init_scores() needs backward_mode 'supermask' or 'joint'")
+        with torch.no_grad():
+            self.scores.copy_(values)
+
+    def compute_mask(self, scores: Tensor) -> Tensor:
+        """The keep-mask of ``scores`` under the configured method (stored in ``self.mask``)."""
+        with torch.no_grad():
+            if self.method == "bernoulli" and self.scores is not None:
+                prob = torch.sigmoid(scores)
+                keep = torch.bernoulli(prob, generator=self.generator) if self.training else (prob > 0.5).float()
+            else:
+                keep = get_mask_method(self.method)(scores, generator=self.generator, **self.options)
+            self.mask = keep.to(dtype=scores.dtype if scores.dtype.is_floating_point else torch.float32)
+        return self.mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.backward_mode in ("supermask", "joint"):
+            assert self.scores is not None
+            scores = self.scores
+            mask = self.compute_mask(scores.detach())
+            probe = torch.sigmoid(scores) if self.method == "bernoulli" else scores
+            ste_mask = mask + (probe - probe.detach())  # value: mask; gradient: straight through to scores
+            base = x if self.backward_mode == "joint" else x.detach()
+            if self.backward_mode == "joint":
+                return base * mask + base.detach() * (ste_mask - mask)
+            return base * ste_mask
+        mask = self.compute_mask(x.detach())
+        if self.backward_mode == "STE":
+            return x + (x * mask - x).detach()
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, method={self.method}, options={self.options}, backward_mode={self.backward_mode}"
