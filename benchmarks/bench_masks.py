@@ -24,7 +24,7 @@ from torch import nn
 from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import prune
 
-from fx_sparsify.masks import compute_mask
+from fx_sparsify.methods import compute_mask
 
 WNS_2_4 = {"sparsity": 1.0, "block_shape": (1, 4), "zeros_per_block": 2, "p": 2}
 

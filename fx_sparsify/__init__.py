@@ -8,10 +8,15 @@
 
 from __future__ import annotations
 
+# Load the modules that share a name with a function of the API first, so the functions win
+# (a later first import of fx_sparsify.report would otherwise rebind fxs.report to the module).
+from . import export as _export_module, report as _report_module  # noqa: F401
+from . import data
 from .api import masks, report, sparsify_graph, sparsity, squash, step
 from .export import export
-from .masks import available_mask_methods, compute_mask, register_mask_method
+from .methods import available_mask_methods, compute_mask, register_mask_method
 from .sparse_graph_module import SparseGraphModule
+from .sparsify import Sparsify
 from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
 from .trace import CaptureError
 
@@ -20,10 +25,12 @@ __all__ = [
     "CaptureError",
     "GlobalRule",
     "SparseGraphModule",
+    "Sparsify",
     "SparsitySpec",
     "WeightRule",
     "available_mask_methods",
     "compute_mask",
+    "data",
     "export",
     "masks",
     "register_mask_method",

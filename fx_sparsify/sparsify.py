@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .masks import get_mask_method, parse_method
-from .masks._registry import validate_options
+from .methods import get_mask_method, parse_method
+from .methods._registry import validate_options
 
 __all__ = ["Sparsify", "BACKWARD_MODES"]
 

@@ -18,7 +18,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from .masks import get_mask_method, parse_method, validate_options
+from .methods import get_mask_method, parse_method, validate_options
 from .schedule import check_schedule
 
 __all__ = ["WeightRule", "GlobalRule", "ActivationRule", "SparsitySpec"]

@@ -22,8 +22,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from ..masks import compute_mask, get_mask_method, parse_method, validate_options
-from ..masks._random import generator_for
+from ..methods import compute_mask, get_mask_method, parse_method, validate_options
+from ..methods._random import generator_for
 from .base_data_sparsifier import BaseDataSparsifier
 
 __all__ = ["DataSparsifier"]

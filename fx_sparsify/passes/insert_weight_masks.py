@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 from .. import ops
 from .._meta import NodeInfo, annotate
 from .._names import mask_buffer_name, unique_attr
-from ..masks._random import generator_for
+from ..methods._random import generator_for
 from ..sparsify import Sparsify
 from ..select import WeightTarget
 from ._runner import PassResult, finish

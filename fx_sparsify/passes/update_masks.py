@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from .._modules import find_tensor
-from ..masks import get_mask_method
-from ..masks._random import generator_for
+from ..methods import get_mask_method
+from ..methods._random import generator_for
 
 if TYPE_CHECKING:
     from ..sparse_graph_module import SparseGraphModule, TargetRecord

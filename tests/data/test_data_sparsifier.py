@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fx_sparsify.data as fxd
-from fx_sparsify.masks import compute_mask
+from fx_sparsify.methods import compute_mask
 
 
 def test_methods_give_compute_mask_results():

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fx_sparsify.masks import compute_mask, count_to_prune
+from fx_sparsify.methods import compute_mask, count_to_prune
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 SETTINGS = settings(max_examples=30, deadline=None)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fx_sparsify.masks import ParsedMethod, format_method, parse_method
+from fx_sparsify.methods import ParsedMethod, format_method, parse_method
 
 
 @pytest.mark.parametrize(

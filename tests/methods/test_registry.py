@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fx_sparsify.masks._registry import _ALIASES, _REGISTRY
-from fx_sparsify.masks import available_mask_methods, compute_mask, get_mask_method, register_mask_method
+from fx_sparsify.methods._registry import _ALIASES, _REGISTRY
+from fx_sparsify.methods import available_mask_methods, compute_mask, get_mask_method, register_mask_method
 
 BUILTINS = {"l1_unstructured", "ln_structured", "random_unstructured", "random_structured", "topk", "nm",
             "block_topk", "block", "bernoulli", "threshold", "dense"}

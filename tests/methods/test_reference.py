@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.utils import prune
 
-from fx_sparsify.masks import compute_mask
+from fx_sparsify.methods import compute_mask
 
 from ._reference import tie_free, wns_mask
 

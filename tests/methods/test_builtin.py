@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fx_sparsify.masks import compute_mask, count_to_prune
+from fx_sparsify.methods import compute_mask, count_to_prune
 
 
 def _gen(seed: int = 0) -> torch.Generator:
