@@ -55,15 +55,22 @@ class ActivationObserver(nn.Module):
         self.name = name
         self.enabled = True
         self.compact = isinstance(aggregate, str) and aggregate in _ELEMENTWISE and reduce in ("mean", "sum", "features_sum")
+        self._elementwise = _ELEMENTWISE.get(aggregate) if self.compact else None  # type: ignore[arg-type]
+        # one statistic, no feature slices: ``stat`` has reduce's shape (no leading feature dim)
+        self._fast = self.compact and self.features is None and reduce != "features_sum"
         self.register_buffer("stat", torch.zeros(0))
-        self.register_buffer("samples", torch.zeros((), dtype=torch.long))
-        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+        self.samples = 0  # rows seen since the last step (state_dict: extra state)
+        self.batches = 0  # batches seen since the last step
         self.input_shape: tuple[int, ...] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.enabled:
+        if not self.enabled:
+            return x
+        if torch.is_grad_enabled():
             with torch.no_grad():
                 self._observe(x.detach())
+        else:
+            self._observe(x)
         return x
 
     def _parts(self, x: Tensor) -> list[Tensor]:
@@ -73,14 +80,24 @@ class ActivationObserver(nn.Module):
         return [x.index_select(dim, torch.tensor([f], device=x.device)) for f in self.features]  # type: ignore[arg-type]
 
     def _observe(self, x: Tensor) -> None:
-        self.input_shape = tuple(x.shape)
+        self.input_shape = x.shape
+        rows = x.shape[0] if x.dim() else 1
+        if self._fast:  # the hot path: one or two ops per batch
+            new = (x if self.aggregate == "sum" else self._elementwise(x)).sum(0)  # type: ignore[misc]
+            if self.batches:
+                self.stat.add_(new)
+            else:
+                self.stat = new
+            self.samples += rows
+            self.batches += 1
+            return
         parts = self._parts(x)
         if self.compact:
-            fn = _ELEMENTWISE[self.aggregate]  # type: ignore[index]
+            fn = self._elementwise
             if self.reduce == "features_sum":
-                new = torch.stack([fn(p).reshape(-1, p.shape[-1]).sum(0) for p in parts])
+                new = torch.stack([fn(p).reshape(-1, p.shape[-1]).sum(0) for p in parts])  # type: ignore[misc]
             else:
-                new = torch.stack([fn(p).sum(0) for p in parts])
+                new = torch.stack([fn(p).sum(0) for p in parts])  # type: ignore[misc]
         else:
             agg = AGGREGATES[self.aggregate] if isinstance(self.aggregate, str) else self.aggregate
             old = self.stat if self.batches > 0 else None
@@ -93,11 +110,11 @@ class ActivationObserver(nn.Module):
                 )
             new = torch.stack([agg(torch.zeros_like(p) if old is None else old[i], p) for i, p in enumerate(parts)])
             self.stat = new
-            self.samples += x.shape[0] if x.dim() else 1
+            self.samples += rows
             self.batches += 1
             return
         self.stat = new if self.batches == 0 else self.stat + new
-        self.samples += x.shape[0] if x.dim() else 1
+        self.samples += rows
         self.batches += 1
 
     @staticmethod
@@ -108,9 +125,11 @@ class ActivationObserver(nn.Module):
         """``reduce(stat)`` per selected feature (one entry without features)."""
         if self.batches == 0:
             raise ValueError(f"observer {self.name!r} has seen no data since the last step; run forward passes first")
+        if self._fast:
+            return [self.stat * (self.batches / self.samples) if self.reduce == "mean" else self.stat]
         if self.compact:
             if self.reduce == "mean":
-                scale = self.batches.item() / self.samples.item()
+                scale = self.batches / self.samples
                 return [s * scale for s in self.stat]
             return list(self.stat)
         reduce = REDUCES[self.reduce] if isinstance(self.reduce, str) else self.reduce
@@ -118,8 +137,14 @@ class ActivationObserver(nn.Module):
 
     def reset(self) -> None:
         self.stat = torch.zeros(0, device=self.stat.device)
-        self.samples.zero_()
-        self.batches.zero_()
+        self.samples = 0
+        self.batches = 0
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"samples": self.samples, "batches": self.batches}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.samples, self.batches = int(state["samples"]), int(state["batches"])
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         incoming = state_dict.get(prefix + "stat")

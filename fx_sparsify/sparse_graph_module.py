@@ -79,7 +79,7 @@ class SparseGraphModule(GraphModule):
         # (each rank aggregates its own batches; step() all-reduces them): keep them rank-local
         sgm._ddp_params_and_buffers_to_ignore = [
             name for name, _ in sgm.named_buffers()
-            if name.rsplit(".", 1)[-1] in ("stat", "samples", "batches", "mask")
+            if name.rsplit(".", 1)[-1] in ("stat", "mask")
             or any(name == r.buffer for r in state.targets.values() if r.kind == "activation")
         ]
         return sgm

@@ -92,11 +92,12 @@ def sync_observers(sgm: SparseGraphModule) -> None:
     from ..observer import ActivationObserver
 
     for module in sgm.modules():
-        if isinstance(module, ActivationObserver) and int(module.batches) > 0:
+        if isinstance(module, ActivationObserver) and module.batches > 0:
             op = dist.ReduceOp.MAX if module.aggregate in ("max", "abs_max") else dist.ReduceOp.SUM
             dist.all_reduce(module.stat, op=op)
-            dist.all_reduce(module.samples)
-            dist.all_reduce(module.batches)
+            counts = torch.tensor([module.samples, module.batches], device=module.stat.device)
+            dist.all_reduce(counts)
+            module.samples, module.batches = (int(c) for c in counts)
 
 
 def update_masks(sgm: SparseGraphModule) -> None:
