@@ -28,13 +28,13 @@ def target_sparsity_of(method: str, options: dict[str, Any], numel: int) -> floa
     return None
 
 
-def fate_of(sgm: SparseGraphModule, record: TargetRecord) -> str:
+def fate_of(sgm: SparseGraphModule, record: TargetRecord, index: Any = None) -> str:
     """What squash will do with this target's mask, judged on the current mask."""
     if record.kind != "activation":
         return "folded"
     from .passes.squash import activation_fold
 
-    return "folded" if activation_fold(sgm, sgm._fxs, record) is not None else "kept as constant"
+    return "folded" if activation_fold(sgm, sgm._fxs, record, index) is not None else "kept as constant"
 
 
 def _method_text(record: TargetRecord, options: dict[str, Any]) -> str:
@@ -47,6 +47,9 @@ def report(sgm: SparseGraphModule) -> str:
     state = sgm._fxs
     achieved = sgm.sparsity()
     masks = sgm.masks()
+    from .passes.insert_activation_masks import LayerIndex
+
+    index = LayerIndex(sgm, state.aliases)
     rows = []
     for name, record in state.targets.items():
         options = sgm.current_options(record)
@@ -61,7 +64,7 @@ def report(sgm: SparseGraphModule) -> str:
             "-" if target is None else f"{target:.1%}",
             f"{achieved[name]:.1%}",
             kept,
-            fate_of(sgm, record),
+            fate_of(sgm, record, index),
         ])
     total = sum(r.numel for r in state.targets.values() if r.kind != "activation")
     zeros = sum(achieved[n] * r.numel for n, r in state.targets.items() if r.kind != "activation")

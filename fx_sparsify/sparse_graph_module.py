@@ -77,10 +77,10 @@ class SparseGraphModule(GraphModule):
         sgm.train(gm.training)
         # DDP must not broadcast rank 0's running statistics or the masks that change shape at step()
         # (each rank aggregates its own batches; step() all-reduces them): keep them rank-local
+        activation_masks = {r.buffer for r in state.targets.values() if r.kind == "activation"}
         sgm._ddp_params_and_buffers_to_ignore = [
             name for name, _ in sgm.named_buffers()
-            if name.rsplit(".", 1)[-1] in ("stat", "mask")
-            or any(name == r.buffer for r in state.targets.values() if r.kind == "activation")
+            if name.rsplit(".", 1)[-1] in ("stat", "mask") or name in activation_masks
         ]
         return sgm
 

@@ -19,7 +19,8 @@ class PassResult:
 
 
 def finish(gm: GraphModule, created: dict[str, dict[str, str]]) -> PassResult:
-    """Close a pass the one way: lint, recompile, report."""
+    """Close a pass the one way: lint, recompile (when the pass changed something), report."""
     gm.graph.lint()
-    gm.recompile()
+    if created:
+        gm.recompile()
     return PassResult(gm, bool(created), created)

@@ -28,21 +28,33 @@ from ..observer import ActivationObserver
 from ..spec import ActivationRule
 from ._runner import PassResult, finish
 
-__all__ = ["insert_activation_masks", "layer_calls", "activation_target_name"]
+__all__ = ["insert_activation_masks", "LayerIndex", "activation_target_name"]
 
 
 def activation_target_name(layer: str) -> str:
     return f"{layer}:input"
 
 
-def layer_calls(gm: GraphModule, layer: str, aliases: Mapping[str, str]) -> list[Node]:
-    """The nodes that run ``layer``: its ``call_module`` nodes, else the ops consuming its weight."""
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer]
-    if calls:
-        return calls
-    weight = aliases.get(f"{layer}.weight" if layer else "weight")
-    getters = [n for n in gm.graph.nodes if n.op == "get_attr" and aliases.get(n.target, n.target) == weight]
-    return [u for g in getters for u in g.users if u.args and isinstance(u.args[0], Node) and u.args[0] is not g]
+class LayerIndex:
+    """Which nodes run each layer, built in one pass over the graph (lookups stay O(1))."""
+
+    def __init__(self, gm: GraphModule, aliases: Mapping[str, str]) -> None:
+        self.aliases = aliases
+        self.calls: dict[str, list[Node]] = {}
+        self.getters: dict[str, list[Node]] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                self.calls.setdefault(n.target, []).append(n)
+            elif n.op == "get_attr":
+                self.getters.setdefault(aliases.get(n.target, n.target), []).append(n)
+
+    def __call__(self, layer: str) -> list[Node]:
+        """The nodes that run ``layer``: its ``call_module`` nodes, else the ops consuming its weight."""
+        if layer in self.calls:
+            return list(self.calls[layer])
+        weight = self.aliases.get(f"{layer}.weight" if layer else "weight")
+        getters = self.getters.get(weight, []) if weight is not None else []
+        return [u for g in getters for u in g.users if u.args and isinstance(u.args[0], Node) and u.args[0] is not g]
 
 
 def _insert(gm: GraphModule, layer: str, calls: list[Node], observer: ActivationObserver, with_mask: bool,
@@ -85,14 +97,15 @@ def insert_activation_masks(
 ) -> PassResult:
     """Observers + mask-multiply for ``layers``; observers only for ``norm_layers`` (layer → weight target)."""
     created: dict[str, dict[str, str]] = {}
+    layer_calls = LayerIndex(gm, aliases)
     for layer, rule in layers.items():
-        calls = layer_calls(gm, layer, aliases)
+        calls = layer_calls(layer)
         if not calls:
             raise ValueError(f"activation rule {rule.target!r}: layer {layer!r} is never called in the captured graph")
         observer = ActivationObserver(rule.aggregate, rule.reduce, rule.features, rule.feature_dim)
         created[activation_target_name(layer)] = _insert(gm, layer, calls, observer, True, "input_observer")
     for layer, weight_target in norm_layers.items():
-        calls = layer_calls(gm, layer, aliases)
+        calls = layer_calls(layer)
         if not calls:
             raise ValueError(f"'scores': 'wanda' on {weight_target!r}: layer {layer!r} is never called in the graph")
         observer = ActivationObserver("sq_sum", "features_sum")

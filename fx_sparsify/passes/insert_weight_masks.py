@@ -160,8 +160,9 @@ def insert_weight_masks(
     masked: dict[str, Node] = {}
     lookup_masks: dict[str, tuple[Node, Node]] = {}
     created: dict[str, dict[str, str]] = {}
+    order = {n: i for i, n in enumerate(graph.nodes)}  # positions of the original nodes
     for name, use_nodes in uses.items():
-        first, use_set = use_nodes[0], set(use_nodes)
+        first = use_nodes[0]
         gradient = getattr(targets[name].rule, "gradient", "mask")
         param = gm.get_parameter(paths[name])
         buffer = mask_buffer_name(gm, name)
@@ -174,10 +175,9 @@ def insert_weight_masks(
             created[name]["buffer"] = buffer
         if not in_graph:
             continue
-        anchor = next(
-            n for n in graph.nodes
-            if (n in use_set and n.op == "call_module") or any(i in use_set for i in n.all_input_nodes)
-        )
+        candidates = [u for u in use_nodes if u.op == "call_module"]
+        candidates += [user for u in use_nodes if u.op == "get_attr" for user in u.users]
+        anchor = min(candidates, key=order.__getitem__)  # the first node that reads the parameter
         with graph.inserting_before(anchor):
             weight = first if first.op == "get_attr" else graph.get_attr(paths[name])
             if gradient in ("supermask", "joint"):

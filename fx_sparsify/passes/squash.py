@@ -27,7 +27,7 @@ from .. import ops
 from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
 from ._runner import PassResult, finish
-from .insert_activation_masks import layer_calls
+from .insert_activation_masks import LayerIndex
 
 if TYPE_CHECKING:
     from ..sparse_graph_module import SparseGraphModule, SparsityState, TargetRecord
@@ -66,7 +66,9 @@ def _per_channel(mask: Tensor, from_right: int) -> Tensor | None:
     return grid[:, 0] if bool((grid == grid[:, :1]).all()) else None
 
 
-def activation_fold(gm: GraphModule, state: SparsityState, record: TargetRecord) -> Tensor | None:
+def activation_fold(
+    gm: GraphModule, state: SparsityState, record: TargetRecord, index: LayerIndex | None = None
+) -> Tensor | None:
     """The vector to fold into ``record.layer``'s weight columns, or None when folding is not exact."""
     if record.layer_type not in FOLDABLE or getattr(record.rule, "features", None) is not None:
         return None
@@ -74,7 +76,7 @@ def activation_fold(gm: GraphModule, state: SparsityState, record: TargetRecord)
     canonical = state.aliases.get(weight_name)
     if sum(1 for c in state.aliases.values() if c == canonical) != 1:
         return None  # a tied weight has other uses that must not see the mask
-    if len(layer_calls(gm, record.layer or "", state.aliases)) != 1:
+    if len((index or LayerIndex(gm, state.aliases))(record.layer or "")) != 1:
         return None  # several call sites: fold only when there is exactly one
     return _per_channel(gm.get_buffer(record.buffer), FOLDABLE[record.layer_type])
 
@@ -92,13 +94,14 @@ def fold_activation_masks(gm: GraphModule, state: SparsityState) -> PassResult:
     """Fold activation masks into the consuming weights where exact; keep the rest as constants."""
     graph = gm.graph
     done: dict[str, dict[str, str]] = {}
+    index = LayerIndex(gm, state.aliases)
     for node in list(graph.nodes):
         info = info_of(node)
         if info is None or info.role != "activation_mask":
             continue
         record = state.targets[info.target]  # type: ignore[index]
         x = node.args[0]
-        vector = activation_fold(gm, state, record)
+        vector = activation_fold(gm, state, record, index)
         if vector is not None:
             with torch.no_grad():
                 _fold_into_weight(gm.get_parameter(f"{record.layer}.weight" if record.layer else "weight"), vector)
@@ -118,6 +121,7 @@ def fold_activation_masks(gm: GraphModule, state: SparsityState) -> PassResult:
         info = info_of(node)
         if info is not None and info.role == "observer":
             node.replace_all_uses_with(node.args[0])
+            done[node.name] = {"fate": "removed"}
             graph.erase_node(node)
     return finish(gm, done)
 
@@ -159,8 +163,8 @@ def strip(gm: GraphModule) -> PassResult:
     """Drop our meta key and the nodes nothing uses any more."""
     for node in gm.graph.nodes:
         node.meta.pop(META_KEY, None)
-    gm.graph.eliminate_dead_code()
-    return finish(gm, {})
+    changed = gm.graph.eliminate_dead_code()
+    return finish(gm, {"dead code": {}} if changed else {})
 
 
 def _match_state_keys(out: GraphModule, source: GraphModule, keys: tuple[str, ...]) -> None:
