@@ -1,7 +1,7 @@
 """``sparsify_graph``: the stages in order (SPEC §2), and function forms of the module's methods.
 
-    capture (trace.py) → resolve targets (select.py) → insert_weight_masks → SparseGraphModule
-    → [forward passes / training] → step (update_masks) → squash → export (export.py)
+    resolve targets (select.py) → capture (trace.py) → insert_activation_masks → insert_weight_masks
+    → SparseGraphModule → [forward passes / training] → step (update_masks) → squash → export (export.py)
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 from ._modules import attach_tensor, find_tensor
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
 from .passes.insert_weight_masks import insert_weight_masks
+from .observer import ActivationObserver
 from .select import WeightTarget, param_aliases, resolve_activation_targets, resolve_weight_targets
 from .sparse_graph_module import SparseGraphModule, SparsityState, TargetRecord
 from .spec import SparsitySpec
@@ -63,12 +64,14 @@ def sparsify_graph(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     spec = _as_spec(spec)
     example_inputs, example_kwargs = _as_inputs(example_inputs, example_kwargs)
+    # selection reads names and types only: resolve on the user's model, fail before copying anything
+    targets = resolve_weight_targets(spec, model)
+    layers = resolve_activation_targets(spec, model)
+    norm_layers = _wanda_layers(model, targets)
+    scores = _score_tensors(model, targets)
+    aliases = param_aliases(model)
+    state_keys = tuple(model.state_dict().keys())
     work = model if inplace else copy.deepcopy(model)
-    targets = resolve_weight_targets(spec, work)
-    layers = resolve_activation_targets(spec, work)
-    norm_layers = _wanda_layers(work, targets)
-    aliases = param_aliases(work)
-    state_keys = tuple(work.state_dict().keys())
     captured = capture_graph(
         work, capture=capture, example_inputs=example_inputs, example_kwargs=example_kwargs,
         concrete_args=concrete_args, leaf_modules=leaf_modules,
@@ -78,7 +81,9 @@ def sparsify_graph(
         gm = copy.copy(gm)  # the user's GraphModule keeps its own graph even in place
     activations = insert_activation_masks(gm, layers, norm_layers, aliases).created
     weights = insert_weight_masks(gm, targets, aliases, seed=spec.seed, in_graph=spec.mode == "graph").created
-    _attach_score_tensors(gm, work, targets)
+    for path in scores:  # importance scores stay reachable from the sparse module
+        if find_tensor(gm, path) is None:
+            attach_tensor(gm, path, find_tensor(work, path))  # type: ignore[arg-type]
 
     records: dict[str, TargetRecord] = {}
     for name, target in targets.items():
@@ -123,10 +128,11 @@ def _wanda_layers(model: nn.Module, targets: Mapping[str, WeightTarget]) -> dict
     return out
 
 
-def _attach_score_tensors(gm: GraphModule, model: nn.Module, targets: Mapping[str, Any]) -> None:
-    """Importance scores named by FQN must stay reachable from the sparse module."""
+def _score_tensors(model: nn.Module, targets: Mapping[str, WeightTarget]) -> dict[str, torch.Tensor]:
+    """Importance-score tensors named by FQN in the rules (a ``KeyError`` if one is missing)."""
+    found = {}
     for target in targets.values():
-        path = target.rule.scores
+        path = getattr(target.rule, "scores", None)
         if not isinstance(path, str) or path == "wanda":
             continue
         value = find_tensor(model, path)
@@ -135,11 +141,16 @@ def _attach_score_tensors(gm: GraphModule, model: nn.Module, targets: Mapping[st
                 f"rule for {target.name!r}: importance scores {path!r} are not a parameter or buffer of the model; "
                 "register them with model.register_buffer(name, tensor) or pass a callable weight -> scores"
             )
-        if find_tensor(gm, path) is None:
-            attach_tensor(gm, path, value)
+        found[path] = value
+    return found
 
 
 def _check_runs(sgm: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Run the rewritten module once; leave no trace of it (observer statistics, BatchNorm running stats)."""
+    saved = {name: b.clone() for name, b in sgm.named_buffers()}
+    observers = [m for m in sgm.modules() if isinstance(m, ActivationObserver)]
+    for observer in observers:
+        observer.enabled = False
     try:
         with torch.no_grad():
             sgm(*args, **kwargs)
@@ -148,6 +159,13 @@ def _check_runs(sgm: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[str,
             f"the rewritten module failed on example_inputs: {type(exc).__name__}: {exc}. Check that the example "
             "inputs match the model's forward; if the unmodified model runs on them, please report this as a bug."
         ) from exc
+    finally:
+        for observer in observers:
+            observer.enabled = True
+        with torch.no_grad():
+            for name, b in sgm.named_buffers():
+                if name in saved and b.shape == saved[name].shape:
+                    b.copy_(saved[name])
 
 
 def step(gm: SparseGraphModule) -> None:
