@@ -288,3 +288,20 @@ def test_wanda_on_a_non_linear_weight_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(ValueError, match="nn.Linear"):
         fxs.sparsify_graph(model, {"weights": [{"target": "0", "method": "l1_unstructured", "sparsity": 0.5, "scores": "wanda"}]})
+
+
+def test_example_input_check_leaves_no_statistics_or_running_stats() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)).train()
+    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "2", "mask": "threshold", "threshold": 0.1}]},
+                             example_inputs=(torch.randn(5, 4),))
+    observer = sgm.get_submodule("2_input_observer")
+    assert observer.batches == 0 and observer.stat.numel() == 0
+    torch.testing.assert_close(sgm.get_buffer("1.running_mean"), model[1].running_mean)
+
+
+def test_missing_importance_scores_tensor_is_a_clear_error() -> None:
+    model = MLP()
+    before = snapshot(model)
+    with pytest.raises(KeyError, match="register them with model.register_buffer"):
+        fxs.sparsify_graph(model, {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5, "scores": "nope"}]})
+    assert_unchanged(model, before)
