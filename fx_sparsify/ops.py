@@ -5,7 +5,9 @@
 weight or the mask changed (their version counters, storage or dtype), so an unsquashed model runs
 eval forwards at plain speed. With autograd on it multiplies every call, so gradients flow.
 
-Embedding lookups mask the gathered rows instead of the table: ``embedding(x, W) * embedding(x, M)``.
+Embedding lookups with autograd on mask the gathered rows instead of the table:
+``embedding(x, W) * embedding(x, M)`` (no full-table multiply per lookup). With autograd off they look
+up in the same cached masked table as ``apply_mask`` (plain lookup speed, one table-sized copy).
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def embedding_masked(
     sparse: bool = False,
 ) -> Tensor:
     """``F.embedding`` of the masked table, computed on the gathered rows only."""
+    if not torch.is_grad_enabled() and isinstance(weight, torch.nn.Parameter):
+        return F.embedding(input, apply_mask(weight, mask), padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     rows = F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     return rows * F.embedding(input, mask)
 
@@ -110,6 +114,9 @@ def embedding_bag_masked(
     padding_idx: int | None = None,
 ) -> Tensor:
     """``F.embedding_bag`` of the masked table: mask the gathered rows, then pool them as bags."""
+    if not torch.is_grad_enabled() and isinstance(weight, torch.nn.Parameter):
+        return F.embedding_bag(input, apply_mask(weight, mask), offsets, max_norm, norm_type, scale_grad_by_freq,
+                               mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     flat = input.reshape(-1)
     rows = F.embedding(flat, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse) * F.embedding(flat, mask)
     index = torch.arange(flat.numel(), device=flat.device)
