@@ -65,16 +65,18 @@ class SparseGraphModule(GraphModule):
 
     @classmethod
     def wrap(cls, gm: GraphModule, state: SparsityState) -> SparseGraphModule:
-        sgm = cls(gm, gm.graph, class_name=state.class_name)
-        # GraphModule copies only what the graph names; keep whole modules (a rewritten Linear stays a Linear)
-        for name, child in gm.named_children():
-            setattr(sgm, name, child)
-        for name, buf in gm.named_buffers(recurse=False):
-            sgm.register_buffer(name, buf, persistent=name not in gm._non_persistent_buffers_set)
-        for name, param in gm.named_parameters(recurse=False):
-            sgm.register_parameter(name, param)
+        """Turn ``gm`` itself into a SparseGraphModule (no copy of its modules, one recompile)."""
+
+        class GraphModuleImpl(cls):  # type: ignore[valid-type,misc]  # the per-instance class fx expects
+            pass
+
+        GraphModuleImpl.__name__ = state.class_name
+        for attr in ("train", "eval"):  # torch.export's module() blocks these per instance; ours switch modes
+            gm.__dict__.pop(attr, None)
+        gm.__class__ = GraphModuleImpl
+        sgm: SparseGraphModule = gm  # type: ignore[assignment]
+        sgm.recompile()
         sgm._fxs = state
-        sgm.train(gm.training)
         # DDP must not broadcast rank 0's running statistics or the masks that change shape at step()
         # (each rank aggregates its own batches; step() all-reduces them): keep them rank-local
         activation_masks = {r.buffer for r in state.targets.values() if r.kind == "activation"}
