@@ -79,3 +79,15 @@ def test_user_registered_method_used_from_a_spec() -> None:
     sgm.step()
     assert torch.equal(sgm.masks()["fc1.weight"], sgm.fc1.weight > 0)
     assert "keep_positive_test" in fxs.available_mask_methods()
+
+
+def test_raising_the_sparsity_prunes_among_the_survivors() -> None:
+    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", **L1, "sparsity": 0.5,
+                                                  "schedule": {"kind": "linear", "start": 0.25, "end": 0.75, "steps": 2}}]})
+    seen = []
+    for _ in range(3):
+        sgm.step()
+        seen.append(sgm.masks()["fc1.weight"].clone())
+    assert [round(1 - float(m.float().mean()), 4) for m in seen] == [0.25, 0.5, 0.75]
+    for before, after in zip(seen, seen[1:]):
+        assert not torch.any(after & ~before)  # nothing pruned comes back
