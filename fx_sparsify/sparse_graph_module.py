@@ -184,8 +184,18 @@ class SparseGraphModule(GraphModule):
         return res  # type: ignore[return-value]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        info = {n.name: n.meta[META_KEY] for n in self.graph.nodes if META_KEY in n.meta}
-        return (_rebuild, (GraphModule.__reduce__(self), self._fxs, info, self.training))
+        # GraphModule pickles its generated code and re-traces it on load, which would trace through
+        # the fx_sparsify ops (a straight-through mask would become a plain multiply) and lose the
+        # node annotations: pickle the graph's nodes themselves instead
+        if self._fxs.capture == "export":
+            raise TypeError(
+                "an export-captured SparseGraphModule cannot be pickled or torch.save()d whole (the "
+                "module torch.export builds holds local functions). Save sgm.state_dict() and rebuild "
+                "with sparsify_graph(model, spec, capture='export', ...) + load_state_dict(), or "
+                "copy.deepcopy(sgm) within a process."
+            )
+        body = {k: v for k, v in self.__dict__.items() if k != "_graph"}
+        return (_rebuild, (body, _graph_records(self.graph), self.graph._codegen, self.training))
 
     def __copy__(self) -> SparseGraphModule:
         return copy.deepcopy(self)
@@ -194,14 +204,39 @@ class SparseGraphModule(GraphModule):
         return f"SparseGraphModule({self._fxs.class_name}, {len(self._fxs.targets)} targets)\n{super().__str__()}"
 
 
-def _rebuild(reduced: tuple[Any, ...], state: SparsityState, info: dict[str, Any], training: bool) -> SparseGraphModule:
-    fn, args = reduced
-    gm = fn(*args)
-    for node in gm.graph.nodes:
-        if node.name in info:
-            node.meta[META_KEY] = info[node.name]
-    sgm = SparseGraphModule.wrap(gm, state)
+@dataclass(frozen=True)
+class _NodeRef:
+    """A node argument in a pickled graph: the name of an earlier node."""
+
+    name: str
+
+
+def _graph_records(graph: torch.fx.Graph) -> list[tuple[Any, ...]]:
+    """One picklable tuple per node: op, name, target, args, kwargs, type and the fx_sparsify note."""
+    return [
+        (n.op, n.name, n.target, torch.fx.node.map_arg(n.args, lambda a: _NodeRef(a.name)),
+         torch.fx.node.map_arg(n.kwargs, lambda a: _NodeRef(a.name)), n.type, n.meta.get(META_KEY))
+        for n in graph.nodes
+    ]
+
+
+def _rebuild(body: dict[str, Any], records: list[tuple[Any, ...]], codegen: Any, training: bool) -> SparseGraphModule:
+    graph = torch.fx.Graph()
+    graph._codegen = codegen
+    env: dict[str, torch.fx.Node] = {}
+
+    def resolve(a: Any) -> Any:
+        return torch.fx.node.map_aggregate(a, lambda v: env[v.name] if isinstance(v, _NodeRef) else v)
+
+    for op, name, target, args, kwargs, type_expr, info in records:
+        node = graph.create_node(op, target, resolve(args), resolve(kwargs), name=name, type_expr=type_expr)
+        assert node.name == name, (node.name, name)
+        if info is not None:
+            node.meta[META_KEY] = info
+        env[name] = node
+    gm = GraphModule.__new__(GraphModule)
+    gm.__dict__.update(body)
+    gm.graph = graph
+    sgm = SparseGraphModule.wrap(gm, body["_fxs"])
     sgm.train(training)
     return sgm
-
-
