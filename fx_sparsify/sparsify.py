@@ -40,7 +40,7 @@ class Sparsify(nn.Module):
         self,
         shape: tuple[int, ...] | torch.Size,
         sparseness: str = "DENSE",
-        backward_mode: str = "STE",
+        backward_mode: str | None = None,
         generator: torch.Generator | None = None,
         **options: Any,
     ) -> None:
@@ -49,28 +49,27 @@ class Sparsify(nn.Module):
         self.generator = generator
         self.register_buffer("mask", torch.ones(self.shape))
         self.scores: nn.Parameter | None = None
+        self.method, self.options, self.backward_mode = "dense", {}, "STE"
         self.configure(sparseness=sparseness, backward_mode=backward_mode, **options)
 
     def configure(self, sparseness: str | None = None, backward_mode: str | None = None, **options: Any) -> Sparsify:
-        """Change the method (a name or shorthand, with options) and/or the backward mode."""
+        """Change the method (a name or shorthand, with options) and/or the backward mode.
+
+        ``backward_mode`` defaults to the shorthand's ``(U)`` / ``(M)`` suffix, else stays as it is
+        (``"STE"`` for a new module). A bad argument raises and leaves the module unchanged.
+        """
+        method, merged = self.method, {**self.options, **options}
         if sparseness is not None:
             parsed = parse_method(sparseness)
-            merged = {**parsed.options, **options}
-            get_mask_method(parsed.name)
-            validate_options(parsed.name, merged)
-            self.method, self.options = parsed.name, merged
-            if parsed.gradient is not None and backward_mode is None:
-                backward_mode = parsed.gradient
-        elif options:
-            validate_options(self.method, {**self.options, **options})
-            self.options = {**self.options, **options}
-        if backward_mode is not None:
-            mode = _MODE_ALIASES.get(backward_mode, backward_mode)
-            if mode not in BACKWARD_MODES:
-                raise ValueError(f"backward_mode={backward_mode!r}: use one of {', '.join(BACKWARD_MODES)}")
-            self.backward_mode = mode
-            if mode in ("supermask", "joint") and self.scores is None:
-                self.scores = nn.Parameter(torch.randn(self.shape).abs_().mul_(0.01))
+            method, merged = get_mask_method(parsed.name).name, {**parsed.options, **options}
+            backward_mode = backward_mode or parsed.gradient
+        validate_options(method, merged)
+        mode = _MODE_ALIASES.get(backward_mode, backward_mode) if backward_mode else self.backward_mode
+        if mode not in BACKWARD_MODES:
+            raise ValueError(f"backward_mode={backward_mode!r}: use one of {', '.join(BACKWARD_MODES)}")
+        self.method, self.options, self.backward_mode = method, merged, mode
+        if mode in ("supermask", "joint") and self.scores is None:
+            self.scores = nn.Parameter(torch.randn(self.shape).abs_().mul_(0.01))
         return self
 
     @property

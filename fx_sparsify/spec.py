@@ -43,8 +43,8 @@ def _resolve_method(method: Any, options: dict[str, Any], where: str) -> tuple[s
         validate_options(parsed.name, merged)
     except KeyError as err:
         raise KeyError(f"{_where(where, 'method')}: {err.args[0]}") from None
-    except TypeError as err:
-        raise TypeError(f"{where}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: {err}") from None
     return get_mask_method(parsed.name).name, merged, parsed.gradient
 
 

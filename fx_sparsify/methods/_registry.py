@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
+
+from ._selectors import count_to_prune
 
 __all__ = [
     "MaskMethod",
@@ -142,8 +145,12 @@ def get_mask_method(name: str) -> MaskMethod:
     return _REGISTRY[key]
 
 
+_AMOUNTS = frozenset({"sparsity", "density", "amount"})
+
+
 def validate_options(name: str, options: Mapping[str, Any]) -> None:
-    """Check option names against the method's signature (``TypeError`` names the bad key)."""
+    """Check option names against the method's signature (``TypeError`` names the bad key), and that a
+    fractional ``sparsity`` / ``density`` / ``amount`` lies in [0, 1] (``ValueError``)."""
     method = get_mask_method(name)
     unknown = [k for k in options if k not in method.options]
     if unknown:
@@ -154,6 +161,9 @@ def validate_options(name: str, options: Mapping[str, Any]) -> None:
     missing = [k for k in method.required if k not in options]
     if missing:
         raise TypeError(f"mask method {method.name!r} needs option(s) {', '.join(map(repr, missing))}")
+    for key in _AMOUNTS.intersection(options):  # the range of a fraction is known before any tensor is
+        if options[key] is not None:
+            count_to_prune(options[key], sys.maxsize, what=f"mask method {method.name!r}: {key}")
 
 
 def compute_mask(name: str, tensor: Tensor, *, generator: torch.Generator | None = None, **options: Any) -> Tensor:
