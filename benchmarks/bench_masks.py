@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -25,17 +23,9 @@ from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import prune
 
 from fx_sparsify.methods import compute_mask
+from _timing import median_time  # noqa: E402  (benchmarks/ is on sys.path)
 
 WNS_2_4 = {"sparsity": 1.0, "block_shape": (1, 4), "zeros_per_block": 2, "p": 2}
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def same_up_to_ties(ref: torch.Tensor, ours: torch.Tensor, scores: torch.Tensor) -> bool:

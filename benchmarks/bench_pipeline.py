@@ -37,6 +37,7 @@ from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import prune
 
 import fx_sparsify as fxs
+from _timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path)
 
 SPARSITY = 0.5
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS_pipeline.md")
@@ -67,32 +68,6 @@ QUICK = Sizes(1024, 2, 64, 128, 4, 2, 8, 64, 100_000, 64, 1024, 20, (100, 300), 
 
 
 # --- timing --------------------------------------------------------------------------------------
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median time of each function, with the repeats interleaved so machine noise hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
