@@ -46,6 +46,10 @@ def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
     if hit is not None and hit[0] == key:
         return hit[1]
     out = weight * mask
+    # look like the parameter to kernels that branch on requires_grad (matmul folds a transposed
+    # 3-D input into one mm only when an operand requires grad): plain speed in every layout. A
+    # no-grad leaf, reached only from this function under no_grad: it never joins an autograd graph
+    out.requires_grad_(weight.requires_grad)
     _CACHE[mask] = (key, out)
     return out
 

@@ -205,6 +205,23 @@ def test_eval_cache_recomputes_when_weight_or_mask_changes() -> None:
         torch.testing.assert_close(c, eager(x))
 
 
+def test_eval_cache_looks_like_the_parameter_and_never_takes_gradients() -> None:
+    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", **L1}]})
+    sgm.step()
+    x = torch.randn(2, 16)
+    from fx_sparsify.ops import apply_mask
+
+    with torch.no_grad():
+        out = sgm(x)
+        cached = apply_mask(sgm.fc1.weight, sgm.fc1_weight_mask)
+    # requires_grad like the weight, so kernels pick the same path as for the plain parameter
+    assert cached.requires_grad and cached.is_leaf and not out.requires_grad
+    with torch.inference_mode():
+        sgm(x)
+    sgm(x).sum().backward()  # autograd on: the multiply is recomputed, the cache is not used
+    assert cached.grad is None and sgm.fc1.weight.grad is not None
+
+
 def test_gradients_flow_to_kept_weights_only() -> None:
     sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", **L1}]})
     sgm.step()
