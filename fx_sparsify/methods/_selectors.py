@@ -33,6 +33,8 @@ __all__ = [
 # Below this many elements a plain torch.kthvalue is as fast as the sampled band search.
 _SMALL = 1 << 16
 _SAMPLE = 1 << 16
+# Full-size scans run over chunks of this many elements, so boolean temporaries stay small.
+_CHUNK = 1 << 20
 # Pairwise ranking beats torch.topk for groups up to this size.
 _PAIRWISE_MAX_M = 8
 
@@ -98,17 +100,18 @@ def kth_smallest(flat: Tensor, k: int) -> Tensor:
     hi = sample[hi_i] if hi_i < _SAMPLE else None
     if lo is None and hi is None:
         return torch.kthvalue(flat, k).values
-    if lo is None:
-        assert hi is not None
-        below = 0
-        band = flat[flat <= hi]
-    else:
-        below = int(torch.count_nonzero(flat < lo))
-        in_band = torch.ge(flat, lo)
-        if hi is not None:
-            in_band.logical_and_(torch.le(flat, hi))
-        band = flat[in_band]
-        del in_band
+    # Chunked, so the boolean temporaries stay small (peak extra memory is the caller's concern).
+    below, parts = 0, []
+    for chunk in flat.split(_CHUNK):
+        if lo is None:
+            in_band = torch.le(chunk, hi)
+        else:
+            below += int(torch.count_nonzero(torch.lt(chunk, lo)))
+            in_band = torch.ge(chunk, lo)
+            if hi is not None:
+                in_band.logical_and_(torch.le(chunk, hi))
+        parts.append(chunk[in_band])
+    band = torch.cat(parts)
     if below < k <= below + band.numel():
         return torch.kthvalue(band, k - below).values
     return torch.kthvalue(flat, k).values
@@ -130,9 +133,14 @@ def prune_smallest(scores: Tensor, k: int) -> Tensor:
     keep = torch.lt(flat, kth).logical_not_()  # NaN compares false, so NaN is kept
     below = n - int(torch.count_nonzero(keep))  # entries strictly below kth
     need = k - below  # how many of the entries equal to kth to prune
-    if need > 0:
-        ties = torch.nonzero(flat == kth).squeeze(1)
-        keep[ties[:need]] = False
+    start = 0
+    for chunk in flat.split(_CHUNK):  # prune the first ``need`` ties, a chunk at a time
+        if need <= 0:
+            break
+        ties = torch.nonzero(chunk == kth).squeeze(1)[:need]
+        keep[ties + start] = False
+        need -= ties.numel()
+        start += chunk.numel()
     return keep.view(scores.shape)
 
 

@@ -217,8 +217,8 @@ def random_unstructured(
     if k == 0:
         return _ones(tensor)
     scores = _uniform(tensor.shape, tensor, generator)  # in [0, 1)
-    if int(torch.count_nonzero(tensor)) < tensor.numel():  # no full-size temporary when there are no zeros
-        scores.sub_((tensor == 0).to(scores.dtype))  # zeros score in [-1, 0): pruned first, in random order
+    if int(torch.count_nonzero(tensor)) < tensor.numel():
+        scores[tensor == 0] -= 1  # zeros score in [-1, 0): pruned first, in random order
     return prune_smallest(scores, k)
 
 
