@@ -27,7 +27,13 @@ AGGREGATES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "max": torch.maximum,
     "abs_max": lambda acc, x: torch.maximum(acc, x.abs()),
 }
-_ELEMENTWISE: dict[str, Callable[[Tensor], Tensor]] = {"sum": lambda x: x, "abs_sum": torch.abs, "sq_sum": torch.square}
+
+
+def _identity(x: Tensor) -> Tensor:  # a named function, not a lambda: observers must pickle
+    return x
+
+
+_ELEMENTWISE: dict[str, Callable[[Tensor], Tensor]] = {"sum": _identity, "abs_sum": torch.abs, "sq_sum": torch.square}
 REDUCES: dict[str, Callable[[Tensor], Tensor]] = {
     "mean": lambda t: t.mean(dim=0),
     "sum": lambda t: t.sum(dim=0),
@@ -87,10 +93,13 @@ class ActivationObserver(nn.Module):
         rows = shape[0] if shape else 1
         if self._fast:  # the hot path: one or two ops per batch
             new = (x if self.aggregate == "sum" else self._elementwise(x)).sum(0)  # type: ignore[misc]
-            if self.batches:
-                self._buffers["stat"].add_(new)
-            else:
+            stat = self._buffers["stat"]
+            if not self.batches:
                 self.stat = new
+            elif stat.is_inference() and not torch.is_inference_mode_enabled():
+                self.stat = stat + new  # begun under torch.inference_mode: an inference tensor cannot grow in place
+            else:
+                stat.add_(new)
             attrs["samples"] += rows
             attrs["batches"] += 1
             return

@@ -1,9 +1,10 @@
 """The functions that fx_sparsify's graph nodes call. Squash removes every one of them.
 
-``apply_mask(weight, mask)`` is the one mask node of a weight. Under ``torch.no_grad`` /
+``apply_mask(weight, mask)`` is the one mask node of a weight. In eval mode under ``torch.no_grad`` /
 ``torch.inference_mode`` it returns a cached ``weight * mask`` that is recomputed only when the
 weight or the mask changed (their version counters, storage or dtype), so an unsquashed model runs
-eval forwards at plain speed. With autograd on it multiplies every call, so gradients flow.
+eval forwards at plain speed. An in-place change made through ``.data`` bypasses the version counter:
+``sgm.eval()`` drops the cache. In training mode, or with autograd on, it multiplies every call.
 
 Embedding lookups with autograd on mask the gathered rows instead of the table:
 ``embedding(x, W) * embedding(x, M)`` (no full-table multiply per lookup). With autograd off they look
@@ -22,6 +23,23 @@ from torch.utils.weak import WeakIdKeyDictionary
 __all__ = ["apply_mask", "apply_mask_ste", "mask_activation", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS"]
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_CACHEABLE = "_fxs_cacheable"  # attribute set on a mask buffer while its module is in eval mode
+
+
+def set_cacheable(masks: list[Tensor], cacheable: bool) -> None:
+    """Allow (eval mode) or forbid (training mode) the no-grad cache for these masks; drop what is cached."""
+    for mask in masks:
+        setattr(mask, _CACHEABLE, cacheable)
+        _CACHE.pop(mask, None)
+
+
+def _cached(weight: Tensor, mask: Tensor) -> bool:
+    return (
+        getattr(mask, _CACHEABLE, False)
+        and not torch.is_grad_enabled()
+        and isinstance(weight, torch.nn.Parameter)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _cache_key(weight: Tensor, mask: Tensor) -> tuple[Any, ...]:
@@ -38,8 +56,8 @@ def _cache_key(weight: Tensor, mask: Tensor) -> tuple[Any, ...]:
 
 
 def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
-    """``weight * mask``, cached while neither changes and autograd is off."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not isinstance(weight, torch.nn.Parameter):
+    """``weight * mask``, cached in eval mode while neither changes and autograd is off."""
+    if not _cached(weight, mask):
         return weight * mask
     key = _cache_key(weight, mask)
     hit = _CACHE.get(mask)
@@ -97,7 +115,9 @@ def embedding_masked(
     sparse: bool = False,
 ) -> Tensor:
     """``F.embedding`` of the masked table, computed on the gathered rows only."""
-    if not torch.is_grad_enabled() and isinstance(weight, torch.nn.Parameter):
+    if max_norm is not None:  # rows are renormalised after masking, as the squashed module does
+        return F.embedding(input, weight * mask, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    if _cached(weight, mask):
         return F.embedding(input, apply_mask(weight, mask), padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     rows = F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     return rows * F.embedding(input, mask)
@@ -118,7 +138,10 @@ def embedding_bag_masked(
     padding_idx: int | None = None,
 ) -> Tensor:
     """``F.embedding_bag`` of the masked table: mask the gathered rows, then pool them as bags."""
-    if not torch.is_grad_enabled() and isinstance(weight, torch.nn.Parameter):
+    if max_norm is not None:  # rows are renormalised after masking, as the squashed module does
+        return F.embedding_bag(input, weight * mask, offsets, max_norm, norm_type, scale_grad_by_freq,
+                               mode, sparse, per_sample_weights, include_last_offset, padding_idx)
+    if _cached(weight, mask):
         return F.embedding_bag(input, apply_mask(weight, mask), offsets, max_norm, norm_type, scale_grad_by_freq,
                                mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     flat = input.reshape(-1)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from . import ops
 from ._meta import META_KEY
 from .schedule import scheduled_sparsity
 from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
@@ -84,7 +85,24 @@ class SparseGraphModule(GraphModule):
             name for name, _ in sgm.named_buffers()
             if name.rsplit(".", 1)[-1] in ("stat", "mask") or name in activation_masks
         ]
+        sgm._mark_cache()
         return sgm
+
+    def train(self, mode: bool = True) -> SparseGraphModule:
+        super().train(mode)
+        self._mark_cache()
+        return self
+
+    def _apply(self, *args: Any, **kwargs: Any) -> SparseGraphModule:  # .to() / .cuda() / .half() make new masks
+        super()._apply(*args, **kwargs)
+        self._mark_cache()
+        return self
+
+    def _mark_cache(self) -> None:
+        """Let the mask nodes cache ``weight * mask`` under no_grad only in eval mode (see ops.py)."""
+        if "_fxs" in self.__dict__:
+            ops.set_cacheable([self.get_buffer(r.buffer) for r in self._fxs.targets.values() if r.kind != "activation"],
+                              not self.training)
 
     # --- the public methods (SPEC §2) -------------------------------------------------------------
     def step(self) -> None:
@@ -181,6 +199,7 @@ class SparseGraphModule(GraphModule):
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseGraphModule:
         res = super().__deepcopy__(memo)
         res._fxs = copy.deepcopy(self._fxs, memo)
+        res._mark_cache()
         return res  # type: ignore[return-value]
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -84,15 +84,17 @@ class Sparsify(nn.Module):
         with torch.no_grad():
             self.scores.copy_(values)
 
-    def compute_mask(self, scores: Tensor) -> Tensor:
-        """The keep-mask of ``scores`` under the configured method (stored in ``self.mask``)."""
+    def keep_mask(self, scores: Tensor, options: dict[str, Any] | None = None) -> Tensor:
+        """The keep-mask of ``scores`` under the configured method (or ``options``); nothing is stored."""
         with torch.no_grad():
             if self.method == "bernoulli" and self.scores is not None:
                 prob = torch.sigmoid(scores)
-                keep = torch.bernoulli(prob, generator=self.generator) if self.training else (prob > 0.5).float()
-            else:
-                keep = get_mask_method(self.method)(scores, generator=self.generator, **self.options)
-            self.mask = keep.to(dtype=scores.dtype if scores.dtype.is_floating_point else torch.float32)
+                return torch.bernoulli(prob, generator=self.generator) if self.training else (prob > 0.5).float()
+            return get_mask_method(self.method)(scores, generator=self.generator, **(options or self.options))
+
+    def compute_mask(self, scores: Tensor) -> Tensor:
+        """The keep-mask of ``scores`` under the configured method (stored in ``self.mask``)."""
+        self.mask = self.keep_mask(scores).to(dtype=scores.dtype if scores.dtype.is_floating_point else torch.float32)
         return self.mask
 
     def forward(self, x: Tensor) -> Tensor:

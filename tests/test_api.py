@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.utils.prune as prune
+import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsify as fxs
@@ -206,7 +207,7 @@ def test_eval_cache_recomputes_when_weight_or_mask_changes() -> None:
 
 
 def test_eval_cache_looks_like_the_parameter_and_never_takes_gradients() -> None:
-    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", **L1}]})
+    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", **L1}]}).eval()
     sgm.step()
     x = torch.randn(2, 16)
     from fx_sparsify.ops import apply_mask
@@ -214,12 +215,45 @@ def test_eval_cache_looks_like_the_parameter_and_never_takes_gradients() -> None
     with torch.no_grad():
         out = sgm(x)
         cached = apply_mask(sgm.fc1.weight, sgm.fc1_weight_mask)
+        assert apply_mask(sgm.fc1.weight, sgm.fc1_weight_mask) is cached
     # requires_grad like the weight, so kernels pick the same path as for the plain parameter
     assert cached.requires_grad and cached.is_leaf and not out.requires_grad
     with torch.inference_mode():
         sgm(x)
     sgm(x).sum().backward()  # autograd on: the multiply is recomputed, the cache is not used
     assert cached.grad is None and sgm.fc1.weight.grad is not None
+
+
+def _caches(sgm: fxs.SparseGraphModule) -> bool:
+    from fx_sparsify.ops import apply_mask
+
+    with torch.no_grad():
+        return apply_mask(sgm.fc1.weight, sgm.fc1_weight_mask) is apply_mask(sgm.fc1.weight, sgm.fc1_weight_mask)
+
+
+def test_cache_only_in_eval_mode_and_eval_refreshes_after_data_edits() -> None:
+    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", **L1}]})
+    sgm.step()
+    x = torch.randn(2, 16)
+    def eager() -> torch.Tensor:
+        h = F.relu(F.linear(x, sgm.fc1.weight * sgm.fc1_weight_mask, sgm.fc1.bias))
+        return sgm.head(F.relu(sgm.fc2(h)))
+
+    assert not _caches(sgm)  # training mode: a manual `p.data -= lr * grad` loop must see new weights
+    with torch.no_grad():
+        sgm(x)
+        sgm.fc1.weight.data.mul_(3.0)  # .data edits bypass the version counter
+        torch.testing.assert_close(sgm(x), eager())
+    sgm.eval()
+    assert _caches(sgm)
+    with torch.no_grad():
+        sgm(x)
+        sgm.fc1.weight.data.mul_(0.5)
+        sgm.eval()  # documented: eval() drops the cache
+        torch.testing.assert_close(sgm(x), eager())
+    for copied in (copy.deepcopy(sgm), pickle.loads(pickle.dumps(sgm)), sgm.to(torch.float64).to(torch.float32)):
+        assert _caches(copied)
+    assert not _caches(copy.deepcopy(sgm.train()))
 
 
 def test_gradients_flow_to_kept_weights_only() -> None:

@@ -13,6 +13,9 @@ Built-in methods are registered with the same decorator users call::
 A method's options are its keyword-only parameters; they are checked against the signature when a
 spec is built, so a misspelt option fails before any tensor is touched. A method that declares a
 keyword ``generator`` receives a ``torch.Generator`` seeded from the spec's seed and the target name.
+A method may also register ``check=fn(shape, **options)``: it raises for options that do not fit a
+tensor of that shape (a count larger than the tensor, a dim out of range, ...), and runs when the
+targets are known, before ``step()`` touches any tensor.
 """
 
 from __future__ import annotations
@@ -50,6 +53,13 @@ class MaskMethod:
     options: tuple[str, ...]
     required: tuple[str, ...]
     takes_generator: bool
+    check: Callable[..., Any] | None = None
+    pruned_score: float = 0.0
+
+    def check_shape(self, shape: tuple[int, ...], options: Mapping[str, Any]) -> None:
+        """Raise if ``options`` cannot apply to a tensor of ``shape`` (no tensor is touched)."""
+        if self.check is not None:
+            self.check(tuple(shape), **options)
 
     def __call__(self, tensor: Tensor, *, generator: torch.Generator | None = None, **options: Any) -> Tensor:
         validate_options(self.name, options)
@@ -82,8 +92,15 @@ def register_mask_method(
     description: str | None = None,
     aliases: tuple[str, ...] = (),
     override: bool = False,
+    check: Callable[..., Any] | None = None,
+    pruned_score: float = 0.0,
 ) -> Callable[[MaskFn], MaskFn]:
     """Register ``fn(tensor, *, **options) -> bool mask`` under ``name`` (and ``aliases``).
+
+    ``check(shape, **options)``, if given, raises ``ValueError`` / ``TypeError`` for options that do not
+    fit a tensor of ``shape``; it runs when the targets are known, before any mask is computed.
+    ``pruned_score`` is what ``step()`` shows the method in place of an already-pruned entry: ``0`` suits
+    methods that rank magnitudes; a method that ranks raw values (``topk``) needs ``-inf``.
 
     Registering a taken name raises ``ValueError`` unless ``override=True``.
     """
@@ -112,6 +129,8 @@ def register_mask_method(
             options=options,
             required=required,
             takes_generator=any(p.name == "generator" for p in keyword),
+            check=check,
+            pruned_score=float(pruned_score),
         )
         for key in (name, *aliases):
             if not override and (key in _REGISTRY or key in _ALIASES):

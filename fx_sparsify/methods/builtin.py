@@ -37,12 +37,15 @@ __all__: list[str] = []
 
 
 # ---- validation helpers -------------------------------------------------------------------------
+# Each method's ``_<name>_args(shape, **options)`` checks its options against a tensor shape and
+# returns what the method needs; it is also registered as the method's ``check``, so the same errors
+# come when the targets are known, before any tensor is touched.
 
 
-def _need_dims(tensor: Tensor, method: str, ndim: int, why: str) -> None:
-    if tensor.dim() < ndim:
+def _need_dims(shape: tuple[int, ...], method: str, ndim: int, why: str) -> None:
+    if len(shape) < ndim:
         raise ValueError(
-            f"{method} needs a tensor with at least {ndim} dims ({why}); got shape {tuple(tensor.shape)}. "
+            f"{method} needs a tensor with at least {ndim} dims ({why}); got shape {tuple(shape)}. "
             "Use an unstructured method (l1_unstructured, random_unstructured) for it instead"
         )
 
@@ -81,39 +84,50 @@ def _uniform(shape: torch.Size | tuple[int, ...], tensor: Tensor, generator: tor
 # ---- unstructured -------------------------------------------------------------------------------
 
 
-@register_mask_method("l1_unstructured")
+def _unstructured_args(shape: tuple[int, ...], *, sparsity: float | int) -> int:
+    return count_to_prune(sparsity, math.prod(shape))
+
+
+@register_mask_method("l1_unstructured", check=_unstructured_args)
 def l1_unstructured(tensor: Tensor, *, sparsity: float | int) -> Tensor:
     """Prune the entries of smallest |x| (exact count, as torch.nn.utils.prune.L1Unstructured)."""
-    k = count_to_prune(sparsity, tensor.numel())
+    k = _unstructured_args(tensor.shape, sparsity=sparsity)
     if k == 0:
         return _ones(tensor)
     return prune_smallest(tensor.abs(), k)
 
 
-@register_mask_method("topk")
-def topk(tensor: Tensor, *, density: float | int | None = None, sparsity: float | int | None = None) -> Tensor:
-    """Keep the entries with the largest raw scores (not magnitude; dmx TOPK); density or sparsity."""
+def _topk_args(shape: tuple[int, ...], *, density: float | int | None = None, sparsity: float | int | None = None) -> int:
     if (density is None) == (sparsity is None):
         raise TypeError(
             f"topk takes exactly one of density (fraction kept) or sparsity (fraction pruned); "
             f"got density={density!r}, sparsity={sparsity!r}"
         )
-    n = tensor.numel()
+    n = math.prod(shape)
     if density is not None:
-        k = n - count_to_prune(density, n, what="density")
-    else:
-        assert sparsity is not None
-        k = count_to_prune(sparsity, n)
-    return prune_smallest(tensor, k)
+        return n - count_to_prune(density, n, what="density")
+    assert sparsity is not None
+    return count_to_prune(sparsity, n)
 
 
-@register_mask_method("threshold")
-def threshold(tensor: Tensor, *, threshold: float) -> Tensor:
-    """Prune the entries with |x| < threshold."""
+# step() shows a raw-value method pruned entries at -inf (not 0), so they stay pruned
+@register_mask_method("topk", check=_topk_args, pruned_score=-math.inf)
+def topk(tensor: Tensor, *, density: float | int | None = None, sparsity: float | int | None = None) -> Tensor:
+    """Keep the entries with the largest raw scores (not magnitude; dmx TOPK); density or sparsity."""
+    return prune_smallest(tensor, _topk_args(tensor.shape, density=density, sparsity=sparsity))
+
+
+def _threshold_args(shape: tuple[int, ...], *, threshold: float) -> float:
     t = _real_option(threshold, "threshold", "threshold")
     if t < 0:
         raise ValueError(f"threshold: threshold={t} is negative, so |x| < threshold never holds; pass a value >= 0")
-    return tensor.abs() >= t
+    return t
+
+
+@register_mask_method("threshold", check=_threshold_args)
+def threshold(tensor: Tensor, *, threshold: float) -> Tensor:
+    """Prune the entries with |x| < threshold."""
+    return tensor.abs() >= _threshold_args(tensor.shape, threshold=threshold)
 
 
 @register_mask_method("dense")
@@ -130,50 +144,58 @@ def _slice_norms(tensor: Tensor, p: float, dim: int) -> Tensor:
     return torch.linalg.vector_norm(tensor, ord=p, dim=others)
 
 
-@register_mask_method("ln_structured")
+def _ln_args(shape: tuple[int, ...], *, sparsity: float | int, p: float = 2, dim: int = 0) -> tuple[float, int, int]:
+    _need_dims(shape, "ln_structured", 2, "it prunes slices along dim, measured over the other dims")
+    p = _real_option(p, "ln_structured", "p")
+    dim = normalize_dim(dim, len(shape), method="ln_structured")
+    return p, dim, count_to_prune(sparsity, shape[dim])
+
+
+@register_mask_method("ln_structured", check=_ln_args)
 def ln_structured(tensor: Tensor, *, sparsity: float | int, p: float = 2, dim: int = 0) -> Tensor:
     """Prune whole slices along dim of smallest Lp norm over the other dims (as prune.LnStructured)."""
-    _need_dims(tensor, "ln_structured", 2, "it prunes slices along dim, measured over the other dims")
-    p = _real_option(p, "ln_structured", "p")
-    dim = normalize_dim(dim, tensor.dim(), method="ln_structured")
-    k = count_to_prune(sparsity, tensor.shape[dim])
+    p, dim, k = _ln_args(tensor.shape, sparsity=sparsity, p=p, dim=dim)
     if k == 0:
         return _ones(tensor)
     return _broadcast_slices(prune_smallest(_slice_norms(tensor, p, dim), k), tensor, dim)
 
 
-@register_mask_method("nm", aliases=("block_topk",))
-def nm(tensor: Tensor, *, n: int, m: int, dim: int = -1) -> Tensor:
-    """Keep the n largest |x| in every run of m consecutive entries along dim (N:M, e.g. 2:4)."""
+def _nm_args(shape: tuple[int, ...], *, n: int, m: int, dim: int = -1) -> tuple[int, int, int]:
     m = _int_option(m, "nm", "m", 1)
     n = _int_option(n, "nm", "n", 0)
     if n > m:
         raise ValueError(f"nm: n={n} kept out of every m={m} is impossible; n must be <= m")
-    if tensor.dim() == 0:
+    if not shape:
         raise ValueError("nm needs a tensor with at least 1 dim; got a 0-d tensor")
-    dim = normalize_dim(dim, tensor.dim(), method="nm")
-    size = tensor.shape[dim]
-    if size % m:
+    dim = normalize_dim(dim, len(shape), method="nm")
+    if shape[dim] % m:
         raise ValueError(
-            f"nm: dim {dim} of shape {tuple(tensor.shape)} has size {size}, not divisible by m={m}; "
+            f"nm: dim {dim} of shape {tuple(shape)} has size {shape[dim]}, not divisible by m={m}; "
             f"pick a dim whose size is a multiple of {m} (or pad the tensor)"
         )
+    return n, m, dim
+
+
+@register_mask_method("nm", aliases=("block_topk",), check=_nm_args)
+def nm(tensor: Tensor, *, n: int, m: int, dim: int = -1) -> Tensor:
+    """Keep the n largest |x| in every run of m consecutive entries along dim (N:M, e.g. 2:4)."""
+    n, m, dim = _nm_args(tensor.shape, n=n, m=m, dim=dim)
+    size = tensor.shape[dim]
     moved = tensor.movedim(dim, -1)
     groups = moved.abs().reshape(*moved.shape[:-1], size // m, m)
     keep = prune_smallest_in_groups(groups, m - n)
     return keep.reshape(moved.shape).movedim(-1, dim).contiguous()
 
 
-@register_mask_method("block")
-def block(
-    tensor: Tensor,
+def _block_args(
+    shape: tuple[int, ...],
     *,
     sparsity: float | int,
     block_shape: tuple[int, ...] = (1, 4),
     zeros_per_block: int | None = None,
     p: float = 2,
-) -> Tensor:
-    """Prune the blocks of smallest norm; zeros_per_block smallest |x| inside each (WeightNormSparsifier)."""
+) -> tuple[tuple[int, ...], int, int, int, int, float]:
+    """(block grid, entries per block, zeros per block, number of blocks, blocks to prune, p)."""
     if isinstance(block_shape, numbers.Integral) and not isinstance(block_shape, bool):
         block_shape = (int(block_shape),)
     if not isinstance(block_shape, (tuple, list)) or not all(
@@ -183,15 +205,30 @@ def block(
     p = _real_option(p, "block", "p")
     if not p > 0:
         raise ValueError(f"block: p={p}; the block norm needs p > 0 (p=1 for L1, p=2 for L2, p=inf for max)")
-    blk = block_grid(tensor.shape, block_shape)
+    blk = block_grid(shape, block_shape)
     vpb = math.prod(blk)
     zpb = vpb if zeros_per_block is None else _int_option(zeros_per_block, "block", "zeros_per_block", 0)
     if zpb > vpb:
         raise ValueError(
             f"block: zeros_per_block={zpb} is more than the {vpb} entries of a {tuple(block_shape)} block"
         )
-    n_blocks = math.prod(-(-s // b) for s, b in zip(tensor.shape, blk))
-    k = count_to_prune(sparsity, n_blocks)
+    n_blocks = math.prod(-(-s // b) for s, b in zip(shape, blk))
+    return blk, vpb, zpb, n_blocks, count_to_prune(sparsity, n_blocks), p
+
+
+@register_mask_method("block", check=_block_args)
+def block(
+    tensor: Tensor,
+    *,
+    sparsity: float | int,
+    block_shape: tuple[int, ...] = (1, 4),
+    zeros_per_block: int | None = None,
+    p: float = 2,
+) -> Tensor:
+    """Prune the blocks of smallest norm; zeros_per_block smallest |x| inside each (WeightNormSparsifier)."""
+    blk, vpb, zpb, n_blocks, k, p = _block_args(
+        tensor.shape, sparsity=sparsity, block_shape=block_shape, zeros_per_block=zeros_per_block, p=p
+    )
     if k == 0 or zpb == 0 or tensor.numel() == 0:
         return _ones(tensor)
     if k == n_blocks:
@@ -208,12 +245,12 @@ def block(
 # ---- random -------------------------------------------------------------------------------------
 
 
-@register_mask_method("random_unstructured")
+@register_mask_method("random_unstructured", check=_unstructured_args)
 def random_unstructured(
     tensor: Tensor, *, sparsity: float | int, generator: torch.Generator | None = None
 ) -> Tensor:
     """Prune exactly k entries chosen at random (seeded), exact zeros first."""
-    k = count_to_prune(sparsity, tensor.numel())
+    k = _unstructured_args(tensor.shape, sparsity=sparsity)
     if k == 0:
         return _ones(tensor)
     scores = _uniform(tensor.shape, tensor, generator)  # in [0, 1)
@@ -222,14 +259,18 @@ def random_unstructured(
     return prune_smallest(scores, k)
 
 
-@register_mask_method("random_structured")
+def _random_structured_args(shape: tuple[int, ...], *, sparsity: float | int, dim: int = 0) -> tuple[int, int]:
+    _need_dims(shape, "random_structured", 2, "it prunes slices along dim")
+    dim = normalize_dim(dim, len(shape), method="random_structured")
+    return dim, count_to_prune(sparsity, shape[dim])
+
+
+@register_mask_method("random_structured", check=_random_structured_args)
 def random_structured(
     tensor: Tensor, *, sparsity: float | int, dim: int = 0, generator: torch.Generator | None = None
 ) -> Tensor:
     """Prune exactly k slices along dim chosen at random (seeded), all-zero slices first."""
-    _need_dims(tensor, "random_structured", 2, "it prunes slices along dim")
-    dim = normalize_dim(dim, tensor.dim(), method="random_structured")
-    k = count_to_prune(sparsity, tensor.shape[dim])
+    dim, k = _random_structured_args(tensor.shape, sparsity=sparsity, dim=dim)
     if k == 0:
         return _ones(tensor)
     scores = _uniform((tensor.shape[dim],), tensor, generator)
@@ -239,12 +280,17 @@ def random_structured(
     return _broadcast_slices(prune_smallest(scores, k), tensor, dim)
 
 
-@register_mask_method("bernoulli")
-def bernoulli(tensor: Tensor, *, density: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
-    """Keep each entry with probability density (seeded); exact zeros are pruned first."""
+def _bernoulli_args(shape: tuple[int, ...], *, density: float = 0.5) -> float:
     d = _real_option(density, "bernoulli", "density")
     if not 0.0 <= d <= 1.0:
         raise ValueError(f"bernoulli: density={density} is the probability of keeping an entry; it must be in [0, 1]")
+    return d
+
+
+@register_mask_method("bernoulli", check=_bernoulli_args)
+def bernoulli(tensor: Tensor, *, density: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
+    """Keep each entry with probability density (seeded); exact zeros are pruned first."""
+    d = _bernoulli_args(tensor.shape, density=density)
     nonzero = tensor != 0
     nnz = int(torch.count_nonzero(nonzero))
     if nnz == 0:

@@ -212,7 +212,7 @@ def _sparsify_module(gm: GraphModule, name: str, target: WeightTarget, param: to
     rule = target.rule
     module = Sparsify(param.shape, sparseness=rule.method, backward_mode=getattr(rule, "gradient"),
                       generator=generator_for(seed, name, param.device), **rule.options)
-    module.to(param.device)
+    module.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
     module.init_scores(param.detach().abs())
     attr = unique_attr(gm, f"{name}_sparsify")
     gm.add_module(attr, module)

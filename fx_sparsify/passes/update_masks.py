@@ -1,10 +1,15 @@
 """Stage: recompute every mask from the current values (``sgm.step()``).
 
-A weight target ranks its currently masked values (``weight * mask``), so a pruned entry stays pruned
-and a repeated step at the same sparsity changes nothing; ``"regrow": true`` ranks the raw values.
+A weight target ranks its currently masked values (``weight * mask``; a method that ranks raw values,
+such as ``topk``, sees pruned entries as ``-inf``), so a pruned entry stays pruned and a repeated step
+at the same sparsity changes nothing; ``"regrow": true`` ranks the raw values.
 ``"scores"`` ranks another tensor (a tensor FQN) or ``scores(weight)`` (a callable) instead. Global
 rules rank all their targets' scores together, as ``torch.nn.utils.prune.global_unstructured``.
 Random methods draw from a generator seeded by the spec's seed and the target name.
+
+A step is all or nothing: every method's options are checked against its target's shape first, then
+every new mask is computed, and only then are masks written and observers restarted, so a step that
+raises leaves masks, statistics and the step count as they were.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from ..methods._random import generator_for
 if TYPE_CHECKING:
     from ..sparse_graph_module import SparseGraphModule, TargetRecord
 
-__all__ = ["update_masks", "weight_scores"]
+__all__ = ["update_masks", "weight_scores", "check_targets"]
 
 
 def weight_scores(sgm: SparseGraphModule, record: TargetRecord) -> Tensor:
@@ -49,7 +54,38 @@ def weight_scores(sgm: SparseGraphModule, record: TargetRecord) -> Tensor:
         )
     if getattr(rule, "regrow", False):
         return scores
-    return scores * sgm.get_buffer(record.buffer).to(scores.dtype)
+    mask = sgm.get_buffer(record.buffer)
+    fill = get_mask_method(record.method).pruned_score
+    if fill == 0:
+        return scores * mask.to(scores.dtype)
+    return scores.masked_fill(mask == 0, fill)
+
+
+def check_targets(sgm: SparseGraphModule) -> None:
+    """Check every weight method's current options against its target's shape (no tensor touched).
+
+    Raises the method's ``ValueError`` / ``TypeError``, prefixed with the target (or global group).
+    """
+    state = sgm._fxs
+    groups: dict[int, list[TargetRecord]] = {}
+    for record in state.targets.values():
+        if record.kind == "activation":
+            continue
+        if record.group is not None:
+            groups.setdefault(record.group, []).append(record)
+            continue
+        _check(record.method, record.shape, sgm.current_options(record), f"target {record.name!r}")
+    for records in groups.values():
+        shape = (sum(r.numel for r in records),)  # a global rule ranks its targets flattened together
+        names = ", ".join(r.name for r in records)
+        _check(records[0].method, shape, sgm.current_options(records[0]), f"global rule over {names}")
+
+
+def _check(method: str, shape: tuple[int, ...], options: dict[str, Any], where: str) -> None:
+    try:
+        get_mask_method(method).check_shape(shape, options)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{where} (shape {tuple(shape)}): {err}") from None
 
 
 def _activation_mask(sgm: SparseGraphModule, record: TargetRecord, seed: int) -> Tensor | None:
@@ -71,13 +107,7 @@ def _activation_mask(sgm: SparseGraphModule, record: TargetRecord, seed: int) ->
             gen = generator_for(seed, record.name, stat.device)
             mask = get_mask_method(rule.mask)(stat, generator=gen, **rule.options)
         masks.append(mask.to(stat.dtype if stat.dtype.is_floating_point else torch.float32))
-    observer.reset()
     return torch.stack(masks) if rule.features is not None else masks[0]
-
-
-def _write(sgm: SparseGraphModule, record: TargetRecord, keep: Tensor) -> None:
-    buf = sgm.get_buffer(record.buffer)
-    buf.copy_(keep.to(device=buf.device, dtype=buf.dtype))
 
 
 def sync_observers(sgm: SparseGraphModule) -> None:
@@ -101,40 +131,54 @@ def sync_observers(sgm: SparseGraphModule) -> None:
 
 
 def update_masks(sgm: SparseGraphModule) -> None:
-    """Recompute the mask of every weight target of ``sgm`` in place (masks are buffers)."""
+    """Recompute the mask of every target of ``sgm`` (masks are buffers); all or nothing."""
     state = sgm._fxs
+    check_targets(sgm)
     sync_observers(sgm)
     seed = state.spec.seed
+    new_masks: dict[str, Tensor] = {}  # target name -> new keep-mask, written only once all are computed
+    restart: list[str] = []  # observers whose statistics restart after the step
     groups: dict[int, list[TargetRecord]] = {}
     with torch.no_grad():
         for record in state.targets.values():
             if record.kind == "activation":
                 mask = _activation_mask(sgm, record, seed)
                 if mask is not None:
-                    setattr(sgm, record.buffer, mask.to(sgm.get_buffer(record.buffer).device))
-                    record.shape = tuple(mask.shape)
-                continue
-            if record.group is not None:
+                    new_masks[record.name] = mask
+                    restart.append(record.observer)  # type: ignore[arg-type]
+            elif record.group is not None:
                 groups.setdefault(record.group, []).append(record)
-                continue
-            if record.module is not None:  # supermask / joint: the learnable scores rank the mask
+            elif record.module is not None:  # supermask / joint: the learnable scores rank the mask
                 sparsify = sgm.get_submodule(record.module)
-                sparsify.options = sgm.current_options(record)
-                sparsify.compute_mask(sparsify.scores.detach())
-                continue
-            scores = weight_scores(sgm, record)
-            method = get_mask_method(record.method)
-            gen = generator_for(seed, record.name, scores.device)
-            _write(sgm, record, method(scores, generator=gen, **sgm.current_options(record)))
-            if record.observer is not None:  # Wanda statistics restart with the next calibration
-                sgm.get_submodule(record.observer).reset()
+                new_masks[record.name] = sparsify.keep_mask(sparsify.scores.detach(), sgm.current_options(record))
+            else:
+                scores = weight_scores(sgm, record)
+                gen = generator_for(seed, record.name, scores.device)
+                new_masks[record.name] = get_mask_method(record.method)(scores, generator=gen, **sgm.current_options(record))
+                if record.observer is not None:  # Wanda statistics restart with the next calibration
+                    restart.append(record.observer)
         for g, records in groups.items():
             flat = torch.cat([weight_scores(sgm, r).reshape(-1).float() for r in records])
             first = records[0]
             method = get_mask_method(first.method)
             keep = method(flat, generator=generator_for(seed, f"global:{g}", flat.device), **sgm.current_options(first))
             for r, part in zip(records, keep.split([r.numel for r in records])):
-                _write(sgm, r, part.view(r.shape))
+                new_masks[r.name] = part.view(r.shape)
+        for name, keep in new_masks.items():
+            _write(sgm, state.targets[name], keep)
+        for observer in restart:
+            sgm.get_submodule(observer).reset()
     if state.spec.mode == "inplace":
         sgm.apply_masks_inplace()
     state.steps += 1
+
+
+def _write(sgm: SparseGraphModule, record: TargetRecord, keep: Tensor) -> None:
+    if record.kind == "activation":  # activation masks take reduce's shape at the first step
+        setattr(sgm, record.buffer, keep.to(sgm.get_buffer(record.buffer).device))
+        record.shape = tuple(keep.shape)
+        return
+    if record.module is not None:  # the Sparsify module ranks its scores with the scheduled options
+        sgm.get_submodule(record.module).options = sgm.current_options(record)
+    buf = sgm.get_buffer(record.buffer)
+    buf.copy_(keep.to(device=buf.device, dtype=buf.dtype))
