@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 from ._modules import attach_tensor, find_tensor
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
 from .passes.insert_weight_masks import insert_weight_masks
+from .passes.update_masks import check_options
 from .observer import ActivationObserver
 from .select import WeightTarget, param_aliases, resolve_activation_targets, resolve_weight_targets
 from .sparse_graph_module import SparseGraphModule, SparsityState, TargetRecord
@@ -66,6 +67,10 @@ def sparsify_graph(
     example_inputs, example_kwargs = _as_inputs(example_inputs, example_kwargs)
     # selection reads names and types only: resolve on the user's model, fail before copying anything
     targets = resolve_weight_targets(spec, model)
+    check_options(  # shape-dependent option errors (N:M on an indivisible dim, ...) before anything is built
+        (name, t.rule.method, tuple(find_tensor(model, name).shape), dict(t.rule.options), t.group)  # type: ignore[union-attr]
+        for name, t in targets.items()
+    )
     layers = resolve_activation_targets(spec, model)
     norm_layers = _wanda_layers(model, targets)
     scores = _score_tensors(model, targets)

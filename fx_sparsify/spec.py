@@ -76,7 +76,7 @@ class WeightRule:
     options: dict[str, Any] = field(default_factory=dict)
     gradient: str = "mask"
     scores: str | Callable[..., Any] | None = None
-    regrow: bool = False
+    regrow: bool | None = None  # None: True for gradient "ste" (pruned weights keep learning to regrow), else False
     schedule: Mapping[str, Any] | Callable[[int], float] | None = None
 
     _KEYS = ("target", "method", "gradient", "scores", "regrow", "schedule")
@@ -91,6 +91,8 @@ class WeightRule:
             object.__setattr__(self, "gradient", gradient)
         _check_gradient(self.gradient, where)
         _check_scores(self.scores, where)
+        if self.regrow is None:
+            object.__setattr__(self, "regrow", self.gradient == "ste")
         if not isinstance(self.regrow, bool):
             raise TypeError(f"{_where(where, 'regrow')}: expected True or False, got {self.regrow!r}")
         if self.schedule is not None:
@@ -240,6 +242,14 @@ class SparsitySpec:
             raise TypeError(f"spec['seed']: expected an int, got {self.seed!r}")
         if self.mode not in ("graph", "inplace"):
             raise ValueError(f"spec['mode']: got {self.mode!r}; use 'graph' (mask nodes) or 'inplace' (zeroed weights)")
+        if self.mode == "inplace":
+            for rule in self.weights:
+                if rule.gradient != "mask":
+                    raise ValueError(
+                        f"weights rule {rule.target!r}: gradient {rule.gradient!r} needs the dense weight behind a "
+                        "mask node, but spec['mode'] 'inplace' zeroes pruned weights in the model itself; use "
+                        "'mode': 'graph' (the default) or 'gradient': 'mask'"
+                    )
         if not (self.weights or self.global_ or self.activations):
             raise ValueError("the spec has no rules: give at least one of 'weights', 'global' or 'activations'")
 

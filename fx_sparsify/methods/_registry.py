@@ -14,8 +14,9 @@ A method's options are its keyword-only parameters; they are checked against the
 spec is built, so a misspelt option fails before any tensor is touched. A method that declares a
 keyword ``generator`` receives a ``torch.Generator`` seeded from the spec's seed and the target name.
 A method may also register ``check=fn(shape, **options)``: it raises for options that do not fit a
-tensor of that shape (a count larger than the tensor, a dim out of range, ...), and runs when the
-targets are known, before ``step()`` touches any tensor.
+tensor of that shape (a count larger than the tensor, a dim out of range, ...). It runs when the spec
+is built (``shape=None``: only what needs no shape) and when the targets are known, before ``step()``
+touches any tensor.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ class MaskMethod:
     check: Callable[..., Any] | None = None
     pruned_score: float = 0.0
 
-    def check_shape(self, shape: tuple[int, ...], options: Mapping[str, Any]) -> None:
-        """Raise if ``options`` cannot apply to a tensor of ``shape`` (no tensor is touched)."""
+    def check_shape(self, shape: tuple[int, ...] | None, options: Mapping[str, Any]) -> None:
+        """Raise if ``options`` cannot apply to a tensor of ``shape`` (``None``: of any shape); no tensor is touched."""
         if self.check is not None:
-            self.check(tuple(shape), **options)
+            self.check(None if shape is None else tuple(shape), **options)
 
     def __call__(self, tensor: Tensor, *, generator: torch.Generator | None = None, **options: Any) -> Tensor:
         validate_options(self.name, options)
@@ -98,7 +99,8 @@ def register_mask_method(
     """Register ``fn(tensor, *, **options) -> bool mask`` under ``name`` (and ``aliases``).
 
     ``check(shape, **options)``, if given, raises ``ValueError`` / ``TypeError`` for options that do not
-    fit a tensor of ``shape``; it runs when the targets are known, before any mask is computed.
+    fit a tensor of ``shape``; it runs when the spec is built with ``shape=None`` (check what needs no
+    shape) and again when the targets are known, before any mask is computed.
     ``pruned_score`` is what ``step()`` shows the method in place of an already-pruned entry: ``0`` suits
     methods that rank magnitudes; a method that ranks raw values (``topk``) needs ``-inf``.
 
@@ -183,6 +185,7 @@ def validate_options(name: str, options: Mapping[str, Any]) -> None:
     for key in _AMOUNTS.intersection(options):  # the range of a fraction is known before any tensor is
         if options[key] is not None:
             count_to_prune(options[key], sys.maxsize, what=f"mask method {method.name!r}: {key}")
+    method.check_shape(None, options)
 
 
 def compute_mask(name: str, tensor: Tensor, *, generator: torch.Generator | None = None, **options: Any) -> Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 from torch import Tensor
@@ -39,11 +40,16 @@ __all__: list[str] = []
 # ---- validation helpers -------------------------------------------------------------------------
 # Each method's ``_<name>_args(shape, **options)`` checks its options against a tensor shape and
 # returns what the method needs; it is also registered as the method's ``check``, so the same errors
-# come when the targets are known, before any tensor is touched.
+# come when the targets are known, before any tensor is touched. ``shape=None`` (the spec is built,
+# no target known yet) runs only the checks that need no shape.
 
 
-def _need_dims(shape: tuple[int, ...], method: str, ndim: int, why: str) -> None:
-    if len(shape) < ndim:
+def _numel(shape: tuple[int, ...] | None) -> int:
+    return sys.maxsize if shape is None else math.prod(shape)
+
+
+def _need_dims(shape: tuple[int, ...] | None, method: str, ndim: int, why: str) -> None:
+    if shape is not None and len(shape) < ndim:
         raise ValueError(
             f"{method} needs a tensor with at least {ndim} dims ({why}); got shape {tuple(shape)}. "
             "Use an unstructured method (l1_unstructured, random_unstructured) for it instead"
@@ -84,8 +90,8 @@ def _uniform(shape: torch.Size | tuple[int, ...], tensor: Tensor, generator: tor
 # ---- unstructured -------------------------------------------------------------------------------
 
 
-def _unstructured_args(shape: tuple[int, ...], *, sparsity: float | int) -> int:
-    return count_to_prune(sparsity, math.prod(shape))
+def _unstructured_args(shape: tuple[int, ...] | None, *, sparsity: float | int) -> int:
+    return count_to_prune(sparsity, _numel(shape))
 
 
 @register_mask_method("l1_unstructured", check=_unstructured_args)
@@ -97,13 +103,13 @@ def l1_unstructured(tensor: Tensor, *, sparsity: float | int) -> Tensor:
     return prune_smallest(tensor.abs(), k)
 
 
-def _topk_args(shape: tuple[int, ...], *, density: float | int | None = None, sparsity: float | int | None = None) -> int:
+def _topk_args(shape: tuple[int, ...] | None, *, density: float | int | None = None, sparsity: float | int | None = None) -> int:
     if (density is None) == (sparsity is None):
         raise TypeError(
             f"topk takes exactly one of density (fraction kept) or sparsity (fraction pruned); "
             f"got density={density!r}, sparsity={sparsity!r}"
         )
-    n = math.prod(shape)
+    n = _numel(shape)
     if density is not None:
         return n - count_to_prune(density, n, what="density")
     assert sparsity is not None
@@ -117,7 +123,7 @@ def topk(tensor: Tensor, *, density: float | int | None = None, sparsity: float 
     return prune_smallest(tensor, _topk_args(tensor.shape, density=density, sparsity=sparsity))
 
 
-def _threshold_args(shape: tuple[int, ...], *, threshold: float) -> float:
+def _threshold_args(shape: tuple[int, ...] | None, *, threshold: float) -> float:
     t = _real_option(threshold, "threshold", "threshold")
     if t < 0:
         raise ValueError(f"threshold: threshold={t} is negative, so |x| < threshold never holds; pass a value >= 0")
@@ -144,9 +150,11 @@ def _slice_norms(tensor: Tensor, p: float, dim: int) -> Tensor:
     return torch.linalg.vector_norm(tensor, ord=p, dim=others)
 
 
-def _ln_args(shape: tuple[int, ...], *, sparsity: float | int, p: float = 2, dim: int = 0) -> tuple[float, int, int]:
+def _ln_args(shape: tuple[int, ...] | None, *, sparsity: float | int, p: float = 2, dim: int = 0) -> tuple[float, int, int]:
     _need_dims(shape, "ln_structured", 2, "it prunes slices along dim, measured over the other dims")
     p = _real_option(p, "ln_structured", "p")
+    if shape is None:
+        return p, normalize_dim(dim, sys.maxsize, method="ln_structured"), count_to_prune(sparsity, sys.maxsize)
     dim = normalize_dim(dim, len(shape), method="ln_structured")
     return p, dim, count_to_prune(sparsity, shape[dim])
 
@@ -160,11 +168,13 @@ def ln_structured(tensor: Tensor, *, sparsity: float | int, p: float = 2, dim: i
     return _broadcast_slices(prune_smallest(_slice_norms(tensor, p, dim), k), tensor, dim)
 
 
-def _nm_args(shape: tuple[int, ...], *, n: int, m: int, dim: int = -1) -> tuple[int, int, int]:
+def _nm_args(shape: tuple[int, ...] | None, *, n: int, m: int, dim: int = -1) -> tuple[int, int, int]:
     m = _int_option(m, "nm", "m", 1)
     n = _int_option(n, "nm", "n", 0)
     if n > m:
         raise ValueError(f"nm: n={n} kept out of every m={m} is impossible; n must be <= m")
+    if shape is None:
+        return n, m, normalize_dim(dim, sys.maxsize, method="nm")
     if not shape:
         raise ValueError("nm needs a tensor with at least 1 dim; got a 0-d tensor")
     dim = normalize_dim(dim, len(shape), method="nm")
@@ -188,7 +198,7 @@ def nm(tensor: Tensor, *, n: int, m: int, dim: int = -1) -> Tensor:
 
 
 def _block_args(
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None,
     *,
     sparsity: float | int,
     block_shape: tuple[int, ...] = (1, 4),
@@ -205,14 +215,14 @@ def _block_args(
     p = _real_option(p, "block", "p")
     if not p > 0:
         raise ValueError(f"block: p={p}; the block norm needs p > 0 (p=1 for L1, p=2 for L2, p=inf for max)")
-    blk = block_grid(shape, block_shape)
+    blk = tuple(block_shape) if shape is None else block_grid(shape, block_shape)
     vpb = math.prod(blk)
     zpb = vpb if zeros_per_block is None else _int_option(zeros_per_block, "block", "zeros_per_block", 0)
     if zpb > vpb:
         raise ValueError(
             f"block: zeros_per_block={zpb} is more than the {vpb} entries of a {tuple(block_shape)} block"
         )
-    n_blocks = math.prod(-(-s // b) for s, b in zip(shape, blk))
+    n_blocks = sys.maxsize if shape is None else math.prod(-(-s // b) for s, b in zip(shape, blk))
     return blk, vpb, zpb, n_blocks, count_to_prune(sparsity, n_blocks), p
 
 
@@ -259,8 +269,10 @@ def random_unstructured(
     return prune_smallest(scores, k)
 
 
-def _random_structured_args(shape: tuple[int, ...], *, sparsity: float | int, dim: int = 0) -> tuple[int, int]:
+def _random_structured_args(shape: tuple[int, ...] | None, *, sparsity: float | int, dim: int = 0) -> tuple[int, int]:
     _need_dims(shape, "random_structured", 2, "it prunes slices along dim")
+    if shape is None:
+        return normalize_dim(dim, sys.maxsize, method="random_structured"), count_to_prune(sparsity, sys.maxsize)
     dim = normalize_dim(dim, len(shape), method="random_structured")
     return dim, count_to_prune(sparsity, shape[dim])
 
@@ -280,7 +292,7 @@ def random_structured(
     return _broadcast_slices(prune_smallest(scores, k), tensor, dim)
 
 
-def _bernoulli_args(shape: tuple[int, ...], *, density: float = 0.5) -> float:
+def _bernoulli_args(shape: tuple[int, ...] | None, *, density: float = 0.5) -> float:
     d = _real_option(density, "bernoulli", "density")
     if not 0.0 <= d <= 1.0:
         raise ValueError(f"bernoulli: density={density} is the probability of keeping an entry; it must be in [0, 1]")

@@ -14,8 +14,9 @@ raises leaves masks, statistics and the step count as they were.
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import Tensor
@@ -27,7 +28,7 @@ from ..methods._random import generator_for
 if TYPE_CHECKING:
     from ..sparse_graph_module import SparseGraphModule, TargetRecord
 
-__all__ = ["update_masks", "weight_scores", "check_targets"]
+__all__ = ["update_masks", "weight_scores", "check_options", "check_targets"]
 
 
 def weight_scores(sgm: SparseGraphModule, record: TargetRecord) -> Tensor:
@@ -61,24 +62,31 @@ def weight_scores(sgm: SparseGraphModule, record: TargetRecord) -> Tensor:
     return scores.masked_fill(mask == 0, fill)
 
 
-def check_targets(sgm: SparseGraphModule) -> None:
-    """Check every weight method's current options against its target's shape (no tensor touched).
+def check_options(entries: Iterable[tuple[str, str, tuple[int, ...], dict[str, Any], int | None]]) -> None:
+    """Check each method's options against its target's shape; no tensor is touched.
 
-    Raises the method's ``ValueError`` / ``TypeError``, prefixed with the target (or global group).
+    ``entries`` are ``(target name, method, shape, options, global group or None)``; a global group is
+    checked as the one flattened tensor it is ranked as. Raises the method's ``ValueError`` /
+    ``TypeError`` prefixed with the target (or the global group).
     """
-    state = sgm._fxs
-    groups: dict[int, list[TargetRecord]] = {}
-    for record in state.targets.values():
-        if record.kind == "activation":
-            continue
-        if record.group is not None:
-            groups.setdefault(record.group, []).append(record)
-            continue
-        _check(record.method, record.shape, sgm.current_options(record), f"target {record.name!r}")
-    for records in groups.values():
-        shape = (sum(r.numel for r in records),)  # a global rule ranks its targets flattened together
-        names = ", ".join(r.name for r in records)
-        _check(records[0].method, shape, sgm.current_options(records[0]), f"global rule over {names}")
+    groups: dict[int, list[tuple[str, str, tuple[int, ...], dict[str, Any]]]] = {}
+    for name, method, shape, options, group in entries:
+        if group is None:
+            _check(method, shape, options, f"target {name!r}")
+        else:
+            groups.setdefault(group, []).append((name, method, shape, options))
+    for members in groups.values():
+        _, method, _, options = members[0]
+        total = (sum(math.prod(shape) for _, _, shape, _ in members),)
+        _check(method, total, options, f"global rule over {', '.join(name for name, *_ in members)}")
+
+
+def check_targets(sgm: SparseGraphModule) -> None:
+    """:func:`check_options` for every weight target of ``sgm`` at the current step's options."""
+    check_options(
+        (r.name, r.method, r.shape, sgm.current_options(r), r.group)
+        for r in sgm._fxs.targets.values() if r.kind != "activation"
+    )
 
 
 def _check(method: str, shape: tuple[int, ...], options: dict[str, Any], where: str) -> None:

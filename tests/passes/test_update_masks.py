@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.utils.prune as prune
 
@@ -91,3 +92,90 @@ def test_raising_the_sparsity_prunes_among_the_survivors() -> None:
     assert [round(1 - float(m.float().mean()), 4) for m in seen] == [0.25, 0.5, 0.75]
     for before, after in zip(seen, seen[1:]):
         assert not torch.any(after & ~before)  # nothing pruned comes back
+
+
+def test_topk_repeated_step_keeps_its_mask_and_raising_prunes_among_survivors() -> None:
+    # topk ranks raw values: pruned entries must rank below every kept one (a pruned 0 outranks a kept -1)
+    for amount in ({"density": 0.5}, {"density": 0.9}, {"sparsity": 0.3}):
+        sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", "method": "topk", **amount}]})
+        sgm.step()
+        first = sgm.masks()["fc1.weight"].clone()
+        sgm.step()
+        assert torch.equal(sgm.masks()["fc1.weight"], first), amount
+    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", "method": "topk", "sparsity": 0.3,
+                                                  "schedule": {"kind": "linear", "start": 0.3, "end": 0.6, "steps": 1}}]})
+    sgm.step()
+    before = sgm.masks()["fc1.weight"].clone()
+    sgm.step()
+    after = sgm.masks()["fc1.weight"]
+    assert not torch.any(after & ~before) and int((~after).sum()) == round(0.6 * after.numel())
+
+
+def test_ste_regrows_by_default_unless_regrow_false() -> None:
+    model = MLP()
+    for regrow, expect_regrowth in ((None, True), (False, False)):
+        rule = {"target": "fc1", **L1, "sparsity": 0.5, "gradient": "ste"}
+        if regrow is not None:
+            rule["regrow"] = regrow
+        sgm = fxs.sparsify_graph(model, {"weights": [rule]})
+        sgm.step()
+        first = sgm.masks()["fc1.weight"].clone()
+        with torch.no_grad():  # the straight-through gradient grew the pruned weights large
+            w = sgm.fc1.weight
+            w.copy_(torch.where(first, w * 1e-3, w.sign() * 10 + w))
+        sgm.step()
+        assert torch.equal(sgm.masks()["fc1.weight"], ~first if expect_regrowth else first)
+
+
+def _state(sgm: fxs.SparseGraphModule) -> dict[str, object]:
+    return copy.deepcopy(dict(sgm.state_dict()))
+
+
+def _same(a: object, b: object) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_failed_step_changes_nothing() -> None:
+    @fxs.register_mask_method("fails_test", override=True)
+    def fails(tensor: torch.Tensor) -> torch.Tensor:
+        """Always raises (a user method with a bug)."""
+        raise RuntimeError("user method failed")
+
+    spec = {"weights": [{"target": "fc1", **L1, "sparsity": 0.5}, {"target": "fc2", "method": "fails_test"}],
+            "activations": [{"target": "head", "aggregate": "sum", "reduce": "mean", "mask": "l1_unstructured",
+                             "sparsity": 0.5}]}
+    sgm = fxs.sparsify_graph(MLP(), spec)
+    sgm(torch.randn(4, 16))
+    before, steps = _state(sgm), sgm._fxs.steps
+    try:
+        sgm.step()
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("step() should have raised")
+    after = _state(sgm)
+    assert after.keys() == before.keys() and all(_same(after[k], before[k]) for k in before)
+    assert sgm._fxs.steps == steps and sgm.get_submodule("head_input_observer").batches == 1
+
+
+def test_shape_dependent_option_errors_come_at_sparsify_graph_and_name_the_target() -> None:
+    model = MLP()  # fc1.weight (32, 16), fc1.bias (32,)
+    cases = [
+        ({"target": "fc1", "method": "nm", "n": 2, "m": 3}, ValueError, "fc1.weight.*not divisible by m=3"),
+        ({"target": "fc1", "method": "l1_unstructured", "sparsity": 10_000}, ValueError, "fc1.weight.*count"),
+        ({"target": "fc1.bias", "method": "ln_structured", "sparsity": 0.5}, ValueError, "fc1.bias.*at least 2 dims"),
+        ({"target": "fc1", "method": "ln_structured", "sparsity": 0.5, "dim": 5}, ValueError, "dim=5 is out of range"),
+        ({"target": "fc1", "method": "block", "sparsity": 0.5, "block_shape": (2, 1, 4)}, ValueError, "fc1.weight.*block"),
+    ]
+    for rule, error, match in cases:
+        with pytest.raises(error, match=match):
+            fxs.sparsify_graph(model, {"weights": [rule]})
+    with pytest.raises(ValueError, match="global rule over fc1.weight, fc2.weight.*at least 2 dims"):
+        fxs.sparsify_graph(model, {"global": [{"targets": ["fc1", "fc2"], "method": "ln_structured", "sparsity": 0.5}]})
+
+
+def test_option_errors_without_a_shape_come_when_the_spec_is_built() -> None:
+    for rule in ({"method": "topk", "density": 0.5, "sparsity": 0.5}, {"method": "nm", "n": 5, "m": 4},
+                 {"method": "nm", "n": 2, "m": "4"}, {"method": "threshold", "threshold": -1.0}):
+        with pytest.raises((ValueError, TypeError)):
+            fxs.SparsitySpec.from_dict({"weights": [{"target": "fc1", **rule}]})
