@@ -76,7 +76,7 @@ def sparsify_graph(
     scores = _score_tensors(model, targets)
     aliases = param_aliases(model)
     state_keys = tuple(model.state_dict().keys())
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else _copy(model)
     captured = capture_graph(
         work, capture=capture, example_inputs=example_inputs, example_kwargs=example_kwargs,
         concrete_args=concrete_args, leaf_modules=leaf_modules,
@@ -115,6 +115,17 @@ def sparsify_graph(
     if example_inputs is not None or example_kwargs is not None:
         _check_runs(sgm, example_inputs or (), example_kwargs or {})
     return sgm
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise TypeError(
+            f"sparsify_graph copies your model so that it stays unchanged, but copy.deepcopy failed: "
+            f"{type(exc).__name__}: {exc}\nPass inplace=True to rewrite the model itself, or remove what cannot "
+            "be copied first (e.g. torch.nn.utils.remove_weight_norm)."
+        ) from exc
 
 
 def _wanda_layers(model: nn.Module, targets: Mapping[str, WeightTarget]) -> dict[str, str]:

@@ -60,6 +60,7 @@ class SparsityTracer(torch.fx.Tracer):
         self._param_names: dict[int, str] = {}
         self._buffer_names: dict[int, str] = {}
         self.module_stack_names: list[str] = []
+        self.failed_in: str | None = None  # the innermost module whose call raised
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaf_types) or module_qualified_name in self._leaf_names:
@@ -76,6 +77,10 @@ class SparsityTracer(torch.fx.Tracer):
         self.module_stack_names.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.module_stack_names[-1]
+            raise
         finally:
             self.module_stack_names.pop()
 
@@ -115,12 +120,67 @@ def _user_frame(exc: BaseException) -> str:
     return f"{last.filename}:{last.lineno} in {last.name}" if last else "<unknown location>"
 
 
+def _check_tracing_options(model: nn.Module, concrete_args: dict[str, Any] | None, leaf_modules: list[Any]) -> None:
+    """Misspelt ``leaf_modules`` / ``concrete_args`` would silently do nothing: refuse them."""
+    for leaf in leaf_modules:
+        if isinstance(leaf, type) and issubclass(leaf, nn.Module):
+            continue
+        if not isinstance(leaf, str):
+            raise TypeError(f"leaf_modules entries are module FQNs (str) or nn.Module classes, got {leaf!r}")
+        try:
+            model.get_submodule(leaf)
+        except AttributeError:
+            import difflib
+
+            names = [n for n, _ in model.named_modules() if n]
+            close = difflib.get_close_matches(leaf, names, n=5, cutoff=0.3)
+            raise ValueError(
+                f"leaf_modules: the model has no submodule {leaf!r}; closest: {', '.join(close) or '(none)'}"
+            ) from None
+    if concrete_args:
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        unknown = [k for k in concrete_args if k not in params and not takes_kwargs]
+        if unknown:
+            raise ValueError(
+                f"concrete_args: {type(model).__name__}.forward has no argument(s) {', '.join(map(repr, unknown))}; "
+                f"its arguments are {', '.join(params) or '(none)'}"
+            )
+
+
+def _refuse_hooks(model: nn.Module, leaf_modules: list[Any]) -> None:
+    """Symbolic tracing calls ``forward`` directly, so forward hooks would be dropped without a word."""
+    opaque = [n for n in leaf_modules if isinstance(n, str)]
+    for name, module in model.named_modules():
+        if not (module._forward_hooks or module._forward_pre_hooks):
+            continue
+        user_leaf = any(name == o or name.startswith(o + ".") for o in opaque) or (
+            isinstance(module, tuple(t for t in leaf_modules if isinstance(t, type)))
+            and not isinstance(module, LEAF_TYPES)
+        )
+        if user_leaf:  # called as a module at run time: its hooks run
+            continue
+        label = f"module {name!r}" if name else "the root module"
+        raise CaptureError(
+            f"{label} ({type(module).__name__}) has forward hooks or pre-hooks (e.g. torch.nn.utils.weight_norm, "
+            "pruning or logging hooks); torch.fx symbolic tracing would drop them and change the model's outputs.\n"
+            "Ways out: pass example_inputs=(...) with capture='export' or 'auto' (torch.export runs the hooks into "
+            "the graph); or remove the hooks first (e.g. torch.nn.utils.remove_weight_norm, "
+            "torch.nn.utils.prune.remove)."
+        )
+
+
 def _trace_fx(model: nn.Module, concrete_args: dict[str, Any] | None, leaf_modules: Iterable[Any]) -> torch.fx.GraphModule:
+    leaf_modules = list(leaf_modules)
+    _check_tracing_options(model, concrete_args, leaf_modules)
+    _refuse_hooks(model, leaf_modules)
     tracer = SparsityTracer(leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args)
     except Exception as exc:  # re-raised with the place it failed and the ways out
-        where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
+        where = tracer.failed_in or ""
         module = f"module {where!r} ({type(model.get_submodule(where)).__name__})" if where else f"{type(model).__name__}.forward"
         raise CaptureError(
             f"torch.fx symbolic tracing failed in {module} at {_user_frame(exc)}: {type(exc).__name__}: {exc}\n"

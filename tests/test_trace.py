@@ -100,3 +100,51 @@ def test_tracer_looks_parameters_up_once_not_per_access(monkeypatch: pytest.Monk
         SparsityTracer().trace(Deep(n))
         counts.append(calls["n"])
     assert counts[0] == counts[1]  # independent of the number of parameters accessed
+
+
+class Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mid = nn.Sequential(nn.Linear(4, 4), Branchy())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mid(x)
+
+
+def test_capture_error_names_the_innermost_failing_module() -> None:
+    with pytest.raises(fxs.CaptureError, match=r"module 'mid.1' \(Branchy\)"):
+        fxs.sparsify_graph(Nested(), {"weights": [{"target": "mid.0", **L1}]})
+
+
+def test_misspelt_leaf_modules_and_concrete_args_are_errors() -> None:
+    spec = {"weights": [{"target": "fc", **L1}]}
+    with pytest.raises(ValueError, match="no submodule 'fx'.*closest: fc"):
+        fxs.sparsify_graph(Branchy(), spec, leaf_modules=["fx"])
+    with pytest.raises(ValueError, match="no argument.*'zz'.*arguments are x"):
+        fxs.sparsify_graph(Branchy(), spec, concrete_args={"zz": 1})
+    with pytest.raises(TypeError, match="leaf_modules entries"):
+        fxs.sparsify_graph(Branchy(), spec, leaf_modules=[3])
+
+
+def test_forward_hooks_are_not_dropped_silently() -> None:
+    model = MLP()
+    model.fc1.register_forward_hook(lambda mod, args, out: out * 10)
+    spec = {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.0}]}
+    with pytest.raises(fxs.CaptureError, match="(?s)module 'fc1' \\(Linear\\) has forward hooks.*capture='export'"):
+        fxs.sparsify_graph(model, spec)
+    x = torch.randn(2, 16)
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,))  # auto: export runs the hook into the graph
+    assert sgm._fxs.capture == "export"
+    torch.testing.assert_close(sgm(x), model(x))
+    torch.testing.assert_close(sgm.squash()(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_weight_norm_model_gets_a_clear_error_with_the_fix() -> None:
+    model = MLP()
+    torch.nn.utils.weight_norm(model.fc1)  # old-style: a forward pre-hook, and tensors deepcopy refuses
+    spec = {"weights": [{"target": "fc2", **L1}]}
+    with pytest.raises(TypeError, match="(?s)deepcopy failed.*inplace=True.*remove_weight_norm"):
+        fxs.sparsify_graph(model, spec)
+    with pytest.raises(fxs.CaptureError, match="(?s)fc1.*forward hooks.*remove_weight_norm"):
+        fxs.sparsify_graph(model, spec, inplace=True)
