@@ -83,7 +83,8 @@ def sparsify_graph(
     )
     gm = captured.gm
     if gm is work and isinstance(model, GraphModule) and inplace:
-        gm = copy.copy(gm)  # the user's GraphModule keeps its own graph even in place
+        # the user's GraphModule keeps its own graph, modules and buffers even in place (parameters are shared)
+        gm = GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
     activations = insert_activation_masks(gm, layers, norm_layers, aliases).created
     weights = insert_weight_masks(gm, targets, aliases, seed=spec.seed, in_graph=spec.mode == "graph").created
     for path in scores:  # importance scores stay reachable from the sparse module

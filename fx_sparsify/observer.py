@@ -70,7 +70,8 @@ class ActivationObserver(nn.Module):
         self.input_shape: tuple[int, ...] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled:
+        if not self.enabled:  # still record the input shape (squash and the report use it)
+            self.__dict__["input_shape"] = x.shape
             return x
         if torch.is_grad_enabled():
             with torch.no_grad():

@@ -181,6 +181,20 @@ def test_graph_module_input_is_not_mutated() -> None:
     assert gm.code == code and count(sgm, ops.apply_mask) == 1
 
 
+def test_graph_module_inplace_failure_leaves_it_runnable_and_success_shares_parameters() -> None:
+    gm = torch.fx.symbolic_trace(MLP())
+    code, keys = gm.code, list(gm.state_dict())
+    spec = {"weights": [{"target": "fc1", **L1}],
+            "activations": [{"target": "fc2", "mask": "threshold", "threshold": 0.1}]}
+    with pytest.raises(ValueError, match="rewritten module failed on example_inputs"):
+        fxs.sparsify_graph(gm, spec, inplace=True, example_inputs=(torch.randn(2, 7),))
+    assert gm.code == code and list(gm.state_dict()) == keys
+    gm.recompile()
+    gm(torch.randn(2, 16))
+    sgm = fxs.sparsify_graph(gm, spec, inplace=True)
+    assert gm.code == code and list(gm.state_dict()) == keys and sgm.fc1.weight is gm.fc1.weight
+
+
 def test_failed_call_leaves_model_unchanged() -> None:
     model = MLP()
     before = snapshot(model)

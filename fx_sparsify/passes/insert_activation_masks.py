@@ -16,6 +16,8 @@ only (``<layer>_input_norm_observer``): per-input-feature sums of squares for |W
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Mapping
 
 import torch
@@ -57,6 +59,20 @@ class LayerIndex:
         return [u for g in getters for u in g.users if u.args and isinstance(u.args[0], Node) and u.args[0] is not g]
 
 
+def _input_of(gm: GraphModule, call: Node, layer: str) -> Node:
+    """The node a layer call takes as its input: the first argument, positional or by keyword."""
+    if call.args and isinstance(call.args[0], Node):
+        return call.args[0]
+    if call.op == "call_module" and not call.args:
+        first = next(iter(inspect.signature(gm.get_submodule(call.target).forward).parameters), None)  # type: ignore[arg-type]
+        if isinstance(call.kwargs.get(first), Node):
+            return call.kwargs[first]  # type: ignore[index]
+    raise ValueError(
+        f"activation rule on {layer!r}: the layer's input in the graph is not a tensor argument ({call.format_node()}); "
+        "call the layer with its input tensor as the first argument"
+    )
+
+
 def _insert(gm: GraphModule, layer: str, calls: list[Node], observer: ActivationObserver, with_mask: bool,
             role_name: str) -> dict[str, str]:
     graph = gm.graph
@@ -73,7 +89,7 @@ def _insert(gm: GraphModule, layer: str, calls: list[Node], observer: Activation
         created["buffer"] = buffer
     target = activation_target_name(layer)
     for call in calls:
-        x = call.args[0]
+        x = _input_of(gm, call, layer)
         with graph.inserting_before(call):
             obs = graph.create_node("call_module", obs_name, (x,), {}, name=obs_name)
             annotate(obs, NodeInfo("observer", target=target, module=layer))

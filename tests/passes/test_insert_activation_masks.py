@@ -305,3 +305,36 @@ def test_missing_importance_scores_tensor_is_a_clear_error() -> None:
     with pytest.raises(KeyError, match="register them with model.register_buffer"):
         fxs.sparsify_graph(model, {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5, "scores": "nope"}]})
     assert_unchanged(model, before)
+
+
+def test_layer_called_with_its_input_by_keyword() -> None:
+    class KeywordCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(input=x)
+
+    model = KeywordCall()
+    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "fc", "aggregate": "abs_sum", "mask": "l1_unstructured",
+                                                      "sparsity": 0.5}]})
+    data = batches()
+    for x in data:
+        sgm(x)
+    sgm.step()
+    keep = sgm.masks()["fc:input"]
+    assert int((~keep).sum()) == 8
+    x = data[0]
+    torch.testing.assert_close(sgm(x), model(x * keep))
+    torch.testing.assert_close(sgm.squash()(x), sgm(x))
+
+
+def test_example_inputs_record_shapes_so_per_feature_masks_squash() -> None:
+    model = nn.Sequential(nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 2))
+    spec = {"activations": [{"target": "2", "mask": "threshold", "threshold": 0.1, "features": [0, 2],
+                             "feature_dim": 1}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(torch.randn(5, 16),))
+    assert sgm.get_submodule("2_input_observer").input_shape == (5, 6)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(sgm.squash()(x), sgm(x))  # squash before any step: all-keep masks
