@@ -95,7 +95,7 @@ def sparsify_graph(
     for name, target in targets.items():
         made = weights[name]
         records[name] = TargetRecord(
-            name=name, kind=made.get("kind", "weight"), param=made["param"], buffer=made["buffer"],
+            name=name, kind=_kind(model, name), param=made["param"], buffer=made["buffer"],
             method=target.rule.method, rule=target.rule, shape=tuple(gm.get_parameter(made["param"]).shape),
             group=target.group, observer=activations.get(name, {}).get("observer"), module=made.get("module"),
         )
@@ -116,6 +116,13 @@ def sparsify_graph(
     if example_inputs is not None or example_kwargs is not None:
         _check_runs(sgm, example_inputs or (), example_kwargs or {})
     return sgm
+
+
+def _kind(model: nn.Module, name: str) -> str:
+    """"embedding" for the table of an ``nn.Embedding`` / ``nn.EmbeddingBag``, else "weight" (the report's column)."""
+    owner, _, attr = name.rpartition(".")
+    is_table = attr == "weight" and isinstance(model.get_submodule(owner), (nn.Embedding, nn.EmbeddingBag))
+    return "embedding" if is_table else "weight"
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -310,6 +310,15 @@ def test_report_columns_and_values() -> None:
     assert "capture=fx" in text and "steps=1" in text
 
 
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_report_kind_of_embedding_tables(capture: str) -> None:
+    ids = torch.randint(0, 50, (2, 5))
+    sgm = fxs.sparsify_graph(TiedLM(), {"weights": [{"target": "emb", **L1}, {"target": "proj", **L1}]},
+                             capture=capture, example_inputs=(ids,))
+    kinds = {line.split()[1]: line for line in sgm.report().splitlines() if ".weight" in line}
+    assert "embedding" in kinds["emb.weight"] and "embedding" not in kinds["proj.weight"]
+
+
 @pytest.mark.parametrize("bad, exc, match", [
     ("not a model", TypeError, "torch.nn.Module"),
 ])

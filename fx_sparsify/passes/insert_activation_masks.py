@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .. import ops
-from .._meta import NodeInfo, annotate
+from .._meta import NodeInfo, annotate, info_of
 from .._names import unique_attr
 from ..observer import ActivationObserver
 from ..spec import ActivationRule
@@ -56,7 +56,15 @@ class LayerIndex:
             return list(self.calls[layer])
         weight = self.aliases.get(f"{layer}.weight" if layer else "weight")
         getters = self.getters.get(weight, []) if weight is not None else []
-        return [u for g in getters for u in g.users if u.args and isinstance(u.args[0], Node) and u.args[0] is not g]
+        # a masked weight reaches its ops through its mask node: look through it
+        sources = [u for g in getters for u in g.users if _is_weight_mask(u)] + getters
+        return [u for g in sources for u in g.users
+                if not _is_weight_mask(u) and u.args and isinstance(u.args[0], Node) and u.args[0] is not g]
+
+
+def _is_weight_mask(node: Node) -> bool:
+    info = info_of(node)
+    return info is not None and info.role == "weight_mask"
 
 
 def _input_of(gm: GraphModule, call: Node, layer: str) -> Node:

@@ -186,7 +186,6 @@ def insert_weight_masks(
                 mask = graph.get_attr(buffer)
                 if gradient == "mask" and lookup_only(name):
                     lookup_masks[name] = (weight, mask)
-                    created[name]["kind"] = "embedding"
                     continue
                 fn = ops.apply_mask if gradient == "mask" else ops.apply_mask_ste
                 node = graph.create_node("call_function", fn, (weight, mask), name=f"{buffer}ed")

@@ -127,9 +127,13 @@ def test_mask_is_applied_after_step() -> None:
     torch.testing.assert_close(sgm(x), eager.head(torch.relu(eager.fc2(h))))
 
 
-def test_squash_folds_into_linear_columns() -> None:
-    model = MLP()
-    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "fc2", "mask": "l1_unstructured", "sparsity": 0.5}]})
+@pytest.mark.parametrize("weight_rule", [None, {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.3},
+                                         {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.3,
+                                          "gradient": "supermask"}])
+def test_squash_folds_into_linear_columns(weight_rule: dict | None) -> None:
+    model = MLP()  # the report predicts the fold also when the layer's weight has its own mask node
+    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "fc2", "mask": "l1_unstructured", "sparsity": 0.5}],
+                                     "weights": [weight_rule] if weight_rule else []})
     for x in batches():
         sgm(x)
     sgm.step()
