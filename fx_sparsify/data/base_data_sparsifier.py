@@ -218,9 +218,12 @@ class BaseDataSparsifier(abc.ABC):
     # ---- step and squash -----------------------------------------------------------------------
 
     def step(self) -> None:
-        """Recompute every mask from the original (unmasked) data with its current config."""
-        self._step_count += 1
+        """Recompute every mask from the original (unmasked) data with its current config.
+
+        Every config is checked first, so a bad one raises before any mask or the step count changes.
+        """
         if not self.enable_mask_update:
+            self._step_count += 1
             return
         squashed = [n for n in self._data if n in self._squashed]
         if squashed:
@@ -229,6 +232,7 @@ class BaseDataSparsifier(abc.ABC):
                 "re-add it with add_data(name, data) to keep sparsifying it"
             )
         configs = {name: self._check_config(name, data, self.data_groups[name]) for name, data in self._data.items()}
+        self._step_count += 1
         with torch.no_grad():
             for name, data in self._data.items():
                 self.update_mask(name, data.detach(), **configs[name])

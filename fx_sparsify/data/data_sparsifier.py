@@ -62,7 +62,14 @@ class DataSparsifier(BaseDataSparsifier):
         return super()._merge_config(base, update)
 
     def _check_config(self, name: str, data: Tensor, config: dict[str, Any]) -> dict[str, Any]:
-        return _check_method(config)
+        _check_method(config)
+        parsed = parse_method(config["method"])
+        options = {**parsed.options, **{k: v for k, v in config.items() if k != "method"}}
+        try:  # options that cannot fit this data's shape (N:M on an indivisible dim, ...) fail here
+            get_mask_method(parsed.name).check_shape(tuple(data.shape), options)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"data {name!r} (shape {tuple(data.shape)}): {err}") from None
+        return config
 
     def update_mask(self, name: str, data: Tensor, method: str, **options: Any) -> None:  # type: ignore[override]
         generator = None if self.seed is None else generator_for(self.seed, name, data.device)

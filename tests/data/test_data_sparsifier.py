@@ -77,3 +77,18 @@ def test_squash_and_state_dict_round_trip():
     assert torch.equal(fresh.get_mask("w"), s.get_mask("w"))
     s.squash_mask()
     assert int((w != 0).sum()) == 24
+
+
+def test_options_that_do_not_fit_the_data_shape_fail_at_add_data_and_step_is_all_or_nothing():
+    sparsifier = fxd.DataSparsifier(method="l1_unstructured", sparsity=0.5)
+    sparsifier.add_data("a", torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"data 'b' \(shape \(4, 6\)\).*not divisible by m=4"):
+        sparsifier.add_data("b", torch.randn(4, 6), method="nm", n=2, m=4)
+    assert "b" not in sparsifier.data_groups
+    # a config that goes bad later (edited by hand) fails step() before any mask or the count changes
+    sparsifier.add_data("c", torch.randn(4, 8), method="nm", n=2, m=4)
+    sparsifier.data_groups["c"]["m"] = 3
+    before = sparsifier.get_mask("a").clone()
+    with pytest.raises(ValueError, match="data 'c'"):
+        sparsifier.step()
+    assert torch.equal(sparsifier.get_mask("a"), before) and sparsifier._step_count == 0
