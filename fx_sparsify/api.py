@@ -55,11 +55,14 @@ def sparsify_graph(
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Iterable[type[nn.Module] | str] | None = None,
     inplace: bool = False,
+    dynamic_shapes: Any = None,
 ) -> SparseGraphModule:
     """Capture ``model`` as a graph and insert a mask node for every tensor ``spec`` selects.
 
     The user's model is not changed (it is deep-copied first) unless ``inplace=True``, in which case
     the returned module shares its parameters. Every mask starts all-keep: call ``.step()`` to compute.
+    ``dynamic_shapes`` (beyond SPEC §2) goes to ``torch.export.export`` for an export capture: without
+    it the captured graph only accepts inputs of the example inputs' shapes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -79,7 +82,7 @@ def sparsify_graph(
     work = model if inplace else _copy(model)
     captured = capture_graph(
         work, capture=capture, example_inputs=example_inputs, example_kwargs=example_kwargs,
-        concrete_args=concrete_args, leaf_modules=leaf_modules,
+        concrete_args=concrete_args, leaf_modules=leaf_modules, dynamic_shapes=dynamic_shapes,
     )
     gm = captured.gm
     if gm is work and isinstance(model, GraphModule) and inplace:

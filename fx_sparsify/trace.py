@@ -194,13 +194,18 @@ def _trace_fx(model: nn.Module, concrete_args: dict[str, Any] | None, leaf_modul
     return torch.fx.GraphModule(model, graph, model.__class__.__name__)
 
 
-def _export(model: nn.Module, example_inputs: tuple[Any, ...] | None, example_kwargs: dict[str, Any] | None) -> torch.fx.GraphModule:
+def _export(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | None,
+    example_kwargs: dict[str, Any] | None,
+    dynamic_shapes: Any = None,
+) -> torch.fx.GraphModule:
     if example_inputs is None and example_kwargs is None:
         raise ValueError(
             "capture='export' needs example inputs: pass example_inputs=(tensor, ...) and/or example_kwargs={...}"
         )
     try:
-        ep = torch.export.export(model, tuple(example_inputs or ()), dict(example_kwargs or {}))
+        ep = torch.export.export(model, tuple(example_inputs or ()), dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes)
     except Exception as exc:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} at {_user_frame(exc)}: {type(exc).__name__}: "
@@ -219,6 +224,7 @@ def capture_graph(
     example_kwargs: dict[str, Any] | None = None,
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Iterable[Any] | None = None,
+    dynamic_shapes: Any = None,
 ) -> Captured:
     """Capture ``model`` as a GraphModule with the chosen strategy (the model is not copied here)."""
     if capture not in ("fx", "export", "auto"):
@@ -226,11 +232,11 @@ def capture_graph(
     if isinstance(model, torch.fx.GraphModule) and capture != "export":
         return Captured(model, "fx")
     if capture == "export":
-        return Captured(_export(model, example_inputs, example_kwargs), "export")
+        return Captured(_export(model, example_inputs, example_kwargs, dynamic_shapes), "export")
     try:
         return Captured(_trace_fx(model, concrete_args, leaf_modules or ()), "fx")
     except CaptureError as err:
         if capture == "fx" or (example_inputs is None and example_kwargs is None):
             raise
         log.info("fx tracing failed, falling back to torch.export: %s", err)
-        return Captured(_export(model, example_inputs, example_kwargs), "export")
+        return Captured(_export(model, example_inputs, example_kwargs, dynamic_shapes), "export")

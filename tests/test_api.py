@@ -123,6 +123,22 @@ def test_transformer_encoder_through_export() -> None:
     assert "capture=export" in sgm.report()
 
 
+def test_export_capture_with_dynamic_shapes_takes_other_batch_sizes() -> None:
+    model = transformer_encoder().eval()
+    x = torch.randn(2, 5, 16)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    spec = {"weights": [{"target": "layers.0.linear1", **L1}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,), capture="export", dynamic_shapes=({0: batch},))
+    sgm.step()
+    squashed = sgm.squash()
+    with torch.no_grad():
+        for size in (1, 7):
+            y = torch.randn(size, 5, 16)
+            torch.testing.assert_close(squashed(y), sgm(y))
+    ep = fxs.export(squashed, (x,), dynamic_shapes=({0: batch},))
+    assert ep.module()(torch.randn(3, 5, 16)).shape == (3, 5, 16)
+
+
 def test_multihead_attention_leaf_in_fx_capture() -> None:
     class Block(nn.Module):
         def __init__(self) -> None:
