@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
 
@@ -38,9 +39,25 @@ def param_aliases(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _module_weight(model: nn.Module, fqn: str, aliases: dict[str, str]) -> str | None:
+def type_name(module: nn.Module) -> str:
+    """What ``type:<ClassName>`` matches: the class name (a parametrized ``Linear`` is still ``Linear``)."""
+    cls = type(module)
+    return cls.__mro__[1].__name__ if parametrize.is_parametrized(module) else cls.__name__
+
+
+def _module_weight(model: nn.Module, fqn: str, aliases: dict[str, str], where: str) -> str | None:
     name = f"{fqn}.weight" if fqn else "weight"
-    return aliases.get(name)
+    found = aliases.get(name)
+    module = model.get_submodule(fqn)
+    if found is None and parametrize.is_parametrized(module, "weight"):  # never skip it without a word
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])  # type: ignore[union-attr]
+        originals = ", ".join(repr(n) for n in aliases if n.startswith(f"{fqn}.parametrizations.weight."))
+        raise ValueError(
+            f"{where}: {name!r} is computed by a parametrization ({kinds}), so it is not a parameter to mask. "
+            f"Target the parametrization's own tensors by FQN ({originals}), or remove it first with "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')."
+        )
+    return found
 
 
 def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str) -> list[str]:
@@ -52,23 +69,23 @@ def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str)
             pattern = re.compile(selector[3:])
         except re.error as err:
             raise ValueError(f"{where}: {selector!r} is not a valid regular expression ({err})") from None
-        found += [_module_weight(model, m, aliases) for m in modules if pattern.fullmatch(m)]
+        found += [_module_weight(model, m, aliases, where) for m in modules if pattern.fullmatch(m)]
         found += [aliases[p] for p in aliases if pattern.fullmatch(p)]
     elif selector.startswith("type:"):
         cls = selector[5:]
-        found += [_module_weight(model, n, aliases) for n, m in model.named_modules(remove_duplicate=False)
-                  if type(m).__name__ == cls]
+        found += [_module_weight(model, n, aliases, where) for n, m in model.named_modules(remove_duplicate=False)
+                  if type_name(m) == cls]
         if not found:
-            types = sorted({type(m).__name__ for m in model.modules()})
+            types = sorted({type_name(m) for m in model.modules()})
             close = difflib.get_close_matches(cls, types, n=3) or types[:8]
             raise ValueError(f"{where}: no module of type {cls!r} in the model; module types present include: {', '.join(close)}")
     elif any(c in selector for c in "*?["):
-        found += [_module_weight(model, m, aliases) for m in modules if fnmatch.fnmatchcase(m, selector)]
+        found += [_module_weight(model, m, aliases, where) for m in modules if fnmatch.fnmatchcase(m, selector)]
         found += [aliases[p] for p in aliases if fnmatch.fnmatchcase(p, selector)]
     elif selector in aliases:
         found.append(aliases[selector])
     elif selector in modules:
-        weight = _module_weight(model, selector, aliases)
+        weight = _module_weight(model, selector, aliases, where)
         if weight is None:
             own = [n.rsplit(".", 1)[-1] for n in aliases if n.startswith(f"{selector}.") and "." not in n[len(selector) + 1:]]
             raise ValueError(
@@ -119,7 +136,7 @@ def select_layers(selector: str, model: nn.Module, where: str) -> list[str]:
             raise ValueError(f"{where}: {selector!r} is not a valid regular expression ({err})") from None
         found = [n for n in named if n and pattern.fullmatch(n)]
     elif selector.startswith("type:"):
-        found = [n for n, m in named.items() if type(m).__name__ == selector[5:]]
+        found = [n for n, m in named.items() if type_name(m) == selector[5:]]
     elif any(c in selector for c in "*?["):
         found = [n for n in named if n and fnmatch.fnmatchcase(n, selector)]
     else:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import fx_sparsify as fxs
 from fx_sparsify.select import resolve_weight_targets
@@ -122,3 +123,15 @@ def test_integer_tensors_are_refused() -> None:
     model.register_parameter("count", torch.nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False))
     with pytest.raises(TypeError, match="floating-point"):
         fxs.sparsify_graph(model, {"weights": [{"target": "count", "method": "dense"}, {"target": "count", "method": "l1_unstructured", "sparsity": 1}]})
+
+
+def test_parametrized_weights_are_never_skipped_silently() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    for target in ("type:Linear", "0", "*"):
+        with pytest.raises(ValueError, match=r"'0.weight' is computed by a parametrization.*original0"):
+            fxs.sparsify_graph(model, {"weights": [{"target": target, "method": "l1_unstructured", "sparsity": 0.5}]})
+    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "2", "method": "l1_unstructured", "sparsity": 0.5}]})
+    sgm.step()
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(sgm.squash()(x), sgm(x))
