@@ -119,7 +119,8 @@ class ActivationObserver(nn.Module):
                     f"observer {self.name!r} keeps per-sample statistics (aggregate={self._label(self.aggregate)}, "
                     f"reduce={self._label(self.reduce)}) and saw a batch of shape {tuple(parts[0].shape)} after "
                     f"{tuple(old.shape[1:])}; calibrate with batches of one shape, or use a sum-like aggregate "
-                    "('sum', 'abs_sum', 'sq_sum') with reduce 'mean' or 'sum', which accept any batch size"
+                    "('sum', 'abs_sum', 'sq_sum') with reduce 'mean' or 'sum', which accept any batch size. "
+                    "Once calibrated, squash() gives a module without observers that takes any batch size"
                 )
             new = torch.stack([agg(torch.zeros_like(p) if old is None else old[i], p) for i, p in enumerate(parts)])
             self.stat = new

@@ -75,6 +75,13 @@ def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str)
         cls = selector[5:]
         found += [_module_weight(model, n, aliases, where) for n, m in model.named_modules(remove_duplicate=False)
                   if type_name(m) == cls]
+        if found and not any(found):  # modules of that type, none with a 'weight' (LSTM, MultiheadAttention, ...)
+            first = next(n for n, m in model.named_modules() if type_name(m) == cls)
+            own = [n for n in aliases if n.startswith(f"{first}.") and "." not in n[len(first) + 1:]] if first else []
+            raise ValueError(
+                f"{where}: modules of type {cls!r} have no parameter 'weight'; select their tensors by FQN or glob "
+                f"instead (e.g. {', '.join(repr(n) for n in own[:4]) or repr(first + '.*')})"
+            )
         if not found:
             types = sorted({type_name(m) for m in model.modules()})
             close = difflib.get_close_matches(cls, types, n=3) or types[:8]

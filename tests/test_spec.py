@@ -135,3 +135,9 @@ def test_parametrized_weights_are_never_skipped_silently() -> None:
     sgm.step()
     x = torch.randn(3, 8)
     torch.testing.assert_close(sgm.squash()(x), sgm(x))
+
+
+def test_type_selector_on_layers_without_a_weight_names_their_tensors() -> None:
+    model = nn.Sequential(nn.LSTM(4, 4))
+    with pytest.raises(ValueError, match="type 'LSTM' have no parameter 'weight'.*'0.weight_ih_l0'"):
+        fxs.sparsify_graph(model, {"weights": [{"target": "type:LSTM", "method": "l1_unstructured", "sparsity": 0.5}]})
