@@ -114,6 +114,8 @@ def sparsify_graph(
     state = SparsityState(spec=spec, capture=captured.capture, targets=records, state_keys=state_keys,
                           class_name=type(model).__name__, aliases=aliases)
     sgm = SparseGraphModule.wrap(gm, state)
+    if captured.capture == "export":  # torch.export's module() says training=True whatever it captured
+        sgm.train(model.training)
     if spec.mode == "inplace":
         sgm.apply_masks_inplace()
     if example_inputs is not None or example_kwargs is not None:

@@ -359,3 +359,17 @@ def test_export_refuses_unsquashed_graph_module() -> None:
         fxs.export(plain, (torch.randn(2, 16),))
     ep = fxs.export(sgm, (torch.randn(2, 16),))  # a SparseGraphModule is squashed first
     assert "fx_sparsify" not in str(ep.graph)
+
+
+def test_export_capture_keeps_the_model_mode_so_eval_forwards_are_cached() -> None:
+    x = torch.randn(2, 5, 16)
+    spec = {"weights": [{"target": "layers.0.linear1", **L1}]}
+    for training in (False, True):
+        model = transformer_encoder().train(training)
+        sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,), capture="export")
+        assert sgm.training is training
+        from fx_sparsify.ops import apply_mask
+
+        w, m = sgm.get_parameter("layers.0.linear1.weight"), sgm.get_buffer(sgm._fxs.targets["layers.0.linear1.weight"].buffer)
+        with torch.no_grad():
+            assert (apply_mask(w, m) is apply_mask(w, m)) is not training
