@@ -115,8 +115,6 @@ def embedding_masked(
     sparse: bool = False,
 ) -> Tensor:
     """``F.embedding`` of the masked table, computed on the gathered rows only."""
-    if max_norm is not None:  # rows are renormalised after masking, as the squashed module does
-        return F.embedding(input, weight * mask, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     if _cached(weight, mask):
         return F.embedding(input, apply_mask(weight, mask), padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     rows = F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
@@ -138,9 +136,6 @@ def embedding_bag_masked(
     padding_idx: int | None = None,
 ) -> Tensor:
     """``F.embedding_bag`` of the masked table: mask the gathered rows, then pool them as bags."""
-    if max_norm is not None:  # rows are renormalised after masking, as the squashed module does
-        return F.embedding_bag(input, weight * mask, offsets, max_norm, norm_type, scale_grad_by_freq,
-                               mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     if _cached(weight, mask):
         return F.embedding_bag(input, apply_mask(weight, mask), offsets, max_norm, norm_type, scale_grad_by_freq,
                                mode, sparse, per_sample_weights, include_last_offset, padding_idx)

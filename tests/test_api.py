@@ -373,3 +373,35 @@ def test_export_capture_keeps_the_model_mode_so_eval_forwards_are_cached() -> No
         w, m = sgm.get_parameter("layers.0.linear1.weight"), sgm.get_buffer(sgm._fxs.targets["layers.0.linear1.weight"].buffer)
         with torch.no_grad():
             assert (apply_mask(w, m) is apply_mask(w, m)) is not training
+
+
+@pytest.mark.parametrize("layer", [nn.Embedding(20, 8, max_norm=1.0), nn.EmbeddingBag(20, 8, max_norm=1.0, mode="mean")])
+def test_embedding_max_norm_renormalises_the_masked_rows_like_the_squashed_module(layer: nn.Module) -> None:
+    model = nn.Sequential(layer)
+    with torch.no_grad():
+        layer.weight.mul_(3.0)  # rows well above max_norm, so renormalisation matters
+    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "0", **L1}]})
+    sgm.step()
+    ids = torch.randint(0, 20, (4, 5))
+    masked = sgm(ids)
+    torch.testing.assert_close(sgm.squash()(ids), masked)
+    with torch.no_grad():
+        torch.testing.assert_close(sgm.eval()(ids), masked)
+
+
+def test_embedding_called_by_keyword_is_masked() -> None:
+    class KeywordLookup(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.emb(input=ids)
+
+    model = KeywordLookup()
+    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "emb", **L1}]})
+    sgm.step()
+    ids = torch.randint(0, 20, (4, 5))
+    expected = torch.nn.functional.embedding(ids, model.emb.weight * sgm.masks()["emb.weight"])
+    torch.testing.assert_close(sgm(ids), expected)
+    torch.testing.assert_close(sgm.squash()(ids), expected)
