@@ -45,6 +45,12 @@ def type_name(module: nn.Module) -> str:
     return cls.__mro__[1].__name__ if parametrize.is_parametrized(module) else cls.__name__
 
 
+def _own_tensors(aliases: dict[str, str], fqn: str) -> list[str]:
+    """FQNs of the parameters module ``fqn`` holds directly (not through a submodule)."""
+    prefix = f"{fqn}." if fqn else ""
+    return [n for n in aliases if n.startswith(prefix) and "." not in n[len(prefix):]]
+
+
 def _module_weight(model: nn.Module, fqn: str, aliases: dict[str, str], where: str) -> str | None:
     name = f"{fqn}.weight" if fqn else "weight"
     found = aliases.get(name)
@@ -73,14 +79,13 @@ def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str)
         found += [aliases[p] for p in aliases if pattern.fullmatch(p)]
     elif selector.startswith("type:"):
         cls = selector[5:]
-        found += [_module_weight(model, n, aliases, where) for n, m in model.named_modules(remove_duplicate=False)
-                  if type_name(m) == cls]
+        matched = [n for n, m in model.named_modules(remove_duplicate=False) if type_name(m) == cls]
+        found += [_module_weight(model, n, aliases, where) for n in matched]
         if found and not any(found):  # modules of that type, none with a 'weight' (LSTM, MultiheadAttention, ...)
-            first = next(n for n, m in model.named_modules() if type_name(m) == cls)
-            own = [n for n in aliases if n.startswith(f"{first}.") and "." not in n[len(first) + 1:]] if first else []
+            own = _own_tensors(aliases, matched[0])
             raise ValueError(
                 f"{where}: modules of type {cls!r} have no parameter 'weight'; select their tensors by FQN or glob "
-                f"instead (e.g. {', '.join(repr(n) for n in own[:4]) or repr(first + '.*')})"
+                f"instead (e.g. {', '.join(repr(n) for n in own[:4]) or repr(matched[0] + '.*')})"
             )
         if not found:
             types = sorted({type_name(m) for m in model.modules()})
@@ -94,7 +99,7 @@ def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str)
     elif selector in modules:
         weight = _module_weight(model, selector, aliases, where)
         if weight is None:
-            own = [n.rsplit(".", 1)[-1] for n in aliases if n.startswith(f"{selector}.") and "." not in n[len(selector) + 1:]]
+            own = [n.rsplit(".", 1)[-1] for n in _own_tensors(aliases, selector)]
             raise ValueError(
                 f"{where}: module {selector!r} has no parameter 'weight'; select a tensor by its FQN instead"
                 + (f" (its parameters: {', '.join(own)})" if own else " or a glob such as "

@@ -12,6 +12,8 @@ quadratic in model size; :class:`SparsityTracer` looks parameters up in a dict b
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import traceback
 from dataclasses import dataclass
@@ -130,16 +132,12 @@ def _check_tracing_options(model: nn.Module, concrete_args: dict[str, Any] | Non
         try:
             model.get_submodule(leaf)
         except AttributeError:
-            import difflib
-
             names = [n for n, _ in model.named_modules() if n]
             close = difflib.get_close_matches(leaf, names, n=5, cutoff=0.3)
             raise ValueError(
                 f"leaf_modules: the model has no submodule {leaf!r}; closest: {', '.join(close) or '(none)'}"
             ) from None
     if concrete_args:
-        import inspect
-
         params = inspect.signature(model.forward).parameters
         takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
         unknown = [k for k in concrete_args if k not in params and not takes_kwargs]

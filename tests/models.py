@@ -18,6 +18,17 @@ class MLP(nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+class KeywordCall(nn.Module):
+    """Calls its one layer with the input by keyword, ``self.layer(input=x)`` (fx keeps it a kwarg)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(input=x)
+
+
 class MobileNetBlock(nn.Module):
     """Inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, each with BatchNorm."""
 

@@ -14,7 +14,7 @@ import fx_sparsify as fxs
 from fx_sparsify import ops
 
 from helpers import assert_unchanged, check_pipeline, count, snapshot
-from models import MLP, Functional, Recommender, SmallCNN, TiedLM, transformer_encoder
+from models import MLP, Functional, KeywordCall, Recommender, SmallCNN, TiedLM, transformer_encoder
 
 L1 = {"method": "l1_unstructured", "sparsity": 0.5}
 
@@ -390,18 +390,10 @@ def test_embedding_max_norm_renormalises_the_masked_rows_like_the_squashed_modul
 
 
 def test_embedding_called_by_keyword_is_masked() -> None:
-    class KeywordLookup(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(20, 8)
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.emb(input=ids)
-
-    model = KeywordLookup()
-    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "emb", **L1}]})
+    model = KeywordCall(nn.Embedding(20, 8))
+    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "layer", **L1}]})
     sgm.step()
     ids = torch.randint(0, 20, (4, 5))
-    expected = torch.nn.functional.embedding(ids, model.emb.weight * sgm.masks()["emb.weight"])
+    expected = torch.nn.functional.embedding(ids, model.layer.weight * sgm.masks()["layer.weight"])
     torch.testing.assert_close(sgm(ids), expected)
     torch.testing.assert_close(sgm.squash()(ids), expected)

@@ -62,13 +62,8 @@ class DataSparsifier(BaseDataSparsifier):
         return super()._merge_config(base, update)
 
     def _check_config(self, name: str, data: Tensor, config: dict[str, Any]) -> dict[str, Any]:
-        _check_method(config)
-        parsed = parse_method(config["method"])
-        options = {**parsed.options, **{k: v for k, v in config.items() if k != "method"}}
-        try:  # options that cannot fit this data's shape (N:M on an indivisible dim, ...) fail here
-            get_mask_method(parsed.name).check_shape(tuple(data.shape), options)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"data {name!r} (shape {tuple(data.shape)}): {err}") from None
+        method, options = _check_method(config)  # then what cannot fit this data's shape (N:M on an indivisible dim, ...)
+        get_mask_method(method).check_shape(tuple(data.shape), options, f"data {name!r}")
         return config
 
     def update_mask(self, name: str, data: Tensor, method: str, **options: Any) -> None:  # type: ignore[override]
@@ -76,11 +71,12 @@ class DataSparsifier(BaseDataSparsifier):
         self.get_mask(name).copy_(compute_mask(method, data, generator=generator, **options))
 
 
-def _check_method(config: dict[str, Any]) -> dict[str, Any]:
+def _check_method(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The method's registered name and its merged options, checked (shape-free)."""
     if "method" not in config:
         raise TypeError(f"DataSparsifier needs a method (e.g. method='l1_unstructured'); got config {config!r}")
     parsed = parse_method(config["method"])
     get_mask_method(parsed.name)  # KeyError listing the known methods
-    options = {k: v for k, v in config.items() if k != "method"}
-    validate_options(parsed.name, {**parsed.options, **options})
-    return config
+    options = {**parsed.options, **{k: v for k, v in config.items() if k != "method"}}
+    validate_options(parsed.name, options)
+    return parsed.name, options

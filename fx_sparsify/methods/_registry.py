@@ -57,10 +57,19 @@ class MaskMethod:
     check: Callable[..., Any] | None = None
     pruned_score: float = 0.0
 
-    def check_shape(self, shape: tuple[int, ...] | None, options: Mapping[str, Any]) -> None:
-        """Raise if ``options`` cannot apply to a tensor of ``shape`` (``None``: of any shape); no tensor is touched."""
-        if self.check is not None:
+    def check_shape(self, shape: tuple[int, ...] | None, options: Mapping[str, Any], where: str = "") -> None:
+        """Raise if ``options`` cannot apply to a tensor of ``shape`` (``None``: of any shape); no tensor is touched.
+
+        ``where`` (e.g. ``"target 'fc1.weight'"``) and the shape prefix the error's message.
+        """
+        if self.check is None:
+            return
+        try:
             self.check(None if shape is None else tuple(shape), **options)
+        except (ValueError, TypeError) as err:
+            if not where:
+                raise
+            raise type(err)(f"{where} (shape {tuple(shape or ())}): {err}") from None
 
     def __call__(self, tensor: Tensor, *, generator: torch.Generator | None = None, **options: Any) -> Tensor:
         validate_options(self.name, options)

@@ -150,13 +150,19 @@ def _slice_norms(tensor: Tensor, p: float, dim: int) -> Tensor:
     return torch.linalg.vector_norm(tensor, ord=p, dim=others)
 
 
-def _ln_args(shape: tuple[int, ...] | None, *, sparsity: float | int, p: float = 2, dim: int = 0) -> tuple[float, int, int]:
-    _need_dims(shape, "ln_structured", 2, "it prunes slices along dim, measured over the other dims")
-    p = _real_option(p, "ln_structured", "p")
+def _slices_args(shape: tuple[int, ...] | None, method: str, why: str, sparsity: float | int, dim: int) -> tuple[int, int]:
+    """(dim, slices to prune) for a method that prunes whole slices along ``dim``."""
+    _need_dims(shape, method, 2, why)
     if shape is None:
-        return p, normalize_dim(dim, sys.maxsize, method="ln_structured"), count_to_prune(sparsity, sys.maxsize)
-    dim = normalize_dim(dim, len(shape), method="ln_structured")
-    return p, dim, count_to_prune(sparsity, shape[dim])
+        return normalize_dim(dim, sys.maxsize, method=method), count_to_prune(sparsity, sys.maxsize)
+    dim = normalize_dim(dim, len(shape), method=method)
+    return dim, count_to_prune(sparsity, shape[dim])
+
+
+def _ln_args(shape: tuple[int, ...] | None, *, sparsity: float | int, p: float = 2, dim: int = 0) -> tuple[float, int, int]:
+    why = "it prunes slices along dim, measured over the other dims"
+    dim, k = _slices_args(shape, "ln_structured", why, sparsity, dim)
+    return _real_option(p, "ln_structured", "p"), dim, k
 
 
 @register_mask_method("ln_structured", check=_ln_args)
@@ -270,11 +276,7 @@ def random_unstructured(
 
 
 def _random_structured_args(shape: tuple[int, ...] | None, *, sparsity: float | int, dim: int = 0) -> tuple[int, int]:
-    _need_dims(shape, "random_structured", 2, "it prunes slices along dim")
-    if shape is None:
-        return normalize_dim(dim, sys.maxsize, method="random_structured"), count_to_prune(sparsity, sys.maxsize)
-    dim = normalize_dim(dim, len(shape), method="random_structured")
-    return dim, count_to_prune(sparsity, shape[dim])
+    return _slices_args(shape, "random_structured", "it prunes slices along dim", sparsity, dim)
 
 
 @register_mask_method("random_structured", check=_random_structured_args)

@@ -244,9 +244,11 @@ def _rewrite_module_call(
         builder = FUNCTIONAL.get(type(module))
         rewrite = builder(module, node.args, dict(node.kwargs), param) if builder else None
         if rewrite is None:  # the module itself runs, on the masked tensors
-            replaced = {k: masked[c] for k, c in local.items() if c in masked}
+            replaced = {}
             for k, c in local.items():
-                if c in lookup_masks and k not in replaced:  # a table the builders could not rewrite (max_norm, ...)
+                if c in masked:
+                    replaced[k] = masked[c]
+                elif c in lookup_masks:  # a table the builders could not rewrite (max_norm, keyword call)
                     whole = graph.create_node("call_function", ops.apply_mask, lookup_masks[c], name=f"{node.name}_{k}_masked")
                     annotate(whole, NodeInfo("weight_mask", target=c))
                     replaced[k] = whole

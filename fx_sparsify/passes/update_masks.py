@@ -72,13 +72,13 @@ def check_options(entries: Iterable[tuple[str, str, tuple[int, ...], dict[str, A
     groups: dict[int, list[tuple[str, str, tuple[int, ...], dict[str, Any]]]] = {}
     for name, method, shape, options, group in entries:
         if group is None:
-            _check(method, shape, options, f"target {name!r}")
+            get_mask_method(method).check_shape(shape, options, f"target {name!r}")
         else:
             groups.setdefault(group, []).append((name, method, shape, options))
     for members in groups.values():
         _, method, _, options = members[0]
         total = (sum(math.prod(shape) for _, _, shape, _ in members),)
-        _check(method, total, options, f"global rule over {', '.join(name for name, *_ in members)}")
+        get_mask_method(method).check_shape(total, options, f"global rule over {', '.join(name for name, *_ in members)}")
 
 
 def check_targets(sgm: SparseGraphModule) -> None:
@@ -87,13 +87,6 @@ def check_targets(sgm: SparseGraphModule) -> None:
         (r.name, r.method, r.shape, sgm.current_options(r), r.group)
         for r in sgm._fxs.targets.values() if r.kind != "activation"
     )
-
-
-def _check(method: str, shape: tuple[int, ...], options: dict[str, Any], where: str) -> None:
-    try:
-        get_mask_method(method).check_shape(shape, options)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{where} (shape {tuple(shape)}): {err}") from None
 
 
 def _activation_mask(sgm: SparseGraphModule, record: TargetRecord, seed: int) -> Tensor | None:

@@ -14,7 +14,7 @@ import fx_sparsify as fxs
 from fx_sparsify import ops
 
 from helpers import assert_unchanged, count, fxs_nodes, snapshot
-from models import MLP, transformer_encoder
+from models import MLP, KeywordCall, transformer_encoder
 
 
 def agg_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -312,22 +312,14 @@ def test_missing_importance_scores_tensor_is_a_clear_error() -> None:
 
 
 def test_layer_called_with_its_input_by_keyword() -> None:
-    class KeywordCall(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(16, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(input=x)
-
-    model = KeywordCall()
-    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "fc", "aggregate": "abs_sum", "mask": "l1_unstructured",
+    model = KeywordCall(nn.Linear(16, 4))
+    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "layer", "aggregate": "abs_sum", "mask": "l1_unstructured",
                                                       "sparsity": 0.5}]})
     data = batches()
     for x in data:
         sgm(x)
     sgm.step()
-    keep = sgm.masks()["fc:input"]
+    keep = sgm.masks()["layer:input"]
     assert int((~keep).sum()) == 8
     x = data[0]
     torch.testing.assert_close(sgm(x), model(x * keep))
