@@ -19,7 +19,8 @@ from .passes.insert_weight_masks import insert_weight_masks
 from .passes.update_masks import check_options
 from .observer import ActivationObserver
 from .select import WeightTarget, param_aliases, resolve_activation_targets, resolve_weight_targets
-from .sparse_graph_module import SparseGraphModule, SparsityState, TargetRecord
+from .sparse_graph_module import SparseGraphModule
+from .state import SparsityState, TargetRecord
 from .spec import SparsitySpec
 from .trace import capture_graph
 

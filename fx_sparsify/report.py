@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tabulate import tabulate
+from torch.fx import GraphModule
 
-if TYPE_CHECKING:
-    from .sparse_graph_module import SparseGraphModule, TargetRecord
+from .passes.insert_activation_masks import LayerIndex
+from .passes.squash import activation_fold
+from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
 
 __all__ = ["report", "target_sparsity_of", "fate_of"]
 
@@ -28,13 +30,11 @@ def target_sparsity_of(method: str, options: dict[str, Any], numel: int) -> floa
     return None
 
 
-def fate_of(sgm: SparseGraphModule, record: TargetRecord, index: Any = None) -> str:
+def fate_of(gm: GraphModule, state: SparsityState, record: TargetRecord, index: LayerIndex | None = None) -> str:
     """What squash will do with this target's mask, judged on the current mask."""
     if record.kind != "activation":
         return "folded"
-    from .passes.squash import activation_fold
-
-    return "folded" if activation_fold(sgm, sgm._fxs, record, index) is not None else "kept as constant"
+    return "folded" if activation_fold(gm, state, record, index) is not None else "kept as constant"
 
 
 def _method_text(record: TargetRecord, options: dict[str, Any]) -> str:
@@ -42,17 +42,14 @@ def _method_text(record: TargetRecord, options: dict[str, Any]) -> str:
     return f"{record.method}({opts})" if opts else record.method
 
 
-def report(sgm: SparseGraphModule) -> str:
+def report(gm: GraphModule, state: SparsityState) -> str:
     """Render the table; the header line says which capture was used and how many steps ran."""
-    state = sgm._fxs
-    achieved = sgm.sparsity()
-    masks = sgm.masks()
-    from .passes.insert_activation_masks import LayerIndex
-
-    index = LayerIndex(sgm, state.aliases)
+    achieved = sparsity_of(gm, state)
+    masks = masks_of(gm, state)
+    index = LayerIndex(gm, state.aliases)
     rows = []
     for name, record in state.targets.items():
-        options = sgm.current_options(record)
+        options = current_options(state, record)
         target = target_sparsity_of(record.method, options, record.numel)
         mask = masks[name]
         kept = sum(int(m.sum()) for m in mask) if isinstance(mask, list) else int(mask.sum())
@@ -64,7 +61,7 @@ def report(sgm: SparseGraphModule) -> str:
             "-" if target is None else f"{target:.1%}",
             f"{achieved[name]:.1%}",
             kept,
-            fate_of(sgm, record, index),
+            fate_of(gm, state, record, index),
         ])
     total = sum(r.numel for r in state.targets.values() if r.kind != "activation")
     zeros = sum(achieved[n] * r.numel for n, r in state.targets.items() if r.kind != "activation")

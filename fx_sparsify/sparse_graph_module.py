@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,49 +11,12 @@ from torch.fx import GraphModule
 
 from . import ops
 from ._meta import META_KEY
-from .schedule import scheduled_sparsity
-from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
+from .report import report as _report, target_sparsity_of
+from .passes.squash import squash as _squash
+from .passes.update_masks import apply_masks_inplace, update_masks
+from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
 
-__all__ = ["SparseGraphModule", "SparsityState", "TargetRecord"]
-
-
-@dataclass
-class TargetRecord:
-    """One sparsified tensor: where its value and mask live in the module and how it is computed."""
-
-    name: str
-    kind: str  # "weight" | "embedding" | "activation"
-    param: str | None  # path of the parameter inside the module (weights)
-    buffer: str  # root attribute holding the mask
-    method: str
-    rule: WeightRule | GlobalRule | ActivationRule
-    shape: tuple[int, ...]
-    group: int | None = None
-    observer: str | None = None  # the observer module feeding this target (activations, Wanda scores)
-    module: str | None = None  # supermask / joint: the Sparsify module holding the learnable scores
-    layer: str | None = None  # activations: the layer whose input is masked
-    layer_type: type | None = None  # activations: that layer's class in the original model
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-@dataclass
-class SparsityState:
-    """Everything fx_sparsify knows about a SparseGraphModule besides its graph and tensors."""
-
-    spec: SparsitySpec
-    capture: str
-    targets: dict[str, TargetRecord]
-    state_keys: tuple[str, ...]
-    class_name: str
-    aliases: dict[str, str] = field(default_factory=dict)
-    steps: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+__all__ = ["SparseGraphModule", "SparsityState", "TargetRecord"]  # the last two re-exported from state
 
 
 class SparseGraphModule(GraphModule):
@@ -107,55 +70,28 @@ class SparseGraphModule(GraphModule):
     # --- the public methods (SPEC §2) -------------------------------------------------------------
     def step(self) -> None:
         """Recompute every mask from the current weights (and activation statistics)."""
-        from .passes.update_masks import update_masks
-
-        update_masks(self)
+        update_masks(self, self._fxs)
 
     def masks(self) -> dict[str, Any]:
         """Target name → boolean keep-mask (True = kept); a list of masks for per-feature activations."""
-        out: dict[str, Any] = {}
-        for name, r in self._fxs.targets.items():
-            keep = self.get_buffer(r.buffer) != 0
-            per_feature = r.kind == "activation" and getattr(r.rule, "features", None) is not None
-            out[name] = list(keep.unbind(0)) if per_feature and keep.dim() else keep
-        return out
+        return masks_of(self, self._fxs)
 
     def sparsity(self) -> dict[str, float]:
         """Target name → achieved fraction of zeros in the mask."""
-        out = {}
-        for name, mask in self.masks().items():
-            masks = mask if isinstance(mask, list) else [mask]
-            total = sum(m.numel() for m in masks)
-            out[name] = 1.0 - sum(int(m.sum()) for m in masks) / max(total, 1)
-        return out
+        return sparsity_of(self, self._fxs)
 
     def report(self) -> str:
         """A table of every target: kind, method, shape, target and achieved sparsity, fate at squash."""
-        from .report import report
-
-        return report(self)
+        return _report(self, self._fxs)
 
     def squash(self) -> GraphModule:
         """A plain GraphModule with the masks folded into the constants; ``self`` is unchanged."""
-        from .passes.squash import squash
-
-        return squash(self)
-
-    def current_options(self, record: TargetRecord) -> dict[str, Any]:
-        """The method options of ``record`` at the current step (a schedule moves the sparsity)."""
-        options = dict(record.rule.options)
-        schedule = getattr(record.rule, "schedule", None)
-        if schedule is not None:
-            options["sparsity"] = scheduled_sparsity(schedule, options.get("sparsity") or 0.0, self._fxs.steps)
-            options.pop("density", None)
-        return options
+        return _squash(self, self._fxs)
 
     def target_sparsity(self) -> dict[str, float | None]:
         """Target name → the sparsity its rule aims for at the current step (None where it has none)."""
-        from .report import target_sparsity_of
-
         return {
-            name: target_sparsity_of(r.method, self.current_options(r), r.numel)
+            name: target_sparsity_of(r.method, current_options(self._fxs, r), r.numel)
             for name, r in self._fxs.targets.items() if r.kind != "activation"
         }
 
@@ -174,11 +110,7 @@ class SparseGraphModule(GraphModule):
 
     def apply_masks_inplace(self) -> None:
         """Multiply every masked weight by its mask in place (``"mode": "inplace"``)."""
-        with torch.no_grad():
-            for r in self._fxs.targets.values():
-                if r.kind != "activation":
-                    weight = self.get_parameter(r.param)  # type: ignore[arg-type]
-                    weight.mul_(self.get_buffer(r.buffer).to(weight.dtype))
+        apply_masks_inplace(self, self._fxs)
 
     # --- state, copies and pickling ----------------------------------------------------------------
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:

@@ -17,7 +17,6 @@ The result's ``state_dict`` has the original model's keys and shapes, so
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +26,8 @@ from .. import ops
 from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
 from ._runner import PassResult, finish
+from ..state import SparsityState, TargetRecord
 from .insert_activation_masks import LayerIndex
-
-if TYPE_CHECKING:
-    from ..sparse_graph_module import SparseGraphModule, SparsityState, TargetRecord
 
 __all__ = ["squash", "fold_weight_masks", "fold_activation_masks", "activation_fold", "restore_module_calls", "strip"]
 
@@ -186,15 +183,14 @@ def _match_state_keys(out: GraphModule, source: GraphModule, keys: tuple[str, ..
             attach_tensor(out, key, value)
 
 
-def squash(sgm: SparseGraphModule) -> GraphModule:
-    """A plain GraphModule with the masks of ``sgm`` folded into its constants."""
-    work = copy.deepcopy(sgm)
-    state = work._fxs
+def squash(gm: GraphModule, state: SparsityState) -> GraphModule:
+    """A plain GraphModule with the masks of ``gm`` (described by ``state``) folded into its constants."""
+    work = copy.deepcopy(gm)
     fold_weight_masks(work, state)
     fold_activation_masks(work, state)
     restore_module_calls(work)
     strip(work)
     out = GraphModule(work, work.graph, class_name=state.class_name)
     _match_state_keys(out, work, state.state_keys)
-    out.train(sgm.training)
+    out.train(gm.training)
     return out

@@ -1,4 +1,4 @@
-"""Stage: recompute every mask from the current values (``sgm.step()``).
+"""Stage: recompute every mask from the current values (``gm.step()``).
 
 A weight target ranks its currently masked values (``weight * mask``; a method that ranks raw values,
 such as ``topk``, sees pruned entries as ``-inf``), so a pruned entry stays pruned and a repeated step
@@ -16,36 +16,35 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
+from torch.fx import GraphModule
 
 from .._modules import find_tensor
 from ..methods import get_mask_method
 from ..methods._random import generator_for
+from ..state import SparsityState, TargetRecord, current_options
 
-if TYPE_CHECKING:
-    from ..sparse_graph_module import SparseGraphModule, TargetRecord
-
-__all__ = ["update_masks", "weight_scores", "check_options", "check_targets"]
+__all__ = ["update_masks", "weight_scores", "check_options", "check_targets", "apply_masks_inplace"]
 
 
-def weight_scores(sgm: SparseGraphModule, record: TargetRecord) -> Tensor:
+def weight_scores(gm: GraphModule, record: TargetRecord) -> Tensor:
     """What ``record``'s method ranks: the (importance) scores, times the mask unless regrowing."""
-    weight = sgm.get_parameter(record.param).detach()
+    weight = gm.get_parameter(record.param).detach()
     rule = record.rule
     scores_spec: Any = getattr(rule, "scores", None)
     if scores_spec is None:
         scores = weight
     elif scores_spec == "wanda":
-        observer = sgm.get_submodule(record.observer)  # type: ignore[arg-type]
+        observer = gm.get_submodule(record.observer)  # type: ignore[arg-type]
         (sq_sums,) = observer.reduced()
         scores = weight.abs() * sq_sums.sqrt().to(weight.dtype).unsqueeze(0)
     elif callable(scores_spec):
         scores = torch.as_tensor(scores_spec(weight)).detach()
     else:
-        found = find_tensor(sgm, scores_spec)
+        found = find_tensor(gm, scores_spec)
         assert found is not None, f"scores {scores_spec!r} were checked at prepare time"
         scores = found.detach()
     if scores.shape != weight.shape:
@@ -55,7 +54,7 @@ def weight_scores(sgm: SparseGraphModule, record: TargetRecord) -> Tensor:
         )
     if getattr(rule, "regrow", False):
         return scores
-    mask = sgm.get_buffer(record.buffer)
+    mask = gm.get_buffer(record.buffer)
     fill = get_mask_method(record.method).pruned_score
     if fill == 0:
         return scores * mask.to(scores.dtype)
@@ -81,17 +80,17 @@ def check_options(entries: Iterable[tuple[str, str, tuple[int, ...], dict[str, A
         get_mask_method(method).check_shape(total, options, f"global rule over {', '.join(name for name, *_ in members)}")
 
 
-def check_targets(sgm: SparseGraphModule) -> None:
-    """:func:`check_options` for every weight target of ``sgm`` at the current step's options."""
+def check_targets(state: SparsityState) -> None:
+    """:func:`check_options` for every weight target of ``state`` at the current step's options."""
     check_options(
-        (r.name, r.method, r.shape, sgm.current_options(r), r.group)
-        for r in sgm._fxs.targets.values() if r.kind != "activation"
+        (r.name, r.method, r.shape, current_options(state, r), r.group)
+        for r in state.targets.values() if r.kind != "activation"
     )
 
 
-def _activation_mask(sgm: SparseGraphModule, record: TargetRecord, seed: int) -> Tensor | None:
+def _activation_mask(gm: GraphModule, record: TargetRecord, seed: int) -> Tensor | None:
     """``mask_fn(reduce_fn(aggregated), **options)`` per layer or per selected feature (stacked)."""
-    observer = sgm.get_submodule(record.observer)  # type: ignore[arg-type]
+    observer = gm.get_submodule(record.observer)  # type: ignore[arg-type]
     if int(observer.batches) == 0:
         warnings.warn(
             f"step(): activation target {record.name!r} saw no forward pass since the last step; its mask is "
@@ -111,7 +110,7 @@ def _activation_mask(sgm: SparseGraphModule, record: TargetRecord, seed: int) ->
     return torch.stack(masks) if rule.features is not None else masks[0]
 
 
-def sync_observers(sgm: SparseGraphModule) -> None:
+def sync_observers(gm: GraphModule) -> None:
     """Under ``torch.distributed``, all-reduce every observer's statistic so each rank computes equal masks.
 
     Sum-like aggregates (and callables) are summed across ranks, ``max`` / ``abs_max`` take the maximum.
@@ -122,7 +121,7 @@ def sync_observers(sgm: SparseGraphModule) -> None:
         return
     from ..observer import ActivationObserver
 
-    for module in sgm.modules():
+    for module in gm.modules():
         if isinstance(module, ActivationObserver) and module.batches > 0:
             op = dist.ReduceOp.MAX if module.aggregate in ("max", "abs_max") else dist.ReduceOp.SUM
             dist.all_reduce(module.stat, op=op)
@@ -131,11 +130,10 @@ def sync_observers(sgm: SparseGraphModule) -> None:
             module.samples, module.batches = (int(c) for c in counts)
 
 
-def update_masks(sgm: SparseGraphModule) -> None:
-    """Recompute the mask of every target of ``sgm`` (masks are buffers); all or nothing."""
-    state = sgm._fxs
-    check_targets(sgm)
-    sync_observers(sgm)
+def update_masks(gm: GraphModule, state: SparsityState) -> None:
+    """Recompute the mask of every target of ``gm`` (masks are buffers); all or nothing."""
+    check_targets(state)
+    sync_observers(gm)
     seed = state.spec.seed
     new_masks: dict[str, Tensor] = {}  # target name -> new keep-mask, written only once all are computed
     restart: list[str] = []  # observers whose statistics restart after the step
@@ -143,43 +141,52 @@ def update_masks(sgm: SparseGraphModule) -> None:
     with torch.no_grad():
         for record in state.targets.values():
             if record.kind == "activation":
-                mask = _activation_mask(sgm, record, seed)
+                mask = _activation_mask(gm, record, seed)
                 if mask is not None:
                     new_masks[record.name] = mask
                     restart.append(record.observer)  # type: ignore[arg-type]
             elif record.group is not None:
                 groups.setdefault(record.group, []).append(record)
             elif record.module is not None:  # supermask / joint: the learnable scores rank the mask
-                sparsify = sgm.get_submodule(record.module)
-                new_masks[record.name] = sparsify.keep_mask(sparsify.scores.detach(), sgm.current_options(record))
+                sparsify = gm.get_submodule(record.module)
+                new_masks[record.name] = sparsify.keep_mask(sparsify.scores.detach(), current_options(state, record))
             else:
-                scores = weight_scores(sgm, record)
+                scores = weight_scores(gm, record)
                 gen = generator_for(seed, record.name, scores.device)
-                new_masks[record.name] = get_mask_method(record.method)(scores, generator=gen, **sgm.current_options(record))
+                new_masks[record.name] = get_mask_method(record.method)(scores, generator=gen, **current_options(state, record))
                 if record.observer is not None:  # Wanda statistics restart with the next calibration
                     restart.append(record.observer)
         for g, records in groups.items():
-            flat = torch.cat([weight_scores(sgm, r).reshape(-1).float() for r in records])
+            flat = torch.cat([weight_scores(gm, r).reshape(-1).float() for r in records])
             first = records[0]
             method = get_mask_method(first.method)
-            keep = method(flat, generator=generator_for(seed, f"global:{g}", flat.device), **sgm.current_options(first))
+            keep = method(flat, generator=generator_for(seed, f"global:{g}", flat.device), **current_options(state, first))
             for r, part in zip(records, keep.split([r.numel for r in records])):
                 new_masks[r.name] = part.view(r.shape)
         for name, keep in new_masks.items():
-            _write(sgm, state.targets[name], keep)
+            _write(gm, state, state.targets[name], keep)
         for observer in restart:
-            sgm.get_submodule(observer).reset()
+            gm.get_submodule(observer).reset()
     if state.spec.mode == "inplace":
-        sgm.apply_masks_inplace()
+        apply_masks_inplace(gm, state)
     state.steps += 1
 
 
-def _write(sgm: SparseGraphModule, record: TargetRecord, keep: Tensor) -> None:
+def _write(gm: GraphModule, state: SparsityState, record: TargetRecord, keep: Tensor) -> None:
     if record.kind == "activation":  # activation masks take reduce's shape at the first step
-        setattr(sgm, record.buffer, keep.to(sgm.get_buffer(record.buffer).device))
+        setattr(gm, record.buffer, keep.to(gm.get_buffer(record.buffer).device))
         record.shape = tuple(keep.shape)
         return
     if record.module is not None:  # the Sparsify module ranks its scores with the scheduled options
-        sgm.get_submodule(record.module).options = sgm.current_options(record)
-    buf = sgm.get_buffer(record.buffer)
+        gm.get_submodule(record.module).options = current_options(state, record)
+    buf = gm.get_buffer(record.buffer)
     buf.copy_(keep.to(device=buf.device, dtype=buf.dtype))
+
+
+def apply_masks_inplace(gm: GraphModule, state: SparsityState) -> None:
+    """Multiply every masked weight by its mask in place (``"mode": "inplace"``)."""
+    with torch.no_grad():
+        for r in state.targets.values():
+            if r.kind != "activation":
+                weight = gm.get_parameter(r.param)  # type: ignore[arg-type]
+                weight.mul_(gm.get_buffer(r.buffer).to(weight.dtype))

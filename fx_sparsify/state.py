@@ -1,0 +1,97 @@
+"""What fx_sparsify knows about a sparse module besides its graph and tensors.
+
+This module sits below the passes: ``api`` → ``sparse_graph_module`` → ``passes`` → ``state``,
+``methods``, ``ops``. A pass takes ``(gm, state)`` and never imports the facade.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .schedule import scheduled_sparsity
+from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
+
+__all__ = ["SparsityState", "TargetRecord", "current_options", "masks_of", "sparsity_of", "state_of"]
+
+
+@dataclass
+class TargetRecord:
+    """One sparsified tensor: where its value and mask live in the module and how it is computed."""
+
+    name: str
+    kind: str  # "weight" | "embedding" | "activation"
+    param: str | None  # path of the parameter inside the module (weights)
+    buffer: str  # root attribute holding the mask
+    method: str
+    rule: WeightRule | GlobalRule | ActivationRule
+    shape: tuple[int, ...]
+    group: int | None = None
+    observer: str | None = None  # the observer module feeding this target (activations, Wanda scores)
+    module: str | None = None  # supermask / joint: the Sparsify module holding the learnable scores
+    layer: str | None = None  # activations: the layer whose input is masked
+    layer_type: type | None = None  # activations: that layer's class in the original model
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class SparsityState:
+    """Everything fx_sparsify knows about a SparseGraphModule besides its graph and tensors."""
+
+    spec: SparsitySpec
+    capture: str
+    targets: dict[str, TargetRecord]
+    state_keys: tuple[str, ...]
+    class_name: str
+    aliases: dict[str, str] = field(default_factory=dict)
+    steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def current_options(state: SparsityState, record: TargetRecord) -> dict[str, Any]:
+    """The method options of ``record`` at ``state``'s current step (a schedule moves the sparsity)."""
+    options = dict(record.rule.options)
+    schedule = getattr(record.rule, "schedule", None)
+    if schedule is not None:
+        options["sparsity"] = scheduled_sparsity(schedule, options.get("sparsity") or 0.0, state.steps)
+        options.pop("density", None)
+    return options
+
+
+def state_of(gm: Any) -> SparsityState:
+    """The :class:`SparsityState` of a SparseGraphModule; a ``TypeError`` for anything else."""
+    state = getattr(gm, "__dict__", {}).get("_fxs")
+    if not isinstance(state, SparsityState):
+        raise TypeError(
+            f"expected a SparseGraphModule (the result of fxs.sparsify_graph(model, spec)), got "
+            f"{type(gm).__name__}; call fxs.sparsify_graph first"
+        )
+    return state
+
+
+def masks_of(gm: nn.Module, state: SparsityState) -> dict[str, Any]:
+    """Target name → boolean keep-mask (True = kept); a list of masks for per-feature activations."""
+    out: dict[str, Any] = {}
+    for name, r in state.targets.items():
+        keep = gm.get_buffer(r.buffer) != 0
+        per_feature = r.kind == "activation" and getattr(r.rule, "features", None) is not None
+        out[name] = list(keep.unbind(0)) if per_feature and keep.dim() else keep
+    return out
+
+
+def sparsity_of(gm: nn.Module, state: SparsityState) -> dict[str, float]:
+    """Target name → achieved fraction of zeros in the mask."""
+    out = {}
+    for name, mask in masks_of(gm, state).items():
+        masks = mask if isinstance(mask, list) else [mask]
+        total = sum(m.numel() for m in masks)
+        out[name] = 1.0 - sum(int(m.sum()) for m in masks) / max(total, 1)
+    return out
