@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from ._selectors import count_to_prune
+from ._selectors import count_to_prune, refuse_nan
 
 __all__ = [
     "MaskMethod",
@@ -39,6 +39,8 @@ __all__ = [
     "compute_mask",
     "available_mask_methods",
     "validate_options",
+    "refuse_nan",
+    "keep_mask",
 ]
 
 MaskFn = Callable[..., Tensor]
@@ -73,16 +75,37 @@ class MaskMethod:
 
     def __call__(self, tensor: Tensor, *, generator: torch.Generator | None = None, **options: Any) -> Tensor:
         validate_options(self.name, options)
+        refuse_nan(tensor, "the scores")
         if self.takes_generator:
             options["generator"] = generator
-        mask = self.fn(tensor, **options)
-        if not isinstance(mask, Tensor) or mask.shape != tensor.shape:
-            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-            raise ValueError(
-                f"mask method {self.name!r} returned {got} for a tensor of shape {tuple(tensor.shape)}; "
-                "a mask method must return a tensor of the same shape as its input"
-            )
-        return mask if mask.dtype == torch.bool else mask != 0
+        return keep_mask(self.fn(tensor, **options), tuple(tensor.shape), f"mask method {self.name!r}")
+
+
+def keep_mask(mask: Any, shape: tuple[int, ...], who: str) -> Tensor:
+    """``mask`` as a boolean keep-mask of ``shape``, or a ``ValueError`` / ``TypeError`` saying what is wrong.
+
+    A mask is a bool tensor (True = kept) or holds only 0 and 1: a soft (0.5), NaN, wrong-shaped or
+    ``None`` mask is refused rather than rounded.
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            f"{who} returned {type(mask).__name__} for a tensor of shape {shape}; it must return a keep-mask "
+            "tensor of the same shape (bool, True = kept)"
+        )
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"{who} returned a mask of shape {tuple(mask.shape)} for a tensor of shape {shape}; "
+            "a mask must have the shape of its input"
+        )
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        odd = mask[(mask != 0) & (mask != 1)].reshape(-1)[:3].tolist() if not mask.is_complex() else "complex"
+        raise ValueError(
+            f"{who} returned a mask with values other than 0 and 1 (e.g. {odd}); a mask keeps or prunes each "
+            "entry: return a bool tensor (True = kept) or 0/1 values"
+        )
+    return mask != 0
 
 
 _REGISTRY: dict[str, MaskMethod] = {}

@@ -3,7 +3,8 @@
 Every selector returns a boolean keep-mask (True = kept) and prunes *exactly* the requested count,
 also when scores tie. Among exactly tied scores the entry with the lower flat index is pruned first,
 so results are deterministic (``torch.topk``, which the references use, picks among ties in an
-unspecified order: that choice is the only place our masks may differ from theirs).
+unspecified order: that choice is the only place our masks may differ from theirs). NaN scores are
+refused with a ``ValueError`` (:func:`refuse_nan`): a NaN has no rank, so no exact count could hold.
 
 No selector loops over elements or blocks in Python. :func:`prune_smallest_in_groups` loops over the
 ``m`` *positions* of a group (``m <= 8``), each step a vectorised op over all groups.
@@ -20,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "count_to_prune",
+    "refuse_nan",
     "kth_smallest",
     "prune_smallest",
     "prune_smallest_in_groups",
@@ -68,6 +70,24 @@ def normalize_dim(dim: int, ndim: int, *, method: str) -> int:
             f"{method}: dim={dim} is out of range for a {ndim}-D tensor; pass a dim in [{-ndim}, {ndim - 1}]"
         )
     return int(dim) % ndim
+
+
+def refuse_nan(tensor: Tensor, what: str) -> None:
+    """The NaN rule: a NaN score has no rank, so a mask computed from it is refused (``ValueError``).
+
+    Exact counts cannot hold when NaN compares false to everything, and ranking NaN anywhere would
+    silently keep or drop weights whose value is lost. A sum spots a NaN in one cheap pass; only then
+    (or for ``inf - inf``) are the entries counted.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0 or not bool(torch.isnan(tensor.sum())):
+        return
+    bad = int(torch.isnan(tensor).sum())
+    if bad:
+        raise ValueError(
+            f"{what} contain {bad} NaN value(s) out of {tensor.numel()}; a NaN has no rank, so no exact mask "
+            "can be computed. Fix the NaN at its source (a diverged weight, a calibration batch with NaN) "
+            "or replace it (torch.nan_to_num) before step()"
+        )
 
 
 def _selectable(scores: Tensor) -> Tensor:
@@ -120,7 +140,7 @@ def kth_smallest(flat: Tensor, k: int) -> Tensor:
 def prune_smallest(scores: Tensor, k: int) -> Tensor:
     """Keep-mask of ``scores``' shape pruning exactly the ``k`` smallest entries.
 
-    Ties at the threshold are pruned lowest flat index first. NaN scores rank largest.
+    Ties at the threshold are pruned lowest flat index first. NaN scores are refused (:func:`refuse_nan`).
     """
     n = scores.numel()
     assert 0 <= k <= n, (k, n)
@@ -128,9 +148,10 @@ def prune_smallest(scores: Tensor, k: int) -> Tensor:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if k == n:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    refuse_nan(scores, "the scores")
     flat = _selectable(scores).reshape(-1)
     kth = kth_smallest(flat, k)
-    keep = torch.lt(flat, kth).logical_not_()  # NaN compares false, so NaN is kept
+    keep = torch.lt(flat, kth).logical_not_()
     below = n - int(torch.count_nonzero(keep))  # entries strictly below kth
     need = k - below  # how many of the entries equal to kth to prune
     start = 0
@@ -157,6 +178,7 @@ def prune_smallest_in_groups(scores: Tensor, k: int) -> Tensor:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if k == m:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    refuse_nan(scores, "the scores")
     scores = _selectable(scores)
     if m > _PAIRWISE_MAX_M:
         # Stable ranking: lower position pruned first among ties, as in the pairwise path.

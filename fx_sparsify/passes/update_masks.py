@@ -14,18 +14,22 @@ raises leaves masks, statistics and the step count as they were.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
+from .._masks import keep_of, masked_copy, zero_pruned_
 from .._modules import find_tensor
 from ..methods import get_mask_method
 from ..methods._random import generator_for
+from ..methods._registry import keep_mask, refuse_nan
 from ..state import SparsityState, TargetRecord, current_options
+from .reconstruct import RECONSTRUCTING, check_calibrated, reconstruct
 
 __all__ = ["update_masks", "weight_scores", "check_options", "check_targets", "apply_masks_inplace"]
 
@@ -54,11 +58,11 @@ def weight_scores(gm: GraphModule, record: TargetRecord) -> Tensor:
         )
     if getattr(rule, "regrow", False):
         return scores
-    mask = gm.get_buffer(record.buffer)
+    mask = keep_of(gm.get_buffer(record.buffer))
     fill = get_mask_method(record.method).pruned_score
     if fill == 0:
-        return scores * mask.to(scores.dtype)
-    return scores.masked_fill(mask == 0, fill)
+        return masked_copy(scores, mask)  # no float copy of the mask; temporaries a chunk at a time
+    return scores.masked_fill(mask.logical_not(), fill)
 
 
 def check_options(entries: Iterable[tuple[str, str, tuple[int, ...], dict[str, Any], int | None]]) -> None:
@@ -101,13 +105,46 @@ def _activation_mask(gm: GraphModule, record: TargetRecord, seed: int) -> Tensor
     rule = record.rule
     masks = []
     for stat in observer.reduced():
+        refuse_nan(stat, "the input statistics (was a calibration batch NaN?)")
         if callable(rule.mask):
-            mask = torch.as_tensor(rule.mask(stat, **rule.options))
+            made = rule.mask(stat, **rule.options)
+            made = torch.as_tensor(made) if isinstance(made, (list, tuple)) else made
+            mask = keep_mask(made, tuple(stat.shape), f"mask function {getattr(rule.mask, '__name__', rule.mask)!r}")
         else:
             gen = generator_for(seed, record.name, stat.device)
             mask = get_mask_method(rule.mask)(stat, generator=gen, **rule.options)
         masks.append(mask.to(stat.dtype if stat.dtype.is_floating_point else torch.float32))
     return torch.stack(masks) if rule.features is not None else masks[0]
+
+
+@contextlib.contextmanager
+def _for_target(where: str) -> Iterator[None]:
+    """Prefix a ``ValueError`` / ``TypeError`` raised while computing a mask with ``where`` (the target)."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        if where in str(err):
+            raise
+        try:
+            new = type(err)(f"step(): {where}: {err}")
+        except Exception:
+            new = ValueError(f"step(): {where}: {err}")
+        raise new from err
+
+
+def _rng_states(gm: GraphModule) -> list[tuple[torch.Generator | None, torch.Tensor]]:
+    """The state of every generator a step may draw from (Sparsify modules' own and torch's default)."""
+    gens = [m.generator for m in gm.modules() if getattr(m, "generator", None) is not None]
+    states = [(g, g.get_state()) for g in gens if isinstance(g, torch.Generator)]
+    return states + [(None, torch.random.get_rng_state())]
+
+
+def _restore_rng(states: list[tuple[torch.Generator | None, torch.Tensor]]) -> None:
+    for gen, value in states:
+        if gen is None:
+            torch.random.set_rng_state(value)
+        else:
+            gen.set_state(value)
 
 
 def sync_observers(gm: GraphModule) -> None:
@@ -134,37 +171,52 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
     """Recompute the mask of every target of ``gm`` (masks are buffers); all or nothing."""
     check_targets(state)
     sync_observers(gm)
+    check_calibrated(gm, state)
     seed = state.spec.seed
     new_masks: dict[str, Tensor] = {}  # target name -> new keep-mask, written only once all are computed
+    new_weights: dict[str, Tensor] = {}  # sparsegpt: target name -> updated weight (passes/reconstruct.py)
     restart: list[str] = []  # observers whose statistics restart after the step
     groups: dict[int, list[TargetRecord]] = {}
+    rng = _rng_states(gm)  # a step that raises leaves every generator where it was
     with torch.no_grad():
-        for record in state.targets.values():
-            if record.kind == "activation":
-                mask = _activation_mask(gm, record, seed)
-                if mask is not None:
-                    new_masks[record.name] = mask
-                    restart.append(record.observer)  # type: ignore[arg-type]
-            elif record.group is not None:
-                groups.setdefault(record.group, []).append(record)
-            elif record.module is not None:  # supermask / joint: the learnable scores rank the mask
-                sparsify = gm.get_submodule(record.module)
-                new_masks[record.name] = sparsify.keep_mask(sparsify.scores.detach(), current_options(state, record))
-            else:
-                scores = weight_scores(gm, record)
-                gen = generator_for(seed, record.name, scores.device)
-                new_masks[record.name] = get_mask_method(record.method)(scores, generator=gen, **current_options(state, record))
-                if record.observer is not None:  # Wanda statistics restart with the next calibration
-                    restart.append(record.observer)
-        for g, records in groups.items():
-            flat = torch.cat([weight_scores(gm, r).reshape(-1).float() for r in records])
-            first = records[0]
-            method = get_mask_method(first.method)
-            keep = method(flat, generator=generator_for(seed, f"global:{g}", flat.device), **current_options(state, first))
-            for r, part in zip(records, keep.split([r.numel for r in records])):
-                new_masks[r.name] = part.view(r.shape)
+        try:
+            for record in state.targets.values():
+                with _for_target(f"target {record.name!r}"):
+                    if record.kind == "activation":
+                        mask = _activation_mask(gm, record, seed)
+                        if mask is not None:
+                            new_masks[record.name] = mask
+                            restart.append(record.observer)  # type: ignore[arg-type]
+                    elif record.group is not None:
+                        groups.setdefault(record.group, []).append(record)
+                    elif record.module is not None:  # supermask / joint: the learnable scores rank the mask
+                        sparsify = gm.get_submodule(record.module)
+                        new_masks[record.name] = sparsify.keep_mask(sparsify.scores.detach(), current_options(state, record))
+                    elif record.method in RECONSTRUCTING:  # mask and the weights that stay, from X·Xᵀ
+                        new_masks[record.name], new_weights[record.name] = reconstruct(gm, record, current_options(state, record))
+                        restart.append(record.observer)  # type: ignore[arg-type]
+                    else:
+                        scores = weight_scores(gm, record)
+                        gen = generator_for(seed, record.name, scores.device)
+                        new_masks[record.name] = get_mask_method(record.method)(scores, generator=gen, **current_options(state, record))
+                        if record.observer is not None:  # Wanda statistics restart with the next calibration
+                            restart.append(record.observer)
+            for g, records in groups.items():
+                with _for_target(f"global rule over {', '.join(map(repr, (r.name for r in records)))}"):
+                    flat = torch.cat([weight_scores(gm, r).reshape(-1).float() for r in records])
+                    first = records[0]
+                    method = get_mask_method(first.method)
+                    keep = method(flat, generator=generator_for(seed, f"global:{g}", flat.device), **current_options(state, first))
+                for r, part in zip(records, keep.split([r.numel for r in records])):
+                    new_masks[r.name] = part.view(r.shape)
+        except BaseException:
+            _restore_rng(rng)
+            raise
         for name, keep in new_masks.items():
             _write(gm, state, state.targets[name], keep)
+        for name, weight in new_weights.items():
+            gm.get_parameter(state.targets[name].param).copy_(weight)  # type: ignore[arg-type]
+        state.extra.setdefault("reconstructed", set()).update(new_weights)
         for observer in restart:
             gm.get_submodule(observer).reset()
     if state.spec.mode == "inplace":
@@ -188,5 +240,4 @@ def apply_masks_inplace(gm: GraphModule, state: SparsityState) -> None:
     with torch.no_grad():
         for r in state.targets.values():
             if r.kind != "activation":
-                weight = gm.get_parameter(r.param)  # type: ignore[arg-type]
-                weight.mul_(gm.get_buffer(r.buffer).to(weight.dtype))
+                zero_pruned_(gm.get_parameter(r.param), gm.get_buffer(r.buffer))  # type: ignore[arg-type]
