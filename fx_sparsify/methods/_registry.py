@@ -95,7 +95,7 @@ def keep_mask(mask: Any, shape: tuple[int, ...], who: str) -> Tensor:
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(
             f"{who} returned a mask of shape {tuple(mask.shape)} for a tensor of shape {shape}; "
-            "a mask must have the shape of its input"
+            "a mask method must return a mask of the same shape as its input"
         )
     if mask.dtype == torch.bool:
         return mask
