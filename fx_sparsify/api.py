@@ -15,9 +15,11 @@ from torch.fx import GraphModule
 
 from ._modules import attach_tensor, find_tensor
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
+from .passes.insert_hessian_observers import insert_hessian_observers, sparsegpt_layers
 from .passes.insert_weight_masks import insert_weight_masks
 from .passes.update_masks import check_options
 from .observer import ActivationObserver
+from .roundtrip import set_initial_masks, take_over
 from .select import WeightTarget, param_aliases, resolve_activation_targets, resolve_weight_targets
 from .sparse_graph_module import SparseGraphModule
 from .state import SparsityState, TargetRecord
@@ -57,6 +59,7 @@ def sparsify_graph(
     leaf_modules: Iterable[type[nn.Module] | str] | None = None,
     inplace: bool = False,
     dynamic_shapes: Any = None,
+    masks: Mapping[str, Any] | None = None,
 ) -> SparseGraphModule:
     """Capture ``model`` as a graph and insert a mask node for every tensor ``spec`` selects.
 
@@ -69,6 +72,11 @@ def sparsify_graph(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     spec = _as_spec(spec)
     example_inputs, example_kwargs = _as_inputs(example_inputs, example_kwargs)
+    if masks is not None and not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict of target name -> keep-mask tensor, got {type(masks).__name__}")
+    # SPEC §14: prune hooks / FakeSparsity parametrizations are taken over (on a copy unless inplace)
+    model, adopted, origin = take_over(model, inplace=inplace)
+    copied = bool(adopted) and not inplace
     # selection reads names and types only: resolve on the user's model, fail before copying anything
     targets = resolve_weight_targets(spec, model)
     check_options(  # shape-dependent option errors (N:M on an indivisible dim, ...) before anything is built
@@ -77,10 +85,11 @@ def sparsify_graph(
     )
     layers = resolve_activation_targets(spec, model)
     norm_layers = _wanda_layers(model, targets)
+    hessian_layers = sparsegpt_layers(model, targets)  # SPEC §16: Linear only, errors name the layer
     scores = _score_tensors(model, targets)
     aliases = param_aliases(model)
     state_keys = tuple(model.state_dict().keys())
-    work = model if inplace else _copy(model)
+    work = model if inplace or copied else _copy(model)
     captured = capture_graph(
         work, capture=capture, example_inputs=example_inputs, example_kwargs=example_kwargs,
         concrete_args=concrete_args, leaf_modules=leaf_modules, dynamic_shapes=dynamic_shapes,
@@ -90,6 +99,7 @@ def sparsify_graph(
         # the user's GraphModule keeps its own graph, modules and buffers even in place (parameters are shared)
         gm = GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
     activations = insert_activation_masks(gm, layers, norm_layers, aliases).created
+    activations.update(insert_hessian_observers(gm, hessian_layers, aliases).created)
     weights = insert_weight_masks(gm, targets, aliases, seed=spec.seed, in_graph=spec.mode == "graph").created
     for path in scores:  # importance scores stay reachable from the sparse module
         if find_tensor(gm, path) is None:
@@ -117,6 +127,8 @@ def sparsify_graph(
     sgm = SparseGraphModule.wrap(gm, state)
     if captured.capture == "export":  # torch.export's module() says training=True whatever it captured
         sgm.train(model.training)
+    if adopted or masks:
+        set_initial_masks(sgm, state, {**adopted, **(masks or {})}, {n: o for n, o in origin.items() if n not in (masks or {})})
     if spec.mode == "inplace":
         sgm.apply_masks_inplace()
     if example_inputs is not None or example_kwargs is not None:
@@ -198,26 +210,39 @@ def _check_runs(sgm: SparseGraphModule, args: tuple[Any, ...], kwargs: dict[str,
                     b.copy_(saved[name])
 
 
+def _sparse(gm: Any, what: str) -> None:
+    if not isinstance(gm, SparseGraphModule):
+        raise TypeError(
+            f"fxs.{what}() needs a SparseGraphModule, got {type(gm).__name__}; build one with "
+            f"sgm = fxs.sparsify_graph(model, spec), then call fxs.{what}(sgm)"
+        )
+
+
 def step(gm: SparseGraphModule) -> None:
     """Function form of :meth:`SparseGraphModule.step`."""
+    _sparse(gm, "step")
     gm.step()
 
 
 def squash(gm: SparseGraphModule) -> GraphModule:
     """Function form of :meth:`SparseGraphModule.squash`."""
+    _sparse(gm, "squash")
     return gm.squash()
 
 
 def masks(gm: SparseGraphModule) -> dict[str, Any]:
     """Function form of :meth:`SparseGraphModule.masks`."""
+    _sparse(gm, "masks")
     return gm.masks()
 
 
 def sparsity(gm: SparseGraphModule) -> dict[str, float]:
     """Function form of :meth:`SparseGraphModule.sparsity`."""
+    _sparse(gm, "sparsity")
     return gm.sparsity()
 
 
 def report(gm: SparseGraphModule) -> str:
     """Function form of :meth:`SparseGraphModule.report`."""
+    _sparse(gm, "report")
     return gm.report()

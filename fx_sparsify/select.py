@@ -165,13 +165,8 @@ def select_layers(selector: str, model: nn.Module, where: str) -> list[str]:
 def resolve_activation_targets(spec: SparsitySpec, model: nn.Module) -> dict[str, ActivationRule]:
     """Layer FQN → the activation rule that wins for its input (last rule wins)."""
     chosen: dict[str, ActivationRule] = {}
-    aliases = param_aliases(model)
     for i, rule in enumerate(spec.activations):
+        # any layer will do (nn.Identity, activations, ...): the activation pass checks that its input is visible
         for layer in select_layers(rule.target, model, f"spec['activations'][{i}] ({rule.target!r})"):
-            if aliases.get(f"{layer}.weight" if layer else "weight") is None:
-                raise ValueError(
-                    f"spec['activations'][{i}]: layer {layer!r} ({type(model.get_submodule(layer)).__name__}) has "
-                    "no 'weight'; an activation rule targets a layer with a weight (Linear, Conv, …) whose input it masks"
-                )
             chosen[layer] = rule
     return chosen

@@ -10,17 +10,23 @@ first ``step()``: keep everything, any batch size) and rewires the layer's input
     %fc2 : call_module[target=fc2](args = (%fc2_input_masked,))
 
 The layer is found as a ``call_module`` node (fx capture) or as the op that consumes its weight
-(export capture, or a layer traced through). Weight rules with ``"scores": "wanda"`` get an observer
-only (``<layer>_input_norm_observer``): per-input-feature sums of squares for |W|·‖X‖.
+(export capture, or a layer traced through). For such an op the layer's input is the operand that
+multiplies the weight, read from the table ``INPUT_OPERAND`` (``addmm(bias, x, weight)`` of a GPT-2
+``Conv1D``: ``x``); an op not in the table (a function traced as one call, ``torch.fx.wrap``) hides the
+input, and the rule is refused rather than put on another tensor. Any layer called as a module can be
+targeted (``nn.Identity``, activations); squash folds the mask only into layers with a weight.
+Weight rules with ``"scores": "wanda"`` get an observer only (``<layer>_input_norm_observer``):
+per-input-feature sums of squares for |W|·‖X‖.
 """
 
 from __future__ import annotations
 
 import inspect
-
-from typing import Mapping
+import operator
+from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from .. import ops
@@ -30,7 +36,31 @@ from ..observer import ActivationObserver
 from ..spec import ActivationRule
 from ._runner import PassResult, finish
 
-__all__ = ["insert_activation_masks", "LayerIndex", "activation_target_name"]
+__all__ = ["insert_activation_masks", "LayerIndex", "activation_target_name", "INPUT_OPERAND", "WEIGHT_VIEWS"]
+
+_aten = torch.ops.aten
+_FIRST = {1: 0}  # f(input, weight, ...)
+_EITHER = {1: 0, 0: 1}  # a @ b: the weight on either side, the other operand is the input
+_ADDMM = {2: 1, 1: 2}  # addmm(bias, a, b)
+
+#: op (function, aten overload or method name) → {position of the weight: position of the input it multiplies}
+INPUT_OPERAND: dict[Any, dict[int, int]] = {
+    **dict.fromkeys((F.linear, _aten.linear.default, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
+                     F.conv_transpose2d, F.conv_transpose3d, _aten.conv1d.default, _aten.conv2d.default,
+                     _aten.conv3d.default, _aten.convolution.default, _aten.conv_transpose1d.default,
+                     _aten.conv_transpose2d.input, _aten.conv_transpose3d.input), _FIRST),
+    **dict.fromkeys((torch.matmul, operator.matmul, torch.mm, torch.bmm, _aten.mm.default, _aten.matmul.default,
+                     _aten.bmm.default, "matmul", "mm", "bmm", "__matmul__"), _EITHER),
+    **dict.fromkeys((torch.addmm, torch.baddbmm, _aten.addmm.default, _aten.baddbmm.default, "addmm"), _ADDMM),
+}
+
+#: ops that only re-view the weight (``weight.t()``, ``.T``, a dtype cast): the search looks through them
+WEIGHT_VIEWS: frozenset[Any] = frozenset({
+    torch.t, torch.transpose, torch.permute, torch.reshape, _aten.t.default, _aten.transpose.int,
+    _aten.permute.default, _aten.view.default, _aten.reshape.default, _aten._to_copy.default,
+    _aten.contiguous.default, _aten.alias.default, _aten.detach.default, _aten.numpy_T.default,
+    "t", "transpose", "permute", "view", "reshape", "to", "contiguous", "detach", "type_as", "float", "half",
+})
 
 
 def activation_target_name(layer: str) -> str:
@@ -54,12 +84,28 @@ class LayerIndex:
         """The nodes that run ``layer``: its ``call_module`` nodes, else the ops consuming its weight."""
         if layer in self.calls:
             return list(self.calls[layer])
+        return list(dict.fromkeys(use for use, _ in self.weight_uses(layer)))
+
+    def weight_uses(self, layer: str) -> list[tuple[Node, Node]]:
+        """``(op, operand)`` for every op computing with ``layer``'s weight, looking through its mask
+        node and re-views (``WEIGHT_VIEWS``); ``operand`` is the node through which the weight arrives."""
         weight = self.aliases.get(f"{layer}.weight" if layer else "weight")
-        getters = self.getters.get(weight, []) if weight is not None else []
-        # a masked weight reaches its ops through its mask node: look through it
-        sources = [u for g in getters for u in g.users if _is_weight_mask(u)] + getters
-        return [u for g in sources for u in g.users
-                if not _is_weight_mask(u) and u.args and isinstance(u.args[0], Node) and u.args[0] is not g]
+        todo = list(self.getters.get(weight, [])) if weight is not None else []
+        out, seen = [], set()
+        while todo:
+            carrier = todo.pop(0)
+            for use in carrier.users:
+                if use in seen:
+                    continue
+                passes = _is_weight_mask(use) or (
+                    _op_key(use) in WEIGHT_VIEWS and use.args and use.args[0] is carrier
+                ) or (use.target is getattr and use.args[1:] == ("T",))
+                if passes:
+                    seen.add(use)
+                    todo.append(use)
+                else:
+                    out.append((use, carrier))
+        return out
 
 
 def _is_weight_mask(node: Node) -> bool:
@@ -67,23 +113,48 @@ def _is_weight_mask(node: Node) -> bool:
     return info is not None and info.role == "weight_mask"
 
 
-def _input_of(gm: GraphModule, call: Node, layer: str) -> Node:
-    """The node a layer call takes as its input: the first argument, positional or by keyword."""
-    if call.args and isinstance(call.args[0], Node):
-        return call.args[0]
-    if call.op == "call_module" and not call.args:
-        first = next(iter(inspect.signature(gm.get_submodule(call.target).forward).parameters), None)  # type: ignore[arg-type]
-        if isinstance(call.kwargs.get(first), Node):
-            return call.kwargs[first]  # type: ignore[index]
+def _op_key(node: Node) -> Any:
+    if node.op == "call_function":
+        return node.target
+    return node.target if node.op == "call_method" else None
+
+
+def _input_of(gm: GraphModule, call: Node, layer: str, carrier: Node | None = None) -> Node:
+    """The node a layer call takes as its input.
+
+    A module call: its first argument, positional or by keyword. An op using the layer's weight (which
+    arrives through ``carrier``): the operand that multiplies the weight, by ``INPUT_OPERAND``.
+    """
+    if call.op == "call_module":
+        if call.args and isinstance(call.args[0], Node):
+            return call.args[0]
+        if not call.args:
+            first = next(iter(inspect.signature(gm.get_submodule(call.target).forward).parameters), None)  # type: ignore[arg-type]
+            if isinstance(call.kwargs.get(first), Node):
+                return call.kwargs[first]  # type: ignore[index]
+        raise ValueError(
+            f"activation rule on {layer!r}: the layer's input in the graph is not a tensor argument ({call.format_node()}); "
+            "call the layer with its input tensor as the first argument"
+        )
+    positions = INPUT_OPERAND.get(_op_key(call), {})
+    where = next((i for i, a in enumerate(call.args) if a is carrier), None)
+    x = call.args[positions[where]] if where in positions and positions[where] < len(call.args) else None
+    if isinstance(x, Node):
+        return x
     raise ValueError(
-        f"activation rule on {layer!r}: the layer's input in the graph is not a tensor argument ({call.format_node()}); "
-        "call the layer with its input tensor as the first argument"
+        f"activation rule on {layer!r}: the layer's input is not visible in the captured graph. Its weight is used by "
+        f"`{call.format_node()}`, an op whose input operand fx_sparsify does not know (a function traced as one "
+        "call, e.g. one wrapped with torch.fx.wrap, hides the layer's input inside it). Capture with "
+        "capture='export' and example_inputs=(...) so the function is traced into its ops, or target a layer "
+        "whose input the graph shows."
     )
 
 
-def _insert(gm: GraphModule, layer: str, calls: list[Node], observer: ActivationObserver, with_mask: bool,
-            role_name: str) -> dict[str, str]:
+def _insert(gm: GraphModule, index: LayerIndex, layer: str, calls: list[Node], observer: ActivationObserver,
+            with_mask: bool, role_name: str) -> dict[str, str]:
     graph = gm.graph
+    carriers = dict(index.weight_uses(layer)) if any(c.op != "call_module" for c in calls) else {}
+    inputs = [_input_of(gm, call, layer, carriers.get(call)) for call in calls]  # all found before any edit
     flat = layer.replace(".", "_")
     obs_name = unique_attr(gm, f"{flat}_{role_name}")
     gm.add_module(obs_name, observer)
@@ -96,8 +167,7 @@ def _insert(gm: GraphModule, layer: str, calls: list[Node], observer: Activation
         gm.register_buffer(buffer, torch.ones(()) if features is None else torch.ones(len(features)))
         created["buffer"] = buffer
     target = activation_target_name(layer)
-    for call in calls:
-        x = _input_of(gm, call, layer)
+    for call, x in zip(calls, inputs):
         with graph.inserting_before(call):
             obs = graph.create_node("call_module", obs_name, (x,), {}, name=obs_name)
             annotate(obs, NodeInfo("observer", target=target, module=layer))
@@ -125,13 +195,17 @@ def insert_activation_masks(
     for layer, rule in layers.items():
         calls = layer_calls(layer)
         if not calls:
-            raise ValueError(f"activation rule {rule.target!r}: layer {layer!r} is never called in the captured graph")
+            raise ValueError(
+                f"activation rule {rule.target!r}: layer {layer!r} is never called as a module in the captured graph "
+                "and has no weight whose use would show its input (the capture traced through it). Keep it as a "
+                f"module call with capture='fx' and leaf_modules=[{layer!r}], or target the layer that consumes its output"
+            )
         observer = ActivationObserver(rule.aggregate, rule.reduce, rule.features, rule.feature_dim)
-        created[activation_target_name(layer)] = _insert(gm, layer, calls, observer, True, "input_observer")
+        created[activation_target_name(layer)] = _insert(gm, layer_calls, layer, calls, observer, True, "input_observer")
     for layer, weight_target in norm_layers.items():
         calls = layer_calls(layer)
         if not calls:
             raise ValueError(f"'scores': 'wanda' on {weight_target!r}: layer {layer!r} is never called in the graph")
         observer = ActivationObserver("sq_sum", "features_sum")
-        created[weight_target] = _insert(gm, layer, calls, observer, False, "input_norm_observer")
+        created[weight_target] = _insert(gm, layer_calls, layer, calls, observer, False, "input_norm_observer")
     return finish(gm, created)
