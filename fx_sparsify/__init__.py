@@ -12,6 +12,7 @@ from __future__ import annotations
 # (a later first import of fx_sparsify.report would otherwise rebind fxs.report to the module).
 from . import export as _export_module, report as _report_module  # noqa: F401
 from . import data
+from ._compressed import load_compressed, save_compressed
 from .api import masks, report, sparsify_graph, sparsity, squash, step
 from .export import export
 from .methods import available_mask_methods, compute_mask, register_mask_method
@@ -19,6 +20,15 @@ from .sparse_graph_module import SparseGraphModule
 from .sparsify import Sparsify
 from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
 from .trace import CaptureError
+from .io import load_spec
+from .viz import plot_mask, plot_sparsity  # matplotlib / pydot are imported on first use (extra `viz`)
+
+try:
+    from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
+
+    __version__: str = _version("fx-sparsify")
+except _NotInstalled:  # pragma: no cover - running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "ActivationRule",
@@ -32,9 +42,14 @@ __all__ = [
     "compute_mask",
     "data",
     "export",
+    "load_compressed",
+    "load_spec",
     "masks",
+    "plot_mask",
+    "plot_sparsity",
     "register_mask_method",
     "report",
+    "save_compressed",
     "sparsify_graph",
     "sparsity",
     "squash",
