@@ -29,6 +29,15 @@ try:
     __version__: str = _version("fx-sparsify")
 except _NotInstalled:  # pragma: no cover - running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
+from .io import load_spec
+from .viz import plot_mask, plot_sparsity  # matplotlib / pydot are imported on first use (extra `viz`)
+
+try:
+    from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
+
+    __version__: str = _version("fx-sparsify")
+except _NotInstalled:  # pragma: no cover - running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "ActivationRule",
@@ -42,9 +51,12 @@ __all__ = [
     "compute_mask",
     "data",
     "export",
+    "load_spec",
     "load_compressed",
     "load_spec",
     "masks",
+    "plot_mask",
+    "plot_sparsity",
     "plot_mask",
     "plot_sparsity",
     "register_mask_method",

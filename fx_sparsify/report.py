@@ -63,6 +63,8 @@ def report(gm: GraphModule, state: SparsityState) -> str:
             kept,
             fate_of(gm, state, record, index),
         ])
+        if name in state.extra.get("initial_masks", {}):  # SPEC §14: "adopted" / "initial mask"
+            rows[-1][2] += f" ({state.extra['initial_masks'][name]})"
     total = sum(r.numel for r in state.targets.values() if r.kind != "activation")
     zeros = sum(achieved[n] * r.numel for n, r in state.targets.items() if r.kind != "activation")
     head = (

@@ -88,6 +88,28 @@ class SparseGraphModule(GraphModule):
         """A plain GraphModule with the masks folded into the constants; ``self`` is unchanged."""
         return _squash(self, self._fxs)
 
+    def squash_into(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Write the squashed weights into your own eager ``model`` (in place) and return it (SPEC §14).
+
+        The model keeps its class and methods (a Hugging Face model keeps ``save_pretrained``). Its
+        tensors must have the original model's names and shapes (a dense squash: no ``shrink``).
+        """
+        from .roundtrip import squash_into
+
+        return squash_into(self, self._fxs, _squash(self, self._fxs), model)
+
+    def to_torch_prune(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Apply the weight masks to the eager ``model`` with ``torch.nn.utils.prune.custom_from_mask``."""
+        from .roundtrip import to_torch_prune
+
+        return to_torch_prune(self, self._fxs, model)
+
+    def draw(self, path: Any, module: str | None = None) -> Any:
+        """Write a picture of the rewritten graph (``.svg`` / ``.png``; extra ``viz``); ``module`` draws one submodule."""
+        from .viz import draw
+
+        return draw(self, path, module=module)
+
     def target_sparsity(self) -> dict[str, float | None]:
         """Target name → the sparsity its rule aims for at the current step (None where it has none)."""
         return {
