@@ -158,7 +158,10 @@ class ActivationObserver(nn.Module):
         return {"samples": self.samples, "batches": self.batches}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
-        self.samples, self.batches = int(state["samples"]), int(state["batches"])
+        from ._load_checks import check_extra_counts  # observer sits below the state module: import late
+
+        counts = check_extra_counts(state, ("samples", "batches"), f"observer {self.name!r}")
+        self.samples, self.batches = counts["samples"], counts["batches"]
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         incoming = state_dict.get(prefix + "stat")

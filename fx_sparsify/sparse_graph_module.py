@@ -10,6 +10,7 @@ import torch
 from torch.fx import GraphModule
 
 from . import ops
+from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
 from .report import report as _report, target_sparsity_of
 from .passes.squash import squash as _squash
@@ -136,6 +137,9 @@ class SparseGraphModule(GraphModule):
 
     # --- state, copies and pickling ----------------------------------------------------------------
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # everything is checked before anything is written (the root loads before its submodules); torch
+        # passes strict=True here whatever the caller asked, so load_state_dict below records the caller's
+        check_state_dict(self, self._fxs, state_dict, prefix, self.__dict__.get("_fxs_strict", False))
         # activation masks take their shape at the first step(): adopt the saved shape
         for r in self._fxs.targets.values():
             incoming = state_dict.get(prefix + r.buffer)
@@ -144,11 +148,18 @@ class SparseGraphModule(GraphModule):
                 r.shape = tuple(incoming.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self.__dict__["_fxs_strict"] = bool(strict)
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self.__dict__.pop("_fxs_strict", None)
+
     def get_extra_state(self) -> dict[str, Any]:
         return {"steps": self._fxs.steps}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._fxs.steps = int(state["steps"])
+        self._fxs.steps = check_extra_counts(state, ("steps",), "the sparse module's extra state")["steps"]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseGraphModule:
         res = super().__deepcopy__(memo)

@@ -1,0 +1,92 @@
+"""Everything a ``SparseGraphModule.load_state_dict`` needs is checked before anything is written.
+
+``torch.nn.Module.load_state_dict`` copies tensors module by module and collects shape mismatches to
+raise at the end, so a dict of another spec or model used to leave weights overwritten, activation
+masks and observer statistics re-shaped and the step count changed. :func:`check_state_dict` runs
+first (from the root's ``_load_from_state_dict``) and raises :class:`StateDictError` with every
+problem; only then does loading write.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .state import SparsityState
+
+__all__ = ["StateDictError", "check_state_dict", "check_extra_counts"]
+
+
+class StateDictError(ValueError, RuntimeError):
+    """A state dict that cannot load; nothing was written. A ``ValueError`` (our rule for bad input)
+    and a ``RuntimeError`` (what ``torch.nn.Module.load_state_dict`` raises)."""
+
+
+def check_extra_counts(state: Any, keys: tuple[str, ...], where: str) -> dict[str, int]:
+    """``state`` as ``{key: int >= 0}`` for ``keys``, or a :class:`StateDictError` naming what is wrong."""
+    if not isinstance(state, Mapping):
+        raise StateDictError(f"{where}: expected a dict with {', '.join(map(repr, keys))}, got {type(state).__name__}: {state!r}")
+    out = {}
+    for key in keys:
+        if key not in state:
+            raise StateDictError(f"{where}: missing {key!r} (got keys {sorted(state)})")
+        value = state[key]
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise StateDictError(f"{where}: {key!r} must be an int >= 0, got {type(value).__name__}: {value!r}")
+        out[key] = int(value)
+    return out
+
+
+def check_state_dict(gm: nn.Module, state: SparsityState, state_dict: Mapping[str, Any], prefix: str, strict: bool) -> None:
+    """Raise :class:`StateDictError` listing every key, shape, mask value or count that would not load."""
+    own = gm.state_dict()
+    incoming = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    problems: list[str] = []
+    if strict:
+        missing = [k for k in own if k not in incoming]
+        unexpected = [k for k in incoming if k not in own]
+        if missing:
+            problems.append(f"missing keys: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            problems.append(f"unexpected keys: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
+    masks = {r.buffer for r in state.targets.values()}
+    free_shape = {r.buffer for r in state.targets.values() if r.kind == "activation"}  # take reduce's shape at step()
+    observers = {r.observer for r in state.targets.values() if r.observer is not None}
+    free_shape |= {f"{o}.stat" for o in observers}
+    for key, value in incoming.items():
+        if key not in own:
+            continue
+        mine = own[key]
+        if key.endswith("_extra_state"):
+            owner = key[: -len("_extra_state")].rstrip(".")
+            try:
+                if not owner:
+                    check_extra_counts(value, ("steps",), "the sparse module's extra state")
+                elif owner in observers:
+                    check_extra_counts(value, ("samples", "batches"), f"observer {owner!r}")
+            except StateDictError as err:
+                problems.append(str(err))
+            continue
+        if not isinstance(mine, Tensor):
+            continue
+        if not isinstance(value, Tensor):
+            problems.append(f"{key!r} must be a tensor, got {type(value).__name__}")
+            continue
+        if key not in free_shape and value.shape != mine.shape:
+            problems.append(f"{key!r} has shape {tuple(value.shape)}, this module's has {tuple(mine.shape)}")
+            continue
+        if key in masks and value.dtype != torch.bool:
+            if value.is_complex() or not bool(((value == 0) | (value == 1)).all()):
+                problems.append(f"mask {key!r} holds values other than 0 and 1 (soft or NaN); a mask keeps or prunes")
+    if problems:
+        raise StateDictError(
+            f"load_state_dict: the state dict does not fit this {state.class_name} sparse module (nothing was "
+            "loaded):\n  " + "\n  ".join(problems)
+            + "\nLoad a state dict saved from sparsify_graph(model, spec) with the same model and spec"
+            + (", or pass strict=False to load the keys that match." if strict else ".")
+        )

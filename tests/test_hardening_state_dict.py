@@ -1,0 +1,145 @@
+"""load_state_dict of a SparseGraphModule is validated first and atomic: a dict that cannot load
+changes nothing (weights, masks, observer statistics, step count)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fx_sparsify as fxs
+from fx_sparsify.observer import ActivationObserver
+
+from models import MLP
+
+SPEC = {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5}],
+        "activations": [{"target": "fc2", "aggregate": "abs_sum", "reduce": "mean", "mask": "l1_unstructured",
+                         "sparsity": 0.5}]}
+X = torch.randn(4, 16)
+
+
+def _trained(model: MLP, spec: dict = SPEC) -> fxs.SparseGraphModule:
+    sgm = fxs.sparsify_graph(model, spec)
+    sgm(X)
+    sgm.step()
+    sgm(X)  # statistics pending for the next step
+    return sgm
+
+
+def _snapshot(sgm: fxs.SparseGraphModule) -> dict:
+    return {"sd": {k: v.clone() for k, v in sgm.state_dict().items() if isinstance(v, torch.Tensor)},
+            "steps": sgm._fxs.steps, "obs": (sgm.fc2_input_observer.samples, sgm.fc2_input_observer.batches),
+            "shape": sgm._fxs.targets["fc2:input"].shape}
+
+
+def _assert_same(sgm: fxs.SparseGraphModule, before: dict) -> None:
+    after = _snapshot(sgm)
+    assert after["sd"].keys() == before["sd"].keys()
+    for k, v in before["sd"].items():
+        assert after["sd"][k].shape == v.shape and torch.equal(after["sd"][k], v), k
+    assert (after["steps"], after["obs"], after["shape"]) == (before["steps"], before["obs"], before["shape"])
+
+
+def test_round_trip_still_loads_exactly() -> None:
+    model = MLP()
+    sgm = _trained(model)
+    fresh = fxs.sparsify_graph(model, SPEC)
+    fresh.load_state_dict(sgm.state_dict())
+    assert all(torch.equal(fresh.masks()[k], v) for k, v in sgm.masks().items())
+    assert fresh._fxs.steps == 1 and fresh.fc2_input_observer.batches == 1
+
+
+def test_dict_of_another_spec_raises_before_anything_is_written() -> None:
+    model = MLP()
+    sgm = _trained(model)
+    before = _snapshot(sgm)
+    other = _trained(MLP(), {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5}],
+                             "activations": [{"target": "head", "mask": "l1_unstructured", "sparsity": 0.5,
+                                              "aggregate": "abs_sum"}]}).state_dict()
+    with pytest.raises(ValueError, match=r"(?s)nothing was loaded.*missing keys.*unexpected keys") as info:
+        sgm.load_state_dict(other)
+    assert isinstance(info.value, RuntimeError)  # what torch's own load_state_dict raises
+    _assert_same(sgm, before)
+
+
+def test_dict_of_another_model_shape_mismatch_raises_before_writing() -> None:
+    sgm = _trained(MLP())
+    before = _snapshot(sgm)
+    other = _trained(MLP(hidden=24)).state_dict()
+    with pytest.raises(ValueError, match=r"'fc1.weight' has shape \(24, 16\)"):
+        sgm.load_state_dict(other)
+    _assert_same(sgm, before)
+    with pytest.raises(ValueError, match="shape"):
+        sgm.load_state_dict(other, strict=False)  # shapes are checked in either mode
+    _assert_same(sgm, before)
+
+
+@pytest.mark.parametrize("bad", [0.5, math.nan, 2.0])
+@pytest.mark.parametrize("which", ["fc1_weight_mask", "fc2_input_mask"])
+def test_soft_or_nan_masks_are_refused(bad: float, which: str) -> None:
+    sgm = _trained(MLP())
+    before = _snapshot(sgm)
+    sd = sgm.state_dict()
+    key = next(k for k in sd if k.replace(".", "_") == which or k == which)
+    sd[key] = sd[key].float().clone()
+    sd[key].view(-1)[0] = bad
+    sd["fc1.weight"] = torch.zeros_like(sd["fc1.weight"])  # would be written first without the check
+    with pytest.raises(ValueError, match=rf"mask '{key}' holds values other than 0 and 1"):
+        sgm.load_state_dict(sd)
+    _assert_same(sgm, before)
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"steps": "x"}, r"'steps' must be an int >= 0, got str"),
+    ({"steps": -1}, r"'steps' must be an int >= 0"),
+    ({}, r"missing 'steps'"),
+    ("3", r"expected a dict"),
+])
+def test_bad_step_count_is_a_clear_error(extra: object, match: str) -> None:
+    sgm = _trained(MLP())
+    before = _snapshot(sgm)
+    sd = sgm.state_dict()
+    sd["_extra_state"] = extra
+    sd["fc1.weight"] = torch.zeros_like(sd["fc1.weight"])
+    with pytest.raises(ValueError, match=match):
+        sgm.load_state_dict(sd)
+    _assert_same(sgm, before)
+    with pytest.raises(ValueError, match=match):
+        sgm.set_extra_state(extra)
+
+
+def test_bad_observer_counts_are_refused_before_writing() -> None:
+    sgm = _trained(MLP())
+    before = _snapshot(sgm)
+    sd = sgm.state_dict()
+    sd["fc2_input_observer._extra_state"] = {"samples": 1.5, "batches": 1}
+    with pytest.raises(ValueError, match=r"observer 'fc2_input_observer'.*'samples' must be an int"):
+        sgm.load_state_dict(sd)
+    _assert_same(sgm, before)
+    with pytest.raises(ValueError, match="'batches' must be an int"):
+        ActivationObserver().set_extra_state({"samples": 1, "batches": "two"})
+
+
+def test_non_strict_load_of_a_partial_dict_still_works() -> None:
+    model = MLP()
+    sgm = _trained(model)
+    fresh = fxs.sparsify_graph(model, SPEC)
+    partial = {k: v for k, v in sgm.state_dict().items() if k in ("fc1.weight", "fc1_weight_mask")}
+    fresh.load_state_dict(partial, strict=False)
+    assert torch.equal(fresh.masks()["fc1.weight"], sgm.masks()["fc1.weight"])
+
+
+def test_inside_a_parent_module_the_prefix_is_respected() -> None:
+    model = MLP()
+    sgm = _trained(model)
+    parent = torch.nn.Sequential(fxs.sparsify_graph(model, SPEC))
+    parent.load_state_dict({f"0.{k}": v for k, v in sgm.state_dict().items()})
+    assert torch.equal(parent[0].masks()["fc1.weight"], sgm.masks()["fc1.weight"])
+    bad = {f"0.{k}": v for k, v in sgm.state_dict().items()}
+    bad["0._extra_state"] = {"steps": "x"}
+    before = copy.deepcopy(parent[0].state_dict())
+    with pytest.raises(ValueError, match="'steps' must be an int"):
+        parent.load_state_dict(bad)
+    assert all(torch.equal(v, parent[0].state_dict()[k]) for k, v in before.items() if isinstance(v, torch.Tensor))
