@@ -47,7 +47,7 @@ class Sparsify(nn.Module):
         super().__init__()
         self.shape = tuple(shape)
         self.generator = generator
-        self.register_buffer("mask", torch.ones(self.shape))
+        self.register_buffer("mask", torch.ones(self.shape, dtype=torch.bool))  # bool keep-mask (SPEC §15)
         self.scores: nn.Parameter | None = None
         self.method, self.options, self.backward_mode = "dense", {}, "STE"
         self.configure(sparseness=sparseness, backward_mode=backward_mode, **options)
@@ -93,8 +93,8 @@ class Sparsify(nn.Module):
             return get_mask_method(self.method)(scores, generator=self.generator, **(options or self.options))
 
     def compute_mask(self, scores: Tensor) -> Tensor:
-        """The keep-mask of ``scores`` under the configured method (stored in ``self.mask``)."""
-        self.mask = self.keep_mask(scores).to(dtype=scores.dtype if scores.dtype.is_floating_point else torch.float32)
+        """The bool keep-mask of ``scores`` under the configured method (stored in ``self.mask``)."""
+        self.mask = self.keep_mask(scores).to(device=scores.device, dtype=torch.bool)
         return self.mask
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,10 +103,11 @@ class Sparsify(nn.Module):
             scores = self.scores
             mask = self.compute_mask(scores.detach())
             probe = torch.sigmoid(scores) if self.method == "bernoulli" else scores
-            ste_mask = mask + (probe - probe.detach())  # value: mask; gradient: straight through to scores
+            through = probe - probe.detach()  # value 0; gradient: straight through to the scores
+            ste_mask = mask + through  # value: mask
             base = x if self.backward_mode == "joint" else x.detach()
             if self.backward_mode == "joint":
-                return base * mask + base.detach() * (ste_mask - mask)
+                return base * mask + base.detach() * through
             return base * ste_mask
         mask = self.compute_mask(x.detach())
         if self.backward_mode == "STE":

@@ -1,7 +1,7 @@
 """Pass: give every targeted parameter one mask node that feeds every use of it.
 
-For ``fc1.weight`` the pass registers a buffer ``fc1_weight_mask`` (all ones: keep everything) on the
-root and inserts, before the first use::
+For ``fc1.weight`` the pass registers a ``torch.bool`` buffer ``fc1_weight_mask`` (all True: keep
+everything) on the root and inserts, before the first use::
 
     %fc1_weight : get_attr[target=fc1.weight]
     %fc1_weight_mask : get_attr[target=fc1_weight_mask]
@@ -171,7 +171,8 @@ def insert_weight_masks(
             module = _sparsify_module(gm, name, targets[name], param, seed)
             created[name].update(buffer=f"{module}.mask", module=module)
         else:
-            gm.register_buffer(buffer, torch.ones_like(param, requires_grad=False))
+            # a bool keep-mask: 1 byte per entry, a quarter of an fp32 weight (SPEC §15)
+            gm.register_buffer(buffer, torch.ones(param.shape, dtype=torch.bool, device=param.device))
             created[name]["buffer"] = buffer
         if not in_graph:
             continue

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from .. import ops
+from .._masks import zero_pruned_
 from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
 from ._runner import PassResult, finish
@@ -37,8 +38,7 @@ def fold_weight_masks(gm: GraphModule, state: SparsityState) -> PassResult:
     with torch.no_grad():
         for record in state.targets.values():
             if record.kind in ("weight", "embedding"):
-                weight = gm.get_parameter(record.param)
-                weight.mul_(gm.get_buffer(record.buffer).to(weight.dtype))
+                zero_pruned_(gm.get_parameter(record.param), gm.get_buffer(record.buffer))  # +0.0 where pruned
     folded = {}
     for node in list(gm.graph.nodes):
         info = info_of(node)

@@ -1,0 +1,59 @@
+"""Mask storage and in-place masking in bounded memory (SPEC §15).
+
+Weight masks are ``torch.bool`` buffers: one byte per entry, a quarter of an fp32 weight (half of a
+bf16 one). A mask buffer of another dtype (a float 0/1 mask from an older checkpoint or pickle) is
+read as ``mask != 0``. In-place masking works over chunks of :data:`CHUNK` elements, so its
+temporaries stay a small, fixed size whatever the tensor's size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHUNK", "keep_of", "zero_pruned_", "masked_copy"]
+
+#: elements per chunk of the in-place mask ops (4 Mi: 4 MiB of bool temporaries at most)
+CHUNK = 1 << 22
+
+
+def keep_of(mask: Tensor) -> Tensor:
+    """``mask`` as a bool keep-mask: the tensor itself when it is bool, else ``mask != 0``."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _flat_pairs(weight: Tensor, mask: Tensor, chunk: int) -> list[tuple[Tensor, Tensor]] | None:
+    """Matching flat chunks of ``weight`` and ``mask``, or None when they cannot be viewed flat."""
+    if weight.shape != mask.shape or not (weight.is_contiguous() and mask.is_contiguous()):
+        return None
+    return list(zip(weight.view(-1).split(chunk), mask.view(-1).split(chunk)))
+
+
+@torch.no_grad()
+def zero_pruned_(weight: Tensor, mask: Tensor, chunk: int = CHUNK) -> Tensor:
+    """Write +0.0 into ``weight`` wherever ``mask`` prunes, in place; returns ``weight``.
+
+    Pruned entries become +0.0 (never -0.0, whatever the weight's sign) and NaN / inf weights are
+    zeroed too. Temporaries are one bool chunk; a mask that broadcasts or a non-contiguous weight is
+    masked in one go.
+    """
+    pairs = _flat_pairs(weight, mask, chunk)
+    if pairs is None:
+        weight.masked_fill_(keep_of(mask).logical_not(), 0)
+        return weight
+    for w, m in pairs:
+        w.masked_fill_(keep_of(m).logical_not(), 0)
+    return weight
+
+
+@torch.no_grad()
+def masked_copy(weight: Tensor, mask: Tensor, chunk: int = CHUNK) -> Tensor:
+    """A new tensor holding ``weight`` with +0.0 where ``mask`` prunes (``weight`` is unchanged)."""
+    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    pairs = _flat_pairs(out, mask, chunk) if weight.is_contiguous() else None
+    if pairs is None:
+        out.copy_(weight)
+        return zero_pruned_(out, mask, chunk)
+    for (o, m), w in zip(pairs, weight.view(-1).split(chunk)):
+        torch.where(keep_of(m), w, w.new_zeros(()), out=o)
+    return out
