@@ -20,6 +20,7 @@ from .passes.insert_weight_masks import insert_weight_masks
 from .passes.update_masks import check_options
 from .observer import ActivationObserver
 from .roundtrip import set_initial_masks, take_over
+from ._spec_doc import SPEC_KEYS_DOC
 from .select import WeightTarget, param_aliases, resolve_activation_targets, resolve_weight_targets
 from .sparse_graph_module import SparseGraphModule
 from .state import SparsityState, TargetRecord
@@ -67,6 +68,9 @@ def sparsify_graph(
     the returned module shares its parameters. Every mask starts all-keep: call ``.step()`` to compute.
     ``dynamic_shapes`` (beyond SPEC §2) goes to ``torch.export.export`` for an export capture: without
     it the captured graph only accepts inputs of the example inputs' shapes.
+    ``masks`` (SPEC §14) maps weight target names to initial keep-masks; a model carrying
+    ``torch.nn.utils.prune`` hooks or ``torch.ao.pruning`` FakeSparsity parametrizations is taken over
+    (the copy loses them, their masks become the initial masks, "adopted" in the report).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -134,6 +138,9 @@ def sparsify_graph(
     if example_inputs is not None or example_kwargs is not None:
         _check_runs(sgm, example_inputs or (), example_kwargs or {})
     return sgm
+
+
+sparsify_graph.__doc__ = (sparsify_graph.__doc__ or "") + SPEC_KEYS_DOC
 
 
 def _kind(model: nn.Module, name: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .methods import get_mask_method, parse_method, validate_options
 from .schedule import check_schedule
+from ._spec_doc import SPEC_KEYS_DOC
 
 __all__ = ["WeightRule", "GlobalRule", "ActivationRule", "SparsitySpec"]
 
@@ -255,6 +256,7 @@ class SparsitySpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SparsitySpec:
+        """Build a spec from a dict (what a JSON / TOML / YAML recipe holds); every error names the key."""
         if isinstance(d, SparsitySpec):
             return d
         if not isinstance(d, Mapping):
@@ -288,3 +290,4 @@ class SparsitySpec:
         return out
 
 
+SparsitySpec.from_dict.__func__.__doc__ = (SparsitySpec.from_dict.__doc__ or "") + SPEC_KEYS_DOC  # type: ignore[attr-defined]
