@@ -83,13 +83,13 @@ def sparsify_graph(
     copied = bool(adopted) and not inplace
     # selection reads names and types only: resolve on the user's model, fail before copying anything
     targets = resolve_weight_targets(spec, model)
+    hessian_layers = sparsegpt_layers(model, targets)  # SPEC §16: Linear only, errors name the layer
     check_options(  # shape-dependent option errors (N:M on an indivisible dim, ...) before anything is built
         (name, t.rule.method, tuple(find_tensor(model, name).shape), dict(t.rule.options), t.group)  # type: ignore[union-attr]
         for name, t in targets.items()
     )
     layers = resolve_activation_targets(spec, model)
     norm_layers = _wanda_layers(model, targets)
-    hessian_layers = sparsegpt_layers(model, targets)  # SPEC §16: Linear only, errors name the layer
     scores = _score_tensors(model, targets)
     aliases = param_aliases(model)
     state_keys = tuple(model.state_dict().keys())

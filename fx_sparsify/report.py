@@ -56,7 +56,7 @@ def report(gm: GraphModule, state: SparsityState) -> str:
         rows.append([
             name,
             record.kind,
-            _method_text(record, options),
+            _method_text(record, options) + (" reconstructed" if name in state.extra.get("reconstructed", ()) else ""),
             "x".join(map(str, record.shape)) or "scalar",
             "-" if target is None else f"{target:.1%}",
             f"{achieved[name]:.1%}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import builtin as _builtin  # noqa: F401  (registers the built-in methods)
+from . import sparsegpt as _sparsegpt  # noqa: F401  (registers "sparsegpt")
 from ._registry import (
     MaskMethod,
     available_mask_methods,

@@ -27,6 +27,7 @@ from .._masks import keep_of, masked_copy, zero_pruned_
 from .._modules import find_tensor
 from ..methods import get_mask_method
 from ..methods._random import generator_for
+from ..methods.wanda import PER_ROW, per_row_mask
 from ..methods._registry import keep_mask, refuse_nan
 from ..state import SparsityState, TargetRecord, current_options
 from .reconstruct import RECONSTRUCTING, check_calibrated, reconstruct
@@ -198,7 +199,10 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
                     else:
                         scores = weight_scores(gm, record)
                         gen = generator_for(seed, record.name, scores.device)
-                        new_masks[record.name] = get_mask_method(record.method)(scores, generator=gen, **current_options(state, record))
+                        if getattr(record.rule, "scores", None) == "wanda" and record.method in PER_ROW:  # per output row
+                            new_masks[record.name] = per_row_mask(record.method, scores, current_options(state, record))
+                        else:
+                            new_masks[record.name] = get_mask_method(record.method)(scores, generator=gen, **current_options(state, record))
                         if record.observer is not None:  # Wanda statistics restart with the next calibration
                             restart.append(record.observer)
             for g, records in groups.items():

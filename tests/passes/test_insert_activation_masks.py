@@ -227,8 +227,8 @@ def test_wanda_scores_equal_hand_computation() -> None:
     sgm.step()
     h = torch.cat([torch.relu(model.fc1(x)) for x in data]).detach()
     scores = model.fc2.weight.detach().abs() * h.norm(dim=0)
-    expected = torch.ones_like(scores, dtype=torch.bool)
-    expected.view(-1)[scores.view(-1).argsort()[: scores.numel() // 2]] = False
+    expected = torch.ones_like(scores, dtype=torch.bool)  # per output row, as the Wanda paper (SPEC §16)
+    expected.scatter_(1, scores.argsort(dim=1)[:, : scores.shape[1] // 2], False)
     assert torch.equal(sgm.masks()["fc2.weight"], expected)
     assert not any("observer" in n for n, _ in sgm.squash().named_modules())
 

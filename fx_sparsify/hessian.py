@@ -1,0 +1,50 @@
+"""``HessianObserver``: the identity node that accumulates ``X·Xᵀ`` of a Linear layer's input (SparseGPT).
+
+Every calibration forward folds its input ``x`` (``(..., in_features)``, flattened to rows) into
+``stat += xᵀ·x`` in ``float32`` (or ``float64``); :meth:`HessianObserver.reduced` returns
+``H = 2·X·Xᵀ / rows``. It is an :class:`~fx_sparsify.observer.ActivationObserver` with aggregate
+``"sum"``, so it is disabled, reset, pickled and all-reduced under DDP like every observer. One
+``in × in`` statistic per observer; layers that read the same input (``q``, ``k``, ``v``) share one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .observer import ActivationObserver
+
+__all__ = ["HessianObserver"]
+
+
+class HessianObserver(ActivationObserver):
+    """Identity on its input; accumulates ``xᵀ·x`` over the rows of every batch while ``enabled``."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, name: str = "") -> None:
+        super().__init__("sum", "sum", name=name)
+        self.compact, self._fast = True, False
+        self.dtype = dtype
+
+    def _observe(self, x: Tensor) -> None:
+        attrs = self.__dict__
+        attrs["input_shape"] = x.shape
+        rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+        rows = rows.to(self.dtype)
+        stat = self._buffers["stat"]
+        if not self.batches:
+            self.stat = rows.T @ rows
+        elif stat.is_inference() and not torch.is_inference_mode_enabled():
+            self.stat = torch.addmm(stat, rows.T, rows)
+        else:
+            stat.addmm_(rows.T, rows)
+        attrs["samples"] += rows.shape[0]
+        attrs["batches"] += 1
+
+    def reduced(self) -> list[Tensor]:
+        """``[H]`` with ``H = 2·X·Xᵀ / rows`` over every row seen since the last step."""
+        if self.batches == 0:
+            raise ValueError(f"observer {self.name!r} has seen no data since the last step; run forward passes first")
+        return [self.stat * (2.0 / max(self.samples, 1))]
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}, batches={int(self.batches)}, rows={int(self.samples)}"

@@ -1,0 +1,91 @@
+"""Pass: a Hessian observer in front of each ``"method": "sparsegpt"`` layer's input (SPEC §16).
+
+For a rule selecting ``fc1.weight`` the pass adds ``fc1_input_hessian_observer`` (a
+:class:`~fx_sparsify.hessian.HessianObserver`) and rewires the layer's input through it::
+
+    %fc1_input_hessian_observer : call_module[target=fc1_input_hessian_observer](args = (%x,))
+    %fc1 : call_module[target=fc1](args = (%fc1_input_hessian_observer,))
+
+Layers that read the same input node (the ``q``, ``k``, ``v`` projections of an attention block) share
+one observer, so one ``in × in`` statistic serves all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from ..hessian import HessianObserver
+from ..methods.sparsegpt import HESSIAN_DTYPES
+from ._runner import PassResult, finish
+from .insert_activation_masks import LayerIndex, _insert
+
+__all__ = ["insert_hessian_observers", "sparsegpt_layers"]
+
+
+def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """Layer FQN → (weight target, hessian dtype name) for ``sparsegpt`` rules; errors name the layer.
+
+    ``targets`` are the resolved weight targets (``select.WeightTarget``: ``.rule``, ``.group``).
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for name, target in targets.items():
+        rule = target.rule
+        if rule.method != "sparsegpt":
+            continue
+        if target.group is not None:
+            raise ValueError(
+                f"global rule over {name!r}: 'sparsegpt' prunes each layer against its own inputs' Hessian and "
+                "cannot rank layers together; use a 'weights' rule per layer (same sparsity) instead"
+            )
+        layer = name.rpartition(".")[0]
+        module = model.get_submodule(layer) if name.endswith(".weight") else None
+        if not isinstance(module, nn.Linear):
+            kind = type(module).__name__ if module is not None else "not a layer's weight"
+            raise ValueError(
+                f"'method': 'sparsegpt' reconstructs nn.Linear weights from their inputs; {name!r} ({kind}) is not "
+                f"the weight of an nn.Linear. Select Linear layers for this rule, or use another method (e.g. "
+                "l1_unstructured, nm) for this layer"
+            )
+        if getattr(rule, "scores", None) is not None:
+            raise ValueError(
+                f"weights rule {rule.target!r}: 'sparsegpt' ranks by its own OBS saliency; drop 'scores' from the rule"
+            )
+        if getattr(rule, "gradient", "mask") in ("supermask", "joint"):
+            raise ValueError(
+                f"weights rule {rule.target!r}: 'sparsegpt' chooses masks from calibration data, gradient "
+                f"{rule.gradient!r} from learned scores; use gradient 'mask' (or 'ste') with sparsegpt"
+            )
+        out[layer] = (name, rule.options.get("hessian_dtype", "float32"))
+    return out
+
+
+def insert_hessian_observers(
+    gm: GraphModule,
+    layers: Mapping[str, tuple[str, str]],
+    aliases: Mapping[str, str],
+) -> PassResult:
+    """Observers for ``layers`` (layer FQN → (weight target, hessian dtype name)); ``created[target]["observer"]``."""
+    created: dict[str, dict[str, str]] = {}
+    shared: dict[tuple[tuple[Node, ...], torch.dtype], str] = {}  # (input nodes, dtype) -> observer name
+    index = LayerIndex(gm, aliases)
+    for layer, (weight_target, dtype_name) in layers.items():
+        calls = index(layer)
+        if not calls:
+            raise ValueError(f"'method': 'sparsegpt' on {weight_target!r}: layer {layer!r} is never called in the graph")
+        dtype = HESSIAN_DTYPES[dtype_name]
+        name = _insert(gm, index, layer, calls, HessianObserver(dtype), False, "input_hessian_observer")["observer"]
+        nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+        key = (tuple(n.args[0] for n in nodes), dtype)
+        if key in shared:  # this layer reads an observed input already: use that observer, drop the new one
+            for node in nodes:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+            gm.delete_submodule(name)
+            name = shared[key]
+        shared[key] = name
+        created[weight_target] = {"observer": name}
+    return finish(gm, created)

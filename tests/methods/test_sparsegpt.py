@@ -1,0 +1,159 @@
+"""SparseGPT's column sweep (fx_sparsify/methods/sparsegpt.py) on small Linear weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fx_sparsify as fxs
+from fx_sparsify.methods import count_to_prune
+from fx_sparsify.methods.sparsegpt import sparsegpt_prune
+
+
+def _layer(rows: int = 24, cols: int = 64, samples: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight and inputs (``in × samples``) like a language model's: correlated features (off-diagonal
+    Hessian, so OBS updates matter) of very different scales (outlier features, so magnitude misleads)."""
+    w = torch.randn(rows, cols, dtype=torch.float64)
+    mix = torch.randn(cols, cols, dtype=torch.float64) / math.sqrt(cols) + torch.eye(cols, dtype=torch.float64)
+    scale = torch.exp(torch.randn(cols, 1, dtype=torch.float64))
+    x = scale * (mix @ torch.randn(cols, samples, dtype=torch.float64))
+    return w, x
+
+
+def _reference_sparsegpt(w: torch.Tensor, h: torch.Tensor, prunen: int, prunem: int, blocksize: int,
+                         percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT's ``fasterprune`` (IST-DASLab/sparsegpt, sparsegpt.py) for N:M, transcribed."""
+    W = w.clone()
+    H = h.clone()
+    columns = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(columns)
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    Hinv = torch.linalg.cholesky(H, upper=True)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        mask1 = torch.zeros_like(W1) == 1
+        for i in range(count):
+            w_ = W1[:, i]
+            d = Hinv1[i, i]
+            if i % prunem == 0:
+                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
+            q = w_.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w_ - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W
+
+
+def test_reconstruction_reduces_the_output_error_versus_masking_alone() -> None:
+    w, x = _layer()
+    keep, new = sparsegpt_prune(w, 2 * x @ x.T, sparsity=0.5, block_size=16)
+    err = lambda v: float(torch.linalg.norm(w @ x - v @ x))  # noqa: E731
+    magnitude = fxs.compute_mask("l1_unstructured", w, sparsity=0.5)
+    assert err(new) < 0.92 * err(w * keep)  # the update, not only the mask, does the work
+    assert err(new) < 0.5 * err(w * magnitude)
+    assert torch.all(new[~keep] == 0)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_nm_holds_and_equals_the_reference_implementation(n: int, m: int) -> None:
+    w, x = _layer(cols=64)
+    h = 2 * x @ x.T
+    keep, new = sparsegpt_prune(w, h, n=n, m=m, block_size=32)
+    groups = keep.reshape(w.shape[0], -1, m)
+    assert torch.all(groups.sum(-1) == n)
+    torch.testing.assert_close(new, _reference_sparsegpt(w, h, m - n, m, 32), rtol=1e-9, atol=1e-9)
+
+
+def test_identity_covariance_reduces_to_magnitude_pruning() -> None:
+    w = torch.randn(16, 32)
+    x = 3.0 * torch.eye(32)  # X·Xᵀ = 9·I: no correlation between inputs, so nothing to compensate
+    keep, new = sparsegpt_prune(w, 2 * x @ x.T, sparsity=0.5, block_size=32)
+    assert torch.equal(keep, fxs.compute_mask("l1_unstructured", w, sparsity=0.5))
+    assert torch.equal(new, w * keep)  # no update: off-diagonal H⁻¹ entries are exactly zero
+    keep_nm, new_nm = sparsegpt_prune(w, 2 * x @ x.T, n=2, m=4)
+    assert torch.equal(keep_nm, fxs.compute_mask("nm", w, n=2, m=4))
+    assert torch.equal(new_nm, w * keep_nm)
+    # a bare tensor (no calibration data) is the identity case
+    assert torch.equal(fxs.compute_mask("sparsegpt", w, sparsity=0.5, block_size=32), keep)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.37, 0.5, 0.9, 0.0, 1.0, 101])
+@pytest.mark.parametrize("block_size", [7, 16, 128])
+def test_exact_sparsity_counts(sparsity: float, block_size: int) -> None:
+    w, x = _layer(rows=10, cols=40, samples=128)
+    keep, new = sparsegpt_prune(w, x @ x.T, sparsity=sparsity, block_size=block_size)
+    assert int((~keep).sum()) == count_to_prune(sparsity, w.numel())
+    assert torch.all(new[~keep] == 0)
+
+
+def test_pruned_entries_stay_pruned_at_the_same_sparsity_and_count_toward_a_higher_one() -> None:
+    w, x = _layer(rows=12, cols=48)
+    h = x @ x.T
+    keep, new = sparsegpt_prune(w, h, sparsity=0.4, block_size=16)
+    again, _ = sparsegpt_prune(new, h, sparsity=0.4, block_size=16, keep=keep)
+    assert torch.equal(again, keep)
+    more, _ = sparsegpt_prune(new, h, sparsity=0.6, block_size=16, keep=keep)
+    assert not torch.any(more & ~keep)
+    assert int((~more).sum()) == count_to_prune(0.6, w.numel())
+
+
+def test_dead_inputs_and_float64_hessian() -> None:
+    w, x = _layer(rows=8, cols=16)
+    x[3] = 0  # an input that is always zero: its weights cost nothing on the data
+    keep, new = sparsegpt_prune(w.float(), (x @ x.T), sparsity=0.5, block_size=8)
+    assert new.dtype == torch.float32 and torch.isfinite(new).all()
+    assert not keep[:, 3].any()
+    assert int((~keep).sum()) == 64
+
+
+def test_half_precision_weight_comes_back_in_its_dtype() -> None:
+    w, x = _layer(rows=8, cols=16)
+    keep, new = sparsegpt_prune(w.to(torch.bfloat16), (x @ x.T).float(), n=2, m=4, block_size=16)
+    assert new.dtype == torch.bfloat16 and torch.all(new[~keep] == 0)
+
+
+@pytest.mark.parametrize("options,error,match", [
+    ({"sparsity": 0.5, "n": 2, "m": 4}, TypeError, "either sparsity"),
+    ({}, TypeError, "either sparsity"),
+    ({"n": 2}, TypeError, "go together"),
+    ({"n": 2, "m": 4, "block_size": 6}, ValueError, "multiple of m=4"),
+    ({"sparsity": 0.5, "damp": -1.0}, ValueError, "damp"),
+    ({"sparsity": 0.5, "hessian_dtype": "float16"}, ValueError, "hessian_dtype"),
+    ({"sparsity": 1.5}, ValueError, "fraction"),
+])
+def test_option_errors_come_when_the_spec_is_built(options: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        fxs.SparsitySpec.from_dict({"weights": [{"target": "fc1", "method": "sparsegpt", **options}]})
+
+
+def test_shape_errors() -> None:
+    with pytest.raises(ValueError, match="2-D Linear weight"):
+        fxs.compute_mask("sparsegpt", torch.randn(8), sparsity=0.5)
+    with pytest.raises(ValueError, match="not divisible by m=4"):
+        fxs.compute_mask("sparsegpt", torch.randn(4, 6), n=2, m=4)
+
+
+def test_a_singular_hessian_without_damping_is_an_error_saying_what_to_do() -> None:
+    w = torch.randn(4, 8)
+    x = torch.randn(8, 1)
+    h = x @ x.T
+    with pytest.raises(ValueError, match="raise 'damp'"):
+        sparsegpt_prune(w, h - 2 * torch.diag(h.diagonal()), sparsity=0.5, damp=0.0)

@@ -1,0 +1,174 @@
+"""``"method": "sparsegpt"`` through the pipeline: Hessian observers, step, report, squash (SPEC §16)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fx_sparsify as fxs
+from fx_sparsify.hessian import HessianObserver
+from fx_sparsify.methods.sparsegpt import sparsegpt_prune
+from tests.models import MLP, SmallCNN, TiedLM, transformer_encoder
+
+SPEC = {"weights": [{"target": "type:Linear", "method": "sparsegpt", "sparsity": 0.5, "block_size": 8},
+                    {"target": "head", "method": "dense"}]}
+
+
+class SharedInput(nn.Module):
+    """Three projections of one input (like q, k, v), then one on their sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.o = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.tanh(self.q(x) * self.k(x)) + self.v(x))
+
+
+def _observers(gm: nn.Module) -> list[str]:
+    return [name for name, m in gm.named_modules() if isinstance(m, HessianObserver)]
+
+
+def test_step_equals_the_algorithm_on_the_accumulated_inputs_of_uneven_3d_batches() -> None:
+    model = MLP()
+    sgm = fxs.sparsify_graph(model, SPEC)
+    data = [torch.randn(3, 5, 16), torch.randn(2, 7, 16)]
+    for x in data:
+        sgm(x)
+    sgm.step()
+    x1 = torch.cat([x.reshape(-1, 16) for x in data])
+    x2 = torch.relu(model.fc1(x1)).detach()  # one pass: fc2's inputs come from the dense fc1
+    for layer, x in (("fc1", x1), ("fc2", x2)):
+        keep, weight = sparsegpt_prune(getattr(model, layer).weight, x.T @ x, sparsity=0.5, block_size=8)
+        assert torch.equal(sgm.masks()[f"{layer}.weight"], keep)
+        torch.testing.assert_close(sgm.get_parameter(f"{layer}.weight"), weight)
+    assert torch.equal(sgm.get_parameter("head.weight"), model.head.weight)  # the dense head is untouched
+    assert sgm.sparsity()["fc1.weight"] == 0.5
+    assert "sparsegpt(block_size=8) reconstructed" in sgm.report()
+
+
+def test_reconstruction_lowers_the_output_error_versus_magnitude_masks() -> None:
+    model = MLP(d_in=32, hidden=64)
+    scale = torch.exp(torch.randn(32))  # outlier input features, as in language models
+    data = [torch.randn(64, 32) * scale for _ in range(4)]
+    held = torch.randn(256, 32) * scale
+    sgm = fxs.sparsify_graph(model, SPEC)
+    mag = fxs.sparsify_graph(model, {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5},
+                                                 {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5}]})
+    for x in data:
+        sgm(x)
+    sgm.step()
+    mag.step()
+    with torch.no_grad():
+        dense = model(held)
+        assert (sgm(held) - dense).norm() < 0.7 * (mag(held) - dense).norm()
+
+
+def test_layers_reading_one_input_share_one_hessian() -> None:
+    sgm = fxs.sparsify_graph(SharedInput(), {"weights": [{"target": "type:Linear", "method": "sparsegpt", "n": 2, "m": 4}]})
+    assert len(_observers(sgm)) == 2  # q, k, v share one; o has its own
+    sgm(torch.randn(8, 16))
+    sgm.step()
+    for name in ("q.weight", "k.weight", "v.weight", "o.weight"):
+        assert torch.all(sgm.masks()[name].reshape(-1, 4).sum(-1) == 2)
+
+
+def test_step_without_calibration_is_an_error_naming_the_targets_and_changes_nothing() -> None:
+    sgm = fxs.sparsify_graph(MLP(), SPEC)
+    before = sgm.get_parameter("fc1.weight").clone()
+    with pytest.raises(ValueError, match=r"'fc1.weight', 'fc2.weight' saw no calibration forward"):
+        sgm.step()
+    assert torch.equal(sgm.get_parameter("fc1.weight"), before) and sgm._fxs.steps == 0
+    sgm(torch.randn(4, 16))
+    sgm.step()
+    with pytest.raises(ValueError, match="since the last step"):  # statistics restart after each step
+        sgm.step()
+    assert sgm._fxs.steps == 1
+    assert not torch.equal(sgm.get_parameter("fc1.weight"), before)
+
+
+@pytest.mark.parametrize("model,target,match", [
+    (SmallCNN(), "type:Conv2d", r"'stem.weight' \(Conv2d\) is not the weight of an nn.Linear"),
+    (TiedLM(), "emb", r"'emb.weight' \(Embedding\)"),
+    (MLP(), "fc1.bias", r"'fc1.bias' \(not a layer's weight\)"),
+])
+def test_non_linear_targets_are_an_error_naming_the_layer(model: nn.Module, target: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        fxs.sparsify_graph(model, {"weights": [{"target": target, "method": "sparsegpt", "sparsity": 0.5}]})
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"global": [{"targets": ["fc1", "fc2"], "method": "sparsegpt", "sparsity": 0.5}]}, "cannot rank layers together"),
+    ({"weights": [{"target": "fc1", "method": "sparsegpt", "sparsity": 0.5, "scores": "wanda"}]}, "drop 'scores'"),
+    ({"weights": [{"target": "fc1", "method": "sparsegpt", "sparsity": 0.5, "gradient": "supermask"}]}, "gradient 'mask'"),
+    ({"weights": [{"target": "fc1", "method": "sparsegpt", "n": 3, "m": 5, "block_size": 5}]}, "not divisible by m=5"),
+])
+def test_rules_sparsegpt_cannot_follow_are_refused(spec: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        fxs.sparsify_graph(MLP(), spec)
+
+
+def test_schedule_moves_the_sparsity_and_pruned_weights_stay_pruned() -> None:
+    spec = {"weights": [{"target": "fc2", "method": "sparsegpt", "sparsity": 0.75,
+                         "schedule": {"kind": "linear", "start": 0.25, "end": 0.75, "steps": 2}}]}
+    sgm = fxs.sparsify_graph(MLP(), spec)
+    previous = None
+    for expected in (0.25, 0.5, 0.75):
+        for _ in range(2):
+            sgm(torch.randn(16, 16))
+        sgm.step()
+        keep = sgm.masks()["fc2.weight"]
+        assert sgm.sparsity()["fc2.weight"] == expected
+        assert previous is None or not torch.any(keep & ~previous)
+        previous = keep
+
+
+def test_fine_tuning_after_the_step_keeps_pruned_weights_at_zero_and_squash_matches() -> None:
+    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "type:Linear", "method": "sparsegpt", "n": 2, "m": 4}]})
+    sgm(torch.randn(32, 16))
+    sgm.step()
+    keep = sgm.masks()
+    opt = torch.optim.SGD(sgm.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        sgm(torch.randn(8, 16)).square().mean().backward()
+        opt.step()
+    x = torch.randn(5, 16)
+    squashed = sgm.squash()
+    assert not _observers(squashed)
+    torch.testing.assert_close(squashed(x), sgm(x))
+    for name, k in keep.items():
+        assert torch.all(squashed.get_parameter(name)[~k] == 0)
+    restored = MLP()
+    restored.load_state_dict(squashed.state_dict())
+    torch.testing.assert_close(restored(x), sgm(x))
+
+
+def test_export_capture_and_deepcopy() -> None:
+    model = transformer_encoder()
+    x = torch.randn(2, 5, 16)
+    spec = {"weights": [{"target": "re:layers\\.\\d+\\.linear\\d", "method": "sparsegpt", "n": 2, "m": 4}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,), capture="export")
+    copied = copy.deepcopy(sgm)
+    for gm in (sgm, copied):
+        gm(x)
+        gm.step()
+    assert sgm.sparsity() == {name: 0.5 for name in sgm.sparsity()} and len(sgm.sparsity()) == 4
+    for name, keep in sgm.masks().items():
+        assert torch.equal(copied.masks()[name], keep)
+        torch.testing.assert_close(copied.get_parameter(name), sgm.get_parameter(name))
+    torch.testing.assert_close(sgm.squash()(x), sgm(x))
+
+
+def test_float64_hessian_option() -> None:
+    spec = {"weights": [{"target": "fc1", "method": "sparsegpt", "sparsity": 0.5, "hessian_dtype": "float64"}]}
+    sgm = fxs.sparsify_graph(MLP(), spec)
+    sgm(torch.randn(8, 16))
+    (name,) = _observers(sgm)
+    assert sgm.get_submodule(name).stat.dtype == torch.float64
+    sgm.step()
+    assert sgm.get_parameter("fc1.weight").dtype == torch.float32
