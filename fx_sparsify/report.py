@@ -9,6 +9,7 @@ from torch.fx import GraphModule
 
 from .passes.insert_activation_masks import LayerIndex
 from .passes.squash import activation_fold
+from .passes.sparse_storage import storage_table
 from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
 
 __all__ = ["report", "target_sparsity_of", "fate_of"]
@@ -71,4 +72,7 @@ def report(gm: GraphModule, state: SparsityState) -> str:
         f"fx_sparsify report: capture={state.capture}, steps={state.steps}, targets={len(rows)}, "
         f"masked weights {zeros / max(total, 1):.1%} zero overall"
     )
-    return head + "\n" + tabulate(rows, headers=HEADERS, tablefmt="github")
+    table = head + "\n" + tabulate(rows, headers=HEADERS, tablefmt="github")
+    if state.extra.get("storage"):  # the last squash(storage=...) (SPEC §11)
+        table += "\n\nstorage at the last squash:\n" + storage_table(state.extra["storage"])
+    return table

@@ -14,6 +14,7 @@ from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
 from .report import report as _report, target_sparsity_of
 from .passes.squash import squash as _squash
+from .passes.sparse_storage import apply_sparse_storage, check_storage
 from .passes.update_masks import apply_masks_inplace, update_masks
 from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
 
@@ -85,9 +86,18 @@ class SparseGraphModule(GraphModule):
         """A table of every target: kind, method, shape, target and achieved sparsity, fate at squash."""
         return _report(self, self._fxs)
 
-    def squash(self) -> GraphModule:
-        """A plain GraphModule with the masks folded into the constants; ``self`` is unchanged."""
-        return _squash(self, self._fxs)
+    def squash(self, storage: str = "dense", batch_size: int = 1) -> GraphModule:
+        """A plain GraphModule with the masks folded into the constants; ``self`` is unchanged.
+
+        ``storage`` (SPEC §11): ``"dense"``, ``"csr"``, ``"bsr"`` or ``"auto"`` (sparse only where faster at
+        ``batch_size`` rows) keeps masked Linear / 1x1 Conv weights sparse; ``report()`` then says which and why.
+        """
+        check_storage(storage, batch_size)
+        out = _squash(self, self._fxs)
+        if storage != "dense":
+            apply_sparse_storage(out, self._fxs, storage, batch_size)
+            self._fxs.extra["storage"] = out.storage_choices
+        return out
 
     def squash_into(self, model: torch.nn.Module) -> torch.nn.Module:
         """Write the squashed weights into your own eager ``model`` (in place) and return it (SPEC §14).
