@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from ._export_capture import mode_dependent_modules
 from ._modules import attach_tensor, find_tensor
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
 from .passes.insert_hessian_observers import insert_hessian_observers, sparsegpt_layers
@@ -128,6 +129,8 @@ def sparsify_graph(
         )
     state = SparsityState(spec=spec, capture=captured.capture, targets=records, state_keys=state_keys,
                           class_name=type(model).__name__, aliases=aliases)
+    if captured.capture == "export":  # dropout / batch norm stay as captured: train() / eval() warn
+        state.extra["export_mode"] = (model.training, mode_dependent_modules(model))
     sgm = SparseGraphModule.wrap(gm, state)
     if captured.capture == "export":  # torch.export's module() says training=True whatever it captured
         sgm.train(model.training)

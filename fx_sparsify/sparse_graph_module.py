@@ -10,6 +10,7 @@ import torch
 from torch.fx import GraphModule
 
 from . import ops
+from ._export_capture import warn_mode
 from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
 from .report import report as _report, target_sparsity_of
@@ -56,6 +57,9 @@ class SparseGraphModule(GraphModule):
     def train(self, mode: bool = True) -> SparseGraphModule:
         super().train(mode)
         self._mark_cache()
+        captured = self._fxs.extra.get("export_mode") if "_fxs" in self.__dict__ else None
+        if captured:  # (training when captured, mode-dependent modules): the graph cannot switch them
+            warn_mode(self._fxs.class_name, captured[0], captured[1], bool(mode))
         return self
 
     def _apply(self, *args: Any, **kwargs: Any) -> SparseGraphModule:  # .to() / .cuda() / .half() make new masks

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import os
 import traceback
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -22,6 +23,9 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 from torch import nn
+
+from ._export_capture import mode_dependent_modules, own_guards, warn_mode
+from ._modules import attach_tensor
 
 __all__ = ["CaptureError", "Captured", "SparsityTracer", "capture_graph", "LEAF_TYPES"]
 
@@ -111,12 +115,22 @@ class SparsityTracer(torch.fx.Tracer):
         return super().create_arg(a)
 
 
+#: the installed package folders whose frames are ours or torch's, not the user's (a checkout folder
+#: or a venv that merely has "fx_sparsify" or "torch" in its path is the user's)
+_LIBRARY_DIRS: tuple[str, ...] = tuple(
+    os.path.join(os.path.realpath(os.path.dirname(f)), "") for f in (__file__, torch.__file__) if f
+)
+
+
+def _is_library_frame(filename: str) -> bool:
+    return os.path.realpath(filename).startswith(_LIBRARY_DIRS)
+
+
 def _user_frame(exc: BaseException) -> str:
     """``file:line in function`` of the innermost frame outside torch and fx_sparsify."""
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
-        path = frame.filename.replace("\\", "/")
-        if "/torch/" not in path and "/fx_sparsify/" not in path:
+        if not _is_library_frame(frame.filename):
             return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
     last = frames[-1] if frames else None
     return f"{last.filename}:{last.lineno} in {last.name}" if last else "<unknown location>"
@@ -211,7 +225,10 @@ def _export(
             "signature; mark data-dependent code with torch._check; or try capture='fx' with leaf_modules=[...]."
             + (" For Hugging Face models pass use_cache=False in example_kwargs." if "Cache" in str(exc) else "")
         ) from exc
-    return ep.module()
+    gm = ep.module()
+    own_guards(gm)  # a guard failure says dynamic_shapes; the module pickles
+    warn_mode(type(model).__name__, model.training, mode_dependent_modules(model))
+    return gm
 
 
 def capture_graph(
@@ -230,11 +247,26 @@ def capture_graph(
     if isinstance(model, torch.fx.GraphModule) and capture != "export":
         return Captured(model, "fx")
     if capture == "export":
-        return Captured(_export(model, example_inputs, example_kwargs, dynamic_shapes), "export")
+        return _carry_unread_state(model, Captured(_export(model, example_inputs, example_kwargs, dynamic_shapes), "export"))
     try:
-        return Captured(_trace_fx(model, concrete_args, leaf_modules or ()), "fx")
+        return _carry_unread_state(model, Captured(_trace_fx(model, concrete_args, leaf_modules or ()), "fx"))
     except CaptureError as err:
         if capture == "fx" or (example_inputs is None and example_kwargs is None):
             raise
         log.info("fx tracing failed, falling back to torch.export: %s", err)
-        return Captured(_export(model, example_inputs, example_kwargs, dynamic_shapes), "export")
+        return _carry_unread_state(model, Captured(_export(model, example_inputs, example_kwargs, dynamic_shapes), "export"))
+
+
+def _carry_unread_state(model: nn.Module, captured: Captured) -> Captured:
+    """Carry over the tensors the graph never reads, so the captured module's ``state_dict`` has every key.
+
+    A counter ``forward`` does not use (``register_buffer("calls", ...)``), or ``num_batches_tracked`` of a
+    traced-through norm layer (timm's ``BatchNormAct2d``), is not in the graph, so the capture drops it.
+    """
+    gm = captured.gm
+    present = {id(t) for t in gm.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)}
+    have = set(gm.state_dict().keys())
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key not in have and isinstance(value, torch.Tensor) and id(value) not in present:
+            attach_tensor(gm, key, value)
+    return captured

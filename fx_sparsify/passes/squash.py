@@ -191,6 +191,7 @@ def squash(gm: GraphModule, state: SparsityState) -> GraphModule:
     restore_module_calls(work)
     strip(work)
     out = GraphModule(work, work.graph, class_name=state.class_name)
+    out._tracer_cls = out.graph._tracer_cls = None  # unpickling re-traces: export's tracer cannot, fx's can
     _match_state_keys(out, work, state.state_keys)
     out.train(gm.training)
     return out
