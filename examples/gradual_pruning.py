@@ -1,7 +1,8 @@
 """Gradual pruning of an MLP on procedurally drawn digits: dense training, a cubic schedule to 80 %
 sparsity while training (``step()`` every few iterations), then fine-tuning at the final masks.
 
-    python examples/gradual_pruning.py            # the full run (about half a minute on a laptop CPU)
+    python examples/gradual_pruning.py            # the default run (well under a minute on a laptop CPU)
+    python examples/gradual_pruning.py --full     # the long run: more data, longer training (a few minutes)
     python examples/gradual_pruning.py --quick    # a tiny setting (a few seconds; the test suite runs this)
     python examples/gradual_pruning.py --mode inplace   # ASP-style: zeroed weights, no multiply in the graph
 
@@ -83,15 +84,21 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Genera
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a tiny setting that runs in a few seconds")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a tiny setting that runs in a few seconds")
+    size.add_argument("--full", action="store_true", help="the long run: more data and training (a few minutes)")
     parser.add_argument("--mode", choices=("graph", "inplace"), default="graph")
     parser.add_argument("--sparsity", type=float, default=0.8)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    n_train, n_test, hidden = (3000, 1000, 128) if args.quick else (20000, 4000, 256)
-    dense_iters, prune_steps, every, finetune_iters = (250, 10, 15, 100) if args.quick else (1500, 20, 50, 1000)
+    setting = "quick" if args.quick else "full" if args.full else "default"
+    n_train, n_test, hidden = {"quick": (3000, 1000, 128), "default": (6000, 2000, 256), "full": (40000, 4000, 256)}[setting]
+    dense_iters, prune_steps, every, finetune_iters = {
+        "quick": (250, 10, 15, 100), "default": (600, 12, 25, 300), "full": (3000, 30, 60, 2000)}[setting]
+    print(f"{setting} run: {n_train} training digits, MLP hidden={hidden}, {dense_iters} dense iterations, "
+          f"{prune_steps + 1} step() calls every {every} iterations, {finetune_iters} fine-tuning iterations", flush=True)
     x_train, y_train = make_digits(n_train, gen)
     x_test, y_test = make_digits(n_test, gen)
     data = batches(x_train, y_train, 64, gen)
@@ -135,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def maybe_step(i: int) -> None:
         if i % every == 0:
             sgm.step()
+            done = {k: v for k, v in sgm.sparsity().items() if k != "head.weight"}
+            print(f"  step {i // every + 1}/{prune_steps + 1}: sparsity {sum(done.values()) / len(done):.1%}", flush=True)
 
     train(sgm, (prune_steps + 1) * every, maybe_step)
     pruned = {k: v for k, v in sgm.sparsity().items() if k != "head.weight"}

@@ -8,6 +8,12 @@
 
 from __future__ import annotations
 
+import warnings as _warnings
+
+with _warnings.catch_warnings():  # numpy is not a dependency: torch.export's import warns when it is absent
+    _warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch.export  # noqa: F401
+
 # Load the modules that share a name with a function of the API first, so the functions win
 # (a later first import of fx_sparsify.report would otherwise rebind fxs.report to the module).
 from . import export as _export_module, report as _report_module  # noqa: F401
@@ -20,15 +26,6 @@ from .sparse_graph_module import SparseGraphModule
 from .sparsify import Sparsify
 from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
 from .trace import CaptureError
-from .io import load_spec
-from .viz import plot_mask, plot_sparsity  # matplotlib / pydot are imported on first use (extra `viz`)
-
-try:
-    from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
-
-    __version__: str = _version("fx-sparsify")
-except _NotInstalled:  # pragma: no cover - running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
 from .io import load_spec
 from .viz import plot_mask, plot_sparsity  # matplotlib / pydot are imported on first use (extra `viz`)
 
