@@ -94,16 +94,40 @@ def _gather(flat: Tensor, keep: Tensor) -> Tensor:
     return torch.from_numpy(_as_bits(flat).numpy()[keep.numpy()]).view(flat.dtype)
 
 
-def _scatter(keep: Tensor, values: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """A dense tensor of ``shape`` holding ``values`` where ``keep`` is set and +0.0 elsewhere."""
+def _scatter(keep: Tensor, values: Tensor, shape: tuple[int, ...], out: Tensor | None = None) -> Tensor:
+    """A dense tensor of ``shape`` holding ``values`` where ``keep`` is set and +0.0 elsewhere.
+
+    With ``out`` (a contiguous CPU tensor of that shape and dtype) the result is written into it.
+    """
     bits = _as_bits(values)
-    if _np is not None:
-        out = _np.zeros(keep.numel(), dtype=bits.numpy().dtype)
-        out[_np.flatnonzero(keep.numpy())] = bits.numpy()
-        dense = torch.from_numpy(out)
-    else:
-        dense = torch.zeros(keep.numel(), dtype=bits.dtype).masked_scatter_(keep.reshape(-1), bits)
-    return dense.view(values.dtype).view(shape)
+    fresh = out is None
+    if out is None:  # numpy's zeros come from calloc: the pages are zeroed as the scatter first touches them
+        out = (torch.from_numpy(_np.zeros(shape, dtype=bits.numpy().dtype)).view(values.dtype) if _np is not None
+               else torch.zeros(shape, dtype=values.dtype))
+    target = _as_bits(out.detach()).view(-1)
+    with torch.no_grad():
+        if _np is not None:
+            flat = target.numpy()
+            if not fresh:
+                flat.fill(0)
+            flat[_np.flatnonzero(keep.numpy())] = bits.numpy()
+        else:
+            target.zero_().masked_scatter_(keep.reshape(-1), bits)
+    return out
+
+
+def _count_bits(packed: Tensor, cols: int) -> int:
+    """Set bits among the first ``cols`` bits of each row of a packed ``[rows, ceil(cols / 8)]`` mask."""
+    full, rem = divmod(cols, 8)
+    body, tail = packed[:, :full], packed[:, full] & ((1 << rem) - 1) if rem else None
+    if _np is not None and hasattr(_np, "bitwise_count"):  # numpy >= 2.0
+        count = int(_np.bitwise_count(body.numpy()).sum(dtype=_np.int64))
+        return count + (int(_np.bitwise_count(tail.numpy()).sum(dtype=_np.int64)) if tail is not None else 0)
+    count = int(_POPCOUNT[body.reshape(-1).long()].sum())
+    return count + (int(_POPCOUNT[tail.long()].sum()) if tail is not None else 0)
+
+
+_POPCOUNT = _TABLE.sum(dim=1)  # byte → number of set bits
 
 
 def _grid(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -271,8 +295,12 @@ def _our_header(path: Path, metadata: Mapping[str, str]) -> dict[str, Any] | Non
     return header
 
 
-def _decompress(path: Path, name: str, parts: dict[str, Tensor]) -> Tensor:
-    """The dense tensor from its ``sparse-bitmask`` parts; ValueError naming ``name`` when they disagree."""
+def _validate(path: Path, name: str, parts: dict[str, Tensor]) -> tuple[int, ...]:
+    """The dense shape of a compressed tensor; ValueError naming ``name`` when its parts disagree.
+
+    Reads only the small parts and counts the bitmask's bits, so a whole file is checked before any
+    tensor is expanded (a failed load writes nothing into a model).
+    """
     where = f"{path}: tensor {name!r}"
     missing = [p for p in PARTS[:3] if p not in parts]
     if missing:
@@ -282,20 +310,24 @@ def _decompress(path: Path, name: str, parts: dict[str, Tensor]) -> Tensor:
         raise ValueError(f"{where}: its shape part must be a 1-D tensor of sizes, got {shape_t.tolist()}")
     shape = tuple(int(s) for s in shape_t.tolist())
     rows, cols = _grid(shape)
-    if values.dim() != 1 or not values.is_floating_point():
+    if values.dim() != 1 or not values.is_floating_point() or values.element_size() not in _BITS:
         raise ValueError(f"{where}: its values must be a 1-D floating tensor, got {values.dtype} {tuple(values.shape)}")
     if packed.dtype != torch.uint8 or tuple(packed.shape) != (rows, math.ceil(cols / 8)):
         raise ValueError(f"{where}: its bitmask must be uint8 of shape {(rows, math.ceil(cols / 8))} for shape "
                          f"{shape}, got {packed.dtype} {tuple(packed.shape)}")
-    keep = _unpack(packed, cols)
-    count = int(keep.sum())
+    count = _count_bits(packed, cols)
     if count != values.numel():
         raise ValueError(f"{where}: the bitmask marks {count} entries but {values.numel()} values are stored; "
                          "the file is corrupt")
     offsets = parts.get("row_offsets")
     if offsets is not None and (offsets.dim() != 1 or offsets.numel() != rows):
         raise ValueError(f"{where}: row_offsets must have one entry per row ({rows}), got {tuple(offsets.shape)}")
-    return _scatter(keep, values, shape)
+    return shape
+
+
+def _expand(parts: dict[str, Tensor], shape: tuple[int, ...], out: Tensor | None = None) -> Tensor:
+    """The dense tensor of validated parts (written into ``out`` when given)."""
+    return _scatter(_unpack(parts["bitmask"], _grid(shape)[1]), parts["compressed"], shape, out)
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -338,33 +370,55 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
             grouped[prefix][part] = t
         else:
             state[key] = t
+    shapes: dict[str, tuple[int, ...]] = {}
     for prefix, name in names.items():
         if name in state:
             raise ValueError(f"{path}: tensor {name!r} is stored both dense and compressed")
-        state[name] = _decompress(path, name, grouped[prefix])
-    if header is not None:
-        state.update(header.get("extra", {}))
+        shapes[name] = _validate(path, name, grouped[prefix])
+    extra = header.get("extra", {}) if header is not None else {}
     if model is None:
+        for prefix, name in names.items():
+            state[name] = _expand(grouped[prefix], shapes[name])
+        state.update(extra)
         return state
-    _check_keys(path, model, state, strict)
-    model.load_state_dict(state, strict=strict)
+    file_shapes = {**{k: tuple(v.shape) for k, v in state.items()}, **shapes}
+    _check_keys(path, model, file_shapes, set(extra), strict)
+    # expand straight into the model's own tensors where they are plain CPU tensors of the same kind,
+    # after everything else has loaded (load_state_dict may still refuse: then nothing was written)
+    live = dict(model.named_buffers(remove_duplicate=False))
+    live.update(model.named_parameters(remove_duplicate=False))
+    direct = {}
+    for prefix, name in names.items():
+        target, values = live.get(name), grouped[prefix]["compressed"]
+        if (target is not None and target.device.type == "cpu" and target.is_contiguous()
+                and target.dtype == values.dtype and tuple(target.shape) == shapes[name]):
+            direct[name] = (target, prefix)
+        else:
+            state[name] = _expand(grouped[prefix], shapes[name])
+    state.update(extra)
+    model.load_state_dict(state, strict=strict and not direct)
+    for name, (target, prefix) in direct.items():
+        _expand(grouped[prefix], shapes[name], out=target)
     return model
 
 
-def _check_keys(path: Path, model: nn.Module, state: Mapping[str, Any], strict: bool) -> None:
+def _check_keys(path: Path, model: nn.Module, shapes: Mapping[str, tuple[int, ...]], extra: set[str],
+                strict: bool) -> None:
+    """A ValueError naming missing / unexpected keys (strict) and shape mismatches, before anything is written."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    keys = set(shapes) | extra
+    missing = [k for k in expected if k not in keys]
+    unexpected = sorted(k for k in keys if k not in expected)
 
-    def listed(keys: list[str]) -> str:
-        return ", ".join(map(repr, keys[:8])) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    def listed(names: list[str]) -> str:
+        return ", ".join(map(repr, names[:8])) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
     if strict and (missing or unexpected):
         parts = ([f"missing from the file: {listed(missing)}"] if missing else []) + (
             [f"not in the model: {listed(unexpected)}"] if unexpected else [])
         raise ValueError(f"load_compressed({str(path)!r}, {type(model).__name__}): the keys do not match ("
                          + "; ".join(parts) + "); load into the model the file was saved from, or pass strict=False")
-    for k, v in state.items():
-        if k in expected and isinstance(v, Tensor) and isinstance(expected[k], Tensor) and v.shape != expected[k].shape:
-            raise ValueError(f"load_compressed({str(path)!r}): tensor {k!r} has shape {tuple(v.shape)} in the file "
+    for k, shape in shapes.items():
+        if k in expected and isinstance(expected[k], Tensor) and shape != tuple(expected[k].shape):
+            raise ValueError(f"load_compressed({str(path)!r}): tensor {k!r} has shape {shape} in the file "
                              f"and {tuple(expected[k].shape)} in the model")

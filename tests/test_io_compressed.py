@@ -316,3 +316,23 @@ def test_model_in_a_module_is_accepted(tmp_path: Path) -> None:
     fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     fxs.load_compressed(tmp_path / "m.safetensors", fresh)
     _assert_bit_exact(model.state_dict(), fresh.state_dict())
+
+
+def test_a_damaged_file_leaves_the_model_unchanged(tmp_path: Path) -> None:
+    _, squashed = _squashed_mlp()
+    path = tmp_path / "m.safetensors"
+    fxs.save_compressed(squashed, path)
+
+    def damage_last(t: dict[str, torch.Tensor], h: dict[str, Any]) -> None:
+        t["head.compressed"] = t["head.compressed"][:-1].clone()
+
+    bad = _rewrite(path, damage_last)
+    fresh = MLP()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="tensor 'head.weight'"):
+        fxs.load_compressed(bad, fresh)
+    _assert_bit_exact(before, fresh.state_dict())
+    ptr = fresh.fc1.weight.data_ptr()
+    fxs.load_compressed(path, fresh)  # expanded straight into the model's own tensors
+    assert fresh.fc1.weight.data_ptr() == ptr
+    _assert_bit_exact(squashed.state_dict(), fresh.state_dict())

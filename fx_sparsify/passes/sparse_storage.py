@@ -455,4 +455,5 @@ def _install(gm: GraphModule, site: _Site, layer: SparseLinear) -> None:
 def storage_table(choices: list[StorageChoice]) -> str:
     """The per-layer storage decisions as a table."""
     rows = [[c.layer, "x".join(map(str, c.shape)), f"{c.sparsity:.1%}", c.storage, c.why] for c in choices]
-    return tabulate(rows, headers=["layer", "shape", "zeros", "storage", "why"], tablefmt="github")
+    return tabulate(rows, headers=["layer", "shape", "zeros", "storage", "why"], tablefmt="github",
+                    disable_numparse=True)
