@@ -15,6 +15,7 @@ from torch.fx import GraphModule
 
 from ._export_capture import mode_dependent_modules
 from ._modules import attach_tensor, find_tensor
+from .methods._selectors import warn_if_percent_like
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
 from .passes.insert_hessian_observers import insert_hessian_observers, sparsegpt_layers
 from .passes.insert_weight_masks import insert_weight_masks
@@ -77,6 +78,7 @@ def sparsify_graph(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     spec = _as_spec(spec)
     example_inputs, example_kwargs = _as_inputs(example_inputs, example_kwargs)
+    _check_arguments(capture=capture, inplace=inplace, leaf_modules=leaf_modules, concrete_args=concrete_args)
     if masks is not None and not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a dict of target name -> keep-mask tensor, got {type(masks).__name__}")
     # SPEC §14: prune hooks / FakeSparsity parametrizations are taken over (on a copy unless inplace)
@@ -89,6 +91,7 @@ def sparsify_graph(
         (name, t.rule.method, tuple(find_tensor(model, name).shape), dict(t.rule.options), t.group)  # type: ignore[union-attr]
         for name, t in targets.items()
     )
+    _warn_counts(targets, model)
     layers = resolve_activation_targets(spec, model)
     norm_layers = _wanda_layers(model, targets)
     scores = _score_tensors(model, targets)
@@ -144,6 +147,43 @@ def sparsify_graph(
 
 
 sparsify_graph.__doc__ = (sparsify_graph.__doc__ or "") + SPEC_KEYS_DOC
+
+
+def _check_arguments(*, capture: Any, inplace: Any, leaf_modules: Any, concrete_args: Any) -> None:
+    """Types that would otherwise misbehave silently: ``inplace="False"`` is truthy, a string of leaf modules
+    is iterated letter by letter."""
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {type(inplace).__name__}: {inplace!r}")
+    if not isinstance(capture, str):
+        raise TypeError(f"capture must be 'fx', 'export' or 'auto', got {type(capture).__name__}: {capture!r}")
+    if leaf_modules is not None and (isinstance(leaf_modules, (str, bytes, type)) or not isinstance(leaf_modules, Iterable)):
+        raise TypeError(
+            f"leaf_modules must be a list of module FQNs or nn.Module classes, got {type(leaf_modules).__name__}: "
+            f"{leaf_modules!r}; wrap a single one in a list: leaf_modules=[{leaf_modules!r}]"
+        )
+    if concrete_args is not None and not isinstance(concrete_args, Mapping):
+        raise TypeError(f"concrete_args must be a dict of argument name -> value, got {type(concrete_args).__name__}")
+
+
+def _warn_counts(targets: Mapping[str, WeightTarget], model: nn.Module) -> None:
+    """``"sparsity": 50`` on an entry-counting method prunes 50 entries: warn where that looks like a percentage."""
+    totals: dict[int, int] = {}
+    for name, t in targets.items():
+        if t.group is not None:
+            totals[t.group] = totals.get(t.group, 0) + find_tensor(model, name).numel()  # type: ignore[union-attr]
+    seen: set[int] = set()
+    for name, t in targets.items():
+        if t.rule.method not in _ENTRY_COUNTS or t.group in seen:
+            continue
+        n = totals[t.group] if t.group is not None else find_tensor(model, name).numel()  # type: ignore[union-attr]
+        where = f"global rule over {', '.join(t.rule.targets)}" if t.group is not None else f"target {name!r}"  # type: ignore[union-attr]
+        warn_if_percent_like(t.rule.options.get("sparsity"), n, where, stacklevel=4)  # at the user's call
+        if t.group is not None:
+            seen.add(t.group)
+
+
+#: methods whose int ``sparsity`` counts entries (slice and block methods count slices / blocks)
+_ENTRY_COUNTS = frozenset({"l1_unstructured", "random_unstructured", "topk"})
 
 
 def _kind(model: nn.Module, name: str) -> str:

@@ -7,6 +7,7 @@ the rule's ``sparsity``); ``{"kind": "linear", "start", "end", "steps"}``; or a 
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Mapping
 
 __all__ = ["CUBIC_DEFAULTS", "check_schedule", "scheduled_sparsity"]
@@ -15,8 +16,25 @@ CUBIC_DEFAULTS = {"init_sparsity": 0.0, "init_step": 0, "delta_step": 10, "total
 _LINEAR_KEYS = ("start", "end", "steps")
 
 
+def _fraction(schedule: Mapping[str, Any], key: str, where: str) -> None:
+    value = schedule[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {key!r} is a sparsity, a float in [0, 1]; got {type(value).__name__}: {value!r}")
+    if not 0.0 <= float(value) <= 1.0:  # NaN fails too
+        raise ValueError(f"{where}: {key!r} is a sparsity, a float in [0, 1]; got {value!r}")
+
+
+def _count(schedule: Mapping[str, Any], key: str, where: str, low: int) -> None:
+    value = schedule[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {key!r} is a number of steps, an int >= {low}; got {type(value).__name__}: {value!r}")
+    if value < low:
+        raise ValueError(f"{where}: {key!r} is a number of steps, an int >= {low}; got {value!r}")
+
+
 def check_schedule(schedule: Mapping[str, Any] | Callable[[int], float], where: str) -> None:
-    """Validate a schedule dict (callables are checked when called)."""
+    """Validate a schedule dict when the spec is built: keys, sparsities in [0, 1], step counts ints
+    (callables are checked when called)."""
     if callable(schedule):
         return
     kind = schedule.get("kind")
@@ -25,13 +43,19 @@ def check_schedule(schedule: Mapping[str, Any] | Callable[[int], float], where: 
         unknown = keys - set(CUBIC_DEFAULTS)
         if unknown:
             raise KeyError(f"{where}: cubic schedule got unknown key(s) {sorted(unknown)}; known: {sorted(CUBIC_DEFAULTS)}")
-        if schedule.get("delta_step", 10) <= 0 or schedule.get("total_steps", 100) <= 0:
-            raise ValueError(f"{where}: cubic schedule needs delta_step > 0 and total_steps > 0")
+        full = {**CUBIC_DEFAULTS, **schedule}
+        _fraction(full, "init_sparsity", where)
+        _count(full, "init_step", where, 0)
+        _count(full, "delta_step", where, 1)
+        _count(full, "total_steps", where, 1)
+        if not isinstance(full["initially_zero"], bool):
+            raise TypeError(f"{where}: 'initially_zero' must be True or False, got {full['initially_zero']!r}")
     elif kind == "linear":
         if keys != set(_LINEAR_KEYS):
             raise KeyError(f"{where}: linear schedule needs exactly the keys {list(_LINEAR_KEYS)}, got {sorted(keys)}")
-        if schedule["steps"] <= 0:
-            raise ValueError(f"{where}: linear schedule needs steps > 0, got {schedule['steps']}")
+        _fraction(schedule, "start", where)
+        _fraction(schedule, "end", where)
+        _count(schedule, "steps", where, 1)
     else:
         raise ValueError(f"{where}: schedule kind {kind!r} is unknown; use 'cubic', 'linear' or a callable step -> sparsity")
 

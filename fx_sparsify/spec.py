@@ -104,6 +104,10 @@ class WeightRule:
                 raise ValueError(f"{where}: a schedule moves 'sparsity', which method {self.method!r} does not take")
             if self.options.get("sparsity") is None and not callable(self.schedule) and self.schedule.get("kind") == "cubic":
                 raise KeyError(f"{where}: a cubic schedule needs the final 'sparsity' beside 'method'")
+            final = self.options.get("sparsity")
+            if not callable(self.schedule) and self.schedule.get("kind") == "cubic" and not isinstance(final, float):
+                raise TypeError(f"{where}: a cubic schedule moves a fraction, so the final 'sparsity' must be a float in "
+                                f"[0, 1] (e.g. 0.5), got {type(final).__name__}: {final!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "weights") -> WeightRule:

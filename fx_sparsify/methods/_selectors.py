@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Sequence
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "count_to_prune",
     "refuse_nan",
+    "warn_if_percent_like",
     "kth_smallest",
     "prune_smallest",
     "prune_smallest_in_groups",
@@ -59,6 +61,21 @@ def count_to_prune(amount: float | int, n: int, *, what: str = "sparsity") -> in
     if math.isnan(float(amount)) or not 0.0 <= float(amount) <= 1.0:
         raise ValueError(f"{what}={amount} is a fraction; it must be in [0, 1] (or pass an int count)")
     return round(float(amount) * n)
+
+
+def warn_if_percent_like(amount: object, n: int, where: str, stacklevel: int = 3) -> None:
+    """Warn when an int count looks like a percentage: ``2 <= count <= 100`` and under 1 % of ``n`` units.
+
+    ``"sparsity": 50`` prunes 50 entries, not half; counts stay counts, but this one is likely a mistake.
+    """
+    if isinstance(amount, numbers.Integral) and not isinstance(amount, bool) and 2 <= amount <= 100 and amount < 0.01 * n:
+        warnings.warn(
+            f"{where}: sparsity={amount} is an int, so it prunes {amount} of the {n} entries ({amount / n:.2%}), "
+            f"not {amount}%. For a fraction pass a float (sparsity={amount / 100}); for a count this small, silence "
+            "this with warnings.filterwarnings('ignore', message='.*is an int, so it prunes')",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def normalize_dim(dim: int, ndim: int, *, method: str) -> int:
