@@ -27,9 +27,10 @@ Example (with the ready subclass :class:`~fx_sparsify.data.DataNormSparsifier`):
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +78,22 @@ def _extract_weight(data: object) -> Tensor:
         f"data of type {type(data).__name__} is not supported; pass a torch.Tensor, nn.Parameter, "
         "nn.Embedding or nn.EmbeddingBag (for another module, pass its weight tensor)"
     )
+
+
+@contextlib.contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """Prefix a ``TypeError`` / ``ValueError`` / ``KeyError`` with ``where`` (which data it concerns)."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError) as err:
+        message = str(err.args[0]) if err.args else str(err)
+        if where.split(": ", 1)[-1] in message:
+            raise
+        try:
+            new = type(err)(f"{where}: {message}")
+        except Exception:
+            new = ValueError(f"{where}: {message}")
+        raise new from err
 
 
 class BaseDataSparsifier(abc.ABC):
@@ -220,7 +237,9 @@ class BaseDataSparsifier(abc.ABC):
     def step(self) -> None:
         """Recompute every mask from the original (unmasked) data with its current config.
 
-        Every config is checked first, so a bad one raises before any mask or the step count changes.
+        All or nothing: every config is checked first, and a method failing on any data restores every
+        mask (and torch's random state) as it was; the step count moves only when every mask was computed.
+        Errors name the data.
         """
         if not self.enable_mask_update:
             self._step_count += 1
@@ -232,11 +251,21 @@ class BaseDataSparsifier(abc.ABC):
                 "re-add it with add_data(name, data) to keep sparsifying it"
             )
         configs = {name: self._check_config(name, data, self.data_groups[name]) for name, data in self._data.items()}
+        saved = {name: (s["mask"], s["mask"].detach().clone()) for name, s in self.state.items()}
+        rng = torch.random.get_rng_state()
+        try:
+            with torch.no_grad():
+                for name, data in self._data.items():
+                    with _naming(f"step(): data {name!r}"):
+                        self.update_mask(name, data.detach(), **configs[name])
+                        self._normalise_mask(name)
+        except BaseException:
+            for name, (mask, values) in saved.items():
+                mask.data = values  # the values (and dtype) of before, in the tensor get_mask returned
+                self.state[name]["mask"] = mask
+            torch.random.set_rng_state(rng)
+            raise
         self._step_count += 1
-        with torch.no_grad():
-            for name, data in self._data.items():
-                self.update_mask(name, data.detach(), **configs[name])
-                self._normalise_mask(name)
 
     def _normalise_mask(self, name: str) -> None:
         """Accept what a subclass written against the reference leaves (``mask.data = int8 / float``)."""
@@ -322,20 +351,8 @@ class BaseDataSparsifier(abc.ABC):
         squashed_in = dict(state_dict.get("squashed", {}))
         loaded: dict[str, tuple[Tensor, Tensor, dict[str, Any], bool | None]] = {}
         for name, entry in states.items():
-            _check_name(name)
-            if name not in groups:
-                raise KeyError(f"state dict has a mask for {name!r} but no config in 'data_groups'")
-            if name in container:
-                data = container[name]
-                squashed = squashed_in.get(name, None if "squashed" in state_dict else True)
-            elif f"parametrizations.{name}.original" in container:  # the reference's format
-                data = container[f"parametrizations.{name}.original"]
-                squashed = None
-            else:
-                raise KeyError(f"state dict has a mask for {name!r} but no data for it in '_container'")
-            mask = self._read_mask(name, entry, data)
-            config = self._check_config(name, data, copy.deepcopy(dict(groups[name])))
-            loaded[name] = (data, mask, config, squashed)
+            with _naming(f"load_state_dict: data {name!r}"):
+                loaded[name] = self._read_entry(name, entry, groups, container, squashed_in, "squashed" in state_dict)
 
         if strict:
             self._data, self.state, self.data_groups, self._squashed = {}, {}, {}, {}
@@ -347,6 +364,28 @@ class BaseDataSparsifier(abc.ABC):
             self.data_groups[name] = config
             if squashed is not None:
                 self._squashed[name] = squashed
+
+    def _read_entry(
+        self, name: Any, entry: Any, groups: Mapping[str, Any], container: Mapping[str, Any],
+        squashed_in: Mapping[str, Any], has_squashed: bool,
+    ) -> tuple[Tensor, Tensor, dict[str, Any], bool | None]:
+        """One entry of a state dict, checked: (data, mask, config, squashed)."""
+        _check_name(name)
+        if name not in groups:
+            raise KeyError(f"state dict has a mask for {name!r} but no config in 'data_groups'")
+        if name in container:
+            data = container[name]
+            squashed = squashed_in.get(name, None if has_squashed else True)
+        elif f"parametrizations.{name}.original" in container:  # the reference's format
+            data = container[f"parametrizations.{name}.original"]
+            squashed = None
+        else:
+            raise KeyError(f"state dict has a mask for {name!r} but no data for it in '_container'")
+        if not isinstance(data, Tensor):
+            raise TypeError(f"the data of {name!r} in '_container' must be a tensor, got {type(data).__name__}")
+        mask = self._read_mask(name, entry, data)
+        config = self._check_config(name, data, copy.deepcopy(dict(groups[name])))
+        return data, mask, config, squashed
 
     @staticmethod
     def _read_mask(name: str, entry: Any, data: Tensor) -> Tensor:
