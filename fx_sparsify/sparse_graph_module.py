@@ -127,8 +127,13 @@ class SparseGraphModule(GraphModule):
 
     def target_sparsity(self) -> dict[str, float | None]:
         """Target name → the sparsity its rule aims for at the current step (None where it has none)."""
-        return {
-            name: target_sparsity_of(r.method, current_options(self._fxs, r), r.numel)
+        groups: dict[int, int] = {}
+        for r in self._fxs.targets.values():
+            if r.group is not None:
+                groups[r.group] = groups.get(r.group, 0) + r.numel
+        return {  # an int count is of the group's entries (global rules), or of slices / blocks
+            name: target_sparsity_of(r.method, current_options(self._fxs, r), r.numel, r.shape,
+                                     groups.get(r.group) if r.group is not None else None)
             for name, r in self._fxs.targets.items() if r.kind != "activation"
         }
 
