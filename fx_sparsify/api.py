@@ -19,6 +19,7 @@ from .methods._selectors import warn_if_percent_like
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
 from .passes.insert_hessian_observers import insert_hessian_observers, sparsegpt_layers
 from .passes.insert_weight_masks import insert_weight_masks
+from .passes.channel_groups import ChannelPlan, plan_channels
 from .passes.update_masks import check_options
 from .observer import ActivationObserver
 from .roundtrip import set_initial_masks, take_over
@@ -106,6 +107,10 @@ def sparsify_graph(
     if gm is work and isinstance(model, GraphModule) and inplace:
         # the user's GraphModule keeps its own graph, modules and buffers even in place (parameters are shared)
         gm = GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+    channel_plan = None
+    if spec.channels:  # SPEC §10: channel groups from the captured graph, before any mask node exists
+        channel_plan = plan_channels(gm, spec, model, aliases, example_inputs, example_kwargs)
+        targets = {**targets, **_channel_targets(channel_plan, targets)}
     activations = insert_activation_masks(gm, layers, norm_layers, aliases).created
     activations.update(insert_hessian_observers(gm, hessian_layers, aliases).created)
     weights = insert_weight_masks(gm, targets, aliases, seed=spec.seed, in_graph=spec.mode == "graph").created
@@ -132,6 +137,10 @@ def sparsify_graph(
         )
     state = SparsityState(spec=spec, capture=captured.capture, targets=records, state_keys=state_keys,
                           class_name=type(model).__name__, aliases=aliases)
+    if channel_plan is not None:
+        state.extra["channels"] = channel_plan
+    if inplace:  # squash may then zero the pruned weights in place instead of copying (SPEC §15)
+        state.extra["inplace"] = True
     if captured.capture == "export":  # dropout / batch norm stay as captured: train() / eval() warn
         state.extra["export_mode"] = (model.training, mode_dependent_modules(model))
     sgm = SparseGraphModule.wrap(gm, state)
@@ -144,6 +153,19 @@ def sparsify_graph(
     if example_inputs is not None or example_kwargs is not None:
         _check_runs(sgm, example_inputs or (), example_kwargs or {})
     return sgm
+
+
+def _channel_targets(plan: ChannelPlan, targets: Mapping[str, WeightTarget]) -> dict[str, WeightTarget]:
+    """The masks a channel plan needs; a tensor a weight rule also selects is an error (one mask per tensor)."""
+    wanted = plan.targets()
+    clash = [name for name in wanted if name in targets]
+    if clash:
+        raise ValueError(
+            f"{', '.join(map(repr, clash[:4]))} belong to channel groups of a 'channels' rule and are also selected by "
+            "a 'weights' / 'global' rule; a tensor has one mask: exclude them from the weight rule ('method': "
+            "'dense' after it) or from the channels rule"
+        )
+    return wanted
 
 
 sparsify_graph.__doc__ = (sparsify_graph.__doc__ or "") + SPEC_KEYS_DOC

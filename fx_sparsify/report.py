@@ -11,6 +11,7 @@ from torch.fx import GraphModule
 
 from .passes.insert_activation_masks import LayerIndex
 from .passes.squash import activation_fold
+from .passes.channel_groups import CHANNELS, group_keeps, shrink_summary
 from .passes.sparse_storage import storage_table
 from .methods._selectors import block_grid
 from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
@@ -114,4 +115,8 @@ def report(gm: GraphModule, state: SparsityState) -> str:
     table = head + "\n" + tabulate(rows, headers=HEADERS, tablefmt="github")
     if state.extra.get("storage"):  # the last squash(storage=...) (SPEC §11)
         table += "\n\nstorage at the last squash:\n" + storage_table(state.extra["storage"])
+    plan = state.extra.get("channels")
+    if plan is not None:  # SPEC §10: the shrink outcome
+        current = {n: gm.get_buffer(r.buffer) for n, r in state.targets.items() if r.method == CHANNELS}
+        table += "\n" + shrink_summary(gm, plan, group_keeps(plan, current))
     return table

@@ -15,6 +15,8 @@ from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
 from .report import report as _report, target_sparsity_of
 from .passes.squash import squash as _squash
+from .passes.channel_groups import group_keeps, shrink_plan_table
+from .passes.shrink import shrink as _shrink
 from .passes.sparse_storage import apply_sparse_storage, check_storage
 from .passes.update_masks import apply_masks_inplace, update_masks
 from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
@@ -90,18 +92,33 @@ class SparseGraphModule(GraphModule):
         """A table of every target: kind, method, shape, target and achieved sparsity, fate at squash."""
         return _report(self, self._fxs)
 
-    def squash(self, storage: str = "dense", batch_size: int = 1) -> GraphModule:
+    def squash(self, shrink: bool = False, storage: str = "dense", batch_size: int = 1) -> GraphModule:
         """A plain GraphModule with the masks folded into the constants; ``self`` is unchanged.
 
+        ``shrink=True`` (SPEC §10) also removes the channels that ``channels`` rules pruned.
         ``storage`` (SPEC §11): ``"dense"``, ``"csr"``, ``"bsr"`` or ``"auto"`` (sparse only where faster at
         ``batch_size`` rows) keeps masked Linear / 1x1 Conv weights sparse; ``report()`` then says which and why.
         """
         check_storage(storage, batch_size)
         out = _squash(self, self._fxs)
+        if shrink:
+            _shrink(out, self._fxs, self._channel_keeps())
         if storage != "dense":
             apply_sparse_storage(out, self._fxs, storage, batch_size)
             self._fxs.extra["storage"] = out.storage_choices
         return out
+
+    def shrink_plan(self) -> str:
+        """A table of the channel groups: members, channels before → after, removable or why not (SPEC §10)."""
+        if "channels" not in self._fxs.extra:
+            return "fx_sparsify shrink plan: no 'channels' rules in the spec, nothing to shrink"
+        return shrink_plan_table(self._fxs.extra["channels"], self._channel_keeps())
+
+    def _channel_keeps(self) -> dict[int, torch.Tensor]:
+        plan = self._fxs.extra.get("channels")
+        if plan is None:
+            return {}
+        return group_keeps(plan, {n: self.get_buffer(r.buffer) for n, r in self._fxs.targets.items() if r.method == "channels"})
 
     def squash_into(self, model: torch.nn.Module) -> torch.nn.Module:
         """Write the squashed weights into your own eager ``model`` (in place) and return it (SPEC §14).

@@ -22,7 +22,7 @@ from .methods import get_mask_method, parse_method, validate_options
 from .schedule import check_schedule
 from ._spec_doc import SPEC_KEYS_DOC
 
-__all__ = ["WeightRule", "GlobalRule", "ActivationRule", "SparsitySpec"]
+__all__ = ["WeightRule", "GlobalRule", "ActivationRule", "ChannelRule", "SparsitySpec"]
 
 GRADIENT_MODES = ("mask", "ste", "supermask", "joint")
 AGGREGATES = ("sum", "abs_sum", "sq_sum", "max", "abs_max")
@@ -215,6 +215,86 @@ class ActivationRule:
         return out
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ChannelRule:
+    """One rule of ``"channels"`` (SPEC §10): prune output channels (or attention heads) of the selected layers.
+
+    ``sparsity``: a float fraction or an int count of each group's channels (with ``global``: of all the rule's
+    channels); ``heads``: a fraction or count of query heads per attention block; ``p``: the norm ranking a
+    group's channels; ``round_to``: kept channels a multiple of it (default 8 for a fractional sparsity on
+    groups wider than 32 channels, else 1); ``min_channels``: kept channels at least this many.
+    """
+
+    target: str
+    sparsity: float | int | None = None
+    heads: float | int | None = None
+    p: float = 2
+    global_: bool = False
+    round_to: int | None = None
+    min_channels: int = 1
+    schedule: Mapping[str, Any] | Callable[[int], float] | None = None
+
+    _KEYS = ("target", "sparsity", "heads", "p", "global", "round_to", "min_channels", "schedule")
+    method = "channels"  # the TargetRecord.method of the masks it owns
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity} if self.heads is None else {"heads": self.heads}
+
+    def __post_init__(self) -> None:
+        where = f"channels rule {self.target!r}"
+        _check_str(self.target, "target", where)
+        if (self.sparsity is None) == (self.heads is None):
+            raise KeyError(f"{where}: give exactly one of 'sparsity' (channels) or 'heads' (attention heads), got "
+                           f"sparsity={self.sparsity!r}, heads={self.heads!r}")
+        for key in ("sparsity", "heads"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if _is_int(value):
+                if value < 0:
+                    raise ValueError(f"{_where(where, key)}: a count is >= 0, got {value}")
+            elif isinstance(value, float):
+                if not 0.0 <= value < 1.0:
+                    raise ValueError(f"{_where(where, key)}: a fraction is in [0, 1), got {value}")
+            else:
+                raise TypeError(f"{_where(where, key)}: expected a float fraction or an int count, got {value!r}")
+        if isinstance(self.p, bool) or not isinstance(self.p, numbers.Real) or not self.p > 0:
+            raise ValueError(f"{_where(where, 'p')}: expected a norm order > 0 (1, 2, float('inf')), got {self.p!r}")
+        if not isinstance(self.global_, bool):
+            raise TypeError(f"{_where(where, 'global')}: expected True or False, got {self.global_!r}")
+        if self.round_to is not None and (not _is_int(self.round_to) or self.round_to < 1):
+            raise ValueError(f"{_where(where, 'round_to')}: expected an int >= 1, got {self.round_to!r}")
+        if not _is_int(self.min_channels) or self.min_channels < 1:
+            raise ValueError(f"{_where(where, 'min_channels')}: expected an int >= 1, got {self.min_channels!r}")
+        if self.schedule is not None:
+            if not (isinstance(self.schedule, Mapping) or callable(self.schedule)):
+                raise TypeError(f"{_where(where, 'schedule')}: expected a dict or a callable step -> sparsity")
+            check_schedule(self.schedule, _where(where, "schedule"))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "channels") -> ChannelRule:
+        d = _require_mapping(d, where, ("target",))
+        unknown = [k for k in d if k not in cls._KEYS]
+        if unknown:
+            raise KeyError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a channels rule takes "
+                           f"{', '.join(cls._KEYS)}")
+        return cls(**{("global_" if k == "global" else k): v for k, v in d.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"target": self.target}
+        for key, attr, default in (("sparsity", "sparsity", None), ("heads", "heads", None), ("p", "p", 2),
+                                   ("global", "global_", False), ("round_to", "round_to", None),
+                                   ("min_channels", "min_channels", 1), ("schedule", "schedule", None)):
+            if getattr(self, attr) != default:
+                out[key] = copy.deepcopy(getattr(self, attr))
+        return out
+
+
 def _require_mapping(d: Any, where: str, required: tuple[str, ...]) -> Mapping[str, Any]:
     if not isinstance(d, Mapping):
         raise TypeError(f"{where}: each rule is a dict, got {type(d).__name__}: {d!r}")
@@ -233,9 +313,11 @@ class SparsitySpec:
     activations: tuple[ActivationRule, ...] = ()
     seed: int = 0
     mode: str = "graph"
+    channels: tuple[ChannelRule, ...] = ()
 
     def __post_init__(self) -> None:
-        for key, cls in (("weights", WeightRule), ("global_", GlobalRule), ("activations", ActivationRule)):
+        for key, cls in (("weights", WeightRule), ("global_", GlobalRule), ("activations", ActivationRule),
+                         ("channels", ChannelRule)):
             rules = getattr(self, key)
             if isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence):
                 raise TypeError(f"spec[{key.rstrip('_')!r}]: expected a list of rules, got {type(rules).__name__}")
@@ -255,8 +337,8 @@ class SparsitySpec:
                         "mask node, but spec['mode'] 'inplace' zeroes pruned weights in the model itself; use "
                         "'mode': 'graph' (the default) or 'gradient': 'mask'"
                     )
-        if not (self.weights or self.global_ or self.activations):
-            raise ValueError("the spec has no rules: give at least one of 'weights', 'global' or 'activations'")
+        if not (self.weights or self.global_ or self.activations or self.channels):
+            raise ValueError("the spec has no rules: give at least one of 'weights', 'global', 'activations' or 'channels'")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SparsitySpec:
@@ -265,7 +347,7 @@ class SparsitySpec:
             return d
         if not isinstance(d, Mapping):
             raise TypeError(f"a spec is a dict or a SparsitySpec, got {type(d).__name__}")
-        known = ("seed", "weights", "global", "activations", "mode")
+        known = ("seed", "weights", "global", "activations", "mode", "channels")
         unknown = [k for k in d if k not in known]
         if unknown:
             raise KeyError(f"spec has unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
@@ -282,13 +364,15 @@ class SparsitySpec:
             activations=rules("activations", ActivationRule),
             seed=d.get("seed", 0),
             mode=d.get("mode", "graph"),
+            channels=rules("channels", ChannelRule),
         )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"seed": self.seed}
         if self.mode != "graph":
             out["mode"] = self.mode
-        for key, attr in (("weights", "weights"), ("global", "global_"), ("activations", "activations")):
+        for key, attr in (("weights", "weights"), ("global", "global_"), ("activations", "activations"),
+                          ("channels", "channels")):
             if getattr(self, attr):
                 out[key] = [r.to_dict() for r in getattr(self, attr)]
         return out

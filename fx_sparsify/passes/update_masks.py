@@ -30,6 +30,7 @@ from ..methods._random import generator_for
 from ..methods.wanda import PER_ROW, per_row_mask
 from ..methods._registry import keep_mask, refuse_nan
 from ..state import SparsityState, TargetRecord, current_options
+from .channel_groups import CHANNELS, channel_masks
 from .reconstruct import RECONSTRUCTING, check_calibrated, reconstruct
 
 __all__ = ["update_masks", "weight_scores", "check_options", "check_targets", "apply_masks_inplace"]
@@ -89,7 +90,7 @@ def check_targets(state: SparsityState) -> None:
     """:func:`check_options` for every weight target of ``state`` at the current step's options."""
     check_options(
         (r.name, r.method, r.shape, current_options(state, r), r.group)
-        for r in state.targets.values() if r.kind != "activation"
+        for r in state.targets.values() if r.kind != "activation" and r.method != CHANNELS
     )
 
 
@@ -188,6 +189,8 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
                         if mask is not None:
                             new_masks[record.name] = mask
                             restart.append(record.observer)  # type: ignore[arg-type]
+                    elif record.method == CHANNELS:  # computed per channel group below
+                        continue
                     elif record.group is not None:
                         groups.setdefault(record.group, []).append(record)
                     elif record.module is not None:  # supermask / joint: the learnable scores rank the mask
@@ -213,6 +216,9 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
                     keep = method(flat, generator=generator_for(seed, f"global:{g}", flat.device), **current_options(state, first))
                 for r, part in zip(records, keep.split([r.numel for r in records])):
                     new_masks[r.name] = part.view(r.shape)
+            if "channels" in state.extra:  # SPEC §10: one keep vector per channel group, into every member
+                current = {n: gm.get_buffer(r.buffer) for n, r in state.targets.items() if r.method == CHANNELS}
+                new_masks.update(channel_masks(gm, state.extra["channels"], current, state.steps))
         except BaseException:
             _restore_rng(rng)
             raise

@@ -1,0 +1,139 @@
+"""Pass: physically remove the pruned channels of a squashed module (``squash(shrink=True)``, SPEC §10).
+
+Runs on the plain ``GraphModule`` squash returns, with the channel plan of ``state.extra["channels"]``
+(see :mod:`.channel_groups`) and each removable group's keep vector:
+
+1. every member tensor loses the pruned slices along its dim (parameters stay parameters, tied
+   parameters stay one tensor, buffers such as BatchNorm running statistics shrink too);
+2. the ints that equal a shrunk size are rewritten: graph constants (``view(B, T, 12, 64)`` → the new
+   head count, a depthwise ``conv2d``'s ``groups``) and module attributes (``groups``);
+3. module attributes that describe a tensor's size are refreshed from the new tensors by the table
+   :data:`REFRESH` (``in_features``, ``out_channels``, ``num_features``, …).
+
+Removing a channel is exact because the masks of a channels rule cover every coupled tensor, the
+consumers' input columns included: whatever value a pruned channel carries (``sigmoid(0)``, a
+BatchNorm's shift) is multiplied by a masked column, so it already contributes nothing in the masked
+module. The result's ``state_dict`` keeps the original keys, with smaller shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+from .._modules import find_tensor
+from ..state import SparsityState
+from ._runner import PassResult, finish
+from .channel_groups import ChannelPlan
+
+__all__ = ["shrink", "REFRESH"]
+
+
+def _conv(m: nn.Module) -> None:
+    w = m.weight
+    m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups  # type: ignore[assignment]
+
+
+def _linear(m: nn.Module) -> None:
+    m.out_features, m.in_features = m.weight.shape  # type: ignore[assignment]
+
+
+def _batch_norm(m: nn.Module) -> None:
+    source = m.weight if m.weight is not None else m.running_mean
+    if source is not None:
+        m.num_features = source.shape[0]  # type: ignore[assignment]
+
+
+def _embedding(m: nn.Module) -> None:
+    m.embedding_dim = m.weight.shape[1]  # type: ignore[assignment]
+
+
+#: module type → how to refresh its size attributes from its (shrunk) tensors
+REFRESH: dict[type[nn.Module], Callable[[nn.Module], None]] = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
+    nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
+    nn.Embedding: _embedding,
+}
+
+
+def _set_at(node: Node, path: tuple[Any, ...], change: Callable[[int], int]) -> None:
+    def rebuild(container: Any, rest: tuple[Any, ...]) -> Any:
+        if not rest:
+            return change(container)
+        key = rest[0]
+        if isinstance(container, dict):
+            copy = dict(container)
+            copy[key] = rebuild(copy[key], rest[1:])
+            return copy
+        items = list(container)
+        items[key] = rebuild(items[key], rest[1:])
+        return type(container)(items) if isinstance(container, tuple) else items
+
+    if path[0] == "args":
+        node.args = rebuild(node.args, path[1:])
+    else:
+        node.kwargs = rebuild(node.kwargs, path[1:])
+
+
+def _paths(gm: GraphModule, state: SparsityState, name: str) -> list[str]:
+    """Every path under which tensor ``name`` (a canonical FQN) is reachable in ``gm``."""
+    paths = [a for a, c in state.aliases.items() if c == name] or [name]
+    return [p for p in paths if find_tensor(gm, p) is not None]
+
+
+def shrink(gm: GraphModule, state: SparsityState, keeps: Mapping[int, Tensor]) -> PassResult:
+    """Remove from ``gm`` (a squashed module) the units that ``keeps`` (group id → keep vector) prunes."""
+    plan: ChannelPlan = state.extra["channels"]
+    removed: dict[str, dict[int, set[int]]] = {}
+    deltas: dict[tuple[str, str, tuple[Any, ...]], int] = {}
+    done: dict[str, dict[str, str]] = {}
+    for group in plan.groups:
+        keep = keeps.get(group.id)
+        if not group.removable or keep is None:
+            continue
+        pruned = (~keep).nonzero().flatten().tolist()
+        if not pruned:
+            continue
+        for m in group.members:
+            removed.setdefault(m.tensor, {}).setdefault(m.dim, set()).update(m.indices(pruned))
+        for e in group.edits:
+            key = (e.kind, e.where, e.path)
+            deltas[key] = deltas.get(key, 0) + len(pruned) * e.width
+        done[f"group {group.id}"] = {"kept": str(int(keep.sum())), "of": str(group.units)}
+    with torch.no_grad():
+        for name, dims in removed.items():
+            paths = _paths(gm, state, name)
+            assert paths, f"member {name} of a channel group is not in the squashed module"
+            old = find_tensor(gm, paths[0])
+            assert old is not None
+            new = old.detach()
+            for d, idx in sorted(dims.items()):
+                kept = torch.tensor([i for i in range(new.shape[d]) if i not in idx], dtype=torch.long, device=new.device)
+                new = new.index_select(d, kept)
+            value: Tensor = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad) \
+                if isinstance(old, nn.Parameter) else new.contiguous()
+            for path in paths:
+                owner, _, leaf = path.rpartition(".")
+                module = gm.get_submodule(owner)
+                if leaf in module._parameters:
+                    module._parameters[leaf] = value  # type: ignore[assignment]
+                else:
+                    module._buffers[leaf] = value
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for (kind, where, path), delta in deltas.items():
+        if kind == "attr":
+            module = gm.get_submodule(where)
+            setattr(module, path[0], getattr(module, path[0]) - delta)
+        else:
+            assert where in nodes, f"node {where} of a channel edit is not in the squashed graph"
+            _set_at(nodes[where], path, lambda v, delta=delta: v - delta)
+    for module in gm.modules():
+        refresh = REFRESH.get(type(module))
+        if refresh is not None:
+            refresh(module)
+    gm.recompile()
+    return finish(gm, done)
