@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..methods import compute_mask
+from ..methods._selectors import refuse_nan
 from .base_data_sparsifier import BaseDataSparsifier
 
 __all__ = ["DataNormSparsifier"]
@@ -168,6 +169,7 @@ class DataNormSparsifier(BaseDataSparsifier):
         zeros_per_block: int,
         **kwargs: Any,
     ) -> None:
+        refuse_nan(data, "the data")  # the NaN rule of every mask method (a NaN has no rank)
         mask = self.get_mask(name)
         x = _as_2d(data)
         out = _as_2d(mask)  # a view: the mask is written in place, chunk by chunk

@@ -66,3 +66,14 @@ def test_load_state_dict_errors_name_the_data() -> None:
     with pytest.raises(ValueError, match=r"data 'a'"):
         fresh.load_state_dict(sd)
     assert not fresh.data_groups  # nothing was loaded
+
+
+@pytest.mark.parametrize("tie_break", ["index", "reference"])
+def test_data_norm_sparsifier_refuses_nan_naming_the_data(tie_break: str) -> None:
+    sp = fxd.DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 2), tie_break=tie_break)
+    x = torch.randn(2, 8)
+    x[1, 3] = math.nan
+    sp.add_data("emb", x)
+    with pytest.raises(ValueError, match=r"step\(\): data 'emb': the data contain 1 NaN"):
+        sp.step()
+    assert bool(sp.get_mask("emb").all()) and sp._step_count == 0
