@@ -50,11 +50,16 @@ def _load_factory(ref: str) -> Callable[..., Any]:
         path = Path(module_ref)
         if not path.is_file():
             raise UserError(f"--model {ref!r}: file {module_ref!r} does not exist")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
+        name = f"_fx_sparsify_model_{path.stem}"  # never shadows an importable module of the same name
+        spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
-        sys.modules.setdefault(path.stem, module)
-        spec.loader.exec_module(module)
+        sys.modules[name] = module  # dataclasses and pickling look the defining module up
+        sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.resolve().parent))
     else:
         if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m` does: modules in the working directory
             sys.path.insert(0, os.getcwd())

@@ -114,7 +114,7 @@ def test_spec_errors_exit_2_and_debug_shows_the_traceback(tmp_path: Path, capsys
 def test_shrink_and_storage_pass_through_or_say_why_not(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     accepted = inspect.signature(fxs.SparseGraphModule.squash).parameters
     code = main(["run", RECIPE, "--model", MODEL, "--model-kwargs", '{"width": 8}', "--input", "1x3x8x8",
-                 "--storage", "dense", "--out", str(tmp_path / "o"), "--quiet"])
+                 "--calibrate", "1", "--storage", "dense", "--out", str(tmp_path / "o"), "--quiet"])
     if "storage" in accepted:
         assert code == 0
     else:
