@@ -22,6 +22,7 @@ from ._compressed import load_compressed, save_compressed
 from .api import masks, report, sparsify_graph, sparsity, squash, step
 from .export import export
 from .methods import available_mask_methods, compute_mask, register_mask_method
+from .ops import set_cache_limit
 from .sparse_graph_module import SparseGraphModule
 from .sparsify import Sparsify
 from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
@@ -48,15 +49,13 @@ __all__ = [
     "compute_mask",
     "data",
     "export",
-    "load_spec",
     "load_compressed",
     "load_spec",
     "masks",
     "plot_mask",
     "plot_sparsity",
-    "plot_mask",
-    "plot_sparsity",
     "register_mask_method",
+    "set_cache_limit",
     "report",
     "save_compressed",
     "sparsify_graph",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "keep_of", "zero_pruned_", "masked_copy"]
+__all__ = ["CHUNK", "keep_of", "zero_pruned_", "masked_copy", "is_masked"]
 
 #: elements per chunk of the in-place mask ops (4 Mi: 4 MiB of bool temporaries at most)
 CHUNK = 1 << 22
@@ -57,3 +57,25 @@ def masked_copy(weight: Tensor, mask: Tensor, chunk: int = CHUNK) -> Tensor:
     for (o, m), w in zip(pairs, weight.view(-1).split(chunk)):
         torch.where(keep_of(m), w, w.new_zeros(()), out=o)
     return out
+
+
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+@torch.no_grad()
+def is_masked(weight: Tensor, mask: Tensor, chunk: int = CHUNK) -> bool:
+    """True when every entry ``mask`` prunes is already +0.0 in ``weight`` (nothing to fold).
+
+    Read a chunk at a time and stops at the first chunk with a pruned entry that is not +0.0 (-0.0
+    and NaN count as not masked), so an unmasked weight costs one small chunk.
+    """
+    pairs = _flat_pairs(weight, mask, chunk)
+    if pairs is None:
+        pairs = [(weight, mask)]
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    bits = _BITS.get(weight.element_size()) if weight.is_floating_point() else None
+    for w, m in pairs:
+        pruned = torch.where(keep_of(m), zero, w)
+        if bool((pruned.view(bits) if bits is not None else pruned).any()):
+            return False
+    return True

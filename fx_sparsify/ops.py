@@ -5,6 +5,9 @@
 weight or the mask changed (their version counters, storage or dtype), so an unsquashed model runs
 eval forwards at plain speed. An in-place change made through ``.data`` bypasses the version counter:
 ``sgm.eval()`` drops the cache. In training mode, or with autograd on, it multiplies every call.
+The cache is bounded (:func:`set_cache_limit`, default 1 GiB for all sparse modules together), so it
+never silently doubles a large model: weights past the bound are multiplied on every call, and
+``squash()`` frees the cache before it allocates. With ``"mode": "inplace"`` there is nothing to cache.
 
 Embedding lookups with autograd on mask the gathered rows instead of the table:
 ``embedding(x, W) * embedding(x, M)`` (no full-table multiply per lookup). With autograd off they look
@@ -20,17 +23,55 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["apply_mask", "apply_mask_ste", "mask_activation", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS"]
+__all__ = ["apply_mask", "apply_mask_ste", "mask_activation", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS",
+           "set_cache_limit", "cache_limit", "cached_bytes", "drop_cache", "DEFAULT_CACHE_LIMIT"]
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _CACHEABLE = "_fxs_cacheable"  # attribute set on a mask buffer while its module is in eval mode
+#: default bound of the eval cache, all sparse modules together (see :func:`set_cache_limit`)
+DEFAULT_CACHE_LIMIT = 1 << 30
+_LIMIT: list[int | None] = [DEFAULT_CACHE_LIMIT]
+
+
+def set_cache_limit(nbytes: int | None) -> int | None:
+    """Bound the eval cache of masked weights to ``nbytes`` (all sparse modules together); returns the old bound.
+
+    An unsquashed sparse module in eval mode under ``torch.no_grad`` caches each ``weight * mask`` so
+    that eval forwards run at plain speed; each cached weight costs its own size in memory. A weight is
+    cached when the forward reaches it and it fits within the bound; the others are multiplied on
+    every call (slower, no memory held). ``0`` turns the cache off, ``None``
+    lifts the bound (the cache may then hold a second copy of every masked weight). Default: 1 GiB.
+    Changing the bound drops what is cached.
+    """
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
+        raise ValueError(f"set_cache_limit: expected a byte count >= 0 or None (no bound), got {nbytes!r}")
+    old = _LIMIT[0]
+    _LIMIT[0] = nbytes
+    _CACHE.clear()
+    return old
+
+
+def cache_limit() -> int | None:
+    """The current bound of the eval cache in bytes (``None``: unbounded)."""
+    return _LIMIT[0]
+
+
+def cached_bytes() -> int:
+    """Bytes the eval cache holds now, all sparse modules together."""
+    return sum(out.nbytes for _, out in _CACHE.values())
+
+
+def drop_cache(masks: list[Tensor]) -> None:
+    """Free the cached ``weight * mask`` of these masks (it is recomputed when next needed)."""
+    for mask in masks:
+        _CACHE.pop(mask, None)
 
 
 def set_cacheable(masks: list[Tensor], cacheable: bool) -> None:
     """Allow (eval mode) or forbid (training mode) the no-grad cache for these masks; drop what is cached."""
     for mask in masks:
         setattr(mask, _CACHEABLE, cacheable)
-        _CACHE.pop(mask, None)
+    drop_cache(masks)
 
 
 def _cached(weight: Tensor, mask: Tensor) -> bool:
@@ -55,14 +96,16 @@ def _cache_key(weight: Tensor, mask: Tensor) -> tuple[Any, ...]:
     )
 
 
-def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
-    """``weight * mask``, cached in eval mode while neither changes and autograd is off."""
-    if not _cached(weight, mask):
-        return weight * mask
+def _from_cache(weight: Tensor, mask: Tensor) -> Tensor | None:
+    """The cached ``weight * mask`` (computed and stored on a miss), or None when it does not fit the bound."""
     key = _cache_key(weight, mask)
     hit = _CACHE.get(mask)
     if hit is not None and hit[0] == key:
         return hit[1]
+    drop_cache([mask])  # a stale entry of this mask
+    limit = _LIMIT[0]
+    if limit is not None and cached_bytes() + weight.numel() * weight.element_size() > limit:
+        return None
     out = weight * mask
     # look like the parameter to kernels that branch on requires_grad (matmul folds a transposed
     # 3-D input into one mm only when an operand requires grad): plain speed in every layout. A
@@ -70,6 +113,12 @@ def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
     out.requires_grad_(weight.requires_grad)
     _CACHE[mask] = (key, out)
     return out
+
+
+def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
+    """``weight * mask``, cached in eval mode while neither changes and autograd is off (within the bound)."""
+    out = _from_cache(weight, mask) if _cached(weight, mask) else None
+    return weight * mask if out is None else out
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -115,8 +164,9 @@ def embedding_masked(
     sparse: bool = False,
 ) -> Tensor:
     """``F.embedding`` of the masked table, computed on the gathered rows only."""
-    if _cached(weight, mask):
-        return F.embedding(input, apply_mask(weight, mask), padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    table = _from_cache(weight, mask) if _cached(weight, mask) else None
+    if table is not None:
+        return F.embedding(input, table, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     rows = F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     return rows * F.embedding(input, mask)
 
@@ -136,8 +186,9 @@ def embedding_bag_masked(
     padding_idx: int | None = None,
 ) -> Tensor:
     """``F.embedding_bag`` of the masked table: mask the gathered rows, then pool them as bags."""
-    if _cached(weight, mask):
-        return F.embedding_bag(input, apply_mask(weight, mask), offsets, max_norm, norm_type, scale_grad_by_freq,
+    table = _from_cache(weight, mask) if _cached(weight, mask) else None
+    if table is not None:
+        return F.embedding_bag(input, table, offsets, max_norm, norm_type, scale_grad_by_freq,
                                mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     flat = input.reshape(-1)
     rows = F.embedding(flat, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse) * F.embedding(flat, mask)

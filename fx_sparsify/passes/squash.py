@@ -1,7 +1,9 @@
 """Stage: fold the masks into the constants and return a plain ``torch.fx.GraphModule`` (SPEC §6).
 
-Squash is a sequence of small passes over a copy of the sparse module; the sparse module itself is
-left as it was:
+Squash is a sequence of small passes over a :func:`shallow_copy` of the sparse module (own graph and
+module attributes, shared tensors: new memory only for the weights that change); the sparse module
+itself is left as it was, except that one built with ``inplace=True`` gives up its pruned weight values
+(SPEC §15):
 
 1. ``fold_weight_masks``: ``weight ← weight * mask`` under the weight's own name; mask nodes removed.
 2. ``fold_activation_masks``: a mask constant over all but the consumer's input feature / channel is
@@ -23,22 +25,35 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from .. import ops
-from .._masks import zero_pruned_
+from .._masks import is_masked, masked_copy, zero_pruned_
 from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
 from ._runner import PassResult, finish
 from ..state import SparsityState, TargetRecord
 from .insert_activation_masks import LayerIndex
 
-__all__ = ["squash", "fold_weight_masks", "fold_activation_masks", "activation_fold", "restore_module_calls", "strip"]
+__all__ = ["squash", "fold_weight_masks", "fold_activation_masks", "activation_fold", "restore_module_calls", "strip",
+           "shallow_copy", "replace_tensor"]
 
 
-def fold_weight_masks(gm: GraphModule, state: SparsityState) -> PassResult:
-    """Multiply every masked weight by its mask in place; bypass and drop the mask nodes."""
+def fold_weight_masks(gm: GraphModule, state: SparsityState, *, spend: bool = False) -> PassResult:
+    """Give every masked weight its masked value (+0.0 where pruned); bypass and drop the mask nodes.
+
+    ``gm`` is a :func:`shallow_copy`: its tensors are the sparse module's. A weight whose pruned entries
+    are already +0.0 (``"mode": "inplace"``) stays shared; otherwise it is zeroed in place when ``spend``
+    (``inplace=True``: the sparse module's pruned values are given up, its outputs stay the same) and
+    replaced by a new masked tensor when not, so the sparse module is unchanged.
+    """
     with torch.no_grad():
         for record in state.targets.values():
             if record.kind in ("weight", "embedding"):
-                zero_pruned_(gm.get_parameter(record.param), gm.get_buffer(record.buffer))  # +0.0 where pruned
+                weight, mask = gm.get_parameter(record.param), gm.get_buffer(record.buffer)  # type: ignore[arg-type]
+                if is_masked(weight, mask):
+                    continue
+                if spend and _prunes_dead_values(record):
+                    zero_pruned_(weight, mask)
+                else:
+                    replace_tensor(gm, weight, nn.Parameter(masked_copy(weight, mask), weight.requires_grad))
     folded = {}
     for node in list(gm.graph.nodes):
         info = info_of(node)
@@ -78,13 +93,14 @@ def activation_fold(
     return _per_channel(gm.get_buffer(record.buffer), FOLDABLE[record.layer_type])
 
 
-def _fold_into_weight(weight: Tensor, vector: Tensor) -> None:
+def _fold_into_weight(weight: Tensor, vector: Tensor) -> Tensor:
+    """``weight`` with its input columns / channels multiplied by ``vector``: a new tensor (the sparse
+    module may share ``weight``)."""
     if weight.dim() == 2 or vector.numel() == 1:
-        weight.mul_(vector.to(weight.dtype))
-        return
+        return weight * vector.to(weight.dtype)
     groups = vector.numel() // weight.shape[1]
     grouped = weight.view(groups, weight.shape[0] // groups, weight.shape[1], *weight.shape[2:])
-    grouped.mul_(vector.to(weight.dtype).view(groups, 1, weight.shape[1], *([1] * (weight.dim() - 2))))
+    return (grouped * vector.to(weight.dtype).view(groups, 1, weight.shape[1], *([1] * (weight.dim() - 2)))).view(weight.shape)
 
 
 def fold_activation_masks(gm: GraphModule, state: SparsityState) -> PassResult:
@@ -101,7 +117,8 @@ def fold_activation_masks(gm: GraphModule, state: SparsityState) -> PassResult:
         vector = activation_fold(gm, state, record, index)
         if vector is not None:
             with torch.no_grad():
-                _fold_into_weight(gm.get_parameter(f"{record.layer}.weight" if record.layer else "weight"), vector)
+                weight = gm.get_parameter(f"{record.layer}.weight" if record.layer else "weight")
+                replace_tensor(gm, weight, nn.Parameter(_fold_into_weight(weight, vector), weight.requires_grad))
             node.replace_all_uses_with(x)
             done[record.name] = {"fate": "folded"}
         else:
@@ -183,10 +200,63 @@ def _match_state_keys(out: GraphModule, source: GraphModule, keys: tuple[str, ..
             attach_tensor(out, key, value)
 
 
+def _prunes_dead_values(record: TargetRecord) -> bool:
+    """True when nothing of ``record`` ever reads its pruned weights again (no regrow, ste or scores)."""
+    rule = record.rule
+    return record.module is None and getattr(rule, "gradient", "mask") == "mask" and not getattr(rule, "regrow", False)
+
+
+def _mirror(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+    """A shallow copy of ``module`` and its submodules: own attribute, parameter, buffer and module dicts,
+    the same tensors. A submodule reached twice is mirrored once."""
+    if id(module) in memo:
+        return memo[id(module)]
+    new = module.__class__.__new__(module.__class__)
+    memo[id(module)] = new
+    new.__dict__.update(module.__dict__)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    new._modules = {k: None if m is None else _mirror(m, memo) for k, m in module._modules.items()}
+    return new
+
+
+def shallow_copy(gm: GraphModule) -> GraphModule:
+    """A GraphModule with its own graph, modules and attributes that shares every tensor with ``gm``.
+
+    Squash edits this copy's graph and module attributes freely; it never writes into a shared tensor
+    (a changed weight is a new tensor put in place with :func:`replace_tensor`), so ``gm`` is unchanged
+    and squash allocates memory only for what it changes (SPEC §15).
+    """
+    work = GraphModule(nn.Module(), torch.fx.Graph())
+    memo: dict[int, nn.Module] = {}
+    work._modules = {k: None if m is None else _mirror(m, memo) for k, m in gm._modules.items()}
+    work._parameters = dict(gm._parameters)
+    work._buffers = dict(gm._buffers)
+    work._non_persistent_buffers_set = set(gm._non_persistent_buffers_set)
+    work.graph = copy.deepcopy(gm.graph)  # copies nodes (their meta shallowly), no tensor
+    work.training = gm.training
+    return work
+
+
+def replace_tensor(gm: nn.Module, old: Tensor, new: Tensor) -> None:
+    """Put ``new`` wherever ``gm``'s modules hold ``old`` as a parameter or buffer (tied uses included)."""
+    for module in gm.modules():
+        for table in (module._parameters, module._buffers):
+            for key, value in table.items():
+                if value is old:
+                    table[key] = new
+
+
 def squash(gm: GraphModule, state: SparsityState) -> GraphModule:
-    """A plain GraphModule with the masks of ``gm`` (described by ``state``) folded into its constants."""
-    work = copy.deepcopy(gm)
-    fold_weight_masks(work, state)
+    """A plain GraphModule with the masks of ``gm`` (described by ``state``) folded into its constants.
+
+    New tensors only for the weights that change; everything else is shared with ``gm``. A sparse module
+    built with ``inplace=True`` gives up its pruned weight values instead (zeroed in place and shared).
+    """
+    ops.drop_cache([gm.get_buffer(r.buffer) for r in state.targets.values() if r.kind != "activation"])
+    work = shallow_copy(gm)
+    fold_weight_masks(work, state, spend=bool(state.extra.get("inplace")))
     fold_activation_masks(work, state)
     restore_module_calls(work)
     strip(work)
