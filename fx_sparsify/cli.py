@@ -278,7 +278,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = sgm.report()
     (out / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, default=repr) + "\n")
-    how = _save_weights(squashed, out / "model.safetensors")
+    try:
+        how = _save_weights(squashed, out / "model.safetensors")
+    except ModuleNotFoundError as err:  # safetensors >= 0.6 writes torch tensors through numpy
+        raise UserError(f"writing model.safetensors failed: {err}; the installed safetensors needs it to save "
+                        f"torch tensors: pip install {err.name or 'numpy'}") from None
     pictures = _pictures(sgm, out, args)
     lines = [
         f"# fx-sparsify report: {args.model}",

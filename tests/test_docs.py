@@ -77,6 +77,8 @@ def test_every_method_and_option_is_documented() -> None:
                 rows[name] = set(re.findall(r"`(\w+)`", names[2]))
     for name in fxs.available_mask_methods():
         method = get_mask_method(name)
+        if not method.fn.__module__.startswith("fx_sparsify."):
+            continue  # registered by a user (or another test), not a built-in
         assert name in rows, f"README 'Method options' lacks method {name!r}"
         assert set(method.options) <= rows[name], f"README 'Method options' for {name!r} lacks {set(method.options) - rows[name]}"
 
