@@ -158,3 +158,23 @@ def test_squash_into_refuses_an_activation_mask_it_cannot_fold() -> None:
     sgm.step()
     with pytest.raises(ValueError, match="activation mask.*'fc:input'.*cannot be folded"):
         sgm.squash_into(Add())
+
+
+def test_take_over_in_place_rewrites_the_users_model() -> None:
+    model = _mlp()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    mask = model[0].weight_mask.bool()
+    original = model[0].weight_orig
+    sgm = fxs.sparsify_graph(model, SPEC, inplace=True)
+    assert not prune.is_pruned(model) and model[0].weight is original  # inplace: the model itself is taken over
+    assert sgm.get_parameter("0.weight") is original
+    assert torch.equal(sgm.masks()["0.weight"], mask)
+
+
+def test_explicit_masks_win_over_adopted_ones() -> None:
+    model = _mlp()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    keep = torch.ones(16, 8, dtype=torch.bool)
+    sgm = fxs.sparsify_graph(model, SPEC, masks={"0.weight": keep})
+    assert bool(sgm.masks()["0.weight"].all())
+    assert "l1_unstructured (initial mask)" in sgm.report()
