@@ -1158,11 +1158,11 @@ def _group_scores(gm: GraphModule, group: ChannelGroup, masks: Mapping[str, Tens
         mask = masks.get(m.tensor)
         if mask is not None:
             t = t * mask.to(t.dtype)
-        view = _unit_view(t, m, group.units).abs().double().cpu()
+        norms = torch.linalg.vector_norm(_unit_view(t, m, group.units).float(), ord=p, dim=1).double().cpu()
         if math.isinf(p):
-            total = torch.maximum(total, view.amax(dim=1))
+            total = torch.maximum(total, norms)
         else:
-            total += (view ** p).sum(dim=1)
+            total += norms ** p
     return total if math.isinf(p) else total ** (1.0 / p)
 
 

@@ -61,16 +61,16 @@ def test_mlp_shrinks() -> None:
     _check(MLP(), {"channels": [{"target": "re:fc[12]", "sparsity": 0.5, "global": True}]}, torch.randn(3, 20))
 
 
-@pytest.mark.parametrize("kv,sdpa", [(4, True), (4, False), (2, True), (1, False)])
-@pytest.mark.parametrize("capture", ["fx", "export"])
-def test_attention_heads_and_gqa_shrink(kv: int, sdpa: bool, capture: str) -> None:
+@pytest.mark.parametrize("capture,kv,sdpa", [("fx", 4, True), ("export", 4, False), ("fx", 2, False),
+                                              ("export", 2, True)])
+def test_attention_heads_and_gqa_shrink(capture: str, kv: int, sdpa: bool) -> None:
     model = Block(kv=kv, sdpa=sdpa).eval()
-    heads = {4: 0.5, 2: 2, 1: 0.0}[kv]
+    heads = {4: 0.5, 2: 2}[kv]
     spec = {"channels": [{"target": "attn", "heads": heads}, {"target": "up", "sparsity": 0.5}]}
     small = _check(model, spec, torch.randn(2, 5, 32), capture)
     sd = small.state_dict()
     assert sd["up.weight"].shape == (32, 32) and sd["down.weight"].shape == (32, 32)
-    kept_q = 4 - {4: 2, 2: 2, 1: 0}[kv]
+    kept_q = 2
     assert sd["attn.q.weight"].shape == (kept_q * 8, 32) and sd["attn.o.weight"].shape == (32, kept_q * 8)
     assert sd["attn.k.weight"].shape[0] == 8 * (kv * kept_q // 4)
 
@@ -110,7 +110,7 @@ def test_training_keeps_pruned_channels_pruned_and_shrink_stays_exact() -> None:
         torch.testing.assert_close(small(x), sgm(x), atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=6, deadline=None, derandomize=True)
 @given(
     widths=st.lists(st.sampled_from([4, 8, 12]), min_size=2, max_size=4),
     residual=st.lists(st.booleans(), min_size=4, max_size=4),

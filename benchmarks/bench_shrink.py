@@ -1,0 +1,168 @@
+"""Structured pruning that pays off: latency of squash(shrink=True) vs the dense model and Torch-Pruning.
+
+    python benchmarks/bench_shrink.py            # ResNet-18/50 (224x224, batch 1 and 16), BERT, LLaMA block
+    python benchmarks/bench_shrink.py --quick    # smaller inputs, fewer repeats
+    python benchmarks/bench_shrink.py --big      # also a LLaMA-7B-size MLP (4096 -> 11008 -> 4096)
+
+One thread (``torch.set_num_threads(1)``), median of repeats, models and tools in one process. For each
+model: latency pruned / dense for ours and (when ``torch-pruning`` is installed: ``pip install
+fx-sparsify[bench]``) Torch-Pruning at the same widths (group magnitude importance, p=2), the MACs ratio
+(``torch.utils.flop_counter``), whether ours equals the masked module, and the time of the analysis
+(``sparsify_graph``) + shrink. The machine is shared and noisy: read the ratios, not the milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import fx_sparsify as fxs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from shrink_resnet import resnet18, resnet50  # noqa: E402
+
+try:
+    import torch_pruning as tp
+except ImportError:  # the bench extra is missing: the Torch-Pruning column is skipped
+    tp = None
+
+
+def median_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each function, the functions interleaved round by round (shared noise)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
+    return {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+
+
+def flops(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*inputs, **kwargs)
+    return counter.get_total_flops()
+
+
+def _first(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def ours(model: nn.Module, spec: dict[str, Any], inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[nn.Module, float, bool]:
+    start = time.perf_counter()
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=inputs or None, example_kwargs=kwargs or None)
+    sgm.step()
+    small = sgm.squash(shrink=True)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        equal = torch.allclose(_first(small(*inputs, **kwargs)), _first(sgm(*inputs, **kwargs)), atol=1e-4, rtol=1e-4)
+    return small, seconds, equal
+
+
+def torch_pruning(model: nn.Module, inputs: tuple[Any, ...], ignored: list[nn.Module], ratio: float) -> nn.Module | None:
+    if tp is None:
+        return None
+    pruned = copy.deepcopy(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    by_name = dict(pruned.named_modules())
+    pruner = tp.pruner.MetaPruner(
+        pruned, inputs, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
+        ignored_layers=[by_name[names[id(m)]] for m in ignored], round_to=8,
+    )
+    pruner.step()
+    return pruned
+
+
+def case(name: str, model: nn.Module, spec: dict[str, Any], inputs: tuple[Any, ...], tp_ignored: list[nn.Module] | None,
+         repeats: int, batch_inputs: dict[str, tuple[Any, ...]] | None = None, kwargs: dict[str, Any] | None = None) -> None:
+    model.eval()
+    kwargs = kwargs or {}
+    small, seconds, equal = ours(model, spec, inputs, kwargs)
+    theirs = torch_pruning(model, inputs, tp_ignored, 0.5) if tp_ignored is not None else None
+    for label, x in (batch_inputs or {"": inputs}).items():
+        fns = {"dense": lambda: model(*x, **kwargs), "ours": lambda: small(*x, **kwargs)}
+        if theirs is not None:
+            fns["tp"] = lambda: theirs(*x, **kwargs)  # type: ignore[misc]
+        ms = median_ms(fns, repeats)
+        dense_flops = flops(model, x, kwargs)
+        macs = flops(small, x, kwargs) / dense_flops
+        tp_text = "-"
+        if theirs is not None:
+            tp_text = f"{ms['tp'] / ms['dense']:.2f}x (MACs {flops(theirs, x, kwargs) / dense_flops:.2f})"
+        print(f"| {name}{label} | {ms['ours'] / ms['dense']:.2f}x | {tp_text} | {macs:.2f} | {equal} | {seconds:.2f} s |",
+              flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--big", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    repeats = 3 if args.quick else 7
+    side = 112 if args.quick else 224
+    print(f"torch {torch.__version__}, 1 thread, Torch-Pruning {getattr(tp, '__version__', 'not installed')}")
+    print("| model | ours pruned/dense | Torch-Pruning pruned/dense | MACs ratio (ours) | ours == masked | analysis + step + shrink |")
+    print("|---|---|---|---|---|---|")
+    conv_spec = {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]}
+    for name, build in (("ResNet-18 50%", resnet18), ("ResNet-50 50%", resnet50)):
+        model = build().eval()
+        x1, x16 = torch.randn(1, 3, side, side), torch.randn(16, 3, side, side)
+        case(name, model, conv_spec, (x1,), [model.fc], repeats, {" (batch 1)": (x1,), " (batch 16)": (x16,)})
+
+    mlp = LlamaMLP(1024, 2816) if not args.big else LlamaMLP(4096, 11008)
+    x = torch.randn(16, 1024 if not args.big else 4096)
+    case("LLaMA-style MLP 50% neurons" + (" (7B size)" if args.big else " (1024/2816)"), mlp,
+         {"channels": [{"target": "up_proj", "sparsity": 0.5}]}, (x,), [mlp.down_proj], repeats)
+
+    try:
+        import transformers
+    except ImportError:
+        print("(transformers missing: BERT / LLaMA rows skipped; pip install fx-sparsify[models])")
+        return
+    ids = torch.randint(0, 1000, (8, 128))
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4,
+                                                          num_attention_heads=4, intermediate_size=1024)).eval()
+    bert_spec = {"channels": [{"target": "re:encoder\\.layer\\.\\d+\\.intermediate\\.dense", "sparsity": 0.5},
+                              {"target": "re:encoder\\.layer\\.\\d+\\.attention\\.self", "heads": 0.5}]}
+    case("BERT (256, 4 layers) FFN + heads 50%", bert, bert_spec, (), None, repeats,
+         kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        intermediate_size=1408)).eval()
+    llama_spec = {"channels": [{"target": "re:model\\.layers\\.\\d+\\.mlp\\.up_proj", "sparsity": 0.5},
+                               {"target": "re:model\\.layers\\.\\d+\\.self_attn", "heads": 0.5}]}
+    case("LLaMA (GQA 8q/2kv) MLP + heads 50%", llama, llama_spec, (), None, repeats,
+         kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False})
+
+
+if __name__ == "__main__":
+    main()

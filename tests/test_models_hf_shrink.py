@@ -1,0 +1,49 @@
+"""Hugging Face BERT and LLaMA built from configs: channels + heads rules, shrunk ≡ masked (SPEC §10)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import fx_sparsify as fxs
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.models
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_ffn_channels_and_heads_shrink_exactly(arch: str) -> None:
+    ids = torch.randint(1, 100, (2, 7))
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if arch == "bert":
+        model = transformers.BertModel(transformers.BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+        spec = {"channels": [{"target": "re:encoder\\.layer\\.\\d+\\.intermediate\\.dense", "sparsity": 0.5},
+                             {"target": "re:encoder\\.layer\\.\\d+\\.attention\\.self", "heads": 0.5}]}
+        ffn, q = "encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.attention.self.query.weight"
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, bos_token_id=0, eos_token_id=0))
+        kwargs["use_cache"] = False
+        spec = {"channels": [{"target": "re:model\\.layers\\.\\d+\\.mlp\\.up_proj", "sparsity": 0.5},
+                             {"target": "re:model\\.layers\\.\\d+\\.self_attn", "heads": 0.5}]}
+        ffn, q = "model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"
+    model.eval()
+    sgm = fxs.sparsify_graph(model, spec, example_kwargs=kwargs)
+    sgm.step()
+    assert "no" not in [row.split("|")[5].strip() for row in sgm.shrink_plan().splitlines()[3:]]
+    small = sgm.squash(shrink=True)
+    with torch.no_grad():
+        torch.testing.assert_close(_first(small(**kwargs)), _first(sgm(**kwargs)), atol=1e-5, rtol=1e-5)
+    sd = small.state_dict()
+    assert sd[ffn].shape == (32, 32) and sd[q].shape == (16, 32)  # half the neurons, half the query heads
+    if arch == "llama":  # GQA: one of the two kv heads goes, with its two query heads
+        assert sd["model.layers.0.self_attn.k_proj.weight"].shape == (8, 32)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
