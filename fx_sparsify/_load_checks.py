@@ -10,12 +10,13 @@ problem; only then does loading write.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .state import SparsityState
+if TYPE_CHECKING:  # only a type here: this module stays on the ground floor (the observer uses it)
+    from .state import SparsityState
 
 __all__ = ["StateDictError", "check_state_dict", "check_extra_counts"]
 

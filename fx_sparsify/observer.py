@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ._load_checks import check_extra_counts
+
 __all__ = ["ActivationObserver", "AGGREGATES", "REDUCES"]
 
 AGGREGATES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -158,8 +160,6 @@ class ActivationObserver(nn.Module):
         return {"samples": self.samples, "batches": self.batches}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
-        from ._load_checks import check_extra_counts  # observer sits below the state module: import late
-
         counts = check_extra_counts(state, ("samples", "batches"), f"observer {self.name!r}")
         self.samples, self.batches = counts["samples"], counts["batches"]
 
