@@ -40,3 +40,8 @@ def test_gradual_pruning_reaches_80_percent_and_keeps_accuracy(gradual: dict[str
 
 def test_gradual_pruning_inplace_mode_matches_graph_mode(gradual: dict[str, dict[str, float]]) -> None:
     assert gradual["inplace"] == gradual["graph"]
+
+
+def test_one_shot_sparsegpt_example_reconstruction_beats_wanda_beats_magnitude() -> None:
+    errors = _load("one_shot_sparsegpt").main()
+    assert errors["sparsegpt"] < 0.5 * errors["wanda"] < 0.5 * errors["magnitude"]

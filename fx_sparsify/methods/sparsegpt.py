@@ -202,10 +202,9 @@ def sparsegpt_prune(
                 if f1 is not None:
                     sal.masked_fill_(f1[:, i:i + m], -1.0)
                 p1[:, i:i + m] = ~prune_smallest_in_groups(sal, m - n)  # type: ignore[operator]
-            col = w1[:, i]
-            err = torch.where(p1[:, i], col, torch.zeros((), dtype=dtype, device=w.device)) / d[i]
-            w1[:, i:].sub_(err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0))
-            err1[:, i] = err
+            err = err1[:, i]
+            torch.mul(w1[:, i], p1[:, i], out=err).div_(d[i])  # the pruned entries' error, scaled
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # OBS update of this block's later columns
         w1.masked_fill_(p1, 0.0)
         w[:, i1:i2] = w1
         if i2 < cols:

@@ -172,3 +172,19 @@ def test_float64_hessian_option() -> None:
     assert sgm.get_submodule(name).stat.dtype == torch.float64
     sgm.step()
     assert sgm.get_parameter("fc1.weight").dtype == torch.float32
+
+
+def test_calibration_statistics_round_trip_through_state_dict_and_pickle() -> None:
+    import pickle
+
+    model = MLP()
+    sgm = fxs.sparsify_graph(model, SPEC)
+    sgm(torch.randn(8, 16))
+    fresh = fxs.sparsify_graph(model, SPEC)
+    fresh.load_state_dict(sgm.state_dict())
+    unpickled = pickle.loads(pickle.dumps(sgm))
+    for gm in (sgm, fresh, unpickled):
+        gm.step()
+    for name, keep in sgm.masks().items():
+        assert torch.equal(fresh.masks()[name], keep) and torch.equal(unpickled.masks()[name], keep)
+        assert torch.equal(fresh.get_parameter(name), sgm.get_parameter(name))
