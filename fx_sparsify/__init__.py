@@ -25,7 +25,7 @@ from .methods import available_mask_methods, compute_mask, register_mask_method
 from .ops import set_cache_limit
 from .sparse_graph_module import SparseGraphModule
 from .sparsify import Sparsify
-from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
+from .spec import ActivationRule, ChannelRule, GlobalRule, SparsitySpec, WeightRule
 from .trace import CaptureError
 from .io import load_spec
 from .viz import plot_mask, plot_sparsity  # matplotlib / pydot are imported on first use (extra `viz`)
@@ -39,6 +39,7 @@ except _NotInstalled:  # pragma: no cover - running from a source tree that was 
 
 __all__ = [
     "ActivationRule",
+    "ChannelRule",
     "CaptureError",
     "GlobalRule",
     "SparseGraphModule",

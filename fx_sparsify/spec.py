@@ -267,6 +267,9 @@ class ChannelRule:
             raise ValueError(f"{_where(where, 'p')}: expected a norm order > 0 (1, 2, float('inf')), got {self.p!r}")
         if not isinstance(self.global_, bool):
             raise TypeError(f"{_where(where, 'global')}: expected True or False, got {self.global_!r}")
+        if self.global_ and self.heads is not None:
+            raise ValueError(f"{where}: 'heads' counts query heads per attention block; 'global' ranks channels across "
+                             "groups and applies to 'sparsity' only: drop 'global'")
         if self.round_to is not None and (not _is_int(self.round_to) or self.round_to < 1):
             raise ValueError(f"{_where(where, 'round_to')}: expected an int >= 1, got {self.round_to!r}")
         if not _is_int(self.min_channels) or self.min_channels < 1:

@@ -171,15 +171,17 @@ def test_a_tensor_in_a_weight_rule_and_a_channel_group_is_refused() -> None:
 def test_channel_rule_round_trip_and_errors() -> None:
     spec = SparsitySpec.from_dict({"channels": [
         {"target": "type:Conv2d", "sparsity": 0.5, "p": 1, "round_to": 4},
-        {"target": "re:.*attn", "heads": 2, "global": True, "min_channels": 2},
+        {"target": "re:.*attn", "heads": 2, "min_channels": 2},
     ]})
     assert spec.channels[0] == ChannelRule("type:Conv2d", sparsity=0.5, p=1, round_to=4)
     assert SparsitySpec.from_dict(spec.to_dict()) == spec
-    assert spec.to_dict()["channels"][1] == {"target": "re:.*attn", "heads": 2, "global": True, "min_channels": 2}
+    assert spec.to_dict()["channels"][1] == {"target": "re:.*attn", "heads": 2, "min_channels": 2}
+    assert fxs.ChannelRule is ChannelRule
     for bad, err in [({"target": "a"}, KeyError), ({"target": "a", "sparsity": 0.5, "heads": 1}, KeyError),
                      ({"target": "a", "sparsity": 1.5}, ValueError), ({"target": "a", "sparsity": "x"}, TypeError),
                      ({"target": "a", "sparsity": 0.5, "round_to": 0}, ValueError),
-                     ({"target": "a", "sparsity": 0.5, "min_chanels": 2}, KeyError)]:
+                     ({"target": "a", "sparsity": 0.5, "min_chanels": 2}, KeyError),
+                     ({"target": "a", "heads": 0.5, "global": True}, ValueError)]:
         with pytest.raises(err, match="channels"):
             SparsitySpec.from_dict({"channels": [bad]})
 

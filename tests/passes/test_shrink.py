@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -133,3 +134,18 @@ def test_random_channel_masks_on_random_residual_cnns_shrink_exactly(
         torch.testing.assert_close(small(x), sgm(x), atol=1e-5, rtol=1e-5)
     kept = {int(sgm.masks()[f"convs.{i}.bias"].sum()) for i in range(len(widths))}
     assert {small.state_dict()[f"convs.{i}.bias"].shape[0] for i in range(len(widths))} == kept
+
+
+def test_deepcopy_and_state_dict_round_trip_keep_the_shrink() -> None:
+    model = randomise_norms(ResidualCNN().eval())
+    x = torch.randn(2, 3, 8, 8)
+    spec = {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,))
+    sgm.step()
+    expected = sgm.squash(shrink=True).state_dict()
+    fresh = fxs.sparsify_graph(model, spec, example_inputs=(x,))
+    fresh.load_state_dict(sgm.state_dict())  # masks restored: the same channels go
+    for copy_ in (fresh, copy.deepcopy(sgm)):
+        got = copy_.squash(shrink=True).state_dict()
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
+        torch.testing.assert_close(got["pw.weight"], expected["pw.weight"])
