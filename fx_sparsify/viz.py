@@ -99,7 +99,12 @@ def _label_and_role(gm: GraphModule, node: Node, buffers: Mapping[str, str]) -> 
         sub = gm.get_submodule(str(node.target))
         return f"{node.target} ({type(sub).__name__})", "module_call"
     if node.op == "call_function" or node.op == "call_method":
-        return f"{node.name}\\n{_fn_name(node.target)}", None
+        label = f"{node.name}\\n{_fn_name(node.target)}"
+        stack = node.meta.get("nn_module_stack")
+        if stack:  # the layer it runs in (an export capture has no call_module nodes)
+            path, cls = list(stack.values())[-1]
+            label += f"\\n@ {path} ({getattr(cls, '__name__', str(cls).rpartition('.')[2])})"
+        return label, None
     return node.name, None
 
 

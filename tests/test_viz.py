@@ -127,3 +127,12 @@ def test_without_the_extra_the_error_names_it(sgm: fxs.SparseGraphModule, tmp_pa
         fxs.plot_mask(sgm, "head.weight", tmp_path / "m.png")
     with pytest.raises(ImportError, match=r"pip install fx-sparsify\[viz\]"):
         sgm.draw(tmp_path / "g.svg")
+
+
+def test_draw_an_export_capture_names_the_layer_of_each_op(tmp_path: Path) -> None:
+    _needs_dot()
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "0", "method": "2:4"}]},
+                             example_inputs=(torch.randn(2, 8),), capture="export")
+    svg = sgm.draw(tmp_path / "export.svg", module="0").read_text()
+    assert "@ 0 (Linear)" in svg and "_0_weight_masked" in svg and "@ 2 (Linear)" not in svg
