@@ -143,7 +143,8 @@ def insert_weight_masks(
                 if canonical in targets and node not in uses[canonical]:
                     uses[canonical].append(node)
                     paths.setdefault(canonical, f"{node.target}.{local}" if node.target else local)
-    unused = [name for name, u in uses.items() if not u]
+    # an export capture keeps a get_attr for a parameter nothing reads: that is not a use
+    unused = [name for name, u in uses.items() if not any(n.op == "call_module" or n.users for n in u)]
     if unused:
         raise ValueError(
             f"target(s) {', '.join(map(repr, unused))} are never used by the captured graph's forward, so a mask "
