@@ -120,13 +120,20 @@ class SparseGraphModule(GraphModule):
             return {}
         return group_keeps(plan, {n: self.get_buffer(r.buffer) for n, r in self._fxs.targets.items() if r.method == "channels"})
 
-    def squash_into(self, model: torch.nn.Module) -> torch.nn.Module:
+    def squash_into(self, model: torch.nn.Module, shrink: bool = False) -> torch.nn.Module:
         """Write the squashed weights into your own eager ``model`` (in place) and return it (SPEC §14).
 
         The model keeps its class and methods (a Hugging Face model keeps ``save_pretrained``). Its
         tensors must have the original model's names and shapes (a dense squash: no ``shrink``).
+        ``shrink=True`` (SPEC §10) resizes the model's tensors, module attributes and, for a Hugging Face
+        model, its config (same widths in every layer), so ``save_pretrained`` → ``from_pretrained`` reloads it.
         """
         from .roundtrip import squash_into
+
+        if shrink and "channels" in self._fxs.extra:
+            from .shrink_into import shrink_into
+
+            return shrink_into(self._fxs, self.squash(shrink=True), self._channel_keeps(), model)
 
         return squash_into(self, self._fxs, _squash(self, self._fxs), model)
 
