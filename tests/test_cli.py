@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -111,14 +110,23 @@ def test_spec_errors_exit_2_and_debug_shows_the_traceback(tmp_path: Path, capsys
         main([*argv, "--debug"])
 
 
-def test_shrink_and_storage_pass_through_or_say_why_not(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    accepted = inspect.signature(fxs.SparseGraphModule.squash).parameters
+def test_shrink_and_storage_reach_squash(tmp_path: Path) -> None:
+    recipe = tmp_path / "channels.json"
+    recipe.write_text(json.dumps({"channels": [{"target": "layer1.conv1", "sparsity": 0.5}]}))
+    code = main(["run", str(recipe), "--model", MODEL, "--model-kwargs", '{"width": 8}', "--input", "1x3x8x8",
+                 "--shrink", "--storage", "dense", "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 0
+    state = _weights(tmp_path / "o" / "model.safetensors")
+    assert state["layer1.conv1.weight"].shape == (4, 8, 3, 3) and state["layer1.conv2.weight"].shape == (8, 4, 3, 3)
+    assert "squash: shrink=True, storage=dense" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_a_squash_without_the_option_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fxs.SparseGraphModule, "squash", lambda self: None)  # an older squash(): no storage
     code = main(["run", RECIPE, "--model", MODEL, "--model-kwargs", '{"width": 8}', "--input", "1x3x8x8",
-                 "--calibrate", "1", "--storage", "dense", "--out", str(tmp_path / "o"), "--quiet"])
-    if "storage" in accepted:
-        assert code == 0
-    else:
-        assert code == 2 and "--storage: this version of fx_sparsify's squash() does not take storage" in capsys.readouterr().err
+                 "--storage", "auto", "--out", str(tmp_path / "o")])
+    assert code == 2 and "--storage: this version of fx_sparsify's squash() does not take storage" in capsys.readouterr().err
 
 
 def test_inspect_a_state_dict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
