@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 
 from ._modules import find_tensor
 from .passes.channel_groups import ChannelGroup, ChannelPlan
-from .passes.shrink import REFRESH
+from .passes.shrink import refresh_attributes
 from .state import SparsityState
 
 __all__ = ["shrink_into"]
@@ -57,7 +57,8 @@ def _config_widths(plan: ChannelPlan, keeps: dict[int, Tensor], model: nn.Module
             if hasattr(config, "num_key_value_heads"):
                 note("num_key_value_heads", kept if g.heads_per_unit > 1 else kept * g.heads_per_unit, g)
             continue
-        rows = shapes[g.roots[0]][0]
+        root = next(m for m in g.members if m.tensor == g.roots[0])
+        rows = shapes[g.roots[0]][root.dim]
         if rows != getattr(config, "intermediate_size", None):
             raise ValueError(
                 f"squash_into(model, shrink=True): group {g.id} ({g.roots[0]}) changes a width of {rows} that "
@@ -108,10 +109,7 @@ def shrink_into(state: SparsityState, shrunk: GraphModule, keeps: dict[int, Tens
         for edit in group.edits if group.removable else ():
             if edit.kind == "attr":
                 setattr(model.get_submodule(edit.where), edit.path[0], getattr(shrunk.get_submodule(edit.where), edit.path[0]))
-    for module in model.modules():
-        refresh = REFRESH.get(type(module))
-        if refresh is not None:
-            refresh(module)
+    refresh_attributes(model)
     config = getattr(model, "config", None)
     for field, value in fields.items():
         setattr(config, field, value)

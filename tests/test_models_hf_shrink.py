@@ -95,3 +95,18 @@ def test_squash_into_shrink_refuses_what_a_config_cannot_say() -> None:
     sgm.step()
     with pytest.raises(ValueError, match="head_dim"):
         sgm.squash_into(bert, shrink=True)
+
+
+def test_gpt2_conv1d_mlp_channels_shrink() -> None:
+    ids = torch.randint(1, 100, (2, 7))
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)).eval()
+    sgm = fxs.sparsify_graph(model, {"channels": [{"target": "re:transformer\\.h\\.\\d+\\.mlp\\.c_fc", "sparsity": 0.5}]},
+                             example_kwargs=kwargs)
+    sgm.step()
+    small = sgm.squash(shrink=True)
+    with torch.no_grad():
+        torch.testing.assert_close(small(**kwargs).logits, sgm(**kwargs).logits, atol=1e-5, rtol=1e-5)
+    assert small.state_dict()["transformer.h.0.mlp.c_fc.weight"].shape == (32, 64)  # Conv1D: (in, out)
+    assert small.state_dict()["transformer.h.0.mlp.c_proj.weight"].shape == (64, 32)

@@ -324,6 +324,8 @@ FUNCTIONS: dict[Any, tuple[str, Normalizer]] = {
     torch.mean: ("reduce", _n_reduce), torch.sum: ("reduce", _n_reduce), torch.amax: ("reduce", _n_reduce),
     aten.mean: ("reduce", _n_reduce), aten.sum: ("reduce", _n_reduce), aten.amax: ("reduce", _n_reduce),
     F.scaled_dot_product_attention: ("sdpa", _n_sdpa), aten.scaled_dot_product_attention: ("sdpa", _n_sdpa),
+    torch.addmm: ("addmm", lambda n: ([n.args[0], n.args[1], n.args[2]], {})),
+    aten.addmm: ("addmm", lambda n: ([n.args[0], n.args[1], n.args[2]], {})),
     F.embedding: ("embedding", _n_embedding(False)), aten.embedding: ("embedding", _n_embedding(True)),
     aten.slice: ("slice", _n_slice), aten.select: ("select", _n_select),
     operator.getitem: ("getitem", _n_x), getattr: ("shape", _n_none), aten.sym_size: ("shape", _n_none),
@@ -838,6 +840,20 @@ def r_matmul(op: Op, pos: int, s: Slot, ctx: _Ctx) -> list[Coupling]:
     return out
 
 
+def r_addmm(op: Op, pos: int, s: Slot, ctx: _Ctx) -> list[Coupling]:
+    """``addmm(bias, x, w)`` with ``w`` of shape (in, out): a Linear with a transposed weight (HF ``Conv1D``)."""
+    bias, x, w = op.operands
+    o, k = s.offset, s.width
+    if pos == 1:
+        return [(w, 0, o, k)] if s.dim == 1 else [(op.node, 0, o, k)]  # type: ignore[list-item]
+    if pos == 2 and s.dim == 0:
+        return [(x, 1, o, k)]  # type: ignore[list-item]
+    if pos == OUT and s.dim == 0:
+        return [(x, 0, o, k)]  # type: ignore[list-item]
+    cols = [(w, 1, o, k), (bias, ctx.ndim(bias) - 1, o, k), (op.node, 1, o, k)]
+    return [c for c in cols if c[0] is not None and c[0] is not _value(op, pos)]  # type: ignore[misc]
+
+
 def r_sdpa(op: Op, pos: int, s: Slot, ctx: _Ctx) -> list[Coupling]:
     q, k_, v, mask = op.operands
     if op.extra.get("gqa"):
@@ -898,7 +914,7 @@ RULES: dict[str, Rule] = {
     "group_norm": r_group_norm, "pointwise": r_pointwise, "expand": r_expand, "softmax": r_softmax,
     "reduce": r_reduce, "pool": r_pool, "reshape": r_reshape, "transpose": r_transpose, "cat": r_cat,
     "split": r_split, "getitem": r_getitem, "slice": r_slice, "select": r_select, "matmul": r_matmul,
-    "sdpa": r_sdpa, "embedding": r_embedding, "shape": r_shape, "unknown": r_unknown,
+    "sdpa": r_sdpa, "addmm": r_addmm, "embedding": r_embedding, "shape": r_shape, "unknown": r_unknown,
 }
 
 
@@ -1033,9 +1049,19 @@ def _uses(graph: _Graph, tensor: str) -> list[tuple[Op, int]]:
     return out
 
 
-def _is_layer_weight(graph: _Graph, tensor: str, kinds: tuple[str, ...] = ("linear", "conv")) -> bool:
-    uses = _uses(graph, tensor)
-    return bool(uses) and all(op.kind in kinds and pos == 1 for op, pos in uses)
+#: rule kind → (operand position of a layer's weight, the weight dim holding the output channels)
+LAYER_WEIGHTS: dict[str, tuple[int, int]] = {"linear": (1, 0), "conv": (1, 0), "addmm": (2, 1)}
+
+
+def _out_dim(graph: _Graph, tensor: str, kinds: tuple[str, ...] = ("linear", "conv", "addmm")) -> int | None:
+    """The dim of ``tensor`` holding output channels when every use is a layer's weight (else None)."""
+    dims = {LAYER_WEIGHTS[op.kind][1] if op.kind in kinds and pos == LAYER_WEIGHTS[op.kind][0] else None
+            for op, pos in _uses(graph, tensor)}
+    return dims.pop() if len(dims) == 1 else None
+
+
+def _is_layer_weight(graph: _Graph, tensor: str, kinds: tuple[str, ...] = ("linear", "conv", "addmm")) -> bool:
+    return _out_dim(graph, tensor, kinds) is not None
 
 
 def plan_channels(
@@ -1054,19 +1080,21 @@ def plan_channels(
     def add_group(root: str, width: int, unit: str, rule: int, allow_coarsen: bool) -> ChannelGroup | None:
         rows = graph.shape(root)
         assert rows is not None
-        existing = owner.get((root, 0))
+        dim = _out_dim(graph, root)
+        assert dim is not None
+        existing = owner.get((root, dim))
         if existing is not None:
             existing.rule = rule
             return existing
         w = width
         while True:
-            flood = _Flood(graph, rows[0] // w)
+            flood = _Flood(graph, rows[dim] // w)
             try:
-                flood.run(root, 0, w)
+                flood.run(root, dim, w)
                 err = None
                 break
             except Unmappable as exc:
-                if allow_coarsen and exc.split and rows[0] % (w * exc.split) == 0:
+                if allow_coarsen and exc.split and rows[dim] % (w * exc.split) == 0:
                     w *= exc.split
                     continue
                 err = exc
@@ -1075,7 +1103,7 @@ def plan_channels(
             return None  # no reshape into heads downstream: not a head projection
         order = {name: i for i, name in enumerate(gm.state_dict(keep_vars=True))}
         members = sorted(flood.members, key=lambda m: (order.get(m.tensor, len(order)), m.dim))
-        group = ChannelGroup(len(groups), rows[0] // w, unit, [root], members, flood.ctx.edits, rule)
+        group = ChannelGroup(len(groups), rows[dim] // w, unit, [root], members, flood.ctx.edits, rule)
         group.edits = list(dict.fromkeys(group.edits))
         if err is not None:
             group.removable = False
@@ -1084,7 +1112,7 @@ def plan_channels(
             group.edits = []
         for m in group.members:
             owner.setdefault((m.tensor, m.dim), group)
-            if m.dim == 0 and m.tensor != root and m.is_param and _is_layer_weight(graph, m.tensor):
+            if m.tensor != root and m.is_param and _out_dim(graph, m.tensor) == m.dim:
                 group.roots.append(m.tensor)
         groups.append(group)
         return group
@@ -1096,8 +1124,8 @@ def plan_channels(
             for root in roots:
                 if not _is_layer_weight(graph, root):
                     raise ValueError(
-                        f"{where}: {root!r} is not the weight of a Linear or Conv layer in the captured graph; a "
-                        "channels rule prunes the output channels of Linear / Conv layers"
+                        f"{where}: {root!r} is not the weight of a Linear, Conv or Conv1D (addmm) layer in the captured "
+                        "graph; a channels rule prunes the output channels of such layers"
                     )
                 add_group(root, 1, "channel", i, allow_coarsen=False)
         else:
@@ -1105,7 +1133,7 @@ def plan_channels(
             for module in select_layers(rule.target, model, where):
                 prefix = f"{module}."
                 for name in list(dict.fromkeys(aliases.values())):
-                    if name.startswith(prefix) and _is_layer_weight(graph, name, ("linear",)):
+                    if name.startswith(prefix) and _is_layer_weight(graph, name, ("linear", "addmm")):
                         group = add_group(name, 1, "head", i, allow_coarsen=True)
                         if group is not None and group not in found:
                             found.append(group)
@@ -1123,7 +1151,7 @@ def plan_channels(
 
 def _heads_per_unit(graph: _Graph, group: ChannelGroup) -> None:
     """Query heads per unit: the widest root's rows per unit over the narrowest (a kv head's own width)."""
-    widths = [m.width for m in group.members if m.dim == 0 and m.tensor in group.roots]
+    widths = [m.width for m in group.members if m.tensor in group.roots and m.dim == _out_dim(graph, m.tensor)]
     if widths and group.removable:
         group.heads_per_unit = max(widths) // min(widths)
 

@@ -29,7 +29,7 @@ from ..state import SparsityState
 from ._runner import PassResult, finish
 from .channel_groups import ChannelPlan
 
-__all__ = ["shrink", "REFRESH"]
+__all__ = ["shrink", "REFRESH", "REFRESH_BY_NAME", "refresh_attributes"]
 
 
 def _conv(m: nn.Module) -> None:
@@ -58,6 +58,22 @@ REFRESH: dict[type[nn.Module], Callable[[nn.Module], None]] = {
     nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
     nn.Embedding: _embedding,
 }
+
+
+def _conv1d_hf(m: nn.Module) -> None:  # transformers' Conv1D: weight (in, out), forward reads self.nf
+    m.nf = m.weight.shape[1]  # type: ignore[assignment]
+
+
+#: module class name → refresh, for third-party layers we do not import
+REFRESH_BY_NAME: dict[str, Callable[[nn.Module], None]] = {"Conv1D": _conv1d_hf}
+
+
+def refresh_attributes(root: nn.Module) -> None:
+    """Refresh every module's size attributes from its tensors (:data:`REFRESH`, :data:`REFRESH_BY_NAME`)."""
+    for module in root.modules():
+        refresh = REFRESH.get(type(module)) or REFRESH_BY_NAME.get(type(module).__name__)
+        if refresh is not None:
+            refresh(module)
 
 
 def _set_at(node: Node, path: tuple[Any, ...], change: Callable[[int], int]) -> None:
@@ -131,9 +147,6 @@ def shrink(gm: GraphModule, state: SparsityState, keeps: Mapping[int, Tensor]) -
         else:
             assert where in nodes, f"node {where} of a channel edit is not in the squashed graph"
             _set_at(nodes[where], path, lambda v, delta=delta: v - delta)
-    for module in gm.modules():
-        refresh = REFRESH.get(type(module))
-        if refresh is not None:
-            refresh(module)
+    refresh_attributes(gm)
     gm.recompile()
     return finish(gm, done)

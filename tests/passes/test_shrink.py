@@ -13,7 +13,7 @@ from torch import nn
 
 import fx_sparsify as fxs
 
-from _channel_models import MLP, Block, ResidualCNN, random_residual_cnn, randomise_norms
+from _channel_models import MLP, Block, MobileNetV2Mini, ResidualCNN, random_residual_cnn, randomise_norms
 
 
 def _params(module: nn.Module) -> int:
@@ -149,3 +149,12 @@ def test_deepcopy_and_state_dict_round_trip_keep_the_shrink() -> None:
         got = copy_.squash(shrink=True).state_dict()
         assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
         torch.testing.assert_close(got["pw.weight"], expected["pw.weight"])
+
+
+def test_mobilenet_v2_blocks_shrink() -> None:
+    model = randomise_norms(MobileNetV2Mini().eval())
+    small = _check(model, {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]}, torch.randn(2, 3, 16, 16), "fx")
+    get = small.get_submodule  # expand 64 -> 32, its depthwise conv follows with groups=32
+    assert get("features.1.conv.0").out_channels == 32 and get("features.1.conv.3").groups == 32
+    assert get("features.1.conv.3").in_channels == 32
+    assert get("features.3.conv.6").out_channels == 12  # 24 -> 12, shared by the residual pair
