@@ -120,8 +120,8 @@ def _as_batch(item: Any, where: str) -> Batch:
                     f"got {type(item).__name__}")
 
 
-def _batches(args: argparse.Namespace) -> tuple[Batch, Callable[[int], Batch], int]:
-    """The example batch, a function giving calibration batch ``i``, and how many batches the inputs offer."""
+def _batches(args: argparse.Namespace) -> tuple[Batch, Callable[[int], Batch]]:
+    """The example batch and a function giving calibration batch ``i`` (a file's batches in turn, or fresh random ones)."""
     if args.inputs:
         path = Path(args.inputs)
         if not path.is_file():
@@ -136,14 +136,14 @@ def _batches(args: argparse.Namespace) -> tuple[Batch, Callable[[int], Batch], i
             batches = [_as_batch(b, f"--inputs {args.inputs!r}[{i}]") for i, b in enumerate(data)]
         else:
             batches = [_as_batch(data, f"--inputs {args.inputs!r}")]
-        return batches[0], lambda i: batches[i % len(batches)], len(batches)
+        return batches[0], lambda i: batches[i % len(batches)]
     shapes = [parse_shape(s) for s in args.input]
     generator = torch.Generator().manual_seed(args.seed)
 
     def random_batch(i: int) -> Batch:
         return tuple(torch.randn(s, generator=generator) for s in shapes), {}
 
-    return random_batch(0), random_batch, 0
+    return random_batch(0), random_batch
 
 
 def _progress(total: int, what: str, quiet: bool) -> Any:
@@ -254,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} exists and is not a directory")
-    example, batch, _ = _batches(args)
+    example, batch = _batches(args)
     _say(args, f"building {args.model}")
     model = _build_model(args.model, args.model_kwargs).eval()
     start = time.perf_counter()
