@@ -336,3 +336,15 @@ def test_a_damaged_file_leaves_the_model_unchanged(tmp_path: Path) -> None:
     fxs.load_compressed(path, fresh)  # expanded straight into the model's own tensors
     assert fresh.fc1.weight.data_ptr() == ptr
     _assert_bit_exact(squashed.state_dict(), fresh.state_dict())
+
+
+def test_activation_masks_folded_into_columns_write_positive_zeros() -> None:
+    spec = {"activations": [{"target": "fc2", "aggregate": "abs_sum", "reduce": "mean", "mask": "l1_unstructured",
+                             "sparsity": 0.5}]}
+    sgm = fxs.sparsify_graph(MLP(), spec)
+    for _ in range(3):
+        sgm(torch.randn(8, 16))
+    sgm.step()
+    w = sgm.squash().fc2.weight
+    assert int((w == 0).sum()) >= w.shape[0] * 16  # half of the input columns pruned
+    assert not bool(torch.signbit(w[w == 0]).any())

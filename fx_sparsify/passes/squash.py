@@ -97,10 +97,10 @@ def _fold_into_weight(weight: Tensor, vector: Tensor) -> Tensor:
     """``weight`` with its input columns / channels multiplied by ``vector``: a new tensor (the sparse
     module may share ``weight``)."""
     if weight.dim() == 2 or vector.numel() == 1:
-        return weight * vector.to(weight.dtype)
+        return weight * vector.to(weight.dtype) + 0.0  # + 0.0: pruned columns hold +0.0, never -0.0
     groups = vector.numel() // weight.shape[1]
     grouped = weight.view(groups, weight.shape[0] // groups, weight.shape[1], *weight.shape[2:])
-    return (grouped * vector.to(weight.dtype).view(groups, 1, weight.shape[1], *([1] * (weight.dim() - 2)))).view(weight.shape)
+    return (grouped * vector.to(weight.dtype).view(groups, 1, weight.shape[1], *([1] * (weight.dim() - 2))) + 0.0).view(weight.shape)
 
 
 def fold_activation_masks(gm: GraphModule, state: SparsityState) -> PassResult:
