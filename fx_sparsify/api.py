@@ -296,10 +296,10 @@ def step(gm: SparseGraphModule) -> None:
     gm.step()
 
 
-def squash(gm: SparseGraphModule) -> GraphModule:
-    """Function form of :meth:`SparseGraphModule.squash`."""
+def squash(gm: SparseGraphModule, **options: Any) -> GraphModule:
+    """Function form of :meth:`SparseGraphModule.squash` (``shrink=``, ``storage=``, ``batch_size=`` pass through)."""
     _sparse(gm, "squash")
-    return gm.squash()
+    return gm.squash(**options)
 
 
 def masks(gm: SparseGraphModule) -> dict[str, Any]:

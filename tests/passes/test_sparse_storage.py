@@ -231,3 +231,9 @@ def test_bad_storage_arguments() -> None:
     with pytest.raises(ValueError, match="CUDA GPUs in float16 / bfloat16 only; this module is on cpu"):
         sgm.squash(storage="semi_structured")
     assert "storage" not in sgm._fxs.extra  # nothing was recorded by the failed calls
+
+
+def test_function_form_passes_storage_through() -> None:
+    sgm = _sgm(MLP())
+    sparse = fxs.squash(sgm, storage="csr")
+    assert isinstance(sparse.fc1, SparseLinear)
