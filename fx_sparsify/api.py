@@ -19,7 +19,7 @@ from .methods._selectors import warn_if_percent_like
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
 from .passes.insert_hessian_observers import insert_hessian_observers, sparsegpt_layers
 from .passes.insert_weight_masks import insert_weight_masks
-from .passes.channel_groups import ChannelPlan, plan_channels
+from .passes.channel_groups import ChannelPlan, passive_rules, plan_channels
 from .passes.update_masks import check_options
 from .observer import ActivationObserver
 from .roundtrip import set_initial_masks, take_over
@@ -108,7 +108,8 @@ def sparsify_graph(
         # the user's GraphModule keeps its own graph, modules and buffers even in place (parameters are shared)
         gm = GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
     channel_plan = None
-    if spec.channels:  # SPEC §10: channel groups from the captured graph, before any mask node exists
+    shapes_known = example_inputs is not None or example_kwargs is not None or captured.capture == "export"
+    if spec.channels or (passive_rules(spec) and shapes_known):  # SPEC §10: channel groups, before any mask node
         channel_plan = plan_channels(gm, spec, model, aliases, example_inputs, example_kwargs)
         targets = {**targets, **_channel_targets(channel_plan, targets)}
     activations = insert_activation_masks(gm, layers, norm_layers, aliases).created
@@ -137,7 +138,7 @@ def sparsify_graph(
         )
     state = SparsityState(spec=spec, capture=captured.capture, targets=records, state_keys=state_keys,
                           class_name=type(model).__name__, aliases=aliases)
-    if channel_plan is not None:
+    if channel_plan is not None and channel_plan.groups:
         state.extra["channels"] = channel_plan
     if inplace:  # squash may then zero the pruned weights in place instead of copying (SPEC §15)
         state.extra["inplace"] = True

@@ -11,7 +11,8 @@ from torch.fx import GraphModule
 
 from .passes.insert_activation_masks import LayerIndex
 from .passes.squash import activation_fold
-from .passes.channel_groups import CHANNELS, group_keeps, shrink_summary
+from .passes.channel_groups import shrink_summary
+from .passes.shrink import channel_keeps
 from .passes.sparse_storage import storage_table
 from .methods._selectors import block_grid
 from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
@@ -117,6 +118,5 @@ def report(gm: GraphModule, state: SparsityState) -> str:
         table += "\n\nstorage at the last squash:\n" + storage_table(state.extra["storage"])
     plan = state.extra.get("channels")
     if plan is not None:  # SPEC §10: the shrink outcome
-        current = {n: gm.get_buffer(r.buffer) for n, r in state.targets.items() if r.method == CHANNELS}
-        table += "\n" + shrink_summary(gm, plan, group_keeps(plan, current))
+        table += "\n" + shrink_summary(gm, plan, channel_keeps(gm, state))
     return table

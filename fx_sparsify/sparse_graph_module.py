@@ -15,8 +15,8 @@ from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
 from .report import report as _report, target_sparsity_of
 from .passes.squash import squash as _squash
-from .passes.channel_groups import group_keeps, shrink_plan_table
-from .passes.shrink import shrink as _shrink
+from .passes.channel_groups import shrink_plan_table
+from .passes.shrink import channel_keeps, shrink as _shrink
 from .passes.sparse_storage import apply_sparse_storage, check_storage
 from .passes.update_masks import apply_masks_inplace, update_masks
 from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
@@ -115,10 +115,7 @@ class SparseGraphModule(GraphModule):
         return shrink_plan_table(self._fxs.extra["channels"], self._channel_keeps())
 
     def _channel_keeps(self) -> dict[int, torch.Tensor]:
-        plan = self._fxs.extra.get("channels")
-        if plan is None:
-            return {}
-        return group_keeps(plan, {n: self.get_buffer(r.buffer) for n, r in self._fxs.targets.items() if r.method == "channels"})
+        return channel_keeps(self, self._fxs)
 
     def squash_into(self, model: torch.nn.Module, shrink: bool = False) -> torch.nn.Module:
         """Write the squashed weights into your own eager ``model`` (in place) and return it (SPEC §14).

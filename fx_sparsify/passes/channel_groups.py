@@ -23,6 +23,7 @@ consumer's column is masked). Parameters not in any group keep their plain uses.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class Member:
     offset: int = 0
     width: int = 1
     is_param: bool = True
+    consumer: bool = False  # a layer's input columns (a pruned unit there multiplies nothing)
 
     def indices(self, units: Iterable[int]) -> list[int]:
         return [self.offset + c * self.width + i for c in units for i in range(self.width)]
@@ -1026,6 +1028,11 @@ def record_shapes(gm: GraphModule, example_inputs: tuple[Any, ...] | None, examp
     try:
         with torch.no_grad():
             recorder.run(*inputs)
+    except Exception as exc:
+        raise ValueError(
+            f"the rewritten module failed on example_inputs: {type(exc).__name__}: {exc}. Check that the example "
+            "inputs match the model's forward (the channel analysis runs it once to read every value's shape)"
+        ) from exc
     finally:
         gm.train(training)
     return recorder.shapes
@@ -1049,13 +1056,13 @@ def _uses(graph: _Graph, tensor: str) -> list[tuple[Op, int]]:
     return out
 
 
-#: rule kind → (operand position of a layer's weight, the weight dim holding the output channels)
-LAYER_WEIGHTS: dict[str, tuple[int, int]] = {"linear": (1, 0), "conv": (1, 0), "addmm": (2, 1)}
+#: rule kind → (operand position of a layer's weight, its dim of output channels, its dim of input channels)
+LAYER_WEIGHTS: dict[str, tuple[int, int, int]] = {"linear": (1, 0, 1), "conv": (1, 0, 1), "addmm": (2, 1, 0)}
 
 
-def _out_dim(graph: _Graph, tensor: str, kinds: tuple[str, ...] = ("linear", "conv", "addmm")) -> int | None:
-    """The dim of ``tensor`` holding output channels when every use is a layer's weight (else None)."""
-    dims = {LAYER_WEIGHTS[op.kind][1] if op.kind in kinds and pos == LAYER_WEIGHTS[op.kind][0] else None
+def _out_dim(graph: _Graph, tensor: str, kinds: tuple[str, ...] = ("linear", "conv", "addmm"), which: int = 1) -> int | None:
+    """The dim of ``tensor`` holding output (``which=2``: input) channels when every use is a layer's weight."""
+    dims = {LAYER_WEIGHTS[op.kind][which] if op.kind in kinds and pos == LAYER_WEIGHTS[op.kind][0] else None
             for op, pos in _uses(graph, tensor)}
     return dims.pop() if len(dims) == 1 else None
 
@@ -1077,14 +1084,16 @@ def plan_channels(
     groups: list[ChannelGroup] = []
     owner: dict[tuple[str, int], ChannelGroup] = {}  # (tensor, dim) → the group holding it
 
-    def add_group(root: str, width: int, unit: str, rule: int, allow_coarsen: bool) -> ChannelGroup | None:
+    def add_group(root: str, width: int, unit: str, rule: int | None, allow_coarsen: bool,
+                  dim: int | None = None) -> ChannelGroup | None:
         rows = graph.shape(root)
         assert rows is not None
-        dim = _out_dim(graph, root)
+        dim = _out_dim(graph, root) if dim is None else dim
         assert dim is not None
         existing = owner.get((root, dim))
         if existing is not None:
-            existing.rule = rule
+            if rule is not None:
+                existing.rule = rule
             return existing
         w = width
         while True:
@@ -1102,9 +1111,12 @@ def plan_channels(
         if unit == "head" and w == width:
             return None  # no reshape into heads downstream: not a head projection
         order = {name: i for i, name in enumerate(gm.state_dict(keep_vars=True))}
-        members = sorted(flood.members, key=lambda m: (order.get(m.tensor, len(order)), m.dim))
+        members = sorted((dataclasses.replace(m, consumer=m.is_param and _out_dim(graph, m.tensor, which=2) == m.dim)
+                          for m in flood.members), key=lambda m: (order.get(m.tensor, len(order)), m.dim))
         group = ChannelGroup(len(groups), rows[dim] // w, unit, [root], members, flood.ctx.edits, rule)
         group.edits = list(dict.fromkeys(group.edits))
+        if err is not None and rule is None:
+            return None  # a group only other rules' zeros could shrink, and it cannot: nothing to say
         if err is not None:
             group.removable = False
             group.node = err.node.format_node() if err.node is not None else None
@@ -1144,9 +1156,40 @@ def plan_channels(
                 )
             for group in found:
                 _heads_per_unit(graph, group)
+    for weight, in_dim in _passive_seeds(spec, model, aliases, graph):
+        add_group(weight, 1, "channel", None, allow_coarsen=False, dim=in_dim)
     plan = ChannelPlan(groups, spec.channels)
     _check_rules(plan)
     return plan
+
+
+def passive_rules(spec: SparsitySpec) -> bool:
+    """Whether rules other than ``channels`` may zero whole input channels of a layer (SPEC §10, item 5)."""
+    return bool(spec.activations) or any(_column_rule(r) for r in spec.weights)
+
+
+def _column_rule(rule: Any) -> bool:
+    return rule.method in ("ln_structured", "random_structured") and rule.options.get("dim", 0) in (1, -1)
+
+
+def _passive_seeds(spec: SparsitySpec, model: nn.Module, aliases: Mapping[str, str], graph: _Graph) -> list[tuple[str, int]]:
+    """Layer weights whose input columns other rules may zero: activation rules' layers, column-structured rules."""
+    weights: list[str] = []
+    for i, arule in enumerate(spec.activations):
+        for layer in select_layers(arule.target, model, f"spec['activations'][{i}]"):
+            name = aliases.get(f"{layer}.weight" if layer else "weight")
+            if name is not None:
+                weights.append(name)
+    for i, wrule in enumerate(spec.weights):
+        if _column_rule(wrule):
+            weights += select(wrule.target, model, dict(aliases), f"spec['weights'][{i}]")
+    out = []
+    for name in dict.fromkeys(weights):
+        in_dim = _out_dim(graph, name, which=2)
+        shape = graph.shape(name)
+        if in_dim is not None and shape is not None:
+            out.append((name, in_dim))
+    return out
 
 
 def _heads_per_unit(graph: _Graph, group: ChannelGroup) -> None:
@@ -1273,12 +1316,22 @@ def _keep_lowest(scores: Tensor, kept: int) -> Tensor:
     return keep
 
 
-def group_keeps(plan: ChannelPlan, masks: Mapping[str, Tensor]) -> dict[int, Tensor]:
+def group_keeps(plan: ChannelPlan, masks: Mapping[str, Tensor], consumers: Mapping[str, Tensor] | None = None) -> dict[int, Tensor]:
     """Group id → keep vector over its units, read back from the members' masks (a unit is pruned when every
-    parameter member's slice of it is masked)."""
+    parameter member's slice of it is masked). A group no channels rule owns (``rule`` None) drops the units
+    whose consumer columns are all zero in ``consumers`` (the weights as squash will write them)."""
     out: dict[int, Tensor] = {}
     for g in plan.groups:
         if not g.removable:
+            continue
+        if g.rule is None:
+            keep = torch.zeros(g.units, dtype=torch.bool)
+            found = False
+            for m in g.members:
+                if m.consumer and consumers is not None and m.tensor in consumers:
+                    found = True
+                    keep |= _unit_view(consumers[m.tensor].detach().cpu() != 0, m, g.units).any(dim=1)
+            out[g.id] = keep if found and bool(keep.any()) else torch.ones(g.units, dtype=torch.bool)
             continue
         keep = torch.zeros(g.units, dtype=torch.bool)
         seen = False
@@ -1333,9 +1386,10 @@ def shrink_plan_table(plan: ChannelPlan, keeps: Mapping[int, Tensor]) -> str:
         names = g.member_names()
         members = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
         kept = int(keeps[g.id].sum()) if g.id in keeps else g.units
-        rows.append([g.id, g.unit_text(), members, f"{g.units} → {kept}", "yes" if g.removable else "no",
+        rule = f"channels[{g.rule}]" if g.rule is not None else "other rules' zeros"
+        rows.append([g.id, rule, g.unit_text(), members, f"{g.units} → {kept}", "yes" if g.removable else "no",
                      g.node or "", g.reason or ""])
     removable = sum(1 for g in plan.groups if g.removable)
     head = f"fx_sparsify shrink plan: {len(plan.groups)} channel groups, {removable} removable"
-    return head + "\n" + tabulate(rows, headers=["group", "unit", "members", "before → after", "removable", "node",
+    return head + "\n" + tabulate(rows, headers=["group", "from", "unit", "members", "before → after", "removable", "node",
                                                  "reason"], tablefmt="github")

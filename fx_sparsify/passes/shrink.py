@@ -27,9 +27,11 @@ from torch.fx import GraphModule, Node
 from .._modules import find_tensor
 from ..state import SparsityState
 from ._runner import PassResult, finish
-from .channel_groups import ChannelPlan
+from .channel_groups import CHANNELS, ChannelPlan, group_keeps
+from .insert_activation_masks import LayerIndex
+from .squash import activation_fold
 
-__all__ = ["shrink", "REFRESH", "REFRESH_BY_NAME", "refresh_attributes"]
+__all__ = ["shrink", "channel_keeps", "REFRESH", "REFRESH_BY_NAME", "refresh_attributes"]
 
 
 def _conv(m: nn.Module) -> None:
@@ -99,6 +101,44 @@ def _paths(gm: GraphModule, state: SparsityState, name: str) -> list[str]:
     """Every path under which tensor ``name`` (a canonical FQN) is reachable in ``gm``."""
     paths = [a for a, c in state.aliases.items() if c == name] or [name]
     return [p for p in paths if find_tensor(gm, p) is not None]
+
+
+def _consumer_weights(gm: GraphModule, state: SparsityState, plan: ChannelPlan) -> dict[str, Tensor]:
+    """Consumer columns of groups no channels rule owns, as squash will write them: weight × its mask ×
+    the activation mask squash folds into its columns (SPEC §10: shrinking what other rules zeroed)."""
+    wanted = {m.tensor: m.dim for g in plan.groups if g.rule is None and g.removable for m in g.members if m.consumer}
+    if not wanted:
+        return {}
+    out: dict[str, Tensor] = {}
+    index = LayerIndex(gm, state.aliases)
+    with torch.no_grad():
+        for name, dim in wanted.items():
+            weight = find_tensor(gm, name)
+            if weight is None:
+                continue
+            w = weight.detach()
+            record = state.targets.get(name)
+            if record is not None and record.kind != "activation":
+                w = w * (gm.get_buffer(record.buffer) != 0).to(w.dtype)
+            for r in state.targets.values():
+                layer_weight = f"{r.layer}.weight" if r.layer else "weight"
+                if r.kind == "activation" and state.aliases.get(layer_weight, layer_weight) == name:
+                    vector = activation_fold(gm, state, r, index)
+                    if vector is not None and (vector.numel() == w.shape[dim] or vector.numel() == 1):
+                        shape = [1] * w.dim()
+                        shape[dim] = -1
+                        w = w * vector.to(w.dtype).reshape(shape)
+            out[name] = w
+    return out
+
+
+def channel_keeps(gm: GraphModule, state: SparsityState) -> dict[int, Tensor]:
+    """Group id → keep vector: from the channels rules' masks, and for other groups from zero consumer columns."""
+    plan = state.extra.get("channels")
+    if plan is None:
+        return {}
+    masks = {n: gm.get_buffer(r.buffer) for n, r in state.targets.items() if r.method == CHANNELS}
+    return group_keeps(plan, masks, _consumer_weights(gm, state, plan))
 
 
 def shrink(gm: GraphModule, state: SparsityState, keeps: Mapping[int, Tensor]) -> PassResult:

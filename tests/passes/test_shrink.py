@@ -158,3 +158,24 @@ def test_mobilenet_v2_blocks_shrink() -> None:
     assert get("features.1.conv.0").out_channels == 32 and get("features.1.conv.3").groups == 32
     assert get("features.1.conv.3").in_channels == 32
     assert get("features.3.conv.6").out_channels == 12  # 24 -> 12, shared by the residual pair
+
+
+@pytest.mark.parametrize("spec", [
+    {"activations": [{"target": "fc2", "mask": "l1_unstructured", "sparsity": 0.5}]},
+    {"weights": [{"target": "fc2", "method": "ln_structured", "sparsity": 0.5, "dim": 1}]},
+], ids=["activation-mask", "ln_structured-columns"])
+def test_zero_columns_made_by_other_rules_shrink_their_producer(spec: dict[str, Any]) -> None:
+    x = torch.randn(8, 20)
+    model = MLP()
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,))
+    sgm(x)
+    sgm.step()
+    assert "other rules' zeros" in sgm.shrink_plan()
+    small = sgm.squash(shrink=True)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), sgm(x), atol=1e-5, rtol=1e-5)
+    sd = small.state_dict()
+    assert sd["fc1.weight"].shape == (32, 20) and sd["fc1.bias"].shape == (32,) and sd["fc2.weight"].shape == (48, 32)
+    assert sgm.squash().state_dict()["fc1.weight"].shape == (64, 20)  # shrink=False leaves them
+    plain = fxs.sparsify_graph(model, spec)  # without example inputs the fx capture has no shapes: no plan, no error
+    assert "channels" not in plain._fxs.extra
