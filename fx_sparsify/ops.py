@@ -5,7 +5,7 @@
 weight or the mask changed (their version counters, storage or dtype), so an unsquashed model runs
 eval forwards at plain speed. An in-place change made through ``.data`` bypasses the version counter:
 ``sgm.eval()`` drops the cache. In training mode, or with autograd on, it multiplies every call.
-The cache is bounded (:func:`set_cache_limit`, default 1 GiB for all sparse modules together), so it
+The cache is bounded (:func:`set_cache_limit`, default 256 MiB for all sparse modules together), so it
 never silently doubles a large model: weights past the bound are multiplied on every call, and
 ``squash()`` frees the cache before it allocates. With ``"mode": "inplace"`` there is nothing to cache.
 
@@ -23,13 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._masks import masked_copy
+
 __all__ = ["apply_mask", "apply_mask_ste", "mask_activation", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS",
            "set_cache_limit", "cache_limit", "cached_bytes", "drop_cache", "DEFAULT_CACHE_LIMIT"]
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _CACHEABLE = "_fxs_cacheable"  # attribute set on a mask buffer while its module is in eval mode
 #: default bound of the eval cache, all sparse modules together (see :func:`set_cache_limit`)
-DEFAULT_CACHE_LIMIT = 1 << 30
+DEFAULT_CACHE_LIMIT = 1 << 28
 _LIMIT: list[int | None] = [DEFAULT_CACHE_LIMIT]
 
 
@@ -40,7 +42,7 @@ def set_cache_limit(nbytes: int | None) -> int | None:
     that eval forwards run at plain speed; each cached weight costs its own size in memory. A weight is
     cached when the forward reaches it and it fits within the bound; the others are multiplied on
     every call (slower, no memory held). ``0`` turns the cache off, ``None``
-    lifts the bound (the cache may then hold a second copy of every masked weight). Default: 1 GiB.
+    lifts the bound (the cache may then hold a second copy of every masked weight). Default: 256 MiB.
     Changing the bound drops what is cached.
     """
     if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
@@ -106,7 +108,7 @@ def _from_cache(weight: Tensor, mask: Tensor) -> Tensor | None:
     limit = _LIMIT[0]
     if limit is not None and cached_bytes() + weight.numel() * weight.element_size() > limit:
         return None
-    out = weight * mask
+    out = masked_copy(weight, mask)  # a chunk at a time: no weight-sized float copy of a bool mask
     # look like the parameter to kernels that branch on requires_grad (matmul folds a transposed
     # 3-D input into one mm only when an operand requires grad): plain speed in every layout. A
     # no-grad leaf, reached only from this function under no_grad: it never joins an autograd graph

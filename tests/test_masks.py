@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fx_sparsify as fxs
-from fx_sparsify._masks import keep_of, masked_copy, zero_pruned_
+from fx_sparsify._masks import PACK_MIN, PackedMask, is_masked, keep_of, masked_copy, pending, zero_pruned_
 
 from models import MLP
 
@@ -109,6 +109,19 @@ def test_in_place_masking_writes_positive_zeros_chunk_by_chunk(chunk: int) -> No
     assert torch.equal(row, torch.where(keep[0], w, torch.zeros(())))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_is_masked_needs_positive_zeros_at_every_pruned_entry(dtype: torch.dtype) -> None:
+    w = torch.randn(40, 30).to(dtype)
+    keep = torch.rand(40, 30) > 0.5
+    masked = masked_copy(w, keep)
+    assert is_masked(masked, keep) and is_masked(masked, keep, chunk=7)
+    assert not is_masked(w, keep)
+    flipped = masked.clone()
+    flipped[~keep] = -0.0  # a negative zero is not what squash writes
+    assert not is_masked(flipped, keep, chunk=7)
+    assert is_masked(w, torch.ones(40, 30, dtype=torch.bool))
+
+
 def test_keep_of_reads_any_dtype_as_a_keep_mask() -> None:
     mask = torch.tensor([0.0, 1.0, 1.0])
     assert keep_of(mask).tolist() == [False, True, True]
@@ -124,3 +137,38 @@ def test_sparsify_module_keeps_a_bool_mask() -> None:
     assert sp.scores is not None and sp.scores.grad is not None
     state = nn.Module.state_dict(sp)
     assert state["mask"].dtype == torch.bool
+
+
+@pytest.mark.parametrize("n", [1, 13, 1000, 70001])
+@pytest.mark.parametrize("chunk", [8, 24, 1 << 18])
+def test_packed_masks_round_trip(n: int, chunk: int) -> None:
+    mask = torch.rand(n) > 0.4
+    packed = PackedMask(mask.view(n, 1), chunk=chunk)
+    assert packed.data.nbytes <= -(-n // 8) + -(-n // chunk)  # 1 bit per entry (at most a byte of padding per chunk)
+    out = torch.zeros(n, 1, dtype=torch.bool)
+    packed.unpack_into(out)
+    assert torch.equal(out.view(-1), mask)
+    floats = torch.full((n, 1), 7.0)
+    packed.unpack_into(floats)
+    assert torch.equal(floats.view(-1), mask.float())
+    strided = torch.zeros(1, n, dtype=torch.bool).t()  # not contiguous
+    packed.unpack_into(strided)
+    assert torch.equal(strided.reshape(-1), mask)
+
+
+def test_large_pending_masks_are_packed_small_ones_stay() -> None:
+    big, small = torch.rand(PACK_MIN) > 0.5, torch.rand(100) > 0.5
+    assert isinstance(pending(big), PackedMask)
+    assert pending(small) is small
+
+
+def test_step_on_large_targets_gives_the_exact_masks() -> None:
+    """Large targets go through the packed path of step(): masks equal compute_mask's."""
+    model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 512))
+    spec = {"weights": [{"target": "0", "method": "l1_unstructured", "sparsity": 0.7},
+                        {"target": "2", "method": "2:4"}]}
+    sgm = fxs.sparsify_graph(model, spec)
+    sgm.step()
+    assert model[0].weight.numel() >= PACK_MIN
+    assert torch.equal(sgm.masks()["0.weight"], fxs.compute_mask("l1_unstructured", model[0].weight, sparsity=0.7))
+    assert torch.equal(sgm.masks()["2.weight"], fxs.compute_mask("2:4", model[2].weight))

@@ -30,8 +30,8 @@ def _eval_forward(sgm: fxs.SparseGraphModule) -> torch.Tensor:
         return sgm(X)
 
 
-def test_default_bound_is_one_gib_and_small_models_are_cached() -> None:
-    assert ops.cache_limit() == ops.DEFAULT_CACHE_LIMIT == 1 << 30
+def test_default_bound_is_256_mib_and_small_models_are_cached() -> None:
+    assert ops.cache_limit() == ops.DEFAULT_CACHE_LIMIT == 1 << 28
     sgm = fxs.sparsify_graph(MLP(), SPEC)
     sgm.step()
     fxs.set_cache_limit(ops.DEFAULT_CACHE_LIMIT)  # start empty

@@ -115,8 +115,10 @@ def _selectable(scores: Tensor) -> Tensor:
     return scores
 
 
-def kth_smallest(flat: Tensor, k: int) -> Tensor:
+def kth_smallest(flat: Tensor, k: int, *, absolute: bool = False) -> Tensor:
     """The exact ``k``-th smallest value (1-based) of a 1-D tensor, as a 0-d tensor.
+
+    ``absolute=True`` ranks ``|flat|`` without a full-size copy (each chunk's ``abs`` is a temporary).
 
     Large tensors use a sampled band search: a random sample brackets the k-th value in ``[lo, hi]``,
     only the (few) values inside the band are ranked exactly. The result is exact whatever the sample;
@@ -125,21 +127,22 @@ def kth_smallest(flat: Tensor, k: int) -> Tensor:
     n = flat.numel()
     assert 1 <= k <= n, (k, n)
     if n <= _SMALL:
-        return torch.kthvalue(flat, k).values
+        return torch.kthvalue(flat.abs() if absolute else flat, k).values
     gen = torch.Generator(device=flat.device)
     gen.manual_seed(0x5EED)
     idx = torch.randint(n, (_SAMPLE,), generator=gen, device=flat.device)
-    sample = torch.sort(flat[idx]).values
+    sample = torch.sort(flat[idx].abs() if absolute else flat[idx]).values
     q = k / n
     eps = 4.0 / math.sqrt(_SAMPLE)
     lo_i, hi_i = math.floor((q - eps) * _SAMPLE), math.ceil((q + eps) * _SAMPLE)
     lo = sample[lo_i] if lo_i >= 0 else None
     hi = sample[hi_i] if hi_i < _SAMPLE else None
     if lo is None and hi is None:
-        return torch.kthvalue(flat, k).values
+        return torch.kthvalue(flat.abs() if absolute else flat, k).values
     # Chunked, so the boolean temporaries stay small (peak extra memory is the caller's concern).
     below, parts = 0, []
     for chunk in flat.split(_CHUNK):
+        chunk = chunk.abs() if absolute else chunk
         if lo is None:
             in_band = torch.le(chunk, hi)
         else:
@@ -151,11 +154,12 @@ def kth_smallest(flat: Tensor, k: int) -> Tensor:
     band = torch.cat(parts)
     if below < k <= below + band.numel():
         return torch.kthvalue(band, k - below).values
-    return torch.kthvalue(flat, k).values
+    return torch.kthvalue(flat.abs() if absolute else flat, k).values
 
 
-def prune_smallest(scores: Tensor, k: int) -> Tensor:
-    """Keep-mask of ``scores``' shape pruning exactly the ``k`` smallest entries.
+def prune_smallest(scores: Tensor, k: int, *, absolute: bool = False) -> Tensor:
+    """Keep-mask of ``scores``' shape pruning exactly the ``k`` smallest entries (of ``|scores|`` when
+    ``absolute``, computed a chunk at a time: no full-size copy of the scores).
 
     Ties at the threshold are pruned lowest flat index first. NaN scores are refused (:func:`refuse_nan`).
     """
@@ -167,15 +171,20 @@ def prune_smallest(scores: Tensor, k: int) -> Tensor:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     refuse_nan(scores, "the scores")
     flat = _selectable(scores).reshape(-1)
-    kth = kth_smallest(flat, k)
-    keep = torch.lt(flat, kth).logical_not_()
+    kth = kth_smallest(flat, k, absolute=absolute)
+    if absolute:
+        keep = torch.empty(n, dtype=torch.bool, device=flat.device)
+        for chunk, out in zip(flat.split(_CHUNK), keep.split(_CHUNK)):
+            torch.lt(chunk.abs(), kth, out=out).logical_not_()
+    else:
+        keep = torch.lt(flat, kth).logical_not_()
     below = n - int(torch.count_nonzero(keep))  # entries strictly below kth
     need = k - below  # how many of the entries equal to kth to prune
     start = 0
     for chunk in flat.split(_CHUNK):  # prune the first ``need`` ties, a chunk at a time
         if need <= 0:
             break
-        ties = torch.nonzero(chunk == kth).squeeze(1)[:need]
+        ties = torch.nonzero((chunk.abs() if absolute else chunk) == kth).squeeze(1)[:need]
         keep[ties + start] = False
         need -= ties.numel()
         start += chunk.numel()

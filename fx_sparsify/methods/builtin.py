@@ -100,7 +100,7 @@ def l1_unstructured(tensor: Tensor, *, sparsity: float | int) -> Tensor:
     k = _unstructured_args(tensor.shape, sparsity=sparsity)
     if k == 0:
         return _ones(tensor)
-    return prune_smallest(tensor.abs(), k)
+    return prune_smallest(tensor, k, absolute=True)  # |x| a chunk at a time: no full-size copy
 
 
 def _topk_args(shape: tuple[int, ...] | None, *, density: float | int | None = None, sparsity: float | int | None = None) -> int:

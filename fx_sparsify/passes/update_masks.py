@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
-from .._masks import keep_of, masked_copy, zero_pruned_
+from .._masks import PackedMask, is_masked, keep_of, masked_copy, pending, zero_pruned_
 from .._modules import find_tensor
 from ..methods import get_mask_method
 from ..methods._random import generator_for
@@ -31,7 +31,7 @@ from ..methods.wanda import PER_ROW, per_row_mask
 from ..methods._registry import keep_mask, refuse_nan
 from ..state import SparsityState, TargetRecord, current_options
 from .channel_groups import CHANNELS, channel_masks
-from .reconstruct import RECONSTRUCTING, check_calibrated, reconstruct
+from .reconstruct import RECONSTRUCTING, check_calibrated, is_sequential, reconstruct, reconstruct_in_order
 
 __all__ = ["update_masks", "weight_scores", "check_options", "check_targets", "apply_masks_inplace"]
 
@@ -63,6 +63,8 @@ def weight_scores(gm: GraphModule, record: TargetRecord) -> Tensor:
     mask = keep_of(gm.get_buffer(record.buffer))
     fill = get_mask_method(record.method).pruned_score
     if fill == 0:
+        if is_masked(scores, mask):  # already zero where pruned ("mode": "inplace"): rank it as it is, no copy
+            return scores
         return masked_copy(scores, mask)  # no float copy of the mask; temporaries a chunk at a time
     return scores.masked_fill(mask.logical_not(), fill)
 
@@ -177,6 +179,7 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
     seed = state.spec.seed
     new_masks: dict[str, Tensor] = {}  # target name -> new keep-mask, written only once all are computed
     new_weights: dict[str, Tensor] = {}  # sparsegpt: target name -> updated weight (passes/reconstruct.py)
+    in_order: list[TargetRecord] = []  # sparsegpt "sequential": pruned level by level, last (they write as they go)
     restart: list[str] = []  # observers whose statistics restart after the step
     groups: dict[int, list[TargetRecord]] = {}
     rng = _rng_states(gm)  # a step that raises leaves every generator where it was
@@ -197,7 +200,10 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
                         sparsify = gm.get_submodule(record.module)
                         new_masks[record.name] = sparsify.keep_mask(sparsify.scores.detach(), current_options(state, record))
                     elif record.method in RECONSTRUCTING:  # mask and the weights that stay, from X·Xᵀ
-                        new_masks[record.name], new_weights[record.name] = reconstruct(gm, record, current_options(state, record))
+                        if is_sequential(record):
+                            in_order.append(record)
+                        else:
+                            new_masks[record.name], new_weights[record.name] = reconstruct(gm, record, current_options(state, record))
                         restart.append(record.observer)  # type: ignore[arg-type]
                     else:
                         scores = weight_scores(gm, record)
@@ -206,6 +212,8 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
                             new_masks[record.name] = per_row_mask(record.method, scores, current_options(state, record))
                         else:
                             new_masks[record.name] = get_mask_method(record.method)(scores, generator=gen, **current_options(state, record))
+                        del scores  # free a scores copy before the next target's
+                        new_masks[record.name] = pending(new_masks[record.name])  # 1 bit per entry until written
                         if record.observer is not None:  # Wanda statistics restart with the next calibration
                             restart.append(record.observer)
             for g, records in groups.items():
@@ -219,6 +227,8 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
             if "channels" in state.extra:  # SPEC §10: one keep vector per channel group, into every member
                 current = {n: gm.get_buffer(r.buffer) for n, r in state.targets.items() if r.method == CHANNELS}
                 new_masks.update(channel_masks(gm, state.extra["channels"], current, state.steps))
+            if in_order:  # last: it writes masks and weights level by level (and puts them back if it fails)
+                reconstruct_in_order(gm, state, in_order, new_masks, new_weights)
         except BaseException:
             _restore_rng(rng)
             raise
@@ -242,6 +252,9 @@ def _write(gm: GraphModule, state: SparsityState, record: TargetRecord, keep: Te
     if record.module is not None:  # the Sparsify module ranks its scores with the scheduled options
         gm.get_submodule(record.module).options = current_options(state, record)
     buf = gm.get_buffer(record.buffer)
+    if isinstance(keep, PackedMask):
+        keep.unpack_into(buf)
+        return
     buf.copy_(keep.to(device=buf.device, dtype=buf.dtype))
 
 
