@@ -1083,6 +1083,7 @@ def plan_channels(
     graph = _Graph(gm, aliases, record_shapes(gm, example_inputs, example_kwargs))
     groups: list[ChannelGroup] = []
     owner: dict[tuple[str, int], ChannelGroup] = {}  # (tensor, dim) → the group holding it
+    order = {name: i for i, name in enumerate(gm.state_dict(keep_vars=True))}  # members listed in model order
 
     def add_group(root: str, width: int, unit: str, rule: int | None, allow_coarsen: bool,
                   dim: int | None = None) -> ChannelGroup | None:
@@ -1110,7 +1111,6 @@ def plan_channels(
                 break
         if unit == "head" and w == width:
             return None  # no reshape into heads downstream: not a head projection
-        order = {name: i for i, name in enumerate(gm.state_dict(keep_vars=True))}
         members = sorted((dataclasses.replace(m, consumer=m.is_param and _out_dim(graph, m.tensor, which=2) == m.dim)
                           for m in flood.members), key=lambda m: (order.get(m.tensor, len(order)), m.dim))
         group = ChannelGroup(len(groups), rows[dim] // w, unit, [root], members, flood.ctx.edits, rule)
