@@ -200,3 +200,49 @@ def test_map_reshape(src: tuple[int, ...], dst: tuple[int, ...], d: int, expect:
         assert map_reshape(src, dst, d, 0, 8, 4) == (2, 0, 1)
     else:
         assert map_reshape(src, dst, d, 0, 1, src[d]) == expect
+
+
+class _ChannelShuffle(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 1)
+        self.after = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.conv(x).view(b, 2, 4, h, w).transpose(1, 2).reshape(b, 8, h, w)  # ShuffleNet's channel shuffle
+        return self.after(y)
+
+
+class _EinsumAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(16, 16)
+        self.k = torch.nn.Linear(16, 16)
+        self.o = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.einsum("btd,bsd->bts", self.q(x), self.k(x)).softmax(-1)
+        return self.o(torch.einsum("bts,bsd->btd", a, x))
+
+
+class _EmbeddingLSTM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 8)
+        self.proj = torch.nn.Linear(8, 8)
+        self.lstm = torch.nn.LSTM(8, 8, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(self.proj(self.emb(x)))[0]
+
+
+@pytest.mark.parametrize("model,target,x,why", [
+    (_ChannelShuffle(), "conv", torch.randn(1, 3, 4, 4), "reshape splits the channel dim"),
+    (_EinsumAttention(), "q", torch.randn(2, 3, 16), "einsum"),
+    (_EmbeddingLSTM(), "proj", torch.randint(0, 10, (2, 5)), "LSTM"),
+], ids=["channel-shuffle", "einsum-attention", "lstm"])
+def test_unsupported_structures_are_refused_naming_the_node(model: torch.nn.Module, target: str, x: torch.Tensor,
+                                                            why: str) -> None:
+    with pytest.raises(ValueError, match=f"none of its channel groups can be removed.*{why}"):
+        fxs.sparsify_graph(model, {"channels": [{"target": target, "sparsity": 0.5}]}, example_inputs=(x,))
