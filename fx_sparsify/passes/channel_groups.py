@@ -1080,7 +1080,13 @@ def plan_channels(
     example_kwargs: dict[str, Any] | None = None,
 ) -> ChannelPlan:
     """The channel groups of ``gm`` seeded by ``spec.channels`` (``model``: the user's model, for selection)."""
-    graph = _Graph(gm, aliases, record_shapes(gm, example_inputs, example_kwargs))
+    try:
+        shapes = record_shapes(gm, example_inputs, example_kwargs)
+    except ValueError:
+        if spec.channels:
+            raise
+        return ChannelPlan([], spec.channels)  # only other rules' zeros to shrink: an optional extra, skipped
+    graph = _Graph(gm, aliases, shapes)
     groups: list[ChannelGroup] = []
     owner: dict[tuple[str, int], ChannelGroup] = {}  # (tensor, dim) → the group holding it
     order = {name: i for i, name in enumerate(gm.state_dict(keep_vars=True))}  # members listed in model order
