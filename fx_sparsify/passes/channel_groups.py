@@ -19,6 +19,10 @@ Masks: every parameter member of a removable group gets a mask (``channel_masks`
 input columns included, so the masked module computes exactly what the shrunk one will (a pruned
 channel's value after a non-zero-preserving op, e.g. ``sigmoid(0)``, never reaches a kept output: the
 consumer's column is masked). Parameters not in any group keep their plain uses.
+
+Groups no ``channels`` rule owns (``rule`` None) are planned for the layers whose input columns other
+rules may zero (activation rules, ``ln_structured`` / ``random_structured`` with ``dim=1``); they get no
+mask, and ``squash(shrink=True)`` removes the units whose consumer columns squash writes as all zero.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ __all__ = [
     "shrink_plan_table",
     "shrink_summary",
     "shrunk_sizes",
+    "passive_rules",
+    "record_shapes",
+    "map_reshape",
+    "LAYER_WEIGHTS",
     "FUNCTIONS",
     "MODULES",
     "METHODS",
