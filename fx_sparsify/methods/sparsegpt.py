@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ._registry import register_mask_method
-from ._selectors import count_to_prune, prune_smallest, prune_smallest_in_groups
+from ._selectors import count_to_prune, prune_smallest
 
 __all__ = ["sparsegpt_prune", "sparsegpt_args", "HESSIAN_DTYPES"]
 
@@ -54,6 +54,7 @@ def sparsegpt_args(
     block_size: int = 128,
     damp: float = 0.01,
     hessian_dtype: str = "float32",
+    sequential: bool = False,
 ) -> tuple[int | None, int | None, int | None, int, float]:
     """Check the options (against a 2-D weight ``shape`` when given): (k to prune or None, n, m, block, damp)."""
     name = "sparsegpt"
@@ -71,6 +72,8 @@ def sparsegpt_args(
         raise ValueError(f"{name}: block_size must be >= 1, got {block_size}")
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 <= float(damp) < math.inf:
         raise ValueError(f"{name}: damp is a fraction of the mean Hessian diagonal (>= 0, e.g. 0.01); got {damp!r}")
+    if not isinstance(sequential, bool):
+        raise TypeError(f"{name}: sequential must be True or False, got {sequential!r}")
     if hessian_dtype not in HESSIAN_DTYPES:
         raise ValueError(f"{name}: hessian_dtype must be one of {', '.join(map(repr, HESSIAN_DTYPES))}; got {hessian_dtype!r}")
     if m is not None:
@@ -95,19 +98,23 @@ def sparsegpt_args(
 
 
 def _inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of the dampened ``H⁻¹`` (what the sweep reads its updates from)."""
-    h = hessian.clone()
-    diag = torch.arange(h.shape[0], device=h.device)
+    """Upper Cholesky factor ``U`` of the dampened ``H⁻¹`` (``H⁻¹ = UᵀU``: the sweep reads its updates from it).
+
+    With ``J`` the exchange matrix (index reversal) and ``J·H·J = L·Lᵀ``, ``U = J·L⁻¹·J``: one Cholesky
+    and one triangular inverse, where the reference computes ``H⁻¹`` and factors it again.
+    ``hessian`` is modified (dampened) in place.
+    """
+    h = hessian
     mean = float(h.diagonal().mean())
-    h[diag, diag] += damp * (mean if mean > 0 else 1.0)
-    factor, info = torch.linalg.cholesky_ex(h)
+    h.diagonal().add_(damp * (mean if mean > 0 else 1.0))
+    factor, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info) == 0:
-        inverse = torch.cholesky_inverse(factor)
-        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-        if int(info) == 0:
+        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        upper = torch.linalg.solve_triangular(factor, eye, upper=False).flip(0, 1)
+        if bool(torch.isfinite(upper.diagonal()).all()):
             return upper
     raise ValueError(
-        f"sparsegpt: the layer's Hessian (damp={damp}) is not positive definite (finite={bool(torch.isfinite(hessian).all())}); "
+        f"sparsegpt: the layer's Hessian (damp={damp}) is not positive definite (finite={bool(torch.isfinite(h).all())}); "
         "raise 'damp' (e.g. 0.1), use 'hessian_dtype': 'float64', or calibrate on more or non-degenerate inputs"
     )
 
@@ -168,6 +175,8 @@ def sparsegpt_prune(
         w[:, dead] = 0.0
     hinv = _inverse_cholesky(h, damp)
     del h
+    diag_inv = hinv.diagonal().clone()  # [H⁻¹]_cc of each column as the sweep reaches it (saliency)
+    hinv.div_(diag_inv.unsqueeze(1))  # rows scaled by 1/[H⁻¹]_cc: a column's update is (pruned w) × its row
     starts = list(range(0, cols, block_size))
     counts: list[int] = []
     # entries pruned before stay pruned (the OBS updates of earlier columns would make them nonzero
@@ -182,35 +191,40 @@ def sparsegpt_prune(
             fixed = None
     elif fixed is not None and bool((fixed.reshape(rows, -1, m).sum(-1) > m - n).any()):  # type: ignore[operator]
         fixed = None  # a mask that N:M cannot contain (n raised): choose afresh
-    prune = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    # the sweep works on the transposed weight, so each column it visits is one contiguous row
+    wt = w.T.contiguous()
+    del w
+    fixed_t = None if fixed is None else fixed.T
+    prune_t = torch.zeros(cols, rows, dtype=torch.bool, device=wt.device)
     for b, i1 in enumerate(starts):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        w1 = wt[i1:i2]  # a view: updated in place
+        err1 = torch.zeros_like(w1)  # the values each column prunes, as the sweep reaches it
         hinv1 = hinv[i1:i2, i1:i2]
-        d = hinv1.diagonal()
-        p1 = prune[:, i1:i2]
-        f1 = None if fixed is None else fixed[:, i1:i2]
+        d2 = diag_inv[i1:i2].square().unsqueeze(1)
+        p1 = prune_t[i1:i2]
+        f1 = None if fixed_t is None else fixed_t[i1:i2]
         if k is not None:  # adaptive selection: the block's mask from its already-updated weights
-            sal = w1.square() / d.square()
+            sal = w1.square() / d2
             if f1 is not None:
                 sal.masked_fill_(f1, -1.0)
             p1.copy_(~prune_smallest(sal, counts[b]))
+        pf = p1.to(dtype)  # the block's mask as numbers (1 = pruned)
         for i in range(i2 - i1):
             if m is not None and i % m == 0:  # N:M: the group's mask when the sweep reaches it
-                sal = w1[:, i:i + m].square() / d[i:i + m].square()
+                sal = w1[i:i + m].square() / d2[i:i + m]
                 if f1 is not None:
-                    sal.masked_fill_(f1[:, i:i + m], -1.0)
-                p1[:, i:i + m] = ~prune_smallest_in_groups(sal, m - n)  # type: ignore[operator]
-            err = err1[:, i]
-            torch.mul(w1[:, i], p1[:, i], out=err).div_(d[i])  # the pruned entries' error, scaled
-            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # OBS update of this block's later columns
+                    sal.masked_fill_(f1[i:i + m], -1.0)
+                drop = sal.topk(m - n, dim=0, largest=False).indices  # type: ignore[operator]
+                pf[i:i + m].zero_().scatter_(0, drop, 1.0)
+                p1[i:i + m] = pf[i:i + m] != 0
+            err = torch.mul(w1[i], pf[i], out=err1[i])
+            w1[i:].addr_(hinv1[i, i:], err, alpha=-1)  # OBS update of this block's later columns
         w1.masked_fill_(p1, 0.0)
-        w[:, i1:i2] = w1
-        if i2 < cols:
-            w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
-    w.masked_fill_(prune, 0.0)
-    return ~prune, w.to(weight.dtype)
+        if i2 < cols:  # the block's errors reach the columns right of it in one product
+            wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
+    wt.masked_fill_(prune_t, 0.0)
+    return ~prune_t.T, wt.T.to(weight.dtype).contiguous()
 
 
 @register_mask_method("sparsegpt", check=sparsegpt_args)
@@ -223,10 +237,11 @@ def sparsegpt(
     block_size: int = 128,
     damp: float = 0.01,
     hessian_dtype: str = "float32",
+    sequential: bool = False,
 ) -> Tensor:
     """SparseGPT: OBS mask + weight update from calibration inputs (identity Hessian on a bare tensor)."""
     sparsegpt_args(tuple(tensor.shape), sparsity=sparsity, n=n, m=m, block_size=block_size, damp=damp,
-                   hessian_dtype=hessian_dtype)
+                   hessian_dtype=hessian_dtype, sequential=sequential)
     eye = torch.eye(tensor.shape[1], dtype=HESSIAN_DTYPES[hessian_dtype], device=tensor.device)
     keep, _ = sparsegpt_prune(tensor, eye, sparsity=sparsity, n=n, m=m, block_size=block_size, damp=damp)
     return keep

@@ -8,6 +8,10 @@ For a rule selecting ``fc1.weight`` the pass adds ``fc1_input_hessian_observer``
 
 Layers that read the same input node (the ``q``, ``k``, ``v`` projections of an attention block) share
 one observer, so one ``in × in`` statistic serves all of them.
+
+With ``"sequential": true`` on a rule, a forward pre-hook also keeps the module's calibration inputs
+(:func:`record_calibration_inputs`), so that ``step()`` can re-run them after pruning each level of
+layers (``passes/reconstruct.py``).
 """
 
 from __future__ import annotations
@@ -20,18 +24,21 @@ from torch.fx import GraphModule, Node
 
 from ..hessian import HessianObserver
 from ..methods.sparsegpt import HESSIAN_DTYPES
+from ..state import state_of
 from ._runner import PassResult, finish
 from .insert_activation_masks import LayerIndex, _insert
 
-__all__ = ["insert_hessian_observers", "sparsegpt_layers"]
+__all__ = ["insert_hessian_observers", "sparsegpt_layers", "record_calibration_inputs", "CALIBRATION_INPUTS"]
+
+CALIBRATION_INPUTS = "calibration_inputs"  # SparsityState.extra key: [(args, kwargs)] since the last step
 
 
-def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
-    """Layer FQN → (weight target, hessian dtype name) for ``sparsegpt`` rules; errors name the layer.
+def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, tuple[str, str, bool]]:
+    """Layer FQN → (weight target, hessian dtype name, sequential) for ``sparsegpt`` rules; errors name the layer.
 
     ``targets`` are the resolved weight targets (``select.WeightTarget``: ``.rule``, ``.group``).
     """
-    out: dict[str, tuple[str, str]] = {}
+    out: dict[str, tuple[str, str, bool]] = {}
     for name, target in targets.items():
         rule = target.rule
         if rule.method != "sparsegpt":
@@ -59,20 +66,20 @@ def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, 
                 f"weights rule {rule.target!r}: 'sparsegpt' chooses masks from calibration data, gradient "
                 f"{rule.gradient!r} from learned scores; use gradient 'mask' (or 'ste') with sparsegpt"
             )
-        out[layer] = (name, rule.options.get("hessian_dtype", "float32"))
+        out[layer] = (name, rule.options.get("hessian_dtype", "float32"), bool(rule.options.get("sequential", False)))
     return out
 
 
 def insert_hessian_observers(
     gm: GraphModule,
-    layers: Mapping[str, tuple[str, str]],
+    layers: Mapping[str, tuple[str, str, bool]],
     aliases: Mapping[str, str],
 ) -> PassResult:
-    """Observers for ``layers`` (layer FQN → (weight target, hessian dtype name)); ``created[target]["observer"]``."""
+    """Observers for ``layers`` (layer FQN → (weight target, hessian dtype, sequential)); ``created[target]["observer"]``."""
     created: dict[str, dict[str, str]] = {}
     shared: dict[tuple[tuple[Node, ...], torch.dtype], str] = {}  # (input nodes, dtype) -> observer name
     index = LayerIndex(gm, aliases)
-    for layer, (weight_target, dtype_name) in layers.items():
+    for layer, (weight_target, dtype_name, _) in layers.items():
         calls = index(layer)
         if not calls:
             raise ValueError(f"'method': 'sparsegpt' on {weight_target!r}: layer {layer!r} is never called in the graph")
@@ -88,4 +95,24 @@ def insert_hessian_observers(
             name = shared[key]
         shared[key] = name
         created[weight_target] = {"observer": name}
+    if any(sequential for _, _, sequential in layers.values()):
+        record_calibration_inputs(gm)
     return finish(gm, created)
+
+
+def _record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook: keep the inputs of a calibration forward (one where a Hessian observer listens)."""
+    state = state_of(module)  # attached when the module is wrapped, after this pass
+    if state.extra.get("replaying") or not any(
+        m.enabled for m in module.modules() if isinstance(m, HessianObserver)
+    ):
+        return
+    detach = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    state.extra.setdefault(CALIBRATION_INPUTS, []).append(
+        (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
+    )
+
+
+def record_calibration_inputs(gm: GraphModule) -> None:
+    """Keep every calibration forward's inputs in the module's state until the next ``step()``."""
+    gm.register_forward_pre_hook(_record, with_kwargs=True)

@@ -5,24 +5,33 @@ calibration forwards since the last step is an error naming the targets), then :
 per target; it writes the masks and the weights only once every target is computed. The algorithm
 itself is :func:`fx_sparsify.methods.sparsegpt.sparsegpt_prune`.
 
-All layers are pruned from the statistics of the same calibration forwards (one pass: a layer's
-Hessian comes from the outputs of the layers before it as they were during calibration);
-``benchmarks/bench_quality.py`` compares this with pruning layer after layer.
+By default every layer is pruned from the statistics of the same calibration forwards (one pass: a
+layer's Hessian comes from the outputs of the layers before it as they were during calibration).
+Rules with ``"sequential": true`` are pruned as the reference scripts do, level after level
+(:func:`reconstruct_in_order`): the first level (layers no other sequential target feeds) from the
+calibration statistics, then, for each next level, the recorded calibration inputs are run again
+through the module with the levels before already pruned, and only that level's observers listen.
+This costs one more calibration pass per level (a 4-block transformer has 16 levels).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
+import torch
 from torch import Tensor
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from ..methods.sparsegpt import sparsegpt_prune
-from ..state import SparsityState, TargetRecord
+from ..observer import ActivationObserver
+from ..state import SparsityState, TargetRecord, current_options
+from .insert_activation_masks import LayerIndex
+from .insert_hessian_observers import CALIBRATION_INPUTS
 
-__all__ = ["RECONSTRUCTING", "check_calibrated", "reconstruct"]
+__all__ = ["RECONSTRUCTING", "check_calibrated", "reconstruct", "is_sequential", "reconstruct_in_order"]
 
 RECONSTRUCTING = frozenset({"sparsegpt"})  # methods whose step also rewrites the weights that stay
+_NOT_SWEEP_OPTIONS = ("hessian_dtype", "sequential")
 
 
 def check_calibrated(gm: GraphModule, state: SparsityState) -> None:
@@ -38,11 +47,106 @@ def check_calibrated(gm: GraphModule, state: SparsityState) -> None:
         )
 
 
+def is_sequential(record: TargetRecord) -> bool:
+    return record.method in RECONSTRUCTING and bool(record.rule.options.get("sequential", False))
+
+
 def reconstruct(gm: GraphModule, record: TargetRecord, options: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """(keep-mask, updated weight) of one ``sparsegpt`` target from its layer's accumulated ``X·Xᵀ``."""
     observer = gm.get_submodule(record.observer)  # type: ignore[arg-type]
     weight = gm.get_parameter(record.param)  # type: ignore[arg-type]
     keep = None if getattr(record.rule, "regrow", False) else gm.get_buffer(record.buffer) != 0
-    options = {k: v for k, v in options.items() if k != "hessian_dtype"}
+    options = {k: v for k, v in options.items() if k not in _NOT_SWEEP_OPTIONS}
     # the statistic's scale does not matter (damp is relative to its mean diagonal): no scaled copy
     return sparsegpt_prune(weight, observer.stat, keep=keep, **options)
+
+
+def _ancestors(node: Node) -> set[Node]:
+    seen: set[Node] = set()
+    todo = [node]
+    while todo:
+        for parent in todo.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen
+
+
+def _levels(gm: GraphModule, state: SparsityState, records: list[TargetRecord]) -> list[list[TargetRecord]]:
+    """``records`` in levels: a target's level is one more than that of any sequential target feeding its input."""
+    index = LayerIndex(gm, state.aliases)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    observer_nodes = {r.name: [n for n in gm.graph.nodes if n.op == "call_module" and n.target == r.observer] for r in records}
+    calls = {r.name: set(index(r.param.rpartition(".")[0])) for r in records}  # type: ignore[union-attr]
+    level: dict[str, int] = {}
+    for r in sorted(records, key=lambda r: min(order[n] for n in observer_nodes[r.name])):
+        upstream = set().union(*(_ancestors(n) for n in observer_nodes[r.name]))
+        feeding = [level[s.name] for s in records if s.name in level and calls[s.name] & upstream]
+        level[r.name] = 1 + max(feeding) if feeding else 0
+    out: list[list[TargetRecord]] = [[] for _ in range(1 + max(level.values(), default=-1))]
+    for r in records:
+        out[level[r.name]].append(r)
+    return out
+
+
+def _replay(gm: GraphModule, state: SparsityState, observers: Iterable[str]) -> None:
+    """Run the recorded calibration inputs again with only ``observers`` listening (restarted first)."""
+    inputs = state.extra.get(CALIBRATION_INPUTS) or []
+    if not inputs:
+        raise ValueError(
+            "step(): 'sequential' sparsegpt targets need the calibration forwards' inputs, and none were recorded "
+            "since the last step; run the calibration batches through the sparse module before step()"
+        )
+    all_observers = [m for m in gm.modules() if isinstance(m, ActivationObserver)]
+    enabled = [m.enabled for m in all_observers]
+    skip = {id(m.get_buffer("stat")) for m in all_observers} | {id(gm.get_buffer(r.buffer)) for r in state.targets.values()}
+    buffers = {name: b.clone() for name, b in gm.named_buffers() if id(b) not in skip}  # BatchNorm statistics, ...
+    for m in all_observers:
+        m.enabled = False
+    for name in observers:
+        observer = gm.get_submodule(name)
+        observer.reset()
+        observer.enabled = True
+    state.extra["replaying"] = True
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                gm(*args, **kwargs)
+    finally:
+        state.extra.pop("replaying", None)
+        for m, on in zip(all_observers, enabled):
+            m.enabled = on
+        current = dict(gm.named_buffers())
+        for name, value in buffers.items():
+            if name in current and current[name].shape == value.shape:
+                current[name].copy_(value)
+
+
+def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[TargetRecord],
+                         new_masks: dict[str, Tensor], new_weights: dict[str, Tensor]) -> None:
+    """Prune ``records`` (sequential targets) level after level, writing each level before the next is calibrated.
+
+    Fills ``new_masks`` / ``new_weights``. The masks and weights are written as it goes (later levels
+    must see them); if anything raises, every one of them is put back as it was.
+    """
+    saved = {r.name: (gm.get_parameter(r.param).detach().clone(), gm.get_buffer(r.buffer).clone()) for r in records}  # type: ignore[arg-type]
+    try:
+        for depth, level in enumerate(_levels(gm, state, records)):
+            if depth:
+                _replay(gm, state, {r.observer for r in level})  # type: ignore[misc]
+            for r in level:
+                try:
+                    keep, weight = reconstruct(gm, r, current_options(state, r))
+                except (ValueError, TypeError) as err:
+                    raise type(err)(f"step(): target {r.name!r}: {err}") from err
+                gm.get_parameter(r.param).copy_(weight)  # type: ignore[arg-type]
+                mask = gm.get_buffer(r.buffer)
+                mask.copy_(keep.to(device=mask.device, dtype=mask.dtype))
+                new_masks[r.name], new_weights[r.name] = keep, weight
+    except BaseException:
+        for r in records:
+            weight, mask = saved[r.name]
+            gm.get_parameter(r.param).copy_(weight)  # type: ignore[arg-type]
+            gm.get_buffer(r.buffer).copy_(mask)
+        raise
+    state.extra.pop(CALIBRATION_INPUTS, None)

@@ -188,3 +188,71 @@ def test_calibration_statistics_round_trip_through_state_dict_and_pickle() -> No
     for name, keep in sgm.masks().items():
         assert torch.equal(fresh.masks()[name], keep) and torch.equal(unpickled.masks()[name], keep)
         assert torch.equal(fresh.get_parameter(name), sgm.get_parameter(name))
+
+
+SEQUENTIAL = {"weights": [{"target": "type:Linear", "method": "sparsegpt", "sparsity": 0.5, "block_size": 8,
+                           "sequential": True}, {"target": "head", "method": "dense"}]}
+
+
+def test_sequential_calibrates_each_layer_on_the_pruned_layers_before_it() -> None:
+    model = MLP()
+    sgm = fxs.sparsify_graph(model, SEQUENTIAL)
+    data = [torch.randn(6, 16), torch.randn(10, 16)]
+    for x in data:
+        sgm(x)
+    sgm.step()
+    x1 = torch.cat(data)
+    keep1, w1 = sparsegpt_prune(model.fc1.weight, x1.T @ x1, sparsity=0.5, block_size=8)
+    x2 = torch.relu(torch.nn.functional.linear(x1, w1, model.fc1.bias)).detach()  # fc1 already pruned
+    keep2, w2 = sparsegpt_prune(model.fc2.weight, x2.T @ x2, sparsity=0.5, block_size=8)
+    torch.testing.assert_close(sgm.get_parameter("fc1.weight"), w1)
+    torch.testing.assert_close(sgm.get_parameter("fc2.weight"), w2)
+    assert torch.equal(sgm.masks()["fc2.weight"], keep2)
+    assert "calibration_inputs" not in sgm._fxs.extra  # the recorded inputs go with the statistics
+    with pytest.raises(ValueError, match="saw no calibration forward"):
+        sgm.step()
+
+
+def test_sequential_levels_follow_the_graph() -> None:
+    from fx_sparsify.passes.reconstruct import _levels
+
+    spec = {"weights": [{"target": "type:Linear", "method": "sparsegpt", "n": 2, "m": 4, "sequential": True}]}
+    sgm = fxs.sparsify_graph(SharedInput(), spec)
+    levels = _levels(sgm, sgm._fxs, list(sgm._fxs.targets.values()))
+    assert [sorted(r.name for r in level) for level in levels] == [["k.weight", "q.weight", "v.weight"], ["o.weight"]]
+
+
+def test_a_failing_sequential_step_puts_every_weight_and_mask_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fx_sparsify.passes.reconstruct as reconstruct
+
+    sgm = fxs.sparsify_graph(MLP(), SEQUENTIAL)
+    sgm(torch.randn(8, 16))
+    before = {k: v.clone() for k, v in sgm.state_dict().items() if isinstance(v, torch.Tensor)}
+    calls = []
+    real = reconstruct.sparsegpt_prune
+
+    def failing_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "sparsegpt_prune", failing_second)
+    with pytest.raises(ValueError, match=r"target 'fc2.weight': boom"):
+        sgm.step()
+    after = sgm.state_dict()
+    for key, value in before.items():
+        if not key.endswith("stat"):
+            assert torch.equal(after[key], value), key
+    assert sgm._fxs.steps == 0
+
+
+def test_sequential_without_recorded_inputs_is_an_error() -> None:
+    model = MLP()
+    source = fxs.sparsify_graph(model, SEQUENTIAL)
+    source(torch.randn(8, 16))
+    fresh = fxs.sparsify_graph(model, SEQUENTIAL)
+    fresh.load_state_dict(source.state_dict())  # statistics, but not the inputs that made them
+    with pytest.raises(ValueError, match="need the calibration forwards' inputs"):
+        fresh.step()
+    assert torch.equal(fresh.get_parameter("fc1.weight"), model.fc1.weight)

@@ -1,0 +1,315 @@
+"""Accuracy at sparsity: one-shot pruning of a small byte-level GPT (SPEC §16; slow, a few minutes).
+
+    python benchmarks/bench_quality.py [--steps 300] [--d-model 256] [--cache /tmp/fxs_quality_gpt.pt]
+
+A 4-layer byte-level GPT is trained (fixed seed) on the Python standard library's ``.py`` files, every
+20th file held out; then every Linear but the head is pruned one-shot at 50 % unstructured and 2:4
+with magnitude, Wanda and SparseGPT (ours, one pass and ``"sequential": true``), a transcription of
+the SparseGPT authors' ``fasterprune`` on the same Hessians, and llm-compressor's SparseGPT kernel
+(one pass, and block by block as its sequential pipeline) when ``llmcompressor`` is importable.
+Printed: held-out perplexity, loss added over dense (and its ratio to llm-compressor's, else to the
+reference's), and the CPU seconds of the pruning step (process time: the machine may be shared; for
+``"sequential"`` it includes the calibration passes it re-runs). The trained model is cached (``--cache``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import math
+import os
+import sysconfig
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fx_sparsify as fxs
+
+SEQ = 128
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def stdlib_bytes() -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) byte streams of the standard library's .py files; every 20th file held out."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+                   if "site-packages" not in f and "dist-packages" not in f)
+    train, held = bytearray(), bytearray()
+    for i, path in enumerate(files):
+        with open(path, "rb") as f:
+            (held if i % 20 == 19 else train).extend(f.read() + b"\n")
+    return torch.frombuffer(train, dtype=torch.uint8).long(), torch.frombuffer(held, dtype=torch.uint8).long()
+
+
+def windows(stream: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    return torch.stack([stream[s:s + SEQ + 1] for s in starts.tolist()])
+
+
+# ---- model --------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.ln1(x)
+        q, k, v = (p(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.o(a)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class ByteGPT(nn.Module):
+    def __init__(self, d: int = 256, layers: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(256, d)
+        self.pos = nn.Parameter(torch.zeros(SEQ, d))
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 256, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids) + self.pos[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def train(args: argparse.Namespace, data: torch.Tensor) -> ByteGPT:
+    torch.manual_seed(0)
+    model = ByteGPT(args.d_model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(1)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        lr = args.lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = windows(data, torch.randint(len(data) - SEQ - 1, (args.batch,), generator=gen))
+        loss = F.cross_entropy(model(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"  step {step:4d}  loss {loss.item():.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, held: torch.Tensor, n: int) -> float:
+    starts = torch.arange(n) * ((len(held) - SEQ - 1) // n)
+    total = 0.0
+    for chunk in starts.split(64):
+        batch = windows(held, chunk)
+        logits = model(batch[:, :-1])
+        total += F.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1), reduction="sum").item()
+    return total / (n * SEQ)
+
+
+# ---- pruning ------------------------------------------------------------------------------------
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "head"]
+
+
+def rule(pattern: dict) -> dict:
+    return {"weights": [{"target": "type:Linear", **pattern}, {"target": "head", "method": "dense"}]}
+
+
+def prune_with_spec(model: nn.Module, spec: dict, calib: list[torch.Tensor], example: torch.Tensor) -> tuple[nn.Module, float]:
+    """One-shot with our pipeline: calibrate, step, squash into a copy of the model; (model, step seconds)."""
+    work = copy.deepcopy(model)
+    sgm = fxs.sparsify_graph(work, spec, example_inputs=(example,), inplace=True)
+    with torch.no_grad():
+        for batch in calib:
+            sgm(batch)
+        start = time.process_time()
+        sgm.step()
+        seconds = time.process_time() - start
+    sgm.squash_into(work)
+    return work, seconds
+
+
+def hessians(model: nn.Module, calib: list[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """X·Xᵀ of the input of each layer in ``names`` over the calibration batches (forward hooks)."""
+    out: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in names:
+        def hook(module: nn.Module, inp: tuple[torch.Tensor, ...], _: torch.Tensor, name: str = name) -> None:
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            out[name] = out.get(name, 0) + x.T @ x
+        hooks.append(model.get_submodule(name).register_forward_hook(hook))
+    with torch.no_grad():
+        for batch in calib:
+            model(batch)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def reference_fasterprune(w: torch.Tensor, h: torch.Tensor, sparsity: float, prunen: int, prunem: int,
+                          blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+    """IST-DASLab/sparsegpt ``SparseGPT.fasterprune``, transcribed (returns the pruned weight)."""
+    W = w.clone().float()
+    H = h.clone()
+    columns = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(columns)
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    Hinv = torch.linalg.cholesky(H, upper=True)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if prunen == 0:
+            tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+            mask1 = tmp <= thresh
+        else:
+            mask1 = torch.zeros_like(W1) == 1
+        for i in range(count):
+            w_ = W1[:, i]
+            d = Hinv1[i, i]
+            if prunen != 0 and i % prunem == 0:
+                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
+            q = w_.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w_ - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W.to(w.dtype)
+
+
+def prune_per_layer(model: ByteGPT, calib: list[torch.Tensor], kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    sequential: bool = False) -> tuple[nn.Module, float]:
+    """A kernel ``kernel(weight, H) -> pruned weight`` on every layer: all from the dense model's Hessians
+    (one pass), or block after block as llm-compressor's sequential pipeline does (the Linears of a
+    transformer block from one calibration pass over the outputs of the blocks pruned before it)."""
+    work = copy.deepcopy(model)
+    groups = [[n for n in linear_names(work) if n.startswith(f"blocks.{i}.")] for i in range(len(work.blocks))]
+    groups = groups if sequential else [linear_names(work)]
+    seconds = 0.0
+    for group in groups:
+        hs = hessians(work, calib, group)
+        start = time.process_time()
+        with torch.no_grad():
+            for name, h in hs.items():
+                layer = work.get_submodule(name)
+                layer.weight.copy_(kernel(layer.weight.detach(), h))
+        seconds += time.process_time() - start
+    return work, seconds
+
+
+def llmcompressor_kernel(sparsity: float, n: int, m: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """llm-compressor's SparseGPT weight kernel, when ``llmcompressor`` is importable."""
+    try:
+        from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight  # type: ignore
+    except ImportError:
+        try:
+            from llmcompressor.modifiers.obcq.sgpt_sparsify import sparsify_weight  # type: ignore
+        except ImportError:
+            return None
+
+    def kernel(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        layer.weight.data = w.clone()
+        hessian = h * (2.0 / max(float(h.diagonal().mean()), 1e-12))  # any positive scale: damp is relative
+        out = sparsify_weight(module=layer, hessians_dict={layer: hessian}, sparsity=sparsity,
+                              prune_n=n, prune_m=m, block_size=128, dampening_frac=0.01, preserve_sparsity_mask=False)
+        return (out[1] if isinstance(out, tuple) else layer.weight).detach()
+
+    return kernel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--calib", type=int, default=128, help="calibration windows of 128 bytes")
+    parser.add_argument("--eval", type=int, default=512, help="held-out windows of 128 bytes")
+    parser.add_argument("--cache", default="/tmp/fxs_quality_gpt.pt")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-only", action="store_true", help="train and cache the model, then stop")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    train_data, held = stdlib_bytes()
+    print(f"stdlib: {len(train_data) / 1e6:.1f} MB train, {len(held) / 1e6:.1f} MB held out")
+    key = f"{args.cache}.{args.d_model}.{args.steps}.{args.batch}.{args.lr}"
+    if os.path.exists(key):
+        model = ByteGPT(args.d_model)
+        model.load_state_dict(torch.load(key))
+        model.eval()
+    else:
+        print(f"training a {args.d_model}-wide 4-layer byte GPT for {args.steps} steps ...")
+        model = train(args, train_data)
+        torch.save(model.state_dict(), key)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+    if args.train_only:
+        return
+    gen = torch.Generator().manual_seed(2)
+    calib_windows = windows(train_data, torch.randint(len(train_data) - SEQ - 1, (args.calib,), generator=gen))[:, :-1]
+    calib = list(calib_windows.split(32))
+    example = calib[0][:2]
+    dense = held_out_loss(model, held, args.eval)
+    print(f"\ndense: perplexity {math.exp(dense):.3f}\n")
+    print("| method | pattern | perplexity | loss added | added / first row's | step CPU s |")
+    print("|---|---|---|---|---|---|")
+    for label, pattern, n, m in (("50 %", {"sparsity": 0.5}, 0, 0), ("2:4", {"n": 2, "m": 4}, 2, 4)):
+        sparsity = pattern.get("sparsity", 0.0)
+
+        nm_method = {"method": "nm", "n": 2, "m": 4}
+        runs: list[tuple[str, Callable[[], tuple[nn.Module, float]]]] = [
+            ("magnitude", lambda: prune_with_spec(model, rule({"method": "l1_unstructured", **pattern} if not n else nm_method), calib, example)),
+            ("wanda", lambda: prune_with_spec(model, rule({"method": "l1_unstructured", **pattern, "scores": "wanda"} if not n else {**nm_method, "scores": "wanda"}), calib, example)),
+            ("SparseGPT reference (fasterprune)", lambda: prune_per_layer(model, calib, lambda w, h: reference_fasterprune(w, h, sparsity, m - n if n else 0, m))),
+            ("ours sparsegpt (one pass)", lambda: prune_with_spec(model, rule({"method": "sparsegpt", **pattern}), calib, example)),
+            ("ours sparsegpt, sequential", lambda: prune_with_spec(model, rule({"method": "sparsegpt", **pattern, "sequential": True}), calib, example)),
+        ]
+        kernel = llmcompressor_kernel(sparsity, n, m)
+        if kernel is not None:
+            runs.insert(3, ("llm-compressor SparseGPT kernel", lambda: prune_per_layer(model, calib, kernel)))
+            runs.append(("llm-compressor SparseGPT kernel, block by block (its pipeline)",
+                         lambda: prune_per_layer(model, calib, kernel, sequential=True)))
+        reference = "llm-compressor SparseGPT kernel" if kernel is not None else "SparseGPT reference (fasterprune)"
+        runs.sort(key=lambda r: r[0] != reference)  # the reference first: the ratios are to its added loss
+        ref_added = math.nan
+        for name, fn in runs:
+            start = time.perf_counter()
+            pruned, seconds = fn()
+            loss = held_out_loss(pruned, held, args.eval)
+            added = loss - dense
+            ref_added = added if math.isnan(ref_added) else ref_added
+            print(f"| {name} | {label} | {math.exp(loss):.3f} | {added:.4f} | {added / ref_added:.2f}x | {seconds:.2f} |"
+                  f"  ({time.perf_counter() - start:.0f} s in all)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
