@@ -140,20 +140,25 @@ def kth_smallest(flat: Tensor, k: int, *, absolute: bool = False) -> Tensor:
     if lo is None and hi is None:
         return torch.kthvalue(flat.abs() if absolute else flat, k).values
     # Chunked, so the boolean temporaries stay small (peak extra memory is the caller's concern).
-    below, parts = 0, []
+    # Entries equal to ``lo`` are counted, not collected: a value tied far and wide (the pruned zeros
+    # at a repeated step) would otherwise put most of the tensor in the band.
+    below, at_lo, parts = 0, 0, []
     for chunk in flat.split(_CHUNK):
         chunk = chunk.abs() if absolute else chunk
         if lo is None:
             in_band = torch.le(chunk, hi)
         else:
             below += int(torch.count_nonzero(torch.lt(chunk, lo)))
-            in_band = torch.ge(chunk, lo)
+            at_lo += int(torch.count_nonzero(torch.eq(chunk, lo)))
+            in_band = torch.gt(chunk, lo)
             if hi is not None:
                 in_band.logical_and_(torch.le(chunk, hi))
         parts.append(chunk[in_band])
     band = torch.cat(parts)
-    if below < k <= below + band.numel():
-        return torch.kthvalue(band, k - below).values
+    if lo is not None and below < k <= below + at_lo:
+        return lo
+    if below + at_lo < k <= below + at_lo + band.numel():
+        return torch.kthvalue(band, k - below - at_lo).values
     return torch.kthvalue(flat.abs() if absolute else flat, k).values
 
 
@@ -180,14 +185,17 @@ def prune_smallest(scores: Tensor, k: int, *, absolute: bool = False) -> Tensor:
         keep = torch.lt(flat, kth).logical_not_()
     below = n - int(torch.count_nonzero(keep))  # entries strictly below kth
     need = k - below  # how many of the entries equal to kth to prune
-    start = 0
-    for chunk in flat.split(_CHUNK):  # prune the first ``need`` ties, a chunk at a time
+    for chunk, kept in zip(flat.split(_CHUNK), keep.split(_CHUNK)):  # prune the first ``need`` ties, a chunk at a time
         if need <= 0:
             break
-        ties = torch.nonzero((chunk.abs() if absolute else chunk) == kth).squeeze(1)[:need]
-        keep[ties + start] = False
-        need -= ties.numel()
-        start += chunk.numel()
+        tied = (chunk.abs() if absolute else chunk) == kth
+        count = int(torch.count_nonzero(tied))
+        if count <= need:  # every tie of this chunk goes: no index list (ties may be most of the tensor)
+            kept.logical_and_(tied.logical_not_())
+            need -= count
+        else:
+            kept[torch.nonzero(tied).squeeze(1)[:need]] = False
+            need = 0
     return keep.view(scores.shape)
 
 

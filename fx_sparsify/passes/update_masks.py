@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
-from .._masks import PackedMask, is_masked, keep_of, masked_copy, pending, zero_pruned_
+from .._masks import PackedMask, is_masked, keep_of, masked_copy, pending, release_freed_memory, zero_pruned_
 from .._modules import find_tensor
 from ..methods import get_mask_method
 from ..methods._random import generator_for
@@ -242,6 +242,8 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
     if state.spec.mode == "inplace":
         apply_masks_inplace(gm, state)
     state.steps += 1
+    new_masks.clear()
+    release_freed_memory()  # the step's temporaries leave the process's resident memory (SPEC §15)
 
 
 def _write(gm: GraphModule, state: SparsityState, record: TargetRecord, keep: Tensor) -> None:
