@@ -112,7 +112,9 @@ class SparseGraphModule(GraphModule):
         """A table of the channel groups: members, channels before → after, removable or why not (SPEC §10)."""
         if "channels" not in self._fxs.extra:
             return "fx_sparsify shrink plan: no 'channels' rules in the spec, nothing to shrink"
-        return shrink_plan_table(self._fxs.extra["channels"], self._channel_keeps())
+        notes: dict[int, str] = {}
+        keeps = channel_keeps(self, self._fxs, notes)
+        return shrink_plan_table(self._fxs.extra["channels"], keeps, notes)
 
     def _channel_keeps(self) -> dict[int, torch.Tensor]:
         return channel_keeps(self, self._fxs)

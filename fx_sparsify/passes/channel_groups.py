@@ -28,6 +28,7 @@ mask, and ``squash(shrink=True)`` removes the units whose consumer columns squas
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import operator
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from ..schedule import scheduled_sparsity
 from ..select import WeightTarget, select, select_layers
 from ..spec import ChannelRule, SparsitySpec
+from .channel_constants import ConstProgram, build_program
 
 __all__ = [
     "CHANNELS",
@@ -69,6 +71,7 @@ CHANNELS = "channels"
 
 Value = Union[Node, str]  # a graph node, or a parameter / buffer by (canonical) FQN
 OUT = -1  # operand position of an op's output
+_log = logging.getLogger(__name__)
 
 
 # --- the plan: plain data (strings and ints), so it pickles and deep-copies with the module ----------
@@ -110,6 +113,7 @@ class ChannelGroup:
     node: str | None = None
     reason: str | None = None
     heads_per_unit: int = 1  # heads groups: query heads per unit (GQA: a kv head and its query heads)
+    constants: ConstProgram | None = None  # groups of zero rows (ln_structured dim=0): where their constants fold
 
     def member_names(self) -> list[str]:
         return list(dict.fromkeys(m.tensor for m in self.members))
@@ -1100,7 +1104,7 @@ def plan_channels(
     order = {name: i for i, name in enumerate(gm.state_dict(keep_vars=True))}  # members listed in model order
 
     def add_group(root: str, width: int, unit: str, rule: int | None, allow_coarsen: bool,
-                  dim: int | None = None) -> ChannelGroup | None:
+                  dim: int | None = None, rows: bool = False) -> ChannelGroup | None:
         rows = graph.shape(root)
         assert rows is not None
         dim = _out_dim(graph, root) if dim is None else dim
@@ -1109,6 +1113,10 @@ def plan_channels(
         if existing is not None:
             if rule is not None:
                 existing.rule = rule
+            if rows and existing.removable and existing.rule is None and existing.constants is None:
+                again = _Flood(graph, existing.units)  # a columns group that zero rows may shrink too
+                again.run(existing.roots[0], next(m.dim for m in existing.members if m.tensor == existing.roots[0]), 1)
+                existing.constants = _program(graph, again, root)
             return existing
         w = width
         while True:
@@ -1129,8 +1137,10 @@ def plan_channels(
                           for m in flood.members), key=lambda m: (order.get(m.tensor, len(order)), m.dim))
         group = ChannelGroup(len(groups), rows[dim] // w, unit, [root], members, flood.ctx.edits, rule)
         group.edits = list(dict.fromkeys(group.edits))
-        if err is not None and rule is None:
+        if err is not None and rule is None and not rows:
             return None  # a group only other rules' zeros could shrink, and it cannot: nothing to say
+        if err is None and rows and rule is None:
+            group.constants = _program(graph, flood, root)
         if err is not None:
             group.removable = False
             group.node = err.node.format_node() if err.node is not None else None
@@ -1172,6 +1182,8 @@ def plan_channels(
                 _heads_per_unit(graph, group)
     for weight, in_dim in _passive_seeds(spec, model, aliases, graph):
         add_group(weight, 1, "channel", None, allow_coarsen=False, dim=in_dim)
+    for weight, out_dim in _row_seeds(spec, model, aliases, graph):  # zero rows: their constants fold (item 5)
+        add_group(weight, 1, "channel", None, allow_coarsen=False, dim=out_dim, rows=True)
     plan = ChannelPlan(groups, spec.channels)
     _check_rules(plan)
     return plan
@@ -1179,11 +1191,41 @@ def plan_channels(
 
 def passive_rules(spec: SparsitySpec) -> bool:
     """Whether rules other than ``channels`` may zero whole input channels of a layer (SPEC §10, item 5)."""
-    return bool(spec.activations) or any(_column_rule(r) for r in spec.weights)
+    return bool(spec.activations) or any(_column_rule(r) or _row_rule(r) for r in spec.weights)
 
 
 def _column_rule(rule: Any) -> bool:
     return rule.method in ("ln_structured", "random_structured") and rule.options.get("dim", 0) in (1, -1)
+
+
+def _program(graph: _Graph, flood: _Flood, root: str) -> ConstProgram | None:
+    """The constant program of a zero-rows group; an optional analysis, so a failure only means no shrink."""
+    try:
+        return build_program(graph, flood)
+    except Exception as exc:  # noqa: BLE001  (the weight rule works without it; say so in the log)
+        _log.warning("zero rows of %s will not shrink: the constant analysis failed (%s: %s)", root,
+                     type(exc).__name__, exc)
+        return None
+
+
+def _row_rule(rule: Any) -> bool:
+    return rule.method in ("ln_structured", "random_structured")
+
+
+def _row_seeds(spec: SparsitySpec, model: nn.Module, aliases: Mapping[str, str], graph: _Graph) -> list[tuple[str, int]]:
+    """Layer weights whose whole output rows a structured weight rule may zero (its ``dim`` is the output dim)."""
+    out: list[tuple[str, int]] = []
+    for i, wrule in enumerate(spec.weights):
+        if not _row_rule(wrule):
+            continue
+        for name in select(wrule.target, model, dict(aliases), f"spec['weights'][{i}]"):
+            shape, out_dim = graph.shape(name), _out_dim(graph, name)
+            if shape is None or out_dim is None:
+                continue
+            dim = wrule.options.get("dim", 0)
+            if isinstance(dim, int) and dim % len(shape) == out_dim and (name, out_dim) not in out:
+                out.append((name, out_dim))
+    return out
 
 
 def _passive_seeds(spec: SparsitySpec, model: nn.Module, aliases: Mapping[str, str], graph: _Graph) -> list[tuple[str, int]]:
@@ -1391,8 +1433,8 @@ def shrink_summary(gm: GraphModule, plan: ChannelPlan, keeps: Mapping[int, Tenso
             f"{before:,} parameters ({after / max(before, 1):.1%}); see sgm.shrink_plan()")
 
 
-def shrink_plan_table(plan: ChannelPlan, keeps: Mapping[int, Tensor]) -> str:
-    """The ``sgm.shrink_plan()`` table: one row per group."""
+def shrink_plan_table(plan: ChannelPlan, keeps: Mapping[int, Tensor], notes: Mapping[int, str] | None = None) -> str:
+    """The ``sgm.shrink_plan()`` table: one row per group (``notes``: why some channels of a removable group stay)."""
     from tabulate import tabulate
 
     rows = []
@@ -1402,7 +1444,7 @@ def shrink_plan_table(plan: ChannelPlan, keeps: Mapping[int, Tensor]) -> str:
         kept = int(keeps[g.id].sum()) if g.id in keeps else g.units
         rule = f"channels[{g.rule}]" if g.rule is not None else "other rules' zeros"
         rows.append([g.id, rule, g.unit_text(), members, f"{g.units} → {kept}", "yes" if g.removable else "no",
-                     g.node or "", g.reason or ""])
+                     g.node or "", g.reason or (notes or {}).get(g.id, "")])
     removable = sum(1 for g in plan.groups if g.removable)
     head = f"fx_sparsify shrink plan: {len(plan.groups)} channel groups, {removable} removable"
     return head + "\n" + tabulate(rows, headers=["group", "from", "unit", "members", "before → after", "removable", "node",

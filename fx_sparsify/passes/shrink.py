@@ -13,7 +13,10 @@ Runs on the plain ``GraphModule`` squash returns, with the channel plan of ``sta
 Removing a channel is exact because the masks of a channels rule cover every coupled tensor, the
 consumers' input columns included: whatever value a pruned channel carries (``sigmoid(0)``, a
 BatchNorm's shift) is multiplied by a masked column, so it already contributes nothing in the masked
-module. The result's ``state_dict`` keeps the original keys, with smaller shapes.
+module. Channels that other rules left as zero weight rows (``ln_structured`` with ``dim=0``) carry their
+bias through the coupled ops instead: the constant each one delivers to a consumer (see
+:mod:`.channel_constants`) is first added to that consumer's bias, times its input columns, and only then
+is the channel removed. The result's ``state_dict`` keeps the original keys, with smaller shapes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch.fx import GraphModule, Node
 from .._modules import find_tensor
 from ..state import SparsityState
 from ._runner import PassResult, finish
+from .channel_constants import evaluate, fold_deltas
 from .channel_groups import CHANNELS, ChannelPlan, group_keeps
 from .insert_activation_masks import LayerIndex
 from .squash import activation_fold
@@ -132,18 +136,85 @@ def _consumer_weights(gm: GraphModule, state: SparsityState, plan: ChannelPlan) 
     return out
 
 
-def channel_keeps(gm: GraphModule, state: SparsityState) -> dict[int, Tensor]:
-    """Group id → keep vector: from the channels rules' masks, and for other groups from zero consumer columns."""
+def _as_squashed(gm: GraphModule, state: SparsityState, consumers: Mapping[str, Tensor]) -> Callable[[str], Tensor]:
+    """Tensor by name as squash will write it: weight-rule masks applied, activation masks in the columns."""
+
+    def get(name: str) -> Tensor:
+        if name in consumers:
+            return consumers[name]
+        canonical = state.aliases.get(name, name)
+        tensor = find_tensor(gm, name)
+        assert tensor is not None, f"{name} is not in the sparse module"
+        record = state.targets.get(canonical)
+        if record is not None and record.kind != "activation" and record.buffer is not None:
+            return tensor.detach() * (gm.get_buffer(record.buffer) != 0).to(tensor.dtype)
+        return tensor.detach()
+
+    return get
+
+
+def channel_keeps(gm: GraphModule, state: SparsityState, notes: dict[int, str] | None = None) -> dict[int, Tensor]:
+    """Group id → keep vector: from the channels rules' masks, for other groups from zero consumer columns and
+    from zero weight rows whose constant folds into the consumers' biases (``notes``: group id → why some
+    zero-row channels stay, filled when given)."""
     plan = state.extra.get("channels")
     if plan is None:
         return {}
     masks = {n: gm.get_buffer(r.buffer) for n, r in state.targets.items() if r.method == CHANNELS}
-    return group_keeps(plan, masks, _consumer_weights(gm, state, plan))
+    consumers = _consumer_weights(gm, state, plan)
+    keeps = group_keeps(plan, masks, consumers)
+    get = _as_squashed(gm, state, consumers)
+    for group in plan.groups:
+        if group.constants is None or not group.removable or group.id not in keeps:
+            continue
+        found = evaluate(gm, group, group.constants, get)
+        keep = keeps[group.id] & ~found.removable
+        keeps[group.id] = keep if bool(keep.any()) else _first(keep)
+        if notes is not None and found.why:
+            first = next(iter(found.why.values()))
+            notes[group.id] = f"{len(found.why)} zero-row channel(s) kept: {first}"
+    return keeps
+
+
+def _first(keep: Tensor) -> Tensor:
+    """Keep at least one unit of a group (a layer with no channel left is not a layer)."""
+    one = torch.zeros_like(keep)
+    one[0] = True
+    return one
+
+
+def _fold_constants(gm: GraphModule, state: SparsityState, plan: ChannelPlan, keeps: Mapping[int, Tensor]) -> None:
+    """Add the constants of the zero-row channels about to go into their consumers' biases (new tensors:
+    ``gm`` shares its tensors with the sparse module)."""
+    get = lambda name: find_tensor(gm, name)  # noqa: E731  (the squashed module: tensors as squash wrote them)
+    deltas: dict[str, Tensor] = {}
+    for group in plan.groups:
+        keep = keeps.get(group.id)
+        if group.constants is None or not group.removable or keep is None or bool(keep.all()):
+            continue
+        found = evaluate(gm, group, group.constants, get)  # type: ignore[arg-type]
+        for name, delta in fold_deltas(get, group, group.constants, found, ~keep).items():  # type: ignore[arg-type]
+            deltas[name] = deltas[name] + delta if name in deltas else delta
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            paths = _paths(gm, state, name)
+            old = find_tensor(gm, paths[0])
+            assert old is not None
+            new = (old.detach().double() + delta.to(old.device)).to(old.dtype)
+            value: Tensor = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+            for path in paths:
+                owner, _, leaf = path.rpartition(".")
+                module = gm.get_submodule(owner)
+                if leaf in module._parameters:
+                    module._parameters[leaf] = value  # type: ignore[assignment]
+                else:
+                    module._buffers[leaf] = value
 
 
 def shrink(gm: GraphModule, state: SparsityState, keeps: Mapping[int, Tensor]) -> PassResult:
     """Remove from ``gm`` (a squashed module) the units that ``keeps`` (group id → keep vector) prunes."""
     plan: ChannelPlan = state.extra["channels"]
+    _fold_constants(gm, state, plan, keeps)
     removed: dict[str, dict[int, set[int]]] = {}
     deltas: dict[tuple[str, str, tuple[Any, ...]], int] = {}
     done: dict[str, dict[str, str]] = {}
