@@ -3,18 +3,30 @@
     python benchmarks/bench_shrink.py            # ResNet-18/50 (224x224, batch 1 and 16), BERT, LLaMA block
     python benchmarks/bench_shrink.py --quick    # smaller inputs, fewer repeats
     python benchmarks/bench_shrink.py --big      # also a LLaMA-7B-size MLP (4096 -> 11008 -> 4096)
+    python benchmarks/bench_shrink.py --memory   # only the peak-memory table (ResNet-50)
 
 One thread (``torch.set_num_threads(1)``), median of repeats, models and tools in one process. For each
 model: latency pruned / dense for ours and (when ``torch-pruning`` is installed: ``pip install
 fx-sparsify[bench]``) Torch-Pruning at the same widths (group magnitude importance, p=2), the MACs ratio
 (``torch.utils.flop_counter``), whether ours equals the masked module, and the time of the analysis
 (``sparsify_graph``) + shrink. The machine is shared and noisy: read the ratios, not the milliseconds.
+
+Peak memory (ResNet-50, 224x224, batch 1; the issue's budget: analysis + shrink <= 2x the model): each
+pipeline runs in a fresh subprocess after a warm-up on a small model; the peak is the process's VmHWM,
+reset (``/proc/self/clear_refs``) once the model is built and again at each stage, so every stage's
+figure is the peak resident memory above the process holding its model, as a multiple of the model's
+size (parameters + buffers). Stages: the analysis (``plan_channels``, with its shape run on the
+example inputs), the check run ``sparsify_graph`` does on the example inputs, ``step()``, the dense
+squash, the shrink pass; "whole" is the largest of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -142,11 +154,92 @@ def case(name: str, model: nn.Module, spec: dict[str, Any], inputs: tuple[Any, .
               flush=True)
 
 
+def _status(field: str) -> int:
+    """A ``VmRSS`` / ``VmHWM`` line of /proc/self/status, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def memory_child(inplace: bool) -> None:
+    """One pipeline in this (fresh) process; prints a JSON line of peak extra memory per stage, x model."""
+    torch.set_num_threads(1)
+    spec = {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]}
+    warm = fxs.sparsify_graph(resnet18().eval(), spec, example_inputs=(torch.randn(1, 3, 32, 32),))
+    warm.step()
+    warm.squash(shrink=True)
+    del warm
+    model = resnet50().eval()
+    x = torch.randn(1, 3, 224, 224)
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    gc.collect()
+    base = _status("VmRSS")
+    peaks: dict[str, float] = {}
+
+    def staged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            peaks["before " + name] = (_status("VmHWM") - base) / size
+            _reset_peak()
+            try:
+                return fn(*a, **k)
+            finally:
+                peaks[name] = (_status("VmHWM") - base) / size
+                _reset_peak()
+
+        return run
+
+    api_module.plan_channels = staged("analysis", api_module.plan_channels)
+    api_module._check_runs = staged("check run", api_module._check_runs)
+    sgm_module._squash = staged("squash", sgm_module._squash)
+    sgm_module._shrink = staged("shrink pass", sgm_module._shrink)
+    _reset_peak()
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,), inplace=inplace)
+    peaks["sparsify (rest)"] = (_status("VmHWM") - base) / size
+    _reset_peak()
+    sgm.step()
+    peaks["step"] = (_status("VmHWM") - base) / size
+    _reset_peak()
+    small = sgm.squash(shrink=True)
+    peaks["after"] = (_status("VmHWM") - base) / size
+    peaks["whole"] = max(peaks.values())
+    del small
+    print(json.dumps({"model_mib": size / 2**20, **{k: v for k, v in peaks.items() if not k.startswith("before")}}))
+
+
+def memory_table() -> None:
+    print("\nPeak resident memory during each stage above the process holding its model (what earlier stages "
+          "left resident included), x model size (ResNet-50, 224x224, batch 1, a fresh subprocess each):")
+    print("| sparsify_graph | analysis | check run | step | squash (dense) | shrink pass | whole pipeline |")
+    print("|---|---|---|---|---|---|---|")
+    for inplace in (False, True):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", "inplace" if inplace else "copy"],
+                             capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        cells = [f"{row[k]:.2f}x" for k in ("analysis", "check run", "step", "squash", "shrink pass", "whole")]
+        label = "inplace=True" if inplace else "default (copies the model)"
+        print(f"| {label} (model {row['model_mib']:.0f} MiB) | " + " | ".join(cells) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--big", action="store_true")
+    parser.add_argument("--memory", action="store_true", help="only the peak-memory table")
+    parser.add_argument("--memory-child", choices=["copy", "inplace"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child == "inplace")
+        return
+    if args.memory:
+        memory_table()
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     repeats = 3 if args.quick else 7
@@ -165,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(16, 1024 if not args.big else 4096)
     case("LLaMA-style MLP 50% neurons" + (" (7B size)" if args.big else " (1024/2816)"), mlp,
          {"channels": [{"target": "up_proj", "sparsity": 0.5}]}, (x,), [mlp.down_proj], repeats)
+
+    memory_table()
 
     try:
         import transformers
