@@ -134,12 +134,67 @@ def torch_pruning(model: nn.Module, inputs: tuple[Any, ...], ignored: list[nn.Mo
     return pruned
 
 
+def torch_pruning_hf_heads(model: nn.Module, kwargs: dict[str, Any], layers: dict[str, tuple[str, ...]],
+                           heads: dict[str, int], fix: Callable[[nn.Module, Any], None]) -> nn.Module | None:
+    """Torch-Pruning on a Hugging Face model at our widths: 50 % of the heads (whole heads, ``prune_head_dims=False``)
+    and 50 % of the MLP neurons, the hidden size untouched (``pruning_ratio`` 0 elsewhere), as its examples do.
+    ``layers``: module-name suffix → the Linear children pruned at 50 %; ``heads``: projection suffix → heads."""
+    if tp is None:
+        return None
+    pruned = copy.deepcopy(model)
+    num_heads: dict[nn.Module, int] = {}
+    ratios: dict[nn.Module, float] = {}
+    for name, module in pruned.named_modules():
+        for suffix, children in layers.items():
+            if name.endswith(suffix):
+                for child in children:
+                    ratios[module.get_submodule(child)] = 0.5
+        for suffix, n in heads.items():
+            if name.endswith(suffix):
+                num_heads[module] = n
+    small = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    ignored = [m for n, m in pruned.named_modules() if n in ("pooler", "lm_head")]
+    pruner = tp.pruner.MetaPruner(
+        pruned, small, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.0,
+        pruning_ratio_dict=ratios, ignored_layers=ignored, num_heads=num_heads, prune_num_heads=True,
+        prune_head_dims=False, head_pruning_ratio=0.5, round_to=8, output_transform=lambda out: _first(out).sum(),
+    )
+    pruner.step()
+    fix(pruned, pruner)  # the attention modules' head counts, as Torch-Pruning's examples update them
+    return pruned
+
+
+def _bert_heads(model: nn.Module, pruner: Any) -> None:
+    for module in model.modules():
+        if type(module).__name__ == "BertSelfAttention":
+            module.num_attention_heads = pruner.num_heads[module.query]
+            module.attention_head_size = module.query.out_features // module.num_attention_heads
+            module.all_head_size = module.query.out_features
+
+
+def _llama_heads(model: nn.Module, pruner: Any) -> None:
+    for module in model.modules():
+        if type(module).__name__ == "LlamaAttention":
+            q, kv = pruner.num_heads[module.q_proj], pruner.num_heads[module.k_proj]
+            module.num_heads, module.num_key_value_heads, module.num_key_value_groups = q, kv, q // kv
+
+
 def case(name: str, model: nn.Module, spec: dict[str, Any], inputs: tuple[Any, ...], tp_ignored: list[nn.Module] | None,
-         repeats: int, batch_inputs: dict[str, tuple[Any, ...]] | None = None, kwargs: dict[str, Any] | None = None) -> None:
+         repeats: int, batch_inputs: dict[str, tuple[Any, ...]] | None = None, kwargs: dict[str, Any] | None = None,
+         tp_build: Callable[[], nn.Module | None] | None = None) -> None:
     model.eval()
     kwargs = kwargs or {}
     small, seconds, equal = ours(model, spec, inputs, kwargs)
     theirs = torch_pruning(model, inputs, tp_ignored, 0.5) if tp_ignored is not None else None
+    crashed = ""
+    if tp_build is not None:
+        try:
+            theirs = tp_build()
+            with torch.no_grad():
+                if theirs is not None:
+                    theirs(*inputs, **kwargs)
+        except Exception as exc:  # Torch-Pruning's failures are part of the comparison: say so, skip the column
+            theirs, crashed = None, f"crashed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
     for label, x in (batch_inputs or {"": inputs}).items():
         fns = {"dense": lambda: model(*x, **kwargs), "ours": lambda: small(*x, **kwargs)}
         if theirs is not None:
@@ -147,7 +202,7 @@ def case(name: str, model: nn.Module, spec: dict[str, Any], inputs: tuple[Any, .
         ms = median_ms(fns, repeats)
         dense_flops = flops(model, x, kwargs)
         macs = flops(small, x, kwargs) / dense_flops
-        tp_text = "-"
+        tp_text = crashed or "-"
         if theirs is not None:
             tp_text = f"{ms['tp'] / ms['dense']:.2f}x (MACs {flops(theirs, x, kwargs) / dense_flops:.2f})"
         print(f"| {name}{label} | {ms['ours'] / ms['dense']:.2f}x | {tp_text} | {macs:.2f} | {equal} | {seconds} |",
@@ -232,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--big", action="store_true")
     parser.add_argument("--memory", action="store_true", help="only the peak-memory table")
+    parser.add_argument("--hf", action="store_true", help="only the BERT and LLaMA rows")
     parser.add_argument("--memory-child", choices=["copy", "inplace"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -248,19 +304,24 @@ def main(argv: list[str] | None = None) -> None:
     print("| model | ours pruned/dense | Torch-Pruning pruned/dense | MACs ratio (ours) | ours == masked | "
           "sparsify + step + squash(shrink) (of which analysis + shrink pass) |")
     print("|---|---|---|---|---|---|")
-    conv_spec = {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]}
-    for name, build in (("ResNet-18 50%", resnet18), ("ResNet-50 50%", resnet50)):
-        model = build().eval()
-        x1, x16 = torch.randn(1, 3, side, side), torch.randn(16, 3, side, side)
-        case(name, model, conv_spec, (x1,), [model.fc], repeats, {" (batch 1)": (x1,), " (batch 16)": (x16,)})
+    if not args.hf:
+        conv_spec = {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]}
+        for name, build in (("ResNet-18 50%", resnet18), ("ResNet-50 50%", resnet50)):
+            model = build().eval()
+            x1, x16 = torch.randn(1, 3, side, side), torch.randn(16, 3, side, side)
+            case(name, model, conv_spec, (x1,), [model.fc], repeats, {" (batch 1)": (x1,), " (batch 16)": (x16,)})
 
-    mlp = LlamaMLP(1024, 2816) if not args.big else LlamaMLP(4096, 11008)
-    x = torch.randn(16, 1024 if not args.big else 4096)
-    case("LLaMA-style MLP 50% neurons" + (" (7B size)" if args.big else " (1024/2816)"), mlp,
-         {"channels": [{"target": "up_proj", "sparsity": 0.5}]}, (x,), [mlp.down_proj], repeats)
+        mlp = LlamaMLP(1024, 2816) if not args.big else LlamaMLP(4096, 11008)
+        x = torch.randn(16, 1024 if not args.big else 4096)
+        case("LLaMA-style MLP 50% neurons" + (" (7B size)" if args.big else " (1024/2816)"), mlp,
+             {"channels": [{"target": "up_proj", "sparsity": 0.5}]}, (x,), [mlp.down_proj], repeats)
+    hf_cases(repeats)
+    if not args.hf:
+        memory_table()
 
-    memory_table()
 
+def hf_cases(repeats: int) -> None:
+    """BERT and a LLaMA with GQA from configs (random weights), ours and Torch-Pruning at the same head ratio."""
     try:
         import transformers
     except ImportError:
@@ -271,15 +332,21 @@ def main(argv: list[str] | None = None) -> None:
                                                           num_attention_heads=4, intermediate_size=1024)).eval()
     bert_spec = {"channels": [{"target": "re:encoder\\.layer\\.\\d+\\.intermediate\\.dense", "sparsity": 0.5},
                               {"target": "re:encoder\\.layer\\.\\d+\\.attention\\.self", "heads": 0.5}]}
-    case("BERT (256, 4 layers) FFN + heads 50%", bert, bert_spec, (), None, repeats,
-         kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    bert_kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    case("BERT (256, 4 layers) FFN + heads 50%", bert, bert_spec, (), None, repeats, kwargs=bert_kwargs,
+         tp_build=lambda: torch_pruning_hf_heads(
+             bert, bert_kwargs, {"intermediate": ("dense",), "attention.self": ("query", "key", "value")},
+             {"attention.self.query": 4, "attention.self.key": 4, "attention.self.value": 4}, _bert_heads))
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=1000, hidden_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
         intermediate_size=1408)).eval()
     llama_spec = {"channels": [{"target": "re:model\\.layers\\.\\d+\\.mlp\\.up_proj", "sparsity": 0.5},
                                {"target": "re:model\\.layers\\.\\d+\\.self_attn", "heads": 0.5}]}
-    case("LLaMA (GQA 8q/2kv) MLP + heads 50%", llama, llama_spec, (), None, repeats,
-         kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False})
+    llama_kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    case("LLaMA (GQA 8q/2kv) MLP + heads 50%", llama, llama_spec, (), None, repeats, kwargs=llama_kwargs,
+         tp_build=lambda: torch_pruning_hf_heads(
+             llama, llama_kwargs, {"mlp": ("gate_proj", "up_proj"), "self_attn": ("q_proj", "k_proj", "v_proj")},
+             {"self_attn.q_proj": 8, "self_attn.k_proj": 2, "self_attn.v_proj": 2}, _llama_heads))
 
 
 if __name__ == "__main__":
