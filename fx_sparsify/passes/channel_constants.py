@@ -205,10 +205,8 @@ def build_program(graph: _Graph, flood: _Flood) -> ConstProgram:
             step = ConstStep(node.name, "var", d, o, k, why=f"{node.name} ({kind}) does not carry a constant through")
         prog.steps.append(step)
     for node, pos, _dim in sorted(flood.done, key=lambda t: (t[0].name, t[1])):
-        if pos < 0 or node in slots:
-            continue
         op = graph.ops.get(node)
-        if op is None or op.kind == "shape":
+        if pos < 0 or op is None or op.kind == "shape":
             continue
         if op.kind in LAYERS:
             x_at, w_at, b_at, _, cols = LAYERS[op.kind]
@@ -216,6 +214,8 @@ def build_program(graph: _Graph, flood: _Flood) -> ConstProgram:
                 continue  # the layer's own parameters, reached through its input columns
             x, weight = op.operands[x_at], _name(graph, op.operands[w_at])
             member = next((m for m in flood.members if m.tensor == weight and m.dim == cols), None)
+            if member is None and node in slots:
+                continue  # a depthwise convolution: the channel goes on to its output (a step)
             if not isinstance(x, Node) or member is None:
                 prog.sinks.append((node.name, f"{node.name} reads the channel in a way that cannot take a constant"))
                 continue
@@ -226,7 +226,7 @@ def build_program(graph: _Graph, flood: _Flood) -> ConstProgram:
             if not why and op.kind == "conv":
                 why = _padding_why(graph, node)
             prog.folds.append(Fold(node.name, x.name, weight, cols, member.offset, member.width, bias, why))  # type: ignore[arg-type]
-        else:
+        elif node not in slots:
             prog.sinks.append((node.name, f"the channel reaches {node.name} ({op.kind}), where a constant cannot be "
                                           "folded into a bias"))
     return prog
@@ -314,7 +314,7 @@ def evaluate(gm: GraphModule, group: ChannelGroup, prog: ConstProgram, get: Tens
             zero_rows |= zero
             val, uniform = (torch.zeros(units, dtype=torch.float64), ~no) if bias is None else \
                 _per_unit(get(bias), get(bias).dim() - 1, s.offset, s.width, units)
-            ok, why = zero & uniform, f"{s.node}'s weight rows are not all zero"
+            ok, why = zero & uniform, f"{s.node} also produces them and its weight rows there are not all zero"
         elif s.kind == "batch_norm" and ins:
             w, b, mean, var = (None if n is None else _per_unit(get(n), 0, s.offset, s.width, units) for n in s.tensors)
             if mean is not None and var is not None:

@@ -7,12 +7,14 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsify as fxs
 
-from _channel_models import MLP, randomise_norms
+from _channel_models import MLP, MobileNetV2Mini, ResidualCNN, random_residual_cnn, randomise_norms
 
 
 def _rows(target: str, sparsity: float = 0.5) -> dict[str, Any]:
@@ -119,10 +121,36 @@ def test_an_input_dependent_gate_keeps_the_channel() -> None:
             return self.fc2(F.silu(self.fc1(x)) * self.gate(x))
 
     sgm, small = _shrink(Gated(), _rows("fc1"), torch.randn(3, 8))
-    assert "kept: gate's weight rows are not all zero" in sgm.shrink_plan()
+    assert "kept: gate also produces them and its weight rows there are not all zero" in sgm.shrink_plan()
     assert small.state_dict()["fc1.weight"].shape == (16, 8)
     both = {"weights": [{"target": "re:fc1|gate", "method": "random_structured", "sparsity": 0.5, "dim": 0}]}
     sgm, small = _shrink(Gated(), both, torch.randn(3, 8))  # where both rows are zero the product is a constant
     masks = sgm.masks()
     both_zero = ~masks["fc1.weight"].any(1) & ~masks["gate.weight"].any(1)
     assert small.state_dict()["fc1.weight"].shape[0] == 16 - int(both_zero.sum())
+
+
+@pytest.mark.parametrize("build,shape", [(ResidualCNN, (2, 3, 8, 8)), (MobileNetV2Mini, (2, 3, 16, 16))],
+                         ids=["residual-depthwise-se", "mobilenet-v2"])
+def test_residual_depthwise_and_gated_cnns_stay_exact(build: Any, shape: tuple[int, ...]) -> None:
+    model = randomise_norms(build().eval())
+    _, small = _shrink(model, _rows("type:Conv2d"), torch.randn(*shape))
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(
+    widths=st.lists(st.sampled_from([4, 8, 12]), min_size=2, max_size=4),
+    residual=st.lists(st.booleans(), min_size=4, max_size=4),
+    sparsity=st.floats(0.0, 0.9),
+    seed=st.integers(0, 1000),
+)
+def test_random_zero_rows_on_random_residual_cnns_shrink_exactly(
+    widths: list[int], residual: list[bool], sparsity: float, seed: int
+) -> None:
+    model = random_residual_cnn(widths, residual, seed)
+    spec = {"seed": seed, "weights": [{"target": "re:convs\\.\\d+", "method": "random_structured",
+                                       "sparsity": sparsity, "dim": 0}]}
+    _, small = _shrink(model, spec, torch.randn(2, 3, 6, 6))
+    for i, w in enumerate(widths):
+        assert small.state_dict()[f"convs.{i}.weight"].shape[0] <= w
