@@ -13,8 +13,10 @@ CPU; ``F.linear(x, W_csr)`` is 2–3× slower and int64 indices cost ~2×).
   others are timed at squash (dense ``F.linear`` against CSR, and BSR where the pattern has exact
   blocks of 4×4 or more; the fastest of a few runs) and turn sparse only at ≤ 0.9× the dense time, so a
   noisy measurement errs towards dense.
-- ``"semi_structured"``: 2:4 weights with ``torch.sparse.to_sparse_semi_structured`` needs CUDA; on
-  the CPU it is an error.
+- ``"semi_structured"``: every masked ``Linear`` (2:4, float16 / bfloat16, on CUDA) becomes a
+  :class:`~._semi_structured.SemiStructuredLinear` (``torch.sparse.to_sparse_semi_structured``); a
+  layer that is not 2:4, another dtype, or a module on the CPU is a ``ValueError`` saying what to use
+  instead. The CUDA path is untested here (no GPU); its test skips without CUDA.
 
 The squashed module's ``state_dict()`` still holds the dense weights under the original keys, and
 ``load_state_dict`` takes dense weights (re-sparsified on load). ``torch.export`` cannot trace sparse
@@ -42,6 +44,7 @@ from torch.fx import GraphModule, Node
 
 from ..state import SparsityState
 from ._runner import PassResult, finish
+from ._semi_structured import SemiStructuredLinear, semi_structured_problem
 
 __all__ = [
     "STORAGES",
@@ -412,14 +415,9 @@ def apply_sparse_storage(gm: GraphModule, state: SparsityState, storage: str = "
     check_storage(storage, batch_size)
     if storage == "dense":
         return finish(gm, {})
-    if storage == "semi_structured":
-        devices = sorted({p.device.type for p in gm.parameters()}) or ["cpu"]
-        raise ValueError(
-            "squash(storage='semi_structured') converts 2:4 weights with torch.sparse.to_sparse_semi_structured, "
-            f"which runs on CUDA GPUs in float16 / bfloat16 only; this module is on {', '.join(devices)} and "
-            "fx_sparsify does not implement the CUDA conversion yet: use storage='csr' / 'auto' on the CPU"
-        )
     masked = {r.param for r in state.targets.values() if r.kind == "weight" and r.param}
+    if storage == "semi_structured":
+        return _apply_semi_structured(gm, masked)
     sites = {**_module_sites(gm), **_function_sites(gm)}
     _check_uses(gm, sites)
     choices: list[StorageChoice] = []
@@ -437,7 +435,54 @@ def apply_sparse_storage(gm: GraphModule, state: SparsityState, storage: str = "
     return finish(gm, created)
 
 
-def _install(gm: GraphModule, site: _Site, layer: SparseLinear) -> None:
+def _apply_semi_structured(gm: GraphModule, masked: set[str]) -> PassResult:
+    """``storage="semi_structured"``: every masked Linear to a :class:`SemiStructuredLinear`, or a ValueError.
+
+    All layers are checked (CUDA, float16 / bfloat16, 2:4) and converted before any is installed.
+    """
+    sites = {**_module_sites(gm), **_function_sites(gm)}
+    _check_uses(gm, sites)
+    linear = {layer: site for layer, site in sites.items() if f"{layer}.weight" in masked and not site.spatial}
+    off_gpu = sorted({site.weight.device.type for site in linear.values() if site.weight.device.type != "cuda"})
+    if off_gpu or not linear:
+        where = f"this module is on {', '.join(off_gpu)}" if off_gpu else "this module has no masked Linear layer"
+        raise ValueError(
+            "squash(storage='semi_structured') converts 2:4 Linear weights with torch.sparse.to_sparse_semi_structured, "
+            f"which runs on CUDA GPUs in float16 / bfloat16 only; {where}: move the model to CUDA in half "
+            "precision before sparsify_graph (model.cuda().half()), or use storage='csr' / 'auto' on the CPU"
+        )
+    choices: list[StorageChoice] = []
+    created: dict[str, dict[str, str]] = {}
+    layers: dict[str, SemiStructuredLinear] = {}
+    for layer, site in sites.items():
+        weight = site.weight.detach()
+        zeros = 1.0 - int((weight != 0).sum()) / max(weight.numel(), 1)
+        if layer in linear:
+            problem = site.problem or semi_structured_problem(weight)
+            if problem:
+                raise ValueError(f"squash(storage='semi_structured'): layer {layer!r} cannot be stored 2:4 "
+                                 f"semi-structured: {problem}; or squash with storage='dense' / 'csr'")
+            try:
+                layers[layer] = SemiStructuredLinear(weight, site.bias)
+            except (RuntimeError, NotImplementedError) as err:  # torch's shape / device-capability checks
+                raise ValueError(f"squash(storage='semi_structured'): layer {layer!r} ({tuple(weight.shape)}, "
+                                 f"{weight.dtype}): torch.sparse.to_sparse_semi_structured refused it: {err}; "
+                                 "squash with storage='dense' instead") from None
+            choice = StorageChoice(layer, tuple(weight.shape), zeros, "semi_structured", "2:4 on CUDA, asked for")
+        else:
+            why = "not a masked weight" if f"{layer}.weight" not in masked else "a 1x1 conv (2:4 kernels: Linear only)"
+            choice = StorageChoice(layer, tuple(weight.shape), zeros, "dense", why)
+        choices.append(choice)
+        created[layer] = {"storage": choice.storage, "why": choice.why}
+    for layer, module in layers.items():
+        module.train(gm.training)
+        _install(gm, sites[layer], module)
+    gm.graph.eliminate_dead_code()
+    gm.storage_choices = choices  # type: ignore[assignment]
+    return finish(gm, created)
+
+
+def _install(gm: GraphModule, site: _Site, layer: nn.Module) -> None:
     """Put ``layer`` at the site's path and make every call of the site a ``call_module`` of it."""
     owner, _, leaf = site.layer.rpartition(".")
     gm.get_submodule(owner).add_module(leaf, layer)

@@ -237,3 +237,67 @@ def test_function_form_passes_storage_through() -> None:
     sgm = _sgm(MLP())
     sparse = fxs.squash(sgm, storage="csr")
     assert isinstance(sparse.fc1, SparseLinear)
+
+
+# --- storage="semi_structured" (2:4 on CUDA) ---------------------------------------------------------------
+def test_semi_structured_problem_says_why_a_weight_cannot_be_2_4() -> None:
+    from fx_sparsify.passes._semi_structured import semi_structured_problem
+
+    two_four = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, -4.0]] * 2)
+    assert semi_structured_problem(two_four.half()) is None
+    assert semi_structured_problem(two_four.bfloat16()) is None
+    assert "float32" in semi_structured_problem(two_four) and ".half()" in semi_structured_problem(two_four)
+    dense_group = two_four.clone()
+    dense_group[1, 5] = 7.0  # three non-zeros in columns 4..7 of row 1
+    msg = semi_structured_problem(dense_group.half())
+    assert msg is not None and "row 1 has 3 non-zeros in columns 4..7" in msg and "'2:4'" in msg
+    assert "multiple of 4" in semi_structured_problem(torch.zeros(2, 6, dtype=torch.float16))
+
+
+def test_semi_structured_on_the_cpu_says_to_use_cuda_or_csr() -> None:
+    sgm = _sgm(MLP(), {"weights": [{"target": "type:Linear", "method": "2:4"}]})
+    with pytest.raises(ValueError, match=r"CUDA GPUs in float16 / bfloat16 only; this module is on cpu: .*"
+                                         r"model\.cuda\(\)\.half\(\).*storage='csr' / 'auto'"):
+        sgm.squash(storage="semi_structured")
+    assert "storage" not in sgm._fxs.extra
+
+
+class _Wide(nn.Module):
+    """Linear layers whose shapes meet the semi-structured kernels' minimum tiles (multiples of 64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(128, 256), nn.Linear(256, 128), nn.Linear(128, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="2:4 semi-structured kernels need a CUDA GPU of compute capability 8.0+")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_semi_structured_on_cuda_equals_the_dense_squash(dtype: torch.dtype) -> None:
+    from fx_sparsify.passes._semi_structured import SemiStructuredLinear
+
+    torch.manual_seed(0)
+    model = _Wide().cuda().to(dtype).eval()
+    sgm = _sgm(model, {"weights": [{"target": "type:Linear", "method": "2:4"}]})
+    dense, semi = sgm.squash(), sgm.squash(storage="semi_structured")
+    assert all(isinstance(semi.get_submodule(n), SemiStructuredLinear) for n in ("fc1", "fc2", "head"))
+    assert [c.storage for c in semi.storage_choices] == ["semi_structured"] * 3
+    with torch.inference_mode():
+        for x in (torch.randn(8, 128), torch.randn(1, 128), torch.randn(2, 5, 128)):
+            x = x.to("cuda", dtype)
+            torch.testing.assert_close(semi(x), dense(x), atol=2e-2, rtol=2e-2)
+    _assert_same_state(semi, dense)  # dense weights under the original keys, bit-exact
+    semi.load_state_dict(dense.state_dict())  # re-converted
+    with torch.inference_mode():
+        x = torch.randn(4, 128, device="cuda", dtype=dtype)
+        torch.testing.assert_close(semi(x), dense(x), atol=2e-2, rtol=2e-2)
+    fp32 = _sgm(_Wide().cuda().eval(), {"weights": [{"target": "type:Linear", "method": "2:4"}]})
+    with pytest.raises(ValueError, match=r"layer 'fc1' cannot be stored 2:4 semi-structured: its weight is "
+                                         r"torch\.float32"):
+        fp32.squash(storage="semi_structured")
+    unstructured = _sgm(_Wide().cuda().to(dtype).eval(), LINEAR_80)
+    with pytest.raises(ValueError, match=r"is not 2:4 sparse.*storage='dense' / 'csr'"):
+        unstructured.squash(storage="semi_structured")
