@@ -247,6 +247,34 @@ def llmcompressor_kernel(sparsity: float, n: int, m: int) -> Callable[[torch.Ten
     return kernel
 
 
+def step_times(model: ByteGPT, calib: list[torch.Tensor], example: torch.Tensor, pattern: dict,
+               kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], repeats: int) -> dict[str, float]:
+    """Median CPU seconds, one thread, of pruning every layer once: our ``step()`` (after a fresh
+    calibration, not timed) against each kernel on the same Hessians; repeats interleaved."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    hs = hessians(model, calib, linear_names(model))
+    weights = {name: model.get_submodule(name).weight.detach() for name in hs}
+    times: dict[str, list[float]] = {"ours sparsegpt (one pass)": [], **{name: [] for name in kernels}}
+    try:
+        for _ in range(repeats):
+            sgm = fxs.sparsify_graph(model, rule({"method": "sparsegpt", **pattern}), example_inputs=(example,))
+            with torch.no_grad():
+                for batch in calib:
+                    sgm(batch)
+                start = time.process_time()
+                sgm.step()
+                times["ours sparsegpt (one pass)"].append(time.process_time() - start)
+                for name, kernel in kernels.items():
+                    start = time.process_time()
+                    for layer, h in hs.items():
+                        kernel(weights[layer], h)
+                    times[name].append(time.process_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -258,6 +286,7 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/fxs_quality_gpt.pt")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-only", action="store_true", help="train and cache the model, then stop")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train_data, held = stdlib_bytes()
@@ -309,6 +338,13 @@ def main() -> None:
             ref_added = added if math.isnan(ref_added) else ref_added
             print(f"| {name} | {label} | {math.exp(loss):.3f} | {added:.4f} | {added / ref_added:.2f}x | {seconds:.2f} |"
                   f"  ({time.perf_counter() - start:.0f} s in all)", flush=True)
+        kernels = {"SparseGPT reference (fasterprune)": lambda w, h: reference_fasterprune(w, h, sparsity, m - n if n else 0, m)}
+        if kernel is not None:
+            kernels["llm-compressor SparseGPT kernel"] = kernel
+        timed = step_times(model, calib, example, pattern, kernels, args.repeats)
+        ours = timed["ours sparsegpt (one pass)"]
+        print(f"\n{label}: CPU seconds to prune every layer (one thread, median of {args.repeats}): "
+              + ", ".join(f"{name} {t:.2f} s ({t / ours:.2f}x ours)" for name, t in timed.items()) + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -95,13 +95,13 @@ def test_identity_covariance_reduces_to_magnitude_pruning() -> None:
     assert torch.equal(fxs.compute_mask("sparsegpt", w, sparsity=0.5, block_size=32), keep)
 
 
-@pytest.mark.parametrize("sparsity", [0.3, 0.37, 0.5, 0.9, 0.0, 1.0, 101])
-@pytest.mark.parametrize("block_size", [7, 16, 128])
-def test_exact_sparsity_counts(sparsity: float, block_size: int) -> None:
+@pytest.mark.parametrize("block_size", [7, 128])
+def test_exact_sparsity_counts(block_size: int) -> None:
     w, x = _layer(rows=10, cols=40, samples=128)
-    keep, new = sparsegpt_prune(w, x @ x.T, sparsity=sparsity, block_size=block_size)
-    assert int((~keep).sum()) == count_to_prune(sparsity, w.numel())
-    assert torch.all(new[~keep] == 0)
+    for sparsity in (0.3, 0.37, 0.5, 0.9, 0.0, 1.0, 101):
+        keep, new = sparsegpt_prune(w, x @ x.T, sparsity=sparsity, block_size=block_size)
+        assert int((~keep).sum()) == count_to_prune(sparsity, w.numel()), sparsity
+        assert torch.all(new[~keep] == 0)
 
 
 def test_pruned_entries_stay_pruned_at_the_same_sparsity_and_count_toward_a_higher_one() -> None:
