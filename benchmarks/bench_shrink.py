@@ -223,9 +223,13 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def memory_child(inplace: bool) -> None:
+def memory_child(inplace: bool, cache: bool = True) -> None:
     """One pipeline in this (fresh) process; prints a JSON line of peak extra memory per stage, x model."""
     torch.set_num_threads(1)
+    if not cache:
+        from fx_sparsify.ops import set_cache_limit
+
+        set_cache_limit(0)
     spec = {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]}
     warm = fxs.sparsify_graph(resnet18().eval(), spec, example_inputs=(torch.randn(1, 3, 32, 32),))
     warm.step()
@@ -240,7 +244,7 @@ def memory_child(inplace: bool) -> None:
 
     def staged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*a: Any, **k: Any) -> Any:
-            peaks["before " + name] = (_status("VmHWM") - base) / size
+            peaks["before " + name] = (_status("VmRSS") - base) / size
             _reset_peak()
             try:
                 return fn(*a, **k)
@@ -263,22 +267,24 @@ def memory_child(inplace: bool) -> None:
     _reset_peak()
     small = sgm.squash(shrink=True)
     peaks["after"] = (_status("VmHWM") - base) / size
-    peaks["whole"] = max(peaks.values())
+    peaks["whole"] = max(v for k, v in peaks.items() if not k.startswith("before"))
     del small
-    print(json.dumps({"model_mib": size / 2**20, **{k: v for k, v in peaks.items() if not k.startswith("before")}}))
+    print(json.dumps({"model_mib": size / 2**20, **peaks}))
 
 
 def memory_table() -> None:
     print("\nPeak resident memory during each stage above the process holding its model (what earlier stages "
           "left resident included), x model size (ResNet-50, 224x224, batch 1, a fresh subprocess each):")
+    print("(in parentheses: what was resident when the stage began; the stage's own cost is the difference)")
     print("| sparsify_graph | analysis | check run | step | squash (dense) | shrink pass | whole pipeline |")
     print("|---|---|---|---|---|---|---|")
-    for inplace in (False, True):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", "inplace" if inplace else "copy"],
-                             capture_output=True, text=True, check=True)
+    labels = {"copy": "default (copies the model)", "copy-nocache": "default, eval cache off (set_cache_limit(0))",
+              "inplace": "inplace=True"}
+    for mode, label in labels.items():
+        out = subprocess.run([sys.executable, __file__, "--memory-child", mode], capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        cells = [f"{row[k]:.2f}x" for k in ("analysis", "check run", "step", "squash", "shrink pass", "whole")]
-        label = "inplace=True" if inplace else "default (copies the model)"
+        cells = [f"{row[k]:.2f}x" + (f" ({row['before ' + k]:.2f}x)" if "before " + k in row else "")
+                 for k in ("analysis", "check run", "step", "squash", "shrink pass", "whole")]
         print(f"| {label} (model {row['model_mib']:.0f} MiB) | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -288,10 +294,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--big", action="store_true")
     parser.add_argument("--memory", action="store_true", help="only the peak-memory table")
     parser.add_argument("--hf", action="store_true", help="only the BERT and LLaMA rows")
-    parser.add_argument("--memory-child", choices=["copy", "inplace"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", choices=["copy", "copy-nocache", "inplace"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
-        memory_child(args.memory_child == "inplace")
+        memory_child(args.memory_child == "inplace", cache=args.memory_child != "copy-nocache")
         return
     if args.memory:
         memory_table()
