@@ -259,7 +259,8 @@ def _pointwise(gm: GraphModule, node: Node, step: ConstStep, values: Mapping[str
     """Apply ``node``'s op to per-unit constants (1-D tensors); raises _Var on a non-constant operand."""
     positions = dict(step.at)
     args_in_order = _node_args(node)
-    coupled = {id(args_in_order[i]): values[name] for i, name in positions.items() if i < len(args_in_order)}
+    coupled = {id(args_in_order[i]): values[name].clone()  # an in-place op (ReLU(inplace=True)) must not
+               for i, name in positions.items() if i < len(args_in_order)}  # rewrite its input's constants
 
     def sub(a: Any) -> Any:
         if not isinstance(a, Node):
