@@ -275,7 +275,7 @@ def step_times(model: ByteGPT, calib: list[torch.Tensor], example: torch.Tensor,
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
@@ -287,7 +287,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-only", action="store_true", help="train and cache the model, then stop")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_data, held = stdlib_bytes()
     print(f"stdlib: {len(train_data) / 1e6:.1f} MB train, {len(held) / 1e6:.1f} MB held out")

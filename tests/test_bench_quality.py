@@ -1,0 +1,23 @@
+"""benchmarks/bench_quality.py runs end to end (slow: pass --runslow); the full run's numbers are in the README."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
+
+
+@pytest.mark.slow
+def test_quality_benchmark_runs_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--steps", "2", "--d-model", "32", "--calib", "8", "--eval", "8", "--repeats", "1",
+                "--cache", str(tmp_path / "gpt.pt")])
+    out = capsys.readouterr().out
+    for row in ("| magnitude | 50 %", "| wanda | 2:4", "| ours sparsegpt (one pass) | 2:4", "| ours sparsegpt, sequential | 50 %"):
+        assert row in out
