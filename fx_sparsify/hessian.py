@@ -31,6 +31,8 @@ class HessianObserver(ActivationObserver):
         rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
         rows = rows.to(self.dtype)
         stat = self._buffers["stat"]
+        if self.batches and stat.dtype != self.dtype:  # the module was cast (.half()): accumulate in our dtype
+            stat = self.stat = stat.to(self.dtype)
         if not self.batches:
             self.stat = rows.T @ rows
         elif stat.is_inference() and not torch.is_inference_mode_enabled():

@@ -256,3 +256,16 @@ def test_sequential_without_recorded_inputs_is_an_error() -> None:
     with pytest.raises(ValueError, match="need the calibration forwards' inputs"):
         fresh.step()
     assert torch.equal(fresh.get_parameter("fc1.weight"), model.fc1.weight)
+
+
+def test_bfloat16_model_accumulates_in_float32_and_keeps_its_dtype() -> None:
+    model = MLP().to(torch.bfloat16)
+    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "fc1", "method": "sparsegpt", "n": 2, "m": 4}]})
+    sgm(torch.randn(8, 16, dtype=torch.bfloat16))
+    sgm.to(torch.bfloat16)  # casting the module mid-calibration does not break the accumulation
+    sgm(torch.randn(8, 16, dtype=torch.bfloat16))
+    (name,) = _observers(sgm)
+    assert sgm.get_submodule(name).stat.dtype == torch.float32
+    sgm.step()
+    weight = sgm.get_parameter("fc1.weight")
+    assert weight.dtype == torch.bfloat16 and torch.all(weight.reshape(-1, 4).count_nonzero(-1) <= 2)
