@@ -71,17 +71,15 @@ _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 def is_masked(weight: Tensor, mask: Tensor, chunk: int = CHUNK) -> bool:
     """True when every entry ``mask`` prunes is already +0.0 in ``weight`` (nothing to fold).
 
-    Read a chunk at a time and stops at the first chunk with a pruned entry that is not +0.0 (-0.0
-    and NaN count as not masked), so an unmasked weight costs one small chunk.
+    Compares the entries' bits (so -0.0 and NaN count as not masked) a chunk at a time, and stops at
+    the first chunk with a pruned entry that is not +0.0: an unmasked weight costs one small chunk.
     """
     pairs = _flat_pairs(weight, mask, chunk)
     if pairs is None:
         pairs = [(weight, mask)]
-    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    bits = _BITS.get(weight.element_size()) if weight.is_floating_point() else None
+    bits = _BITS[weight.element_size()]
     for w, m in pairs:
-        pruned = torch.where(keep_of(m), zero, w)
-        if bool((pruned.view(bits) if bits is not None else pruned).any()):
+        if bool(torch.gt(w.view(bits) != 0, keep_of(m)).any()):  # a set bit where the mask prunes
             return False
     return True
 
