@@ -12,7 +12,9 @@ Prints markdown tables:
 3. checkpoint sizes: ``save_compressed`` (and with zstd when ``zstandard`` is installed) against the
    dense safetensors file and gzip of it;
 4. load times: ``load_compressed`` (into a model, and to a state dict) against a dense safetensors
-   load of the same weights, and compressed-tensors' ``load_compressed`` where it is installed.
+   load of the same weights, and compressed-tensors' ``load_compressed`` where it is installed. Both
+   sides end with every tensor summed once: the dense state dict is the mapped file (its pages touched
+   by the sum), into a model both copy / decode into the model's tensors.
 
 Times are medians of interleaved repeats; the ratios are what to read. The machine this was written
 on is shared and noisy (2 cores): expect ±20 % between runs.
@@ -144,17 +146,31 @@ def checkpoint_tables(models: dict[float, nn.Module], repeats: int, gzip_level: 
                 mod = getattr(mod, p)
             mod.register_parameter(parts[-1], nn.Parameter(v, requires_grad=False))
 
+        def touched(tensors: Any) -> Any:
+            """Read every byte (a sum): a lazily mapped file is only loaded once its pages are touched."""
+            for v in tensors.values():
+                v.sum()
+            return tensors
+
+        params = dict(holder.named_parameters())
+
         def dense_into_model() -> None:
             holder.load_state_dict(load_file(str(dense_path)))
+            touched(params)
 
-        # load_file maps the file lazily: a state dict in memory is its tensors copied out
-        fns = {"dense_sd": lambda: {k: v.clone() for k, v in load_file(str(dense_path)).items()},
-               "ours_sd": lambda: fxs.load_compressed(ours_path),
-               "dense_model": dense_into_model, "ours_model": lambda: fxs.load_compressed(ours_path, holder)}
+        def ours_into_model() -> None:
+            fxs.load_compressed(ours_path, holder)
+            touched(params)
+
+        # both sides alike: the file read whole into memory (safetensors maps it, the sum touches every
+        # page: warm page cache) or copied into the model's tensors, and every tensor summed once
+        fns = {"dense_sd": lambda: touched(load_file(str(dense_path))),
+               "ours_sd": lambda: touched(fxs.load_compressed(ours_path)),
+               "dense_model": dense_into_model, "ours_model": ours_into_model}
         ct_path = tmp / "ct.safetensors"
         if ct is not None:
             ct.save_compressed(dict(state), ct_path, compression_format="sparse-bitmask")
-            fns["ct"] = lambda: dict(ct.load_compressed(ct_path, ct.BitmaskConfig()))
+            fns["ct"] = lambda: touched(dict(ct.load_compressed(ct_path, ct.BitmaskConfig())))
         t = interleaved(fns, repeats, warmup=1)
         ct_ratio = f"{t['ct'] / t['dense_sd']:.2f}x" if "ct" in t else "-"
         loads.append(f"| {name} | {s:.0%} | {t['dense_sd'] * 1e3:.0f} | {t['ours_sd'] / t['dense_sd']:.2f}x | "

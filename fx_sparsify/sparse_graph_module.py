@@ -98,6 +98,7 @@ class SparseGraphModule(GraphModule):
         ``shrink=True`` (SPEC §10) also removes the channels that ``channels`` rules pruned.
         ``storage`` (SPEC §11): ``"dense"``, ``"csr"``, ``"bsr"`` or ``"auto"`` (sparse only where faster at
         ``batch_size`` rows) keeps masked Linear / 1x1 Conv weights sparse; ``report()`` then says which and why.
+        ``"semi_structured"`` (CUDA, float16 / bfloat16) stores 2:4-masked Linear weights for sparse tensor cores.
         """
         check_storage(storage, batch_size)
         out = _squash(self, self._fxs)
