@@ -64,7 +64,7 @@ class SemiStructuredLinear(nn.Module):
         if torch.compiler.is_exporting():
             raise RuntimeError("torch.export cannot trace a semi-structured sparse layer; squash with "
                                "storage='dense' (the default) for export")
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x.contiguous(), self.weight, self.bias)  # torch's semi-sparse linear views x as 2-D
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -286,7 +286,7 @@ def test_semi_structured_on_cuda_equals_the_dense_squash(dtype: torch.dtype) -> 
     assert all(isinstance(semi.get_submodule(n), SemiStructuredLinear) for n in ("fc1", "fc2", "head"))
     assert [c.storage for c in semi.storage_choices] == ["semi_structured"] * 3
     with torch.inference_mode():
-        for x in (torch.randn(8, 128), torch.randn(1, 128), torch.randn(2, 5, 128)):
+        for x in (torch.randn(8, 128), torch.randn(1, 128), torch.randn(2, 5, 128), torch.randn(128, 8).T):
             x = x.to("cuda", dtype)
             torch.testing.assert_close(semi(x), dense(x), atol=2e-2, rtol=2e-2)
     _assert_same_state(semi, dense)  # dense weights under the original keys, bit-exact
