@@ -105,7 +105,8 @@ def _blocks(rows: int, cols: int) -> list[tuple[int, int, int, int]]:
     the bitmask (``c0`` a multiple of 8). Each piece is contiguous in the row-major dense tensor.
     """
     if cols > CHUNK:
-        return [(r, r + 1, c, min(cols, c + CHUNK)) for r in range(rows) for c in range(0, cols, CHUNK)]
+        width = max(8, CHUNK // 8 * 8)  # whole bytes of the bitmask
+        return [(r, r + 1, c, min(cols, c + width)) for r in range(rows) for c in range(0, cols, width)]
     step = max(1, CHUNK // max(cols, 1))
     return [(r, min(rows, r + step), 0, cols) for r in range(0, rows, step)]
 

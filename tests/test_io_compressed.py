@@ -350,7 +350,7 @@ def test_activation_masks_folded_into_columns_write_positive_zeros() -> None:
     assert not bool(torch.signbit(w[w == 0]).any())
 
 
-@pytest.mark.parametrize("chunk", [8, 24, 64])
+@pytest.mark.parametrize("chunk", [5, 8, 24, 64])
 def test_chunked_decode_matches_whole_tensor_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     chunk: int) -> None:
     """Pieces of whole rows, and pieces of one long row (a row longer than a chunk), decode bit-exact."""
