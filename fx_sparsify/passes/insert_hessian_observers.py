@@ -10,8 +10,7 @@ Layers that read the same input node (the ``q``, ``k``, ``v`` projections of an 
 one observer, so one ``in × in`` statistic serves all of them.
 
 With ``"sequential": true`` on a rule, a forward pre-hook also keeps the module's calibration inputs
-(:func:`record_calibration_inputs`), so that ``step()`` can re-run them after pruning each level of
-layers (``passes/reconstruct.py``).
+(``passes/reconstruct.py``), so that ``step()`` can re-run them after pruning each level of layers.
 """
 
 from __future__ import annotations
@@ -24,13 +23,11 @@ from torch.fx import GraphModule, Node
 
 from ..hessian import HessianObserver
 from ..methods.sparsegpt import HESSIAN_DTYPES
-from ..state import state_of
 from ._runner import PassResult, finish
 from .insert_activation_masks import LayerIndex, _insert
+from .reconstruct import record_calibration_inputs
 
-__all__ = ["insert_hessian_observers", "sparsegpt_layers", "record_calibration_inputs", "CALIBRATION_INPUTS"]
-
-CALIBRATION_INPUTS = "calibration_inputs"  # SparsityState.extra key: [(args, kwargs)] since the last step
+__all__ = ["insert_hessian_observers", "sparsegpt_layers"]
 
 
 def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, tuple[str, str, bool]]:
@@ -99,20 +96,3 @@ def insert_hessian_observers(
         record_calibration_inputs(gm)
     return finish(gm, created)
 
-
-def _record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Forward pre-hook: keep the inputs of a calibration forward (one where a Hessian observer listens)."""
-    state = state_of(module)  # attached when the module is wrapped, after this pass
-    if state.extra.get("replaying") or not any(
-        m.enabled for m in module.modules() if isinstance(m, HessianObserver)
-    ):
-        return
-    detach = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
-    state.extra.setdefault(CALIBRATION_INPUTS, []).append(
-        (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
-    )
-
-
-def record_calibration_inputs(gm: GraphModule) -> None:
-    """Keep every calibration forward's inputs in the module's state until the next ``step()``."""
-    gm.register_forward_pre_hook(_record, with_kwargs=True)

@@ -11,7 +11,9 @@ Rules with ``"sequential": true`` are pruned as the reference scripts do, level 
 (:func:`reconstruct_in_order`): the first level (layers no other sequential target feeds) from the
 calibration statistics, then, for each next level, the recorded calibration inputs are run again
 through the module with the levels before already pruned, and only that level's observers listen.
-This costs one more calibration pass per level (a 4-block transformer has 16 levels).
+This costs one more calibration pass per level (a 4-block transformer has 16 levels). During the
+user's calibration forwards only the first level's observers listen (the others would be restarted
+anyway), so one level's ``in × in`` statistics exist at a time.
 """
 
 from __future__ import annotations
@@ -25,10 +27,15 @@ from torch.fx import GraphModule, Node
 from ..methods.sparsegpt import sparsegpt_prune
 from ..observer import ActivationObserver
 from ..state import SparsityState, TargetRecord, current_options
+from ..hessian import HessianObserver
+from ..state import state_of
 from .insert_activation_masks import LayerIndex
-from .insert_hessian_observers import CALIBRATION_INPUTS
 
-__all__ = ["RECONSTRUCTING", "check_calibrated", "reconstruct", "is_sequential", "reconstruct_in_order"]
+__all__ = ["RECONSTRUCTING", "check_calibrated", "reconstruct", "is_sequential", "reconstruct_in_order",
+           "record_calibration_inputs"]
+
+CALIBRATION_INPUTS = "calibration_inputs"  # SparsityState.extra: [(args, kwargs)] of the forwards since the last step
+_DEFERRED = "deferred_observers"  # SparsityState.extra: observers that listen only when step() re-runs the inputs
 
 RECONSTRUCTING = frozenset({"sparsegpt"})  # methods whose step also rewrites the weights that stay
 _NOT_SWEEP_OPTIONS = ("hessian_dtype", "sequential")
@@ -36,9 +43,13 @@ _NOT_SWEEP_OPTIONS = ("hessian_dtype", "sequential")
 
 def check_calibrated(gm: GraphModule, state: SparsityState) -> None:
     """``ValueError`` naming every reconstructing target whose layer saw no forward pass since the last step."""
+    if _DEFERRED not in state.extra and any(is_sequential(r) for r in state.targets.values()):
+        _defer_later_levels(gm, state)  # no recorded calibration forward yet (e.g. statistics loaded)
+    deferred = state.extra.get(_DEFERRED) or set()
     missing = [
         r.name for r in state.targets.values()
-        if r.method in RECONSTRUCTING and int(gm.get_submodule(r.observer).batches) == 0  # type: ignore[arg-type]
+        if r.method in RECONSTRUCTING and r.observer not in deferred
+        and int(gm.get_submodule(r.observer).batches) == 0  # type: ignore[arg-type]
     ]
     if missing:
         raise ValueError(
@@ -150,3 +161,34 @@ def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[Ta
             gm.get_buffer(r.buffer).copy_(mask)
         raise
     state.extra.pop(CALIBRATION_INPUTS, None)
+
+
+def _defer_later_levels(gm: GraphModule, state: SparsityState) -> None:
+    """Switch off the observers that only sequential targets past the first level read (step() re-runs them)."""
+    records = [r for r in state.targets.values() if is_sequential(r)]
+    first = {r.observer for r in _levels(gm, state, records)[0]} if records else set()
+    others = {r.observer for r in state.targets.values() if r.observer is not None and not is_sequential(r)}
+    deferred = {r.observer for r in records} - first - others
+    for name in deferred:
+        gm.get_submodule(name).enabled = False  # type: ignore[arg-type]
+    state.extra[_DEFERRED] = deferred
+
+
+def _record(module: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook: keep the inputs of a calibration forward (one where a Hessian observer listens)."""
+    state = state_of(module)
+    if state.extra.get("replaying") or not any(
+        m.enabled for m in module.modules() if isinstance(m, HessianObserver)
+    ):
+        return
+    if _DEFERRED not in state.extra:  # the first calibration forward
+        _defer_later_levels(module, state)
+    detach = lambda v: v.detach().clone() if isinstance(v, Tensor) else v  # noqa: E731
+    state.extra.setdefault(CALIBRATION_INPUTS, []).append(
+        (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
+    )
+
+
+def record_calibration_inputs(gm: GraphModule) -> None:
+    """Keep every calibration forward's inputs in the module's state until the next ``step()``."""
+    gm.register_forward_pre_hook(_record, with_kwargs=True)

@@ -269,3 +269,15 @@ def test_bfloat16_model_accumulates_in_float32_and_keeps_its_dtype() -> None:
     sgm.step()
     weight = sgm.get_parameter("fc1.weight")
     assert weight.dtype == torch.bfloat16 and torch.all(weight.reshape(-1, 4).count_nonzero(-1) <= 2)
+
+
+def test_sequential_calibration_fills_only_the_first_levels_statistics() -> None:
+    sgm = fxs.sparsify_graph(MLP(), SEQUENTIAL, example_inputs=(torch.randn(2, 16),))
+    sgm(torch.randn(8, 16))
+    stats = {name: sgm.get_submodule(name).stat.numel() for name in _observers(sgm)}
+    assert stats == {"fc1_input_hessian_observer": 16 * 16, "fc2_input_hessian_observer": 0}
+    sgm.step()  # fc2's statistic comes from re-running the input with fc1 pruned
+    assert sgm.sparsity() == {"fc1.weight": 0.5, "fc2.weight": 0.5}
+    sgm(torch.randn(8, 16))  # the next round works the same way
+    sgm.step()
+    assert sgm._fxs.steps == 2
