@@ -24,11 +24,10 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
+from ..hessian import HessianObserver
 from ..methods.sparsegpt import sparsegpt_prune
 from ..observer import ActivationObserver
-from ..state import SparsityState, TargetRecord, current_options
-from ..hessian import HessianObserver
-from ..state import state_of
+from ..state import SparsityState, TargetRecord, current_options, state_of
 from .insert_activation_masks import LayerIndex
 
 __all__ = ["RECONSTRUCTING", "check_calibrated", "reconstruct", "is_sequential", "reconstruct_in_order",
@@ -59,6 +58,7 @@ def check_calibrated(gm: GraphModule, state: SparsityState) -> None:
 
 
 def is_sequential(record: TargetRecord) -> bool:
+    """A ``sparsegpt`` target of a rule with ``"sequential": true``."""
     return record.method in RECONSTRUCTING and bool(record.rule.options.get("sequential", False))
 
 
