@@ -1,7 +1,8 @@
 """``HessianObserver``: the identity node that accumulates ``X·Xᵀ`` of a Linear layer's input (SparseGPT).
 
 Every calibration forward folds its input ``x`` (``(..., in_features)``, flattened to rows) into
-``stat += xᵀ·x`` in ``float32`` (or ``float64``); :meth:`HessianObserver.reduced` returns
+``stat += xᵀ·x`` in ``float32`` (or ``float64``; for a ``Conv2d`` the rows are its input patches,
+``F.unfold`` with the layer's kernel, dilation, padding and stride); :meth:`HessianObserver.reduced` returns
 ``H = 2·X·Xᵀ / rows``. It is an :class:`~fx_sparsify.observer.ActivationObserver` with aggregate
 ``"sum"``, so it is disabled, reset, pickled and all-reduced under DDP like every observer. One
 ``in × in`` statistic per observer; layers that read the same input (``q``, ``k``, ``v``) share one.
@@ -9,7 +10,10 @@ Every calibration forward folds its input ``x`` (``(..., in_features)``, flatten
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .observer import ActivationObserver
@@ -20,15 +24,20 @@ __all__ = ["HessianObserver"]
 class HessianObserver(ActivationObserver):
     """Identity on its input; accumulates ``xᵀ·x`` over the rows of every batch while ``enabled``."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32, name: str = "") -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32, name: str = "", unfold: dict[str, Any] | None = None) -> None:
         super().__init__("sum", "sum", name=name)
         self.compact, self._fast = True, False
         self.dtype = dtype
+        self.unfold = unfold  # a Conv2d's kernel_size, dilation, padding, stride: rows are its input patches
 
     def _observe(self, x: Tensor) -> None:
         attrs = self.__dict__
         attrs["input_shape"] = x.shape
-        rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+        if self.unfold is not None:  # (N, C, H, W) -> one row of C·kh·kw per output position
+            patches = F.unfold(x if x.dim() == 4 else x.unsqueeze(0), **self.unfold)
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        else:
+            rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
         rows = rows.to(self.dtype)
         stat = self._buffers["stat"]
         if self.batches and stat.dtype != self.dtype:  # the module was cast (.half()): accumulate in our dtype

@@ -82,14 +82,15 @@ def sparsegpt_args(
             raise ValueError(f"{name}: n={n} kept out of every m={m} needs 1 <= m and 0 <= n <= m")
         if block_size % m:
             raise ValueError(f"{name}: block_size={block_size} must be a multiple of m={m} so N:M groups never straddle a block")
-    if shape is not None and len(shape) != 2:
+    if shape is not None and len(shape) < 2:
         raise ValueError(
-            f"{name} prunes a 2-D Linear weight (out_features × in_features); got shape {tuple(shape)}. "
+            f"{name} prunes a Linear weight (out_features × in_features) or a Conv2d weight; got shape {tuple(shape)}. "
             "Use another method (l1_unstructured, nm) for this tensor"
         )
-    if m is not None and shape is not None and shape[1] % m:
+    if m is not None and shape is not None and math.prod(shape[1:]) % m:
         raise ValueError(
-            f"{name}: the input dim has size {shape[1]}, not divisible by m={m}; N:M groups run along the input dim"
+            f"{name}: the input dim has size {math.prod(shape[1:])}, not divisible by m={m}; N:M groups run along "
+            "the input dim (in_channels × kernel for a Conv2d)"
         )
     k = None
     if sparsity is not None:
@@ -163,10 +164,12 @@ def sparsegpt_prune(
     """
     k, n, m, block_size, damp = sparsegpt_args(tuple(weight.shape), sparsity=sparsity, n=n, m=m,
                                               block_size=block_size, damp=damp)
+    shape = weight.shape  # a Conv2d weight is swept as (out, in·kh·kw), the layout of its unfolded input
     dtype = torch.promote_types(hessian.dtype, torch.float32)
-    w = weight.detach().to(dtype=dtype, copy=True)
+    w = weight.detach().reshape(shape[0], -1).to(dtype=dtype, copy=True)
     if keep is not None:
-        w.mul_(keep.to(device=w.device, dtype=torch.bool))
+        keep = keep.to(device=w.device, dtype=torch.bool).reshape(w.shape)
+        w.mul_(keep)
     rows, cols = w.shape
     h = hessian.detach().to(device=w.device, dtype=dtype, copy=True)
     dead = h.diagonal() == 0
@@ -181,7 +184,7 @@ def sparsegpt_prune(
     counts: list[int] = []
     # entries pruned before stay pruned (the OBS updates of earlier columns would make them nonzero
     # again before their block is reached): they rank below every saliency, unless the target is lower
-    fixed = None if keep is None else ~keep.to(device=w.device, dtype=torch.bool)
+    fixed = None if keep is None else ~keep
     if k is not None:
         zero = w == 0
         sizes = torch.tensor([min(block_size, cols - s) * rows for s in starts])
@@ -224,7 +227,7 @@ def sparsegpt_prune(
         if i2 < cols:  # the block's errors reach the columns right of it in one product
             wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
     wt.masked_fill_(prune_t, 0.0)
-    return ~prune_t.T, wt.T.to(weight.dtype).contiguous()
+    return (~prune_t.T).reshape(shape), wt.T.to(weight.dtype).reshape(shape)
 
 
 @register_mask_method("sparsegpt", check=sparsegpt_args)
@@ -242,6 +245,6 @@ def sparsegpt(
     """SparseGPT: OBS mask + weight update from calibration inputs (identity Hessian on a bare tensor)."""
     sparsegpt_args(tuple(tensor.shape), sparsity=sparsity, n=n, m=m, block_size=block_size, damp=damp,
                    hessian_dtype=hessian_dtype, sequential=sequential)
-    eye = torch.eye(tensor.shape[1], dtype=HESSIAN_DTYPES[hessian_dtype], device=tensor.device)
+    eye = torch.eye(math.prod(tensor.shape[1:]), dtype=HESSIAN_DTYPES[hessian_dtype], device=tensor.device)
     keep, _ = sparsegpt_prune(tensor, eye, sparsity=sparsity, n=n, m=m, block_size=block_size, damp=damp)
     return keep

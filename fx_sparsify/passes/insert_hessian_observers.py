@@ -30,12 +30,31 @@ from .reconstruct import record_calibration_inputs
 __all__ = ["insert_hessian_observers", "sparsegpt_layers"]
 
 
-def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, tuple[str, str, bool]]:
-    """Layer FQN → (weight target, hessian dtype name, sequential) for ``sparsegpt`` rules; errors name the layer.
+def _unfold_of(name: str, conv: nn.Conv2d) -> dict[str, Any]:
+    """``F.unfold`` arguments that turn the conv's input into the rows its weight multiplies; errors name it."""
+    why = None
+    if conv.groups != 1:
+        why = f"groups={conv.groups} (each output channel sees only its group's inputs)"
+    elif conv.padding_mode != "zeros":
+        why = f"padding_mode={conv.padding_mode!r}"
+    elif isinstance(conv.padding, str):
+        why = f"padding={conv.padding!r}"
+    if why is not None:
+        raise ValueError(
+            f"'method': 'sparsegpt' on {name!r}: a Conv2d is reconstructed from its unfolded input, which needs "
+            f"groups=1 and zero padding given as numbers; this layer has {why}. Use another method (e.g. "
+            "l1_unstructured, nm) for it"
+        )
+    return {"kernel_size": conv.kernel_size, "dilation": conv.dilation, "padding": conv.padding, "stride": conv.stride}
+
+
+def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, tuple[str, str, bool, dict[str, Any] | None]]:
+    """Layer FQN → (weight target, hessian dtype name, sequential, Conv2d unfold arguments or None) for
+    ``sparsegpt`` rules; errors name the layer.
 
     ``targets`` are the resolved weight targets (``select.WeightTarget``: ``.rule``, ``.group``).
     """
-    out: dict[str, tuple[str, str, bool]] = {}
+    out: dict[str, tuple[str, str, bool, dict[str, Any] | None]] = {}
     for name, target in targets.items():
         rule = target.rule
         if rule.method != "sparsegpt":
@@ -47,13 +66,14 @@ def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, 
             )
         layer = name.rpartition(".")[0]
         module = model.get_submodule(layer) if name.endswith(".weight") else None
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
             kind = type(module).__name__ if module is not None else "not a layer's weight"
             raise ValueError(
-                f"'method': 'sparsegpt' reconstructs nn.Linear weights from their inputs; {name!r} ({kind}) is not "
-                f"the weight of an nn.Linear. Select Linear layers for this rule, or use another method (e.g. "
-                "l1_unstructured, nm) for this layer"
+                f"'method': 'sparsegpt' reconstructs nn.Linear (and nn.Conv2d) weights from their inputs; {name!r} "
+                f"({kind}) is not the weight of either. Select Linear layers for this rule, or use another method "
+                "(e.g. l1_unstructured, nm) for this layer"
             )
+        unfold = _unfold_of(name, module) if isinstance(module, nn.Conv2d) else None
         if getattr(rule, "scores", None) is not None:
             raise ValueError(
                 f"weights rule {rule.target!r}: 'sparsegpt' ranks by its own OBS saliency; drop 'scores' from the rule"
@@ -63,27 +83,28 @@ def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, 
                 f"weights rule {rule.target!r}: 'sparsegpt' chooses masks from calibration data, gradient "
                 f"{rule.gradient!r} from learned scores; use gradient 'mask' (or 'ste') with sparsegpt"
             )
-        out[layer] = (name, rule.options.get("hessian_dtype", "float32"), bool(rule.options.get("sequential", False)))
+        out[layer] = (name, rule.options.get("hessian_dtype", "float32"), bool(rule.options.get("sequential", False)), unfold)
     return out
 
 
 def insert_hessian_observers(
     gm: GraphModule,
-    layers: Mapping[str, tuple[str, str, bool]],
+    layers: Mapping[str, tuple[str, str, bool, dict[str, Any] | None]],
     aliases: Mapping[str, str],
 ) -> PassResult:
-    """Observers for ``layers`` (layer FQN → (weight target, hessian dtype, sequential)); ``created[target]["observer"]``."""
+    """Observers for ``layers`` (layer FQN → (weight target, hessian dtype, sequential, unfold)); ``created[target]["observer"]``."""
     created: dict[str, dict[str, str]] = {}
-    shared: dict[tuple[tuple[Node, ...], torch.dtype], str] = {}  # (input nodes, dtype) -> observer name
+    shared: dict[tuple[Any, ...], str] = {}  # (input nodes, dtype, unfold) -> observer name
     index = LayerIndex(gm, aliases)
-    for layer, (weight_target, dtype_name, _) in layers.items():
+    for layer, (weight_target, dtype_name, _, unfold) in layers.items():
         calls = index(layer)
         if not calls:
             raise ValueError(f"'method': 'sparsegpt' on {weight_target!r}: layer {layer!r} is never called in the graph")
         dtype = HESSIAN_DTYPES[dtype_name]
-        name = _insert(gm, index, layer, calls, HessianObserver(dtype), False, "input_hessian_observer")["observer"]
+        observer = HessianObserver(dtype, unfold=unfold)
+        name = _insert(gm, index, layer, calls, observer, False, "input_hessian_observer")["observer"]
         nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
-        key = (tuple(n.args[0] for n in nodes), dtype)
+        key = (tuple(n.args[0] for n in nodes), dtype, None if unfold is None else tuple(sorted(unfold.items())))
         if key in shared:  # this layer reads an observed input already: use that observer, drop the new one
             for node in nodes:
                 node.replace_all_uses_with(node.args[0])
@@ -92,7 +113,7 @@ def insert_hessian_observers(
             name = shared[key]
         shared[key] = name
         created[weight_target] = {"observer": name}
-    if any(sequential for _, _, sequential in layers.values()):
+    if any(sequential for _, _, sequential, _ in layers.values()):
         record_calibration_inputs(gm)
     return finish(gm, created)
 

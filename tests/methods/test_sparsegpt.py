@@ -145,10 +145,12 @@ def test_option_errors_come_when_the_spec_is_built(options: dict, error: type, m
 
 
 def test_shape_errors() -> None:
-    with pytest.raises(ValueError, match="2-D Linear weight"):
+    with pytest.raises(ValueError, match="a Linear weight"):
         fxs.compute_mask("sparsegpt", torch.randn(8), sparsity=0.5)
     with pytest.raises(ValueError, match="not divisible by m=4"):
         fxs.compute_mask("sparsegpt", torch.randn(4, 6), n=2, m=4)
+    conv = torch.randn(4, 2, 2, 2)  # a Conv2d weight: N:M along in_channels × kernel, as its unfolded input
+    assert torch.equal(fxs.compute_mask("sparsegpt", conv, n=2, m=4), fxs.compute_mask("nm", conv.reshape(4, 8), n=2, m=4).reshape(4, 2, 2, 2))
 
 
 def test_a_singular_hessian_without_damping_is_an_error_saying_what_to_do() -> None:

@@ -92,8 +92,9 @@ def test_step_without_calibration_is_an_error_naming_the_targets_and_changes_not
 
 
 @pytest.mark.parametrize("model,target,match", [
-    (SmallCNN(), "type:Conv2d", r"'stem.weight' \(Conv2d\) is not the weight of an nn.Linear"),
-    (TiedLM(), "emb", r"'emb.weight' \(Embedding\)"),
+    (SmallCNN(), "type:Conv2d", r"'blocks.0.dw.weight': a Conv2d .* has groups=64"),
+    (SmallCNN(), "reflect", r"'reflect.weight': a Conv2d .* has padding_mode='reflect'"),
+    (TiedLM(), "emb", r"'emb.weight' \(Embedding\) is not the weight of either"),
     (MLP(), "fc1.bias", r"'fc1.bias' \(not a layer's weight\)"),
 ])
 def test_non_linear_targets_are_an_error_naming_the_layer(model: nn.Module, target: str, match: str) -> None:
@@ -281,3 +282,26 @@ def test_sequential_calibration_fills_only_the_first_levels_statistics() -> None
     sgm(torch.randn(8, 16))  # the next round works the same way
     sgm.step()
     assert sgm._fxs.steps == 2
+
+
+def test_conv2d_is_reconstructed_from_its_unfolded_input() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1, dilation=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    spec = {"weights": [{"target": "type:Conv2d", "method": "sparsegpt", "n": 2, "m": 4, "block_size": 12}]}
+    sgm = fxs.sparsify_graph(model, spec)
+    data = [torch.randn(2, 4, 9, 9), torch.randn(3, 4, 9, 9)]
+    for x in data:
+        sgm(x)
+    sgm.step()
+    patches = torch.cat([torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 36) for x in data])
+    keep, weight = sparsegpt_prune(model[0].weight, patches.T @ patches, n=2, m=4, block_size=12)
+    assert keep.shape == (8, 4, 3, 3) and torch.equal(sgm.masks()["0.weight"], keep)
+    torch.testing.assert_close(sgm.get_parameter("0.weight"), weight)
+    assert torch.all(sgm.masks()["2.weight"].reshape(8, -1, 4).sum(-1) == 2)
+    held = torch.randn(4, 4, 9, 9)
+    masked_only = copy.deepcopy(model)  # the same masks without the weight update
+    with torch.no_grad():
+        for i in (0, 2):
+            masked_only[i].weight.mul_(sgm.masks()[f"{i}.weight"])
+        dense = model(held)
+        assert (sgm(held) - dense).norm() < (masked_only(held) - dense).norm()
+    torch.testing.assert_close(sgm.squash()(held), sgm(held))
