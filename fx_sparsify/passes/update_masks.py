@@ -26,6 +26,8 @@ from torch.fx import GraphModule
 from .._masks import PackedMask, is_masked, keep_of, masked_copy, pending, release_freed_memory, zero_pruned_
 from .._modules import find_tensor
 from ..methods import get_mask_method
+from ..methods._global import prune_smallest_many
+from ..methods._selectors import count_to_prune
 from ..methods._random import generator_for
 from ..methods.wanda import PER_ROW, per_row_mask
 from ..methods._registry import keep_mask, refuse_nan
@@ -218,12 +220,19 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
                             restart.append(record.observer)
             for g, records in groups.items():
                 with _for_target(f"global rule over {', '.join(map(repr, (r.name for r in records)))}"):
-                    flat = torch.cat([weight_scores(gm, r).reshape(-1).float() for r in records])
                     first = records[0]
-                    method = get_mask_method(first.method)
-                    keep = method(flat, generator=generator_for(seed, f"global:{g}", flat.device), **current_options(state, first))
-                for r, part in zip(records, keep.split([r.numel for r in records])):
-                    new_masks[r.name] = part.view(r.shape)
+                    if first.method == "l1_unstructured":  # ranked across the group without concatenating it
+                        group_scores = [weight_scores(gm, r) for r in records]
+                        k = count_to_prune(current_options(state, first)["sparsity"], sum(r.numel for r in records))
+                        parts = prune_smallest_many(group_scores, k, absolute=True)
+                        del group_scores
+                    else:
+                        flat = torch.cat([weight_scores(gm, r).reshape(-1).float() for r in records])
+                        method = get_mask_method(first.method)
+                        keep = method(flat, generator=generator_for(seed, f"global:{g}", flat.device), **current_options(state, first))
+                        parts = list(keep.split([r.numel for r in records]))
+                for r, part in zip(records, parts):
+                    new_masks[r.name] = pending(part.view(r.shape))
             if "channels" in state.extra:  # SPEC §10: one keep vector per channel group, into every member
                 current = {n: gm.get_buffer(r.buffer) for n, r in state.targets.items() if r.method == CHANNELS}
                 new_masks.update(channel_masks(gm, state.extra["channels"], current, state.steps))

@@ -1,0 +1,98 @@
+"""Global ranking over several tensors without concatenating them (SPEC §15).
+
+``prune_smallest_many(tensors, k)`` is ``prune_smallest(torch.cat([t.reshape(-1) for t in tensors]), k)``
+split back per tensor (the same masks: ties are pruned lowest index of the concatenation first), but
+its temporaries are a chunk and the band of values near the threshold, not a copy of every tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _selectors
+from ._selectors import prune_smallest, refuse_nan
+
+__all__ = ["prune_smallest_many"]
+
+
+def _abs(t: Tensor, absolute: bool) -> Tensor:
+    return t.abs() if absolute else t
+
+
+def _kth_many(flats: list[Tensor], k: int, absolute: bool) -> Tensor:
+    """The exact k-th smallest value (1-based) over all of ``flats`` (of ``|x|`` when ``absolute``)."""
+    sizes = [f.numel() for f in flats]
+    n = sum(sizes)
+    device = flats[0].device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0x5EED)
+    idx = torch.randint(n, (_selectors._SAMPLE,), generator=gen, device=device)
+    starts = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]], device=device)
+    owner = torch.bucketize(idx, starts, right=True) - 1
+    sample = torch.cat([_abs(f[idx[owner == i] - starts[i]], absolute).float() for i, f in enumerate(flats)])
+    sample = torch.sort(sample).values
+    q, eps = k / n, 4.0 / math.sqrt(_selectors._SAMPLE)
+    lo_i, hi_i = math.floor((q - eps) * sample.numel()), math.ceil((q + eps) * sample.numel())
+    lo = sample[lo_i] if lo_i >= 0 else None
+    hi = sample[hi_i] if hi_i < sample.numel() else None
+    below, at_lo, parts = 0, 0, []
+    if lo is not None or hi is not None:
+        for f in flats:
+            for chunk in f.split(_selectors._CHUNK):
+                chunk = _abs(chunk, absolute).float()
+                if lo is None:
+                    in_band = torch.le(chunk, hi)
+                else:
+                    below += int(torch.count_nonzero(torch.lt(chunk, lo)))
+                    at_lo += int(torch.count_nonzero(torch.eq(chunk, lo)))
+                    in_band = torch.gt(chunk, lo)
+                    if hi is not None:
+                        in_band.logical_and_(torch.le(chunk, hi))
+                parts.append(chunk[in_band])
+        band = torch.cat(parts)
+        if lo is not None and below < k <= below + at_lo:
+            return lo
+        if below + at_lo < k <= below + at_lo + band.numel():
+            return torch.kthvalue(band, k - below - at_lo).values
+    return torch.kthvalue(torch.cat([_abs(f, absolute).float() for f in flats]), k).values  # rare: a missed bracket
+
+
+def prune_smallest_many(tensors: list[Tensor], k: int, *, absolute: bool = False) -> list[Tensor]:
+    """Keep-masks pruning exactly the ``k`` smallest entries across ``tensors`` (of ``|x|`` when ``absolute``).
+
+    Values are compared as float32, as a concatenation cast to float32 would be. NaN is refused.
+    """
+    n = sum(t.numel() for t in tensors)
+    assert 0 <= k <= n, (k, n)
+    if len(tensors) == 1 or n <= _selectors._SMALL or k in (0, n):
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        keep = prune_smallest(flat.abs() if absolute else flat, k)
+        return [part.view(t.shape) for t, part in zip(tensors, keep.split([t.numel() for t in tensors]))]
+    for t in tensors:
+        refuse_nan(t, "the scores")
+    flats = [t.reshape(-1) for t in tensors]
+    kth = _kth_many(flats, k, absolute)
+    keeps, below = [], 0
+    for f in flats:
+        keep = torch.empty(f.numel(), dtype=torch.bool, device=f.device)
+        for chunk, out in zip(f.split(_selectors._CHUNK), keep.split(_selectors._CHUNK)):
+            torch.lt(_abs(chunk, absolute).float(), kth, out=out).logical_not_()
+        below += f.numel() - int(torch.count_nonzero(keep))
+        keeps.append(keep)
+    need = k - below  # entries equal to kth to prune, lowest index of the concatenation first
+    for f, keep in zip(flats, keeps):
+        for chunk, kept in zip(f.split(_selectors._CHUNK), keep.split(_selectors._CHUNK)):
+            if need <= 0:
+                break
+            tied = _abs(chunk, absolute).float() == kth
+            count = int(torch.count_nonzero(tied))
+            if count <= need:
+                kept.logical_and_(tied.logical_not_())
+                need -= count
+            else:
+                kept[torch.nonzero(tied).squeeze(1)[:need]] = False
+                need = 0
+    return [keep.view(t.shape) for t, keep in zip(tensors, keeps)]
