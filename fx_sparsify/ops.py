@@ -117,10 +117,33 @@ def _from_cache(weight: Tensor, mask: Tensor) -> Tensor | None:
     return out
 
 
+def _times(x: Tensor, mask: Tensor) -> Tensor:
+    """``x * mask``: a bool mask is cast first (a mixed-dtype multiply casts per element, ~2-3x slower)."""
+    return x * (mask.to(x.dtype) if mask.dtype == torch.bool and x.dtype != torch.bool else mask)
+
+
+class _Masked(torch.autograd.Function):
+    """``weight * mask`` whose backward keeps the (bool) mask, not its cast copy."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, mask: Tensor) -> Tensor:
+        ctx.save_for_backward(mask)
+        return _times(weight, mask)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (mask,) = ctx.saved_tensors
+        return _times(grad, mask), None
+
+
 def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
     """``weight * mask``, cached in eval mode while neither changes and autograd is off (within the bound)."""
     out = _from_cache(weight, mask) if _cached(weight, mask) else None
-    return weight * mask if out is None else out
+    if out is not None:
+        return out
+    if torch.is_grad_enabled() and weight.requires_grad and not mask.requires_grad:
+        return _Masked.apply(weight, mask)
+    return _times(weight, mask)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -128,7 +151,7 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, weight: Tensor, mask: Tensor) -> Tensor:
-        return weight * mask
+        return _times(weight, mask)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -170,7 +193,7 @@ def embedding_masked(
     if table is not None:
         return F.embedding(input, table, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     rows = F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    return rows * F.embedding(input, mask)
+    return _times(rows, F.embedding(input, mask))
 
 
 def embedding_bag_masked(
@@ -193,7 +216,7 @@ def embedding_bag_masked(
         return F.embedding_bag(input, table, offsets, max_norm, norm_type, scale_grad_by_freq,
                                mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     flat = input.reshape(-1)
-    rows = F.embedding(flat, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse) * F.embedding(flat, mask)
+    rows = _times(F.embedding(flat, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse), F.embedding(flat, mask))
     index = torch.arange(flat.numel(), device=flat.device)
     pad = None
     if padding_idx is not None:
