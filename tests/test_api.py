@@ -4,6 +4,8 @@ import copy
 import io
 import pickle
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.utils.prune as prune
@@ -366,7 +368,11 @@ def test_export_capture_keeps_the_model_mode_so_eval_forwards_are_cached() -> No
     spec = {"weights": [{"target": "layers.0.linear1", **L1}]}
     for training in (False, True):
         model = transformer_encoder().train(training)
-        sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,), capture="export")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,), capture="export")
+        # a training-mode capture keeps its dropout: the user is told so (issue 11 item 5)
+        assert any("captured TransformerEncoder in training mode" in str(w.message) for w in caught) is training
         assert sgm.training is training
         from fx_sparsify.ops import apply_mask
 
