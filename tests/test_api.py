@@ -3,7 +3,6 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-
 import warnings
 
 import pytest
