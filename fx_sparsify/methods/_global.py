@@ -7,8 +7,6 @@ its temporaries are a chunk and the band of values near the threshold, not a cop
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -33,30 +31,12 @@ def _kth_many(flats: list[Tensor], k: int, absolute: bool) -> Tensor:
     starts = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]], device=device)
     owner = torch.bucketize(idx, starts, right=True) - 1
     sample = torch.cat([_abs(f[idx[owner == i] - starts[i]], absolute).float() for i, f in enumerate(flats)])
-    sample = torch.sort(sample).values
-    q, eps = k / n, 4.0 / math.sqrt(_selectors._SAMPLE)
-    lo_i, hi_i = math.floor((q - eps) * sample.numel()), math.ceil((q + eps) * sample.numel())
-    lo = sample[lo_i] if lo_i >= 0 else None
-    hi = sample[hi_i] if hi_i < sample.numel() else None
-    below, at_lo, parts = 0, 0, []
+    lo, hi = _selectors._bracket(torch.sort(sample).values, k / n)
     if lo is not None or hi is not None:
-        for f in flats:
-            for chunk in f.split(_selectors._CHUNK):
-                chunk = _abs(chunk, absolute).float()
-                if lo is None:
-                    in_band = torch.le(chunk, hi)
-                else:
-                    below += int(torch.count_nonzero(torch.lt(chunk, lo)))
-                    at_lo += int(torch.count_nonzero(torch.eq(chunk, lo)))
-                    in_band = torch.gt(chunk, lo)
-                    if hi is not None:
-                        in_band.logical_and_(torch.le(chunk, hi))
-                parts.append(chunk[in_band])
-        band = torch.cat(parts)
-        if lo is not None and below < k <= below + at_lo:
-            return lo
-        if below + at_lo < k <= below + at_lo + band.numel():
-            return torch.kthvalue(band, k - below - at_lo).values
+        chunks = (_abs(chunk, absolute).float() for f in flats for chunk in f.split(_selectors._CHUNK))
+        kth = _selectors._kth_in_band(chunks, k, lo, hi)
+        if kth is not None:
+            return kth
     return torch.kthvalue(torch.cat([_abs(f, absolute).float() for f in flats]), k).values  # rare: a missed bracket
 
 
@@ -83,16 +63,10 @@ def prune_smallest_many(tensors: list[Tensor], k: int, *, absolute: bool = False
         below += f.numel() - int(torch.count_nonzero(keep))
         keeps.append(keep)
     need = k - below  # entries equal to kth to prune, lowest index of the concatenation first
-    for f, keep in zip(flats, keeps):
-        for chunk, kept in zip(f.split(_selectors._CHUNK), keep.split(_selectors._CHUNK)):
-            if need <= 0:
-                break
-            tied = _abs(chunk, absolute).float() == kth
-            count = int(torch.count_nonzero(tied))
-            if count <= need:
-                kept.logical_and_(tied.logical_not_())
-                need -= count
-            else:
-                kept[torch.nonzero(tied).squeeze(1)[:need]] = False
-                need = 0
+    pairs = (
+        (_abs(chunk, absolute).float(), kept)
+        for f, keep in zip(flats, keeps)
+        for chunk, kept in zip(f.split(_selectors._CHUNK), keep.split(_selectors._CHUNK))
+    )
+    _selectors._prune_first_ties(pairs, kth, need)
     return [keep.view(t.shape) for t, keep in zip(tensors, keeps)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -131,20 +131,34 @@ def kth_smallest(flat: Tensor, k: int, *, absolute: bool = False) -> Tensor:
     gen = torch.Generator(device=flat.device)
     gen.manual_seed(0x5EED)
     idx = torch.randint(n, (_SAMPLE,), generator=gen, device=flat.device)
-    sample = torch.sort(flat[idx].abs() if absolute else flat[idx]).values
-    q = k / n
-    eps = 4.0 / math.sqrt(_SAMPLE)
-    lo_i, hi_i = math.floor((q - eps) * _SAMPLE), math.ceil((q + eps) * _SAMPLE)
+    lo, hi = _bracket(torch.sort(flat[idx].abs() if absolute else flat[idx]).values, k / n)
+    if lo is not None or hi is not None:
+        kth = _kth_in_band((chunk.abs() if absolute else chunk for chunk in flat.split(_CHUNK)), k, lo, hi)
+        if kth is not None:
+            return kth
+    return torch.kthvalue(flat.abs() if absolute else flat, k).values
+
+
+def _bracket(sample: Tensor, q: float) -> tuple[Tensor | None, Tensor | None]:
+    """``(lo, hi)`` from a sorted random ``sample``: values that bracket the ``q``-quantile with high
+    probability (``None`` for a side that falls off the sample's ends)."""
+    eps = 4.0 / math.sqrt(sample.numel())
+    lo_i, hi_i = math.floor((q - eps) * sample.numel()), math.ceil((q + eps) * sample.numel())
     lo = sample[lo_i] if lo_i >= 0 else None
-    hi = sample[hi_i] if hi_i < _SAMPLE else None
-    if lo is None and hi is None:
-        return torch.kthvalue(flat.abs() if absolute else flat, k).values
-    # Chunked, so the boolean temporaries stay small (peak extra memory is the caller's concern).
-    # Entries equal to ``lo`` are counted, not collected: a value tied far and wide (the pruned zeros
-    # at a repeated step) would otherwise put most of the tensor in the band.
+    hi = sample[hi_i] if hi_i < sample.numel() else None
+    return lo, hi
+
+
+def _kth_in_band(chunks: Iterable[Tensor], k: int, lo: Tensor | None, hi: Tensor | None) -> Tensor | None:
+    """The k-th smallest (1-based) of all the values ``chunks`` yield, found inside the band ``(lo, hi]``
+    (at least one of ``lo``/``hi`` given); ``None`` when the bracket missed it.
+
+    Chunked, so the boolean temporaries stay small (peak extra memory is the caller's concern).
+    Entries equal to ``lo`` are counted, not collected: a value tied far and wide (the pruned zeros
+    at a repeated step) would otherwise put most of the tensor in the band.
+    """
     below, at_lo, parts = 0, 0, []
-    for chunk in flat.split(_CHUNK):
-        chunk = chunk.abs() if absolute else chunk
+    for chunk in chunks:
         if lo is None:
             in_band = torch.le(chunk, hi)
         else:
@@ -159,7 +173,24 @@ def kth_smallest(flat: Tensor, k: int, *, absolute: bool = False) -> Tensor:
         return lo
     if below + at_lo < k <= below + at_lo + band.numel():
         return torch.kthvalue(band, k - below - at_lo).values
-    return torch.kthvalue(flat.abs() if absolute else flat, k).values
+    return None
+
+
+def _prune_first_ties(pairs: Iterable[tuple[Tensor, Tensor]], kth: Tensor, need: int) -> None:
+    """Prune (set False in ``kept``) the first ``need`` entries equal to ``kth``, over ``(values, kept)``
+    chunk pairs in order; a chunk whose ties all go is masked whole, without an index list (ties may be
+    most of the tensor)."""
+    for values, kept in pairs:
+        if need <= 0:
+            break
+        tied = values == kth
+        count = int(torch.count_nonzero(tied))
+        if count <= need:
+            kept.logical_and_(tied.logical_not_())
+            need -= count
+        else:
+            kept[torch.nonzero(tied).squeeze(1)[:need]] = False
+            need = 0
 
 
 def prune_smallest(scores: Tensor, k: int, *, absolute: bool = False) -> Tensor:
@@ -185,17 +216,11 @@ def prune_smallest(scores: Tensor, k: int, *, absolute: bool = False) -> Tensor:
         keep = torch.lt(flat, kth).logical_not_()
     below = n - int(torch.count_nonzero(keep))  # entries strictly below kth
     need = k - below  # how many of the entries equal to kth to prune
-    for chunk, kept in zip(flat.split(_CHUNK), keep.split(_CHUNK)):  # prune the first ``need`` ties, a chunk at a time
-        if need <= 0:
-            break
-        tied = (chunk.abs() if absolute else chunk) == kth
-        count = int(torch.count_nonzero(tied))
-        if count <= need:  # every tie of this chunk goes: no index list (ties may be most of the tensor)
-            kept.logical_and_(tied.logical_not_())
-            need -= count
-        else:
-            kept[torch.nonzero(tied).squeeze(1)[:need]] = False
-            need = 0
+    _prune_first_ties(
+        ((chunk.abs() if absolute else chunk, kept) for chunk, kept in zip(flat.split(_CHUNK), keep.split(_CHUNK))),
+        kth,
+        need,
+    )
     return keep.view(scores.shape)
 
 
