@@ -183,6 +183,19 @@ def _first(keep: Tensor) -> Tensor:
     return one
 
 
+def _replace(gm: GraphModule, paths: list[str], old: Tensor, new: Tensor) -> None:
+    """Put ``new`` at every path of a shared tensor, in place of ``old`` (as a parameter with ``old``'s
+    ``requires_grad`` when ``old`` is one, else as a buffer)."""
+    value: Tensor = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+    for path in paths:
+        owner, _, leaf = path.rpartition(".")
+        module = gm.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf] = value  # type: ignore[assignment]
+        else:
+            module._buffers[leaf] = value
+
+
 def _fold_constants(gm: GraphModule, state: SparsityState, plan: ChannelPlan, keeps: Mapping[int, Tensor]) -> None:
     """Add the constants of the zero-row channels about to go into their consumers' biases (new tensors:
     ``gm`` shares its tensors with the sparse module)."""
@@ -200,15 +213,7 @@ def _fold_constants(gm: GraphModule, state: SparsityState, plan: ChannelPlan, ke
             paths = _paths(gm, state, name)
             old = find_tensor(gm, paths[0])
             assert old is not None
-            new = (old.detach().double() + delta.to(old.device)).to(old.dtype)
-            value: Tensor = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
-            for path in paths:
-                owner, _, leaf = path.rpartition(".")
-                module = gm.get_submodule(owner)
-                if leaf in module._parameters:
-                    module._parameters[leaf] = value  # type: ignore[assignment]
-                else:
-                    module._buffers[leaf] = value
+            _replace(gm, paths, old, (old.detach().double() + delta.to(old.device)).to(old.dtype))
 
 
 def shrink(gm: GraphModule, state: SparsityState, keeps: Mapping[int, Tensor]) -> PassResult:
@@ -241,15 +246,7 @@ def shrink(gm: GraphModule, state: SparsityState, keeps: Mapping[int, Tensor]) -
             for d, idx in sorted(dims.items()):
                 kept = torch.tensor([i for i in range(new.shape[d]) if i not in idx], dtype=torch.long, device=new.device)
                 new = new.index_select(d, kept)
-            value: Tensor = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad) \
-                if isinstance(old, nn.Parameter) else new.contiguous()
-            for path in paths:
-                owner, _, leaf = path.rpartition(".")
-                module = gm.get_submodule(owner)
-                if leaf in module._parameters:
-                    module._parameters[leaf] = value  # type: ignore[assignment]
-                else:
-                    module._buffers[leaf] = value
+            _replace(gm, paths, old, new.contiguous())
     nodes = {n.name: n for n in gm.graph.nodes}
     for (kind, where, path), delta in deltas.items():
         if kind == "attr":
