@@ -38,24 +38,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from _memory import reset_peak, status  # noqa: E402  (benchmarks/ is on sys.path)
+
 GOALS = {"ours default": 2.3, "ours inplace=True": 1.35, "ours inplace + mode inplace": 0.35}
 PIPELINES = ("ours default", "ours inplace=True", "ours inplace + mode inplace", "torch.nn.utils.prune",
              "torch.ao.pruning")
 SPEC: dict[str, Any] = {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]}
-
-
-def _status(field: str) -> int:
-    """A ``VmRSS`` / ``VmHWM`` line of /proc/self/status, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def stack(layers: int, dim: int) -> nn.Sequential:
@@ -116,12 +104,12 @@ def child(name: str, layers: int, dim: int) -> dict[str, float]:
     size = sum(p.nbytes for p in model.parameters())
     x = torch.randn(8, dim)
     gc.collect()
-    base = _status("VmRSS")
-    _reset_peak()
+    base = status("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     keep = RUNS[name](model, x)
     seconds = time.perf_counter() - start
-    peak = _status("VmHWM")
+    peak = status("VmHWM")
     del keep
     return {"extra": (peak - base) / size, "seconds": seconds, "model_mib": size / 2**20}
 
@@ -140,8 +128,8 @@ def llama(seq: int = 128, batches: int = 4, hidden: int = 2048, layers: int = 22
         start = time.perf_counter()
         out = fn()
         times[name] = time.perf_counter() - start
-        print(f"  {name:<12} {times[name]:8.1f} s   RSS {_status('VmRSS') / 2**30:6.2f} GiB   "
-              f"peak {_status('VmHWM') / 2**30:6.2f} GiB", flush=True)
+        print(f"  {name:<12} {times[name]:8.1f} s   RSS {status('VmRSS') / 2**30:6.2f} GiB   "
+              f"peak {status('VmHWM') / 2**30:6.2f} GiB", flush=True)
         return out
 
     cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate, num_attention_heads=32,
@@ -156,8 +144,8 @@ def llama(seq: int = 128, batches: int = 4, hidden: int = 2048, layers: int = 22
     size = sum(p.nbytes for p in model.parameters())
     print(f"  model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, {size / 2**30:.2f} GiB bf16")
     gc.collect()
-    base = _status("VmRSS")  # the process with its model; the peak from here on
-    _reset_peak()
+    base = status("VmRSS")  # the process with its model; the peak from here on
+    reset_peak()
     ids = torch.randint(0, cfg.vocab_size, (1, seq))
     spec = {"weights": [{"target": "re:model\\.layers\\.\\d+\\..*proj", "method": "l1_unstructured", "sparsity": 0.5,
                          "scores": "wanda"}], "mode": "inplace"}
@@ -175,7 +163,7 @@ def llama(seq: int = 128, batches: int = 4, hidden: int = 2048, layers: int = 22
     out = stage("squash", sgm.squash)
     with tempfile.TemporaryDirectory() as tmp:
         stage("save", lambda: fxs.save_compressed(out, os.path.join(tmp, "model.safetensors")))
-    peak = _status("VmHWM")
+    peak = status("VmHWM")
     print(f"  peak RSS {peak / 2**30:.2f} GiB; peak extra above the process with its model "
           f"{(peak - base) / size:.2f}x the model; total {sum(times.values()):.0f} s")
 

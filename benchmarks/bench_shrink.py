@@ -41,6 +41,7 @@ from fx_sparsify import api as api_module, sparse_graph_module as sgm_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from shrink_resnet import resnet18, resnet50  # noqa: E402
+from _memory import reset_peak, status  # noqa: E402  (benchmarks/ is on sys.path)
 
 try:
     import torch_pruning as tp
@@ -209,20 +210,6 @@ def case(name: str, model: nn.Module, spec: dict[str, Any], inputs: tuple[Any, .
               flush=True)
 
 
-def _status(field: str) -> int:
-    """A ``VmRSS`` / ``VmHWM`` line of /proc/self/status, in bytes (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def memory_child(inplace: bool, cache: bool = True) -> None:
     """One pipeline in this (fresh) process; prints a JSON line of peak extra memory per stage, x model."""
     torch.set_num_threads(1)
@@ -239,18 +226,18 @@ def memory_child(inplace: bool, cache: bool = True) -> None:
     x = torch.randn(1, 3, 224, 224)
     size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     gc.collect()
-    base = _status("VmRSS")
+    base = status("VmRSS")
     peaks: dict[str, float] = {}
 
     def staged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*a: Any, **k: Any) -> Any:
-            peaks["before " + name] = (_status("VmRSS") - base) / size
-            _reset_peak()
+            peaks["before " + name] = (status("VmRSS") - base) / size
+            reset_peak()
             try:
                 return fn(*a, **k)
             finally:
-                peaks[name] = (_status("VmHWM") - base) / size
-                _reset_peak()
+                peaks[name] = (status("VmHWM") - base) / size
+                reset_peak()
 
         return run
 
@@ -258,15 +245,15 @@ def memory_child(inplace: bool, cache: bool = True) -> None:
     api_module._check_runs = staged("check run", api_module._check_runs)
     sgm_module._squash = staged("squash", sgm_module._squash)
     sgm_module._shrink = staged("shrink pass", sgm_module._shrink)
-    _reset_peak()
+    reset_peak()
     sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,), inplace=inplace)
-    peaks["sparsify (rest)"] = (_status("VmHWM") - base) / size
-    _reset_peak()
+    peaks["sparsify (rest)"] = (status("VmHWM") - base) / size
+    reset_peak()
     sgm.step()
-    peaks["step"] = (_status("VmHWM") - base) / size
-    _reset_peak()
+    peaks["step"] = (status("VmHWM") - base) / size
+    reset_peak()
     small = sgm.squash(shrink=True)
-    peaks["after"] = (_status("VmHWM") - base) / size
+    peaks["after"] = (status("VmHWM") - base) / size
     peaks["whole"] = max(v for k, v in peaks.items() if not k.startswith("before"))
     del small
     print(json.dumps({"model_mib": size / 2**20, **peaks}))
