@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -20,3 +22,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def clean_registry() -> Iterator[None]:
+    """The mask methods a test registers must not outlive it (the docs test lists every method)."""
+    from fx_sparsify.methods._registry import _ALIASES, _REGISTRY
+
+    saved = (dict(_REGISTRY), dict(_ALIASES))
+    yield
+    _REGISTRY.clear()
+    _REGISTRY.update(saved[0])
+    _ALIASES.clear()
+    _ALIASES.update(saved[1])

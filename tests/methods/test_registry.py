@@ -5,21 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fx_sparsify.methods._registry import _ALIASES, _REGISTRY
 from fx_sparsify.methods import available_mask_methods, compute_mask, get_mask_method, register_mask_method
 
 BUILTINS = {"l1_unstructured", "ln_structured", "random_unstructured", "random_structured", "topk", "nm",
             "block_topk", "block", "bernoulli", "threshold", "dense"}
-
-
-@pytest.fixture
-def clean_registry():
-    saved = (dict(_REGISTRY), dict(_ALIASES))
-    yield
-    _REGISTRY.clear()
-    _REGISTRY.update(saved[0])
-    _ALIASES.clear()
-    _ALIASES.update(saved[1])
 
 
 def test_available_lists_builtins_with_one_line_descriptions() -> None:

@@ -9,22 +9,11 @@ import pytest
 import torch
 
 import fx_sparsify as fxs
-from fx_sparsify.methods._registry import _ALIASES, _REGISTRY
 
 from models import MLP
 
 X = torch.randn(4, 16)
-
-
-@pytest.fixture(autouse=True)
-def _restore_registry():
-    """The methods these tests register must not outlive them (the docs test lists every method)."""
-    saved = (dict(_REGISTRY), dict(_ALIASES))
-    yield
-    _REGISTRY.clear()
-    _REGISTRY.update(saved[0])
-    _ALIASES.clear()
-    _ALIASES.update(saved[1])
+pytestmark = pytest.mark.usefixtures("clean_registry")  # the methods these tests register do not outlive them
 
 
 def _masks(sgm: fxs.SparseGraphModule) -> dict[str, torch.Tensor]:
