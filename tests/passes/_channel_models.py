@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 
@@ -165,3 +168,14 @@ class MobileNetV2Mini(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
         return self.classifier(torch.flatten(x, 1))
+
+
+def random_residual_cnn_cases(test: Callable[..., Any]) -> Callable[..., Any]:
+    """Six derandomised Hypothesis cases for ``test(widths, residual, sparsity, seed)``: the arguments of
+    :func:`random_residual_cnn`, and a sparsity in [0, 0.9]."""
+    return settings(max_examples=6, deadline=None, derandomize=True)(given(
+        widths=st.lists(st.sampled_from([4, 8, 12]), min_size=2, max_size=4),
+        residual=st.lists(st.booleans(), min_size=4, max_size=4),
+        sparsity=st.floats(0.0, 0.9),
+        seed=st.integers(0, 1000),
+    )(test))

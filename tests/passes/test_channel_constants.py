@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsify as fxs
 
-from _channel_models import MLP, MobileNetV2Mini, ResidualCNN, random_residual_cnn, randomise_norms
+from _channel_models import (
+    MLP, MobileNetV2Mini, ResidualCNN, random_residual_cnn, random_residual_cnn_cases, randomise_norms,
+)
 
 
 def _rows(target: str, sparsity: float = 0.5) -> dict[str, Any]:
@@ -138,13 +138,7 @@ def test_residual_depthwise_and_gated_cnns_stay_exact(build: Any, shape: tuple[i
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
-@given(
-    widths=st.lists(st.sampled_from([4, 8, 12]), min_size=2, max_size=4),
-    residual=st.lists(st.booleans(), min_size=4, max_size=4),
-    sparsity=st.floats(0.0, 0.9),
-    seed=st.integers(0, 1000),
-)
+@random_residual_cnn_cases
 def test_random_zero_rows_on_random_residual_cnns_shrink_exactly(
     widths: list[int], residual: list[bool], sparsity: float, seed: int
 ) -> None:

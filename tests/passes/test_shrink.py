@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 import fx_sparsify as fxs
 
-from _channel_models import MLP, Block, MobileNetV2Mini, ResidualCNN, random_residual_cnn, randomise_norms
+from _channel_models import (
+    MLP, Block, MobileNetV2Mini, ResidualCNN, random_residual_cnn, random_residual_cnn_cases, randomise_norms,
+)
 
 
 def _params(module: nn.Module) -> int:
@@ -111,13 +111,7 @@ def test_training_keeps_pruned_channels_pruned_and_shrink_stays_exact() -> None:
         torch.testing.assert_close(small(x), sgm(x), atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
-@given(
-    widths=st.lists(st.sampled_from([4, 8, 12]), min_size=2, max_size=4),
-    residual=st.lists(st.booleans(), min_size=4, max_size=4),
-    sparsity=st.floats(0.0, 0.9),
-    seed=st.integers(0, 1000),
-)
+@random_residual_cnn_cases
 def test_random_channel_masks_on_random_residual_cnns_shrink_exactly(
     widths: list[int], residual: list[bool], sparsity: float, seed: int
 ) -> None:
