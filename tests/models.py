@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,3 +124,43 @@ class Functional(nn.Module):
 def transformer_encoder(d_model: int = 16, layers: int = 2) -> nn.Module:
     layer = nn.TransformerEncoderLayer(d_model, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
     return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False).eval()
+
+
+# Hugging Face models from a config (random weights, no downloads): the `models` extra. Callers
+# pytest.importorskip("transformers") first.
+
+
+def hf_bert() -> tuple[nn.Module, str]:
+    """A 2-layer BERT and a selector for its MLP Linears."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64)
+    return transformers.BertModel(cfg), "re:encoder\\.layer\\.\\d+\\.(intermediate|output)\\.dense"
+
+
+def hf_llama() -> tuple[nn.Module, str]:
+    """A 2-layer LLaMA (grouped-query attention) and a selector for its projections."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=64, bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaForCausalLM(cfg), "re:model\\.layers\\.\\d+\\.(mlp|self_attn)\\.\\w+_proj"
+
+
+def hf_inputs(model: nn.Module) -> dict[str, Any]:
+    """Keyword inputs for the models above: 2 random sequences of 7 tokens (no KV cache but for BERT)."""
+    import transformers
+
+    ids = torch.randint(1, 100, (2, 7))
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if not isinstance(model, transformers.BertModel):
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def hf_first(out: Any) -> torch.Tensor:
+    """The main tensor of a Hugging Face model's output (logits or last hidden state)."""
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
