@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
-import sys
 import warnings
 
 import pytest

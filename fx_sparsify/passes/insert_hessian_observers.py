@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from ..hessian import HessianObserver
 from ..methods.sparsegpt import HESSIAN_DTYPES
