@@ -317,6 +317,40 @@ def bench_embedding_bag(s: Sizes) -> str:
     return title + table(["model", "lookup ms", "vs plain", "fwd+bwd ms", "vs plain", "note"], rows)
 
 
+# --- 3b. EmbeddingBag lookups under no_grad in training mode ----------------------------------------
+TRAIN_NOGRAD_ROWS = 200_000
+TRAIN_NOGRAD_BATCHES = ((512, 20), (4096, 1))  # (bags, ids per bag): typical recommender batches
+
+
+def bench_embedding_train_nograd(s: Sizes) -> str:
+    """No-grad lookups of an unsquashed module left in training mode (no eval cache): rows gathered and masked."""
+    torch.manual_seed(0)
+    rows_n = TRAIN_NOGRAD_ROWS if s is FULL else TRAIN_NOGRAD_ROWS // 4
+    plain = Bag(rows_n, s.emb_dim)
+    ours, squashed = with_ours(plain, linear_spec("emb"))
+    ours.train()
+    out_rows = []
+    for bags, per_bag in TRAIN_NOGRAD_BATCHES:
+        ids = torch.randint(0, rows_n, (bags, per_bag))
+        with torch.no_grad():
+            check_close("ours (train mode)", ours(ids), squashed(ids))
+
+        def lookup(model: nn.Module, ids: torch.Tensor = ids) -> Callable[[], object]:
+            def run() -> object:
+                with torch.no_grad():
+                    return model(ids)
+            return run
+
+        res = interleaved({"plain": lookup(plain), "ours": lookup(ours)}, s.repeats * 20)
+        out_rows.append([f"{bags} x {per_bag}", f"{res['plain'] * 1e3:.3f}", f"{res['ours'] * 1e3:.3f}",
+                         f"{res['ours'] / res['plain']:.2f}x"])
+    title = (f"### 3b. EmbeddingBag({rows_n:_}, {s.emb_dim}, mode='sum') under `torch.no_grad` in training mode\n\n"
+             "The unsquashed module is left in `train()` mode, so there is no eval cache: each lookup gathers the "
+             "rows of the table and of the (bool) mask, masks the rows in place and pools them (target <= 2x plain, "
+             "no table-sized temporary).\n\n")
+    return title + table(["bags x ids", "plain ms", "ours ms", "ours vs plain"], out_rows)
+
+
 # --- 4. capture + passes vs graph size -----------------------------------------------------------
 def bench_capture(s: Sizes) -> str:
     rows, per_size = [], {}
@@ -366,13 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     # process competes for one of them, which swamps the ratios with noise
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="torch.set_num_threads (default: half the logical CPUs)")
-    parser.add_argument("--only", choices=["mlp", "transformer", "embedding", "capture"], action="append",
+    parser.add_argument("--only", choices=["mlp", "transformer", "embedding", "embedding-train", "capture"],
+                        action="append",
                         help="run only these sections (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     sections = {"mlp": bench_mlp, "transformer": bench_transformer, "embedding": bench_embedding_bag,
-                "capture": bench_capture}
+                "embedding-train": bench_embedding_train_nograd, "capture": bench_capture}
     start = time.perf_counter()
     parts = ["## fx_sparsify pipeline benchmark", "",
              f"`python benchmarks/bench_pipeline.py{' --quick' if args.quick else ''}`: median of "

@@ -117,9 +117,14 @@ def _from_cache(weight: Tensor, mask: Tensor) -> Tensor | None:
     return out
 
 
+def _factor(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask cast to ``dtype`` through its uint8 view (the same 0/1; the bool cast kernel is ~8x slower)."""
+    return mask.view(torch.uint8).to(dtype) if mask.dtype == torch.bool and dtype != torch.bool else mask
+
+
 def _times(x: Tensor, mask: Tensor) -> Tensor:
     """``x * mask``: a bool mask is cast first (a mixed-dtype multiply casts per element, ~2-3x slower)."""
-    return x * (mask.to(x.dtype) if mask.dtype == torch.bool and x.dtype != torch.bool else mask)
+    return x * _factor(mask, x.dtype)
 
 
 class _Masked(torch.autograd.Function):
@@ -193,7 +198,14 @@ def embedding_masked(
     if table is not None:
         return F.embedding(input, table, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     rows = F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    return _times(rows, F.embedding(input, mask))
+    return _mask_rows(rows, F.embedding(input, mask))
+
+
+def _mask_rows(rows: Tensor, keep: Tensor) -> Tensor:
+    """``rows * keep`` for freshly gathered rows: in place with autograd off (no cast copy of a bool mask)."""
+    if not torch.is_grad_enabled() and (keep.dtype == torch.bool or keep.dtype == rows.dtype):
+        return rows.mul_(_factor(keep, rows.dtype))  # same values as ``_times``, one temporary fewer
+    return _times(rows, keep)
 
 
 def embedding_bag_masked(
@@ -216,7 +228,7 @@ def embedding_bag_masked(
         return F.embedding_bag(input, table, offsets, max_norm, norm_type, scale_grad_by_freq,
                                mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     flat = input.reshape(-1)
-    rows = _times(F.embedding(flat, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse), F.embedding(flat, mask))
+    rows = _mask_rows(F.embedding(flat, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse), F.embedding(flat, mask))
     index = torch.arange(flat.numel(), device=flat.device)
     pad = None
     if padding_idx is not None:
