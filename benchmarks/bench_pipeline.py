@@ -63,7 +63,7 @@ class Sizes:
     capture_repeats: int
 
 
-FULL = Sizes(4096, 4, 64, 512, 8, 4, 16, 128, 1_000_000, 64, 4096, 20, (1000, 3000), 8, 15, 3)
+FULL = Sizes(4096, 4, 64, 512, 8, 4, 16, 128, 1_000_000, 64, 4096, 20, (1000, 3000), 8, 15, 5)
 QUICK = Sizes(1024, 2, 64, 128, 4, 2, 8, 64, 100_000, 64, 1024, 20, (100, 300), 8, 5, 1)
 
 
@@ -354,21 +354,27 @@ def bench_embedding_train_nograd(s: Sizes) -> str:
 # --- 4. capture + passes vs graph size -----------------------------------------------------------
 def bench_capture(s: Sizes) -> str:
     rows, per_size = [], {}
+    models = {}
     for n in s.capture_layers:
         torch.manual_seed(0)
-        model = nn.Sequential(*[nn.Linear(s.capture_width, s.capture_width) for _ in range(n)])
-        times = []
-        for _ in range(s.capture_repeats):
+        models[n] = nn.Sequential(*[nn.Linear(s.capture_width, s.capture_width) for _ in range(n)])
+    times: dict[int, list[float]] = {n: [] for n in models}
+    nodes: dict[int, int] = {}
+    for _ in range(s.capture_repeats):  # the sizes interleaved: load on the shared machine hits both alike
+        for n, model in models.items():
             gc.collect()
             start = time.perf_counter()
             sgm = fxs.sparsify_graph(model, linear_spec())
-            times.append(time.perf_counter() - start)
-        t = statistics.median(times)
-        nodes = len(sgm.graph.nodes)
+            times[n].append(time.perf_counter() - start)
+            nodes[n] = len(sgm.graph.nodes)
+            del sgm
+    for n, model in models.items():
+        t = statistics.median(times[n])
         traced = len(torch.fx.symbolic_trace(model).graph.nodes)
         per_size[n] = t
-        rows.append([str(n), str(traced), str(nodes), f"{t:.3f}", f"{t / nodes * 1e6:.1f}", f"{t / traced * 1e6:.0f}"])
-        del sgm, model
+        rows.append([str(n), str(traced), str(nodes[n]), f"{t:.3f}", f"{t / nodes[n] * 1e6:.1f}",
+                     f"{t / traced * 1e6:.0f}"])
+    del models
     small, big = s.capture_layers
     ratio = per_size[big] / per_size[small]
     title = (f"### 4. Capture + passes (`sparsify_graph`, capture='fx') vs graph size: nn.Sequential of "

@@ -28,7 +28,7 @@ from .select import WeightTarget, param_aliases, resolve_activation_targets, res
 from .sparse_graph_module import SparseGraphModule
 from .state import SparsityState, TargetRecord
 from .spec import SparsitySpec
-from .trace import capture_graph
+from .trace import capture_graph, pausing_gc
 
 __all__ = ["sparsify_graph", "step", "squash", "masks", "sparsity", "report"]
 
@@ -52,6 +52,7 @@ def _as_inputs(example_inputs: Any, example_kwargs: Any) -> tuple[tuple[Any, ...
             dict(example_kwargs) if example_kwargs is not None else None)
 
 
+@pausing_gc  # its full collections would walk the whole heap, more often the bigger the graph (trace.py)
 def sparsify_graph(
     model: nn.Module,
     spec: SparsitySpec | Mapping[str, Any],
