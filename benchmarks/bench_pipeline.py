@@ -386,7 +386,7 @@ def bench_capture(s: Sizes) -> str:
                   "µs / traced node"], rows)
     scale = big / small
     return (title + body + f"\n\ntime({big}) / time({small}) = **{ratio:.2f}** "
-            f"(linear would be {scale:.1f}; target <= {1.2 * scale:.1f})")
+            f"(linear would be {scale:.1f}; target <= {1.1 * scale:.1f})")
 
 
 # --- main ------------------------------------------------------------------------------------------
