@@ -228,7 +228,15 @@ def embedding_bag_masked(
         return F.embedding_bag(input, table, offsets, max_norm, norm_type, scale_grad_by_freq,
                                mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     flat = input.reshape(-1)
-    rows = _mask_rows(F.embedding(flat, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse), F.embedding(flat, mask))
+    if not torch.is_grad_enabled() and max_norm is None and weight.is_floating_point():
+        # bags of one id are the rows themselves, gathered by the fused lookup kernel (faster than index_select)
+        gathered = F.embedding_bag(flat.view(-1, 1), weight, mode="sum")
+    else:
+        gathered = F.embedding(flat, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse)
+    rows = _mask_rows(gathered, F.embedding(flat, mask))
+    if (input.dim() == 2 and input.shape[1] == 1 and mode in ("sum", "mean", "max") and per_sample_weights is None
+            and padding_idx is None):
+        return rows  # bags of one id: sum, mean and max of one row are the row
     index = torch.arange(flat.numel(), device=flat.device)
     pad = None
     if padding_idx is not None:

@@ -97,3 +97,19 @@ def test_grad_mode_gradient_is_unchanged() -> None:
     ref = weight.detach().clone().requires_grad_(True)
     F.embedding_bag(ids, ref * mask.float(), mode="sum").square().sum().backward()
     assert torch.equal(weight.grad, ref.grad)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("per_bag", [1, 3])
+def test_special_values_and_bags_of_one_match_the_grad_mode_path(mode: str, per_bag: int) -> None:
+    weight, mask, _ = _inputs()
+    with torch.no_grad():
+        weight[0, :3] = torch.tensor([float("inf"), float("nan"), -0.0])
+        weight[1, :2] = torch.tensor([-float("inf"), -1e-40])  # a subnormal
+    mask[0, :3] = torch.tensor([True, True, False])
+    ids = torch.tensor([[0, 1, 2], [1, 0, 5], [7, 7, 7], [0, 3, 1]])[:, :per_bag]
+    with torch.no_grad():
+        got = ops.embedding_bag_masked(ids, weight, mask, mode=mode)
+    want = ops.embedding_bag_masked(ids, weight, mask, mode=mode).detach()  # grad mode: gather, cast, multiply
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert got.shape == (4, 8)
