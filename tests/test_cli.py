@@ -174,3 +174,14 @@ def test_subprocess_run_and_a_user_error(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "fx_sparsify", "inspect", str(tmp_path / "missing.safetensors")],
                          capture_output=True, text=True, timeout=120, env=_env())
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_inspect_piped_into_a_reader_that_stops_early_is_not_an_error(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "many.safetensors"
+    save_file({f"layer{i}.weight": torch.zeros(2, 2) for i in range(3000)}, str(path))  # a table far past a pipe buffer
+    done = subprocess.run(f'"{sys.executable}" -m fx_sparsify inspect "{path}" | head -n 1', shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("| tensor")
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
