@@ -76,6 +76,8 @@ class MaskMethod:
     def __call__(self, tensor: Tensor, *, generator: torch.Generator | None = None, **options: Any) -> Tensor:
         validate_options(self.name, options)
         refuse_nan(tensor, "the scores")
+        if not (getattr(self.fn, "__module__", None) or "").startswith("fx_sparsify."):
+            tensor = tensor.clone()  # a user's method may edit its input: never hand it a live weight
         if self.takes_generator:
             options["generator"] = generator
         return keep_mask(self.fn(tensor, **options), tuple(tensor.shape), f"mask method {self.name!r}")

@@ -82,3 +82,25 @@ def test_bad_method_definitions(clean_registry: None) -> None:
 def test_compute_mask_rejects_non_tensors() -> None:
     with pytest.raises(TypeError, match="torch.Tensor"):
         compute_mask("dense", [1.0, 2.0])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["graph", "inplace"])
+def test_a_method_that_edits_its_input_cannot_corrupt_the_weight(clean_registry: None, mode: str) -> None:
+    import fx_sparsify as fxs
+    from torch import nn
+
+    def vandal(t: torch.Tensor) -> torch.Tensor:
+        keep = t.abs() > t.abs().median()
+        t.zero_()  # a careless user method: edits what it was given
+        return keep
+
+    register_mask_method("vandal")(vandal)
+    model = nn.Sequential(nn.Linear(8, 8))
+    sgm = fxs.sparsify_graph(model, {"mode": mode, "weights": [{"target": "0", "method": "vandal"}]})
+    before = sgm.get_parameter("0.weight").detach().clone()
+    sgm.step()
+    keep = sgm.masks()["0.weight"]
+    assert 0 < int(keep.sum()) < keep.numel()
+    # the weight lost only what the mask prunes (in place mode) or nothing at all (graph mode)
+    expected = before * keep if mode == "inplace" else before
+    torch.testing.assert_close(sgm.get_parameter("0.weight").detach(), expected)
