@@ -14,6 +14,8 @@ from ._export_capture import warn_mode
 from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
 from .report import report as _report, target_sparsity_of
+from .roundtrip import squash_into as _squash_into, to_torch_prune as _to_torch_prune
+from .shrink_into import shrink_into as _shrink_into
 from .passes.squash import squash as _squash
 from .passes.channel_groups import shrink_plan_table
 from .passes.shrink import channel_keeps, shrink as _shrink
@@ -101,9 +103,7 @@ class SparseGraphModule(GraphModule):
         ``"semi_structured"`` (CUDA, float16 / bfloat16) stores 2:4-masked Linear weights for sparse tensor cores.
         """
         check_storage(storage, batch_size)
-        out = _squash(self, self._fxs)
-        if shrink:
-            _shrink(out, self._fxs, self._channel_keeps())
+        out = self._squash_shrunk()[0] if shrink else _squash(self, self._fxs)
         if storage != "dense":
             apply_sparse_storage(out, self._fxs, storage, batch_size)
             self._fxs.extra["storage"] = out.storage_choices
@@ -117,8 +117,12 @@ class SparseGraphModule(GraphModule):
         keeps = channel_keeps(self, self._fxs, notes)
         return shrink_plan_table(self._fxs.extra["channels"], keeps, notes)
 
-    def _channel_keeps(self) -> dict[int, torch.Tensor]:
-        return channel_keeps(self, self._fxs)
+    def _squash_shrunk(self) -> tuple[GraphModule, dict[int, torch.Tensor]]:
+        """The dense squash with the pruned channels removed, and the keep vectors (group id → keep) it used."""
+        out = _squash(self, self._fxs)
+        keeps = channel_keeps(self, self._fxs)
+        _shrink(out, self._fxs, keeps)
+        return out, keeps
 
     def squash_into(self, model: torch.nn.Module, shrink: bool = False) -> torch.nn.Module:
         """Write the squashed weights into your own eager ``model`` (in place) and return it (SPEC §14).
@@ -128,20 +132,13 @@ class SparseGraphModule(GraphModule):
         ``shrink=True`` (SPEC §10) resizes the model's tensors, module attributes and, for a Hugging Face
         model, its config (same widths in every layer), so ``save_pretrained`` → ``from_pretrained`` reloads it.
         """
-        from .roundtrip import squash_into
-
         if shrink and "channels" in self._fxs.extra:
-            from .shrink_into import shrink_into
-
-            return shrink_into(self._fxs, self.squash(shrink=True), self._channel_keeps(), model)
-
-        return squash_into(self, self._fxs, _squash(self, self._fxs), model)
+            return _shrink_into(self._fxs, *self._squash_shrunk(), model)
+        return _squash_into(self, self._fxs, _squash(self, self._fxs), model)
 
     def to_torch_prune(self, model: torch.nn.Module) -> torch.nn.Module:
         """Apply the weight masks to the eager ``model`` with ``torch.nn.utils.prune.custom_from_mask``."""
-        from .roundtrip import to_torch_prune
-
-        return to_torch_prune(self, self._fxs, model)
+        return _to_torch_prune(self, self._fxs, model)
 
     def draw(self, path: Any, module: str | None = None) -> Any:
         """Write a picture of the rewritten graph (``.svg`` / ``.png``; extra ``viz``); ``module`` draws one submodule."""
