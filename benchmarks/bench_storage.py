@@ -11,10 +11,12 @@ Prints markdown tables:
    ``squash(storage="auto", batch_size=B)`` against ``squash()`` at batch B, and what auto picked;
 3. checkpoint sizes: ``save_compressed`` (and with zstd when ``zstandard`` is installed) against the
    dense safetensors file and gzip of it;
-4. load times: ``load_compressed`` (into a model, and to a state dict) against a dense safetensors
-   load of the same weights, and compressed-tensors' ``load_compressed`` where it is installed. Both
-   sides end with every tensor summed once: the dense state dict is the mapped file (its pages touched
-   by the sum), into a model both copy / decode into the model's tensors.
+4. load times, each one load in a fresh process (what a program pays at start): ``load_compressed``
+   into an initialised model against ``model.load_state_dict(safetensors.torch.load_file(...))``, and
+   to a state dict against ``load_file`` (and compressed-tensors' ``load_compressed`` where it is
+   installed). Every tensor is summed once after the load. A dense ``load_file`` maps the file:
+   its tensors are the page cache itself, while a decoded tensor needs new memory (its page faults
+   alone are most of our to-state-dict time); into a model both sides write the same memory.
 
 Times are medians of interleaved repeats; the ratios are what to read. The machine this was written
 on is shared and noisy (2 cores): expect ±20 % between runs.
@@ -24,13 +26,18 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import statistics
+import subprocess
+import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -118,7 +125,7 @@ def checkpoint_tables(models: dict[float, nn.Module], repeats: int, gzip_level: 
     sizes = ["| model | zeros | dense safetensors MB | ours / dense | ours+zstd-3 / dense "
              f"| gzip -{gzip_level} of dense / dense |",
              "|---|---|---|---|---|---|"]
-    loads = ["| model | zeros | dense to state dict ms | ours / dense | dense into model ms | ours / dense "
+    loads = ["| model | zeros | dense into model ms | ours / dense | dense to state dict ms | ours / dense "
              "| compressed-tensors to state dict / dense |", "|---|---|---|---|---|---|---|"]
     for s, model in models.items():
         state = model.state_dict()
@@ -135,47 +142,60 @@ def checkpoint_tables(models: dict[float, nn.Module], repeats: int, gzip_level: 
         name = f"{len(state) // 2} layers, {sum(v.numel() for v in state.values()) / 1e6:.0f}M params"
         sizes.append(f"| {name} | {s:.0%} | {dense_bytes / 2**20:.0f} | {ours:.3f}x | {zs} | {gz} |")
 
-        sink = {k: torch.empty_like(v) for k, v in state.items()}
-        holder = nn.Module()
-        for k, v in sink.items():  # a model with the same keys: load_state_dict copies into it
-            parts = k.split(".")
-            mod = holder
-            for p in parts[:-1]:
-                if not hasattr(mod, p):
-                    mod.add_module(p, nn.Module())
-                mod = getattr(mod, p)
-            mod.register_parameter(parts[-1], nn.Parameter(v, requires_grad=False))
-
-        def touched(tensors: Any) -> Any:
-            """Read every byte (a sum): a lazily mapped file is only loaded once its pages are touched."""
-            for v in tensors.values():
-                v.sum()
-            return tensors
-
-        params = dict(holder.named_parameters())
-
-        def dense_into_model() -> None:
-            holder.load_state_dict(load_file(str(dense_path)))
-            touched(params)
-
-        def ours_into_model() -> None:
-            fxs.load_compressed(ours_path, holder)
-            touched(params)
-
-        # both sides alike: the file read whole into memory (safetensors maps it, the sum touches every
-        # page: warm page cache) or copied into the model's tensors, and every tensor summed once
-        fns = {"dense_sd": lambda: touched(load_file(str(dense_path))),
-               "ours_sd": lambda: touched(fxs.load_compressed(ours_path)),
-               "dense_model": dense_into_model, "ours_model": ours_into_model}
-        ct_path = tmp / "ct.safetensors"
+        paths = {"dense": dense_path, "ours": ours_path}
+        modes = ["dense_model", "ours_model", "dense_sd", "ours_sd"]
         if ct is not None:
-            ct.save_compressed(dict(state), ct_path, compression_format="sparse-bitmask")
-            fns["ct"] = lambda: touched(dict(ct.load_compressed(ct_path, ct.BitmaskConfig())))
-        t = interleaved(fns, repeats, warmup=1)
-        ct_ratio = f"{t['ct'] / t['dense_sd']:.2f}x" if "ct" in t else "-"
-        loads.append(f"| {name} | {s:.0%} | {t['dense_sd'] * 1e3:.0f} | {t['ours_sd'] / t['dense_sd']:.2f}x | "
-                     f"{t['dense_model'] * 1e3:.0f} | {t['ours_model'] / t['dense_model']:.2f}x | {ct_ratio} |")
+            paths["ct"] = tmp / "ct.safetensors"
+            ct.save_compressed(dict(state), paths["ct"], compression_format="sparse-bitmask")
+            modes.append("ct_sd")
+        runs: dict[str, list[float]] = {m: [] for m in modes}
+        for _ in range(repeats):  # interleaved: machine noise hits all alike
+            for mode in modes:
+                runs[mode].append(load_in_child(mode, paths[mode.split("_")[0]], dense_path))
+        t = {m: statistics.median(v) for m, v in runs.items()}
+        ct_ratio = f"{t['ct_sd'] / t['dense_sd']:.2f}x" if "ct_sd" in t else "-"
+        loads.append(f"| {name} | {s:.0%} | {t['dense_model'] * 1e3:.0f} | {t['ours_model'] / t['dense_model']:.2f}x | "
+                     f"{t['dense_sd'] * 1e3:.0f} | {t['ours_sd'] / t['dense_sd']:.2f}x | {ct_ratio} |")
     return "\n".join(sizes) + "\n\n" + "\n".join(loads)
+
+
+def load_in_child(mode: str, path: Path, dense_path: Path) -> float:
+    """Seconds of one load in a fresh process: what a user pays when a program starts (see ``_load_child``)."""
+    out = subprocess.run([sys.executable, __file__, "--load-child", mode, str(path), str(dense_path),
+                          "--threads", str(torch.get_num_threads())], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _load_child(mode: str, path: str, dense_path: str) -> None:
+    """One load, timed: into a model whose tensors are allocated and written (an initialised model),
+    or to a state dict; either way every tensor is summed once after (a lazily mapped file is only
+    read when its pages are touched)."""
+    with safe_open(dense_path, "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    holder = nn.Module()
+    for key, shape in shapes.items():
+        *owners, leaf = key.split(".")
+        mod = holder
+        for part in owners:
+            if not hasattr(mod, part):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, nn.Parameter(torch.empty(shape).fill_(1.0), requires_grad=False))
+
+    def dense_into_model() -> dict[str, torch.Tensor]:
+        holder.load_state_dict(load_file(path))
+        return holder.state_dict()
+
+    loads = {"dense_model": dense_into_model, "ours_model": lambda: fxs.load_compressed(path, holder).state_dict(),
+             "dense_sd": lambda: load_file(path), "ours_sd": lambda: fxs.load_compressed(path)}
+    if mode == "ct_sd":
+        import compressed_tensors as ct
+
+        loads["ct_sd"] = lambda: dict(ct.load_compressed(path, ct.BitmaskConfig()))
+    start = time.perf_counter()
+    for v in loads[mode]().values():
+        v.sum()
+    print(time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,8 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--checkpoints-only", action="store_true",
                         help="only the checkpoint tables, on random weights of the MLP's shapes")
+    parser.add_argument("--load-child", nargs=3, metavar=("MODE", "PATH", "DENSE_PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.load_child:
+        _load_child(*args.load_child)
+        return
     torch.manual_seed(0)
     if args.quick:
         shapes, d, h, batches, repeats = [(1024, 1024)], 1024, 2752, [1, 8], 3

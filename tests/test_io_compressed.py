@@ -41,14 +41,27 @@ def _sparse(shape: tuple[int, ...], sparsity: float, dtype: torch.dtype = torch.
     return w.to(dtype)
 
 
-@pytest.fixture(params=["numpy", "torch"])
+@pytest.fixture(params=["native", "numpy", "torch"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run with numpy's bit packing and with the pure-torch fallback (same files, same tensors)."""
+    """Decode with the C decoder, with numpy and with the pure-torch fallback (same files, same tensors)."""
+    if request.param == "native" and _compressed._NATIVE is None:
+        pytest.skip("the C decoder is not built (no C compiler at install)")
+    if request.param != "native":
+        monkeypatch.setattr(_compressed, "_NATIVE", None)
     if request.param == "torch":
         monkeypatch.setattr(_compressed, "_np", None)
     elif _compressed._np is None:
         pytest.skip("numpy is not installed")
     return str(request.param)
+
+
+def test_the_c_decoder_is_built_where_a_compiler_is() -> None:
+    """pip builds ``_bitmask.c`` as an optional extension: with a compiler on the machine it must be there."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: load_compressed decodes with numpy")
+    assert _compressed._NATIVE is not None, "reinstall (pip install -e .) to build fx_sparsify/_bitmask.c"
 
 
 def test_round_trip_is_bit_exact_for_every_kind_of_entry(tmp_path: Path, backend: str) -> None:
@@ -355,6 +368,7 @@ def test_chunked_decode_matches_whole_tensor_decode(tmp_path: Path, monkeypatch:
                                                     chunk: int) -> None:
     """Pieces of whole rows, and pieces of one long row (a row longer than a chunk), decode bit-exact."""
     pytest.importorskip("numpy")
+    monkeypatch.setattr(_compressed, "_NATIVE", None)  # the numpy decoder works in chunks; the C one in one pass
     state = {"w.weight": _sparse((37, 21), 0.6), "long": _sparse((3, 203), 0.5), "vec": _sparse((517,), 0.7),
              "neg.weight": -torch.rand(9, 16) * (torch.rand(9, 16) > 0.5) + 0.0,
              "h.weight": _sparse((11, 13), 0.8, torch.float16)}
@@ -372,3 +386,43 @@ def test_chunked_decode_matches_whole_tensor_decode(tmp_path: Path, monkeypatch:
         out = torch.full_like(t, float("nan"))
         _compressed._expand(parts, tuple(t.shape), out=out)
         assert torch.equal(_bits(out), _bits(t)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16,
+                                   torch.float8_e4m3fn])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 8), (5, 13), (40, 67), (2, 1000), (257,)])
+def test_c_and_numpy_decoders_agree_bit_for_bit(dtype: torch.dtype, shape: tuple[int, ...],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every width, row lengths on and off a byte, all-kept / all-pruned rows, the checked tail of the C loop."""
+    if _compressed._NATIVE is None or _compressed._np is None:
+        pytest.skip("needs the C decoder and numpy")
+    g = torch.Generator().manual_seed(sum(shape))
+    width = _compressed._BITS[dtype.itemsize]  # any bit pattern of the width: NaNs, infs, -0.0, subnormals
+    bits = torch.randint(-(2**(8 * dtype.itemsize - 1)), 2**(8 * dtype.itemsize - 1) - 1, shape, generator=g,
+                         dtype=torch.int64).to(width)
+    bits *= (torch.rand(shape, generator=g) > 0.5).to(width)
+    if len(shape) == 2 and shape[0] > 2:
+        bits[0] |= 1  # a row of only kept entries
+        bits[1] = 0  # a row of only pruned ones
+    t = bits.view(dtype)
+    grid = bits.reshape(_compressed._grid(shape))
+    parts = {"bitmask": _compressed._pack(grid != 0), "compressed": grid[grid != 0].view(dtype)}
+    native = _compressed._expand(parts, shape, out=torch.full_like(t, 7))
+    monkeypatch.setattr(_compressed, "_NATIVE", None)
+    numpy = _compressed._expand(parts, shape, out=torch.full_like(t, 7))
+    assert torch.equal(_bits(native), _bits(numpy))
+    assert torch.equal(_bits(native), bits)
+
+
+def test_c_decoder_never_reads_past_the_values() -> None:
+    """A mask that marks more entries than there are values: -1, and no value past the end is read."""
+    if _compressed._NATIVE is None:
+        pytest.skip("the C decoder is not built")
+    packed = torch.full((4, 2), 0xFF, dtype=torch.uint8)  # 4 rows of 16 kept entries
+    values = torch.arange(40, dtype=torch.int32)  # 64 marked, 40 stored
+    out = torch.zeros(4, 16, dtype=torch.int32)
+    used = _compressed._NATIVE.fxs_expand32(packed.data_ptr(), 4, 16, values.data_ptr(), 40, out.data_ptr())
+    assert used == -1
+    assert torch.equal(out.view(-1)[:40], values)
+    with pytest.raises(ValueError, match="marks more entries"):
+        _compressed._scatter_native(packed, values, torch.zeros(4, 16, dtype=torch.int32))
