@@ -1,10 +1,10 @@
-"""Only the optional C decoder of compressed checkpoints; everything else is in pyproject.toml.
+"""Only the optional C kernels (``fx_sparsify/_kernels.c``); everything else is in pyproject.toml.
 
-``optional=True``: without a C compiler the install still succeeds and ``load_compressed`` decodes
-with numpy (same result, ~3x slower).
+``optional=True``: without a C compiler the install still succeeds and the callers take their torch /
+numpy paths (same results, slower: see ``fx_sparsify/_native.py``).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("fx_sparsify._bitmask", ["fx_sparsify/_bitmask.c"], optional=True,
-                             extra_compile_args=["-O3"])])
+setup(ext_modules=[Extension("fx_sparsify._kernels", ["fx_sparsify/_kernels.c"], optional=True,
+                             extra_compile_args=["-O3", "-ffp-contract=off"])])

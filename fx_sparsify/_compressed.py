@@ -27,8 +27,6 @@ file is wrapped in one zstd frame; :func:`load_compressed` recognises the frame 
 
 from __future__ import annotations
 
-import ctypes
-import importlib.machinery
 import json
 import math
 import os
@@ -42,32 +40,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load_bytes, load_file as _st_load_file, save as _st_save_bytes
 from torch import Tensor, nn
 
+from . import _native
+
 try:  # numpy packs and scatters bits ~10x faster than the torch fallback; optional
     import numpy as _np
 except ModuleNotFoundError:  # pragma: no cover - exercised by monkeypatching _np in the tests
     _np = None
 
 
-def _load_native() -> ctypes.CDLL | None:
-    """The C decoder (``_bitmask.c``, built by ``pip install`` where a C compiler is), or None."""
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        lib = Path(__file__).with_name(f"_bitmask{suffix}")
-        if lib.is_file():
-            try:
-                native = ctypes.CDLL(str(lib))
-            except OSError:  # pragma: no cover - a library built for another platform
-                return None
-            for bits in (8, 16, 32, 64):
-                fn = getattr(native, f"fxs_expand{bits}")
-                fn.restype = ctypes.c_int64
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                               ctypes.c_void_p]
-            return native
-    return None
-
-
-#: the C decoder, ~3x faster than numpy's (None: not built; the tests monkeypatch it to cover both)
-_NATIVE = _load_native()
 
 __all__ = ["FORMAT", "VERSION", "save_compressed", "load_compressed"]
 
@@ -158,10 +138,8 @@ def _scatter_np(packed: Tensor, bits: Tensor, target: Tensor) -> None:
 
 
 def _scatter_native(packed: Tensor, bits: Tensor, target: Tensor) -> None:
-    """:func:`_scatter_np` in C (``_bitmask.c``): one pass, ~0.5 ns an entry whatever the sparsity."""
-    rows, cols = target.shape
-    expand = getattr(_NATIVE, f"fxs_expand{8 * bits.element_size()}")
-    used = expand(packed.data_ptr(), rows, cols, bits.data_ptr(), bits.numel(), target.data_ptr())
+    """:func:`_scatter_np` in C (``_kernels.c``): one pass, ~0.5 ns an entry whatever the sparsity."""
+    used = _native.expand(packed, bits, target)
     if used != bits.numel():  # pragma: no cover - _validate counted the bits before
         raise ValueError(f"the bitmask marks {'more' if used < 0 else used} entries, {bits.numel()} values are stored")
 
@@ -179,7 +157,7 @@ def _scatter(packed: Tensor, values: Tensor, shape: tuple[int, ...], out: Tensor
         out = torch.empty(shape, dtype=values.dtype)
     target = _as_bits(out.detach()).view(rows, cols)
     with torch.no_grad():
-        if _NATIVE is not None:
+        if _native.LIB is not None:
             _scatter_native(packed.contiguous(), bits.contiguous(), target)
         elif _np is not None:
             _scatter_np(packed, bits, target)

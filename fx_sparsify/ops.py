@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import _native
 from ._masks import masked_copy
 
 __all__ = ["apply_mask", "apply_mask_ste", "mask_activation", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS",
@@ -227,6 +228,12 @@ def embedding_bag_masked(
     if table is not None:
         return F.embedding_bag(input, table, offsets, max_norm, norm_type, scale_grad_by_freq,
                                mode, sparse, per_sample_weights, include_last_offset, padding_idx)
+    if (not torch.is_grad_enabled() and max_norm is None and mode in ("sum", "mean") and per_sample_weights is None
+            and padding_idx is None):
+        # one fused pass in C (_kernels.c): no gathered, cast or pooled copies of the rows
+        out = _native.masked_bag(input, weight, mask, offsets, include_last_offset, mode == "mean")
+        if out is not None:
+            return out
     flat = input.reshape(-1)
     if not torch.is_grad_enabled() and max_norm is None and weight.is_floating_point():
         # bags of one id are the rows themselves, gathered by the fused lookup kernel (faster than index_select)

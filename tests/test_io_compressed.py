@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fx_sparsify as fxs
-from fx_sparsify import _compressed
+from fx_sparsify import _compressed, _native
 
 from models import MLP
 
@@ -44,24 +44,15 @@ def _sparse(shape: tuple[int, ...], sparsity: float, dtype: torch.dtype = torch.
 @pytest.fixture(params=["native", "numpy", "torch"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Decode with the C decoder, with numpy and with the pure-torch fallback (same files, same tensors)."""
-    if request.param == "native" and _compressed._NATIVE is None:
+    if request.param == "native" and _native.LIB is None:
         pytest.skip("the C decoder is not built (no C compiler at install)")
     if request.param != "native":
-        monkeypatch.setattr(_compressed, "_NATIVE", None)
+        monkeypatch.setattr(_native, "LIB", None)
     if request.param == "torch":
         monkeypatch.setattr(_compressed, "_np", None)
     elif _compressed._np is None:
         pytest.skip("numpy is not installed")
     return str(request.param)
-
-
-def test_the_c_decoder_is_built_where_a_compiler_is() -> None:
-    """pip builds ``_bitmask.c`` as an optional extension: with a compiler on the machine it must be there."""
-    import shutil
-
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no C compiler: load_compressed decodes with numpy")
-    assert _compressed._NATIVE is not None, "reinstall (pip install -e .) to build fx_sparsify/_bitmask.c"
 
 
 def test_round_trip_is_bit_exact_for_every_kind_of_entry(tmp_path: Path, backend: str) -> None:
@@ -368,7 +359,7 @@ def test_chunked_decode_matches_whole_tensor_decode(tmp_path: Path, monkeypatch:
                                                     chunk: int) -> None:
     """Pieces of whole rows, and pieces of one long row (a row longer than a chunk), decode bit-exact."""
     pytest.importorskip("numpy")
-    monkeypatch.setattr(_compressed, "_NATIVE", None)  # the numpy decoder works in chunks; the C one in one pass
+    monkeypatch.setattr(_native, "LIB", None)  # the numpy decoder works in chunks; the C one in one pass
     state = {"w.weight": _sparse((37, 21), 0.6), "long": _sparse((3, 203), 0.5), "vec": _sparse((517,), 0.7),
              "neg.weight": -torch.rand(9, 16) * (torch.rand(9, 16) > 0.5) + 0.0,
              "h.weight": _sparse((11, 13), 0.8, torch.float16)}
@@ -394,7 +385,7 @@ def test_chunked_decode_matches_whole_tensor_decode(tmp_path: Path, monkeypatch:
 def test_c_and_numpy_decoders_agree_bit_for_bit(dtype: torch.dtype, shape: tuple[int, ...],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Every width, row lengths on and off a byte, all-kept / all-pruned rows, the checked tail of the C loop."""
-    if _compressed._NATIVE is None or _compressed._np is None:
+    if _native.LIB is None or _compressed._np is None:
         pytest.skip("needs the C decoder and numpy")
     g = torch.Generator().manual_seed(sum(shape))
     width = _compressed._BITS[dtype.itemsize]  # any bit pattern of the width: NaNs, infs, -0.0, subnormals
@@ -408,7 +399,7 @@ def test_c_and_numpy_decoders_agree_bit_for_bit(dtype: torch.dtype, shape: tuple
     grid = bits.reshape(_compressed._grid(shape))
     parts = {"bitmask": _compressed._pack(grid != 0), "compressed": grid[grid != 0].view(dtype)}
     native = _compressed._expand(parts, shape, out=torch.full_like(t, 7))
-    monkeypatch.setattr(_compressed, "_NATIVE", None)
+    monkeypatch.setattr(_native, "LIB", None)
     numpy = _compressed._expand(parts, shape, out=torch.full_like(t, 7))
     assert torch.equal(_bits(native), _bits(numpy))
     assert torch.equal(_bits(native), bits)
@@ -416,12 +407,12 @@ def test_c_and_numpy_decoders_agree_bit_for_bit(dtype: torch.dtype, shape: tuple
 
 def test_c_decoder_never_reads_past_the_values() -> None:
     """A mask that marks more entries than there are values: -1, and no value past the end is read."""
-    if _compressed._NATIVE is None:
+    if _native.LIB is None:
         pytest.skip("the C decoder is not built")
     packed = torch.full((4, 2), 0xFF, dtype=torch.uint8)  # 4 rows of 16 kept entries
     values = torch.arange(40, dtype=torch.int32)  # 64 marked, 40 stored
     out = torch.zeros(4, 16, dtype=torch.int32)
-    used = _compressed._NATIVE.fxs_expand32(packed.data_ptr(), 4, 16, values.data_ptr(), 40, out.data_ptr())
+    used = _native.LIB.fxs_expand32(packed.data_ptr(), 4, 16, values.data_ptr(), 40, out.data_ptr())
     assert used == -1
     assert torch.equal(out.view(-1)[:40], values)
     with pytest.raises(ValueError, match="marks more entries"):
