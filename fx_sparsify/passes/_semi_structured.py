@@ -34,6 +34,11 @@ def semi_structured_problem(weight: Tensor) -> str | None:
     out_features, in_features = weight.shape
     if in_features % 4:
         return f"in_features={in_features} is not a multiple of 4 (2:4 groups four input columns)"
+    rows, cols = _min_tile(weight.dtype)
+    if out_features % rows or in_features % cols:
+        return (f"its weight is {out_features}x{in_features}: torch's 2:4 kernels ({_backend().BACKEND}) take weights "
+                f"whose out_features is a multiple of {rows} and in_features a multiple of {cols}; keep this layer "
+                "dense (target it with a dense rule) or use storage='csr' / 'auto'")
     per_group = (weight.detach() != 0).reshape(out_features, in_features // 4, 4).sum(dim=-1)
     bad = (per_group > 2).nonzero()
     if bad.numel():
@@ -41,6 +46,19 @@ def semi_structured_problem(weight: Tensor) -> str | None:
         return (f"its weight is not 2:4 sparse: row {row} has {int(per_group[row, group])} non-zeros in columns "
                 f"{4 * group}..{4 * group + 3} ({bad.shape[0]} such groups); prune it with method '2:4'")
     return None
+
+
+def _backend() -> type:
+    """The class ``torch.sparse.to_sparse_semi_structured`` converts to (the same choice it makes)."""
+    sparse = torch.sparse
+    return (sparse.SparseSemiStructuredTensorCUTLASS if sparse.SparseSemiStructuredTensor._FORCE_CUTLASS
+            else sparse.SparseSemiStructuredTensorCUSPARSELT)
+
+
+def _min_tile(dtype: torch.dtype) -> tuple[int, int]:
+    """The (rows, cols) a weight's shape must be a multiple of for that backend and dtype (torch's own table)."""
+    shape = _backend()._DTYPE_SHAPE_CONSTRAINTS[dtype]
+    return int(shape.sparse_min_rows), int(shape.sparse_min_cols)
 
 
 def _convert(weight: Tensor) -> Tensor:

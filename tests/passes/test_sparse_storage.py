@@ -243,7 +243,7 @@ def test_function_form_passes_storage_through() -> None:
 def test_semi_structured_problem_says_why_a_weight_cannot_be_2_4() -> None:
     from fx_sparsify.passes._semi_structured import semi_structured_problem
 
-    two_four = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, -4.0]] * 2)
+    two_four = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, -4.0]]).repeat(32, 8)  # 32x64: CUTLASS's tile
     assert semi_structured_problem(two_four.half()) is None
     assert semi_structured_problem(two_four.bfloat16()) is None
     assert "float32" in semi_structured_problem(two_four) and ".half()" in semi_structured_problem(two_four)
@@ -252,6 +252,18 @@ def test_semi_structured_problem_says_why_a_weight_cannot_be_2_4() -> None:
     msg = semi_structured_problem(dense_group.half())
     assert msg is not None and "row 1 has 3 non-zeros in columns 4..7" in msg and "'2:4'" in msg
     assert "multiple of 4" in semi_structured_problem(torch.zeros(2, 6, dtype=torch.float16))
+    # shapes torch's kernels refuse, from torch's own table for the backend to_sparse_semi_structured picks
+    from torch.sparse import SparseSemiStructuredTensor
+
+    for force_cutlass, (rows, cols) in ((False, (16, 16)), (True, (32, 64))):
+        SparseSemiStructuredTensor._FORCE_CUTLASS, before = force_cutlass, SparseSemiStructuredTensor._FORCE_CUTLASS
+        try:
+            assert semi_structured_problem(two_four[:rows, :cols].half()) is None
+            msg = semi_structured_problem(two_four[: rows // 2, :cols].half())
+            assert msg is not None and f"multiple of {rows} and in_features a multiple of {cols}" in msg
+            assert "storage='csr'" in msg
+        finally:
+            SparseSemiStructuredTensor._FORCE_CUTLASS = before
 
 
 def test_semi_structured_on_the_cpu_says_to_use_cuda_or_csr() -> None:
