@@ -16,6 +16,7 @@ up in the same cached masked table as ``apply_mask`` (plain lookup speed, one ta
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -29,7 +30,8 @@ from ._masks import masked_copy
 __all__ = ["apply_mask", "apply_mask_ste", "mask_activation", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS",
            "set_cache_limit", "cache_limit", "cached_bytes", "drop_cache", "DEFAULT_CACHE_LIMIT"]
 
-_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # mask -> (key, weight * mask, its finalizer)
+_CACHED_BYTES = [0]  # what _CACHE holds, kept as entries come and go (a mask's death included)
 _CACHEABLE = "_fxs_cacheable"  # attribute set on a mask buffer while its module is in eval mode
 #: default bound of the eval cache, all sparse modules together (see :func:`set_cache_limit`)
 DEFAULT_CACHE_LIMIT = 1 << 28
@@ -50,7 +52,7 @@ def set_cache_limit(nbytes: int | None) -> int | None:
         raise ValueError(f"set_cache_limit: expected a byte count >= 0 or None (no bound), got {nbytes!r}")
     old = _LIMIT[0]
     _LIMIT[0] = nbytes
-    _CACHE.clear()
+    drop_cache(list(_CACHE.keys()))
     return old
 
 
@@ -61,13 +63,19 @@ def cache_limit() -> int | None:
 
 def cached_bytes() -> int:
     """Bytes the eval cache holds now, all sparse modules together."""
-    return sum(out.nbytes for _, out in _CACHE.values())
+    return _CACHED_BYTES[0]
 
 
 def drop_cache(masks: list[Tensor]) -> None:
     """Free the cached ``weight * mask`` of these masks (it is recomputed when next needed)."""
     for mask in masks:
-        _CACHE.pop(mask, None)
+        entry = _CACHE.pop(mask, None)
+        if entry is not None and entry[2].detach() is not None:  # not already released by the mask's death
+            _CACHED_BYTES[0] -= entry[1].nbytes
+
+
+def _release(nbytes: int) -> None:
+    _CACHED_BYTES[0] -= nbytes
 
 
 def set_cacheable(masks: list[Tensor], cacheable: bool) -> None:
@@ -114,7 +122,8 @@ def _from_cache(weight: Tensor, mask: Tensor) -> Tensor | None:
     # 3-D input into one mm only when an operand requires grad): plain speed in every layout. A
     # no-grad leaf, reached only from this function under no_grad: it never joins an autograd graph
     out.requires_grad_(weight.requires_grad)
-    _CACHE[mask] = (key, out)
+    _CACHE[mask] = (key, out, weakref.finalize(mask, _release, out.nbytes))  # a freed mask frees its entry
+    _CACHED_BYTES[0] += out.nbytes
     return out
 
 

@@ -101,3 +101,29 @@ def test_an_embedding_table_past_the_bound_is_looked_up_row_by_row() -> None:
 def test_a_bad_bound_is_refused(bad: object) -> None:
     with pytest.raises(ValueError, match="byte count"):
         fxs.set_cache_limit(bad)  # type: ignore[arg-type]
+
+
+def test_the_byte_count_follows_entries_that_go_stale_or_die() -> None:
+    """cached_bytes() is a running count (no walk over the cache per miss): a weight edited after caching
+    replaces its entry, a sparse module that is garbage collected takes its entries with it."""
+    import gc
+
+    fxs.set_cache_limit(None)
+    sgm = fxs.sparsify_graph(MLP(), SPEC)
+    sgm.step()
+    _eval_forward(sgm)
+    full = ops.cached_bytes()
+    assert full == sum(sgm.get_parameter(r.param).nbytes for r in sgm._fxs.targets.values())
+    with torch.no_grad():
+        sgm.fc1.weight.add_(1.0)  # a new version: the next forward recomputes fc1's entry
+    _eval_forward(sgm)
+    assert ops.cached_bytes() == full
+    other = fxs.sparsify_graph(MLP(), SPEC)
+    other.step()
+    _eval_forward(other)
+    assert ops.cached_bytes() == 2 * full
+    del other
+    gc.collect()
+    assert ops.cached_bytes() == full
+    ops.drop_cache([sgm.get_buffer(r.buffer) for r in sgm._fxs.targets.values()])
+    assert ops.cached_bytes() == 0
