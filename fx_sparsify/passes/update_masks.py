@@ -49,8 +49,8 @@ def weight_scores(gm: GraphModule, record: TargetRecord) -> Tensor:
         observer = gm.get_submodule(record.observer)  # type: ignore[arg-type]
         (sq_sums,) = observer.reduced()
         scores = weight.abs() * sq_sums.sqrt().to(weight.dtype).unsqueeze(0)
-    elif callable(scores_spec):
-        scores = torch.as_tensor(scores_spec(weight)).detach()
+    elif callable(scores_spec):  # a copy: a callable that edits its input in place must not touch the weight
+        scores = torch.as_tensor(scores_spec(weight.clone())).detach()
     else:
         found = find_tensor(gm, scores_spec)
         assert found is not None, f"scores {scores_spec!r} were checked at prepare time"

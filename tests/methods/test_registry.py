@@ -104,3 +104,23 @@ def test_a_method_that_edits_its_input_cannot_corrupt_the_weight(clean_registry:
     # the weight lost only what the mask prunes (in place mode) or nothing at all (graph mode)
     expected = before * keep if mode == "inplace" else before
     torch.testing.assert_close(sgm.get_parameter("0.weight").detach(), expected)
+
+
+@pytest.mark.parametrize("mode", ["graph", "inplace"])
+def test_a_scores_callable_that_edits_its_input_cannot_corrupt_the_weight(mode: str) -> None:
+    import fx_sparsify as fxs
+    from torch import nn
+
+    def scores(w: torch.Tensor) -> torch.Tensor:
+        return w.abs_()  # a careless scores callable: edits the tensor it was given and returns it
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    sgm = fxs.sparsify_graph(model, {"mode": mode, "weights": [{"target": "0", "method": "l1_unstructured",
+                                                                  "sparsity": 0.5, "scores": scores}]})
+    before = sgm.get_parameter("0.weight").detach().clone()
+    sgm.step()
+    keep = sgm.masks()["0.weight"]
+    assert int(keep.sum()) == keep.numel() // 2
+    assert torch.equal(keep, before.abs() > before.abs().median())
+    expected = before * keep if mode == "inplace" else before
+    torch.testing.assert_close(sgm.get_parameter("0.weight").detach(), expected)
