@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 
 from ._export_capture import mode_dependent_modules
 from ._modules import attach_tensor, find_tensor
-from .methods._selectors import warn_if_percent_like
+from .methods._selectors import ENTRY_COUNTS, warn_if_percent_like
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
 from .passes.insert_hessian_observers import insert_hessian_observers, sparsegpt_layers
 from .passes.insert_weight_masks import insert_weight_masks
@@ -197,7 +197,7 @@ def _warn_counts(targets: Mapping[str, WeightTarget], model: nn.Module) -> None:
             totals[t.group] = totals.get(t.group, 0) + find_tensor(model, name).numel()  # type: ignore[union-attr]
     seen: set[int] = set()
     for name, t in targets.items():
-        if t.rule.method not in _ENTRY_COUNTS or t.group in seen:
+        if t.rule.method not in ENTRY_COUNTS or t.group in seen:
             continue
         n = totals[t.group] if t.group is not None else find_tensor(model, name).numel()  # type: ignore[union-attr]
         where = f"global rule over {', '.join(t.rule.targets)}" if t.group is not None else f"target {name!r}"  # type: ignore[union-attr]
@@ -207,7 +207,6 @@ def _warn_counts(targets: Mapping[str, WeightTarget], model: nn.Module) -> None:
 
 
 #: methods whose int ``sparsity`` counts entries (slice and block methods count slices / blocks)
-_ENTRY_COUNTS = frozenset({"l1_unstructured", "random_unstructured", "topk"})
 
 
 def _kind(model: nn.Module, name: str) -> str:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..methods import compute_mask, get_mask_method, parse_method, validate_options
 from ..methods._random import generator_for
+from ..methods._selectors import ENTRY_COUNTS, warn_if_percent_like
 from .base_data_sparsifier import BaseDataSparsifier
 
 __all__ = ["DataSparsifier"]
@@ -55,6 +56,13 @@ class DataSparsifier(BaseDataSparsifier):
         self.seed = seed
         _check_method({"method": method, **options})
         super().__init__(data_list=data_list, method=method, **options)
+
+    def add_data(self, name: str, data: Any, reuse_mask: bool = True, **config: Any) -> Tensor:
+        out = super().add_data(name, data, reuse_mask, **config)
+        method, options = _check_method(self.data_groups[name])
+        if method in ENTRY_COUNTS:  # "sparsity": 50 prunes 50 entries: warn where that looks like a percentage
+            warn_if_percent_like(options.get("sparsity"), self._data[name].numel(), f"DataSparsifier data {name!r}")
+        return out
 
     def _merge_config(self, base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
         if "method" in update and update["method"] != base.get("method"):

@@ -24,6 +24,7 @@ __all__ = [
     "count_to_prune",
     "refuse_nan",
     "warn_if_percent_like",
+    "ENTRY_COUNTS",
     "kth_smallest",
     "prune_smallest",
     "prune_smallest_in_groups",
@@ -61,6 +62,10 @@ def count_to_prune(amount: float | int, n: int, *, what: str = "sparsity") -> in
     if math.isnan(float(amount)) or not 0.0 <= float(amount) <= 1.0:
         raise ValueError(f"{what}={amount} is a fraction; it must be in [0, 1] (or pass an int count)")
     return round(float(amount) * n)
+
+
+#: built-in methods whose int ``sparsity`` counts entries (where ``50`` may be a percentage typed as an int)
+ENTRY_COUNTS = frozenset({"l1_unstructured", "random_unstructured", "topk"})
 
 
 def warn_if_percent_like(amount: object, n: int, where: str, stacklevel: int = 3) -> None:

@@ -92,3 +92,20 @@ def test_options_that_do_not_fit_the_data_shape_fail_at_add_data_and_step_is_all
     with pytest.raises(ValueError, match="data 'c'"):
         sparsifier.step()
     assert torch.equal(sparsifier.get_mask("a"), before) and sparsifier._step_count == 0
+
+
+def test_an_int_sparsity_that_looks_like_a_percentage_warns_at_add_data() -> None:
+    """As in the graph pipeline: ``sparsity=50`` prunes 50 entries; warn once, where the data is added."""
+    import warnings
+
+    sparsifier = fxd.DataSparsifier(method="l1_unstructured", sparsity=50)
+    with pytest.warns(UserWarning, match=r"DataSparsifier data 'emb': sparsity=50 is an int, so it prunes 50 of the "
+                                         r"6400 entries") as caught:
+        sparsifier.add_data("emb", torch.randn(100, 64))
+    assert caught[0].filename == __file__  # points at the user's call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsifier.step()  # counts stay counts, and the step does not warn again
+        sparsifier.add_data("small", torch.randn(10, 10), sparsity=0.5)  # a fraction
+        sparsifier.add_data("rows", torch.randn(100, 64), method="ln_structured", sparsity=2, dim=0)  # slices
+    assert int((~sparsifier.get_mask("emb")).sum()) == 50
