@@ -15,8 +15,11 @@ With ``"sequential": true`` on a rule, a forward pre-hook also keeps the module'
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 from torch.fx import GraphModule
 
@@ -94,6 +97,7 @@ def insert_hessian_observers(
     """Observers for ``layers`` (layer FQN → (weight target, hessian dtype, sequential, unfold)); ``created[target]["observer"]``."""
     created: dict[str, dict[str, str]] = {}
     shared: dict[tuple[Any, ...], str] = {}  # (input nodes, dtype, unfold) -> observer name
+    one_pass: dict[str, tuple[int, torch.device]] = {}  # observer -> its Hessian's bytes, device
     index = LayerIndex(gm, aliases)
     for layer, (weight_target, dtype_name, _, unfold) in layers.items():
         calls = index(layer)
@@ -112,7 +116,44 @@ def insert_hessian_observers(
             name = shared[key]
         shared[key] = name
         created[weight_target] = {"observer": name}
+        if not layers[layer][2]:  # one-pass: this observer's Hessian lives through the whole calibration
+            weight = gm.get_submodule(layer).weight
+            one_pass[name] = math.prod(weight.shape[1:]) ** 2 * dtype.itemsize, weight.device
     if any(sequential for _, _, sequential, _ in layers.values()):
         record_calibration_inputs(gm)
+    _warn_if_hessians_do_not_fit(one_pass)
     return finish(gm, created)
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` as the OS (or CUDA) reports it now, or None where it cannot tell."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _warn_if_hessians_do_not_fit(one_pass: Mapping[str, tuple[int, torch.device]]) -> None:
+    """One-pass SparseGPT holds every layer's ``in × in`` Hessian at once from the first calibration forward;
+    where together they would take over half the free memory, say so now, not through an out-of-memory kill."""
+    by_device: dict[torch.device, int] = {}
+    for nbytes, device in one_pass.values():
+        by_device[device] = by_device.get(device, 0) + nbytes
+    for device, total in by_device.items():
+        free = _available_bytes(device)
+        if free is not None and total > free // 2:
+            warnings.warn(
+                f"'method': 'sparsegpt': the {len(one_pass)} Hessians of the one-pass layers take {total / 2**30:.2f} "
+                f"GiB together on {device} from the first calibration forward on, and {free / 2**30:.2f} GiB is free. "
+                "Set \"sequential\": true on the rule (one level of layers at a time: its Hessians, then the next), "
+                "or calibrate a part of the model at a time",
+                UserWarning,
+                stacklevel=5,
+            )
 

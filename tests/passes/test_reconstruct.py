@@ -305,3 +305,34 @@ def test_conv2d_is_reconstructed_from_its_unfolded_input() -> None:
         dense = model(held)
         assert (sgm(held) - dense).norm() < (masked_only(held) - dense).norm()
     torch.testing.assert_close(sgm.squash()(held), sgm(held))
+
+
+def test_one_pass_hessians_that_would_not_fit_warn_at_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Together over half the free memory: a warning at sparsify_graph naming the size and "sequential", rather
+    than an out-of-memory kill in the middle of calibration. Shared observers count once; sequential rules
+    (which hold one level at a time) and plenty of memory do not warn."""
+    import warnings
+
+    from fx_sparsify.passes import insert_hessian_observers as passes_hessian
+
+    one_shared = 16 * 16 * 4  # q, k, v read one input: one 16x16 fp32 Hessian; o reads another
+    monkeypatch.setattr(passes_hessian, "_available_bytes", lambda device: 2 * (one_shared * 2) - 2)
+    spec = {"weights": [{"target": "type:Linear", "method": "sparsegpt", "sparsity": 0.5}]}
+    with pytest.warns(UserWarning, match=r"the 2 Hessians of the one-pass layers take .* on cpu .* \"sequential\": true") as w:
+        fxs.sparsify_graph(SharedInput(), spec)
+    assert w[0].filename == __file__  # at the user's call
+    monkeypatch.setattr(passes_hessian, "_available_bytes", lambda device: 2 * (one_shared * 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fxs.sparsify_graph(SharedInput(), spec)  # exactly half the free memory: fine
+        monkeypatch.setattr(passes_hessian, "_available_bytes", lambda device: 1)
+        sequential = {"weights": [{**spec["weights"][0], "sequential": True}]}
+        fxs.sparsify_graph(SharedInput(), sequential)
+
+
+def test_free_memory_is_read_from_the_os() -> None:
+    from fx_sparsify.passes.insert_hessian_observers import _available_bytes
+
+    free = _available_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+    assert _available_bytes(torch.device("meta")) is None
