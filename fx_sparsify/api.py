@@ -98,7 +98,11 @@ def sparsify_graph(
     norm_layers = _wanda_layers(model, targets)
     scores = _score_tensors(model, targets)
     aliases = param_aliases(model)
-    state_keys = tuple(model.state_dict().keys())
+    original_state = model.state_dict()
+    state_keys = tuple(original_state.keys())
+    versions = {prefix: meta["version"] for prefix, meta in getattr(original_state, "_metadata", {}).items()
+                if meta.get("version") is not None}
+    del original_state
     work = model if inplace or copied else _copy(model)
     captured = capture_graph(
         work, capture=capture, example_inputs=example_inputs, example_kwargs=example_kwargs,
@@ -138,7 +142,7 @@ def sparsify_graph(
             layer_type=type(work.get_submodule(layer)),
         )
     state = SparsityState(spec=spec, capture=captured.capture, targets=records, state_keys=state_keys,
-                          class_name=type(model).__name__, aliases=aliases)
+                          class_name=type(model).__name__, aliases=aliases, versions=versions)
     if channel_plan is not None and channel_plan.groups:
         state.extra["channels"] = channel_plan
     if inplace:  # squash may then zero the pruned weights in place instead of copying (SPEC §15)

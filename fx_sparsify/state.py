@@ -52,6 +52,9 @@ class SparsityState:
     state_keys: tuple[str, ...]
     class_name: str
     aliases: dict[str, str] = field(default_factory=dict)
+    # module prefix -> the ``_version`` the original model's ``state_dict()`` metadata recorded for it:
+    # a module whose ``_load_from_state_dict`` reads it (torchvision's MNASNet) loads squash's output right
+    versions: dict[str, int] = field(default_factory=dict)
     steps: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

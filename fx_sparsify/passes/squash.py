@@ -200,6 +200,19 @@ def _match_state_keys(out: GraphModule, source: GraphModule, keys: tuple[str, ..
             attach_tensor(out, key, value)
 
 
+def _match_versions(out: GraphModule, versions: dict[str, int]) -> None:
+    """Give ``out``'s modules the ``_version`` the original model's modules had, so that
+    ``out.state_dict()`` carries the same metadata: a module whose ``_load_from_state_dict`` reads it
+    (torchvision's MNASNet rebuilds its old layout for version < 2) would otherwise misread the weights."""
+    for prefix, version in versions.items():
+        try:
+            module = out.get_submodule(prefix)
+        except AttributeError:  # a module the capture did not keep: it records no metadata of its own
+            continue
+        if getattr(module, "_version", None) != version:
+            module._version = version
+
+
 def _prunes_dead_values(record: TargetRecord) -> bool:
     """True when nothing of ``record`` ever reads its pruned weights again (no regrow, ste or scores)."""
     rule = record.rule
@@ -263,5 +276,6 @@ def squash(gm: GraphModule, state: SparsityState) -> GraphModule:
     out = GraphModule(work, work.graph, class_name=state.class_name)
     out._tracer_cls = out.graph._tracer_cls = None  # unpickling re-traces: export's tracer cannot, fx's can
     _match_state_keys(out, work, state.state_keys)
+    _match_versions(out, getattr(state, "versions", {}))  # a state pickled before the field existed has none
     out.train(gm.training)
     return out

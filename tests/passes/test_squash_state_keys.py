@@ -66,3 +66,57 @@ def test_unread_buffers_survive_squash(make, shape, capture: str) -> None:
     if make is Counter:
         assert int(squashed.state_dict()["calls"]) == 7
         assert "calls" in sgm.state_dict()  # the sparse module's state_dict has it too
+
+
+class Versioned(nn.Module):
+    """Like torchvision's MNASNet: ``_version = 2`` and a ``_load_from_state_dict`` that reads the
+    version from the checkpoint's metadata (MNASNet rebuilds its old layout for a version < 2)."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = VersionedBlock()
+        self.fc = nn.Linear(4, 4)
+        self.loaded: list[object] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:  # type: ignore[no-untyped-def]
+        self.loaded.append(local_metadata.get("version"))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+class VersionedBlock(nn.Module):
+    _version = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.loaded: list[object] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:  # type: ignore[no-untyped-def]
+        self.loaded.append(local_metadata.get("version"))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_squashed_state_dict_keeps_the_modules_versions(capture: str) -> None:
+    """The squashed state_dict's metadata says the original modules' ``_version`` (GraphModule's is 1),
+    so a model that converts old checkpoints on load (MNASNet) takes it as its own."""
+    model = Versioned().eval()
+    x = torch.randn(2, 4)
+    spec = {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]}
+    sgm = fxs.sparsify_graph(model, spec, capture=capture, example_inputs=(x,))
+    sgm.step()
+    squashed = sgm.squash()
+    meta = squashed.state_dict()._metadata
+    assert meta[""]["version"] == 2 and meta["block"]["version"] == 3
+    fresh = Versioned()
+    fresh.load_state_dict(squashed.state_dict())
+    assert fresh.loaded == [2] and fresh.block.loaded == [3]
+    torch.testing.assert_close(fresh.eval()(x), sgm(x))
