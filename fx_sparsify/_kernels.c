@@ -1,4 +1,4 @@
-/* fx_sparsify's two C kernels, built when a C compiler is there (see _native.py, which loads them).
+/* fx_sparsify's C kernels, built when a C compiler is there (see _native.py, which loads them).
  *
  * A plain shared library loaded with ctypes (no Python API; ctypes releases the GIL during a call).
  * pip builds it as an optional extension (setup.py); without it the callers use their torch / numpy
@@ -105,3 +105,30 @@ FXS_EXPAND(fxs_expand64, uint64_t)
 
 FXS_MASKED_BAG(fxs_masked_bag_f32, float)
 FXS_MASKED_BAG(fxs_masked_bag_f64, double)
+
+/* --- masked embedding rows under no_grad (ops.embedding_masked) ---------------------------------------
+ * fxs_masked_rows_<T>(weight, mask, rows, dim, ids, nids, out): out[i] = weight[ids[i]] * mask[ids[i]]
+ * (the product rounded as torch's `weight * mask`), one pass, no gathered mask or cast copy. Returns 0,
+ * or -2 for an id outside [0, rows) (checked before anything is written).
+ */
+#define FXS_MASKED_ROWS(NAME, T)                                                                        \
+    FXS_KERNEL int NAME(const T *restrict weight, const uint8_t *restrict mask, int64_t rows, int64_t dim, \
+                        const int64_t *ids, int64_t nids, T *restrict out) {                            \
+        for (int64_t i = 0; i < nids; i++)                                                              \
+            if (ids[i] < 0 || ids[i] >= rows) return -2;                                                \
+        for (int64_t i = 0; i < nids; i++) {                                                            \
+            if (i + FXS_PREFETCH < nids) {                                                              \
+                const char *ahead = (const char *)(weight + ids[i + FXS_PREFETCH] * dim);               \
+                for (int64_t c = 0; c < dim * (int64_t)sizeof(T); c += 64) __builtin_prefetch(ahead + c); \
+                __builtin_prefetch(mask + ids[i + FXS_PREFETCH] * dim);                                 \
+            }                                                                                           \
+            const T *w = weight + ids[i] * dim;                                                         \
+            const uint8_t *m = mask + ids[i] * dim;                                                     \
+            T *o = out + i * dim;                                                                       \
+            for (int64_t d = 0; d < dim; d++) o[d] = w[d] * (T)m[d];                                    \
+        }                                                                                               \
+        return 0;                                                                                       \
+    }
+
+FXS_MASKED_ROWS(fxs_masked_rows_f32, float)
+FXS_MASKED_ROWS(fxs_masked_rows_f64, double)

@@ -1,4 +1,4 @@
-"""The optional C kernels (``_kernels.c``): the compressed-checkpoint decoder and the no-grad masked bag.
+"""The optional C kernels (``_kernels.c``): the compressed-checkpoint decoder, no-grad masked embedding lookups.
 
 ``pip install`` builds ``_kernels.c`` as an optional extension where a C compiler is (``setup.py``);
 this module loads it with ``ctypes`` (no Python API, and ctypes releases the GIL during a call).
@@ -12,16 +12,18 @@ import ctypes
 import importlib.machinery
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["LIB", "expand", "masked_bag"]
+__all__ = ["LIB", "expand", "masked_bag", "masked_rows"]
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     **{f"fxs_expand{bits}": (_I64, [_P, _I64, _I64, _P, _I64, _P]) for bits in (8, 16, 32, 64)},
     **{f"fxs_masked_bag_{t}": (_INT, [_P, _P, _I64, _I64, _P, _I64, _P, _I64, _I64, _INT, _P]) for t in ("f32", "f64")},
+    **{f"fxs_masked_rows_{t}": (_INT, [_P, _P, _I64, _I64, _P, _I64, _P]) for t in ("f32", "f64")},
 }
 
 
@@ -53,19 +55,57 @@ def expand(packed: Tensor, bits: Tensor, target: Tensor) -> int:
     return int(fn(packed.data_ptr(), rows, cols, bits.data_ptr(), bits.numel(), target.data_ptr()))
 
 
-_BAG = {torch.float32: "fxs_masked_bag_f32", torch.float64: "fxs_masked_bag_f64"}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _kernel(kind: str, input: Tensor, weight: Tensor, mask: Tensor) -> Any:
+    """The ``fxs_masked_<kind>_<dtype>`` kernel for these tensors, or None where it does not apply (no
+    library, a dtype or device it lacks, a float mask, a table that is not one contiguous block: the
+    kernels never make a table-sized copy)."""
+    suffix = _SUFFIX.get(weight.dtype)
+    if (LIB is None or suffix is None or weight.device.type != "cpu" or weight.dim() != 2 or mask.dtype != torch.bool
+            or mask.shape != weight.shape or not weight.is_contiguous() or not mask.is_contiguous()
+            or input.dtype not in (torch.int32, torch.int64)):
+        return None
+    return getattr(LIB, f"fxs_masked_{kind}_{suffix}")
+
+
+def _run(fn: Any, calls: list[tuple[Any, ...]], ids: Tensor, rows: int) -> bool:
+    """Run the kernel calls (the first on this thread, the others on the pool); True when all returned 0.
+    An id outside the table (-2) is a RuntimeError naming it, as torch's is a RuntimeError."""
+    others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
+    statuses = [fn(*calls[0])] + [f.result() for f in others]
+    if -2 in statuses:
+        i = int(((ids < 0) | (ids >= rows)).nonzero()[0])
+        raise RuntimeError(f"embedding: id {int(ids[i])} at position {i} of the input is outside the table: ids "
+                           f"must be in [0, {rows})")
+    return all(status == 0 for status in statuses)
+
+
+def masked_rows(input: Tensor, weight: Tensor, mask: Tensor) -> Tensor | None:
+    """``F.embedding(input, weight * mask)`` in one pass (each row times its mask row), or None where the
+    kernel does not apply (see :func:`_kernel`). For autograd-off calls without ``max_norm`` only
+    (``padding_idx``, ``scale_grad_by_freq`` and ``sparse`` change only the gradient)."""
+    fn = _kernel("rows", input, weight, mask)
+    if fn is None:
+        return None
+    ids = input.reshape(-1).to(torch.int64).contiguous()
+    dim = weight.shape[1]
+    out = torch.empty(*input.shape, dim, dtype=weight.dtype)
+    calls = [(weight.data_ptr(), mask.data_ptr(), weight.shape[0], dim, ids.data_ptr() + 8 * start, end - start,
+              out.data_ptr() + out.element_size() * dim * start) for start, end in _split(ids.numel(), ids.numel() * dim)]
+    _run(fn, calls, ids, weight.shape[0])
+    return out
 
 
 def masked_bag(input: Tensor, weight: Tensor, mask: Tensor, offsets: Tensor | None, include_last_offset: bool,
                mean: bool) -> Tensor | None:
     """``F.embedding_bag(input, weight * mask, offsets, mode="sum" / "mean")`` in one pass, or None where
-    the kernel does not apply (no library, a dtype or device it lacks, offsets torch must judge): the
-    caller then takes the torch path. An id outside the table is a RuntimeError naming it (as torch's
-    is a RuntimeError). For autograd-off calls only."""
-    name = _BAG.get(weight.dtype)
-    if (LIB is None or name is None or weight.device.type != "cpu" or weight.dim() != 2 or mask.dtype != torch.bool
-            or mask.shape != weight.shape or not weight.is_contiguous() or not mask.is_contiguous()
-            or input.dtype not in (torch.int32, torch.int64)):
+    the kernel does not apply (see :func:`_kernel`; also offsets torch must judge): the caller then
+    takes the torch path. An id outside the table is a RuntimeError naming it. For autograd-off calls
+    without ``max_norm``, ``per_sample_weights`` or ``padding_idx`` only."""
+    fn = _kernel("bag", input, weight, mask)
+    if fn is None:
         return None
     bounds = None  # a 2-D input: bags of per_bag ids each
     if input.dim() == 2 and offsets is None and input.shape[1] > 0:  # torch refuses bags of no ids
@@ -79,8 +119,8 @@ def masked_bag(input: Tensor, weight: Tensor, mask: Tensor, offsets: Tensor | No
     else:
         return None
     ids = input.reshape(-1).to(torch.int64).contiguous()
-    out = torch.empty(bags, weight.shape[1], dtype=weight.dtype)
-    fn, dim = getattr(LIB, name), weight.shape[1]
+    dim = weight.shape[1]
+    out = torch.empty(bags, dim, dtype=weight.dtype)
     pieces = _split(bags, ids.numel() * dim)
     if len(pieces) > 1 and bounds is not None and (int(bounds[0]) != 0 or int(bounds[-1]) != ids.numel()):
         return None  # offsets torch must judge (each piece is checked alone below)
@@ -96,25 +136,19 @@ def masked_bag(input: Tensor, weight: Tensor, mask: Tensor, offsets: Tensor | No
         calls.append((weight.data_ptr(), mask.data_ptr(), weight.shape[0], dim, ids.data_ptr() + 8 * first, count,
                       None if piece_bounds is None else piece_bounds.data_ptr(), end - start, per_bag, int(mean),
                       out.data_ptr() + out.element_size() * dim * start))
-    others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
-    statuses = [fn(*calls[0])] + [f.result() for f in others]  # this thread takes the first piece
-    if -2 in statuses:
-        i = int(((ids < 0) | (ids >= weight.shape[0])).nonzero()[0])
-        raise RuntimeError(f"embedding_bag: id {int(ids[i])} at position {i} of the input is outside the table: ids "
-                           f"must be in [0, {weight.shape[0]})")
-    return out if all(status == 0 for status in statuses) else None
+    return out if _run(fn, calls, ids, weight.shape[0]) else None
 
 
-#: entries (ids x dim) from which a bag lookup is split across torch.get_num_threads() threads: below
+#: entries (ids x dim) from which a lookup is split across torch.get_num_threads() threads: below
 #: ~0.5 ms of work the hand-off to a pool thread costs more than it saves (measured on 2 cores)
 PARALLEL_WORK = 1 << 21
 
 
-def _split(bags: int, work: int) -> list[tuple[int, int]]:
-    """Contiguous bag ranges, one per thread where the work is large enough to pay for the hand-off."""
-    threads = min(torch.get_num_threads(), bags) if work >= PARALLEL_WORK else 1
-    edges = [bags * i // max(threads, 1) for i in range(threads + 1)]
-    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a] or [(0, bags)]
+def _split(units: int, work: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of ``units`` (ids or bags), one per thread where the work pays for the hand-off."""
+    threads = min(torch.get_num_threads(), units) if work >= PARALLEL_WORK else 1
+    edges = [units * i // max(threads, 1) for i in range(threads + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a] or [(0, units)]
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

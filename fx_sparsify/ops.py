@@ -207,6 +207,10 @@ def embedding_masked(
     table = _from_cache(weight, mask) if _cached(weight, mask) else None
     if table is not None:
         return F.embedding(input, table, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    if not torch.is_grad_enabled() and max_norm is None:  # one fused pass in C (_kernels.c)
+        out = _native.masked_rows(input, weight, mask)
+        if out is not None:
+            return out
     rows = F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     return _mask_rows(rows, F.embedding(input, mask))
 

@@ -156,3 +156,45 @@ def test_bags_split_across_threads_equal_one_pass(case: dict, monkeypatch: pytes
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(split, one, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_lib
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ids", [[0, 1, 2, 49, 0], [[0, 1], [1, 0], [7, 7]], [[[3]], [[0]]], []],
+                         ids=["1d", "2d", "3d", "empty"])
+def test_fused_rows_equal_the_torch_path_and_the_masked_table(ids: list, dtype: torch.dtype, index_dtype: torch.dtype,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    weight, mask = _table(dtype)
+    index = torch.tensor(ids, dtype=index_dtype)
+    with torch.no_grad():
+        assert _native.masked_rows(index, weight, mask) is not None  # the kernel ran
+        fused = ops.embedding_masked(index, weight, mask, padding_idx=1)  # padding_idx: only the gradient
+    want = F.embedding(index, weight * mask.to(dtype), padding_idx=1)
+    monkeypatch.setattr(_native, "LIB", None)
+    with torch.no_grad():
+        torch_path = ops.embedding_masked(index, weight, mask, padding_idx=1)
+    assert fused.dtype == dtype and fused.shape == want.shape == (*index.shape, weight.shape[1])
+    torch.testing.assert_close(fused, want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fused, torch_path, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_lib
+def test_fused_rows_split_across_threads_and_bad_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight, mask = _table()
+    ids = torch.randint(0, 50, (7, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one = ops.embedding_masked(ids, weight, mask)
+    monkeypatch.setattr(_native, "PARALLEL_WORK", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with torch.no_grad():
+            split = ops.embedding_masked(ids, weight, mask)
+            with pytest.raises(RuntimeError, match=r"id -3 at position 2 .* must be in \[0, 50\)"):
+                ops.embedding_masked(torch.tensor([0, 4, -3, 9]), weight, mask)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(split, one, rtol=0, atol=0, equal_nan=True)
+    weight_t = weight.t().contiguous().t()  # not one block: the torch path, no copy of the table
+    assert _native.masked_rows(ids, weight_t, mask) is None and _native.masked_rows(ids, weight.half(), mask) is None
