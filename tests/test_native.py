@@ -198,3 +198,31 @@ def test_fused_rows_split_across_threads_and_bad_ids(monkeypatch: pytest.MonkeyP
     torch.testing.assert_close(split, one, rtol=0, atol=0, equal_nan=True)
     weight_t = weight.t().contiguous().t()  # not one block: the torch path, no copy of the table
     assert _native.masked_rows(ids, weight_t, mask) is None and _native.masked_rows(ids, weight.half(), mask) is None
+
+
+@needs_lib
+def test_random_tables_bags_and_dims_match_torch() -> None:
+    """A property check over odd widths (the vector loops' tails), random bag lengths (empty ones too),
+    both modes, rows and bags."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(rows=st.integers(1, 40), dim=st.integers(1, 37), lengths=st.lists(st.integers(0, 6), min_size=1, max_size=9),
+           seed=st.integers(0, 2**16), mean=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))
+    def check(rows: int, dim: int, lengths: list[int], seed: int, mean: bool, dtype: torch.dtype) -> None:
+        g = torch.Generator().manual_seed(seed)
+        weight = torch.randn(rows, dim, generator=g, dtype=dtype)
+        mask = torch.rand(rows, dim, generator=g) > 0.5
+        ids = torch.randint(0, rows, (sum(lengths),), generator=g)
+        offsets = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+        masked = weight * mask.to(dtype)
+        mode = "mean" if mean else "sum"
+        with torch.no_grad():
+            bag = _native.masked_bag(ids, weight, mask, offsets, False, mean)
+            got_rows = _native.masked_rows(ids, weight, mask)
+        assert bag is not None and got_rows is not None
+        torch.testing.assert_close(bag, F.embedding_bag(ids, masked, offsets, mode=mode), rtol=0, atol=0)
+        assert torch.equal(got_rows, F.embedding(ids, masked))
+
+    check()
