@@ -21,6 +21,9 @@ its bits is set, so ``-0.0`` and NaN round-trip: loading is bit-exact. Files wri
 ``compressed-tensors`` (no header; every ``P.shape`` / ``P.compressed`` / ``P.bitmask`` group is
 read as ``P.weight``) load as well.
 
+Decoding runs in C (``_kernels.c`` via :mod:`._native`) where the optional kernels were built, else with
+numpy, else with torch alone: the same tensors, bit for bit.
+
 With ``zstd=LEVEL`` (the ``zstd`` extra: ``pip install fx-sparsify[zstd]``) the whole safetensors
 file is wrapped in one zstd frame; :func:`load_compressed` recognises the frame by its magic number.
 """
@@ -46,8 +49,6 @@ try:  # numpy packs and scatters bits ~10x faster than the torch fallback; optio
     import numpy as _np
 except ModuleNotFoundError:  # pragma: no cover - exercised by monkeypatching _np in the tests
     _np = None
-
-
 
 __all__ = ["FORMAT", "VERSION", "save_compressed", "load_compressed"]
 
