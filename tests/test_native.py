@@ -226,3 +226,18 @@ def test_random_tables_bags_and_dims_match_torch() -> None:
         assert torch.equal(got_rows, F.embedding(ids, masked))
 
     check()
+
+
+@needs_lib
+@pytest.mark.parametrize("kind", ["bag", "rows"])
+def test_lookups_allocate_only_their_output(kind: str) -> None:
+    """The invariant behind the speed (issue 14): no gathered rows, no cast mask, nothing table-sized;
+    the output is the only allocation (the torch path allocates ids x dim floats several times)."""
+    weight, mask = torch.randn(20000, 64), torch.rand(20000, 64) > 0.5
+    ids = torch.randint(0, 20000, (64, 20))
+    call = (lambda: ops.embedding_bag_masked(ids, weight, mask, mode="sum")) if kind == "bag" else (
+        lambda: ops.embedding_masked(ids, weight, mask))
+    with torch.no_grad(), torch.profiler.profile(profile_memory=True) as prof:
+        out = call()
+    allocated = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocated == [out.nbytes]
