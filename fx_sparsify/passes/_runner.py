@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
-__all__ = ["PassResult", "finish"]
+__all__ = ["PassResult", "finish", "eliminate_dead_code", "writes_in_place"]
+
+#: Python-level functions that write into their first argument (fx records ``x += y`` / ``x[i] = y``)
+_WRITES_INTO = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.imatmul, operator.setitem,
+})
 
 
 @dataclass
@@ -24,3 +32,32 @@ def finish(gm: GraphModule, created: dict[str, dict[str, str]]) -> PassResult:
     if created:
         gm.recompile()
     return PassResult(gm, bool(created), created)
+
+
+def writes_in_place(node: Node) -> bool:
+    """Whether ``node`` writes into a tensor other nodes may read: an op with a mutable schema (export's
+    ``aten.relu_``), and in an fx capture a module with ``inplace=True``, ``x.relu_()``,
+    ``torch.relu_(x)``, ``F.relu(x, inplace=True)``, ``x += y``, ``x[i] = y``."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return getattr(node.graph.owning_module.get_submodule(str(node.target)), "inplace", False) is True
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("_")
+    if node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return bool(schema.is_mutable)
+        if node.target in _WRITES_INTO:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+    return False
+
+
+def eliminate_dead_code(gm: GraphModule) -> bool:
+    """``gm.graph.eliminate_dead_code()`` that also keeps in-place ops whose result is unused (torch's purity
+    test misses them in an fx capture): ``self.act(h)`` with ``nn.ReLU(inplace=True)`` changes ``h`` for its
+    later readers, and dropping it would change the output."""
+    return gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or writes_in_place(n))

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from ..state import SparsityState
-from ._runner import PassResult, finish
+from ._runner import PassResult, eliminate_dead_code, finish
 from ._semi_structured import SemiStructuredLinear, semi_structured_problem
 
 __all__ = [
@@ -430,7 +430,7 @@ def apply_sparse_storage(gm: GraphModule, state: SparsityState, storage: str = "
             continue
         sparse.train(gm.training)
         _install(gm, site, sparse)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.storage_choices = choices  # type: ignore[assignment]
     return finish(gm, created)
 
@@ -477,7 +477,7 @@ def _apply_semi_structured(gm: GraphModule, masked: set[str]) -> PassResult:
     for layer, module in layers.items():
         module.train(gm.training)
         _install(gm, sites[layer], module)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.storage_choices = choices  # type: ignore[assignment]
     return finish(gm, created)
 

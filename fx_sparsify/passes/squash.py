@@ -28,7 +28,7 @@ from .. import ops
 from .._masks import is_masked, masked_copy, zero_pruned_
 from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
-from ._runner import PassResult, finish
+from ._runner import PassResult, eliminate_dead_code, finish
 from ..state import SparsityState, TargetRecord
 from .insert_activation_masks import LayerIndex
 
@@ -177,7 +177,7 @@ def strip(gm: GraphModule) -> PassResult:
     """Drop our meta key and the nodes nothing uses any more."""
     for node in gm.graph.nodes:
         node.meta.pop(META_KEY, None)
-    changed = gm.graph.eliminate_dead_code()
+    changed = eliminate_dead_code(gm)  # in-place ops whose result is unused stay
     return finish(gm, {"dead code": {}} if changed else {})
 
 
