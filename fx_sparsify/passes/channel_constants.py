@@ -204,6 +204,7 @@ def build_program(graph: _Graph, flood: _Flood) -> ConstProgram:
         else:
             step = ConstStep(node.name, "var", d, o, k, why=f"{node.name} ({kind}) does not carry a constant through")
         prog.steps.append(step)
+    _rewritten_values(prog, slots)
     for node, pos, _dim in sorted(flood.done, key=lambda t: (t[0].name, t[1])):
         op = graph.ops.get(node)
         if pos < 0 or op is None or op.kind == "shape":
@@ -230,6 +231,26 @@ def build_program(graph: _Graph, flood: _Flood) -> ConstProgram:
             prog.sinks.append((node.name, f"the channel reaches {node.name} ({op.kind}), where a constant cannot be "
                                           "folded into a bias"))
     return prog
+
+
+def _rewritten_values(prog: ConstProgram, slots: Mapping[Node, Any]) -> None:
+    """Make a coupled value that an in-place op rewrites (``nn.ReLU(inplace=True)``, ``x.relu_()``) not
+    constant when another node reads it too: that reader sees the rewritten value, not the constant the
+    program gives the value itself, so its channel stays rather than folding a wrong constant."""
+    from ._runner import writes_in_place
+
+    at = {step.node: i for i, step in enumerate(prog.steps)}
+    for node in slots:
+        if not node.args or not writes_in_place(node):
+            continue
+        value = node.args[0]
+        if not isinstance(value, Node) or value.name not in at or len(value.users) < 2:
+            continue
+        old = prog.steps[at[value.name]]
+        others = ", ".join(sorted(u.name for u in value.users if u is not node))
+        prog.steps[at[value.name]] = ConstStep(
+            old.node, "var", old.dim, old.offset, old.width,
+            why=f"{node.name} rewrites {value.name} in place and {others} read(s) it too")
 
 
 # --- evaluation --------------------------------------------------------------------------------------
