@@ -344,7 +344,12 @@ FUNCTIONS: dict[Any, tuple[str, Normalizer]] = {
     aten.slice: ("slice", _n_slice), aten.select: ("select", _n_select),
     operator.getitem: ("getitem", _n_x), getattr: ("shape", _n_none), aten.sym_size: ("shape", _n_none),
 }
-for _name in _POINTWISE_NAMES:
+# the in-place forms too (``relu_``, ``add_``): torch.export keeps them (``nn.ReLU(inplace=True)``,
+# ``out += identity``) and fx records ``x.relu_()`` / ``torch.relu_(x)``; they map channels as their
+# out-of-place forms, and the constant analysis (channel_constants.py) keeps a channel whose value one
+# of them rewrites under another reader
+_INPLACE_POINTWISE_NAMES = [f"{name}_" for name in _POINTWISE_NAMES]
+for _name in _POINTWISE_NAMES + _INPLACE_POINTWISE_NAMES:
     for _ns in (torch, F, aten):
         _fn = getattr(_ns, _name, None)
         if _fn is not None and callable(_fn):
@@ -358,7 +363,7 @@ for _name, _k in (("adaptive_avg_pool", 0), ("adaptive_max_pool", 0), ("avg_pool
 
 #: call_method names → (rule kind, normalizer)
 METHODS: dict[str, tuple[str, Normalizer]] = {
-    **{name: ("pointwise", _n_pointwise) for name in _POINTWISE_NAMES},
+    **{name: ("pointwise", _n_pointwise) for name in _POINTWISE_NAMES + _INPLACE_POINTWISE_NAMES},
     "view": ("reshape", _n_shape_args(1)), "reshape": ("reshape", _n_shape_args(1)), "flatten": ("reshape", _n_x),
     "squeeze": ("reshape", _n_x), "unsqueeze": ("reshape", _n_x), "unflatten": ("reshape", _n_unflatten),
     "view_as": ("reshape", _n_x), "reshape_as": ("reshape", _n_x), "expand": ("expand", _n_shape_args(1)),

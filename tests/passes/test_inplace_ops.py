@@ -66,3 +66,43 @@ def test_shrink_does_not_fold_a_constant_an_in_place_op_rewrote(how: str, captur
         torch.testing.assert_close(small(x), sgm(x), atol=1e-5, rtol=1e-5)
     if capture == "fx":  # fc2 reads fc1's output node itself, after the ReLU rewrote it: the rows stay
         assert small.get_parameter("fc1.weight").shape == (8, 4)
+
+
+class InplaceBlock(nn.Module):
+    """A residual Conv-BN-ReLU block written as torchvision's ResNet: ``ReLU(inplace=True)``, ``out += x``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn0(self.stem(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        out = self.relu(out)
+        return self.head(out.mean((2, 3)))
+
+
+def test_export_capture_shrinks_through_in_place_ops() -> None:
+    """torch.export keeps ``aten.relu_`` / ``aten.add_``: the channel analysis had no rule for them, so no
+    group of an export-captured ResNet could shrink ("no channel rule for function relu_.default")."""
+    torch.manual_seed(0)
+    model, x = InplaceBlock().eval(), torch.randn(2, 3, 8, 8)
+    sgm = fxs.sparsify_graph(model, {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]},
+                             capture="export", example_inputs=(x,))
+    assert sgm._fxs.capture == "export"
+    sgm.eval()
+    sgm.step()
+    small = sgm.squash(shrink=True)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), sgm(x), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert small.get_parameter("conv1.weight").shape[0] == 8
