@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from ._modules import find_tensor
-from .passes.channel_groups import ChannelGroup, ChannelPlan
+from .passes.channel_groups import FUNCTIONS, ChannelGroup, ChannelPlan, _arg, _at
 from .passes.shrink import refresh_attributes
 from .state import SparsityState
 
@@ -81,6 +81,33 @@ def _config_widths(plan: ChannelPlan, keeps: dict[int, Tensor], model: nn.Module
     return out
 
 
+def _module_edits(plan: ChannelPlan, shrunk: GraphModule, model: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """(module of ``model``, attribute, new value) for every size attribute the shrink rewrote: a module
+    attribute in an fx capture, and in an export capture a convolution's ``groups`` call argument (depthwise
+    convolutions), which belongs to the module owning that call's weight."""
+    nodes = {n.name: n for n in shrunk.graph.nodes}
+    out: list[tuple[nn.Module, str, Any]] = []
+    for group in plan.groups:
+        for edit in group.edits if group.removable else ():
+            if edit.kind == "attr":
+                out.append((model.get_submodule(edit.where), edit.path[0],
+                            getattr(shrunk.get_submodule(edit.where), edit.path[0])))
+                continue
+            node = nodes.get(edit.where)
+            if node is None or node.op != "call_function":
+                continue
+            entry = FUNCTIONS.get(node.target) or FUNCTIONS.get(getattr(node.target, "overloadpacket", None))
+            weight = _arg(node, 1, "weight")
+            if entry is None or entry[0] != "conv" or tuple(edit.path) not in (("args", 6), ("kwargs", "groups")) \
+                    or not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+                continue  # other call arguments (view shapes of heads) live in the model's forward code
+            owner = str(weight.target).rpartition(".")[0]
+            module = model.get_submodule(owner)
+            if hasattr(module, "groups"):
+                out.append((module, "groups", _at(node, tuple(edit.path))))
+    return out
+
+
 def shrink_into(state: SparsityState, shrunk: GraphModule, keeps: dict[int, Tensor], model: nn.Module) -> nn.Module:
     """Write ``shrunk`` (a ``squash(shrink=True)`` result) into ``model`` in place and return it."""
     plan: ChannelPlan = state.extra["channels"]
@@ -91,6 +118,7 @@ def shrink_into(state: SparsityState, shrunk: GraphModule, keeps: dict[int, Tens
                          f"sparsified ({state.class_name})")
     shapes = {k: tuple(find_tensor(model, k).shape) for k in source}  # type: ignore[union-attr]
     fields = _config_widths(plan, keeps, model, shapes)  # all checks before anything changes
+    edits = _module_edits(plan, shrunk, model)
     with torch.no_grad():
         for key, value in source.items():
             tensor = find_tensor(model, key)
@@ -105,10 +133,8 @@ def shrink_into(state: SparsityState, shrunk: GraphModule, keeps: dict[int, Tens
                 module._parameters[leaf].data = new.clone()  # type: ignore[union-attr]
             else:
                 module._buffers[leaf] = new.clone()
-    for group in plan.groups:  # module attributes the shrink rewrote in the graph module (depthwise groups)
-        for edit in group.edits if group.removable else ():
-            if edit.kind == "attr":
-                setattr(model.get_submodule(edit.where), edit.path[0], getattr(shrunk.get_submodule(edit.where), edit.path[0]))
+    for module, name, value in edits:  # size attributes the shrink rewrote (depthwise groups)
+        setattr(module, name, value)
     refresh_attributes(model)
     config = getattr(model, "config", None)
     for field, value in fields.items():

@@ -173,3 +173,20 @@ def test_zero_columns_made_by_other_rules_shrink_their_producer(spec: dict[str, 
     assert sgm.squash().state_dict()["fc1.weight"].shape == (64, 20)  # shrink=False leaves them
     plain = fxs.sparsify_graph(model, spec)  # without example inputs the fx capture has no shapes: no plan, no error
     assert "channels" not in plain._fxs.extra
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_squash_into_shrinks_a_depthwise_convolution_of_the_users_model(capture: str) -> None:
+    """An export graph holds a depthwise convolution's ``groups`` as a call argument: squash_into(shrink=True)
+    resized the user's dw.weight but left ``dw.groups`` (a RuntimeError at the next forward, timm's MobileViT)."""
+    torch.manual_seed(0)
+    model, x = randomise_norms(ResidualCNN().eval()), torch.randn(2, 3, 8, 8)
+    spec = {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,), capture=capture)
+    sgm.eval()
+    sgm.step()
+    mine = copy.deepcopy(model)
+    assert sgm.squash_into(mine, shrink=True) is mine
+    assert (mine.dw.weight.shape[0], mine.dw.groups, mine.dw.in_channels, mine.dw.out_channels) == (8, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x), sgm(x), atol=1e-5, rtol=1e-5)
