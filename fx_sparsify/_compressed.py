@@ -155,10 +155,12 @@ def _scatter(packed: Tensor, values: Tensor, shape: tuple[int, ...], out: Tensor
     if out is None:
         # torch's allocator, not numpy's: numpy asks for transparent huge pages, and the kernel's compaction
         # for those made a first load in a fresh process ~4x slower here (1.6 s against 0.36 s for 720 MB)
-        out = torch.empty(shape, dtype=values.dtype)
+        out = torch.empty(shape, dtype=values.dtype, device="cpu")
     target = _as_bits(out.detach()).view(rows, cols)
     with torch.no_grad():
         if _native.LIB is not None:
+            if bits.data_ptr() % bits.element_size():  # a file whose values start off their alignment
+                bits = bits.clone()
             _scatter_native(packed.contiguous(), bits.contiguous(), target)
         elif _np is not None:
             _scatter_np(packed, bits, target)
@@ -360,6 +362,9 @@ def _validate(path: Path, name: str, parts: dict[str, Tensor]) -> tuple[int, ...
     if shape_t.dim() != 1 or shape_t.is_floating_point() or bool((shape_t < 0).any()) or shape_t.numel() == 0:
         raise ValueError(f"{where}: its shape part must be a 1-D tensor of sizes, got {shape_t.tolist()}")
     shape = tuple(int(s) for s in shape_t.tolist())
+    if math.prod(shape) >= 2**62:
+        raise ValueError(f"{where}: its shape part {list(shape)} holds {math.prod(shape)} entries, more than any tensor "
+                         "can; the file is corrupt")
     rows, cols = _grid(shape)
     if values.dim() != 1 or not values.is_floating_point() or values.element_size() not in _BITS:
         raise ValueError(f"{where}: its values must be a 1-D floating tensor, got {values.dtype} {tuple(values.shape)}")
@@ -450,6 +455,9 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     model.load_state_dict(state, strict=strict and not direct)
     for name, (target, prefix) in direct.items():
         _expand(grouped[prefix], shapes[name], out=target)
+        # written through its memory, not an in-place op: bump the version as copy_ would (autograd's
+        # saved-tensor check, the eval cache of weight * mask)
+        torch.autograd.graph.increment_version(target)
     return model
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
-from concurrent.futures import ThreadPoolExecutor
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.autograd.forward_ad as _fwad
+from torch import Tensor, nn
 
 __all__ = ["LIB", "expand", "masked_bag", "masked_rows"]
 
@@ -33,11 +36,14 @@ def _load() -> ctypes.CDLL | None:
         if path.is_file():
             try:
                 lib = ctypes.CDLL(str(path))
-            except OSError:  # pragma: no cover - a library built for another platform
+                for name, (restype, argtypes) in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.restype, fn.argtypes = restype, argtypes
+            except (OSError, AttributeError) as err:  # another platform's build, or one older than this code
+                warnings.warn(f"fx_sparsify: not using the C kernels in {path.name} ({err}); reinstall "
+                              "(pip install -e .) to rebuild them. The torch / numpy paths give the same results",
+                              RuntimeWarning, stacklevel=2)
                 return None
-            for name, (restype, argtypes) in _SIGNATURES.items():
-                fn = getattr(lib, name)
-                fn.restype, fn.argtypes = restype, argtypes
             return lib
     return None
 
@@ -51,6 +57,9 @@ def expand(packed: Tensor, bits: Tensor, target: Tensor) -> int:
     into the integer view ``target`` ``[rows, cols]`` (every entry written); returns the values used
     (-1: the mask marks more entries than there are values). All three contiguous CPU tensors."""
     rows, cols = target.shape
+    assert all(t.device.type == "cpu" and t.is_contiguous() for t in (packed, bits, target)), "CPU, contiguous"
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, (cols + 7) // 8)
+    assert bits.element_size() == target.element_size() and not bits.is_floating_point()
     fn = getattr(LIB, f"fxs_expand{8 * bits.element_size()}")
     return int(fn(packed.data_ptr(), rows, cols, bits.data_ptr(), bits.numel(), target.data_ptr()))
 
@@ -58,27 +67,62 @@ def expand(packed: Tensor, bits: Tensor, target: Tensor) -> int:
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
-def _kernel(kind: str, input: Tensor, weight: Tensor, mask: Tensor) -> Any:
+def _plain_cpu(t: Tensor) -> bool:
+    """A real CPU tensor whose ``data_ptr()`` is its memory: not a subclass (fake, functorch wrapper), not meta."""
+    return type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and t.layout == torch.strided
+
+
+def _transformed() -> bool:
+    """Inside something that traces or transforms the call (compile, export, make_fx, vmap / grad, forward
+    AD, a torch function / dispatch mode): the kernels would read no real memory there, so torch's path runs."""
+    return (torch.compiler.is_compiling() or _probe("_len_torch_function_stack") > 0
+            or _probe("_len_torch_dispatch_stack") > 0 or _functorch_level() is not None
+            or getattr(_fwad, "_current_level", -1) >= 0)
+
+
+def _probe(name: str) -> int:
+    fn = getattr(torch._C, name, None)
+    return fn() if fn is not None else 0
+
+
+def _functorch_level() -> int | None:
+    fn = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+    return fn() if fn is not None else None
+
+
+def _kernel(kind: str, input: Tensor, weight: Tensor, mask: Tensor, offsets: Tensor | None = None) -> Any:
     """The ``fxs_masked_<kind>_<dtype>`` kernel for these tensors, or None where it does not apply (no
-    library, a dtype or device it lacks, a float mask, a table that is not one contiguous block: the
-    kernels never make a table-sized copy)."""
+    library, a dtype it lacks, a float mask, a table that is not one contiguous block (the kernels never
+    make a table-sized copy), anything but plain CPU tensors, a transform or tracer around the call)."""
     suffix = _SUFFIX.get(weight.dtype)
-    if (LIB is None or suffix is None or weight.device.type != "cpu" or weight.dim() != 2 or mask.dtype != torch.bool
-            or mask.shape != weight.shape or not weight.is_contiguous() or not mask.is_contiguous()
-            or input.dtype not in (torch.int32, torch.int64)):
+    if (LIB is None or suffix is None or weight.dim() != 2 or mask.dtype != torch.bool or mask.shape != weight.shape
+            or input.dtype not in _INDEX or (offsets is not None and offsets.dtype not in _INDEX)
+            or not all(_plain_cpu(t) for t in (input, weight, mask) + (() if offsets is None else (offsets,)))
+            or not weight.is_contiguous() or not mask.is_contiguous() or _transformed()):
         return None
     return getattr(LIB, f"fxs_masked_{kind}_{suffix}")
+
+
+_INDEX = (torch.int32, torch.int64)
+
+
+class EmbeddingIdError(IndexError, RuntimeError):
+    """An id outside the table: an IndexError as ``F.embedding``'s, a RuntimeError as ``F.embedding_bag``'s."""
 
 
 def _run(fn: Any, calls: list[tuple[Any, ...]], ids: Tensor, rows: int) -> bool:
     """Run the kernel calls (the first on this thread, the others on the pool); True when all returned 0.
     An id outside the table (-2) is a RuntimeError naming it, as torch's is a RuntimeError."""
     others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
-    statuses = [fn(*calls[0])] + [f.result() for f in others]
+    try:
+        statuses = [fn(*calls[0])]
+    finally:  # the pieces write into the caller's tensors: never return (or raise) while one still runs
+        wait(others)
+    statuses += [f.result() for f in others]
     if -2 in statuses:
         i = int(((ids < 0) | (ids >= rows)).nonzero()[0])
-        raise RuntimeError(f"embedding: id {int(ids[i])} at position {i} of the input is outside the table: ids "
-                           f"must be in [0, {rows})")
+        raise EmbeddingIdError(f"embedding: id {int(ids[i])} at position {i} of the input is outside the table: "
+                               f"ids must be in [0, {rows})")
     return all(status == 0 for status in statuses)
 
 
@@ -91,7 +135,7 @@ def masked_rows(input: Tensor, weight: Tensor, mask: Tensor) -> Tensor | None:
         return None
     ids = input.reshape(-1).to(torch.int64).contiguous()
     dim = weight.shape[1]
-    out = torch.empty(*input.shape, dim, dtype=weight.dtype)
+    out = torch.empty(*input.shape, dim, dtype=weight.dtype, device="cpu")
     calls = [(weight.data_ptr(), mask.data_ptr(), weight.shape[0], dim, ids.data_ptr() + 8 * start, end - start,
               out.data_ptr() + out.element_size() * dim * start) for start, end in _split(ids.numel(), ids.numel() * dim)]
     _run(fn, calls, ids, weight.shape[0])
@@ -102,28 +146,30 @@ def masked_bag(input: Tensor, weight: Tensor, mask: Tensor, offsets: Tensor | No
                mean: bool) -> Tensor | None:
     """``F.embedding_bag(input, weight * mask, offsets, mode="sum" / "mean")`` in one pass, or None where
     the kernel does not apply (see :func:`_kernel`; also offsets torch must judge): the caller then
-    takes the torch path. An id outside the table is a RuntimeError naming it. For autograd-off calls
-    without ``max_norm``, ``per_sample_weights`` or ``padding_idx`` only."""
-    fn = _kernel("bag", input, weight, mask)
+    takes the torch path. An id outside the table is an :class:`EmbeddingIdError` naming it. For
+    autograd-off calls without ``max_norm``, ``per_sample_weights`` or ``padding_idx`` only."""
+    fn = _kernel("bag", input, weight, mask, offsets)
     if fn is None:
         return None
+    ids = input.reshape(-1).to(torch.int64).contiguous()
     bounds = None  # a 2-D input: bags of per_bag ids each
     if input.dim() == 2 and offsets is None and input.shape[1] > 0:  # torch refuses bags of no ids
         bags, per_bag = input.shape
     elif input.dim() == 1 and offsets is not None and offsets.dim() == 1 and offsets.numel() > 0:
         bounds = offsets.to(torch.int64)
         if not include_last_offset:
-            bounds = torch.cat([bounds, bounds.new_tensor([input.numel()])])
+            bounds = torch.cat([bounds, bounds.new_tensor([ids.numel()])])
+        # offsets torch must judge (not from 0, decreasing, past the input): its own answer or error. Checked
+        # whole, before any piece runs: a piece's rebased offsets cannot see the others'
+        if int(bounds[0]) != 0 or int(bounds[-1]) != ids.numel() or bool((bounds[1:] < bounds[:-1]).any()):
+            return None
         bags, per_bag = bounds.numel() - 1, 0
         bounds = bounds.contiguous()
     else:
         return None
-    ids = input.reshape(-1).to(torch.int64).contiguous()
     dim = weight.shape[1]
-    out = torch.empty(bags, dim, dtype=weight.dtype)
+    out = torch.empty(bags, dim, dtype=weight.dtype, device="cpu")
     pieces = _split(bags, ids.numel() * dim)
-    if len(pieces) > 1 and bounds is not None and (int(bounds[0]) != 0 or int(bounds[-1]) != ids.numel()):
-        return None  # offsets torch must judge (each piece is checked alone below)
     calls, keep = [], []
     for start, end in pieces:  # bags [start, end): their ids, rebased offsets and rows of out
         if bounds is None:
@@ -152,6 +198,8 @@ def _split(units: int, work: int) -> list[tuple[int, int]]:
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:

@@ -207,7 +207,9 @@ def embedding_masked(
     table = _from_cache(weight, mask) if _cached(weight, mask) else None
     if table is not None:
         return F.embedding(input, table, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    if not torch.is_grad_enabled() and max_norm is None:  # one fused pass in C (_kernels.c)
+    # one fused pass in C (_kernels.c); an out-of-range padding_idx gets F.embedding's own error
+    if not torch.is_grad_enabled() and max_norm is None and (padding_idx is None or -weight.shape[0] <= padding_idx
+                                                              < weight.shape[0]):
         out = _native.masked_rows(input, weight, mask)
         if out is not None:
             return out

@@ -417,3 +417,39 @@ def test_c_decoder_never_reads_past_the_values() -> None:
     assert torch.equal(out.view(-1)[:40], values)
     with pytest.raises(ValueError, match="marks more entries"):
         _compressed._scatter_native(packed, values, torch.zeros(4, 16, dtype=torch.int32))
+
+
+def test_a_shape_no_tensor_can_have_is_a_clear_error(saved: Path) -> None:
+    def huge(t: dict[str, torch.Tensor], h: dict[str, Any]) -> None:
+        t["a.shape"] = torch.tensor([2**31, 2**31, 4], dtype=torch.int64)
+
+    with pytest.raises(ValueError, match=r"tensor 'a.weight': its shape part .* more than any tensor can"):
+        fxs.load_compressed(_rewrite(saved, huge))
+
+
+def test_loading_into_a_model_bumps_the_version_counters(tmp_path: Path) -> None:
+    """The tensors are written through their memory: the version moves as with copy_, so a pending
+    backward that saved the old weight fails loudly and the eval cache of weight * mask is recomputed."""
+    model = MLP()
+    path = tmp_path / "c.safetensors"
+    fxs.save_compressed({k: _sparse(tuple(v.shape), 0.5) if k.endswith("weight") else v
+                         for k, v in model.state_dict().items()}, path)
+    x = torch.randn(2, 16, requires_grad=True)
+    loss = model(x).square().sum()  # saves fc weights for backward
+    before = {k: p._version for k, p in model.named_parameters()}
+    fxs.load_compressed(path, model)
+    assert all(p._version > before[k] for k, p in model.named_parameters() if k.endswith("weight"))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_values_off_their_alignment_decode_the_same() -> None:
+    """safetensors may hand back a tensor that starts off its element alignment (a crafted file)."""
+    t = _sparse((8, 24), 0.5, torch.float64)
+    parts = _compressed._compress(t)
+    raw = torch.zeros(parts["compressed"].numel() * 8 + 2, dtype=torch.uint8)
+    raw[2:].copy_(parts["compressed"].view(torch.uint8))
+    shifted = torch.frombuffer(raw.numpy().data, dtype=torch.float64, offset=2, count=parts["compressed"].numel())
+    assert shifted.data_ptr() % 8 == 2
+    back = _compressed._expand({**parts, "compressed": shifted}, tuple(t.shape))
+    assert torch.equal(_bits(back), _bits(t))

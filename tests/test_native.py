@@ -241,3 +241,83 @@ def test_lookups_allocate_only_their_output(kind: str) -> None:
         out = call()
     allocated = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
     assert allocated == [out.nbytes]
+
+
+# --- what must never reach the kernels (review findings) ----------------------------------------------------
+@needs_lib
+def test_offsets_past_the_input_or_decreasing_get_torchs_error_never_a_read_past_the_ids(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ids are a view of a longer buffer: offsets past the input (include_last_offset) or decreasing
+    (split across threads: a piece cannot see the others' offsets) must not make the kernel read on."""
+    weight, mask = _table()
+    ids = torch.tensor([1, 2, 3, 4, 5])[:3]
+    last = torch.tensor([0, 5])
+    assert _native.masked_bag(ids, weight, mask, last, True, False) is None
+    with pytest.raises(RuntimeError) as want, torch.no_grad():
+        F.embedding_bag(ids, weight * mask, last, mode="sum", include_last_offset=True)
+    with pytest.raises(RuntimeError) as got, torch.no_grad():
+        ops.embedding_bag_masked(ids, weight, mask, last, mode="sum", include_last_offset=True)
+    assert str(got.value) == str(want.value)
+    monkeypatch.setattr(_native, "PARALLEL_WORK", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ids = torch.arange(10)[:4]
+        assert _native.masked_bag(ids, weight, mask, torch.tensor([0, 3, 1]), False, False) is None
+        assert _native.masked_bag(ids, weight, mask, torch.tensor([0.0, 2.0]), False, False) is None  # float offsets
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_lib
+def test_an_id_outside_the_table_is_both_torchs_error_types() -> None:
+    weight, mask = _table()
+    with pytest.raises(IndexError), torch.no_grad():  # as F.embedding's
+        ops.embedding_masked(torch.tensor([3, 50]), weight, mask)
+    with pytest.raises(RuntimeError), torch.no_grad():  # as F.embedding_bag's
+        ops.embedding_bag_masked(torch.tensor([[3, 50]]), weight, mask, mode="sum")
+    with pytest.raises(AssertionError) as want:
+        F.embedding(torch.tensor([1]), weight, padding_idx=60)
+    with pytest.raises(AssertionError) as got, torch.no_grad():  # an out-of-range padding_idx: torch's check
+        ops.embedding_masked(torch.tensor([1]), weight, mask, padding_idx=60)
+    assert str(got.value) == str(want.value)
+
+
+@needs_lib
+def test_tensors_without_real_cpu_memory_and_transforms_take_the_torch_path() -> None:
+    """meta / fake tensors, a default device, forward AD and vmap: no data_ptr() of them is ever read."""
+    import torch.autograd.forward_ad as fwad
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    weight, mask = _table()
+    ids = torch.tensor([[0, 3], [4, 1]])
+    want = F.embedding(ids, weight * mask)
+    with torch.no_grad():
+        assert _native.masked_rows(ids.to("meta"), weight, mask) is None
+        assert _native.masked_rows(ids, weight, mask.to("meta")) is None
+        meta = ops.embedding_masked(ids.to("meta"), weight.to("meta"), mask.to("meta"))
+        assert meta.device.type == "meta" and meta.shape == want.shape
+        with torch.device("meta"):  # the default device: the output is still a CPU tensor
+            torch.testing.assert_close(ops.embedding_masked(ids, weight, mask), want, rtol=0, atol=0, equal_nan=True)
+        with FakeTensorMode() as mode:
+            fake = ops.embedding_masked(mode.from_tensor(ids), mode.from_tensor(weight), mode.from_tensor(mask))
+        assert fake.shape == want.shape
+        with fwad.dual_level():
+            dual = fwad.make_dual(weight, torch.ones_like(weight))
+            assert _native.masked_rows(ids, dual, mask) is None
+        rows = torch.func.vmap(lambda i: ops.embedding_masked(i, weight, mask))(ids)
+    torch.testing.assert_close(rows, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_stale_build_warns_and_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An editable install not rebuilt after a pull lacks a kernel this code calls: import must still work."""
+    if _native.LIB is None:
+        pytest.skip("no library to load")
+
+    class Old:  # a library without the newer symbols
+        def __getattr__(self, name: str) -> None:
+            raise AttributeError(f"undefined symbol: {name}")
+
+    monkeypatch.setattr(_native.ctypes, "CDLL", lambda path: Old())
+    with pytest.warns(RuntimeWarning, match=r"not using the C kernels .* reinstall \(pip install -e \.\)"):
+        assert _native._load() is None
