@@ -50,6 +50,12 @@ def _unfold_of(name: str, conv: nn.Conv2d) -> dict[str, Any]:
     return {"kernel_size": conv.kernel_size, "dilation": conv.dilation, "padding": conv.padding, "stride": conv.stride}
 
 
+def _tied_names(model: nn.Module, name: str) -> list[str]:
+    """The other FQNs of the parameter ``name`` (a tied ``lm_head.weight`` for ``embed.weight``)."""
+    tensor = dict(model.named_parameters(remove_duplicate=False)).get(name)
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if p is tensor and n != name]
+
+
 def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, tuple[str, str, bool, dict[str, Any] | None]]:
     """Layer FQN → (weight target, hessian dtype name, sequential, Conv2d unfold arguments or None) for
     ``sparsegpt`` rules; errors name the layer.
@@ -70,10 +76,14 @@ def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, 
         module = model.get_submodule(layer) if name.endswith(".weight") else None
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             kind = type(module).__name__ if module is not None else "not a layer's weight"
+            tied = _tied_names(model, name)
+            why = (f" It is one tensor with {', '.join(map(repr, tied))} (tied weights, named after their first use), "
+                   f"which the rule selected: exclude it with {{'target': {tied[0].rpartition('.')[0]!r}, "
+                   "'method': 'dense'} after this rule, or untie the weights." if tied else "")
             raise ValueError(
                 f"'method': 'sparsegpt' reconstructs nn.Linear (and nn.Conv2d) weights from their inputs; {name!r} "
-                f"({kind}) is not the weight of either. Select Linear layers for this rule, or use another method "
-                "(e.g. l1_unstructured, nm) for this layer"
+                f"({kind}) is not the weight of either.{why} Select Linear layers for this rule, or use another "
+                "method (e.g. l1_unstructured, nm) for this layer"
             )
         unfold = _unfold_of(name, module) if isinstance(module, nn.Conv2d) else None
         if getattr(rule, "scores", None) is not None:

@@ -159,3 +159,26 @@ def test_a_singular_hessian_without_damping_is_an_error_saying_what_to_do() -> N
     h = x @ x.T
     with pytest.raises(ValueError, match="raise 'damp'"):
         sparsegpt_prune(w, h - 2 * torch.diag(h.diagonal()), sparsity=0.5, damp=0.0)
+
+
+def test_a_tied_lm_head_selected_by_type_names_the_tie_and_the_way_out() -> None:
+    """'type:Linear' selects a head tied to the embedding (GPT-2): the target is named after the embedding,
+    so the error says which selected layer it is and how to exclude it; doing so works."""
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.fc(self.emb(ids))))
+
+    rule = {"target": "type:Linear", "method": "sparsegpt", "sparsity": 0.5}
+    with pytest.raises(ValueError, match=r"one tensor with 'head.weight' \(tied.*\{'target': 'head', 'method': 'dense'\}"):
+        fxs.sparsify_graph(TiedLM(), {"weights": [rule]})
+    sgm = fxs.sparsify_graph(TiedLM(), {"weights": [rule, {"target": "head", "method": "dense"}]})
+    sgm(torch.randint(0, 10, (4, 5)))
+    sgm.step()
+    assert sgm.sparsity() == {"fc.weight": 0.5}
