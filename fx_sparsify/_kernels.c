@@ -7,12 +7,24 @@
  */
 #include <stdint.h>
 
-/* On x86-64 each kernel is also compiled for AVX2 and picked at load time by the CPU it runs on
- * (gcc / clang function multi-versioning); the baseline build is plain x86-64 (SSE2). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(FXS_NO_CLONES)
+/* On x86-64 Linux (ELF: ifunc) each kernel is also compiled for AVX2 and picked at load time by the CPU
+ * it runs on (gcc / clang function multi-versioning); the baseline build is plain x86-64 (SSE2). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__) && !defined(FXS_NO_CLONES)
 #define FXS_KERNEL __attribute__((target_clones("avx2", "default")))
 #else
 #define FXS_KERNEL
+#endif
+
+/* Windows (not tested here): export the kernels for ctypes, and the module init symbol that setuptools
+ * links an extension with (a stub: nothing imports this library as a module). */
+#if defined(_WIN32)
+#undef FXS_KERNEL
+#define FXS_KERNEL __declspec(dllexport)
+__declspec(dllexport) void *PyInit__kernels(void) { return 0; }
+#endif
+#if defined(_MSC_VER)
+#define restrict __restrict
+#define __builtin_prefetch(p) ((void)(p))
 #endif
 
 /* --- compressed checkpoints (_compressed.py) ----------------------------------------------------------
