@@ -1171,7 +1171,8 @@ def plan_channels(
                 add_group(root, 1, "channel", i, allow_coarsen=False)
         else:
             found = []
-            for module in select_layers(rule.target, model, where):
+            selected = select_layers(rule.target, model, where)
+            for module in selected:
                 prefix = f"{module}."
                 for name in list(dict.fromkeys(aliases.values())):
                     if name.startswith(prefix) and _is_layer_weight(graph, name, ("linear", "addmm")):
@@ -1179,9 +1180,14 @@ def plan_channels(
                         if group is not None and group not in found:
                             found.append(group)
             if not found:
+                packed = [f"{m}.{n}".strip(".") for m in selected for n, sub in model.get_submodule(m).named_modules()
+                          if isinstance(sub, nn.MultiheadAttention)]
                 raise ValueError(
                     f"{where}: no attention heads found: a heads rule needs Linear projections inside the selected "
                     "module(s) whose outputs are reshaped into (heads, head_dim)"
+                    + (f"; {packed[0]!r} is an nn.MultiheadAttention, whose packed in_proj_weight and (T, B*H, D) "
+                       "views cannot lose heads: prune its feed-forward layers with a 'channels' rule instead, or "
+                       "rebuild the attention from separate q / k / v Linear layers" if packed else "")
                 )
             for group in found:
                 _heads_per_unit(graph, group)

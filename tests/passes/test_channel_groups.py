@@ -246,3 +246,31 @@ def test_unsupported_structures_are_refused_naming_the_node(model: torch.nn.Modu
                                                             why: str) -> None:
     with pytest.raises(ValueError, match=f"none of its channel groups can be removed.*{why}"):
         fxs.sparsify_graph(model, {"channels": [{"target": target, "sparsity": 0.5}]}, example_inputs=(x,))
+
+
+@pytest.mark.parametrize("target", ["attn", "block"])
+def test_heads_on_multihead_attention_say_why_and_what_to_do(target: str) -> None:
+    """torchvision's ViT and nn.Transformer use nn.MultiheadAttention (packed in_proj_weight): a heads rule
+    on it (or on a block holding it) names it and the way out, not only 'no attention heads found'."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(x)
+
+    target = "block.attn" if target == "attn" else "block"
+    with pytest.raises(ValueError, match="no attention heads found.*'block.attn' is an nn.MultiheadAttention.*'channels' rule"):
+        fxs.sparsify_graph(Net(), {"channels": [{"target": target, "heads": 0.5}]},
+                           example_inputs=(torch.randn(2, 5, 16),))
