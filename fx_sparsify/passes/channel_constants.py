@@ -29,7 +29,7 @@ for a convolution, no zero padding (at the border a padded tap would see 0, not 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
@@ -68,6 +68,7 @@ class ConstStep:
     eps: float = 1e-5
     why: str = ""  # kind "var": why the value is not a constant
     at: tuple[tuple[int, str], ...] = ()  # pointwise: (position among the node's Node arguments, coupled input)
+    rewritten: str = ""  # why the value is not constant after all: an in-place op rewrites it under another reader
 
 
 @dataclass(frozen=True)
@@ -246,11 +247,9 @@ def _rewritten_values(prog: ConstProgram, slots: Mapping[Node, Any]) -> None:
         value = node.args[0]
         if not isinstance(value, Node) or value.name not in at or len(value.users) < 2:
             continue
-        old = prog.steps[at[value.name]]
         others = ", ".join(sorted(u.name for u in value.users if u is not node))
-        prog.steps[at[value.name]] = ConstStep(
-            old.node, "var", old.dim, old.offset, old.width,
-            why=f"{node.name} rewrites {value.name} in place and {others} read(s) it too")
+        prog.steps[at[value.name]] = replace(
+            prog.steps[at[value.name]], rewritten=f"{node.name} rewrites {value.name} in place and {others} read(s) it too")
 
 
 # --- evaluation --------------------------------------------------------------------------------------
@@ -362,6 +361,8 @@ def evaluate(gm: GraphModule, group: ChannelGroup, prog: ConstProgram, get: Tens
             why = f"{s.tensors[0]} has more than one value per channel"
         else:
             why = s.why or f"{s.node} does not carry a constant through"
+        if s.rewritten:  # a layer's zero rows still count; its value is not the constant its readers see
+            ok, why = no, s.rewritten
         values[s.node], known[s.node], why_var[s.node] = val, ok, why
 
     removable = zero_rows.clone()

@@ -64,8 +64,9 @@ def test_shrink_does_not_fold_a_constant_an_in_place_op_rewrote(how: str, captur
     small = sgm.squash(shrink=True)
     with torch.no_grad():
         torch.testing.assert_close(small(x), sgm(x), atol=1e-5, rtol=1e-5)
-    if capture == "fx":  # fc2 reads fc1's output node itself, after the ReLU rewrote it: the rows stay
+    if capture == "fx":  # fc2 reads fc1's output node itself, after the ReLU rewrote it: the rows stay, saying why
         assert small.get_parameter("fc1.weight").shape == (8, 4)
+        assert "4 zero-row channel(s) kept: " in sgm.shrink_plan() and "in place and fc2 read(s) it too" in sgm.shrink_plan()
 
 
 class InplaceBlock(nn.Module):
