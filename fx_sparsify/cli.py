@@ -385,9 +385,28 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 # --- entry point -----------------------------------------------------------------------------------
+class _Version(argparse.Action):
+    """``--version``: print :func:`version_line` on one line (argparse's own action wraps it) and exit 0."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_line())
+        parser.exit(0)
+
+
+def version_line() -> str:
+    """fx_sparsify's and torch's versions, and which path the masked lookups and checkpoint decoding take."""
+    from . import __version__, _native
+
+    kernels = (f"C kernels loaded ({Path(_native.LIB._name).name})" if _native.LIB is not None
+               else "C kernels not built (torch / numpy paths: same results, slower; reinstall with a C compiler)")
+    return f"{PROG} {__version__} (torch {torch.__version__}); {kernels}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Graph-level sparsification of PyTorch models.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="the versions and whether the C kernels are in use (for bug reports)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,inspect,methods}")
 
     run = sub.add_parser("run", help="sparsify a model with a recipe and write the results",

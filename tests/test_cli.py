@@ -185,3 +185,22 @@ def test_inspect_piped_into_a_reader_that_stops_early_is_not_an_error(tmp_path: 
                           capture_output=True, text=True, timeout=120)
     assert done.stdout.startswith("| tensor")
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_version_names_torch_and_the_c_kernels(capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """For bug reports: one line with both versions and whether the fast paths are in use."""
+    import torch
+
+    from fx_sparsify import __version__, _native
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.count("\n") == 1
+    assert f"fx-sparsify {__version__} (torch {torch.__version__})" in out
+    assert ("C kernels loaded" if _native.LIB is not None else "C kernels not built") in out
+    monkeypatch.setattr(_native, "LIB", None)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert "C kernels not built (torch / numpy paths" in capsys.readouterr().out
