@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 import re
+import sys
+import warnings
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -64,6 +68,38 @@ def _module_weight(model: nn.Module, fqn: str, aliases: dict[str, str], where: s
             "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')."
         )
     return found
+
+
+def _warn_subclasses_left_out(model: nn.Module, selectors: dict[str, str], aliases: dict[str, str],
+                              chosen: Mapping[str, Any]) -> None:
+    """``type:`` matches the exact class: say which modules of a subclass no rule selected (nn.MultiheadAttention's
+    ``out_proj`` is a ``NonDynamicallyQuantizableLinear``), rather than leave them dense without a word.
+
+    ``selectors``: each ``type:`` class name used → where (the first rule naming it)."""
+    for cls, where in selectors.items():
+        left = [(n, type_name(m)) for n, m in model.named_modules() if type_name(m) != cls
+                and any(c.__name__ == cls for c in type(m).__mro__[1:]) and aliases.get(f"{n}.weight") is not None
+                and aliases[f"{n}.weight"] not in chosen]
+        if not left:
+            continue
+        kinds = sorted({k for _, k in left})
+        warnings.warn(
+            f"{where}: 'type:{cls}' matches that class exactly, so {len(left)} module(s) of its subclasses stay dense: "
+            + ", ".join(f"{n!r} ({k})" for n, k in left[:4]) + (" ..." if len(left) > 4 else "")
+            + f". Add {' and '.join(repr('type:' + k) for k in kinds)} (or their names) to prune them too, or name "
+            "the layers you want",
+            UserWarning,
+            stacklevel=_caller_level(),
+        )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside fx_sparsify, for a warning raised by its caller."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(2), 2  # 1: the function that warns
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str) -> list[str]:
@@ -122,13 +158,21 @@ def resolve_weight_targets(spec: SparsitySpec, model: nn.Module) -> dict[str, We
     aliases = param_aliases(model)
     params = dict(model.named_parameters())
     chosen: dict[str, WeightTarget] = {}
+    types: dict[str, str] = {}  # "type:" class names used -> the first rule naming one
     for i, rule in enumerate(spec.weights):
-        for name in select(rule.target, model, aliases, f"spec['weights'][{i}] ({rule.target!r})"):
+        where = f"spec['weights'][{i}] ({rule.target!r})"
+        for name in select(rule.target, model, aliases, where):
             chosen[name] = WeightTarget(name, rule)
+        if rule.target.startswith("type:") and rule.method != "dense":
+            types.setdefault(rule.target[5:], where)
     for g, grule in enumerate(spec.global_):
         for selector in grule.targets:
-            for name in select(selector, model, aliases, f"spec['global'][{g}] ({selector!r})"):
+            where = f"spec['global'][{g}] ({selector!r})"
+            for name in select(selector, model, aliases, where):
                 chosen[name] = WeightTarget(name, grule, group=g)
+            if selector.startswith("type:"):
+                types.setdefault(selector[5:], where)
+    _warn_subclasses_left_out(model, types, aliases, chosen)
     for name in chosen:
         if not params[name].dtype.is_floating_point:
             raise TypeError(f"target {name!r} has dtype {params[name].dtype}; only floating-point tensors can be masked")

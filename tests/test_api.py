@@ -402,3 +402,29 @@ def test_embedding_called_by_keyword_is_masked() -> None:
     expected = torch.nn.functional.embedding(ids, model.layer.weight * sgm.masks()["layer.weight"])
     torch.testing.assert_close(sgm(ids), expected)
     torch.testing.assert_close(sgm.squash()(ids), expected)
+
+
+def test_type_selector_says_which_subclass_modules_it_leaves_dense() -> None:
+    """'type:Linear' matches the class exactly; nn.MultiheadAttention's out_proj (a NonDynamicallyQuantizableLinear)
+    stays dense, and the user is told so, with the selector that would include it."""
+    import warnings
+
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    x = (torch.randn(2, 5, 32),)
+    spec = {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]}
+    with pytest.warns(UserWarning, match=r"'type:Linear' matches that class exactly, so 1 module\(s\) of its "
+                                         r"subclasses stay dense: 'self_attn.out_proj' \(NonDynamicallyQuantizableLinear\)"
+                                         r"\. Add 'type:NonDynamicallyQuantizableLinear'") as caught:
+        sgm = fxs.sparsify_graph(layer, spec, example_inputs=x)
+    assert [w.filename for w in caught if "matches that class exactly" in str(w.message)] == [__file__]
+    assert sorted(sgm.masks()) == ["linear1.weight", "linear2.weight"]
+    both = {"weights": [{**spec["weights"][0], "target": t} for t in ("type:Linear", "type:NonDynamicallyQuantizableLinear")]}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sgm = fxs.sparsify_graph(layer, both, example_inputs=x)
+    assert "self_attn.out_proj.weight" in sgm.masks()
+    assert not any("matches that class exactly" in str(w.message) for w in seen)  # a later rule took them
+    excluded = {"weights": [spec["weights"][0], {"target": "self_attn.out_proj", "method": "dense"}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fxs.sparsify_graph(layer, excluded, example_inputs=x)  # left dense on purpose: nothing to say
