@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as _st_load_bytes, load_file as _st_load_file, save as _st_save_bytes
+from safetensors.torch import load as _st_load_bytes, load_file as _st_load_file, save_file as _st_save_file
 from torch import Tensor, nn
 
 from . import _native
@@ -273,10 +273,24 @@ def save_compressed(module_or_state_dict: nn.Module | Mapping[str, Any], path: s
         seen.add(t.untyped_storage().data_ptr())
         tensors[name] = t
     header = {"format": FORMAT, "version": VERSION, "compressed": names, "extra": extra}
-    data = _st_save_bytes(tensors, metadata={"format": "pt", HEADER_KEY: json.dumps(header)})
-    if zstd is not None:
-        data = _zstd().ZstdCompressor(level=int(zstd)).compress(data)
-    Path(os.fspath(path)).write_bytes(data)
+    metadata = {"format": "pt", HEADER_KEY: json.dumps(header)}
+    path = Path(os.fspath(path))
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"save_compressed(): the folder {str(path.parent)!r} of {str(path)!r} does not exist; "
+                                "create it first")
+    # written straight to disk, never as one bytes object: that (and safetensors' buffer behind it) cost
+    # ~1.1x the file in memory on top of the compressed tensors (LLaMA-1.1B bf16: 7.06 GiB peak at the save)
+    if zstd is None:
+        _st_save_file(tensors, str(path), metadata=metadata)
+        return
+    compressor = _zstd().ZstdCompressor(level=int(zstd))
+    plain = path.with_name(f".{path.name}.{os.getpid()}.uncompressed")
+    try:
+        _st_save_file(tensors, str(plain), metadata=metadata)
+        with plain.open("rb") as src, path.open("wb") as dst:
+            compressor.copy_stream(src, dst, size=plain.stat().st_size)  # the size in the frame header
+    finally:
+        plain.unlink(missing_ok=True)
 
 
 def _zstd() -> Any:
@@ -389,7 +403,8 @@ def _expand(parts: dict[str, Tensor], shape: tuple[int, ...], out: Tensor | None
 def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     with path.open("rb") as f:
         magic = f.read(4)
-    blob = _zstd().ZstdDecompressor().decompress(path.read_bytes()) if magic == ZSTD_MAGIC else None
+    # decompressobj: also frames whose header lacks the content size (another tool's streamed writes)
+    blob = _zstd().ZstdDecompressor().decompressobj().decompress(path.read_bytes()) if magic == ZSTD_MAGIC else None
     header, _ = _read_header(path, blob)
     metadata = header.get("__metadata__") or {}
     try:

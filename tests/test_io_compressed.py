@@ -453,3 +453,24 @@ def test_values_off_their_alignment_decode_the_same() -> None:
     assert shifted.data_ptr() % 8 == 2
     back = _compressed._expand({**parts, "compressed": shifted}, tuple(t.shape))
     assert torch.equal(_bits(back), _bits(t))
+
+
+def test_zstd_frames_without_a_content_size_load_and_no_temporary_file_stays(tmp_path: Path) -> None:
+    """The zstd file is compressed as a stream from a temporary safetensors file (never one bytes object in
+    memory); a frame written by another streaming tool (no content size in its header) loads too."""
+    zstandard = pytest.importorskip("zstandard")
+    state = {"fc.weight": _sparse((64, 64), 0.7)}
+    fxs.save_compressed(state, tmp_path / "plain.safetensors")
+    fxs.save_compressed(state, tmp_path / "z.safetensors", zstd=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.safetensors", "z.safetensors"]
+    streamed = tmp_path / "streamed.safetensors"
+    with (tmp_path / "plain.safetensors").open("rb") as src, streamed.open("wb") as dst:
+        zstandard.ZstdCompressor(level=1).copy_stream(src, dst)  # no size: the header cannot say it
+    with pytest.raises(zstandard.ZstdError):
+        zstandard.ZstdDecompressor().decompress(streamed.read_bytes())
+    _assert_bit_exact(state, fxs.load_compressed(streamed))
+    _assert_bit_exact(state, fxs.load_compressed(tmp_path / "z.safetensors"))
+    with pytest.raises(OSError):
+        fxs.save_compressed(state, tmp_path / "missing" / "z.safetensors", zstd=3)
+    assert not list((tmp_path).glob(".*uncompressed"))
+
