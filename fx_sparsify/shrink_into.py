@@ -3,10 +3,14 @@
 The shrunk tensors replace the model's own (parameter objects are kept, their data shrinks), module
 size attributes follow (:data:`fx_sparsify.passes.shrink.REFRESH`), and for a Hugging Face model the
 config gets the new widths so that ``save_pretrained`` → ``from_pretrained`` rebuilds the same model:
-``intermediate_size`` for MLP neurons, ``num_attention_heads`` / ``num_key_value_heads`` (and
-``head_dim``, which never changes) for heads. That needs every layer to get the same widths: per-layer
-widths (a ``global`` rule), a width the config has no field for, or heads of a model that derives its
-head size from ``hidden_size / num_attention_heads`` (BERT) are refused, saying why and what to do.
+the feed-forward width field (:data:`_FFN_FIELDS`: ``intermediate_size``, GPT-2's ``n_inner``, OPT's
+``ffn_dim``, T5's ``d_ff``, Whisper / BART's ``encoder_ffn_dim`` / ``decoder_ffn_dim``) for MLP neurons,
+``num_attention_heads`` / ``num_key_value_heads`` (and ``head_dim``, which never changes) for heads.
+That needs every layer reading a field to get the same width: per-layer widths (a ``global`` rule), an
+encoder and a decoder that would give one shared field (T5's ``d_ff``) two values, a width the config
+has no field for, or heads of a model that derives its head size from ``hidden_size /
+num_attention_heads`` (BERT) or of an encoder-decoder model (T5: one head count for both stacks) are
+refused, saying why and what to do.
 """
 
 from __future__ import annotations
@@ -18,11 +22,37 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from ._modules import find_tensor
-from .passes.channel_groups import FUNCTIONS, ChannelGroup, ChannelPlan, _arg, _at
+from .passes.channel_groups import FUNCTIONS, ChannelPlan, _arg, _at
 from .passes.shrink import refresh_attributes
 from .state import SparsityState
 
 __all__ = ["shrink_into"]
+
+
+# The config fields giving a feed-forward width: (width field, its layer-count field, stack). The stack is ""
+# for a field that every layer reads, or "encoder" / "decoder" for one that only that stack's layers read
+# (their tensor names hold "encoder." / "decoder."). A field listed for both stacks (T5's d_ff) needs the same
+# width in both. Fields are matched by the width's value; aliases (config.attribute_map) are resolved.
+_FFN_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("intermediate_size", "num_hidden_layers", ""),    # LLaMA, BERT, ViT, Mistral, ...
+    ("n_inner", "n_layer", ""),                        # GPT-2, GPT-J (None: 4 * n_embd)
+    ("ffn_dim", "num_hidden_layers", ""),              # OPT
+    ("d_ff", "num_layers", "encoder"),                 # T5
+    ("d_ff", "num_decoder_layers", "decoder"),
+    ("encoder_ffn_dim", "encoder_layers", "encoder"),  # Whisper, BART, Marian, ...
+    ("decoder_ffn_dim", "decoder_layers", "decoder"),
+)
+_UNSET_WIDTH = {"n_inner": lambda config: 4 * config.n_embd}  # a width field left None: the width the model uses
+
+
+def _stack(name: str, model: nn.Module) -> str:
+    """``"encoder"`` / ``"decoder"`` for a tensor of that stack, by its name, else by the model's class name (a
+    bare ``WhisperEncoder`` holds its layers at the top), else ``""``."""
+    for where in (name.lower(), type(model).__name__.lower() + "."):
+        found = [s for s in ("encoder", "decoder") if s + "." in where]
+        if found:
+            return found[0] if len(found) == 1 else ""
+    return ""
 
 
 def _config_widths(plan: ChannelPlan, keeps: dict[int, Tensor], model: nn.Module, shapes: dict[str, Any]) -> dict[str, int]:
@@ -37,47 +67,80 @@ def _config_widths(plan: ChannelPlan, keeps: dict[int, Tensor], model: nn.Module
                 "which cannot be rewritten in place; use sgm.squash(shrink=True), the shrunk graph module"
             )
         return {}
-    layers = getattr(config, "num_hidden_layers", None)
-    found: dict[str, list[int]] = {}
+    name, alias = type(config).__name__, dict(getattr(config, "attribute_map", None) or {})
 
-    def note(field: str, value: int, group: ChannelGroup) -> None:
-        found.setdefault(field, []).append(value)
+    def real(field: str) -> str:
+        return alias.get(field, field)
 
+    def width(field: str) -> Any:
+        value = getattr(config, field, None)
+        return _UNSET_WIDTH[field](config) if value is None and field in _UNSET_WIDTH else value
+
+    # this config's rows of _FFN_FIELDS, named by the attributes it really stores
+    rows = list(dict.fromkeys((real(f), real(n), s) for f, n, s in _FFN_FIELDS
+                              if hasattr(config, f) and hasattr(config, n)))
+    stacks = {_stack(k, model) for k in shapes}
+    found: dict[tuple[str, str, str], list[int]] = {}
     for g in shrinking:
         kept = int(keeps[g.id].sum())
         if g.unit == "head":
             if getattr(config, "head_dim", None) is None:
                 raise ValueError(
-                    f"squash_into(model, shrink=True): {type(config).__name__} has no 'head_dim', so "
+                    f"squash_into(model, shrink=True): {name} has no 'head_dim', so "
                     f"{type(model).__name__} derives its head size from hidden_size / num_attention_heads and a "
                     "head-pruned model could not be rebuilt by from_pretrained; prune its FFN channels only, or use "
                     "sgm.squash(shrink=True)"
                 )
-            note("num_attention_heads", kept * g.heads_per_unit, g)
+            if {"encoder", "decoder"} <= stacks:
+                raise ValueError(
+                    f"squash_into(model, shrink=True): group {g.id} ({g.roots[0]}) prunes heads of "
+                    f"{type(model).__name__}, an encoder-decoder model whose {name} head count is read by the encoder "
+                    "and the decoder (self and cross attention) alike, so from_pretrained could not rebuild it; prune "
+                    "its FFN channels only, or use sgm.squash(shrink=True)"
+                )
+            layers = real("num_hidden_layers")
+            found.setdefault((real("num_attention_heads"), layers, ""), []).append(kept * g.heads_per_unit)
             if hasattr(config, "num_key_value_heads"):
-                note("num_key_value_heads", kept if g.heads_per_unit > 1 else kept * g.heads_per_unit, g)
+                found.setdefault((real("num_key_value_heads"), layers, ""), []).append(
+                    kept if g.heads_per_unit > 1 else kept * g.heads_per_unit)
             continue
         root = next(m for m in g.members if m.tensor == g.roots[0])
-        rows = shapes[g.roots[0]][root.dim]
-        if rows != getattr(config, "intermediate_size", None):
+        size, stack = shapes[g.roots[0]][root.dim], _stack(g.roots[0], model)
+        fits = [r for r in rows if width(r[0]) == size and (not r[2] or not stack or r[2] == stack)]
+        if len(fits) != 1:
+            what = "has no field for" if not fits else \
+                "has several fields for (" + ", ".join(f"{f} of the {s or 'all'} layers" for f, _, s in fits) + ")"
             raise ValueError(
-                f"squash_into(model, shrink=True): group {g.id} ({g.roots[0]}) changes a width of {rows} that "
-                f"{type(config).__name__} has no field for (only intermediate_size and head counts are resized); "
-                "use sgm.squash(shrink=True)"
+                f"squash_into(model, shrink=True): group {g.id} ({g.roots[0]}) changes a width of {size} that "
+                f"{name} {what}; the feed-forward width fields resized are "
+                f"{', '.join(dict.fromkeys(f for f, _, _ in _FFN_FIELDS))} (by encoder / decoder tensor names where "
+                "a config has one per stack), plus head counts; use sgm.squash(shrink=True)"
             )
-        note("intermediate_size", kept, g)
-    out = {}
-    for field, values in found.items():
-        if len(set(values)) > 1 or (layers is not None and len(values) != layers):
-            raise ValueError(
-                f"squash_into(model, shrink=True): {field} would differ between layers ({sorted(set(values))} over "
-                f"{len(values)} of {layers} layers), which one config value cannot describe, so from_pretrained "
-                "could not reload it; give every layer the same widths ('global': false and a rule selecting every "
-                "layer), or use sgm.squash(shrink=True)"
-            )
-        out[field] = values[0]
-    if "num_attention_heads" in out:
-        out["head_dim"] = config.head_dim
+        found.setdefault(fits[0], []).append(kept)
+    out: dict[str, int] = {}
+    for field in dict.fromkeys(k[0] for k in found):  # every layer that reads the field, in each stack it has
+        for key in dict.fromkeys([r for r in rows if r[0] == field and (not r[2] or r[2] in stacks)]
+                                 + [k for k in found if k[0] == field]):
+            values, layers = found.get(key, []), getattr(config, key[1], None)
+            if not values or len(set(values)) > 1 or (layers is not None and len(values) != layers):
+                among = f"{layers} {key[2] + ' ' if key[2] else ''}layers ({key[1]})"
+                rest = f", the others keep {width(field)}" if layers is not None and len(values) < layers else ""
+                raise ValueError(
+                    f"squash_into(model, shrink=True): {field} would differ between layers ("
+                    + (f"{len(values)} of the {among} get {sorted(set(values))}{rest}" if values else
+                       f"the {among} keep {width(field)}")
+                    + "), which one config value cannot describe, so from_pretrained could not reload it; give every "
+                    "layer the same widths ('global': false and a rule selecting every layer), or use "
+                    "sgm.squash(shrink=True)"
+                )
+            if out.setdefault(field, values[0]) != values[0]:
+                raise ValueError(
+                    f"squash_into(model, shrink=True): {field} is one {name} field for both the encoder and the "
+                    f"decoder layers, which would get {out[field]} and {values[0]}; give both the same sparsity, or "
+                    "use sgm.squash(shrink=True)"
+                )
+    if real("num_attention_heads") in out:
+        out[real("head_dim")] = config.head_dim
     return out
 
 
