@@ -85,6 +85,14 @@ FXS_EXPAND(fxs_expand64, uint64_t)
 #define FXS_PREFETCH 8
 #endif
 
+/* Prefetch the weight and mask rows of the id FXS_PREFETCH places after i: random rows miss the caches. */
+#define FXS_PREFETCH_AHEAD(T, i)                                                                        \
+    if ((i) + FXS_PREFETCH < nids) {                                                                    \
+        const char *ahead = (const char *)(weight + ids[(i) + FXS_PREFETCH] * dim);                     \
+        for (int64_t c = 0; c < dim * (int64_t)sizeof(T); c += 64) __builtin_prefetch(ahead + c);       \
+        __builtin_prefetch(mask + ids[(i) + FXS_PREFETCH] * dim);                                       \
+    }
+
 #define FXS_MASKED_BAG(NAME, T)                                                                         \
     FXS_KERNEL int NAME(const T *restrict weight, const uint8_t *restrict mask, int64_t rows, int64_t dim, \
                         const int64_t *ids, int64_t nids, const int64_t *offsets, int64_t nbags,              \
@@ -100,11 +108,7 @@ FXS_EXPAND(fxs_expand64, uint64_t)
             int64_t start = offsets ? offsets[b] : b * per_bag;                                         \
             int64_t end = offsets ? offsets[b + 1] : start + per_bag;                                   \
             for (int64_t i = start; i < end; i++) {                                                     \
-                if (i + FXS_PREFETCH < nids) { /* the rows a few ids ahead: random rows miss the caches */ \
-                    const char *ahead = (const char *)(weight + ids[i + FXS_PREFETCH] * dim);           \
-                    for (int64_t c = 0; c < dim * (int64_t)sizeof(T); c += 64) __builtin_prefetch(ahead + c); \
-                    __builtin_prefetch(mask + ids[i + FXS_PREFETCH] * dim);                             \
-                }                                                                                       \
+                FXS_PREFETCH_AHEAD(T, i)                                                                \
                 const T *w = weight + ids[i] * dim;                                                     \
                 const uint8_t *m = mask + ids[i] * dim;                                                 \
                 for (int64_t d = 0; d < dim; d++) o[d] += w[d] * (T)m[d];                               \
@@ -129,11 +133,7 @@ FXS_MASKED_BAG(fxs_masked_bag_f64, double)
         for (int64_t i = 0; i < nids; i++)                                                              \
             if (ids[i] < 0 || ids[i] >= rows) return -2;                                                \
         for (int64_t i = 0; i < nids; i++) {                                                            \
-            if (i + FXS_PREFETCH < nids) {                                                              \
-                const char *ahead = (const char *)(weight + ids[i + FXS_PREFETCH] * dim);               \
-                for (int64_t c = 0; c < dim * (int64_t)sizeof(T); c += 64) __builtin_prefetch(ahead + c); \
-                __builtin_prefetch(mask + ids[i + FXS_PREFETCH] * dim);                                 \
-            }                                                                                           \
+            FXS_PREFETCH_AHEAD(T, i)                                                                    \
             const T *w = weight + ids[i] * dim;                                                         \
             const uint8_t *m = mask + ids[i] * dim;                                                     \
             T *o = out + i * dim;                                                                       \
