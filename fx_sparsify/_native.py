@@ -65,6 +65,7 @@ def expand(packed: Tensor, bits: Tensor, target: Tensor) -> int:
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_INDEX = (torch.int32, torch.int64)
 
 
 def _plain_cpu(t: Tensor) -> bool:
@@ -103,16 +104,13 @@ def _kernel(kind: str, input: Tensor, weight: Tensor, mask: Tensor, offsets: Ten
     return getattr(LIB, f"fxs_masked_{kind}_{suffix}")
 
 
-_INDEX = (torch.int32, torch.int64)
-
-
 class EmbeddingIdError(IndexError, RuntimeError):
     """An id outside the table: an IndexError as ``F.embedding``'s, a RuntimeError as ``F.embedding_bag``'s."""
 
 
 def _run(fn: Any, calls: list[tuple[Any, ...]], ids: Tensor, rows: int) -> bool:
     """Run the kernel calls (the first on this thread, the others on the pool); True when all returned 0.
-    An id outside the table (-2) is a RuntimeError naming it, as torch's is a RuntimeError."""
+    An id outside the table (-2) is an :class:`EmbeddingIdError` naming it."""
     others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
     try:
         statuses = [fn(*calls[0])]
