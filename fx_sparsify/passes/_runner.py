@@ -60,4 +60,9 @@ def eliminate_dead_code(gm: GraphModule) -> bool:
     """``gm.graph.eliminate_dead_code()`` that also keeps in-place ops whose result is unused (torch's purity
     test misses them in an fx capture): ``self.act(h)`` with ``nn.ReLU(inplace=True)`` changes ``h`` for its
     later readers, and dropping it would change the output."""
-    return gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or writes_in_place(n))
+    changed = False
+    for node in reversed(list(gm.graph.nodes)):  # users before their inputs: a dead chain goes in one sweep
+        if not node.users and node.op not in ("placeholder", "output") and not (node.is_impure() or writes_in_place(node)):
+            gm.graph.erase_node(node)
+            changed = True
+    return changed  # (Graph.eliminate_dead_code's is_impure_node argument is newer than torch 2.4)
