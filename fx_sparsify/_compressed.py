@@ -30,17 +30,19 @@ file is wrapped in one zstd frame; :func:`load_compressed` recognises the frame 
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import struct
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as _st_load_bytes, load_file as _st_load_file, save_file as _st_save_file
+from safetensors.torch import load_file as _st_load_file, save_file as _st_save_file
 from torch import Tensor, nn
 
 from . import _native
@@ -283,7 +285,7 @@ def save_compressed(module_or_state_dict: nn.Module | Mapping[str, Any], path: s
     if zstd is None:
         _st_save_file(tensors, str(path), metadata=metadata)
         return
-    compressor = _zstd().ZstdCompressor(level=int(zstd))
+    compressor = _zstd().ZstdCompressor(level=int(zstd), write_checksum=True)  # a damaged frame fails to load
     plain = path.with_name(f".{path.name}.{os.getpid()}.uncompressed")
     try:
         _st_save_file(tensors, str(plain), metadata=metadata)
@@ -305,26 +307,21 @@ def _zstd() -> Any:
 
 
 # --- load ------------------------------------------------------------------------------------------------
-def _read_header(path: Path, blob: bytes | None) -> tuple[dict[str, Any], int]:
-    """The safetensors JSON header and the byte count the file should have; ValueError naming what is wrong."""
-    if blob is not None:
-        size, head = len(blob), blob[:8]
-    else:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-    if size < 8:
-        raise ValueError(f"{path}: not a safetensors file ({size} bytes; the header length alone takes 8)")
-    (n,) = struct.unpack("<Q", head)
-    if n > size - 8:
-        raise ValueError(f"{path}: not a safetensors file or truncated: the header says {n} bytes, the file has "
-                         f"{size - 8} after the length")
-    if blob is not None:
-        raw = blob[8:8 + n]
-    else:
-        with path.open("rb") as f:
-            f.seek(8)
-            raw = f.read(n)
+def _read_header(path: Path, source: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors JSON header and the byte count the file should have; ValueError naming what is wrong.
+
+    ``source`` holds the bytes (``path`` itself, or the decompressed copy of a zstd file); errors name ``path``.
+    """
+    size = source.stat().st_size
+    with source.open("rb") as f:
+        head = f.read(8)
+        if size < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes; the header length alone takes 8)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: not a safetensors file or truncated: the header says {n} bytes, the file has "
+                             f"{size - 8} after the length")
+        raw = f.read(n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -401,17 +398,49 @@ def _expand(parts: dict[str, Tensor], shape: tuple[int, ...], out: Tensor | None
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The file's tensors (mapped from disk, not read into memory) and its safetensors metadata."""
     with path.open("rb") as f:
         magic = f.read(4)
-    # decompressobj: also frames whose header lacks the content size (another tool's streamed writes)
-    blob = _zstd().ZstdDecompressor().decompressobj().decompress(path.read_bytes()) if magic == ZSTD_MAGIC else None
-    header, _ = _read_header(path, blob)
-    metadata = header.get("__metadata__") or {}
+    source = _decompressed(path) if magic == ZSTD_MAGIC else path
     try:
-        tensors = _st_load_bytes(blob) if blob is not None else _st_load_file(str(path))
-    except SafetensorError as err:
-        raise ValueError(f"{path}: not a readable safetensors file: {err}") from None
+        header, _ = _read_header(path, source)
+        metadata = header.get("__metadata__") or {}
+        try:
+            tensors = _st_load_file(str(source))
+        except SafetensorError as err:
+            raise ValueError(f"{path}: not a readable safetensors file: {err}") from None
+    finally:
+        if source != path:  # the mapping outlives the name on POSIX; elsewhere remove it at exit
+            try:
+                source.unlink()
+            except OSError:  # pragma: no cover - Windows: a mapped file cannot be removed
+                atexit.register(source.unlink, missing_ok=True)
     return tensors, metadata
+
+
+def _decompressed(path: Path) -> Path:
+    """A zstd file decompressed as a stream into a temporary file beside it (or in the temp folder if that
+    folder is read-only): never the whole file in memory, and its tensors are then mapped like any file's.
+    ``stream_reader`` also reads frames whose header lacks the content size (another tool's streamed writes)."""
+    for folder in (path.parent, Path(tempfile.gettempdir())):
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".uncompressed", dir=folder)
+            break
+        except OSError:
+            continue
+    else:  # pragma: no cover - no writable folder at all
+        raise OSError(f"load_compressed({str(path)!r}): no writable folder for the decompressed copy")
+    zstandard = _zstd()
+    try:
+        with path.open("rb") as src, os.fdopen(fd, "wb") as dst:
+            zstandard.ZstdDecompressor().copy_stream(src, dst)
+    except zstandard.ZstdError as err:
+        Path(name).unlink(missing_ok=True)
+        raise ValueError(f"{path}: a damaged zstd frame ({err}); write the file again") from None
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
 
 
 def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None, *,

@@ -474,3 +474,24 @@ def test_zstd_frames_without_a_content_size_load_and_no_temporary_file_stays(tmp
         fxs.save_compressed(state, tmp_path / "missing" / "z.safetensors", zstd=3)
     assert not list((tmp_path).glob(".*uncompressed"))
 
+
+
+def test_a_zstd_file_is_decompressed_to_disk_and_a_damaged_frame_is_a_clear_error(tmp_path: Path) -> None:
+    """Loading streams the frame into a temporary file beside it and maps that (never the whole file in
+    memory); the temporary file is gone afterwards, also when the frame is damaged."""
+    pytest.importorskip("zstandard")
+    state = {"fc.weight": _sparse((64, 64), 0.7), "fc.bias": torch.randn(64)}
+    path = tmp_path / "z.safetensors"
+    fxs.save_compressed(state, path, zstd=3)
+    _assert_bit_exact(state, fxs.load_compressed(path))
+    model = nn.Module()
+    model.fc = nn.Linear(64, 64)
+    fxs.load_compressed(path, model)
+    assert torch.equal(model.fc.weight.detach(), state["fc.weight"])
+    damaged = tmp_path / "damaged.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one byte: without the frame's checksum this decoded to a wrong tensor
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"damaged.safetensors: a damaged zstd frame \(.*checksum"):
+        fxs.load_compressed(damaged)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.safetensors", "z.safetensors"]
