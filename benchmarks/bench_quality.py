@@ -163,8 +163,12 @@ def hessians(model: nn.Module, calib: list[torch.Tensor], names: list[str]) -> d
 
 def reference_fasterprune(w: torch.Tensor, h: torch.Tensor, sparsity: float, prunen: int, prunem: int,
                           blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-    """IST-DASLab/sparsegpt ``SparseGPT.fasterprune``, transcribed (returns the pruned weight)."""
-    W = w.clone().float()
+    """IST-DASLab/sparsegpt ``SparseGPT.fasterprune``, transcribed (returns the pruned weight, in ``w``'s dtype).
+
+    ``prunen`` 0: unstructured at ``sparsity``; else ``prunen`` of every ``prunem`` pruned. Computed in float32,
+    or float64 for a float64 weight (tests/methods/test_sparsegpt.py checks ours against it there to 1e-9).
+    """
+    W = w.clone().to(torch.promote_types(w.dtype, torch.float32))
     H = h.clone()
     columns = W.shape[1]
     dead = torch.diag(H) == 0

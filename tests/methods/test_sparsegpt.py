@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -22,44 +26,15 @@ def _layer(rows: int = 24, cols: int = 64, samples: int = 512) -> tuple[torch.Te
     return w, x
 
 
-def _reference_sparsegpt(w: torch.Tensor, h: torch.Tensor, prunen: int, prunem: int, blocksize: int,
-                         percdamp: float = 0.01) -> torch.Tensor:
-    """SparseGPT's ``fasterprune`` (IST-DASLab/sparsegpt, sparsegpt.py) for N:M, transcribed."""
-    W = w.clone()
-    H = h.clone()
-    columns = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    damp = percdamp * torch.mean(torch.diag(H))
-    diag = torch.arange(columns)
-    H[diag, diag] += damp
-    H = torch.linalg.cholesky(H)
-    H = torch.cholesky_inverse(H)
-    Hinv = torch.linalg.cholesky(H, upper=True)
-    for i1 in range(0, columns, blocksize):
-        i2 = min(i1 + blocksize, columns)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        mask1 = torch.zeros_like(W1) == 1
-        for i in range(count):
-            w_ = W1[:, i]
-            d = Hinv1[i, i]
-            if i % prunem == 0:
-                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
-                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-            q = w_.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err1 = (w_ - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W
+@functools.cache
+def _reference_fasterprune() -> Callable[..., torch.Tensor]:
+    """The transcription of SparseGPT's ``fasterprune`` that benchmarks/bench_quality.py runs (one copy of it)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.reference_fasterprune
 
 
 def test_reconstruction_reduces_the_output_error_versus_masking_alone() -> None:
@@ -79,7 +54,8 @@ def test_nm_holds_and_equals_the_reference_implementation(n: int, m: int) -> Non
     keep, new = sparsegpt_prune(w, h, n=n, m=m, block_size=32)
     groups = keep.reshape(w.shape[0], -1, m)
     assert torch.all(groups.sum(-1) == n)
-    torch.testing.assert_close(new, _reference_sparsegpt(w, h, m - n, m, 32), rtol=1e-9, atol=1e-9)
+    reference = _reference_fasterprune()(w, h, 0.0, m - n, m, blocksize=32)
+    torch.testing.assert_close(new, reference, rtol=1e-9, atol=1e-9)
 
 
 def test_identity_covariance_reduces_to_magnitude_pruning() -> None:
