@@ -210,9 +210,6 @@ def _warn_counts(targets: Mapping[str, WeightTarget], model: nn.Module) -> None:
             seen.add(t.group)
 
 
-#: methods whose int ``sparsity`` counts entries (slice and block methods count slices / blocks)
-
-
 def _kind(model: nn.Module, name: str) -> str:
     """"embedding" for the table of an ``nn.Embedding`` / ``nn.EmbeddingBag``, else "weight" (the report's column)."""
     owner, _, attr = name.rpartition(".")

@@ -37,6 +37,8 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
+from ._runner import writes_in_place
+
 if TYPE_CHECKING:  # the analysis types only; channel_groups imports this module at run time
     from .channel_groups import ChannelGroup, _Flood, _Graph
 
@@ -238,8 +240,6 @@ def _rewritten_values(prog: ConstProgram, slots: Mapping[Node, Any]) -> None:
     """Make a coupled value that an in-place op rewrites (``nn.ReLU(inplace=True)``, ``x.relu_()``) not
     constant when another node reads it too: that reader sees the rewritten value, not the constant the
     program gives the value itself, so its channel stays rather than folding a wrong constant."""
-    from ._runner import writes_in_place
-
     at = {step.node: i for i, step in enumerate(prog.steps)}
     for node in slots:
         if not node.args or not writes_in_place(node):
