@@ -1,4 +1,5 @@
-"""The README's spec reference and ``help(fxs.sparsify_graph)`` name every key the code accepts."""
+"""The docs' spec reference (docs/spec.md) and ``help(fxs.sparsify_graph)`` name every key the code accepts;
+the README and the docs site show only code that exists under examples/ and runs in a test."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from fx_sparsify.methods import get_mask_method
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+SPEC_PAGE = (DOCS / "spec.md").read_text()
 
 #: rule kind → its class in fx_sparsify.spec (a kind this version lacks is skipped)
 RULES = {"weights": "WeightRule", "global": "GlobalRule", "activations": "ActivationRule", "channels": "ChannelRule"}
 
 
-def _section(title: str) -> str:
-    start = README.index(f"## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start:end if end != -1 else None]
+def _spec_reference() -> str:
+    """The spec reference page, from its title on."""
+    return SPEC_PAGE[SPEC_PAGE.index("# Spec reference\n"):]
 
 
 def _first_column(table_text: str) -> list[str]:
@@ -53,7 +55,7 @@ def _rule_keys(kind: str) -> set[str] | None:
 
 
 def test_top_level_keys_are_documented() -> None:
-    tables = _tables(_section("Spec reference"))
+    tables = _tables(_spec_reference())
     documented = set(_first_column(tables["top"]))
     assert set(_code_top_level_keys()) <= documented
 
@@ -63,12 +65,12 @@ def test_every_rule_key_is_documented_and_exists(kind: str) -> None:
     keys = _rule_keys(kind)
     if keys is None:
         pytest.skip(f"this version has no {RULES[kind]}")
-    documented = set(_first_column(_tables(_section("Spec reference"))[kind]))
-    assert keys == documented, f"README spec reference for {kind!r}: add {keys - documented}, drop {documented - keys}"
+    documented = set(_first_column(_tables(_spec_reference())[kind]))
+    assert keys == documented, f"docs/spec.md spec reference for {kind!r}: add {keys - documented}, drop {documented - keys}"
 
 
 def test_every_method_and_option_is_documented() -> None:
-    section = _section("Spec reference")
+    section = _spec_reference()
     rows = {}
     for line in section.split("**Method options**")[1].splitlines():
         names = re.match(r"\|\s*((?:`\w+`(?: / )?)+)\s*\|(.*)\|", line)
@@ -79,8 +81,8 @@ def test_every_method_and_option_is_documented() -> None:
         method = get_mask_method(name)
         if not method.fn.__module__.startswith("fx_sparsify."):
             continue  # registered by a user (or another test), not a built-in
-        assert name in rows, f"README 'Method options' lacks method {name!r}"
-        assert set(method.options) <= rows[name], f"README 'Method options' for {name!r} lacks {set(method.options) - rows[name]}"
+        assert name in rows, f"docs/spec.md 'Method options' lacks method {name!r}"
+        assert set(method.options) <= rows[name], f"docs/spec.md 'Method options' for {name!r} lacks {set(method.options) - rows[name]}"
 
 
 def test_help_documents_the_spec_keys() -> None:
@@ -98,5 +100,44 @@ def test_version_matches_the_package_metadata() -> None:
     assert fxs.__version__ == re.search(r'^version = "([^"]+)"', text, re.M)[1]  # type: ignore[index]
 
 
-def test_readme_mentions_load_spec_and_the_cli() -> None:
-    assert "fxs.load_spec(" in README and "fx-sparsify run " in README and "python -m fx_sparsify" in README
+def test_readme_and_docs_mention_load_spec_and_the_cli() -> None:
+    recipes = (DOCS / "recipes.md").read_text()
+    for text in (README, recipes):
+        assert "fxs.load_spec(" in text and "fx-sparsify run " in text and "python -m fx_sparsify" in text
+
+
+def _code_lines(text: str) -> list[str]:
+    """Lines of Python code without comments, blank lines and surrounding whitespace."""
+    lines = []
+    for line in text.splitlines():
+        code = "" if line.lstrip().startswith("#") else re.sub(r"\s+#.*$", "", line).strip()
+        if code:
+            lines.append(code)
+    return lines
+
+
+def _python_blocks() -> list[tuple[str, str, str]]:
+    """(page, the text before the block, the block) for every ```python block of the README and docs/."""
+    blocks = []
+    for page in [ROOT / "README.md", *sorted(DOCS.glob("**/*.md"))]:
+        text = page.read_text()
+        for found in re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S):
+            blocks.append((str(page.relative_to(ROOT)), text[: found.start()], found[1]))
+    return blocks
+
+
+def test_every_python_snippet_names_an_example_that_a_test_runs() -> None:
+    tests_text = "\n".join(p.read_text() for p in (ROOT / "tests").glob("**/*.py"))
+    for page, before, _ in _python_blocks():
+        named = re.findall(r"examples/(\w+)\.py", "\n".join(before.splitlines()[-8:]))
+        assert named, f"{page}: a python snippet that names no examples/<file>.py in the lines before it"
+        example = ROOT / "examples" / f"{named[-1]}.py"
+        assert example.exists(), f"{page}: {example} does not exist"
+        assert named[-1] in tests_text, f"{page}: no test under tests/ runs examples/{named[-1]}.py"
+
+
+def test_readme_quickstart_is_the_example_file() -> None:
+    (block,) = [b for page, before, b in _python_blocks() if page == "README.md" and "quickstart.py" in before[-300:]]
+    example = set(_code_lines((ROOT / "examples" / "quickstart.py").read_text()))
+    missing = [line for line in _code_lines(block) if line not in example]
+    assert not missing, f"README quick start lines not in examples/quickstart.py: {missing}"
