@@ -23,6 +23,7 @@ from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import prune
 
 from fx_sparsify.methods import compute_mask
+
 from _timing import median_time  # noqa: E402  (benchmarks/ is on sys.path)
 
 WNS_2_4 = {"sparsity": 1.0, "block_shape": (1, 4), "zeros_per_block": 2, "p": 2}

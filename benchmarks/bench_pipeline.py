@@ -38,6 +38,7 @@ from torch.nn.utils import prune
 
 import fx_sparsify as fxs
 from fx_sparsify import _native
+
 from _timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path)
 
 SPARSITY = 0.5

@@ -37,10 +37,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fx_sparsify as fxs
-from fx_sparsify import api as api_module, sparse_graph_module as sgm_module
+from fx_sparsify import api as api_module
+from fx_sparsify import sparse_graph_module as sgm_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from shrink_resnet import resnet18, resnet50  # noqa: E402
+
 from _memory import reset_peak, status  # noqa: E402  (benchmarks/ is on sys.path)
 
 try:

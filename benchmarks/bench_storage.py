@@ -43,6 +43,7 @@ from torch import nn
 
 import fx_sparsify as fxs
 from fx_sparsify.passes.sparse_storage import SparseLinear
+
 from _timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path)
 
 warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
@@ -104,7 +105,7 @@ def mlp_table(d: int, h: int, sparsities: list[float], batches: list[int], repea
             x = torch.randn(n, d)
             with torch.inference_mode():
                 torch.testing.assert_close(auto(x), dense(x), atol=1e-3, rtol=1e-3)
-                t = interleaved({"dense": lambda: dense(x), "auto": lambda: auto(x)}, repeats)
+                t = interleaved({"dense": lambda: dense(x), "auto": lambda auto=auto: auto(x)}, repeats)  # auto is deleted below
             lines.append(f"| 4x {d}x{h} | {s:.0%} | {n} | {t['dense'] * 1e3:.1f} | {t['auto'] / t['dense']:.2f}x "
                          f"| {picked} |")
             del auto

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.utils.prune as prune
 import torch.nn.functional as F
+import torch.nn.utils.prune as prune
 from torch import nn
 
 import fx_sparsify as fxs

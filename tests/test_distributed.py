@@ -9,7 +9,6 @@ single-process run that saw the batches of both ranks.
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 import time
 from pathlib import Path

@@ -61,7 +61,7 @@ def test_a_collector_the_caller_turned_off_stays_off(gc_on: None) -> None:
 
 
 def test_the_collector_is_back_on_after_an_error(gc_on: None) -> None:
-    with pytest.raises(Exception):
+    with pytest.raises(KeyError, match="no_such_method"):
         fxs.sparsify_graph(Recorder(), {"weights": [{"target": "type:Linear", "method": "no_such_method"}]})
     assert gc.isenabled()
 

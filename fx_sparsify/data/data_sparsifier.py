@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-import torch
 from torch import Tensor
 
 from ..methods import compute_mask, get_mask_method, parse_method, validate_options

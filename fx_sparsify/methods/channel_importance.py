@@ -206,7 +206,7 @@ def obs_greedy(group: GroupStats, remove: int) -> tuple[list[int], list[float]]:
         take = min(max(1, group.block), remove - len(order))
         chosen = torch.argsort(err, stable=True)[:take].tolist()
         joint = 0.0
-        for i, (w, hinv, cols) in enumerate(states):
+        for w, hinv, cols in states:
             q = cols[chosen].reshape(-1)
             hq_inv = torch.linalg.inv(hinv[q][:, q])
             wq = w[:, q]

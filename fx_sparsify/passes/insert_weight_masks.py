@@ -28,8 +28,8 @@ from .. import ops
 from .._meta import NodeInfo, annotate
 from .._names import mask_buffer_name, unique_attr
 from ..methods._random import generator_for
-from ..sparsify import Sparsify
 from ..select import WeightTarget
+from ..sparsify import Sparsify
 from ._runner import PassResult, finish
 
 __all__ = ["insert_weight_masks", "FUNCTIONAL"]
@@ -195,7 +195,7 @@ def insert_weight_masks(
         masked[name] = node
         for use in use_nodes:
             if use.op == "get_attr":
-                use.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+                use.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)  # noqa: B023 (called here)
 
     for node in list(graph.nodes):
         if node.op != "call_module":
@@ -211,7 +211,7 @@ def insert_weight_masks(
 def _sparsify_module(gm: GraphModule, name: str, target: WeightTarget, param: torch.Tensor, seed: int) -> str:
     """A Sparsify module whose learnable scores (initialised to ``|weight|``) rank the mask."""
     rule = target.rule
-    module = Sparsify(param.shape, sparseness=rule.method, backward_mode=getattr(rule, "gradient"),
+    module = Sparsify(param.shape, sparseness=rule.method, backward_mode=getattr(rule, "gradient"),  # noqa: B009 (WeightRule | GlobalRule)
                       generator=generator_for(seed, name, param.device), **rule.options)
     module.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
     module.init_scores(param.detach().abs())

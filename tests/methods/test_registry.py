@@ -86,8 +86,9 @@ def test_compute_mask_rejects_non_tensors() -> None:
 
 @pytest.mark.parametrize("mode", ["graph", "inplace"])
 def test_a_method_that_edits_its_input_cannot_corrupt_the_weight(clean_registry: None, mode: str) -> None:
-    import fx_sparsify as fxs
     from torch import nn
+
+    import fx_sparsify as fxs
 
     def vandal(t: torch.Tensor) -> torch.Tensor:
         keep = t.abs() > t.abs().median()
@@ -108,8 +109,9 @@ def test_a_method_that_edits_its_input_cannot_corrupt_the_weight(clean_registry:
 
 @pytest.mark.parametrize("mode", ["graph", "inplace"])
 def test_a_scores_callable_that_edits_its_input_cannot_corrupt_the_weight(mode: str) -> None:
-    import fx_sparsify as fxs
     from torch import nn
+
+    import fx_sparsify as fxs
 
     def scores(w: torch.Tensor) -> torch.Tensor:
         return w.abs_()  # a careless scores callable: edits the tensor it was given and returns it

@@ -13,7 +13,12 @@ from torch import nn
 import fx_sparsify as fxs
 
 from _channel_models import (
-    MLP, MobileNetV2Mini, ResidualCNN, random_residual_cnn, random_residual_cnn_cases, randomise_norms,
+    MLP,
+    MobileNetV2Mini,
+    ResidualCNN,
+    random_residual_cnn,
+    random_residual_cnn_cases,
+    randomise_norms,
 )
 
 
