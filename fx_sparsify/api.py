@@ -19,7 +19,7 @@ from .methods._selectors import ENTRY_COUNTS, warn_if_percent_like
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
 from .passes.insert_hessian_observers import insert_hessian_observers, sparsegpt_layers
 from .passes.insert_weight_masks import insert_weight_masks
-from .passes.channel_groups import ChannelPlan, passive_rules, plan_channels
+from .passes.channels import ChannelPlan, passive_rules, plan_channels
 from .passes.update_masks import check_options
 from .observer import ActivationObserver
 from .roundtrip import set_initial_masks, take_over

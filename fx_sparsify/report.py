@@ -9,9 +9,9 @@ from typing import Any, Callable
 from tabulate import tabulate
 from torch.fx import GraphModule
 
-from .passes.insert_activation_masks import LayerIndex
+from .passes.layer_index import LayerIndex
 from .passes.squash import activation_fold
-from .passes.channel_groups import shrink_summary
+from .passes.channels import shrink_summary
 from .passes.shrink import channel_keeps
 from .passes.sparse_storage import storage_table
 from .methods._selectors import block_grid

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from ._modules import find_tensor
-from .passes.channel_groups import FUNCTIONS, ChannelPlan, _arg, _at
+from .passes.channels import FUNCTIONS, ChannelPlan, arg_at, node_arg
 from .passes.shrink import refresh_attributes
 from .state import SparsityState
 
@@ -160,14 +160,14 @@ def _module_edits(plan: ChannelPlan, shrunk: GraphModule, model: nn.Module) -> l
             if node is None or node.op != "call_function":
                 continue
             entry = FUNCTIONS.get(node.target) or FUNCTIONS.get(getattr(node.target, "overloadpacket", None))
-            weight = _arg(node, 1, "weight")
+            weight = node_arg(node, 1, "weight")
             if entry is None or entry[0] != "conv" or tuple(edit.path) not in (("args", 6), ("kwargs", "groups")) \
                     or not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
                 continue  # other call arguments (view shapes of heads) live in the model's forward code
             owner = str(weight.target).rpartition(".")[0]
             module = model.get_submodule(owner)
             if hasattr(module, "groups"):
-                out.append((module, "groups", _at(node, tuple(edit.path))))
+                out.append((module, "groups", arg_at(node, tuple(edit.path))))
     return out
 
 

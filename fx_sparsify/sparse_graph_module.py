@@ -17,7 +17,7 @@ from .report import report as _report, target_sparsity_of
 from .roundtrip import squash_into as _squash_into, to_torch_prune as _to_torch_prune
 from .shrink_into import shrink_into as _shrink_into
 from .passes.squash import squash as _squash
-from .passes.channel_groups import shrink_plan_table
+from .passes.channels import shrink_plan_table
 from .passes.shrink import channel_keeps, shrink as _shrink
 from .passes.sparse_storage import apply_sparse_storage, check_storage
 from .passes.update_masks import apply_masks_inplace, update_masks

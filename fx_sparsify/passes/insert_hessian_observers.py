@@ -26,7 +26,8 @@ from torch.fx import GraphModule
 from ..hessian import HessianObserver
 from ..methods.sparsegpt import HESSIAN_DTYPES
 from ._runner import PassResult, finish
-from .insert_activation_masks import LayerIndex, _insert
+from .insert_activation_masks import insert_observer
+from .layer_index import LayerIndex
 from .reconstruct import record_calibration_inputs
 
 __all__ = ["insert_hessian_observers", "sparsegpt_layers"]
@@ -115,7 +116,7 @@ def insert_hessian_observers(
             raise ValueError(f"'method': 'sparsegpt' on {weight_target!r}: layer {layer!r} is never called in the graph")
         dtype = HESSIAN_DTYPES[dtype_name]
         observer = HessianObserver(dtype, unfold=unfold)
-        name = _insert(gm, index, layer, calls, observer, False, "input_hessian_observer")["observer"]
+        name = insert_observer(gm, index, layer, calls, observer, False, "input_hessian_observer")["observer"]
         nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
         key = (tuple(n.args[0] for n in nodes), dtype, None if unfold is None else tuple(sorted(unfold.items())))
         if key in shared:  # this layer reads an observed input already: use that observer, drop the new one

@@ -28,7 +28,7 @@ from ..hessian import HessianObserver
 from ..methods.sparsegpt import sparsegpt_prune
 from ..observer import ActivationObserver
 from ..state import SparsityState, TargetRecord, current_options, state_of
-from .insert_activation_masks import LayerIndex
+from .layer_index import LayerIndex
 
 __all__ = ["RECONSTRUCTING", "check_calibrated", "reconstruct", "is_sequential", "reconstruct_in_order",
            "record_calibration_inputs"]

@@ -1,7 +1,7 @@
 """Pass: physically remove the pruned channels of a squashed module (``squash(shrink=True)``, SPEC §10).
 
 Runs on the plain ``GraphModule`` squash returns, with the channel plan of ``state.extra["channels"]``
-(see :mod:`.channel_groups`) and each removable group's keep vector:
+(see :mod:`.channels`) and each removable group's keep vector:
 
 1. every member tensor loses the pruned slices along its dim (parameters stay parameters, tied
    parameters stay one tensor, buffers such as BatchNorm running statistics shrink too);
@@ -15,7 +15,7 @@ consumers' input columns included: whatever value a pruned channel carries (``si
 BatchNorm's shift) is multiplied by a masked column, so it already contributes nothing in the masked
 module. Channels that other rules left as zero weight rows (``ln_structured`` with ``dim=0``) carry their
 bias through the coupled ops instead: the constant each one delivers to a consumer (see
-:mod:`.channel_constants`) is first added to that consumer's bias, times its input columns, and only then
+:mod:`.channels.constants`) is first added to that consumer's bias, times its input columns, and only then
 is the channel removed. The result's ``state_dict`` keeps the original keys, with smaller shapes.
 """
 
@@ -30,9 +30,8 @@ from torch.fx import GraphModule, Node
 from .._modules import find_tensor
 from ..state import SparsityState
 from ._runner import PassResult, finish
-from .channel_constants import evaluate, fold_deltas
-from .channel_groups import CHANNELS, ChannelPlan, group_keeps
-from .insert_activation_masks import LayerIndex
+from .channels import CHANNELS, ChannelPlan, evaluate, fold_deltas, group_keeps
+from .layer_index import LayerIndex
 from .squash import activation_fold
 
 __all__ = ["shrink", "channel_keeps", "REFRESH", "REFRESH_BY_NAME", "refresh_attributes"]
@@ -167,7 +166,7 @@ def channel_keeps(gm: GraphModule, state: SparsityState, notes: dict[int, str] |
     for group in plan.groups:
         if group.constants is None or not group.removable or group.id not in keeps:
             continue
-        found = evaluate(gm, group, group.constants, get)
+        found = evaluate(gm, group.units, group.constants, get)
         keep = keeps[group.id] & ~found.removable
         keeps[group.id] = keep if bool(keep.any()) else _first(keep)
         if notes is not None and found.why:
@@ -205,8 +204,8 @@ def _fold_constants(gm: GraphModule, state: SparsityState, plan: ChannelPlan, ke
         keep = keeps.get(group.id)
         if group.constants is None or not group.removable or keep is None or bool(keep.all()):
             continue
-        found = evaluate(gm, group, group.constants, get)  # type: ignore[arg-type]
-        for name, delta in fold_deltas(get, group, group.constants, found, ~keep).items():  # type: ignore[arg-type]
+        found = evaluate(gm, group.units, group.constants, get)  # type: ignore[arg-type]
+        for name, delta in fold_deltas(get, group.units, group.constants, found, ~keep).items():  # type: ignore[arg-type]
             deltas[name] = deltas[name] + delta if name in deltas else delta
     with torch.no_grad():
         for name, delta in deltas.items():

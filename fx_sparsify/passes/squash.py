@@ -30,7 +30,7 @@ from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
 from ._runner import PassResult, eliminate_dead_code, finish
 from ..state import SparsityState, TargetRecord
-from .insert_activation_masks import LayerIndex
+from .layer_index import LayerIndex
 
 __all__ = ["squash", "fold_weight_masks", "fold_activation_masks", "activation_fold", "restore_module_calls", "strip",
            "shallow_copy", "replace_tensor"]

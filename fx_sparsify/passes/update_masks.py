@@ -32,7 +32,7 @@ from ..methods._random import generator_for
 from ..methods.wanda import PER_ROW, per_row_mask
 from ..methods._registry import keep_mask, refuse_nan
 from ..state import SparsityState, TargetRecord, current_options
-from .channel_groups import CHANNELS, channel_masks
+from .channels import CHANNELS, channel_masks
 from .reconstruct import RECONSTRUCTING, check_calibrated, is_sequential, reconstruct, reconstruct_in_order
 
 __all__ = ["update_masks", "weight_scores", "check_options", "check_targets", "apply_masks_inplace"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fx_sparsify as fxs
-from fx_sparsify.passes.channel_groups import map_reshape
+from fx_sparsify.passes.channels import map_reshape
 from fx_sparsify.spec import ChannelRule, SparsitySpec
 
 from _channel_models import MLP, Block, FusedGateUp, ResidualCNN, randomise_norms

@@ -30,28 +30,22 @@ for a convolution, no zero padding (at the border a padded tap would see 0, not 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
-from ._runner import writes_in_place
-
-if TYPE_CHECKING:  # the analysis types only; channel_groups imports this module at run time
-    from .channel_groups import ChannelGroup, _Flood, _Graph
+from .._runner import writes_in_place
+from .graph import LAYERS, ChannelGraph, uses
+from .rules import Flood
 
 __all__ = ["ConstStep", "Fold", "ConstProgram", "UnitConstants", "STEP_KINDS", "build_program", "evaluate",
            "fold_deltas"]
 
-#: channel-group op kinds (channel_groups.RULES) that carry a per-channel constant unchanged
+#: op kinds (rules.RULES) that carry a per-channel constant unchanged
 PASS_KINDS = ("attr", "reshape", "transpose", "expand", "getitem", "slice", "select", "cat", "split", "pool", "reduce")
-#: layer kinds → (operand position of the input, of the weight, of the bias; weight dim of output rows,
-#: of input columns)
-LAYERS: dict[str, tuple[int, int, int, int, int]] = {
-    "linear": (0, 1, 2, 0, 1), "conv": (0, 1, 2, 0, 1), "addmm": (1, 2, 0, 1, 0),
-}
 
 TensorGetter = Callable[[str], Tensor]
 
@@ -105,7 +99,7 @@ class UnitConstants:
 
 
 # --- planning ----------------------------------------------------------------------------------------
-def _name(graph: _Graph, v: Any) -> str | None:
+def _name(graph: ChannelGraph, v: Any) -> str | None:
     if isinstance(v, str):
         return v
     if isinstance(v, Node) and v.op == "get_attr":
@@ -113,14 +107,14 @@ def _name(graph: _Graph, v: Any) -> str | None:
     return None
 
 
-def _eps(graph: _Graph, node: Node) -> float:
+def _eps(graph: ChannelGraph, node: Node) -> float:
     if node.op == "call_module":
         return float(getattr(graph.gm.get_submodule(str(node.target)), "eps", 1e-5))
     eps = node.args[7] if len(node.args) > 7 else node.kwargs.get("eps", 1e-5)
     return float(eps)
 
 
-def _batch_stats(graph: _Graph, node: Node) -> bool:
+def _batch_stats(graph: ChannelGraph, node: Node) -> bool:
     """Whether a batch norm normalises with the batch's statistics (no running statistics to fold)."""
     if node.op == "call_module":
         m = graph.gm.get_submodule(str(node.target))
@@ -128,7 +122,7 @@ def _batch_stats(graph: _Graph, node: Node) -> bool:
     return node.args[5] is True if len(node.args) > 5 else node.kwargs.get("training") is True
 
 
-def _out_channel_dim(graph: _Graph, node: Node, kind: str, weight: str) -> int | None:
+def _out_channel_dim(graph: ChannelGraph, node: Node, kind: str, weight: str) -> int | None:
     """The dim of a layer's output holding its output channels."""
     shape, wshape = graph.shape(node), graph.shape(weight)
     if shape is None or wshape is None:
@@ -138,7 +132,7 @@ def _out_channel_dim(graph: _Graph, node: Node, kind: str, weight: str) -> int |
     return len(shape) - 1
 
 
-def _padding_why(graph: _Graph, node: Node) -> str:
+def _padding_why(graph: ChannelGraph, node: Node) -> str:
     """Why a convolution consumer cannot take a non-zero constant into its bias ('' when it can)."""
     if node.op == "call_module":
         m = graph.gm.get_submodule(str(node.target))
@@ -152,7 +146,7 @@ def _padding_why(graph: _Graph, node: Node) -> str:
     return ""
 
 
-def _avg_pool_padded(graph: _Graph, node: Node) -> bool:
+def _avg_pool_padded(graph: ChannelGraph, node: Node) -> bool:
     target = node.target
     if node.op == "call_module":
         m = graph.gm.get_submodule(str(target))
@@ -166,10 +160,8 @@ def _avg_pool_padded(graph: _Graph, node: Node) -> bool:
     return any(p != 0 for p in values)
 
 
-def build_program(graph: _Graph, flood: _Flood) -> ConstProgram:
+def build_program(graph: ChannelGraph, flood: Flood) -> ConstProgram:
     """The constant program of a flooded group (see the module docstring)."""
-    from .channel_groups import _uses
-
     slots: dict[Node, tuple[int, int, int]] = {}
     for (value, d), (o, k) in flood.slots.items():
         if isinstance(value, Node):
@@ -225,7 +217,7 @@ def build_program(graph: _Graph, flood: _Flood) -> ConstProgram:
                 continue
             bias = _name(graph, op.operands[b_at])
             why = "" if bias is not None else f"{node.name} has no bias to take the pruned channel's constant"
-            if not why and len(_uses(graph, bias)) > 1:  # type: ignore[arg-type]
+            if not why and len(uses(graph, bias)) > 1:  # type: ignore[arg-type]
                 why = f"{node.name}'s bias {bias} is read elsewhere too"
             if not why and op.kind == "conv":
                 why = _padding_why(graph, node)
@@ -311,11 +303,11 @@ def _pointwise(gm: GraphModule, node: Node, step: ConstStep, values: Mapping[str
         return out.double()
 
 
-def evaluate(gm: GraphModule, group: ChannelGroup, prog: ConstProgram, get: TensorGetter) -> UnitConstants:
+def evaluate(gm: GraphModule, units: int, prog: ConstProgram, get: TensorGetter) -> UnitConstants:
     """Run ``prog`` on the tensors as ``get`` returns them (as squash writes them); ``gm`` supplies the ops
     of ``pointwise`` steps by node name. A unit is removable when a producer's rows are zero there and its
-    value reaches every consumer as a constant that the consumer can take (or its columns are zero)."""
-    units = group.units
+    value reaches every consumer as a constant that the consumer can take (or its columns are zero);
+    ``units``: the group's."""
     no = torch.zeros(units, dtype=torch.bool)
     values: dict[str, Tensor] = {}  # node → constant per unit
     known: dict[str, Tensor] = {}  # node → bool per unit: the value is that constant
@@ -387,11 +379,11 @@ def evaluate(gm: GraphModule, group: ChannelGroup, prog: ConstProgram, get: Tens
     return UnitConstants(removable, zero_rows, at_fold, reasons)
 
 
-def fold_deltas(gm_tensors: TensorGetter, group: ChannelGroup, prog: ConstProgram, consts: UnitConstants,
+def fold_deltas(gm_tensors: TensorGetter, units: int, prog: ConstProgram, consts: UnitConstants,
                 pruned: Tensor) -> dict[str, Tensor]:
-    """Bias name → what to add to it so that removing the ``pruned`` units (bool per unit) is exact."""
+    """Bias name → what to add to it so that removing the ``pruned`` units (bool per unit, of a group of
+    ``units``) is exact."""
     out: dict[str, Tensor] = {}
-    units = group.units
     for i, f in enumerate(prog.folds):
         const = torch.where(pruned, consts.at_fold[i], torch.zeros_like(consts.at_fold[i]))
         if not bool((const != 0).any()):
