@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,10 @@ from .passes.update_masks import apply_masks_inplace, update_masks
 from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
 
 __all__ = ["SparseGraphModule", "SparsityState", "TargetRecord"]  # the last two re-exported from state
+
+_NO_CHANNELS = ("{call}: the spec has no 'channels' rule, so there are no channels to remove; returning the plain "
+                "squash (pruned weights zeroed, shapes unchanged). Add a rule such as {{'channels': [{{'target': "
+                "'type:Conv2d', 'sparsity': 0.5}}]}} to shrink, or drop shrink=True")
 
 
 class SparseGraphModule(GraphModule):
@@ -103,11 +108,26 @@ class SparseGraphModule(GraphModule):
         ``"semi_structured"`` (CUDA, float16 / bfloat16) stores 2:4-masked Linear weights for sparse tensor cores.
         """
         check_storage(storage, batch_size)
+        self._warn_unstepped("squash()")
+        if shrink and not self._fxs.spec.channels:
+            warnings.warn(_NO_CHANNELS.format(call="squash(shrink=True)"), UserWarning, stacklevel=2)
+            shrink = False
         out = self._squash_shrunk()[0] if shrink else _squash(self, self._fxs)
         if storage != "dense":
             apply_sparse_storage(out, self._fxs, storage, batch_size)
             self._fxs.extra["storage"] = out.storage_choices
         return out
+
+    def _warn_unstepped(self, call: str) -> None:
+        """Warn once (at the user's call) when nothing was ever pruned: no step() yet and every mask keeps all."""
+        state = self._fxs
+        if state.steps or self.__dict__.get("_fxs_warned_unstepped") or any(
+                not bool(self.get_buffer(r.buffer).all()) for r in state.targets.values()):
+            return
+        self.__dict__["_fxs_warned_unstepped"] = True
+        warnings.warn(f"{call} before any step(): every mask still keeps everything, so the result is the unpruned "
+                      "model; call sgm.step() first (after the calibration forward passes, if any)",
+                      UserWarning, stacklevel=3)
 
     def shrink_plan(self) -> str:
         """A table of the channel groups: members, channels before → after, removable or why not (SPEC §10)."""
@@ -132,7 +152,10 @@ class SparseGraphModule(GraphModule):
         ``shrink=True`` (SPEC §10) resizes the model's tensors, module attributes and, for a Hugging Face
         model, its config (same widths in every layer), so ``save_pretrained`` → ``from_pretrained`` reloads it.
         """
-        if shrink and "channels" in self._fxs.extra:
+        self._warn_unstepped("squash_into()")
+        if shrink and not self._fxs.spec.channels:
+            warnings.warn(_NO_CHANNELS.format(call="squash_into(model, shrink=True)"), UserWarning, stacklevel=2)
+        elif shrink:
             return _shrink_into(self._fxs, *self._squash_shrunk(), model)
         return _squash_into(self, self._fxs, _squash(self, self._fxs), model)
 
@@ -226,6 +249,11 @@ class SparseGraphModule(GraphModule):
 
     def __str__(self) -> str:
         return f"SparseGraphModule({self._fxs.class_name}, {len(self._fxs.targets)} targets)\n{super().__str__()}"
+
+    def __repr__(self) -> str:  # nn.Module's alone shows the submodules only, which reads as the original model
+        state = self._fxs
+        return (f"SparseGraphModule({state.class_name}, capture={state.capture}, {len(state.targets)} targets, "
+                f"steps={state.steps})\n{torch.nn.Module.__repr__(self)}")
 
 
 @dataclass(frozen=True)
