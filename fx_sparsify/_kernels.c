@@ -144,3 +144,305 @@ FXS_MASKED_BAG(fxs_masked_bag_f64, double)
 
 FXS_MASKED_ROWS(fxs_masked_rows_f32, float)
 FXS_MASKED_ROWS(fxs_masked_rows_f64, double)
+
+/* --- bitmask storage: y = x @ W^T + b (passes/_bitmask.py, squash(storage="bitmask")) ------------------
+ * W [rows, cols] is held as the compressed checkpoint holds it: its kept entries `values`, row-major, and
+ * a packed mask of [rows, ceil(cols / 8)] bytes, least significant bit first (bits past `cols` in a row's
+ * last byte are ignored). fxs_bitmask_linear_<T>(values, mask, cols, r0, r1, k0, x, batch, x_stride,
+ * bias, out, out_stride) writes out[b * out_stride + r] = sum_c W[r, c] * x[b * x_stride + c] (+ bias[r])
+ * for the rows [r0, r1) and b < batch; k0 is the index in `values` of row r0's first kept entry (the
+ * caller's row offsets), so each thread takes its own range of rows. x, bias, out are float32; T is
+ * float32 or bfloat16 (uint16 bits), always summed in float32. `values` must hold 32 readable entries
+ * past the last kept one (the caller pads it): the vector paths load whole groups of 8 / 16.
+ *
+ * Three paths, picked at the first call by the CPU (fxs_bitmask_isa), the same sums in another order:
+ * - AVX-512: 16 columns a step; vexpandps puts the step's kept values in their columns (zeros elsewhere)
+ *   in one instruction, then one FMA per row of x (up to 8 rows of x share each expanded step);
+ * - AVX2: 8 columns a step; a table of 256 permutations does the expand (vpermps);
+ * - portable C: each row's kept columns decoded once into a list, then a dot product per row of x.
+ */
+#include <string.h>
+#include <stdlib.h>
+
+#if defined(_WIN32)
+#define FXS_API __declspec(dllexport)
+#else
+#define FXS_API
+#endif
+
+#define FXS_BM_PAD 32
+
+static inline float fxs_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* the portable path */
+#define FXS_BM_PORTABLE(NAME, T, LOAD)                                                                  \
+    static int NAME(const T *values, const uint8_t *mask, int64_t cols, int64_t r0, int64_t r1, int64_t k0, \
+                    const float *x, int64_t batch, int64_t xs, const float *bias, float *out, int64_t os) { \
+        int64_t stride = (cols + 7) / 8, k = k0;                                                        \
+        int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)(cols > 0 ? cols : 1));              \
+        float *val = (float *)malloc(sizeof(float) * (size_t)(cols > 0 ? cols : 1));                    \
+        if (!idx || !val) { free(idx); free(val); return -3; }                                          \
+        for (int64_t r = r0; r < r1; r++) {                                                             \
+            const uint8_t *m = mask + r * stride;                                                       \
+            int64_t n = 0;                                                                              \
+            for (int64_t c = 0; c < cols; c++)                                                          \
+                if ((m[c >> 3] >> (c & 7)) & 1u) { idx[n] = (int32_t)c; val[n] = LOAD(values[k]); n++; k++; } \
+            for (int64_t b = 0; b < batch; b++) {                                                       \
+                const float *xb = x + b * xs;                                                           \
+                float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                           \
+                int64_t j = 0;                                                                          \
+                for (; j + 4 <= n; j += 4) {                                                            \
+                    s0 += val[j] * xb[idx[j]]; s1 += val[j + 1] * xb[idx[j + 1]];                       \
+                    s2 += val[j + 2] * xb[idx[j + 2]]; s3 += val[j + 3] * xb[idx[j + 3]];               \
+                }                                                                                       \
+                for (; j < n; j++) s0 += val[j] * xb[idx[j]];                                           \
+                out[b * os + r] = (s0 + s1) + (s2 + s3) + (bias ? bias[r] : 0.f);                       \
+            }                                                                                           \
+        }                                                                                               \
+        free(idx); free(val);                                                                           \
+        return 0;                                                                                       \
+    }
+
+#define FXS_LOAD_F32(v) (v)
+#define FXS_LOAD_BF16(v) fxs_bf16_to_f32(v)
+FXS_BM_PORTABLE(fxs_bm_portable_f32, float, FXS_LOAD_F32)
+FXS_BM_PORTABLE(fxs_bm_portable_bf16, uint16_t, FXS_LOAD_BF16)
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(FXS_NO_SIMD)
+#include <immintrin.h>
+#define FXS_BM_X86 1
+
+/* --- AVX-512 --- */
+#define FXS_T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,popcnt")))
+#define FXS_INLINE512 static inline __attribute__((always_inline)) FXS_T512
+
+/* a whole load then the register form of vexpandps: the memory form measured no faster (AMD Zen 4) */
+FXS_INLINE512 __m512 fxs_w16_f32(const float *v, __mmask16 mm) { return _mm512_maskz_expand_ps(mm, _mm512_loadu_ps(v)); }
+FXS_INLINE512 __m512 fxs_w16_bf16(const uint16_t *v, __mmask16 mm) {
+    __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)v)), 16);
+    return _mm512_maskz_expand_ps(mm, _mm512_castsi512_ps(w));
+}
+
+/* one row of W against NB rows of x (NB a constant after inlining: the accumulators stay in registers) */
+#define FXS_ROW512(NAME, T, W16)                                                                        \
+    FXS_INLINE512 int64_t NAME(const T *values, int64_t k, const uint8_t *m, int64_t cols, const float *x, \
+                            int64_t xs, int NB, float *acc_out) {                                       \
+        __m512 acc[8], acc2[8];                                                                         \
+        for (int j = 0; j < NB; j++) { acc[j] = _mm512_setzero_ps(); acc2[j] = _mm512_setzero_ps(); }   \
+        int64_t c = 0;                                                                                  \
+        for (; c + 32 <= cols; c += 32) {                                                               \
+            uint32_t bits;                                                                              \
+            memcpy(&bits, m + (c >> 3), 4);                                                             \
+            __mmask16 lo = (__mmask16)bits, hi = (__mmask16)(bits >> 16);                               \
+            __m512 w0 = W16(values + k, lo);                                                            \
+            k += _mm_popcnt_u32(lo);                                                                    \
+            __m512 w1 = W16(values + k, hi);                                                            \
+            k += _mm_popcnt_u32(hi);                                                                    \
+            for (int j = 0; j < NB; j++) {                                                              \
+                acc[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j * xs + c), acc[j]);                  \
+                acc2[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + j * xs + c + 16), acc2[j]);           \
+            }                                                                                           \
+        }                                                                                               \
+        for (; c < cols; c += 16) {                                                                     \
+            int64_t left = cols - c;                                                                    \
+            uint32_t bits = m[c >> 3] | (left > 8 ? (uint32_t)m[(c >> 3) + 1] << 8 : 0u);               \
+            __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);           \
+            __mmask16 mm = (__mmask16)bits & lanes;                                                     \
+            __m512 w = W16(values + k, mm);                                                             \
+            k += _mm_popcnt_u32(mm);                                                                    \
+            for (int j = 0; j < NB; j++)                                                                \
+                acc[j] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes, x + j * xs + c), acc[j]);      \
+        }                                                                                               \
+        for (int j = 0; j < NB; j++) acc_out[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j], acc2[j])); \
+        return k;                                                                                       \
+    }
+
+FXS_ROW512(fxs_row512_f32, float, fxs_w16_f32)
+FXS_ROW512(fxs_row512_bf16, uint16_t, fxs_w16_bf16)
+
+#define FXS_BM_AVX512(NAME, T, ROW)                                                                     \
+    FXS_T512 static int NAME(const T *values, const uint8_t *mask, int64_t cols, int64_t r0, int64_t r1, \
+                             int64_t k0, const float *x, int64_t batch, int64_t xs, const float *bias,  \
+                             float *out, int64_t os) {                                                  \
+        int64_t stride = (cols + 7) / 8, k = k0;                                                        \
+        float acc[8];                                                                                   \
+        int64_t end = k0;                                                                               \
+        for (int64_t r = r0; r < r1; r++) {                                                             \
+            const uint8_t *m = mask + r * stride;                                                       \
+            float b = bias ? bias[r] : 0.f;                                                             \
+            for (int64_t b0 = 0; b0 < batch; b0 += 8) {                                                 \
+                int64_t nb = batch - b0 < 8 ? batch - b0 : 8;                                           \
+                const float *xb = x + b0 * xs;                                                          \
+                switch (nb) {                                                                           \
+                    case 1: end = ROW(values, k, m, cols, xb, xs, 1, acc); break;                             \
+                    case 2: end = ROW(values, k, m, cols, xb, xs, 2, acc); break;                             \
+                    case 3: end = ROW(values, k, m, cols, xb, xs, 3, acc); break;                             \
+                    case 4: end = ROW(values, k, m, cols, xb, xs, 4, acc); break;                             \
+                    case 5: end = ROW(values, k, m, cols, xb, xs, 5, acc); break;                             \
+                    case 6: end = ROW(values, k, m, cols, xb, xs, 6, acc); break;                             \
+                    case 7: end = ROW(values, k, m, cols, xb, xs, 7, acc); break;                             \
+                    default: end = ROW(values, k, m, cols, xb, xs, 8, acc); break;                            \
+                }                                                                                       \
+                for (int64_t j = 0; j < nb; j++) out[(b0 + j) * os + r] = acc[j] + b;                   \
+            }                                                                                           \
+            k = end;                                                                                    \
+        }                                                                                               \
+        return 0;                                                                                       \
+    }
+
+FXS_BM_AVX512(fxs_bm_avx512_f32, float, fxs_row512_f32)
+FXS_BM_AVX512(fxs_bm_avx512_bf16, uint16_t, fxs_row512_bf16)
+
+/* --- AVX2 --- */
+#define FXS_T256 __attribute__((target("avx2,fma,popcnt")))
+#define FXS_INLINE256 static inline __attribute__((always_inline)) FXS_T256
+
+/* byte -> for each of its 8 columns, the rank of that column among the set bits (8: not set, a zero lane) */
+static int32_t fxs_perm[256][8];
+static int32_t fxs_lanes[9][8];
+
+static void fxs_bm_tables(void) {
+    for (int m = 0; m < 256; m++) {
+        int rank = 0;
+        for (int j = 0; j < 8; j++) fxs_perm[m][j] = ((m >> j) & 1) ? rank++ : 8;
+        for (int j = 0; j < 8; j++) if (fxs_perm[m][j] == 8) fxs_perm[m][j] = 7;  /* any lane; masked below */
+    }
+    for (int n = 0; n <= 8; n++)
+        for (int j = 0; j < 8; j++) fxs_lanes[n][j] = j < n ? -1 : 0;
+}
+
+FXS_INLINE256 __m256 fxs_bitvec(uint32_t b) {  /* all ones in the lanes whose bit is set */
+    __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)b), bits), bits));
+}
+
+FXS_INLINE256 __m256 fxs_w8_f32(const float *v, uint32_t b) {
+    __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), _mm256_loadu_si256((const __m256i *)fxs_perm[b]));
+    return _mm256_and_ps(w, fxs_bitvec(b));
+}
+FXS_INLINE256 __m256 fxs_w8_bf16(const uint16_t *v, uint32_t b) {
+    __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)v)), 16);
+    __m256 w = _mm256_permutevar8x32_ps(_mm256_castsi256_ps(u), _mm256_loadu_si256((const __m256i *)fxs_perm[b]));
+    return _mm256_and_ps(w, fxs_bitvec(b));
+}
+
+FXS_INLINE256 float fxs_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+#define FXS_ROW256(NAME, T, W8)                                                                         \
+    FXS_INLINE256 int64_t NAME(const T *values, int64_t k, const uint8_t *m, int64_t cols, const float *x, \
+                            int64_t xs, int NB, float *acc_out) {                                       \
+        __m256 acc[4], acc2[4];                                                                         \
+        for (int j = 0; j < NB; j++) { acc[j] = _mm256_setzero_ps(); acc2[j] = _mm256_setzero_ps(); }   \
+        int64_t c = 0;                                                                                  \
+        for (; c + 16 <= cols; c += 16) {                                                               \
+            uint32_t b0 = m[c >> 3], b1 = m[(c >> 3) + 1];                                              \
+            __m256 w0 = W8(values + k, b0);                                                             \
+            k += __builtin_popcount(b0);                                                                \
+            __m256 w1 = W8(values + k, b1);                                                             \
+            k += __builtin_popcount(b1);                                                                \
+            for (int j = 0; j < NB; j++) {                                                              \
+                acc[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j * xs + c), acc[j]);                  \
+                acc2[j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + j * xs + c + 8), acc2[j]);            \
+            }                                                                                           \
+        }                                                                                               \
+        for (; c < cols; c += 8) {                                                                      \
+            int64_t left = cols - c < 8 ? cols - c : 8;                                                 \
+            uint32_t b = m[c >> 3] & ((1u << left) - 1u);                                               \
+            __m256 w = W8(values + k, b);                                                               \
+            k += __builtin_popcount(b);                                                                 \
+            __m256i lanes = _mm256_loadu_si256((const __m256i *)fxs_lanes[left]);                       \
+            for (int j = 0; j < NB; j++)                                                                \
+                acc[j] = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + j * xs + c, lanes), acc[j]);         \
+        }                                                                                               \
+        for (int j = 0; j < NB; j++) acc_out[j] = fxs_hsum256(_mm256_add_ps(acc[j], acc2[j]));          \
+        return k;                                                                                       \
+    }
+
+FXS_ROW256(fxs_row256_f32, float, fxs_w8_f32)
+FXS_ROW256(fxs_row256_bf16, uint16_t, fxs_w8_bf16)
+
+#define FXS_BM_AVX2(NAME, T, ROW)                                                                       \
+    FXS_T256 static int NAME(const T *values, const uint8_t *mask, int64_t cols, int64_t r0, int64_t r1, \
+                             int64_t k0, const float *x, int64_t batch, int64_t xs, const float *bias,  \
+                             float *out, int64_t os) {                                                  \
+        int64_t stride = (cols + 7) / 8, k = k0;                                                        \
+        float acc[4];                                                                                   \
+        int64_t end = k0;                                                                               \
+        for (int64_t r = r0; r < r1; r++) {                                                             \
+            const uint8_t *m = mask + r * stride;                                                       \
+            float b = bias ? bias[r] : 0.f;                                                             \
+            for (int64_t b0 = 0; b0 < batch; b0 += 4) {                                                 \
+                int64_t nb = batch - b0 < 4 ? batch - b0 : 4;                                           \
+                const float *xb = x + b0 * xs;                                                          \
+                switch (nb) {                                                                           \
+                    case 1: end = ROW(values, k, m, cols, xb, xs, 1, acc); break;                             \
+                    case 2: end = ROW(values, k, m, cols, xb, xs, 2, acc); break;                             \
+                    case 3: end = ROW(values, k, m, cols, xb, xs, 3, acc); break;                             \
+                    default: end = ROW(values, k, m, cols, xb, xs, 4, acc); break;                            \
+                }                                                                                       \
+                for (int64_t j = 0; j < nb; j++) out[(b0 + j) * os + r] = acc[j] + b;                   \
+            }                                                                                           \
+            k = end;                                                                                    \
+        }                                                                                               \
+        return 0;                                                                                       \
+    }
+
+FXS_BM_AVX2(fxs_bm_avx2_f32, float, fxs_row256_f32)
+FXS_BM_AVX2(fxs_bm_avx2_bf16, uint16_t, fxs_row256_bf16)
+#endif
+
+/* 0 portable C, 1 AVX2, 2 AVX-512; -1 until the first call decides by the CPU */
+static int fxs_isa = -1;
+
+static int fxs_cpu_isa(void) {
+#ifdef FXS_BM_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+    return 0;
+}
+
+/* The path the kernels take. `want` >= 0 asks for that path (capped by what the CPU has: tests force the
+ * portable one); -1 only reads. Returns the path now in use. */
+FXS_API int fxs_bitmask_isa(int want) {
+    if (fxs_isa < 0 || want >= 0) {
+        int cpu = fxs_cpu_isa();
+#ifdef FXS_BM_X86
+        fxs_bm_tables();
+#endif
+        fxs_isa = want >= 0 && want < cpu ? want : cpu;
+    }
+    return fxs_isa;
+}
+
+#ifdef FXS_BM_X86
+#define FXS_BM_DISPATCH(T, SUF)                                                                         \
+    if (fxs_isa == 2) return fxs_bm_avx512_##SUF(values, mask, cols, r0, r1, k0, x, batch, xs, bias, out, os); \
+    if (fxs_isa == 1) return fxs_bm_avx2_##SUF(values, mask, cols, r0, r1, k0, x, batch, xs, bias, out, os);
+#else
+#define FXS_BM_DISPATCH(T, SUF)
+#endif
+
+#define FXS_BM_ENTRY(NAME, T, SUF)                                                                      \
+    FXS_API int NAME(const T *values, const uint8_t *mask, int64_t cols, int64_t r0, int64_t r1, int64_t k0, \
+                     const float *x, int64_t batch, int64_t xs, const float *bias, float *out, int64_t os) { \
+        if (fxs_isa < 0) fxs_bitmask_isa(-1);                                                           \
+        if (cols < 0 || r0 < 0 || r1 < r0 || batch < 0 || k0 < 0) return -1;                           \
+        FXS_BM_DISPATCH(T, SUF)                                                                         \
+        return fxs_bm_portable_##SUF(values, mask, cols, r0, r1, k0, x, batch, xs, bias, out, os);      \
+    }
+
+FXS_BM_ENTRY(fxs_bitmask_linear_f32, float, f32)
+FXS_BM_ENTRY(fxs_bitmask_linear_bf16, uint16_t, bf16)

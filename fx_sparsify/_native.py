@@ -1,4 +1,5 @@
-"""The optional C kernels (``_kernels.c``): the compressed-checkpoint decoder, no-grad masked embedding lookups.
+"""The optional C kernels (``_kernels.c``): the compressed-checkpoint decoder, no-grad masked embedding lookups,
+the bitmask-storage matrix product.
 
 ``pip install`` builds ``_kernels.c`` as an optional extension where a C compiler is (``setup.py``);
 this module loads it with ``ctypes`` (no Python API, and ctypes releases the GIL during a call).
@@ -20,13 +21,17 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor, nn
 
-__all__ = ["LIB", "expand", "masked_bag", "masked_rows"]
+__all__ = ["BITMASK_DTYPES", "BITMASK_PAD", "LIB", "bitmask_isa", "bitmask_linear", "expand", "masked_bag",
+           "masked_rows"]
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     **{f"fxs_expand{bits}": (_I64, [_P, _I64, _I64, _P, _I64, _P]) for bits in (8, 16, 32, 64)},
     **{f"fxs_masked_bag_{t}": (_INT, [_P, _P, _I64, _I64, _P, _I64, _P, _I64, _I64, _INT, _P]) for t in ("f32", "f64")},
     **{f"fxs_masked_rows_{t}": (_INT, [_P, _P, _I64, _I64, _P, _I64, _P]) for t in ("f32", "f64")},
+    **{f"fxs_bitmask_linear_{t}": (_INT, [_P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64])
+       for t in ("f32", "bf16")},
+    "fxs_bitmask_isa": (_INT, [_INT]),
 }
 
 
@@ -44,6 +49,7 @@ def _load() -> ctypes.CDLL | None:
                               "(pip install -e .) to rebuild them. The torch / numpy paths give the same results",
                               RuntimeWarning, stacklevel=2)
                 return None
+            lib.fxs_bitmask_isa(-1)  # the CPU check and the AVX2 tables, once, before any thread calls a kernel
             return lib
     return None
 
@@ -205,3 +211,65 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     if threads not in _POOLS:
         _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="fx_sparsify")
     return _POOLS[threads]
+
+
+# --- bitmask storage: y = x @ W^T + b ---------------------------------------------------------------------
+#: value dtypes the bitmask kernel takes (the sums are float32 either way)
+BITMASK_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+#: entries the values tensor must hold past the last kept one (the vector paths load whole 16-wide groups)
+BITMASK_PAD = 32
+#: the kernel paths by number (:func:`bitmask_isa`)
+ISAS = ("portable", "avx2", "avx512")
+
+
+def bitmask_isa(want: str | None = None) -> str | None:
+    """The path the bitmask kernel takes: ``"avx512"``, ``"avx2"`` or ``"portable"`` (C without SIMD), None
+    without the library. ``want`` switches to that path where the CPU has it (the tests force the portable
+    one to check it gives the same results; the CPU's best path is the default)."""
+    if LIB is None:
+        return None
+    if want is not None and want not in ISAS:
+        raise ValueError(f"bitmask_isa({want!r}): use one of {', '.join(map(repr, ISAS))}")
+    return ISAS[int(LIB.fxs_bitmask_isa(ISAS.index(want) if want is not None else -1))]
+
+
+def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor, bias: Tensor | None) -> Tensor | None:
+    """``x @ W.T + bias`` in float32 for the ``[rows, cols]`` weight W held as ``values`` (its kept entries,
+    row-major, :data:`BITMASK_PAD` more after the last), ``mask`` (uint8 ``[rows, ceil(cols / 8)]``, least
+    significant bit first) and ``row_offsets`` (int64 ``[rows + 1]``: where each row starts in ``values``,
+    the last is the count). ``x`` is ``[batch, cols]``. Returns None where the kernel does not apply (no
+    library, another dtype or device, a tracer, shapes that disagree): the caller takes the torch path.
+    The rows are split across ``torch.get_num_threads()`` threads for large products."""
+    suffix = BITMASK_DTYPES.get(values.dtype)
+    if LIB is None or suffix is None or x.dim() != 2 or mask.dim() != 2 or row_offsets.dim() != 1:
+        return None
+    rows, cols = mask.shape[0], x.shape[1]
+    tensors = (x, values, mask, row_offsets) + (() if bias is None else (bias,))
+    if (mask.dtype != torch.uint8 or mask.shape[1] != (cols + 7) // 8 or row_offsets.dtype != torch.int64
+            or row_offsets.numel() != rows + 1 or values.dim() != 1 or not x.is_floating_point()
+            or (bias is not None and bias.shape != (rows,)) or not all(_plain_cpu(t) for t in tensors)
+            or _transformed()):
+        return None
+    if not (values.is_contiguous() and mask.is_contiguous() and row_offsets.is_contiguous()):
+        return None
+    nnz = int(row_offsets[-1])
+    if values.numel() < nnz + BITMASK_PAD or int(row_offsets[0]) != 0:
+        return None
+    x32 = x.to(torch.float32)
+    if x32.stride(1) != 1 and cols > 1:  # rows of x may be apart (a view), their entries must be adjacent
+        x32 = x32.contiguous()
+    b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    batch = x32.shape[0]
+    out = torch.empty(batch, rows, dtype=torch.float32, device="cpu")
+    pieces = _split(rows, max(batch, 1) * rows * cols)
+    starts = row_offsets[[a for a, _ in pieces]].tolist()
+    fn = getattr(LIB, f"fxs_bitmask_linear_{suffix}")
+    calls = [(values.data_ptr(), mask.data_ptr(), cols, a, b, k0, x32.data_ptr(), batch, x32.stride(0),
+              None if b32 is None else b32.data_ptr(), out.data_ptr(), rows) for (a, b), k0 in zip(pieces, starts)]
+    others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
+    try:
+        statuses = [fn(*calls[0])]
+    finally:  # the pieces write into out: never return (or raise) while one still runs
+        wait(others)
+    statuses += [f.result() for f in others]
+    return out if all(s == 0 for s in statuses) else None
