@@ -141,14 +141,13 @@ def sparsify_graph(
             rule=rule, shape=(), observer=made["observer"], layer=layer,
             layer_type=type(work.get_submodule(layer)),
         )
-    state = SparsityState(spec=spec, capture=captured.capture, targets=records, state_keys=state_keys,
-                          class_name=type(model).__name__, aliases=aliases, versions=versions)
-    if channel_plan is not None and channel_plan.groups:
-        state.extra["channels"] = channel_plan
-    if inplace:  # squash may then zero the pruned weights in place instead of copying (SPEC §15)
-        state.extra["inplace"] = True
-    if captured.capture == "export":  # dropout / batch norm stay as captured: train() / eval() warn
-        state.extra["export_mode"] = (model.training, mode_dependent_modules(model))
+    state = SparsityState(
+        spec=spec, capture=captured.capture, targets=records, state_keys=state_keys, class_name=type(model).__name__,
+        aliases=aliases, versions=versions, channels=channel_plan if channel_plan is not None and channel_plan.groups else None,
+        inplace=inplace,  # squash may then zero the pruned weights in place instead of copying (SPEC §15)
+        # an export capture keeps dropout / batch norm as captured: train() / eval() warn
+        export_mode=(model.training, mode_dependent_modules(model)) if captured.capture == "export" else None,
+    )
     sgm = SparseGraphModule.wrap(gm, state)
     if captured.capture == "export":  # torch.export's module() says training=True whatever it captured
         sgm.train(model.training)

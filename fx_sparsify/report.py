@@ -97,15 +97,15 @@ def report(gm: GraphModule, state: SparsityState) -> str:
         rows.append([
             name,
             record.kind,
-            _method_text(record, options) + (" reconstructed" if name in state.extra.get("reconstructed", ()) else ""),
+            _method_text(record, options) + (" reconstructed" if name in state.reconstructed else ""),
             "x".join(map(str, record.shape)) or "scalar",
             "-" if target is None else f"{target:.1%}",
             f"{achieved[name]:.1%}",
             kept,
             fate_of(gm, state, record, index),
         ])
-        if name in state.extra.get("initial_masks", {}):  # SPEC §14: "adopted" / "initial mask"
-            rows[-1][2] += f" ({state.extra['initial_masks'][name]})"
+        if name in state.initial_masks:  # SPEC §14: "adopted" / "initial mask"
+            rows[-1][2] += f" ({state.initial_masks[name]})"
     total = sum(r.numel for r in state.targets.values() if r.kind != "activation")
     zeros = sum(achieved[n] * r.numel for n, r in state.targets.items() if r.kind != "activation")
     head = (
@@ -114,9 +114,9 @@ def report(gm: GraphModule, state: SparsityState) -> str:
         + ("the last step's" if state.steps else "the first step's")
     )
     table = head + "\n" + tabulate(rows, headers=HEADERS, tablefmt="github")
-    if state.extra.get("storage"):  # the last squash(storage=...) (SPEC §11)
-        table += "\n\nstorage at the last squash:\n" + storage_table(state.extra["storage"])
-    plan = state.extra.get("channels")
+    if state.storage:  # the last squash(storage=...) (SPEC §11)
+        table += "\n\nstorage at the last squash:\n" + storage_table(state.storage)
+    plan = state.channels
     if plan is not None:  # SPEC §10: the shrink outcome
         table += "\n" + shrink_summary(gm, plan, channel_keeps(gm, state))
     return table

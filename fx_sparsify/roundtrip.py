@@ -148,8 +148,8 @@ def set_initial_masks(gm: nn.Module, state: SparsityState, masks: Mapping[str, A
         for name, mask in checked.items():
             buffer = gm.get_buffer(weights[name].buffer)
             buffer.copy_(mask.to(device=buffer.device, dtype=buffer.dtype))
-    state.extra.setdefault("initial_masks", {}).update({n: ADOPTED if n in origin else INITIAL for n in checked})
-    state.extra.setdefault("adopted_from", {}).update({n: origin[n] for n in checked if n in origin})
+    state.initial_masks.update({n: ADOPTED if n in origin else INITIAL for n in checked})
+    state.adopted_from.update({n: origin[n] for n in checked if n in origin})
 
 
 def squash_into(sgm: GraphModule, state: SparsityState, squashed: GraphModule, model: nn.Module) -> nn.Module:

@@ -173,7 +173,8 @@ def _module_edits(plan: ChannelPlan, shrunk: GraphModule, model: nn.Module) -> l
 
 def shrink_into(state: SparsityState, shrunk: GraphModule, keeps: dict[int, Tensor], model: nn.Module) -> nn.Module:
     """Write ``shrunk`` (a ``squash(shrink=True)`` result) into ``model`` in place and return it."""
-    plan: ChannelPlan = state.extra["channels"]
+    plan = state.channels
+    assert plan is not None, "squash_into(shrink=True) without channel groups squashes dense"
     source = shrunk.state_dict()
     missing = [k for k in source if find_tensor(model, k) is None]
     if missing:

@@ -66,7 +66,7 @@ class SparseGraphModule(GraphModule):
     def train(self, mode: bool = True) -> SparseGraphModule:
         super().train(mode)
         self._mark_cache()
-        captured = self._fxs.extra.get("export_mode") if "_fxs" in self.__dict__ else None
+        captured = self._fxs.export_mode if "_fxs" in self.__dict__ else None
         if captured:  # (training when captured, mode-dependent modules): the graph cannot switch them
             warn_mode(self._fxs.class_name, captured[0], captured[1], bool(mode))
         return self
@@ -114,8 +114,8 @@ class SparseGraphModule(GraphModule):
             shrink = False
         out = self._squash_shrunk()[0] if shrink else _squash(self, self._fxs)
         if storage != "dense":
-            apply_sparse_storage(out, self._fxs, storage, batch_size)
-            self._fxs.extra["storage"] = out.storage_choices
+            self._fxs.storage = apply_sparse_storage(out, self._fxs, storage, batch_size).choices
+            out.storage_choices = self._fxs.storage  # the public record on the squashed module (SPEC §18)
         return out
 
     def _warn_unstepped(self, call: str) -> None:
@@ -131,11 +131,11 @@ class SparseGraphModule(GraphModule):
 
     def shrink_plan(self) -> str:
         """A table of the channel groups: members, channels before → after, removable or why not (SPEC §10)."""
-        if "channels" not in self._fxs.extra:
+        if self._fxs.channels is None:
             return "fx_sparsify shrink plan: no 'channels' rules in the spec, nothing to shrink"
         notes: dict[int, str] = {}
         keeps = channel_keeps(self, self._fxs, notes)
-        return shrink_plan_table(self._fxs.extra["channels"], keeps, notes)
+        return shrink_plan_table(self._fxs.channels, keeps, notes)
 
     def _squash_shrunk(self) -> tuple[GraphModule, dict[int, torch.Tensor]]:
         """The dense squash with the pruned channels removed, and the keep vectors (group id → keep) it used."""

@@ -6,15 +6,19 @@ This module sits below the passes: ``api`` → ``sparse_graph_module`` → ``pas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .schedule import scheduled_sparsity
 from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
 
-__all__ = ["SparsityState", "TargetRecord", "current_options", "masks_of", "sparsity_of", "state_of"]
+if TYPE_CHECKING:  # annotations only: the state sits below the passes and never imports them at run time
+    from .passes.channels import ChannelPlan
+    from .passes.sparse_storage import StorageChoice
+
+__all__ = ["Calibration", "SparsityState", "TargetRecord", "current_options", "masks_of", "sparsity_of", "state_of"]
 
 
 @dataclass
@@ -43,6 +47,17 @@ class TargetRecord:
 
 
 @dataclass
+class Calibration:
+    """The calibration forwards of ``"sequential": true`` sparsegpt targets until the next step (passes/reconstruct.py)."""
+
+    # (args, kwargs) of every calibration forward since the last step; None: none recorded
+    inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+    # observers that listen only when step() runs the recorded inputs again; None: not decided yet
+    deferred: set[str] | None = None
+    replaying: bool = False  # step() is running the recorded inputs again (they are not recorded twice)
+
+
+@dataclass
 class SparsityState:
     """Everything fx_sparsify knows about a SparseGraphModule besides its graph and tensors."""
 
@@ -56,7 +71,31 @@ class SparsityState:
     # a module whose ``_load_from_state_dict`` reads it (torchvision's MNASNet) loads squash's output right
     versions: dict[str, int] = field(default_factory=dict)
     steps: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    channels: ChannelPlan | None = None  # the channel groups of the spec's 'channels' rules (SPEC §10)
+    inplace: bool = False  # sparsify_graph(inplace=True): squash may zero pruned weights in place (SPEC §15)
+    # export capture: (training when captured, its mode-dependent modules); train() / eval() warn
+    export_mode: tuple[bool, list[str]] | None = None
+    storage: list[StorageChoice] | None = None  # the layer choices of the last squash(storage=...) (SPEC §11)
+    initial_masks: dict[str, str] = field(default_factory=dict)  # target -> "adopted" / "initial mask" (SPEC §14)
+    adopted_from: dict[str, str] = field(default_factory=dict)  # target -> the pruning tool its mask came from
+    reconstructed: set[str] = field(default_factory=set)  # targets whose weights a step rewrote (SPEC §16)
+    calibration: Calibration = field(default_factory=Calibration)
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        """Unpickle; a state pickled with the earlier string-keyed ``extra`` dict is read into the fields."""
+        extra = saved.pop("extra", None) or {}
+        for f in fields(SparsityState):  # fields newer than the pickle take their defaults
+            if f.name not in saved and f.default_factory is not MISSING:
+                saved[f.name] = f.default_factory()
+            elif f.name not in saved and f.default is not MISSING:
+                saved[f.name] = f.default
+        self.__dict__.update(saved)
+        for key in ("channels", "inplace", "export_mode", "storage", "initial_masks", "adopted_from"):
+            if key in extra:
+                setattr(self, key, extra[key])
+        self.reconstructed = set(extra.get("reconstructed", self.reconstructed))
+        if "calibration_inputs" in extra or "deferred_observers" in extra:
+            self.calibration = Calibration(extra.get("calibration_inputs"), extra.get("deferred_observers"))
 
 
 def current_options(state: SparsityState, record: TargetRecord) -> dict[str, Any]:

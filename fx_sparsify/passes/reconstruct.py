@@ -33,18 +33,15 @@ from .layer_index import LayerIndex
 __all__ = ["RECONSTRUCTING", "check_calibrated", "reconstruct", "is_sequential", "reconstruct_in_order",
            "record_calibration_inputs"]
 
-CALIBRATION_INPUTS = "calibration_inputs"  # SparsityState.extra: [(args, kwargs)] of the forwards since the last step
-_DEFERRED = "deferred_observers"  # SparsityState.extra: observers that listen only when step() re-runs the inputs
-
 RECONSTRUCTING = frozenset({"sparsegpt"})  # methods whose step also rewrites the weights that stay
 _NOT_SWEEP_OPTIONS = ("hessian_dtype", "sequential")
 
 
 def check_calibrated(gm: GraphModule, state: SparsityState) -> None:
     """``ValueError`` naming every reconstructing target whose layer saw no forward pass since the last step."""
-    if _DEFERRED not in state.extra and any(is_sequential(r) for r in state.targets.values()):
+    if state.calibration.deferred is None and any(is_sequential(r) for r in state.targets.values()):
         _defer_later_levels(gm, state)  # no recorded calibration forward yet (e.g. statistics loaded)
-    deferred = state.extra.get(_DEFERRED) or set()
+    deferred = state.calibration.deferred or set()
     missing = [
         r.name for r in state.targets.values()
         if r.method in RECONSTRUCTING and r.observer not in deferred
@@ -102,7 +99,7 @@ def _levels(gm: GraphModule, state: SparsityState, records: list[TargetRecord]) 
 
 def _replay(gm: GraphModule, state: SparsityState, observers: Iterable[str]) -> None:
     """Run the recorded calibration inputs again with only ``observers`` listening (restarted first)."""
-    inputs = state.extra.get(CALIBRATION_INPUTS) or []
+    inputs = state.calibration.inputs or []
     if not inputs:
         raise ValueError(
             "step(): 'sequential' sparsegpt targets need the calibration forwards' inputs, and none were recorded "
@@ -118,13 +115,13 @@ def _replay(gm: GraphModule, state: SparsityState, observers: Iterable[str]) -> 
         observer = gm.get_submodule(name)
         observer.reset()
         observer.enabled = True
-    state.extra["replaying"] = True
+    state.calibration.replaying = True
     try:
         with torch.no_grad():
             for args, kwargs in inputs:
                 gm(*args, **kwargs)
     finally:
-        state.extra.pop("replaying", None)
+        state.calibration.replaying = False
         for m, on in zip(all_observers, enabled):
             m.enabled = on
         current = dict(gm.named_buffers())
@@ -160,7 +157,7 @@ def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[Ta
             gm.get_parameter(r.param).copy_(weight)  # type: ignore[arg-type]
             gm.get_buffer(r.buffer).copy_(mask)
         raise
-    state.extra.pop(CALIBRATION_INPUTS, None)
+    state.calibration.inputs = None
 
 
 def _defer_later_levels(gm: GraphModule, state: SparsityState) -> None:
@@ -171,22 +168,22 @@ def _defer_later_levels(gm: GraphModule, state: SparsityState) -> None:
     deferred = {r.observer for r in records} - first - others
     for name in deferred:
         gm.get_submodule(name).enabled = False  # type: ignore[arg-type]
-    state.extra[_DEFERRED] = deferred
+    state.calibration.deferred = deferred
 
 
 def _record(module: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Forward pre-hook: keep the inputs of a calibration forward (one where a Hessian observer listens)."""
     state = state_of(module)
-    if state.extra.get("replaying") or not any(
+    if state.calibration.replaying or not any(
         m.enabled for m in module.modules() if isinstance(m, HessianObserver)
     ):
         return
-    if _DEFERRED not in state.extra:  # the first calibration forward
+    if state.calibration.deferred is None:  # the first calibration forward
         _defer_later_levels(module, state)
     detach = lambda v: v.detach().clone() if isinstance(v, Tensor) else v  # noqa: E731
-    state.extra.setdefault(CALIBRATION_INPUTS, []).append(
-        (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
-    )
+    if state.calibration.inputs is None:
+        state.calibration.inputs = []
+    state.calibration.inputs.append((tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}))
 
 
 def record_calibration_inputs(gm: GraphModule) -> None:

@@ -1,6 +1,6 @@
 """Pass: physically remove the pruned channels of a squashed module (``squash(shrink=True)``, SPEC §10).
 
-Runs on the plain ``GraphModule`` squash returns, with the channel plan of ``state.extra["channels"]``
+Runs on the plain ``GraphModule`` squash returns, with the channel plan of ``state.channels``
 (see :mod:`.channels`) and each removable group's keep vector:
 
 1. every member tensor loses the pruned slices along its dim (parameters stay parameters, tied
@@ -156,7 +156,7 @@ def channel_keeps(gm: GraphModule, state: SparsityState, notes: dict[int, str] |
     """Group id → keep vector: from the channels rules' masks, for other groups from zero consumer columns and
     from zero weight rows whose constant folds into the consumers' biases (``notes``: group id → why some
     zero-row channels stay, filled when given)."""
-    plan = state.extra.get("channels")
+    plan = state.channels
     if plan is None:
         return {}
     masks = {n: gm.get_buffer(r.buffer) for n, r in state.targets.items() if r.method == CHANNELS}
@@ -217,7 +217,8 @@ def _fold_constants(gm: GraphModule, state: SparsityState, plan: ChannelPlan, ke
 
 def shrink(gm: GraphModule, state: SparsityState, keeps: Mapping[int, Tensor]) -> PassResult:
     """Remove from ``gm`` (a squashed module) the units that ``keeps`` (group id → keep vector) prunes."""
-    plan: ChannelPlan = state.extra["channels"]
+    plan = state.channels
+    assert plan is not None, "shrink runs only for a spec with channel groups"
     _fold_constants(gm, state, plan, keeps)
     removed: dict[str, dict[int, set[int]]] = {}
     deltas: dict[tuple[str, str, tuple[Any, ...]], int] = {}

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -50,6 +50,7 @@ __all__ = [
     "STORAGES",
     "SparseLinear",
     "StorageChoice",
+    "StorageResult",
     "check_storage",
     "apply_sparse_storage",
     "storage_table",
@@ -85,6 +86,13 @@ class StorageChoice:
     sparsity: float
     storage: str  # "dense" | "csr" | "bsr 16x16"
     why: str
+
+
+@dataclass
+class StorageResult(PassResult):
+    """:class:`PassResult` of :func:`apply_sparse_storage`, with the decision for every layer considered."""
+
+    choices: list[StorageChoice] = field(default_factory=list)
 
 
 class SparseLinear(nn.Module):
@@ -406,15 +414,15 @@ def check_storage(storage: str, batch_size: int) -> None:
 
 
 def apply_sparse_storage(gm: GraphModule, state: SparsityState, storage: str = "csr",
-                         batch_size: int = 1) -> PassResult:
+                         batch_size: int = 1) -> StorageResult:
     """Give the masked Linear / 1×1 Conv layers of the squashed ``gm`` sparse storage, in place.
 
-    ``created`` maps each considered layer to ``{"storage": ..., "why": ...}``; the choices are also
-    kept on ``gm`` as ``gm.storage_choices`` (a list of :class:`StorageChoice`).
+    ``created`` maps each considered layer to ``{"storage": ..., "why": ...}``; ``choices`` holds the
+    same decisions as :class:`StorageChoice` records (``squash`` keeps them as ``small.storage_choices``).
     """
     check_storage(storage, batch_size)
     if storage == "dense":
-        return finish(gm, {})
+        return _result(gm, {}, [])
     masked = {r.param for r in state.targets.values() if r.kind == "weight" and r.param}
     if storage == "semi_structured":
         return _apply_semi_structured(gm, masked)
@@ -431,11 +439,15 @@ def apply_sparse_storage(gm: GraphModule, state: SparsityState, storage: str = "
         sparse.train(gm.training)
         _install(gm, site, sparse)
     eliminate_dead_code(gm)
-    gm.storage_choices = choices  # type: ignore[assignment]
-    return finish(gm, created)
+    return _result(gm, created, choices)
 
 
-def _apply_semi_structured(gm: GraphModule, masked: set[str]) -> PassResult:
+def _result(gm: GraphModule, created: dict[str, dict[str, str]], choices: list[StorageChoice]) -> StorageResult:
+    done = finish(gm, created)
+    return StorageResult(done.gm, done.modified, done.created, choices)
+
+
+def _apply_semi_structured(gm: GraphModule, masked: set[str]) -> StorageResult:
     """``storage="semi_structured"``: every masked Linear to a :class:`SemiStructuredLinear`, or a ValueError.
 
     All layers are checked (CUDA, float16 / bfloat16, 2:4) and converted before any is installed.
@@ -478,8 +490,7 @@ def _apply_semi_structured(gm: GraphModule, masked: set[str]) -> PassResult:
         module.train(gm.training)
         _install(gm, sites[layer], module)
     eliminate_dead_code(gm)
-    gm.storage_choices = choices  # type: ignore[assignment]
-    return finish(gm, created)
+    return _result(gm, created, choices)
 
 
 def _install(gm: GraphModule, site: _Site, layer: nn.Module) -> None:

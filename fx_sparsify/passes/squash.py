@@ -269,7 +269,7 @@ def squash(gm: GraphModule, state: SparsityState) -> GraphModule:
     """
     ops.drop_cache([gm.get_buffer(r.buffer) for r in state.targets.values() if r.kind != "activation"])
     work = shallow_copy(gm)
-    fold_weight_masks(work, state, spend=bool(state.extra.get("inplace")))
+    fold_weight_masks(work, state, spend=state.inplace)
     fold_activation_masks(work, state)
     restore_module_calls(work)
     strip(work)

@@ -233,9 +233,9 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
                         parts = list(keep.split([r.numel for r in records]))
                 for r, part in zip(records, parts):
                     new_masks[r.name] = pending(part.view(r.shape))
-            if "channels" in state.extra:  # SPEC §10: one keep vector per channel group, into every member
+            if state.channels is not None:  # SPEC §10: one keep vector per channel group, into every member
                 current = {n: gm.get_buffer(r.buffer) for n, r in state.targets.items() if r.method == CHANNELS}
-                new_masks.update(channel_masks(gm, state.extra["channels"], current, state.steps))
+                new_masks.update(channel_masks(gm, state.channels, current, state.steps))
             if in_order:  # last: it writes masks and weights level by level (and puts them back if it fails)
                 reconstruct_in_order(gm, state, in_order, new_masks, new_weights)
         except BaseException:
@@ -245,7 +245,7 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
             _write(gm, state, state.targets[name], keep)
         for name, weight in new_weights.items():
             gm.get_parameter(state.targets[name].param).copy_(weight)  # type: ignore[arg-type]
-        state.extra.setdefault("reconstructed", set()).update(new_weights)
+        state.reconstructed.update(new_weights)
         for observer in restart:
             gm.get_submodule(observer).reset()
     if state.spec.mode == "inplace":

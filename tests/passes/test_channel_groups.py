@@ -15,7 +15,9 @@ X_CNN = torch.randn(2, 3, 8, 8)
 
 
 def _groups(sgm: fxs.SparseGraphModule) -> list:
-    return sgm._fxs.extra["channels"].groups
+    plan = sgm._fxs.channels
+    assert plan is not None
+    return plan.groups
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])

@@ -209,7 +209,7 @@ def test_sequential_calibrates_each_layer_on_the_pruned_layers_before_it() -> No
     torch.testing.assert_close(sgm.get_parameter("fc1.weight"), w1)
     torch.testing.assert_close(sgm.get_parameter("fc2.weight"), w2)
     assert torch.equal(sgm.masks()["fc2.weight"], keep2)
-    assert "calibration_inputs" not in sgm._fxs.extra  # the recorded inputs go with the statistics
+    assert sgm._fxs.calibration.inputs is None  # the recorded inputs go with the statistics
     with pytest.raises(ValueError, match="saw no calibration forward"):
         sgm.step()
 

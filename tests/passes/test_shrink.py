@@ -172,7 +172,7 @@ def test_zero_columns_made_by_other_rules_shrink_their_producer(spec: dict[str, 
     assert sd["fc1.weight"].shape == (32, 20) and sd["fc1.bias"].shape == (32,) and sd["fc2.weight"].shape == (48, 32)
     assert sgm.squash().state_dict()["fc1.weight"].shape == (64, 20)  # shrink=False leaves them
     plain = fxs.sparsify_graph(model, spec)  # without example inputs the fx capture has no shapes: no plan, no error
-    assert "channels" not in plain._fxs.extra
+    assert plain._fxs.channels is None
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])

@@ -230,7 +230,7 @@ def test_bad_storage_arguments() -> None:
         sgm.squash(storage="auto", batch_size=0)
     with pytest.raises(ValueError, match="CUDA GPUs in float16 / bfloat16 only; this module is on cpu"):
         sgm.squash(storage="semi_structured")
-    assert "storage" not in sgm._fxs.extra  # nothing was recorded by the failed calls
+    assert sgm._fxs.storage is None  # nothing was recorded by the failed calls
 
 
 def test_function_form_passes_storage_through() -> None:
@@ -271,7 +271,7 @@ def test_semi_structured_on_the_cpu_says_to_use_cuda_or_csr() -> None:
     with pytest.raises(ValueError, match=r"CUDA GPUs in float16 / bfloat16 only; this module is on cpu: .*"
                                          r"model\.cuda\(\)\.half\(\).*storage='csr' / 'auto'"):
         sgm.squash(storage="semi_structured")
-    assert "storage" not in sgm._fxs.extra
+    assert sgm._fxs.storage is None
 
 
 class _Wide(nn.Module):
