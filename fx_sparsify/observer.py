@@ -96,7 +96,7 @@ class ActivationObserver(nn.Module):
         rows = shape[0] if shape else 1
         if self._fast:  # the hot path: one or two ops per batch
             new = (x if self.aggregate == "sum" else self._elementwise(x)).sum(0)  # type: ignore[misc]
-            stat = self._buffers["stat"]
+            stat: Tensor = self._buffers["stat"]  # type: ignore[assignment]  # set in __init__
             if not self.batches:
                 self.stat = new
             elif stat.is_inference() and not torch.is_inference_mode_enabled():

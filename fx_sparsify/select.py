@@ -13,6 +13,7 @@ import fnmatch
 import os
 import re
 import sys
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -60,7 +61,7 @@ def _module_weight(model: nn.Module, fqn: str, aliases: dict[str, str], where: s
     found = aliases.get(name)
     module = model.get_submodule(fqn)
     if found is None and parametrize.is_parametrized(module, "weight"):  # never skip it without a word
-        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])  # type: ignore[union-attr]
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])  # type: ignore[union-attr, index]
         originals = ", ".join(repr(n) for n in aliases if n.startswith(f"{fqn}.parametrizations.weight."))
         raise ValueError(
             f"{where}: {name!r} is computed by a parametrization ({kinds}), so it is not a parameter to mask. "
@@ -96,7 +97,8 @@ def _warn_subclasses_left_out(model: nn.Module, selectors: dict[str, str], alias
 def _caller_level() -> int:
     """The ``stacklevel`` of the first frame outside fx_sparsify, for a warning raised by its caller."""
     package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(2), 2  # 1: the function that warns
+    frame: types.FrameType | None = sys._getframe(2)  # 1: the function that warns
+    level = 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     return level

@@ -49,7 +49,8 @@ class Sparsify(nn.Module):
         self.generator = generator
         self.register_buffer("mask", torch.ones(self.shape, dtype=torch.bool))  # bool keep-mask (SPEC §15)
         self.scores: nn.Parameter | None = None
-        self.method, self.options, self.backward_mode = "dense", {}, "STE"
+        self.options: dict[str, Any] = {}
+        self.method, self.backward_mode = "dense", "STE"
         self.configure(sparseness=sparseness, backward_mode=backward_mode, **options)
 
     def configure(self, sparseness: str | None = None, backward_mode: str | None = None, **options: Any) -> Sparsify:

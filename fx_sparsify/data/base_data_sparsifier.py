@@ -41,7 +41,7 @@ __all__ = ["BaseDataSparsifier", "SUPPORTED_TYPES", "EMBEDDING_TYPES"]
 
 logger = logging.getLogger(__name__)
 
-EMBEDDING_TYPES: tuple[type, ...] = (nn.Embedding, nn.EmbeddingBag)
+EMBEDDING_TYPES: tuple[type[nn.Embedding], type[nn.EmbeddingBag]] = (nn.Embedding, nn.EmbeddingBag)
 SUPPORTED_TYPES: tuple[type, ...] = (torch.Tensor, nn.Parameter, *EMBEDDING_TYPES)
 
 _STATE_VERSION = 1

@@ -56,7 +56,7 @@ def _block_shape(value: object) -> tuple[int, int]:
     if (
         not isinstance(value, (tuple, list))
         or len(value) != 2
-        or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in value)
+        or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and int(b) >= 1 for b in value)
     ):
         raise ValueError(f"sparse_block_shape must be a pair of positive ints such as (1, 4), got {value!r}")
     return (int(value[0]), int(value[1]))
@@ -81,7 +81,7 @@ def _check_values(config: dict[str, Any]) -> dict[str, Any]:
     zeros = config["zeros_per_block"]
     if isinstance(zeros, bool) or not isinstance(zeros, numbers.Integral):
         raise TypeError(f"zeros_per_block must be an int, got {type(zeros).__name__}: {zeros!r}")
-    if not 0 <= zeros <= block[0] * block[1]:
+    if not 0 <= int(zeros) <= block[0] * block[1]:
         raise ValueError(
             f"zeros_per_block={zeros} must be in [0, {block[0] * block[1]}] for sparse_block_shape={block} "
             "(the number of entries zeroed in a pruned block)"

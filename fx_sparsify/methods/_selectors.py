@@ -73,7 +73,7 @@ def warn_if_percent_like(amount: object, n: int, where: str, stacklevel: int = 3
 
     ``"sparsity": 50`` prunes 50 entries, not half; counts stay counts, but this one is likely a mistake.
     """
-    if isinstance(amount, numbers.Integral) and not isinstance(amount, bool) and 2 <= amount <= 100 and amount < 0.01 * n:
+    if isinstance(amount, numbers.Integral) and not isinstance(amount, bool) and 2 <= int(amount) <= 100 and amount < 0.01 * n:
         warnings.warn(
             f"{where}: sparsity={amount} is an int, so it prunes {amount} of the {n} entries ({amount / n:.2%}), "
             f"not {amount}%. For a fraction pass a float (sparsity={amount / 100}); for a count this small, silence "
@@ -165,6 +165,7 @@ def _kth_in_band(chunks: Iterable[Tensor], k: int, lo: Tensor | None, hi: Tensor
     below, at_lo, parts = 0, 0, []
     for chunk in chunks:
         if lo is None:
+            assert hi is not None  # one of lo / hi is given
             in_band = torch.le(chunk, hi)
         else:
             below += int(torch.count_nonzero(torch.lt(chunk, lo)))

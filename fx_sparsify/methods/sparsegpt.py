@@ -192,7 +192,7 @@ def sparsegpt_prune(
         counts = _block_counts(k, pruned, sizes)
         if fixed is not None and k < int(fixed.sum()):
             fixed = None
-    elif fixed is not None and bool((fixed.reshape(rows, -1, m).sum(-1) > m - n).any()):  # type: ignore[operator]
+    elif fixed is not None and bool((fixed.reshape(rows, -1, m).sum(-1) > m - n).any()):  # type: ignore[operator, arg-type]
         fixed = None  # a mask that N:M cannot contain (n raised): choose afresh
     # the sweep works on the transposed weight, so each column it visits is one contiguous row
     wt = w.T.contiguous()

@@ -41,7 +41,9 @@ def writes_in_place(node: Node) -> bool:
     if node.kwargs.get("inplace") is True:
         return True
     if node.op == "call_module":
-        return getattr(node.graph.owning_module.get_submodule(str(node.target)), "inplace", False) is True
+        owner = node.graph.owning_module
+        assert owner is not None, node.format_node()  # our graphs always belong to a GraphModule
+        return getattr(owner.get_submodule(str(node.target)), "inplace", False) is True
     if node.op == "call_method":
         name = str(node.target)
         return name.endswith("_") and not name.startswith("_")

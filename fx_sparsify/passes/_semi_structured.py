@@ -48,7 +48,7 @@ def semi_structured_problem(weight: Tensor) -> str | None:
     return None
 
 
-def _backend() -> type:
+def _backend() -> Any:
     """The class ``torch.sparse.to_sparse_semi_structured`` converts to (the same choice it makes)."""
     sparse = torch.sparse
     return (sparse.SparseSemiStructuredTensorCUTLASS if sparse.SparseSemiStructuredTensor._FORCE_CUTLASS
