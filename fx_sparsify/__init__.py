@@ -25,6 +25,7 @@ from .methods import available_mask_methods, compute_mask, register_mask_method
 from .ops import set_cache_limit
 from .sparse_graph_module import SparseGraphModule
 from .sparsify import Sparsify
+from .streamed import prune_streamed
 from .spec import ActivationRule, ChannelRule, GlobalRule, SparsitySpec, WeightRule
 from .trace import CaptureError
 from .io import load_spec
@@ -55,6 +56,7 @@ __all__ = [
     "masks",
     "plot_mask",
     "plot_sparsity",
+    "prune_streamed",
     "register_mask_method",
     "set_cache_limit",
     "report",

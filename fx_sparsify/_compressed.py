@@ -46,6 +46,7 @@ from safetensors.torch import load_file as _st_load_file, save_file as _st_save_
 from torch import Tensor, nn
 
 from . import _native
+from ._checkpoint import INDEX
 
 try:  # numpy packs and scatters bits ~10x faster than the torch fallback; optional
     import numpy as _np
@@ -450,9 +451,12 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     Without ``model``: returns the dense state dict, bit-exact. With ``model``: loads it into the
     model (``strict`` like ``load_state_dict``: missing or unexpected keys and shape mismatches are a
     ``ValueError`` naming them) and returns the model. A damaged file (truncated, a foreign or newer
-    header, a bitmask that disagrees with its values) is a ``ValueError`` naming the tensor.
+    header, a bitmask that disagrees with its values) is a ``ValueError`` naming the tensor. ``path`` may also
+    be a folder of shards with a Hugging Face ``model.safetensors.index.json`` (what ``prune_streamed`` writes).
     """
     path = Path(os.fspath(path))
+    if path.is_dir():  # a folder of shards with an index (what prune_streamed writes)
+        return _load_folder(path, model, strict)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (working directory: {os.getcwd()})")
     tensors, metadata = _load_tensors(path)
@@ -502,6 +506,54 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         # written through its memory, not an in-place op: bump the version as copy_ would (autograd's
         # saved-tensor check, the eval cache of weight * mask)
         torch.autograd.graph.increment_version(target)
+    return model
+
+
+def _load_folder(path: Path, model: nn.Module | None, strict: bool) -> Any:
+    """The shards listed in the folder's Hugging Face index, one after the other, as one checkpoint.
+
+    With ``model``, every shard is checked against it (keys and shapes) before any is loaded into it.
+    """
+    index = path / INDEX
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{path}: a folder without {INDEX}, so not a finished sharded checkpoint (prune_streamed writes the "
+            "index last); load one of its files, or run again"
+        )
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{index}: not a Hugging Face index (a JSON object with a 'weight_map'): {err!r}") from None
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise ValueError(f"{path}: shard(s) {', '.join(map(repr, missing))} listed in {INDEX} are missing")
+    if model is None:
+        state: dict[str, Any] = {}
+        for s in shards:
+            state.update(load_compressed(path / s))
+        return state
+    shapes: dict[str, tuple[int, ...]] = {}
+    extra: set[str] = set()
+    for s in shards:
+        tensors, metadata = _load_tensors(path / s)
+        header = _our_header(path / s, metadata)
+        if header is not None:
+            names = dict(header["compressed"])
+            extra |= set(header.get("extra", {}))
+        else:
+            names = {g: f"{g}.weight" for g in {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".bitmask")}}
+        grouped: dict[str, dict[str, Tensor]] = {p: {} for p in names}
+        for key, t in tensors.items():
+            prefix, _, part = key.rpartition(".")
+            if prefix in grouped and part in PARTS:
+                grouped[prefix][part] = t
+            else:
+                shapes[key] = tuple(t.shape)
+        shapes.update({name: _validate(path / s, name, grouped[prefix]) for prefix, name in names.items()})
+        del tensors, grouped
+    _check_keys(path, model, shapes, extra, strict)
+    for s in shards:
+        load_compressed(path / s, model, strict=False)
     return model
 
 
