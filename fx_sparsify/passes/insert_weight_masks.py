@@ -37,7 +37,8 @@ __all__ = ["insert_weight_masks", "FUNCTIONAL"]
 Args = tuple[Any, ...]
 # (function, args, positions of the original args, (kwarg name, position) of the original kwargs)
 Rewrite = tuple[Callable[..., Any], Args, tuple[int, ...], tuple[tuple[str, int], ...]]
-Builder = Callable[[nn.Module, Args, dict[str, Any], Callable[[str], Any]], "Rewrite | None"]
+# the first argument is a module of the FUNCTIONAL key's type
+Builder = Callable[[Any, Args, dict[str, Any], Callable[[str], Any]], "Rewrite | None"]
 
 
 def _linear(m: nn.Linear, args: Args, kwargs: dict[str, Any], p: Callable[[str], Any]) -> Rewrite | None:
@@ -153,8 +154,8 @@ def insert_weight_masks(
 
     def lookup_only(name: str) -> bool:
         return all(
-            u.op == "call_module" and isinstance(gm.get_submodule(u.target), LOOKUPS)
-            and _module_params(gm, u.target, aliases).get("weight") == name
+            u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), LOOKUPS)
+            and _module_params(gm, str(u.target), aliases).get("weight") == name
             for u in uses[name]
         )
 
@@ -200,10 +201,10 @@ def insert_weight_masks(
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
-        local = _module_params(gm, node.target, aliases)
-        if not any(c in masked or c in lookup_masks for c in local.values()):
+        params = _module_params(gm, str(node.target), aliases)
+        if not any(c in masked or c in lookup_masks for c in params.values()):
             continue
-        _rewrite_module_call(gm, node, local, masked, lookup_masks)
+        _rewrite_module_call(gm, node, params, masked, lookup_masks)
 
     return finish(gm, created)
 
@@ -228,7 +229,7 @@ def _rewrite_module_call(
     lookup_masks: dict[str, tuple[Node, Node]],
 ) -> None:
     graph = gm.graph
-    module = gm.get_submodule(node.target)
+    module = gm.get_submodule(str(node.target))
     with graph.inserting_before(node):
         def param(key: str) -> Any:
             local_name, _, want = key.partition(":")
@@ -254,18 +255,19 @@ def _rewrite_module_call(
                     whole = graph.create_node("call_function", ops.apply_mask, lookup_masks[c], name=f"{node.name}_{k}_masked")
                     annotate(whole, NodeInfo("weight_mask", target=c))
                     replaced[k] = whole
-            target = graph.get_attr(node.target)
+            target = graph.get_attr(str(node.target))
             fn: Callable[..., Any] = ops.module_call
             args: Args = (target, replaced, *node.args)
-            positions, kw = tuple(range(2, 2 + len(node.args))), ()
+            positions = tuple(range(2, 2 + len(node.args)))
+            kw: tuple[tuple[str, int], ...] = ()
             kwargs = dict(node.kwargs)
         else:
             fn, args, positions, kw = rewrite
             kwargs = {}
         new = graph.create_node("call_function", fn, args, kwargs, name=f"{node.name}_{fn.__name__}")
     role = "embedding_lookup" if fn in (ops.embedding_masked, ops.embedding_bag_masked) else "module_call"
-    target = next((c for c in local.values() if c in lookup_masks), None) if role == "embedding_lookup" else None
-    annotate(new, NodeInfo(role, target=target, module=node.target, arg_positions=positions, kwarg_positions=kw))
+    table = next((c for c in local.values() if c in lookup_masks), None) if role == "embedding_lookup" else None
+    annotate(new, NodeInfo(role, target=table, module=str(node.target), arg_positions=positions, kwarg_positions=kw))
     new.meta.update({k: v for k, v in node.meta.items() if k not in new.meta})
     node.replace_all_uses_with(new)
     graph.erase_node(node)
