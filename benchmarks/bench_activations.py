@@ -58,7 +58,8 @@ def main() -> None:
             obs.enabled = False
         mask_only = timed(lambda: sgm(x), repeats, inner)
     per = lambda t: (t - plain) / layers * 1e6  # noqa: E731
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {layers} Linear({width}, {width}) layers, batch {batch}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{layers} Linear({width}, {width}) layers, batch {batch}")
     print("| forward (no_grad) | median | vs plain | extra per observed layer |")
     print("|---|---:|---:|---:|")
     print(f"| plain | {plain * 1e6:.0f} µs | 1.00x | – |")

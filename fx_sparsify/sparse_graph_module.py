@@ -164,7 +164,8 @@ class SparseGraphModule(GraphModule):
         return _to_torch_prune(self, self._fxs, model)
 
     def draw(self, path: Any, module: str | None = None) -> Any:
-        """Write a picture of the rewritten graph (``.svg`` / ``.png``; extra ``viz``); ``module`` draws one submodule."""
+        """Write a picture of the rewritten graph (``.svg`` / ``.png``; extra ``viz``); ``module`` draws one
+        submodule."""
         from .viz import draw
 
         return draw(self, path, module=module)

@@ -115,7 +115,8 @@ def _inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
         if bool(torch.isfinite(upper.diagonal()).all()):
             return upper
     raise ValueError(
-        f"sparsegpt: the layer's Hessian (damp={damp}) is not positive definite (finite={bool(torch.isfinite(h).all())}); "
+        f"sparsegpt: the layer's Hessian (damp={damp}) is not positive definite "
+        f"(finite={bool(torch.isfinite(h).all())}); "
         "raise 'damp' (e.g. 0.1), use 'hessian_dtype': 'float64', or calibrate on more or non-degenerate inputs"
     )
 

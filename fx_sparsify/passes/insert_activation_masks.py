@@ -6,7 +6,8 @@ first ``step()``: keep everything, any batch size) and rewires the layer's input
 
     %fc2_input_observer : call_module[target=fc2_input_observer](args = (%relu,))
     %fc2_input_mask : get_attr[target=fc2_input_mask]
-    %fc2_input_masked : call_function[target=fx_sparsify.ops.mask_activation](args = (%fc2_input_observer, %fc2_input_mask, None, None))
+    %fc2_input_masked : call_function[target=fx_sparsify.ops.mask_activation](args = (%fc2_input_observer,
+                                                                                 %fc2_input_mask, None, None))
     %fc2 : call_module[target=fc2](args = (%fc2_input_masked,))
 
 The layer and its input are found by :mod:`.layer_index`: a ``call_module`` node (fx capture) or the op
@@ -89,7 +90,8 @@ def insert_activation_masks(
             raise ValueError(
                 f"activation rule {rule.target!r}: layer {layer!r} is never called as a module in the captured graph "
                 "and has no weight whose use would show its input (the capture traced through it). Keep it as a "
-                f"module call with capture='fx' and leaf_modules=[{layer!r}], or target the layer that consumes its output"
+                f"module call with capture='fx' and leaf_modules=[{layer!r}], "
+                "or target the layer that consumes its output"
             )
         observer = ActivationObserver(rule.aggregate, rule.reduce, rule.features, rule.feature_dim)
         created[activation_target_name(layer)] = insert_observer(gm, layer_calls, layer, calls, observer, True, "input_observer")

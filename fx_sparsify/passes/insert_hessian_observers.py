@@ -105,7 +105,8 @@ def insert_hessian_observers(
     layers: Mapping[str, tuple[str, str, bool, dict[str, Any] | None]],
     aliases: Mapping[str, str],
 ) -> PassResult:
-    """Observers for ``layers`` (layer FQN → (weight target, hessian dtype, sequential, unfold)); ``created[target]["observer"]``."""
+    """Observers for ``layers`` (layer FQN → (weight target, hessian dtype, sequential, unfold));
+    ``created[target]["observer"]``."""
     created: dict[str, dict[str, str]] = {}
     shared: dict[tuple[Any, ...], str] = {}  # (input nodes, dtype, unfold) -> observer name
     one_pass: dict[str, tuple[int, torch.device]] = {}  # observer -> its Hessian's bytes, device

@@ -61,10 +61,14 @@ class LayerIndex:
                 self.getters.setdefault(aliases.get(n.target, n.target), []).append(n)
 
     def __call__(self, layer: str) -> list[Node]:
-        """The nodes that run ``layer``: its ``call_module`` nodes, else the ops consuming its weight."""
+        """The nodes that run ``layer``: its ``call_module`` nodes, else the ops consuming its weight. A weight
+        tied to another module (GPT-2's ``lm_head`` and ``wte``) is consumed by that module's op too: where the
+        capture recorded which module each op runs in, only the ops of ``layer`` itself count."""
         if layer in self.calls:
             return list(self.calls[layer])
-        return list(dict.fromkeys(use for use, _ in self.weight_uses(layer)))
+        uses = list(dict.fromkeys(use for use, _ in self.weight_uses(layer)))
+        own = [use for use in uses if _runs_in(use, layer)]
+        return own or uses
 
     def weight_uses(self, layer: str) -> list[tuple[Node, Node]]:
         """``(op, operand)`` for every op computing with ``layer``'s weight, looking through its mask
@@ -86,6 +90,15 @@ class LayerIndex:
                 else:
                     out.append((use, carrier))
         return out
+
+
+def _runs_in(node: Node, layer: str) -> bool:
+    """Whether the capture recorded ``node`` as running inside module ``layer`` (``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return False
+    path = str(list(stack.values())[-1][0])
+    return path == layer or path.startswith(f"{layer}.")
 
 
 def _is_weight_mask(node: Node) -> bool:
@@ -113,7 +126,8 @@ def layer_input(gm: GraphModule, call: Node, layer: str, carrier: Node | None = 
             if isinstance(call.kwargs.get(first), Node):
                 return call.kwargs[first]  # type: ignore[index]
         raise ValueError(
-            f"activation rule on {layer!r}: the layer's input in the graph is not a tensor argument ({call.format_node()}); "
+            f"activation rule on {layer!r}: the layer's input in the graph is not a tensor argument "
+            f"({call.format_node()}); "
             "call the layer with its input tensor as the first argument"
         )
     positions = INPUT_OPERAND.get(_op_key(call), {})

@@ -68,7 +68,8 @@ MARGIN = 0.9
 
 #: module type → number of spatial dims (0: Linear)
 MODULE_SITES: dict[type[nn.Module], int] = {nn.Linear: 0, nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-#: export-captured function → (spatial dims, positions of (input, weight, bias), positions of (stride, padding, dilation, groups))
+#: export-captured function → (spatial dims, positions of (input, weight, bias),
+#: positions of (stride, padding, dilation, groups))
 FUNCTION_SITES: dict[Any, tuple[int, tuple[int, int, int], tuple[int, int, int, int] | None]] = {
     torch.ops.aten.linear.default: (0, (0, 1, 2), None),
     torch.ops.aten.conv1d.default: (1, (0, 1, 2), (3, 4, 5, 6)),
@@ -397,7 +398,7 @@ def _decide(site: _Site, storage: str, batch_size: int, masked: bool) -> tuple[S
         timed.append((t_sparse / t_dense, layer))
     ratio, best = min(timed, key=lambda t: t[0])
     kind = "csr" if best.layout == "csr" else f"bsr {best.blocksize}x{best.blocksize}"
-    measured = ", ".join(f"{'csr' if l.layout == 'csr' else f'bsr {l.blocksize}x{l.blocksize}'} {r:.2f}x" for r, l in timed)
+    measured = ", ".join(f"{'csr' if c.layout == 'csr' else f'bsr {c.blocksize}x{c.blocksize}'} {r:.2f}x" for r, c in timed)
     if ratio <= MARGIN:
         return best, StorageChoice(site.layer, shape, zeros, kind,
                                    f"measured {measured} dense at batch {batch_size}")
@@ -459,7 +460,8 @@ def _apply_semi_structured(gm: GraphModule, masked: set[str]) -> StorageResult:
     if off_gpu or not linear:
         where = f"this module is on {', '.join(off_gpu)}" if off_gpu else "this module has no masked Linear layer"
         raise ValueError(
-            "squash(storage='semi_structured') converts 2:4 Linear weights with torch.sparse.to_sparse_semi_structured, "
+            "squash(storage='semi_structured') converts 2:4 Linear weights with "
+            "torch.sparse.to_sparse_semi_structured, "
             f"which runs on CUDA GPUs in float16 / bfloat16 only; {where}: move the model to CUDA in half "
             "precision before sparsify_graph (model.cuda().half()), or use storage='csr' / 'auto' on the CPU"
         )

@@ -75,7 +75,8 @@ def _kept_count(rule: ChannelRule, group: ChannelGroup, amount: float | int, whe
         pruned_heads = round(amount * heads) if isinstance(amount, float) else int(amount)
         if pruned_heads % group.heads_per_unit:
             raise ValueError(
-                f"{where}: {pruned_heads} of {heads} query heads requested in group {group.id}, but under grouped-query "
+                f"{where}: {pruned_heads} of {heads} query heads requested in group {group.id}, "
+                "but under grouped-query "
                 f"attention each kv head goes with its {group.heads_per_unit} query heads; ask for a multiple of "
                 f"{group.heads_per_unit} heads"
             )
