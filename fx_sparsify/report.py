@@ -1,4 +1,4 @@
-"""The sparsity report: one row per target, as a ``tabulate`` table (SPEC §2)."""
+"""The sparsity report: one row per target, as a ``tabulate`` table."""
 
 from __future__ import annotations
 

@@ -102,8 +102,8 @@ class SparseGraphModule(GraphModule):
     def squash(self, shrink: bool = False, storage: str = "dense", batch_size: int = 1) -> GraphModule:
         """A plain GraphModule with the masks folded into the constants; ``self`` is unchanged.
 
-        ``shrink=True`` (SPEC §10) also removes the channels that ``channels`` rules pruned.
-        ``storage`` (SPEC §11): ``"dense"``, ``"csr"``, ``"bsr"`` or ``"auto"`` (sparse only where faster at
+        ``shrink=True`` also removes the channels that ``channels`` rules pruned.
+        ``storage``: ``"dense"``, ``"csr"``, ``"bsr"`` or ``"auto"`` (sparse only where faster at
         ``batch_size`` rows) keeps masked Linear / 1x1 Conv weights sparse; ``report()`` then says which and why.
         ``"semi_structured"`` (CUDA, float16 / bfloat16) stores 2:4-masked Linear weights for sparse tensor cores.
         """
@@ -130,7 +130,7 @@ class SparseGraphModule(GraphModule):
                       UserWarning, stacklevel=3)
 
     def shrink_plan(self) -> str:
-        """A table of the channel groups: members, channels before → after, removable or why not (SPEC §10)."""
+        """A table of the channel groups: members, channels before → after, removable or why not."""
         if self._fxs.channels is None:
             return "fx_sparsify shrink plan: no 'channels' rules in the spec, nothing to shrink"
         notes: dict[int, str] = {}
@@ -145,11 +145,11 @@ class SparseGraphModule(GraphModule):
         return out, keeps
 
     def squash_into(self, model: torch.nn.Module, shrink: bool = False) -> torch.nn.Module:
-        """Write the squashed weights into your own eager ``model`` (in place) and return it (SPEC §14).
+        """Write the squashed weights into your own eager ``model`` (in place) and return it.
 
         The model keeps its class and methods (a Hugging Face model keeps ``save_pretrained``). Its
         tensors must have the original model's names and shapes (a dense squash: no ``shrink``).
-        ``shrink=True`` (SPEC §10) resizes the model's tensors, module attributes and, for a Hugging Face
+        ``shrink=True`` resizes the model's tensors, module attributes and, for a Hugging Face
         model, its config (same widths in every layer), so ``save_pretrained`` → ``from_pretrained`` reloads it.
         """
         self._warn_unstepped("squash_into()")
