@@ -70,9 +70,9 @@ def sparsify_graph(
 
     The user's model is not changed (it is deep-copied first) unless ``inplace=True``, in which case
     the returned module shares its parameters. Every mask starts all-keep: call ``.step()`` to compute.
-    ``dynamic_shapes`` (beyond SPEC §2) goes to ``torch.export.export`` for an export capture: without
+    ``dynamic_shapes`` goes to ``torch.export.export`` for an export capture: without
     it the captured graph only accepts inputs of the example inputs' shapes.
-    ``masks`` (SPEC §14) maps weight target names to initial keep-masks; a model carrying
+    ``masks`` maps weight target names to initial keep-masks; a model carrying
     ``torch.nn.utils.prune`` hooks or ``torch.ao.pruning`` FakeSparsity parametrizations is taken over
     (the copy loses them, their masks become the initial masks, "adopted" in the report).
     """

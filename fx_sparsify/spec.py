@@ -160,7 +160,7 @@ class GlobalRule:
 
 @dataclass(frozen=True)
 class ActivationRule:
-    """One rule of ``"activations"``: observe and mask the input of the selected layers (SPEC §5)."""
+    """One rule of ``"activations"``: observe and mask the input of the selected layers."""
 
     target: str
     aggregate: str | Callable[..., Any] = "sum"
@@ -221,7 +221,7 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class ChannelRule:
-    """One rule of ``"channels"`` (SPEC §10): prune output channels (or attention heads) of the selected layers.
+    """One rule of ``"channels"``: prune output channels (or attention heads) of the selected layers.
 
     ``sparsity``: a float fraction or an int count of each group's channels (with ``global``: of all the rule's
     channels); ``heads``: a fraction or count of query heads per attention block; ``p``: the norm ranking a
