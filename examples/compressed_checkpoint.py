@@ -1,4 +1,4 @@
-"""Smaller on disk, faster on the CPU: sparse storage at squash and a compressed checkpoint (SPEC §11).
+"""Smaller on disk, faster on the CPU: sparse storage at squash and a compressed checkpoint (docs/storage.md).
 
     python examples/compressed_checkpoint.py [--width 1024] [--sparsity 0.9] [--out DIR]
 

@@ -1,4 +1,4 @@
-"""Seed README flow 2: sparsify every embedding table of a model, save and restore the masks."""
+"""Data sparsifier flow 2 (docs/data.md): sparsify every embedding table of a model, save and restore the masks."""
 
 import io
 

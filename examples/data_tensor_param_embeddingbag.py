@@ -1,4 +1,4 @@
-"""Seed README flow 1: sparsify a plain tensor, a parameter and an embedding bag, then squash."""
+"""Data sparsifier flow 1 (docs/data.md): sparsify a plain tensor, a parameter and an embedding bag, then squash."""
 
 import torch
 from torch import nn

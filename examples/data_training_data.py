@@ -1,4 +1,4 @@
-"""Seed README flow 3: sparsify the training data itself, batch by batch."""
+"""Data sparsifier flow 3 (docs/data.md): sparsify the training data itself, batch by batch."""
 
 import torch
 from torch import nn

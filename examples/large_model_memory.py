@@ -1,4 +1,4 @@
-"""The memory-frugal pipeline for a model that fills much of the machine (README "Memory", SPEC §15).
+"""The memory-frugal pipeline for a model that fills much of the machine (docs/memory.md).
 
 ``inplace=True`` rewrites your model itself (no copy); ``"mode": "inplace"`` zeroes the pruned
 weights in place (no mask multiply, nothing cached); squash then shares every weight with the model.

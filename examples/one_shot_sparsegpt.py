@@ -1,4 +1,4 @@
-"""One-shot pruning with weight reconstruction (SPEC §16), run by the tests.
+"""One-shot pruning with weight reconstruction (docs/one-shot.md), run by the tests.
 
 Prunes every Linear of an MLP but its head to 50 % with magnitude, Wanda and SparseGPT from the same
 calibration batches, and prints how far each pruned model's outputs move from the dense model's on

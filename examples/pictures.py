@@ -1,4 +1,4 @@
-"""Pictures of a sparsified model (README "Pictures"; needs the `viz` extra and graphviz's `dot`).
+"""Pictures of a sparsified model (docs/recipes.md "Pictures"; needs the `viz` extra and graphviz's `dot`).
 
     python examples/pictures.py [OUT_DIR]
 """

@@ -1,4 +1,4 @@
-"""Quickstart: sparsify, inspect, calibrate, step, squash, export — the README's first snippet."""
+"""Quickstart: sparsify, inspect, calibrate, step, squash, export — the README's quick start."""
 
 import torch
 from torch import nn

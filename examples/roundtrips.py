@@ -1,4 +1,4 @@
-"""Round trips with torch's pruning tools and with your own model (README "Round trips", SPEC §14)."""
+"""Round trips with torch's pruning tools and with your own model (docs/roundtrips.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Getting a smaller, faster model: prune half the channels of a ResNet and remove them (SPEC §10).
+"""Getting a smaller, faster model: prune half the channels of a ResNet and remove them (docs/shrink.md).
 
     python examples/shrink_resnet.py            # ResNet-18, 224x224
     python examples/shrink_resnet.py --quick    # a narrow ResNet on 32x32 (what the tests run)

@@ -1,4 +1,4 @@
-"""examples/compressed_checkpoint.py runs (the README's sparse storage / compressed checkpoint snippet)."""
+"""examples/compressed_checkpoint.py runs (the snippet of docs/storage.md)."""
 
 from __future__ import annotations
 

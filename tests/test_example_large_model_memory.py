@@ -1,4 +1,4 @@
-"""examples/large_model_memory.py runs (README "Memory")."""
+"""examples/large_model_memory.py runs (docs/memory.md)."""
 
 from __future__ import annotations
 

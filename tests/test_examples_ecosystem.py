@@ -1,4 +1,4 @@
-"""The recipe / pictures / round-trip examples (README snippets) run as tests."""
+"""The recipe / pictures / round-trip examples (snippets of docs/recipes.md and docs/roundtrips.md) run as tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The seed README flows under examples/ run as tests."""
+"""The data sparsifier flows under examples/ (docs/data.md) run as tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The NaN rule (README "Behaviour notes"): NaN scores are refused with a ValueError, never ranked."""
+"""The NaN rule (docs/how-it-works.md, "NaN"): NaN scores are refused with a ValueError, never ranked."""
 
 from __future__ import annotations
 
