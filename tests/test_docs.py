@@ -136,6 +136,18 @@ def test_every_python_snippet_names_an_example_that_a_test_runs() -> None:
         assert named[-1] in tests_text, f"{page}: no test under tests/ runs examples/{named[-1]}.py"
 
 
+def test_every_python_snippet_is_taken_from_its_example() -> None:
+    """Each code line of a snippet (comments and blank lines aside) is a line of the example it names."""
+    for page, before, block in _python_blocks():
+        named = re.findall(r"examples/(\w+)\.py", "\n".join(before.splitlines()[-8:]))
+        example = ROOT / "examples" / f"{named[-1]}.py" if named else None
+        if example is None or not example.exists():
+            continue  # the test above names the problem
+        lines = set(_code_lines(example.read_text()))
+        missing = [line for line in _code_lines(block) if line not in lines]
+        assert not missing, f"{page}: snippet lines not in examples/{named[-1]}.py: {missing}"
+
+
 def test_readme_quickstart_is_the_example_file() -> None:
     (block,) = [b for page, before, b in _python_blocks() if page == "README.md" and "quickstart.py" in before[-300:]]
     example = set(_code_lines((ROOT / "examples" / "quickstart.py").read_text()))
