@@ -109,7 +109,7 @@ class SparseGraphModule(GraphModule):
         """
         check_storage(storage, batch_size)
         self._warn_unstepped("squash()")
-        if shrink and not self._fxs.spec.channels:
+        if shrink and self._fxs.channels is None:
             warnings.warn(_NO_CHANNELS.format(call="squash(shrink=True)"), UserWarning, stacklevel=2)
             shrink = False
         out = self._squash_shrunk()[0] if shrink else _squash(self, self._fxs)
@@ -153,7 +153,7 @@ class SparseGraphModule(GraphModule):
         model, its config (same widths in every layer), so ``save_pretrained`` → ``from_pretrained`` reloads it.
         """
         self._warn_unstepped("squash_into()")
-        if shrink and not self._fxs.spec.channels:
+        if shrink and self._fxs.channels is None:
             warnings.warn(_NO_CHANNELS.format(call="squash_into(model, shrink=True)"), UserWarning, stacklevel=2)
         elif shrink:
             return _shrink_into(self._fxs, *self._squash_shrunk(), model)
