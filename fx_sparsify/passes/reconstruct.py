@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
+from .. import distributed
 from ..hessian import HessianObserver
 from ..methods.sparsegpt import sparsegpt_prune
 from ..observer import ActivationObserver
@@ -100,7 +101,7 @@ def _levels(gm: GraphModule, state: SparsityState, records: list[TargetRecord]) 
 def _replay(gm: GraphModule, state: SparsityState, observers: Iterable[str]) -> None:
     """Run the recorded calibration inputs again with only ``observers`` listening (restarted first)."""
     inputs = state.calibration.inputs or []
-    if not inputs:
+    if not inputs and not distributed.active():  # under a process group another rank may hold the batches
         raise ValueError(
             "step(): 'sequential' sparsegpt targets need the calibration forwards' inputs, and none were recorded "
             "since the last step; run the calibration batches through the sparse module before step()"
@@ -128,6 +129,7 @@ def _replay(gm: GraphModule, state: SparsityState, observers: Iterable[str]) -> 
         for name, value in buffers.items():
             if name in current and current[name].shape == value.shape:
                 current[name].copy_(value)
+    distributed.sync_observers(gm.get_submodule(name) for name in sorted(observers))  # the level's sums over ranks
 
 
 def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[TargetRecord],
@@ -142,11 +144,12 @@ def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[Ta
         for depth, level in enumerate(_levels(gm, state, records)):
             if depth:
                 _replay(gm, state, {r.observer for r in level})  # type: ignore[misc]
+            by_name = {r.name: r for r in level}
+            solved = distributed.solve_split(  # each rank solves its share of the level, the others receive it
+                list(by_name), [_solve_cost(gm, r) for r in level],
+                lambda name: _solve(gm, state, by_name[name]), lambda name: _solve_template(gm, by_name[name]))
             for r in level:
-                try:
-                    keep, weight = reconstruct(gm, r, current_options(state, r))
-                except (ValueError, TypeError) as err:
-                    raise type(err)(f"step(): target {r.name!r}: {err}") from err
+                keep, weight = solved[r.name]
                 gm.get_parameter(r.param).copy_(weight)  # type: ignore[arg-type]
                 mask = gm.get_buffer(r.buffer)
                 mask.copy_(keep.to(device=mask.device, dtype=mask.dtype))
@@ -158,6 +161,25 @@ def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[Ta
             gm.get_buffer(r.buffer).copy_(mask)
         raise
     state.calibration.inputs = None
+
+
+def _solve(gm: GraphModule, state: SparsityState, record: TargetRecord) -> tuple[Tensor, Tensor]:
+    try:
+        return reconstruct(gm, record, current_options(state, record))
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"step(): target {record.name!r}: {err}") from err
+
+
+def _solve_cost(gm: GraphModule, record: TargetRecord) -> float:
+    """What one SparseGPT solve costs, roughly: the inverse of the ``in × in`` Hessian and the ``out × in²`` sweep."""
+    out, inputs = gm.get_parameter(record.param).reshape(record.shape[0], -1).shape  # type: ignore[arg-type]
+    return float(inputs * inputs * (inputs + out))
+
+
+def _solve_template(gm: GraphModule, record: TargetRecord) -> tuple[Tensor, Tensor]:
+    """Empty tensors shaped like a solve's (keep-mask, weight): where a rank receives another rank's result."""
+    weight = gm.get_parameter(record.param)  # type: ignore[arg-type]
+    return torch.empty(weight.shape, dtype=torch.bool, device=weight.device), torch.empty_like(weight)
 
 
 def _defer_later_levels(gm: GraphModule, state: SparsityState) -> None:

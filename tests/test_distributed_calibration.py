@@ -1,0 +1,232 @@
+"""Data-parallel calibration and split solves: 2 ranks (gloo, CPU), each on its half of the batches, equal one
+process over all of them (SPEC §19), in one pass, in sequential levels and in streamed pruning.
+
+Every scenario runs in the same two spawned processes (one start-up); the single-process references run here.
+Models are float64 so that the ranks' partial sums, added in another order, cannot flip a tie.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import save_file
+
+import fx_sparsify as fxs
+from fx_sparsify import distributed
+
+from models import MLP
+
+WORLD = 2
+TIMEOUT_S = 240
+ONE_PASS: dict[str, Any] = {
+    "weights": [
+        {"target": "fc1", "method": "sparsegpt", "sparsity": 0.5, "hessian_dtype": "float64"},
+        {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5, "scores": "wanda"},
+    ],
+    "activations": [
+        {"target": "head", "aggregate": "sq_sum", "reduce": "mean", "mask": "l1_unstructured", "sparsity": 0.25},
+        {"target": "fc2", "aggregate": "abs_max", "reduce": "none", "mask": "l1_unstructured", "sparsity": 0.5},
+    ],
+}
+PROJ = "re:model\\.layers\\.\\d+\\.(mlp|self_attn)\\.\\w+_proj"
+SEQUENTIAL: dict[str, Any] = {
+    "weights": [
+        {"target": PROJ, "method": "sparsegpt", "sparsity": 0.5, "sequential": True, "hessian_dtype": "float64"}
+    ]
+}
+STREAMED: dict[str, Any] = {
+    "weights": [
+        {
+            "target": "re:blocks\\.\\d+\\.(up|down)",
+            "method": "sparsegpt",
+            "sparsity": 0.5,
+            "sequential": True,
+            "hessian_dtype": "float64",
+        }
+    ]
+}
+
+
+def _mlp_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(6, 16, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+def _llama() -> Any:
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+def _llama_batches() -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(6)
+    return [{"input_ids": torch.randint(1, 100, (2, 7), generator=g), "use_cache": False} for _ in range(4)]
+
+
+def _stack() -> torch.nn.Module:
+    from test_streamed import Stack
+
+    torch.manual_seed(0)
+    return Stack().double()
+
+
+def _stack_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(5, 8, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+def _one_pass(batches: list[torch.Tensor]) -> dict[str, Any]:
+    torch.manual_seed(0)
+    sgm = fxs.sparsify_graph(MLP().double(), ONE_PASS)
+    for x in batches:
+        sgm(x)
+    sgm.step()
+    return {
+        "masks": {k: v.clone() for k, v in sgm.masks().items()},
+        "params": {k: v.detach().clone() for k, v in sgm.named_parameters()},
+    }
+
+
+def _sequential(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    sgm = fxs.sparsify_graph(_llama(), SEQUENTIAL, example_kwargs=batches[0])
+    for b in batches:
+        sgm(**b)
+    sgm.step()
+    return {
+        "masks": {k: v.clone() for k, v in sgm.masks().items()},
+        "params": {k: v.detach().clone() for k, v in sgm.named_parameters()},
+    }
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
+    try:
+        import fx_sparsify.passes.reconstruct as reconstruct_pass
+
+        solved: list[str] = []
+        original = reconstruct_pass.reconstruct
+
+        def counting(gm: Any, record: Any, options: Any) -> Any:
+            solved.append(record.name)
+            return original(gm, record, options)
+
+        reconstruct_pass.reconstruct = counting  # type: ignore[assignment]
+        result: dict[str, Any] = {"one_pass": _one_pass(_mlp_batches()[rank::WORLD])}
+        result["sequential"] = _sequential(_llama_batches()[rank::WORLD])
+        result["solved"] = list(solved)
+        result["shares"] = [[int(x[0, 0] * 1e6) for x in distributed.local_share(_mlp_batches())]]
+        fxs.prune_streamed(lambda: _stack(), out + "/stack.safetensors", STREAMED, _stack_batches(), out + "/streamed")
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("ranks")
+    save_file({k: v.contiguous() for k, v in _stack().state_dict().items()}, str(out / "stack.safetensors"))
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the 2-rank run did not finish in {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], out
+
+
+def _same(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert got["masks"].keys() == want["masks"].keys()
+    for name, mask in want["masks"].items():
+        assert torch.equal(got["masks"][name], mask), name
+    for name, p in want["params"].items():
+        torch.testing.assert_close(got["params"][name], p, atol=1e-10, rtol=0, msg=name)
+
+
+def test_one_pass_sparsegpt_wanda_activations_equal_one_process(ranks: Any) -> None:
+    results, _ = ranks
+    want = _one_pass(_mlp_batches())
+    assert 0 < want["masks"]["head:input"].float().mean() < 1
+    for r in results:
+        _same(r["one_pass"], want)
+
+
+def test_sequential_levels_equal_one_process_and_split_the_solves(ranks: Any) -> None:
+    results, _ = ranks
+    want = _sequential(_llama_batches())
+    for r in results:
+        _same(r["sequential"], want)
+    targets = {n for n in want["masks"] if n.endswith("_proj.weight")}
+    per_rank = [set(r["solved"]) & targets for r in results]
+    assert per_rank[0] | per_rank[1] == targets and not per_rank[0] & per_rank[1]  # each solved once, on one rank
+    assert all(per_rank)
+
+
+def test_ranks_take_alternate_batches(ranks: Any) -> None:
+    results, _ = ranks
+    every = [int(x[0, 0] * 1e6) for x in _mlp_batches()]
+    assert results[0]["shares"][0] == every[0::2] and results[1]["shares"][0] == every[1::2]
+
+
+def test_streamed_on_two_ranks_equals_one_process(ranks: Any, tmp_path: Path) -> None:
+    _, out = ranks
+    fxs.prune_streamed(lambda: _stack(), out / "stack.safetensors", STREAMED, _stack_batches(), tmp_path / "one")
+    want = fxs.load_compressed(tmp_path / "one")
+    got = fxs.load_compressed(out / "streamed")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=0, msg=k)
+        assert torch.equal(got[k] != 0, want[k] != 0), k
+
+
+def test_assign_balances_costs() -> None:
+    assert distributed.assign([9.0, 1.0, 4.0, 4.0], world=2) == [0, 1, 1, 1]
+    owners = distributed.assign([float(c) for c in range(1, 9)], world=3)
+    loads = [sum(c for c, o in zip(range(1, 9), owners) if o == r) for r in range(3)]
+    assert max(loads) <= 4 / 3 * sum(loads) / 3 and sorted(set(owners)) == [0, 1, 2]  # LPT's bound
+
+
+def test_single_process_helpers_are_identities() -> None:
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.is_writer()
+    assert list(distributed.local_share("abc")) == ["a", "b", "c"]
+    calls: list[int] = []
+    got = distributed.solve_split([1, 2], [1.0, 2.0], lambda k: (calls.append(k) or torch.tensor([k]),), lambda k: ())
+    assert calls == [1, 2] and [int(v[0]) for v in got.values()] == [1, 2]
