@@ -30,6 +30,8 @@ __all__ = [
 ]
 
 Value = Union[Node, str]  # a graph node, or a parameter / buffer by (canonical) FQN
+#: a normalizer's answer: the op's operands as the node holds them (nodes, FQNs, None or a constant), its extras
+Normalized = tuple[list[Any], dict[str, Any]]
 OUT = -1  # operand position of an op's output
 
 
@@ -100,67 +102,67 @@ def _tensor_args(node: Node) -> list[Value | None]:
     return out
 
 
-def _n_linear(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_linear(node: Node) -> Normalized:
     return [node.args[0], node_arg(node, 1, "weight"), node_arg(node, 2, "bias")], {}
 
 
-def _n_conv(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_conv(node: Node) -> Normalized:
     groups = node_arg(node, 6, "groups", 1)
     loc = ("args", 6) if len(node.args) > 6 else ("kwargs", "groups") if "groups" in node.kwargs else None
     return [node.args[0], node_arg(node, 1, "weight"), node_arg(node, 2, "bias")], {"groups": groups, "groups_at": loc}
 
 
-def _n_bn_functional(node: Node) -> tuple[list[Value | None], dict[str, Any]]:  # F.batch_norm(x, rm, rv, w, b)
+def _n_bn_functional(node: Node) -> Normalized:  # F.batch_norm(x, rm, rv, w, b)
     return [node.args[0], node_arg(node, 3, "weight"), node_arg(node, 4, "bias"), node_arg(node, 1, "running_mean"),
             node_arg(node, 2, "running_var")], {}
 
 
-def _n_bn_aten(node: Node) -> tuple[list[Value | None], dict[str, Any]]:  # aten.batch_norm(x, w, b, rm, rv, ...)
+def _n_bn_aten(node: Node) -> Normalized:  # aten.batch_norm(x, w, b, rm, rv, ...)
     return [node.args[0], node_arg(node, 1, "weight"), node_arg(node, 2, "bias"), node_arg(node, 3, "running_mean"),
             node_arg(node, 4, "running_var")], {}
 
 
-def _n_layer_norm(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_layer_norm(node: Node) -> Normalized:
     shape = node_arg(node, 1, "normalized_shape")
     n = len(shape) if isinstance(shape, (list, tuple)) else 1
     return [node.args[0], node_arg(node, 2, "weight"), node_arg(node, 3, "bias")], {"normalized": n}
 
 
-def _n_x(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_x(node: Node) -> Normalized:
     return [node.args[0]], {}
 
 
-def _n_pointwise(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_pointwise(node: Node) -> Normalized:
     return _tensor_args(node), {}
 
 
-def _n_dim(name: str, i: int, default: Any = None) -> Callable[[Node], tuple[list[Value | None], dict[str, Any]]]:
-    def norm(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_dim(name: str, i: int, default: Any = None) -> Callable[[Node], Normalized]:
+    def norm(node: Node) -> Normalized:
         return [node.args[0]], {"dim": node_arg(node, i, name, default)}
 
     return norm
 
 
-def _n_reduce(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_reduce(node: Node) -> Normalized:
     return [node.args[0]], {"dim": node_arg(node, 1, "dim"), "keepdim": bool(node_arg(node, 2, "keepdim", False))}
 
 
-def _n_cat(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_cat(node: Node) -> Normalized:
     return list(node_arg(node, 0, "tensors")), {"dim": node_arg(node, 1, "dim", 0)}
 
 
-def _n_split(equal_arg: str) -> Callable[[Node], tuple[list[Value | None], dict[str, Any]]]:
-    def norm(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_split(equal_arg: str) -> Callable[[Node], Normalized]:
+    def norm(node: Node) -> Normalized:
         sizes = node_arg(node, 1, equal_arg)
         return [node.args[0]], {"dim": node_arg(node, 2, "dim", 0), "sizes": sizes}
 
     return norm
 
 
-def _n_shape_args(first: int) -> Callable[[Node], tuple[list[Value | None], dict[str, Any]]]:
+def _n_shape_args(first: int) -> Callable[[Node], Normalized]:
     """view / reshape / expand: where the output's sizes sit in the args (a list at ``first`` or varargs)."""
 
-    def norm(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+    def norm(node: Node) -> Normalized:
         if len(node.args) == first + 1 and isinstance(node.args[first], (list, tuple)):
             at: Callable[[int], tuple[Any, ...] | None] = lambda d: ("args", first, d)  # noqa: E731
         elif len(node.args) > first:
@@ -172,59 +174,60 @@ def _n_shape_args(first: int) -> Callable[[Node], tuple[list[Value | None], dict
     return norm
 
 
-def _n_unflatten(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_unflatten(node: Node) -> Normalized:
     dim = node_arg(node, 1, "dim")
     return [node.args[0]], {"sizes_at": lambda d: ("args", 2, d - dim) if isinstance(dim, int) and dim >= 0 else None,
                             "unflatten_dim": dim}
 
 
-def _n_transpose(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_transpose(node: Node) -> Normalized:
     return [node.args[0]], {"swap": (node_arg(node, 1, "dim0", 0), node_arg(node, 2, "dim1", 1))}
 
 
-def _n_permute(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_permute(node: Node) -> Normalized:
     rest = node.args[1:]
-    dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
-    return [node.args[0]], {"perm": tuple(dims or node.kwargs.get("dims", ()))}
+    dims: Any = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+    perm: Any = dims or node.kwargs.get("dims", ())
+    return [node.args[0]], {"perm": tuple(perm)}
 
 
-def _n_t(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_t(node: Node) -> Normalized:
     return [node.args[0]], {"swap": (0, 1)}
 
 
-def _n_matmul(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_matmul(node: Node) -> Normalized:
     return [node.args[0], node.args[1]], {}
 
 
-def _n_sdpa(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_sdpa(node: Node) -> Normalized:
     mask = node_arg(node, 3, "attn_mask")
     return ([node.args[0], node.args[1], node.args[2], mask if isinstance(mask, Node) else None],
             {"scale": node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None),
              "gqa": bool(node.kwargs.get("enable_gqa", False))})
 
 
-def _n_embedding(weight_first: bool) -> Callable[[Node], tuple[list[Value | None], dict[str, Any]]]:
-    def norm(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_embedding(weight_first: bool) -> Callable[[Node], Normalized]:
+    def norm(node: Node) -> Normalized:
         w, idx = (node.args[0], node.args[1]) if weight_first else (node.args[1], node.args[0])
         return [idx, w], {}
 
     return norm
 
 
-def _n_slice(node: Node) -> tuple[list[Value | None], dict[str, Any]]:  # aten.slice(x, dim, start, end, step)
+def _n_slice(node: Node) -> Normalized:  # aten.slice(x, dim, start, end, step)
     return [node.args[0]], {"dim": node_arg(node, 1, "dim", 0), "start": node_arg(node, 2, "start"),
                             "end": node_arg(node, 3, "end"), "step": node_arg(node, 4, "step", 1)}
 
 
-def _n_select(node: Node) -> tuple[list[Value | None], dict[str, Any]]:  # aten.select(x, dim, index)
+def _n_select(node: Node) -> Normalized:  # aten.select(x, dim, index)
     return [node.args[0]], {"dim": node_arg(node, 1, "dim")}
 
 
-def _n_none(node: Node) -> tuple[list[Value | None], dict[str, Any]]:
+def _n_none(node: Node) -> Normalized:
     return [], {}
 
 
-Normalizer = Callable[[Node], tuple[list[Value | None], dict[str, Any]]]
+Normalizer = Callable[[Node], Normalized]
 aten = torch.ops.aten
 
 _POINTWISE_NAMES = (
@@ -283,12 +286,20 @@ for _name in _POINTWISE_NAMES + _INPLACE_POINTWISE_NAMES:
         _fn = getattr(_ns, _name, None)
         if _fn is not None and callable(_fn):
             FUNCTIONS.setdefault(_fn, ("pointwise", _n_pointwise))
+
+
+def _n_pool(spatial: int) -> Normalizer:
+    def norm(node: Node) -> Normalized:
+        return [node.args[0]], {"spatial": spatial}
+    return norm
+
+
 for _name, _k in (("adaptive_avg_pool", 0), ("adaptive_max_pool", 0), ("avg_pool", 0), ("max_pool", 0)):
     for _d in (1, 2, 3):
         for _ns in (F, aten, torch):
             _fn = getattr(_ns, f"{_name}{_d}d", None)
             if _fn is not None:
-                FUNCTIONS.setdefault(_fn, ("pool", lambda n, d=_d: ([n.args[0]], {"spatial": d})))
+                FUNCTIONS.setdefault(_fn, ("pool", _n_pool(_d)))
 
 #: call_method names → (rule kind, normalizer)
 METHODS: dict[str, tuple[str, Normalizer]] = {
@@ -383,18 +394,19 @@ class ChannelGraph:
             extra = self._module_extra(module, node)
             if kind == "pointwise":
                 return Op(kind, node, _tensor_args(node), extra)
-            return Op(kind, node, [node.args[0] if node.args else node.kwargs.get("input"), *params], extra)
+            first: Any = node.args[0] if node.args else node.kwargs.get("input")
+            return Op(kind, node, [first, *params], extra)
         if node.op in ("call_function", "call_method"):
             if node.op == "call_method":
-                entry = METHODS.get(str(node.target))
+                rule = METHODS.get(str(node.target))
                 what = f"method .{node.target}()"
             else:
                 target = node.target
-                entry = FUNCTIONS.get(target) or FUNCTIONS.get(getattr(target, "overloadpacket", None))
+                rule = FUNCTIONS.get(target) or FUNCTIONS.get(getattr(target, "overloadpacket", None))
                 what = f"function {getattr(target, '__name__', target)}"
-            if entry is None:
+            if rule is None:
                 return Op("unknown", node, _tensor_args(node), {"what": what})
-            kind, norm = entry
+            kind, norm = rule
             operands, extra = norm(node)
             return Op(kind, node, operands, extra)
         return None
