@@ -94,8 +94,8 @@ class _Planner:
     def add_group(self, root: str, width: int, unit: str, rule: int | None, allow_coarsen: bool,
                   dim: int | None = None, rows: bool = False) -> ChannelGroup | None:
         graph, groups, owner, order = self.graph, self.groups, self.owner, self.order
-        rows = graph.shape(root)
-        assert rows is not None
+        shape = graph.shape(root)
+        assert shape is not None
         dim = weight_dim(graph, root) if dim is None else dim
         assert dim is not None
         existing = owner.get((root, dim))
@@ -109,13 +109,13 @@ class _Planner:
             return existing
         w = width
         while True:
-            flood = Flood(graph, rows[dim] // w)
+            flood = Flood(graph, shape[dim] // w)
             try:
                 flood.run(root, dim, w)
                 err = None
                 break
             except Unmappable as exc:
-                if allow_coarsen and exc.split and rows[dim] % (w * exc.split) == 0:
+                if allow_coarsen and exc.split and shape[dim] % (w * exc.split) == 0:
                     w *= exc.split
                     continue
                 err = exc
@@ -124,7 +124,7 @@ class _Planner:
             return None  # no reshape into heads downstream: not a head projection
         members = sorted((dataclasses.replace(m, consumer=m.is_param and weight_dim(graph, m.tensor, columns=True) == m.dim)
                           for m in flood.members), key=lambda m: (order.get(m.tensor, len(order)), m.dim))
-        group = ChannelGroup(len(groups), rows[dim] // w, unit, [root], members, flood.ctx.edits, rule)
+        group = ChannelGroup(len(groups), shape[dim] // w, unit, [root], members, flood.ctx.edits, rule)
         group.edits = list(dict.fromkeys(group.edits))
         if err is not None and rule is None and not rows:
             return None  # a group only other rules' zeros could shrink, and it cannot: nothing to say
@@ -280,4 +280,3 @@ def _check_rules(plan: ChannelPlan) -> None:
                 f"spec['channels'][{i}] ({rule.target!r}): none of its channel groups can be removed ({why}). "
                 "Select other layers, or see sgm.shrink_plan() for the groups"
             )
-
