@@ -48,7 +48,7 @@ class TargetRecord:
 
 @dataclass
 class Calibration:
-    """The calibration forwards of ``"sequential": true`` sparsegpt targets until the next step (passes/reconstruct.py)."""
+    """The calibration forwards that ``"sequential": true`` sparsegpt targets keep until the next step (reconstruct.py)."""
 
     # (args, kwargs) of every calibration forward since the last step; None: none recorded
     inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None

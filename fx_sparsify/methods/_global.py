@@ -3,17 +3,23 @@
 ``prune_smallest_many(tensors, k)`` is ``prune_smallest(torch.cat([t.reshape(-1) for t in tensors]), k)``
 split back per tensor (the same masks: ties are pruned lowest index of the concatenation first), but
 its temporaries are a chunk and the band of values near the threshold, not a copy of every tensor.
+:func:`global_masks` ranks a global rule's scores with any method: those of :data:`MANY_RANKERS` without
+concatenating, the others as one flattened float32 tensor.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
 from . import _selectors
-from ._selectors import prune_smallest, refuse_nan
+from ._random import generator_for
+from ._registry import get_mask_method
+from ._selectors import count_to_prune, prune_smallest, refuse_nan
 
-__all__ = ["prune_smallest_many"]
+__all__ = ["prune_smallest_many", "global_masks", "MANY_RANKERS"]
 
 
 def _abs(t: Tensor, absolute: bool) -> Tensor:
@@ -70,3 +76,26 @@ def prune_smallest_many(tensors: list[Tensor], k: int, *, absolute: bool = False
     )
     _selectors._prune_first_ties(pairs, kth, need)
     return [keep.view(t.shape) for t, keep in zip(tensors, keeps)]
+
+
+def _l1_many(scores: list[Tensor], options: Mapping[str, Any]) -> list[Tensor]:
+    return prune_smallest_many(scores, count_to_prune(options["sparsity"], sum(t.numel() for t in scores)), absolute=True)
+
+
+#: methods that rank several tensors together without concatenating them: method -> (scores, options) -> masks
+MANY_RANKERS: dict[str, Callable[[list[Tensor], Mapping[str, Any]], list[Tensor]]] = {"l1_unstructured": _l1_many}
+
+
+def global_masks(method: str, scores: Iterable[Tensor], sizes: list[int], options: Mapping[str, Any], *,
+                 seed: int, name: str) -> list[Tensor]:
+    """Keep-masks of ``scores`` (one tensor per target, ``sizes`` entries each) ranked together as one tensor.
+
+    The parts come back flat, one per target in order. A method without a row in :data:`MANY_RANKERS`
+    ranks the concatenation of the scores as float32, with a generator seeded from ``seed`` and ``name``.
+    """
+    many = MANY_RANKERS.get(method)
+    if many is not None:
+        return [part.reshape(-1) for part in many(list(scores), options)]
+    flat = torch.cat([t.reshape(-1).float() for t in scores])
+    keep = get_mask_method(method)(flat, generator=generator_for(seed, name, flat.device), **options)
+    return list(keep.split(sizes))

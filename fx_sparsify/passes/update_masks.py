@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -25,17 +26,14 @@ from torch.fx import GraphModule
 
 from .._masks import PackedMask, is_masked, keep_of, masked_copy, pending, release_freed_memory, zero_pruned_
 from .._modules import find_tensor
-from ..methods import get_mask_method
-from ..methods._global import prune_smallest_many
-from ..methods._selectors import count_to_prune
-from ..methods._random import generator_for
+from ..methods import generator_for, get_mask_method, global_masks, keep_mask, refuse_nan
 from ..methods.wanda import PER_ROW, per_row_mask
-from ..methods._registry import keep_mask, refuse_nan
 from ..state import SparsityState, TargetRecord, current_options
 from .channels import CHANNELS, channel_masks
 from .reconstruct import RECONSTRUCTING, check_calibrated, is_sequential, reconstruct, reconstruct_in_order
 
-__all__ = ["update_masks", "weight_scores", "check_options", "check_targets", "apply_masks_inplace"]
+__all__ = ["update_masks", "weight_scores", "check_options", "check_targets", "apply_masks_inplace", "StepStrategy",
+           "StepWork", "STEP_STRATEGIES", "register_step_strategy", "strategy_of"]
 
 
 def weight_scores(gm: GraphModule, record: TargetRecord) -> Tensor:
@@ -173,85 +171,181 @@ def sync_observers(gm: GraphModule) -> None:
             module.samples, module.batches = (int(c) for c in counts)
 
 
+@dataclass
+class StepWork:
+    """One step's computation: what the strategies fill before anything is written (all or nothing)."""
+
+    gm: GraphModule
+    state: SparsityState
+    new_masks: dict[str, Tensor] = field(default_factory=dict)  # target name -> new keep-mask
+    new_weights: dict[str, Tensor] = field(default_factory=dict)  # target name -> updated weight (reconstructing)
+    restart: list[str] = field(default_factory=list)  # observers whose statistics restart after the step
+
+    def options(self, record: TargetRecord) -> dict[str, Any]:
+        """``record``'s method options at this step (a schedule moves the sparsity)."""
+        return current_options(self.state, record)
+
+
+@dataclass(frozen=True)
+class StepStrategy:
+    """How ``step()`` computes the masks of one kind of target (a row of :data:`STEP_STRATEGIES`).
+
+    A target belongs to the first row whose ``claims`` accepts it. ``each`` computes one target, in the
+    targets' order, inside an error prefix naming it; ``together`` then gets all the targets the row
+    claimed at once (it runs even when there are none: a channel plan without targets of its own),
+    rows in the table's order. Both only fill the :class:`StepWork`; the masks are written once all
+    rows are done (a row that writes as it goes must put things back if it raises).
+    """
+
+    name: str
+    claims: Callable[[TargetRecord], bool]
+    each: Callable[[StepWork, TargetRecord], None] | None = None
+    together: Callable[[StepWork, list[TargetRecord]], None] | None = None
+
+
+def _step_activation(work: StepWork, record: TargetRecord) -> None:
+    mask = _activation_mask(work.gm, record, work.state.spec.seed)
+    if mask is not None:
+        work.new_masks[record.name] = mask
+        work.restart.append(record.observer)  # type: ignore[arg-type]
+
+
+def _step_global(work: StepWork, records: list[TargetRecord]) -> None:
+    """Each global group ranks all its targets' scores together (``torch.nn.utils.prune.global_unstructured``)."""
+    groups: dict[int, list[TargetRecord]] = {}
+    for record in records:
+        groups.setdefault(record.group, []).append(record)  # type: ignore[arg-type]
+    for g, members in groups.items():
+        with _for_target(f"global rule over {', '.join(map(repr, (r.name for r in members)))}"):
+            first = members[0]
+            parts = global_masks(first.method, (weight_scores(work.gm, r) for r in members), [r.numel for r in members],
+                                 work.options(first), seed=work.state.spec.seed, name=f"global:{g}")
+        for r, part in zip(members, parts):
+            work.new_masks[r.name] = pending(part.view(r.shape))
+
+
+def _step_channels(work: StepWork, records: list[TargetRecord]) -> None:
+    """SPEC §10: one keep vector per channel group, into every member."""
+    if work.state.channels is not None:
+        current = {r.name: work.gm.get_buffer(r.buffer) for r in records}
+        work.new_masks.update(channel_masks(work.gm, work.state.channels, current, work.state.steps))
+
+
+def _step_module(work: StepWork, record: TargetRecord) -> None:
+    """Supermask / joint: the Sparsify module's learnable scores rank the mask."""
+    sparsify = work.gm.get_submodule(record.module)  # type: ignore[arg-type]
+    work.new_masks[record.name] = sparsify.keep_mask(sparsify.scores.detach(), work.options(record))
+
+
+def _step_sequential(work: StepWork, records: list[TargetRecord]) -> None:
+    """Sparsegpt ``"sequential": true``: level by level, each on the calibration inputs run through the
+    levels before it, pruned (it writes masks and weights as it goes, and puts them back if it fails)."""
+    work.restart.extend(r.observer for r in records)  # type: ignore[misc]
+    if records:
+        reconstruct_in_order(work.gm, work.state, records, work.new_masks, work.new_weights)
+
+
+def _step_reconstruct(work: StepWork, record: TargetRecord) -> None:
+    """Sparsegpt in one pass: the mask and the weights that stay, from the layer's ``X·Xᵀ``."""
+    work.new_masks[record.name], work.new_weights[record.name] = reconstruct(work.gm, record, work.options(record))
+    work.restart.append(record.observer)  # type: ignore[arg-type]
+
+
+def _plain_mask(work: StepWork, record: TargetRecord,
+                compute: Callable[[Tensor, torch.Generator, dict[str, Any]], Tensor]) -> None:
+    scores = weight_scores(work.gm, record)
+    gen = generator_for(work.state.spec.seed, record.name, scores.device)
+    mask = compute(scores, gen, work.options(record))
+    del scores  # free a scores copy before the next target's
+    work.new_masks[record.name] = pending(mask)  # 1 bit per entry until written
+    if record.observer is not None:  # Wanda statistics restart with the next calibration
+        work.restart.append(record.observer)
+
+
+def _step_wanda_rows(work: StepWork, record: TargetRecord) -> None:
+    """Wanda scores with a count method: the same count pruned in every output row."""
+    _plain_mask(work, record, lambda scores, gen, options: per_row_mask(record.method, scores, options))
+
+
+def _step_plain(work: StepWork, record: TargetRecord) -> None:
+    """The method ranks the target's scores (:func:`weight_scores`)."""
+    method = get_mask_method(record.method)
+    _plain_mask(work, record, lambda scores, gen, options: method(scores, generator=gen, **options))
+
+
+#: The kinds of target, first match wins; a new kind is one row (or :func:`register_step_strategy`).
+STEP_STRATEGIES: list[StepStrategy] = [
+    StepStrategy("activation", lambda r: r.kind == "activation", each=_step_activation),
+    StepStrategy("global", lambda r: r.group is not None, together=_step_global),
+    StepStrategy("channels", lambda r: r.method == CHANNELS, together=_step_channels),
+    StepStrategy("module", lambda r: r.module is not None, each=_step_module),
+    StepStrategy("reconstructing sequential", is_sequential, together=_step_sequential),
+    StepStrategy("reconstructing", lambda r: r.method in RECONSTRUCTING, each=_step_reconstruct),
+    StepStrategy("wanda rows", lambda r: getattr(r.rule, "scores", None) == "wanda" and r.method in PER_ROW,
+                 each=_step_wanda_rows),
+    StepStrategy("plain", lambda r: True, each=_step_plain),
+]
+
+
+def register_step_strategy(strategy: StepStrategy, *, before: str = "plain", override: bool = False) -> StepStrategy:
+    """Add a kind of target to :data:`STEP_STRATEGIES`, tried before the row named ``before``.
+
+    A second row with a known name is refused unless ``override=True`` (which replaces it in place).
+    """
+    if not isinstance(strategy, StepStrategy):
+        raise TypeError(f"register_step_strategy() takes a StepStrategy, got {type(strategy).__name__}")
+    names = [s.name for s in STEP_STRATEGIES]
+    if strategy.name in names:
+        if not override:
+            raise ValueError(f"a step strategy named {strategy.name!r} is already registered; pass override=True "
+                             "to replace it, or choose another name")
+        STEP_STRATEGIES[names.index(strategy.name)] = strategy
+        return strategy
+    if before not in names:
+        raise KeyError(f"register_step_strategy(before={before!r}): no such row; rows: {', '.join(names)}")
+    STEP_STRATEGIES.insert(names.index(before), strategy)
+    return strategy
+
+
+def strategy_of(record: TargetRecord) -> StepStrategy:
+    """The row of :data:`STEP_STRATEGIES` that computes ``record``'s mask."""
+    return next(s for s in STEP_STRATEGIES if s.claims(record))
+
+
 def update_masks(gm: GraphModule, state: SparsityState) -> None:
     """Recompute the mask of every target of ``gm`` (masks are buffers); all or nothing."""
     check_targets(state)
     sync_observers(gm)
     check_calibrated(gm, state)
-    seed = state.spec.seed
-    new_masks: dict[str, Tensor] = {}  # target name -> new keep-mask, written only once all are computed
-    new_weights: dict[str, Tensor] = {}  # sparsegpt: target name -> updated weight (passes/reconstruct.py)
-    in_order: list[TargetRecord] = []  # sparsegpt "sequential": pruned level by level, last (they write as they go)
-    restart: list[str] = []  # observers whose statistics restart after the step
-    groups: dict[int, list[TargetRecord]] = {}
+    work = StepWork(gm, state)
+    strategies = list(STEP_STRATEGIES)
+    claimed: dict[str, list[TargetRecord]] = {s.name: [] for s in strategies}
     rng = _rng_states(gm)  # a step that raises leaves every generator where it was
     with torch.no_grad():
         try:
             for record in state.targets.values():
                 with _for_target(f"target {record.name!r}"):
-                    if record.kind == "activation":
-                        mask = _activation_mask(gm, record, seed)
-                        if mask is not None:
-                            new_masks[record.name] = mask
-                            restart.append(record.observer)  # type: ignore[arg-type]
-                    elif record.method == CHANNELS:  # computed per channel group below
-                        continue
-                    elif record.group is not None:
-                        groups.setdefault(record.group, []).append(record)
-                    elif record.module is not None:  # supermask / joint: the learnable scores rank the mask
-                        sparsify = gm.get_submodule(record.module)
-                        new_masks[record.name] = sparsify.keep_mask(sparsify.scores.detach(), current_options(state, record))
-                    elif record.method in RECONSTRUCTING:  # mask and the weights that stay, from X·Xᵀ
-                        if is_sequential(record):
-                            in_order.append(record)
-                        else:
-                            new_masks[record.name], new_weights[record.name] = reconstruct(gm, record, current_options(state, record))
-                        restart.append(record.observer)  # type: ignore[arg-type]
-                    else:
-                        scores = weight_scores(gm, record)
-                        gen = generator_for(seed, record.name, scores.device)
-                        if getattr(record.rule, "scores", None) == "wanda" and record.method in PER_ROW:  # per output row
-                            new_masks[record.name] = per_row_mask(record.method, scores, current_options(state, record))
-                        else:
-                            new_masks[record.name] = get_mask_method(record.method)(scores, generator=gen, **current_options(state, record))
-                        del scores  # free a scores copy before the next target's
-                        new_masks[record.name] = pending(new_masks[record.name])  # 1 bit per entry until written
-                        if record.observer is not None:  # Wanda statistics restart with the next calibration
-                            restart.append(record.observer)
-            for g, records in groups.items():
-                with _for_target(f"global rule over {', '.join(map(repr, (r.name for r in records)))}"):
-                    first = records[0]
-                    if first.method == "l1_unstructured":  # ranked across the group without concatenating it
-                        group_scores = [weight_scores(gm, r) for r in records]
-                        k = count_to_prune(current_options(state, first)["sparsity"], sum(r.numel for r in records))
-                        parts = prune_smallest_many(group_scores, k, absolute=True)
-                        del group_scores
-                    else:
-                        flat = torch.cat([weight_scores(gm, r).reshape(-1).float() for r in records])
-                        method = get_mask_method(first.method)
-                        keep = method(flat, generator=generator_for(seed, f"global:{g}", flat.device), **current_options(state, first))
-                        parts = list(keep.split([r.numel for r in records]))
-                for r, part in zip(records, parts):
-                    new_masks[r.name] = pending(part.view(r.shape))
-            if state.channels is not None:  # SPEC §10: one keep vector per channel group, into every member
-                current = {n: gm.get_buffer(r.buffer) for n, r in state.targets.items() if r.method == CHANNELS}
-                new_masks.update(channel_masks(gm, state.channels, current, state.steps))
-            if in_order:  # last: it writes masks and weights level by level (and puts them back if it fails)
-                reconstruct_in_order(gm, state, in_order, new_masks, new_weights)
+                    strategy = next(s for s in strategies if s.claims(record))
+                    claimed[strategy.name].append(record)
+                    if strategy.each is not None:
+                        strategy.each(work, record)
+            for strategy in strategies:
+                if strategy.together is not None:
+                    strategy.together(work, claimed[strategy.name])
         except BaseException:
             _restore_rng(rng)
             raise
-        for name, keep in new_masks.items():
+        for name, keep in work.new_masks.items():
             _write(gm, state, state.targets[name], keep)
-        for name, weight in new_weights.items():
+        for name, weight in work.new_weights.items():
             gm.get_parameter(state.targets[name].param).copy_(weight)  # type: ignore[arg-type]
-        state.reconstructed.update(new_weights)
-        for observer in restart:
+        state.reconstructed.update(work.new_weights)
+        for observer in work.restart:
             gm.get_submodule(observer).reset()
     if state.spec.mode == "inplace":
         apply_masks_inplace(gm, state)
     state.steps += 1
-    new_masks.clear()
+    work.new_masks.clear()
     release_freed_memory()  # the step's temporaries leave the process's resident memory (SPEC §15)
 
 
