@@ -37,23 +37,24 @@ from .squash import activation_fold
 __all__ = ["shrink", "channel_keeps", "REFRESH", "REFRESH_BY_NAME", "refresh_attributes"]
 
 
-def _conv(m: nn.Module) -> None:
+# each refresher takes a module of its table key's type (nn.Module's attribute types are a union)
+def _conv(m: Any) -> None:
     w = m.weight
-    m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups  # type: ignore[assignment]
+    m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
 
 
-def _linear(m: nn.Module) -> None:
-    m.out_features, m.in_features = m.weight.shape  # type: ignore[assignment]
+def _linear(m: Any) -> None:
+    m.out_features, m.in_features = m.weight.shape
 
 
-def _batch_norm(m: nn.Module) -> None:
+def _batch_norm(m: Any) -> None:
     source = m.weight if m.weight is not None else m.running_mean
     if source is not None:
-        m.num_features = source.shape[0]  # type: ignore[assignment]
+        m.num_features = source.shape[0]
 
 
-def _embedding(m: nn.Module) -> None:
-    m.embedding_dim = m.weight.shape[1]  # type: ignore[assignment]
+def _embedding(m: Any) -> None:
+    m.embedding_dim = m.weight.shape[1]
 
 
 #: module type → how to refresh its size attributes from its (shrunk) tensors
@@ -65,8 +66,8 @@ REFRESH: dict[type[nn.Module], Callable[[nn.Module], None]] = {
 }
 
 
-def _conv1d_hf(m: nn.Module) -> None:  # transformers' Conv1D: weight (in, out), forward reads self.nf
-    m.nf = m.weight.shape[1]  # type: ignore[assignment]
+def _conv1d_hf(m: Any) -> None:  # transformers' Conv1D: weight (in, out), forward reads self.nf
+    m.nf = m.weight.shape[1]
 
 
 #: module class name → refresh, for third-party layers we do not import
@@ -254,7 +255,7 @@ def shrink(gm: GraphModule, state: SparsityState, keeps: Mapping[int, Tensor]) -
             setattr(module, path[0], getattr(module, path[0]) - delta)
         else:
             assert where in nodes, f"node {where} of a channel edit is not in the squashed graph"
-            _set_at(nodes[where], path, lambda v, delta=delta: v - delta)
+            _set_at(nodes[where], path, lambda v, delta=delta: v - delta)  # type: ignore[misc]  # bound now
     refresh_attributes(gm)
     gm.recompile()
     return finish(gm, done)

@@ -110,7 +110,7 @@ def _name(graph: ChannelGraph, v: Any) -> str | None:
 def _eps(graph: ChannelGraph, node: Node) -> float:
     if node.op == "call_module":
         return float(getattr(graph.gm.get_submodule(str(node.target)), "eps", 1e-5))
-    eps = node.args[7] if len(node.args) > 7 else node.kwargs.get("eps", 1e-5)
+    eps: Any = node.args[7] if len(node.args) > 7 else node.kwargs.get("eps", 1e-5)
     return float(eps)
 
 
@@ -174,9 +174,9 @@ def build_program(graph: ChannelGraph, flood: Flood) -> ConstProgram:
         op = graph.ops.get(node)
         kind = op.kind if op is not None else "none"
         coupled = tuple(v.name for v in (op.operands if op is not None else []) if isinstance(v, Node) and v in slots)
-        if kind == "getitem" and isinstance(node.args[0], Node) and graph.ops.get(node.args[0]) is not None \
-                and graph.ops[node.args[0]].kind == "split":
-            source = graph.ops[node.args[0]].operands[0]
+        split = graph.ops.get(node.args[0]) if kind == "getitem" and isinstance(node.args[0], Node) else None
+        if split is not None and split.kind == "split":
+            source = split.operands[0]
             coupled = (source.name,) if isinstance(source, Node) and source in slots else ()
         if kind in LAYERS and op is not None:
             _, w_at, b_at, rows, _ = LAYERS[kind]
@@ -370,8 +370,8 @@ def evaluate(gm: GraphModule, units: int, prog: ConstProgram, get: TensorGetter)
     at_fold: dict[int, Tensor] = {}
     for i, f in enumerate(prog.folds):
         const, ok = values.get(f.x, torch.zeros(units, dtype=torch.float64)), known.get(f.x, no)
-        w = get(f.weight).detach()
-        cols_zero = (w.movedim(f.dim, 0)[f.offset:f.offset + units * f.width].reshape(units, -1) == 0).all(1).cpu()
+        fold_w = get(f.weight).detach()
+        cols_zero = (fold_w.movedim(f.dim, 0)[f.offset:f.offset + units * f.width].reshape(units, -1) == 0).all(1).cpu()
         stay(~ok & ~cols_zero, why_var.get(f.x) or f"the channel's value at {f.node} is not a constant")
         if f.why_not:
             stay(ok & ~cols_zero & (const != 0), f.why_not)
