@@ -19,6 +19,7 @@ The result's ``state_dict`` has the original model's keys and shapes, so
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +29,8 @@ from .. import ops
 from .._masks import is_masked, masked_copy, zero_pruned_
 from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
-from ._runner import PassResult, eliminate_dead_code, finish
 from ..state import SparsityState, TargetRecord
+from ._runner import PassResult, eliminate_dead_code, finish
 from .layer_index import LayerIndex
 
 __all__ = ["squash", "fold_weight_masks", "fold_activation_masks", "activation_fold", "restore_module_calls", "strip",
@@ -142,7 +143,7 @@ def fold_activation_masks(gm: GraphModule, state: SparsityState) -> PassResult:
 
 def _dense_feature_mask(gm: GraphModule, record: TargetRecord, mask: Tensor) -> Tensor:
     """Per-feature masks as one multiplier: the masking op applied to ones of the observed input shape."""
-    observer = gm.get_submodule(record.observer)  # type: ignore[arg-type]
+    observer: Any = gm.get_submodule(record.observer)  # type: ignore[arg-type]
     if observer.input_shape is None:
         raise ValueError(
             f"squash(): the per-feature mask of {record.name!r} needs the input's shape; run one forward pass "
@@ -164,12 +165,14 @@ def restore_module_calls(gm: GraphModule) -> PassResult:
             continue
         args = tuple(node.args[i] for i in info.arg_positions)
         kwargs = {**{k: node.args[i] for k, i in info.kwarg_positions}, **node.kwargs}
+        module = info.module
+        assert module is not None, node.format_node()  # module calls are annotated with their module
         with graph.inserting_before(node):
-            new = graph.create_node("call_module", info.module, args, kwargs, name=info.module.replace(".", "_"))
+            new = graph.create_node("call_module", module, args, kwargs, name=module.replace(".", "_"))
         new.meta = {k: v for k, v in node.meta.items() if k != META_KEY}
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        restored[new.name] = {"module": info.module}
+        restored[new.name] = {"module": module}
     return finish(gm, restored)
 
 
@@ -258,7 +261,7 @@ def replace_tensor(gm: nn.Module, old: Tensor, new: Tensor) -> None:
         for table in (module._parameters, module._buffers):
             for key, value in table.items():
                 if value is old:
-                    table[key] = new
+                    table[key] = new  # type: ignore[assignment]  # a buffer, or the parameter's new tensor
 
 
 def squash(gm: GraphModule, state: SparsityState) -> GraphModule:
