@@ -1,13 +1,20 @@
-"""The tiny pass contract: each pass edits a GraphModule in place and says what it did."""
+"""The tiny pass contract: a pass takes ``(gm, state)``, edits the GraphModule in place (or builds a new one)
+and says what it did in a :class:`PassResult`; :func:`run_passes` runs a list of them in order.
+
+A pass that needs more than the module and the state gets it bound beforehand
+(``functools.partial(remove_channels, keeps=keeps)``); the runner names a pass by its function's name.
+"""
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 from torch.fx import GraphModule, Node
 
-__all__ = ["PassResult", "finish", "eliminate_dead_code", "writes_in_place"]
+__all__ = ["PassResult", "Pass", "finish", "run_passes", "pass_name", "eliminate_dead_code", "writes_in_place"]
 
 #: Python-level functions that write into their first argument (fx records ``x += y`` / ``x[i] = y``)
 _WRITES_INTO = frozenset({
@@ -24,6 +31,53 @@ class PassResult:
     gm: GraphModule
     modified: bool
     created: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+#: a pass: ``(gm, state) -> PassResult``; ``state`` is whatever the stage works from (a SparsityState, a Selection)
+Pass = Callable[[GraphModule, Any], PassResult]
+
+
+def pass_name(fn: Callable[..., Any]) -> str:
+    """The name errors give a pass: its function's ``__name__`` (through ``functools.partial``)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return str(getattr(fn, "__name__", type(fn).__name__))
+
+
+def run_passes(gm: GraphModule, state: Any, passes: Sequence[Pass]) -> list[PassResult]:
+    """Run ``passes`` in order, each on the module the one before returned; their results, in order.
+
+    An exception from a pass is raised again as the same type with the pass's name in front of its
+    message, chained to the original (``raise ... from err``); one whose type cannot be built from a
+    message goes on unchanged, with the pass's name added as a note.
+    """
+    results: list[PassResult] = []
+    for fn in passes:
+        try:
+            result = fn(gm, state)
+        except Exception as err:
+            named = _named(err, pass_name(fn))
+            if named is None:
+                raise
+            raise named from err
+        results.append(result)
+        gm = result.gm
+    return results
+
+
+def _named(err: Exception, name: str) -> Exception | None:
+    """``err`` as a new exception of its type whose message starts with ``name``; None where that cannot be."""
+    message = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+    if message.startswith(f"{name}: "):  # named already (a pass that runs passes)
+        return None
+    try:
+        new = type(err)(f"{name}: {message}")
+    except Exception:
+        if hasattr(err, "add_note"):  # Python 3.11+
+            err.add_note(f"(in pass {name})")
+        return None
+    new.__dict__.update(err.__dict__)  # attributes an exception type keeps besides its message
+    return new
 
 
 def finish(gm: GraphModule, created: dict[str, dict[str, str]]) -> PassResult:
