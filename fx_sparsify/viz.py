@@ -24,7 +24,7 @@ from ._meta import info_of
 from .report import target_sparsity_of
 from .state import current_options, state_of
 
-__all__ = ["draw", "plot_sparsity", "plot_mask", "ROLE_COLOURS", "KIND_COLOURS"]
+__all__ = ["draw", "plot_sparsity", "plot_mask", "repeated_blocks", "width_notes", "ROLE_COLOURS", "KIND_COLOURS"]
 
 _INSTALL = "pip install fx-sparsify[viz]"
 
@@ -38,11 +38,18 @@ ROLE_COLOURS: dict[str, str] = {
     "module_call": "#e9edc9",  # a layer call (labelled with its FQN)
 }
 #: bar colour of each target kind in ``plot_sparsity``
-KIND_COLOURS: dict[str, str] = {"weight": "#4c72b0", "embedding": "#dd8452", "activation": "#55a868",
-                                "tensor": "#8172b3"}
+KIND_COLOURS: dict[str, str] = {
+    "weight": "#4c72b0",
+    "embedding": "#dd8452",
+    "activation": "#55a868",
+    "tensor": "#8172b3",
+}
 _LEGEND = {
-    "weight_mask": "weight * mask", "mask_buffer": "mask buffer", "observer": "observer",
-    "activation_mask": "x * mask (activation)", "module_call": "layer call (FQN)",
+    "weight_mask": "weight * mask",
+    "mask_buffer": "mask buffer",
+    "observer": "observer",
+    "activation_mask": "x * mask (activation)",
+    "module_call": "layer call (FQN)",
 }
 
 
@@ -84,7 +91,43 @@ def _inside(owner: str | None, module: str) -> bool:
     return owner is not None and (owner == module or owner.startswith(module + "."))
 
 
-def _label_and_role(gm: GraphModule, node: Node, buffers: Mapping[str, str]) -> tuple[str, str | None]:
+def width_notes(widths: Mapping[str, Any] | None) -> dict[str, str]:
+    """Module path → ``"out_channels 8→4"`` from a ``widths.json`` record (``run``'s ``resized_modules``); for a
+    module the result no longer holds (an export capture), its weight's shape ``8x8x3x3→4x8x3x3``."""
+    if not widths:
+        return {}
+    notes: dict[str, str] = {}
+    for path, sizes in widths.get("modules", {}).items():
+        before = sizes.get("before", {})
+        notes[path] = ", ".join(f"{k} {before[k]}→{sizes[k]}" for k in before if k in sizes)
+    for key, shape in widths.get("tensors", {}).items():
+        owner, _, leaf = key.rpartition(".")
+        if leaf == "weight" and owner not in notes:
+            old = widths.get("before", {}).get(key) or []
+            notes[owner] = f"weight {'x'.join(map(str, old))}→{'x'.join(map(str, shape))}"
+    return {k: v for k, v in notes.items() if v}
+
+
+def _label_and_role(
+    gm: GraphModule, node: Node, buffers: Mapping[str, str], notes: Mapping[str, str] | None = None
+) -> tuple[str, str | None]:
+    label, role = _plain_label_and_role(gm, node, buffers)
+    if notes:
+        info = info_of(node)
+        layer = (
+            info.module
+            if info is not None and info.role in ("module_call", "embedding_lookup")
+            else (str(node.target) if node.op == "call_module" else None)
+        )
+        stack = node.meta.get("nn_module_stack")
+        if layer is None and stack and node.op == "call_function":
+            layer = str(list(stack.values())[-1][0])
+        if layer in notes:
+            label += f"\\n{notes[layer]}"
+    return label, role
+
+
+def _plain_label_and_role(gm: GraphModule, node: Node, buffers: Mapping[str, str]) -> tuple[str, str | None]:
     info = info_of(node)
     if info is not None and info.role in ("module_call", "embedding_lookup"):
         layer = info.module or ""
@@ -108,13 +151,68 @@ def _label_and_role(gm: GraphModule, node: Node, buffers: Mapping[str, str]) -> 
     return node.name, None
 
 
-def draw(sgm: GraphModule, path: str | os.PathLike[str], module: str | None = None) -> Path:
+def _block_of(owner: str | None) -> str | None:
+    """The repeated block a node runs in: the shortest prefix of its module path ending in an index
+    (``layer1.0`` of ``layer1.0.conv1``, ``model.layers.3`` of ``model.layers.3.mlp.up_proj``)."""
+    if not owner:
+        return None
+    parts = owner.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def _signature(node: Node, block: str, buffers: Mapping[str, str]) -> tuple[Any, ...]:
+    """What a node does, with its block's own path taken out (so ``layer1.1`` and ``layer1.0`` compare equal)."""
+    info = info_of(node)
+    strip = lambda text: str(text).replace(block + ".", "").replace(block.replace(".", "_") + "_", "")  # noqa: E731
+    if info is not None:
+        return ("fxs", info.role, strip(info.target or ""), strip(info.module or ""))
+    if node.op == "get_attr":
+        return ("get_attr", "mask" if str(node.target) in buffers else strip(node.target))
+    target = strip(node.target) if node.op in ("call_module",) else _fn_name(node.target)
+    return (node.op, target, len(node.all_input_nodes))
+
+
+def repeated_blocks(gm: GraphModule, nodes: list[Node], buffers: Mapping[str, str]) -> dict[str, str]:
+    """Block path → the earlier block it repeats node for node (same ops, roles and layer names within)."""
+    members: dict[str, list[Node]] = {}
+    for node in nodes:
+        block = _block_of(_owner_module(node, buffers))
+        if block is not None and node.op not in ("placeholder", "output"):
+            members.setdefault(block, []).append(node)
+    first: dict[tuple[Any, ...], str] = {}
+    repeats: dict[str, str] = {}
+    for block, group in members.items():
+        signature = tuple(_signature(n, block, buffers) for n in group)
+        if len(group) < 3:  # a block of one or two nodes is as small drawn as collapsed
+            continue
+        if signature in first:
+            repeats[block] = first[signature]
+        else:
+            first[signature] = block
+    return repeats
+
+
+def draw(
+    sgm: GraphModule,
+    path: str | os.PathLike[str],
+    module: str | None = None,
+    widths: Mapping[str, Any] | None = None,
+    collapse: bool = True,
+) -> Path:
     """Write a picture of ``sgm``'s graph to ``path`` (``.svg``, ``.png``, ``.pdf`` or ``.dot``).
 
     Mask, observer and mask-multiply nodes are coloured (:data:`ROLE_COLOURS`); layer calls are
     labelled with their FQN and class. ``module="layer1"`` draws only the nodes that run inside that
     submodule (inputs from outside appear as dashed nodes), which keeps large models readable.
     Works on a SparseGraphModule and on any ``torch.fx.GraphModule`` (e.g. a squashed one).
+
+    Drawing the whole graph, a block that repeats an earlier one node for node (ResNet's ``layer1.1``
+    after ``layer1.0``, a transformer's layers 1..N after layer 0) is one grey node "same as ...";
+    ``collapse=False`` draws every node. ``widths`` (``widths.json`` of ``fx-sparsify run --shrink``) adds
+    each resized layer's new size to its label (``out_channels 64→32``).
     """
     pydot = _need("pydot")
     path = Path(os.fspath(path))
@@ -134,8 +232,10 @@ def draw(sgm: GraphModule, path: str | os.PathLike[str], module: str | None = No
             import difflib
 
             close = difflib.get_close_matches(module, known, n=5, cutoff=0.3)
-            raise ValueError(f"draw(module={module!r}): no node of the graph runs inside {module!r}; "
-                             f"closest submodules: {', '.join(close) or '(none)'}")
+            raise ValueError(
+                f"draw(module={module!r}): no node of the graph runs inside {module!r}; "
+                f"closest submodules: {', '.join(close) or '(none)'}"
+            )
     else:
         chosen = nodes
     keep = set(chosen)
@@ -143,17 +243,43 @@ def draw(sgm: GraphModule, path: str | os.PathLike[str], module: str | None = No
     dot = pydot.Dot(graph_type="digraph", rankdir="TB", label=title, labelloc="t", fontname="Helvetica")
     dot.set_node_defaults(shape="box", style="rounded,filled", fillcolor="white", fontname="Helvetica", fontsize="10")
     outside: set[str] = set()
+    notes = width_notes(widths)
+    repeats = repeated_blocks(sgm, chosen, buffers) if collapse and module is None else {}
+    shown: dict[Node, str] = {}  # node → the id drawn for it (a collapsed block's one node)
     for node in chosen:
-        label, role = _label_and_role(sgm, node, buffers)
-        colour = ROLE_COLOURS.get(role or "", "white")
-        if node.op in ("placeholder", "output"):
-            colour = "#eeeeee"
-        dot.add_node(pydot.Node(node.name, label=f'"{label}"', fillcolor=colour, tooltip=f'"{node.format_node()}"'))
+        block = _block_of(_owner_module(node, buffers)) if repeats else None
+        shown[node] = f"repeat_{block.replace('.', '_')}" if block in repeats else node.name  # type: ignore[union-attr]
+    edges: set[tuple[str, str]] = set()
+    drawn: set[str] = set()
+    for node in chosen:
+        name = shown[node]
+        if name not in drawn:
+            drawn.add(name)
+            if name != node.name:
+                block = _block_of(_owner_module(node, buffers))
+                size = sum(1 for n in chosen if shown[n] == name)
+                dot.add_node(
+                    pydot.Node(
+                        name,
+                        label=f'"{block}\\nsame as {repeats[block]} ({size} nodes)"',  # type: ignore[index]
+                        fillcolor="#dddddd",
+                        style="rounded,filled,dashed",
+                    )
+                )
+            else:
+                label, role = _label_and_role(sgm, node, buffers, notes)
+                colour = ROLE_COLOURS.get(role or "", "white")
+                if node.op in ("placeholder", "output"):
+                    colour = "#eeeeee"
+                dot.add_node(pydot.Node(name, label=f'"{label}"', fillcolor=colour, tooltip=f'"{node.format_node()}"'))
         for arg in node.all_input_nodes:
             if arg not in keep and arg.name not in outside:
                 outside.add(arg.name)
                 dot.add_node(pydot.Node(arg.name, label=f'"{arg.name}"', style="dashed", fillcolor="white"))
-            dot.add_edge(pydot.Edge(arg.name, node.name))
+            source = shown.get(arg, arg.name)
+            if source != name and (source, name) not in edges:
+                edges.add((source, name))
+                dot.add_edge(pydot.Edge(source, name))
     legend = pydot.Cluster("legend", label="legend", fontsize="10", style="dashed")
     for role, text in _LEGEND.items():
         legend.add_node(pydot.Node(f"legend_{role}", label=f'"{text}"', fillcolor=ROLE_COLOURS[role]))
@@ -187,8 +313,11 @@ def _sparsity_rows(obj: nn.Module) -> list[tuple[str, str, float, float | None]]
         achieved = obj.sparsity()  # type: ignore[operator]
         rows = []
         for name, r in state.targets.items():
-            target = target_sparsity_of(r.method, current_options(state, r), r.numel) if r.kind != "activation" \
+            target = (
+                target_sparsity_of(r.method, current_options(state, r), r.numel)
+                if r.kind != "activation"
                 else target_sparsity_of(r.method, dict(r.rule.options), max(r.numel, 1))
+            )
             rows.append((name, r.kind, achieved[name], target))
         return rows
     rows = []
@@ -198,15 +327,24 @@ def _sparsity_rows(obj: nn.Module) -> list[tuple[str, str, float, float | None]]
     return rows
 
 
-def plot_sparsity(sgm_or_module: nn.Module, path: str | os.PathLike[str]) -> Path:
+def plot_sparsity(
+    sgm_or_module: nn.Module, path: str | os.PathLike[str], widths: Mapping[str, Any] | None = None
+) -> Path:
     """One horizontal bar per target: achieved sparsity (coloured by kind) and the target (a black tick).
 
     A SparseGraphModule plots its targets; any other module (a squashed one, your eager model) plots the
-    fraction of zeros of each floating-point tensor in its ``state_dict``.
+    fraction of zeros of each floating-point tensor in its ``state_dict``. ``widths`` (``widths.json`` of
+    ``fx-sparsify run --shrink``) adds each resized layer's new size to its label.
     """
     if not isinstance(sgm_or_module, nn.Module):
-        raise TypeError(f"plot_sparsity() takes a SparseGraphModule or an nn.Module, got {type(sgm_or_module).__name__}")
-    rows = _sparsity_rows(sgm_or_module)
+        raise TypeError(
+            f"plot_sparsity() takes a SparseGraphModule or an nn.Module, got {type(sgm_or_module).__name__}"
+        )
+    notes = width_notes(widths)
+    rows = [
+        (f"{name} [{notes[owner]}]" if (owner := name.rpartition(".")[0]) in notes else name, *rest)
+        for name, *rest in _sparsity_rows(sgm_or_module)
+    ]
     if not rows:
         raise ValueError("plot_sparsity(): nothing to plot (no targets and no floating-point tensors)")
     path = Path(os.fspath(path))
@@ -216,8 +354,9 @@ def plot_sparsity(sgm_or_module: nn.Module, path: str | os.PathLike[str]) -> Pat
     ax.barh(ys, [r[2] for r in rows], color=[KIND_COLOURS.get(r[1], "grey") for r in rows], height=0.7)
     targets = [(y, r[3]) for y, r in zip(ys, rows) if r[3] is not None]
     if targets:
-        ax.scatter([t for _, t in targets], [y for y, _ in targets], marker="|", s=300, color="black", zorder=3,
-                   label="target")
+        ax.scatter(
+            [t for _, t in targets], [y for y, _ in targets], marker="|", s=300, color="black", zorder=3, label="target"
+        )
     for y, r in zip(ys, rows):
         ax.text(min(r[2], 1.0) + 0.01, y, f"{r[2]:.0%}", va="center", fontsize=8)
     ax.set_yticks(ys, [r[0] for r in rows], fontsize=8)

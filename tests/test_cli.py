@@ -18,7 +18,7 @@ from fx_sparsify.cli import load_checkpoint, main
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "examples" / "recipes" / "resnet_like.toml")
 MODEL = f"{ROOT / 'examples' / 'resnet_like.py'}:build"
-FIVE = ["report.md", "graph.svg", "sparsity.png", "model.safetensors", "spec.json"]
+FIVE = ["report.md", "graph.svg", "sparsity.png", "model.safetensors", "model.pt2", "widths.json", "spec.json"]
 
 
 def _has_viz() -> bool:
@@ -41,14 +41,29 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "out"
-    code = main(["run", RECIPE, "--model", MODEL, "--model-kwargs", '{"width": 8}', "--input", "2x3x16x16",
-                 "--calibrate", "3", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "run",
+            RECIPE,
+            "--model",
+            MODEL,
+            "--model-kwargs",
+            '{"width": 8}',
+            "--input",
+            "2x3x16x16",
+            "--calibrate",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     return out
 
 
 def test_run_writes_the_files(run_dir: Path) -> None:
-    expected = FIVE if _has_viz() else ["report.md", "model.safetensors", "spec.json"]
+    expected = FIVE if _has_viz() else ["report.md", "model.safetensors", "model.pt2", "widths.json", "spec.json"]
     for name in expected:
         assert (run_dir / name).stat().st_size > 0, name
     report = (run_dir / "report.md").read_text()
@@ -75,24 +90,63 @@ def test_run_weights_load_into_the_model_and_are_sparse(run_dir: Path) -> None:
 def test_run_with_inputs_file_and_debug(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     batches = [torch.randn(2, 3, 16, 16) for _ in range(2)]
     torch.save(batches, tmp_path / "batches.pt")
-    code = main(["run", RECIPE, "--model", MODEL, "--model-kwargs", '{"width": 8}', "--inputs",
-                 str(tmp_path / "batches.pt"), "--calibrate", "2", "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "run",
+            RECIPE,
+            "--model",
+            MODEL,
+            "--model-kwargs",
+            '{"width": 8}',
+            "--inputs",
+            str(tmp_path / "batches.pt"),
+            "--calibrate",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert "calibrate" in err and "step" in err  # progress on stderr
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["run", "missing.toml", "--model", MODEL, "--input", "1x3x8x8", "--out", "o"], "recipe file 'missing.toml' does not exist"),
-    (["run", RECIPE, "--model", "no_such_module_xyz:build", "--input", "1x3x8x8", "--out", "o"], "cannot import 'no_such_module_xyz'"),
-    (["run", RECIPE, "--model", f"{ROOT / 'examples' / 'resnet_like.py'}:nope", "--input", "1x3x8x8", "--out", "o"], "no callable 'nope'"),
-    (["run", RECIPE, "--model", MODEL, "--input", "1xAx8", "--out", "o"], "expected a shape such as 1x3x224x224"),
-    (["run", RECIPE, "--model", MODEL, "--out", "o"], "run needs example inputs"),
-    (["run", RECIPE, "--model", MODEL, "--model-kwargs", "{width: 8}", "--input", "1x3x8x8", "--out", "o"], "--model-kwargs: not valid JSON"),
-    (["inspect", "nothing.pt"], "'nothing.pt' does not exist"),
-])
-def test_user_errors_exit_2_with_a_message(argv: list[str], message: str, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["run", "missing.toml", "--model", MODEL, "--input", "1x3x8x8", "--out", "o"],
+            "recipe file 'missing.toml' does not exist",
+        ),
+        (
+            ["run", RECIPE, "--model", "no_such_module_xyz:build", "--input", "1x3x8x8", "--out", "o"],
+            "cannot import 'no_such_module_xyz'",
+        ),
+        (
+            [
+                "run",
+                RECIPE,
+                "--model",
+                f"{ROOT / 'examples' / 'resnet_like.py'}:nope",
+                "--input",
+                "1x3x8x8",
+                "--out",
+                "o",
+            ],
+            "no callable 'nope'",
+        ),
+        (["run", RECIPE, "--model", MODEL, "--input", "1xAx8", "--out", "o"], "expected a shape such as 1x3x224x224"),
+        (["run", RECIPE, "--model", MODEL, "--out", "o"], "run needs example inputs"),
+        (
+            ["run", RECIPE, "--model", MODEL, "--model-kwargs", "{width: 8}", "--input", "1x3x8x8", "--out", "o"],
+            "--model-kwargs: not valid JSON",
+        ),
+        (["inspect", "nothing.pt"], "'nothing.pt' does not exist"),
+    ],
+)
+def test_user_errors_exit_2_with_a_message(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -113,20 +167,54 @@ def test_spec_errors_exit_2_and_debug_shows_the_traceback(tmp_path: Path, capsys
 def test_shrink_and_storage_reach_squash(tmp_path: Path) -> None:
     recipe = tmp_path / "channels.json"
     recipe.write_text(json.dumps({"channels": [{"target": "layer1.conv1", "sparsity": 0.5}]}))
-    code = main(["run", str(recipe), "--model", MODEL, "--model-kwargs", '{"width": 8}', "--input", "1x3x8x8",
-                 "--shrink", "--storage", "dense", "--out", str(tmp_path / "o"), "--quiet"])
+    code = main(
+        [
+            "run",
+            str(recipe),
+            "--model",
+            MODEL,
+            "--model-kwargs",
+            '{"width": 8}',
+            "--input",
+            "1x3x8x8",
+            "--shrink",
+            "--storage",
+            "dense",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     state = _weights(tmp_path / "o" / "model.safetensors")
     assert state["layer1.conv1.weight"].shape == (4, 8, 3, 3) and state["layer1.conv2.weight"].shape == (8, 4, 3, 3)
     assert "squash: shrink=True, storage=dense" in (tmp_path / "o" / "report.md").read_text()
 
 
-def test_a_squash_without_the_option_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_squash_without_the_option_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(fxs.SparseGraphModule, "squash", lambda self: None)  # an older squash(): no storage
-    code = main(["run", RECIPE, "--model", MODEL, "--model-kwargs", '{"width": 8}', "--input", "1x3x8x8",
-                 "--storage", "auto", "--out", str(tmp_path / "o")])
-    assert code == 2 and "--storage: this version of fx_sparsify's squash() does not take storage" in capsys.readouterr().err
+    code = main(
+        [
+            "run",
+            RECIPE,
+            "--model",
+            MODEL,
+            "--model-kwargs",
+            '{"width": 8}',
+            "--input",
+            "1x3x8x8",
+            "--storage",
+            "auto",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert (
+        code == 2
+        and "--storage: this version of fx_sparsify's squash() does not take storage" in capsys.readouterr().err
+    )
 
 
 def test_inspect_a_state_dict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,7 +224,7 @@ def test_inspect_a_state_dict(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     torch.save(linear.state_dict(), tmp_path / "sd.pt")
     assert main(["inspect", str(tmp_path / "sd.pt")]) == 0
     out = capsys.readouterr().out
-    assert "| weight" in out and "50.0%" in out and "2 tensors, 20 elements" in out
+    assert "| weight" in out and "50.0%" in out and "2 tensors, 20 floating-point elements" in out
 
 
 def test_inspect_refuses_pickled_objects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,16 +251,38 @@ def test_subprocess_run_and_a_user_error(tmp_path: Path) -> None:
     command = [str(script)] if script.exists() else [sys.executable, "-m", "fx_sparsify"]
     out = tmp_path / "out"
     done = subprocess.run(
-        [*command, "run", RECIPE, "--model", MODEL, "--model-kwargs", '{"width": 8}',
-         "--input", "2x3x16x16", "--calibrate", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=240, env=_env(), cwd=tmp_path,
+        [
+            *command,
+            "run",
+            RECIPE,
+            "--model",
+            MODEL,
+            "--model-kwargs",
+            '{"width": 8}',
+            "--input",
+            "2x3x16x16",
+            "--calibrate",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_env(),
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert "fc.weight" in done.stdout and "calibrate" in done.stderr
-    for name in (FIVE if _has_viz() else ["report.md", "model.safetensors", "spec.json"]):
+    for name in FIVE if _has_viz() else ["report.md", "model.safetensors", "model.pt2", "widths.json", "spec.json"]:
         assert (out / name).is_file()
-    bad = subprocess.run([sys.executable, "-m", "fx_sparsify", "inspect", str(tmp_path / "missing.safetensors")],
-                         capture_output=True, text=True, timeout=120, env=_env())
+    bad = subprocess.run(
+        [sys.executable, "-m", "fx_sparsify", "inspect", str(tmp_path / "missing.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -181,14 +291,20 @@ def test_inspect_piped_into_a_reader_that_stops_early_is_not_an_error(tmp_path: 
 
     path = tmp_path / "many.safetensors"
     save_file({f"layer{i}.weight": torch.zeros(2, 2) for i in range(3000)}, str(path))  # a table far past a pipe buffer
-    done = subprocess.run(f'"{sys.executable}" -m fx_sparsify inspect "{path}" | head -n 1', shell=True,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        f'"{sys.executable}" -m fx_sparsify inspect "{path}" | head -n 1',
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.stdout.startswith("| tensor")
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
 
 
-def test_version_names_torch_and_the_c_kernels(capsys: pytest.CaptureFixture[str],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_version_names_torch_and_the_c_kernels(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """For bug reports: one line with both versions and whether the fast paths are in use."""
     import torch
 

@@ -25,8 +25,10 @@ class Net(nn.Module):
 
 
 SPEC = {
-    "weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5},
-                {"target": "block.2", "method": "2:4"}],
+    "weights": [
+        {"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5},
+        {"target": "block.2", "method": "2:4"},
+    ],
     "activations": [{"target": "head", "mask": "l1_unstructured", "sparsity": 0.25}],
 }
 
@@ -46,7 +48,7 @@ def _needs_dot() -> None:
 
 
 def _rgb(colour: str) -> tuple[int, int, int]:
-    return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
 
 
 def _pixels(path: Path) -> torch.Tensor:
@@ -103,8 +105,12 @@ def test_plot_sparsity_bars(sgm: fxs.SparseGraphModule, tmp_path: Path) -> None:
 def test_plot_mask_shows_the_pattern(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 256), nn.Linear(256, 128))
-    spec = {"weights": [{"target": "0", "method": "2:4"}, {"target": "2", "method": "block", "sparsity": 0.75,
-                                                          "block_shape": (4, 4)}]}
+    spec = {
+        "weights": [
+            {"target": "0", "method": "2:4"},
+            {"target": "2", "method": "block", "sparsity": 0.75, "block_shape": (4, 4)},
+        ]
+    }
     sgm = fxs.sparsify_graph(model, spec)
     sgm.step()
     pixels = _pixels(fxs.plot_mask(sgm, "0.weight", tmp_path / "nm.png"))
@@ -117,8 +123,9 @@ def test_plot_mask_shows_the_pattern(tmp_path: Path) -> None:
         fxs.plot_mask(sgm, "1.weigth", tmp_path / "x.png")
 
 
-def test_without_the_extra_the_error_names_it(sgm: fxs.SparseGraphModule, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_extra_the_error_names_it(
+    sgm: fxs.SparseGraphModule, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "pydot", None)
     with pytest.raises(ImportError, match=r"pip install fx-sparsify\[viz\]"):
@@ -132,7 +139,66 @@ def test_without_the_extra_the_error_names_it(sgm: fxs.SparseGraphModule, tmp_pa
 def test_draw_an_export_capture_names_the_layer_of_each_op(tmp_path: Path) -> None:
     _needs_dot()
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "0", "method": "2:4"}]},
-                             example_inputs=(torch.randn(2, 8),), capture="export")
+    sgm = fxs.sparsify_graph(
+        model, {"weights": [{"target": "0", "method": "2:4"}]}, example_inputs=(torch.randn(2, 8),), capture="export"
+    )
     svg = sgm.draw(tmp_path / "export.svg", module="0").read_text()
     assert "@ 0 (Linear)" in svg and "_0_weight_masked" in svg and "@ 2 (Linear)" not in svg
+
+
+def _resnet18_like() -> torch.nn.Module:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shrink_resnet_for_viz", ROOT_EXAMPLES / "shrink_resnet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.resnet18(width=8).eval()
+
+
+ROOT_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_full_graph_collapses_repeated_blocks(tmp_path: Path, capture: str) -> None:
+    """ResNet-18's full graph was 2199x6333 px: a block equal to an earlier one is drawn as one node."""
+    pytest.importorskip("pydot")
+    spec = {"weights": [{"target": "type:Conv2d", "method": "l1_unstructured", "sparsity": 0.5}]}
+    sgm = fxs.sparsify_graph(_resnet18_like(), spec, example_inputs=(torch.randn(1, 3, 32, 32),), capture=capture)
+    full = fxs.viz.draw(sgm, tmp_path / "full.dot", collapse=False).read_text()
+    small = fxs.viz.draw(sgm, tmp_path / "small.dot").read_text()
+    assert "same as layer1.0" in small and "same as layer2.0" in small  # layer1.1, and layer3.0 after layer2.0
+    for block in ("layer1.1", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"):
+        assert f'"{block}\\nsame as' in small, block
+    assert "layer1.0.conv1" in small and "layer2.0.downsample" in small  # the first of each kind stays whole
+    assert small.count("->") < full.count("->") / 2
+    assert "same as" not in full
+
+
+def test_pictures_show_new_widths(tmp_path: Path) -> None:
+    pytest.importorskip("pydot")
+    widths = {
+        "modules": {
+            "block.0": {
+                "type": "Conv2d",
+                "in_channels": 4,
+                "out_channels": 4,
+                "groups": 1,
+                "before": {"out_channels": 8},
+            }
+        },
+        "tensors": {"block.0.weight": [4, 4, 3, 3]},
+        "before": {"block.0.weight": [8, 4, 3, 3]},
+    }
+    assert fxs.viz.width_notes(widths) == {"block.0": "out_channels 8→4"}
+    assert fxs.viz.width_notes({"modules": {}, "tensors": widths["tensors"], "before": widths["before"]}) == {
+        "block.0": "weight 8x4x3x3→4x4x3x3"
+    }  # an export capture keeps no modules: the weight's shape
+    model = torch.nn.Sequential()
+    model.add_module("block", torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.ReLU()))
+    sgm = fxs.sparsify_graph(
+        model,
+        {"weights": [{"target": "type:Conv2d", "method": "l1_unstructured", "sparsity": 0.5}]},
+        example_inputs=(torch.randn(1, 4, 8, 8),),
+    )
+    dot = fxs.viz.draw(sgm, tmp_path / "g.dot", widths=widths).read_text()
+    assert "out_channels 8→4" in dot

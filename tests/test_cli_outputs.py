@@ -1,0 +1,367 @@
+"""What ``fx-sparsify run`` writes for use downstream: ``model.pt2``, ``widths.json``, the factory's
+arguments / a Hugging Face config for a shrunk model, the summary; a failed rerun leaves the previous
+run whole; ``inspect`` of each file; and the small things a first user hit."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fx_sparsify import _cli_run
+from fx_sparsify.cli import load_checkpoint, main
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "examples" / "recipes" / "resnet_like.toml")
+MODEL = f"{ROOT / 'examples' / 'resnet_like.py'}:build"
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+FX = [sys.executable, "-m", "fx_sparsify"]
+
+MLP_FACTORY = """
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def build(hidden: int = 32, seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(hidden)
+"""
+
+
+def _run(
+    *extra: str,
+    out: Path,
+    recipe: str = RECIPE,
+    model: str = MODEL,
+    kwargs: str | None = '{"width": 8}',
+    shape: str = "2x3x16x16",
+) -> subprocess.CompletedProcess[str]:
+    argv = [
+        *FX,
+        "run",
+        recipe,
+        "--model",
+        model,
+        "--input",
+        shape,
+        "--calibrate",
+        "2",
+        "--latency-runs",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    if kwargs:
+        argv[argv.index("--input") : argv.index("--input")] = ["--model-kwargs", kwargs]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def shrunk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As a user would: a channels recipe, ``--shrink``, from the console (subprocess)."""
+    tmp = tmp_path_factory.mktemp("shrunk")
+    recipe = tmp / "channels.json"
+    recipe.write_text(
+        json.dumps(
+            {
+                "channels": [{"target": "layer1.conv1", "sparsity": 0.5}],
+                "weights": [{"target": "layer3.conv2", "method": "l1_unstructured", "sparsity": 0.5}],
+            }
+        )
+    )
+    done = _run("--shrink", "--threads", "1", out=tmp / "out", recipe=str(recipe))
+    assert done.returncode == 0, done.stderr
+    (tmp / "stdout.txt").write_text(done.stdout)
+    return tmp / "out"
+
+
+def test_model_pt2_loads_without_fx_sparsify_and_equals_the_result(shrunk: Path, tmp_path: Path) -> None:
+    x = torch.randn(3, 3, 16, 16)
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        program = torch.export.load({str(shrunk / "model.pt2")!r})
+        torch.save(program.module()(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
+        assert not any(m.startswith("fx_sparsify") for m in sys.modules), "fx_sparsify was imported"
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=ENV, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    # the same weights, as the shrunk module: the factory rebuilt at the widths widths.json gives
+    widths = json.loads((shrunk / "widths.json").read_text())
+    state = load_checkpoint(str(shrunk / "model.safetensors"))
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from resnet_like import build
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    model = build(width=8)
+    for path, sizes in widths["modules"].items():  # resize the eager model the way widths.json says
+        module = model.get_submodule(path)
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(module, key, None) is not None:
+                setattr(
+                    module,
+                    key,
+                    type(getattr(module, key))(state[f"{path}.{key}"].clone(), requires_grad=False)
+                    if isinstance(getattr(module, key), torch.nn.Parameter)
+                    else state[f"{path}.{key}"].clone(),
+                )
+        for attr, value in sizes.items():
+            if attr not in ("type", "before"):
+                setattr(module, attr, value)
+    model.load_state_dict(state)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_widths_json_matches_the_module(shrunk: Path) -> None:
+    widths = json.loads((shrunk / "widths.json").read_text())
+    state = load_checkpoint(str(shrunk / "model.safetensors"))
+    assert widths["tensors"]["layer1.conv1.weight"] == [4, 8, 3, 3]
+    assert widths["before"]["layer1.conv1.weight"] == [8, 8, 3, 3]
+    for key, shape in widths["tensors"].items():
+        assert list(state[key].shape) == shape, key
+    unchanged = [k for k in state if k not in widths["tensors"]]
+    assert "layer2.conv1.weight" in unchanged
+    conv1, conv2, bn1 = (widths["modules"][m] for m in ("layer1.conv1", "layer1.conv2", "layer1.bn1"))
+    assert conv1 == {"type": "Conv2d", "in_channels": 8, "out_channels": 4, "groups": 1, "before": {"out_channels": 8}}
+    assert conv2["in_channels"] == 4 and conv2["out_channels"] == 8 and bn1["num_features"] == 4
+    for path, sizes in widths["modules"].items():
+        weight = state[f"{path}.weight"]
+        if sizes["type"] == "Conv2d":
+            assert (sizes["out_channels"], sizes["in_channels"]) == (weight.shape[0], weight.shape[1] * sizes["groups"])
+        elif sizes["type"] == "BatchNorm2d":
+            assert sizes["num_features"] == weight.shape[0]
+
+
+def test_summary_on_stdout_and_in_the_report(shrunk: Path) -> None:
+    stdout = (shrunk.parent / "stdout.txt").read_text()
+    report = (shrunk / "report.md").read_text()
+    for text in (stdout, report):
+        assert "| parameters" in text and "`model.safetensors`" in text and "`model.pt2`" in text
+        assert "latency (median of 2, 1 thread(s))" in text
+    assert "threads: 1, the same for dense and result" in stdout
+    assert "torch.set_num_threads(1) for both" in report
+    assert "`widths.json`" in report
+
+
+def test_inspect_an_exported_program(shrunk: Path) -> None:
+    done = subprocess.run(
+        [*FX, "inspect", str(shrunk / "model.pt2")], capture_output=True, text=True, timeout=120, env=ENV
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| layer1.conv1.weight " in done.stdout and "4x8x3x3" in done.stdout
+    rows = [line.split("|")[1].strip() for line in done.stdout.splitlines()[2:] if line.startswith("|")]
+    assert rows.index("stem.0.weight") < rows.index("layer1.conv1.weight") < rows.index("fc.weight")  # model order
+
+
+def test_factory_arguments_that_rebuild_the_shrunk_model(tmp_path: Path) -> None:
+    factory = tmp_path / "mlp.py"
+    factory.write_text(MLP_FACTORY)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"channels": [{"target": "fc1", "sparsity": 0.5}]}))
+    done = _run(
+        "--shrink", out=tmp_path / "out", recipe=str(recipe), model=f"{factory}:build", kwargs=None, shape="4x16"
+    )
+    assert done.returncode == 0, done.stderr
+    kwargs = json.loads((tmp_path / "out" / "model_kwargs.json").read_text())
+    assert kwargs == {"hidden": 16}
+    spec = __import__("importlib.util").util.spec_from_file_location("mlp_factory", factory)
+    module = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rebuilt = module.build(**kwargs)
+    rebuilt.load_state_dict(
+        load_checkpoint(str(tmp_path / "out" / "model_kwargs.json").replace("model_kwargs.json", "model.safetensors"))
+    )  # strict: every key and shape
+    assert "model_kwargs.json" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_shrink_without_a_channels_rule_is_a_plain_squash_with_a_note(tmp_path: Path) -> None:
+    """As the user hit it: ``--shrink`` with a weights-only recipe ended in 'error: channels (KeyError)'."""
+    done = _run("--shrink", out=tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "--shrink: the recipe has no 'channels' rule" in done.stderr and "KeyError" not in done.stderr
+    state = load_checkpoint(str(tmp_path / "out" / "model.safetensors"))
+    assert state["layer1.conv1.weight"].shape == (8, 8, 3, 3)
+    assert json.loads((tmp_path / "out" / "widths.json").read_text())["tensors"] == {}
+
+
+def test_a_wrong_input_shape_is_one_clean_error(tmp_path: Path) -> None:
+    done = _run(out=tmp_path / "out", shape="2x5x16x16")
+    assert done.returncode == 2
+    assert "the model fails on the example inputs (2x5x16x16)" in done.stderr
+    assert "Traceback" not in done.stderr and "torch.fx" not in done.stderr and "GraphModule" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_rerun_leaves_the_previous_run_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    argv = [
+        "run",
+        RECIPE,
+        "--model",
+        MODEL,
+        "--model-kwargs",
+        '{"width": 8}',
+        "--input",
+        "2x3x16x16",
+        "--latency-runs",
+        "0",
+        "--calibrate",
+        "1",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = tmp_path / "other.json"  # a different recipe: its spec.json would differ
+    other.write_text(json.dumps({"weights": [{"target": "fc", "method": "l1_unstructured", "sparsity": 0.9}]}))
+
+    def fail(*args: object) -> str:
+        raise ValueError("disk full (simulated)")
+
+    monkeypatch.setattr(_cli_run, "save_weights", fail)  # spec.json is written before the weights
+    argv[1] = str(other)
+    assert main(argv) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    monkeypatch.undo()
+    assert main(argv) == 0  # a good rerun replaces every file
+    assert json.loads((out / "spec.json").read_text())["weights"][0]["sparsity"] == 0.9
+
+
+def test_a_rerun_removes_files_it_no_longer_writes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model_kwargs.json").write_text("{}")  # from an earlier shrunk run
+    (out / "notes.txt").write_text("mine")  # not a file run writes: kept
+    argv = [
+        "run",
+        RECIPE,
+        "--model",
+        MODEL,
+        "--model-kwargs",
+        '{"width": 8}',
+        "--input",
+        "2x3x16x16",
+        "--latency-runs",
+        "0",
+        "--calibrate",
+        "1",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    assert not (out / "model_kwargs.json").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_model_safetensors_has_the_usual_file_mode(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    previous = os.umask(0o022)
+    try:
+        assert (
+            main(
+                [
+                    "run",
+                    RECIPE,
+                    "--model",
+                    MODEL,
+                    "--model-kwargs",
+                    '{"width": 8}',
+                    "--input",
+                    "2x3x16x16",
+                    "--latency-runs",
+                    "0",
+                    "--calibrate",
+                    "1",
+                    "--out",
+                    str(out),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+    finally:
+        os.umask(previous)
+    for name in ("model.safetensors", "report.md", "model.pt2"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_inspect_sorts_safetensors_names_naturally_and_skips_counters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"layer{i}.weight": torch.zeros(2, 2) for i in (1, 2, 10)}
+    tensors["bn.num_batches_tracked"] = torch.tensor(0)
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
+    out = capsys.readouterr().out
+    names = [line.split("|")[1].strip() for line in out.splitlines()[2:] if line.startswith("|")]
+    assert names == ["bn.num_batches_tracked", "layer1.weight", "layer2.weight", "layer10.weight"]
+    counter = next(line for line in out.splitlines() if "num_batches_tracked" in line)
+    assert "100.0%" not in counter and "| -" in counter
+    assert "12 floating-point elements, 12 zeros" in out and "1 integer tensors, not counted" in out
+
+
+def test_methods_prints_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "p=2, dim=0" in out and "density=0.5" in out and "block_shape=(1, 4)" in out
+
+
+def test_threads_flag_is_used_and_said(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = torch.get_num_threads()
+    try:
+        assert (
+            main(
+                [
+                    "run",
+                    RECIPE,
+                    "--model",
+                    MODEL,
+                    "--model-kwargs",
+                    '{"width": 8}',
+                    "--input",
+                    "2x3x16x16",
+                    "--latency-runs",
+                    "1",
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "threads: 1" in (tmp_path / "o" / "report.md").read_text()
+    assert (
+        main(["run", RECIPE, "--model", MODEL, "--input", "1x3x8x8", "--threads", "0", "--out", str(tmp_path / "p")])
+        == 2
+    )
+    assert "--threads 0: expected a count >= 1" in capsys.readouterr().err
