@@ -25,6 +25,7 @@ from .methods import available_mask_methods, compute_mask, register_mask_method
 from .ops import set_cache_limit
 from .sparse_graph_module import SparseGraphModule
 from .sparsify import Sparsify
+from .storage_choices import load_storage_choices, save_storage_choices
 from .streamed import prune_streamed
 from .spec import ActivationRule, ChannelRule, GlobalRule, SparsitySpec, WeightRule
 from .trace import CaptureError
@@ -53,6 +54,7 @@ __all__ = [
     "export",
     "load_compressed",
     "load_spec",
+    "load_storage_choices",
     "masks",
     "plot_mask",
     "plot_sparsity",
@@ -61,6 +63,7 @@ __all__ = [
     "set_cache_limit",
     "report",
     "save_compressed",
+    "save_storage_choices",
     "sparsify_graph",
     "sparsity",
     "squash",

@@ -42,6 +42,7 @@ __declspec(dllexport) void *PyInit__kernels(void) { return 0; }
     FXS_KERNEL int64_t NAME(const uint8_t *mask, int64_t rows, int64_t cols, const T *values, int64_t nvalues,     \
                  T *out) {                                                                              \
         int64_t stride = (cols + 7) / 8, full = cols / 8, k = 0;                                        \
+        if (rows <= 0 || cols <= 0) return 0; /* no entry: never walk a claimed [2**40, 0] row by row */ \
         for (int64_t r = 0; r < rows; r++) {                                                            \
             const uint8_t *m = mask + r * stride;                                                       \
             T *o = out + r * cols;                                                                      \

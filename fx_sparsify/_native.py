@@ -264,7 +264,7 @@ def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor,
     pieces = _split(rows, max(batch, 1) * rows * cols)
     starts = row_offsets[[a for a, _ in pieces]].tolist()
     fn = getattr(LIB, f"fxs_bitmask_linear_{suffix}")
-    calls = [(values.data_ptr(), mask.data_ptr(), cols, a, b, k0, x32.data_ptr(), batch, x32.stride(0),
+    calls: list[tuple[Any, ...]] = [(values.data_ptr(), mask.data_ptr(), cols, a, b, k0, x32.data_ptr(), batch, x32.stride(0),
               None if b32 is None else b32.data_ptr(), out.data_ptr(), rows) for (a, b), k0 in zip(pieces, starts)]
     others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
     try:

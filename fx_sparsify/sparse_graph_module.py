@@ -99,13 +99,17 @@ class SparseGraphModule(GraphModule):
         """A table of every target: kind, method, shape, target and achieved sparsity, fate at squash."""
         return _report(self, self._fxs)
 
-    def squash(self, shrink: bool = False, storage: str = "dense", batch_size: int = 1) -> GraphModule:
+    def squash(self, shrink: bool = False, storage: Any = "dense", batch_size: int = 1) -> GraphModule:
         """A plain GraphModule with the masks folded into the constants; ``self`` is unchanged.
 
         ``shrink=True`` also removes the channels that ``channels`` rules pruned.
         ``storage``: ``"dense"``, ``"csr"``, ``"bsr"`` or ``"auto"`` (sparse only where faster at
         ``batch_size`` rows) keeps masked Linear / 1x1 Conv weights sparse; ``report()`` then says which and why.
         ``"semi_structured"`` (CUDA, float16 / bfloat16) stores 2:4-masked Linear weights for sparse tensor cores.
+        ``"bitmask"``: kept values + a 1-bit mask and a fused CPU kernel (``"auto"`` weighs it too;
+        ``"auto-model"`` picks dense or bitmask by a cost model, no timing). A previous squash's
+        ``small.storage_choices`` (or a ``{layer: storage}`` dict) as ``storage`` gives every layer its
+        recorded storage again.
         """
         check_storage(storage, batch_size)
         self._warn_unstepped("squash()")

@@ -8,11 +8,17 @@ CPU; ``F.linear(x, W_csr)`` is 2–3× slower and int64 indices cost ~2×).
 
 - ``"csr"`` / ``"bsr"``: every eligible masked layer. BSR takes the largest square block (MKL refuses
   non-square ones) of 32, 16, 8, 4, 2 that covers the zero pattern exactly, else 1×1.
+- ``"bitmask"`` (SPEC §18): every eligible masked float32 / bfloat16 layer becomes a
+  :class:`~.._bitmask.BitmaskLinear` (kept values + a 1-bit mask, the fused C kernel).
 - ``"auto"``: per layer, sparse only where it is faster at ``batch_size`` rows (for a 1×1 conv:
-  N·H·W positions). A cost-model guard keeps layers under 30 % zeros dense without measuring; the
-  others are timed at squash (dense ``F.linear`` against CSR, and BSR where the pattern has exact
-  blocks of 4×4 or more; the fastest of a few runs) and turn sparse only at ≤ 0.9× the dense time, so a
-  noisy measurement errs towards dense.
+  N·H·W positions). A cost-model guard keeps layers under 25 % zeros dense without measuring; the
+  others are timed at squash (dense ``F.linear`` against bitmask, CSR from 30 % zeros, and BSR where
+  the pattern has exact blocks of 4×4 or more; medians of interleaved runs) and turn sparse only at
+  ≤ 0.9× the dense time, so a noisy measurement errs towards dense.
+- ``"auto-model"``: dense or bitmask by a cost model of the kernel (:func:`~.._bitmask.modelled_ratio`),
+  no timing: the same choice on every run.
+- recorded choices (``squash(storage=small.storage_choices)``, a ``{layer: storage}`` dict, or
+  :func:`~.storage_choices.load_storage_choices` of a saved file): each layer takes its recorded storage.
 - ``"semi_structured"``: every masked ``Linear`` (2:4, float16 / bfloat16, on CUDA) becomes a
   :class:`~._semi_structured.SemiStructuredLinear` (``torch.sparse.to_sparse_semi_structured``); a
   layer that is not 2:4, another dtype, or a module on the CPU is a ``ValueError`` saying what to use
@@ -31,8 +37,9 @@ layouts: exporting a module with sparse layers raises an error that says to squa
 
 from __future__ import annotations
 
+import statistics
 import time
-import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,9 +49,13 @@ from tabulate import tabulate
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from .. import _native
+from .._bitmask import MODEL_MARGIN, BitmaskLinear, modelled_ratio
+from .._native import BITMASK_DTYPES
 from ..state import SparsityState
 from ._runner import PassResult, eliminate_dead_code, finish
 from ._semi_structured import SemiStructuredLinear, semi_structured_problem
+from ._sparse_linear import KERNEL_DTYPES, SparseLinear
 
 __all__ = [
     "STORAGES",
@@ -53,18 +64,19 @@ __all__ = [
     "StorageResult",
     "check_storage",
     "apply_sparse_storage",
+    "recorded_choices",
     "storage_table",
 ]
 
-STORAGES = ("dense", "csr", "bsr", "auto", "semi_structured")
+STORAGES = ("dense", "csr", "bsr", "bitmask", "auto", "auto-model", "semi_structured")
 #: square block sizes tried for BSR, largest first (MKL refuses non-square blocks such as 1×4)
 BLOCKS = (32, 16, 8, 4, 2)
-#: dtypes with a CPU sparse kernel (MKL); others stay dense
-KERNEL_DTYPES = (torch.float32, torch.float64)
 #: cost model: below this fraction of zeros CSR never beat dense in our measurements (break-even 50-70 %)
 MIN_SPARSITY = 0.3
-#: auto takes a sparse layout only at or below this fraction of the dense time (noise margin)
+#: auto takes a sparse layout only at or below this fraction of the dense time (noise margin on medians)
 MARGIN = 0.9
+#: below this fraction of zeros not even the bitmask kernel can pay (its byte ratio is ~0.78x at 25 %)
+BITMASK_MIN_SPARSITY = 0.25
 
 #: module type → number of spatial dims (0: Linear)
 MODULE_SITES: dict[type[nn.Module], int] = {nn.Linear: 0, nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
@@ -85,8 +97,9 @@ class StorageChoice:
     layer: str
     shape: tuple[int, ...]
     sparsity: float
-    storage: str  # "dense" | "csr" | "bsr 16x16"
+    storage: str  # "dense" | "csr" | "bsr 16x16" | "bitmask"
     why: str
+    ratio: float | None = None  # auto: the chosen (or best rejected) layout's time / dense, measured or modelled
 
 
 @dataclass
@@ -94,122 +107,6 @@ class StorageResult(PassResult):
     """:class:`PassResult` of :func:`apply_sparse_storage`, with the decision for every layer considered."""
 
     choices: list[StorageChoice] = field(default_factory=list)
-
-
-class SparseLinear(nn.Module):
-    """A ``Linear`` (or 1×1 ``Conv``) whose weight is stored as a CSR / BSR tensor with int32 indices.
-
-    ``weight`` is the sparse tensor; ``state_dict()`` writes it dense under ``weight`` (the original
-    key) and ``load_state_dict`` takes a dense weight. Meant for inference: the weight takes no gradient.
-    """
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, layout: str = "csr", blocksize: int = 1,
-                 spatial: int = 0) -> None:
-        super().__init__()
-        if layout not in ("csr", "bsr"):
-            raise ValueError(f"SparseLinear layout must be 'csr' or 'bsr', got {layout!r}")
-        self.layout = layout
-        self.blocksize = blocksize
-        self.spatial = spatial  # 0 for Linear, 1/2/3 for a 1×1 Conv1d/2d/3d
-        self.weight_shape = tuple(weight.shape)
-        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
-        self._store(weight)
-        self.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad) if bias is not None else None
-
-    def _store(self, dense: Tensor) -> None:
-        matrix = dense.detach().reshape(self.out_features, self.in_features)
-        with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" note, once per process
-            warnings.filterwarnings("ignore", message="Sparse (CSR|BSR|BSC|CSC) tensor support is in beta")
-            if self.layout == "csr":
-                sparse = matrix.to_sparse_csr()
-            else:
-                sparse = matrix.to_sparse_bsr((self.blocksize, self.blocksize))
-        # plain (non-persistent) buffers: deepcopy, pickle and .to() work on them, not on sparse tensors
-        self.register_buffer("crow_indices", sparse.crow_indices().to(torch.int32), persistent=False)
-        self.register_buffer("col_indices", sparse.col_indices().to(torch.int32), persistent=False)
-        # values() is a view whose base is the sparse tensor: keep a tensor of its own (export fakifies bases)
-        self.register_buffer("values", sparse.values().clone(), persistent=False)
-
-    @property
-    def weight(self) -> Tensor:
-        """The weight as a ``torch.sparse_csr`` / ``sparse_bsr`` tensor of shape ``[out, in]``."""
-        build = torch.sparse_csr_tensor if self.layout == "csr" else torch.sparse_bsr_tensor
-        return build(self.crow_indices, self.col_indices, self.values, (self.out_features, self.in_features),
-                     check_invariants=False)
-
-    def dense_weight(self) -> Tensor:
-        """The weight as a dense tensor of the original layer's shape."""
-        dense = self.weight.to_dense()
-        return dense if dense.shape == self.weight_shape else dense.reshape(self.weight_shape).clone()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_exporting():
-            raise RuntimeError(
-                "torch.export cannot trace a sparse-storage layer (sparse CSR / BSR weights); "
-                "squash with storage='dense' (the default) for export"
-            )
-        if self.values.dtype not in KERNEL_DTYPES and self.values.device.type == "cpu":
-            return self._dense_forward(x)  # no CPU sparse kernel for this dtype (a later .half() / .bfloat16())
-        if self.spatial:
-            return self._conv(x)
-        rows = x.reshape(-1, self.in_features)
-        y = self._matmul(rows.T if rows.shape[0] > 1 else rows[0])
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _matmul(self, cols: Tensor) -> Tensor:
-        """``W @ cols + bias`` for one column (``addmv``) or many (``addmm``, returned as rows)."""
-        w = self.weight
-        if cols.dim() == 1:
-            return torch.mv(w, cols) if self.bias is None else torch.addmv(self.bias, w, cols)
-        out = torch.mm(w, cols) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w, cols)
-        return out.T.contiguous()
-
-    def _conv(self, x: Tensor) -> Tensor:
-        batched = x.dim() == self.spatial + 2
-        xb = x if batched else x.unsqueeze(0)
-        n, c, *space = xb.shape
-        cols = xb.movedim(1, 0).reshape(c, -1)  # [C, N·H·W]
-        w = self.weight
-        y = torch.mm(w, cols) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w, cols)
-        y = y.reshape(self.out_features, n, *space).movedim(0, 1).contiguous()
-        return y if batched else y[0]
-
-    def _dense_forward(self, x: Tensor) -> Tensor:
-        w = self.dense_weight()
-        if self.spatial:
-            return getattr(F, f"conv{self.spatial}d")(x, w, self.bias)
-        return F.linear(x, w, self.bias)
-
-    # --- dense weights in the state dict under the original key ----------------------------------------
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.dense_weight()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        key = prefix + "weight"
-        if key in state_dict:
-            incoming = state_dict[key]
-            if tuple(incoming.shape) != self.weight_shape:
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(incoming.shape)} "
-                                  f"from checkpoint, the shape in current model is {self.weight_shape}.")
-            else:
-                dense = incoming.to_dense() if incoming.layout != torch.strided else incoming
-                with torch.no_grad():
-                    self._store(dense.to(self.values))
-            state_dict = {k: v for k, v in state_dict.items() if k != key}
-        elif strict:
-            missing_keys.append(key)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def extra_repr(self) -> str:
-        kind = "csr" if self.layout == "csr" else f"bsr {self.blocksize}x{self.blocksize}"
-        zeros = 1.0 - int((self.values != 0).sum()) / max(self.out_features * self.in_features, 1)
-        conv = f", 1x1 conv{self.spatial}d" if self.spatial else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, {zeros:.1%} zeros"
-                f"{conv}, bias={self.bias is not None}")
 
 
 # --- finding the layers -----------------------------------------------------------------------------------
@@ -330,98 +227,193 @@ def _block_of(matrix: Tensor) -> int:
     return 1
 
 
-def _best_time(fn: Callable[[], Any], budget: float = 0.2, runs: int = 15) -> float:
-    """Fastest seconds of ``fn`` over up to ``runs`` calls (after one warm-up), stopping after ``budget`` s.
-
-    The minimum, not the median: on a shared machine a run is only ever slowed down (a descheduled
-    thread costs a whole time slice), so the fastest run is the layer's own cost.
-    """
-    fn()
-    best = float("inf")
+def _median_times(fns: list[Callable[[], Any]], budget: float = 0.3, runs: int = 15) -> list[float]:
+    """Median seconds per call of each function, interleaved (noise on a shared machine hits all alike),
+    after one warm-up each; at least 5 rounds, then until ``runs`` rounds or ``budget`` seconds."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     for i in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        if i >= 2 and time.perf_counter() - start > budget:
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        if i >= 4 and time.perf_counter() - start > budget:
             break
-    return best
+    return [statistics.median(t) for t in times]
 
 
-def measure(dense: Tensor, bias: Tensor | None, layer: SparseLinear, batch_size: int) -> tuple[float, float]:
-    """Seconds per call of the dense matrix product and of ``layer``'s sparse one on ``batch_size`` random rows."""
-    x = torch.randn(batch_size, layer.in_features, dtype=dense.dtype, device=dense.device)
-    matrix = dense.reshape(layer.out_features, layer.in_features)
+def measure(dense: Tensor, bias: Tensor | None, layer: nn.Module, batch_size: int) -> tuple[float, float]:
+    """Seconds per call of the dense matrix product and of ``layer``'s (CSR / BSR / bitmask) on ``batch_size``
+    random rows: medians of interleaved runs."""
+    in_features, out_features = layer.in_features, layer.out_features
+    x = torch.randn(batch_size, in_features, dtype=dense.dtype, device=dense.device)
+    matrix = dense.reshape(out_features, in_features) if not getattr(layer, "transposed", False) else dense.T
     cols = x.T if batch_size > 1 else x[0]
+    run = (lambda: layer._matmul(cols)) if isinstance(layer, SparseLinear) else (lambda: layer(x))
     with torch.inference_mode():
-        t_dense = _best_time(lambda: F.linear(x, matrix, bias))
-        t_sparse = _best_time(lambda: layer._matmul(cols))
+        t_dense, t_sparse = _median_times([lambda: F.linear(x, matrix, bias), run])
     return t_dense, t_sparse
 
 
 #: the measuring function ``auto`` uses (tests replace it to make decisions deterministic)
-MEASURE: Callable[[Tensor, Tensor | None, SparseLinear, int], tuple[float, float]] = measure
+MEASURE: Callable[[Tensor, Tensor | None, nn.Module, int], tuple[float, float]] = measure
 
 
-def _decide(site: _Site, storage: str, batch_size: int, masked: bool) -> tuple[SparseLinear | None, StorageChoice]:
+def _name(layer: nn.Module) -> str:
+    if isinstance(layer, BitmaskLinear):
+        return "bitmask"
+    return "csr" if layer.layout == "csr" else f"bsr {layer.blocksize}x{layer.blocksize}"
+
+
+def _bitmask_problem(weight: Tensor) -> str | None:
+    """Why the bitmask kernel cannot run this weight (None: it can)."""
+    if weight.dtype not in BITMASK_DTYPES:
+        return f"{weight.dtype} has no bitmask kernel (float32 / bfloat16 only)"
+    if weight.device.type != "cpu":
+        return f"the bitmask kernel runs on the CPU, the weight is on {weight.device.type}"
+    if _native.LIB is None:
+        return "the C kernels are not built (no C compiler at install): the bitmask torch path is no faster than dense"
+    return None
+
+
+def _recorded(site: _Site, wanted: str, weight: Tensor, zeros: float) -> tuple[nn.Module | None, StorageChoice]:
+    """A layer in the storage a previous squash recorded for it (``squash(storage=choices)``)."""
+    shape = tuple(weight.shape)
+    why = "recorded choice"
+    if wanted == "dense":
+        return None, StorageChoice(site.layer, shape, zeros, "dense", why)
+    if wanted == "bitmask":
+        return BitmaskLinear(weight, site.bias, site.spatial), StorageChoice(site.layer, shape, zeros, "bitmask", why)
+    if wanted == "csr":
+        return SparseLinear(weight, site.bias, "csr", 1, site.spatial), StorageChoice(site.layer, shape, zeros, "csr",
+                                                                                      why)
+    block = int(wanted.split()[1].split("x")[0]) if wanted.startswith("bsr ") else 0
+    if block and _block_of(weight.reshape(shape[0], -1)) % block == 0:
+        return (SparseLinear(weight, site.bias, "bsr", block, site.spatial),
+                StorageChoice(site.layer, shape, zeros, wanted, why))
+    raise ValueError(f"squash(storage=choices): layer {site.layer!r} was recorded as {wanted!r}, which its weight "
+                     "cannot take now (its zeros no longer form those blocks); record the choices again")
+
+
+def _decide(site: _Site, storage: str, batch_size: int, masked: bool,
+            recorded: dict[str, str] | None = None) -> tuple[nn.Module | None, StorageChoice]:
     weight = site.weight.detach()
     shape = tuple(weight.shape)
     zeros = 1.0 - int((weight != 0).sum()) / max(weight.numel(), 1)
 
-    def dense(why: str) -> tuple[None, StorageChoice]:
-        return None, StorageChoice(site.layer, shape, zeros, "dense", why)
+    def dense(why: str, ratio: float | None = None) -> tuple[None, StorageChoice]:
+        return None, StorageChoice(site.layer, shape, zeros, "dense", why, ratio)
 
     if not masked:
         return dense("not a masked weight")
     if site.problem:
         return dense(site.problem)
-    if weight.device.type == "cpu" and weight.dtype not in KERNEL_DTYPES:
-        return dense(f"{weight.dtype} has no CPU sparse kernel (float32 / float64 only)")
     if weight.layout != torch.strided:
         return dense(f"the weight is already {weight.layout}")
+    if recorded is not None:
+        return _recorded(site, recorded.get(site.layer, "dense"), weight, zeros)
+    if storage == "bitmask":
+        problem = weight.dtype not in BITMASK_DTYPES and f"{weight.dtype} has no bitmask kernel (float32 / bfloat16)"
+        if problem:
+            return dense(problem)
+        return (BitmaskLinear(weight, site.bias, site.spatial),
+                StorageChoice(site.layer, shape, zeros, "bitmask", "storage='bitmask' asked for"))
+    if storage == "auto-model":
+        problem = _bitmask_problem(weight)
+        if problem:
+            return dense(f"{problem} (auto-model weighs dense and bitmask only)")
+        ratio = modelled_ratio(zeros, weight.dtype, batch_size, _native.bitmask_isa())
+        if ratio <= MODEL_MARGIN:
+            return (BitmaskLinear(weight, site.bias, site.spatial),
+                    StorageChoice(site.layer, shape, zeros, "bitmask", f"modelled {ratio:.2f}x dense at batch "
+                                  f"{batch_size} (no timing)", ratio))
+        return dense(f"modelled bitmask {ratio:.2f}x dense at batch {batch_size} (no timing; bitmask only at <= "
+                     f"{MODEL_MARGIN}x)", ratio)
+    if weight.device.type == "cpu" and weight.dtype not in KERNEL_DTYPES and _bitmask_problem(weight) is not None:
+        return dense(f"{weight.dtype} has no CPU sparse kernel (float32 / float64; bitmask: float32 / bfloat16)")
     matrix = weight.reshape(shape[0], -1)
     if storage in ("csr", "bsr"):
+        if weight.device.type == "cpu" and weight.dtype not in KERNEL_DTYPES:
+            return dense(f"{weight.dtype} has no CPU sparse kernel (float32 / float64 only)")
         block = _block_of(matrix) if storage == "bsr" else 1
         layer = SparseLinear(weight, site.bias, storage, block, site.spatial)
         kind = "csr" if storage == "csr" else f"bsr {block}x{block}"
         return layer, StorageChoice(site.layer, shape, zeros, kind, f"storage={storage!r} asked for")
-    # auto
-    if zeros < MIN_SPARSITY:
-        return dense(f"{zeros:.0%} zeros: below the {MIN_SPARSITY:.0%} where a sparse kernel can pay (cost model)")
-    candidates = [SparseLinear(weight, site.bias, "csr", 1, site.spatial)]
-    block = _block_of(matrix)
-    if block >= 4:
-        candidates.append(SparseLinear(weight, site.bias, "bsr", block, site.spatial))
+    # auto: time the candidates against dense
+    if zeros < BITMASK_MIN_SPARSITY:
+        return dense(f"{zeros:.0%} zeros: below the {BITMASK_MIN_SPARSITY:.0%} where a sparse kernel can pay "
+                     "(cost model)")
+    candidates: list[nn.Module] = []
+    if zeros >= MIN_SPARSITY and (weight.device.type != "cpu" or weight.dtype in KERNEL_DTYPES):
+        candidates.append(SparseLinear(weight, site.bias, "csr", 1, site.spatial))
+        block = _block_of(matrix)
+        if block >= 4:
+            candidates.append(SparseLinear(weight, site.bias, "bsr", block, site.spatial))
+    if _bitmask_problem(weight) is None:
+        candidates.append(BitmaskLinear(weight, site.bias, site.spatial))
+    if not candidates:
+        return dense(f"{zeros:.0%} zeros: no sparse kernel for it here ({_bitmask_problem(weight)})")
     timed = []
     for layer in candidates:
         t_dense, t_sparse = MEASURE(weight, site.bias, layer, batch_size)
         timed.append((t_sparse / t_dense, layer))
     ratio, best = min(timed, key=lambda t: t[0])
-    kind = "csr" if best.layout == "csr" else f"bsr {best.blocksize}x{best.blocksize}"
-    measured = ", ".join(f"{'csr' if c.layout == 'csr' else f'bsr {c.blocksize}x{c.blocksize}'} {r:.2f}x" for r, c in timed)
+    measured = ", ".join(f"{_name(c)} {r:.2f}x" for r, c in timed)
     if ratio <= MARGIN:
-        return best, StorageChoice(site.layer, shape, zeros, kind,
-                                   f"measured {measured} dense at batch {batch_size}")
-    return dense(f"measured {measured} dense at batch {batch_size} (sparse only at <= {MARGIN}x)")
+        return best, StorageChoice(site.layer, shape, zeros, _name(best),
+                                   f"measured {measured} dense at batch {batch_size}", ratio)
+    return dense(f"measured {measured} dense at batch {batch_size} (sparse only at <= {MARGIN}x)", ratio)
 
 
 # --- the pass -------------------------------------------------------------------------------------------
-def check_storage(storage: str, batch_size: int) -> None:
-    """A ``ValueError`` / ``TypeError`` for a storage name or batch size squash cannot use."""
-    if storage not in STORAGES:
+def recorded_choices(storage: Any) -> dict[str, str] | None:
+    """Layer → storage of ``squash(storage=choices)``: a previous squash's ``storage_choices`` (a list of
+    :class:`StorageChoice`, or of dicts as :func:`~.storage_choices.load_storage_choices` returns) or a
+    ``{layer: storage}`` dict; None for a storage name. A ``TypeError`` / ``ValueError`` for anything else."""
+    if isinstance(storage, str):
+        return None
+    if isinstance(storage, Mapping):
+        out = dict(storage)
+    elif isinstance(storage, (list, tuple)):
+        out = {}
+        for c in storage:
+            layer, kind = (c.layer, c.storage) if isinstance(c, StorageChoice) else (
+                (c.get("layer"), c.get("storage")) if isinstance(c, Mapping) else (None, None))
+            if not isinstance(layer, str):
+                raise TypeError(f"squash(storage=[...]): each recorded choice is a StorageChoice or a dict with "
+                                f"'layer' and 'storage', got {c!r}")
+            out[layer] = kind
+    else:
+        raise TypeError(f"squash(storage={storage!r}): a storage name ({', '.join(map(repr, STORAGES))}), a list "
+                        "of recorded choices (small.storage_choices) or a {layer: storage} dict")
+    for layer, kind in out.items():
+        if not isinstance(kind, str) or not (kind in ("dense", "csr", "bitmask") or kind.startswith("bsr ")):
+            raise ValueError(f"squash(storage=choices): layer {layer!r} has storage {kind!r}; recorded choices are "
+                             "'dense', 'csr', 'bsr NxN' or 'bitmask'")
+    return out
+
+
+def check_storage(storage: Any, batch_size: int) -> None:
+    """A ``ValueError`` / ``TypeError`` for a storage name (or recorded choices) or batch size squash cannot use."""
+    if recorded_choices(storage) is None and storage not in STORAGES:
         raise ValueError(f"squash(storage={storage!r}): unknown storage; use one of {', '.join(map(repr, STORAGES))}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TypeError(f"squash(batch_size={batch_size!r}): the batch size hint must be a positive int")
 
 
-def apply_sparse_storage(gm: GraphModule, state: SparsityState, storage: str = "csr",
+def apply_sparse_storage(gm: GraphModule, state: SparsityState, storage: Any = "csr",
                          batch_size: int = 1) -> StorageResult:
     """Give the masked Linear / 1×1 Conv layers of the squashed ``gm`` sparse storage, in place.
 
     ``created`` maps each considered layer to ``{"storage": ..., "why": ...}``; ``choices`` holds the
     same decisions as :class:`StorageChoice` records (``squash`` keeps them as ``small.storage_choices``).
+    ``storage`` may be such recorded choices (see :func:`recorded_choices`): each layer takes its recorded
+    storage again, no timing; a recorded layer the module lacks is a ``ValueError``.
     """
     check_storage(storage, batch_size)
+    recorded = recorded_choices(storage)
     if storage == "dense":
         return _result(gm, {}, [])
     masked = {r.param for r in state.targets.values() if r.kind == "weight" and r.param}
@@ -429,10 +421,14 @@ def apply_sparse_storage(gm: GraphModule, state: SparsityState, storage: str = "
         return _apply_semi_structured(gm, masked)
     sites = {**_module_sites(gm), **_function_sites(gm)}
     _check_uses(gm, sites)
+    stale = sorted(set(recorded or ()) - set(sites))
+    if stale:
+        raise ValueError(f"squash(storage=choices): the recorded layers {stale[:5]} are not linear / 1x1 conv layers "
+                         f"of this module (its layers: {sorted(sites)[:5]}...); record the choices on this model")
     choices: list[StorageChoice] = []
     created: dict[str, dict[str, str]] = {}
     for layer, site in sites.items():
-        sparse, choice = _decide(site, storage, batch_size, f"{layer}.weight" in masked)
+        sparse, choice = _decide(site, storage, batch_size, f"{layer}.weight" in masked, recorded)
         choices.append(choice)
         created[layer] = {"storage": choice.storage, "why": choice.why}
         if sparse is None:
