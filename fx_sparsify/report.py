@@ -17,7 +17,7 @@ from .passes.sparse_storage import storage_table
 from .methods._selectors import block_grid
 from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
 
-__all__ = ["report", "target_sparsity_of", "fate_of"]
+__all__ = ["report_table", "target_sparsity_of", "fate_of"]
 
 HEADERS = ["target", "kind", "method", "shape", "target sparsity", "achieved", "kept", "at squash"]
 
@@ -76,7 +76,7 @@ def _method_text(record: TargetRecord, options: dict[str, Any]) -> str:
     return f"{record.method}({opts})" if opts else record.method
 
 
-def report(gm: GraphModule, state: SparsityState) -> str:
+def report_table(gm: GraphModule, state: SparsityState) -> str:
     """Render the table; the header line says which capture was used and how many steps ran."""
     achieved = sparsity_of(gm, state)
     masks = masks_of(gm, state)

@@ -6,7 +6,7 @@
   as the initial masks ("adopted" in the report).
 - :func:`set_initial_masks`: ``sparsify_graph(model, spec, masks={...})``.
 - :func:`squash_into`: the squashed weights written into the user's eager model, in place.
-- :func:`to_torch_prune`: the masks applied to an eager model with ``prune.custom_from_mask``.
+- :func:`attach_prune_hooks`: the masks applied to an eager model with ``prune.custom_from_mask``.
 
 Sits beside the facade (it is called by ``api`` and ``sparse_graph_module``); it never imports them.
 """
@@ -25,7 +25,7 @@ from ._modules import find_tensor
 from .report import fate_of
 from .state import SparsityState
 
-__all__ = ["take_over", "set_initial_masks", "squash_into", "to_torch_prune", "ADOPTED", "INITIAL"]
+__all__ = ["take_over", "set_initial_masks", "squash_into", "attach_prune_hooks", "ADOPTED", "INITIAL"]
 
 ADOPTED = "adopted"  # the report's word for a mask taken over from torch's pruning tools
 INITIAL = "initial mask"  # ... and for one given with masks={...}
@@ -194,7 +194,7 @@ def squash_into(sgm: GraphModule, state: SparsityState, squashed: GraphModule, m
     return model
 
 
-def to_torch_prune(sgm: nn.Module, state: SparsityState, model: nn.Module) -> nn.Module:
+def attach_prune_hooks(sgm: nn.Module, state: SparsityState, model: nn.Module) -> nn.Module:
     """Apply every weight mask to ``model`` with ``torch.nn.utils.prune.custom_from_mask`` and return it.
 
     Each masked ``module.weight`` becomes prune's layout: ``weight_orig`` (parameter), ``weight_mask``

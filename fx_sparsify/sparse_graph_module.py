@@ -14,12 +14,12 @@ from . import ops
 from ._export_capture import warn_mode
 from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
-from .report import report as _report, target_sparsity_of
-from .roundtrip import squash_into as _squash_into, to_torch_prune as _to_torch_prune
+from .report import report_table, target_sparsity_of
+from .roundtrip import attach_prune_hooks, squash_into as _squash_into
 from .shrink_into import shrink_into as _shrink_into
-from .passes.squash import squash as _squash
+from .passes.squash import fold_masks
 from .passes.channels import shrink_plan_table
-from .passes.shrink import channel_keeps, shrink as _shrink
+from .passes.shrink import channel_keeps, remove_channels
 from .passes.sparse_storage import apply_sparse_storage, check_storage
 from .passes.update_masks import apply_masks_inplace, update_masks
 from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
@@ -97,7 +97,7 @@ class SparseGraphModule(GraphModule):
 
     def report(self) -> str:
         """A table of every target: kind, method, shape, target and achieved sparsity, fate at squash."""
-        return _report(self, self._fxs)
+        return report_table(self, self._fxs)
 
     def squash(self, shrink: bool = False, storage: Any = "dense", batch_size: int = 1) -> GraphModule:
         """A plain GraphModule with the masks folded into the constants; ``self`` is unchanged.
@@ -116,7 +116,7 @@ class SparseGraphModule(GraphModule):
         if shrink and self._fxs.channels is None:
             warnings.warn(_NO_CHANNELS.format(call="squash(shrink=True)"), UserWarning, stacklevel=2)
             shrink = False
-        out = self._squash_shrunk()[0] if shrink else _squash(self, self._fxs)
+        out = self._squash_shrunk()[0] if shrink else fold_masks(self, self._fxs).gm
         if storage != "dense":
             self._fxs.storage = apply_sparse_storage(out, self._fxs, storage, batch_size).choices
             out.storage_choices = self._fxs.storage  # the public record on the squashed module (SPEC §18)
@@ -143,9 +143,9 @@ class SparseGraphModule(GraphModule):
 
     def _squash_shrunk(self) -> tuple[GraphModule, dict[int, torch.Tensor]]:
         """The dense squash with the pruned channels removed, and the keep vectors (group id → keep) it used."""
-        out = _squash(self, self._fxs)
+        out = fold_masks(self, self._fxs).gm
         keeps = channel_keeps(self, self._fxs)
-        _shrink(out, self._fxs, keeps)
+        remove_channels(out, self._fxs, keeps)
         return out, keeps
 
     def squash_into(self, model: torch.nn.Module, shrink: bool = False) -> torch.nn.Module:
@@ -161,11 +161,11 @@ class SparseGraphModule(GraphModule):
             warnings.warn(_NO_CHANNELS.format(call="squash_into(model, shrink=True)"), UserWarning, stacklevel=2)
         elif shrink:
             return _shrink_into(self._fxs, *self._squash_shrunk(), model)
-        return _squash_into(self, self._fxs, _squash(self, self._fxs), model)
+        return _squash_into(self, self._fxs, fold_masks(self, self._fxs).gm, model)
 
     def to_torch_prune(self, model: torch.nn.Module) -> torch.nn.Module:
         """Apply the weight masks to the eager ``model`` with ``torch.nn.utils.prune.custom_from_mask``."""
-        return _to_torch_prune(self, self._fxs, model)
+        return attach_prune_hooks(self, self._fxs, model)
 
     def draw(self, path: Any, module: str | None = None) -> Any:
         """Write a picture of the rewritten graph (``.svg`` / ``.png``; extra ``viz``); ``module`` draws one

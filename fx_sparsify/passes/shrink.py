@@ -34,7 +34,7 @@ from .channels import CHANNELS, ChannelPlan, evaluate, fold_deltas, group_keeps
 from .layer_index import LayerIndex
 from .squash import activation_fold
 
-__all__ = ["shrink", "channel_keeps", "REFRESH", "REFRESH_BY_NAME", "refresh_attributes"]
+__all__ = ["remove_channels", "channel_keeps", "REFRESH", "REFRESH_BY_NAME", "refresh_attributes"]
 
 
 # each refresher takes a module of its table key's type (nn.Module's attribute types are a union)
@@ -216,10 +216,10 @@ def _fold_constants(gm: GraphModule, state: SparsityState, plan: ChannelPlan, ke
             _replace(gm, paths, old, (old.detach().double() + delta.to(old.device)).to(old.dtype))
 
 
-def shrink(gm: GraphModule, state: SparsityState, keeps: Mapping[int, Tensor]) -> PassResult:
+def remove_channels(gm: GraphModule, state: SparsityState, keeps: Mapping[int, Tensor]) -> PassResult:
     """Remove from ``gm`` (a squashed module) the units that ``keeps`` (group id → keep vector) prunes."""
     plan = state.channels
-    assert plan is not None, "shrink runs only for a spec with channel groups"
+    assert plan is not None, "remove_channels runs only for a spec with channel groups"
     _fold_constants(gm, state, plan, keeps)
     removed: dict[str, dict[int, set[int]]] = {}
     deltas: dict[tuple[str, str, tuple[Any, ...]], int] = {}

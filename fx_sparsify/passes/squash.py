@@ -1,6 +1,6 @@
 """Stage: fold the masks into the constants and return a plain ``torch.fx.GraphModule`` (SPEC §6).
 
-Squash is a sequence of small passes over a :func:`shallow_copy` of the sparse module (own graph and
+:func:`fold_masks` runs small passes over a :func:`shallow_copy` of the sparse module (own graph and
 module attributes, shared tensors: new memory only for the weights that change); the sparse module
 itself is left as it was, except that one built with ``inplace=True`` gives up its pruned weight values
 (SPEC §15):
@@ -30,21 +30,22 @@ from .._masks import is_masked, masked_copy, zero_pruned_
 from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
 from ..state import SparsityState, TargetRecord
-from ._runner import PassResult, eliminate_dead_code, finish
+from ._runner import PassResult, eliminate_dead_code, finish, run_passes
 from .layer_index import LayerIndex
 
-__all__ = ["squash", "fold_weight_masks", "fold_activation_masks", "activation_fold", "restore_module_calls", "strip",
-           "shallow_copy", "replace_tensor"]
+__all__ = ["fold_masks", "fold_weight_masks", "fold_activation_masks", "activation_fold", "restore_module_calls",
+           "strip", "shallow_copy", "replace_tensor"]
 
 
-def fold_weight_masks(gm: GraphModule, state: SparsityState, *, spend: bool = False) -> PassResult:
+def fold_weight_masks(gm: GraphModule, state: SparsityState) -> PassResult:
     """Give every masked weight its masked value (+0.0 where pruned); bypass and drop the mask nodes.
 
     ``gm`` is a :func:`shallow_copy`: its tensors are the sparse module's. A weight whose pruned entries
-    are already +0.0 (``"mode": "inplace"``) stays shared; otherwise it is zeroed in place when ``spend``
-    (``inplace=True``: the sparse module's pruned values are given up, its outputs stay the same) and
-    replaced by a new masked tensor when not, so the sparse module is unchanged.
+    are already +0.0 (``"mode": "inplace"``) stays shared; otherwise it is zeroed in place for a module
+    built with ``inplace=True`` (``state.inplace``: the sparse module's pruned values are given up, its
+    outputs stay the same) and replaced by a new masked tensor when not, so the sparse module is unchanged.
     """
+    spend = state.inplace
     with torch.no_grad():
         for record in state.targets.values():
             if record.kind in ("weight", "embedding"):
@@ -155,7 +156,7 @@ def _dense_feature_mask(gm: GraphModule, record: TargetRecord, mask: Tensor) -> 
     return dense[0] if bool((dense == dense[:1]).all()) else dense
 
 
-def restore_module_calls(gm: GraphModule) -> PassResult:
+def restore_module_calls(gm: GraphModule, state: SparsityState) -> PassResult:
     """Turn each functional call that replaced a leaf module call back into ``call_module``."""
     graph = gm.graph
     restored = {}
@@ -176,7 +177,7 @@ def restore_module_calls(gm: GraphModule) -> PassResult:
     return finish(gm, restored)
 
 
-def strip(gm: GraphModule) -> PassResult:
+def strip(gm: GraphModule, state: SparsityState) -> PassResult:
     """Drop our meta key and the nodes nothing uses any more."""
     for node in gm.graph.nodes:
         node.meta.pop(META_KEY, None)
@@ -264,21 +265,19 @@ def replace_tensor(gm: nn.Module, old: Tensor, new: Tensor) -> None:
                     table[key] = new  # type: ignore[assignment]  # a buffer, or the parameter's new tensor
 
 
-def squash(gm: GraphModule, state: SparsityState) -> GraphModule:
-    """A plain GraphModule with the masks of ``gm`` (described by ``state``) folded into its constants.
+def fold_masks(gm: GraphModule, state: SparsityState) -> PassResult:
+    """A plain GraphModule (the result's ``gm``) with the masks of ``gm`` (described by ``state``) folded into
+    its constants; ``created`` gathers what the stages did.
 
     New tensors only for the weights that change; everything else is shared with ``gm``. A sparse module
     built with ``inplace=True`` gives up its pruned weight values instead (zeroed in place and shared).
     """
     ops.drop_cache([gm.get_buffer(r.buffer) for r in state.targets.values() if r.kind != "activation"])
     work = shallow_copy(gm)
-    fold_weight_masks(work, state, spend=state.inplace)
-    fold_activation_masks(work, state)
-    restore_module_calls(work)
-    strip(work)
+    done = run_passes(work, state, [fold_weight_masks, fold_activation_masks, restore_module_calls, strip])
     out = GraphModule(work, work.graph, class_name=state.class_name)
     out._tracer_cls = out.graph._tracer_cls = None  # unpickling re-traces: export's tracer cannot, fx's can
     _match_state_keys(out, work, state.state_keys)
     _match_versions(out, getattr(state, "versions", {}))  # a state pickled before the field existed has none
     out.train(gm.training)
-    return out
+    return PassResult(out, True, {name: made for result in done for name, made in result.created.items()})

@@ -1,0 +1,154 @@
+"""The bitmask kernel (``_kernels.c`` via ``_native.bitmask_linear`` and the custom op) against ``F.linear`` of
+the dense weight, on every path the CPU has (AVX-512, AVX2, portable C), with threads, and the torch path.
+
+Tolerance: the kernel sums in another order than ``F.linear``, in float32 for float32 and bfloat16 values;
+results are compared with a float64 reference at ``rtol=1e-5``, ``atol=1e-5 * sqrt(cols)`` (float32)
+and at ``rtol=atol=1e-2`` after rounding to bfloat16 (one bfloat16 step is 2**-8 relative).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from fx_sparsify import _native
+from fx_sparsify._bitmask import BitmaskLinear, dense_of, pack
+
+needs_lib = pytest.mark.skipif(_native.LIB is None, reason="the C kernels are not built (no C compiler at install)")
+
+
+def _paths() -> list[str]:
+    """The kernel paths this CPU can run (the best one first)."""
+    if _native.LIB is None:
+        return []
+    best = _native.bitmask_isa()
+    paths = [best] + [p for p in ("avx2", "portable") if p != best]
+    return [p for p in paths if _native.ISAS.index(p) <= _native.ISAS.index(best)]
+
+
+@pytest.fixture(params=_paths() or ["none"])
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each kernel test on each path the CPU has; the CPU's own path again afterwards."""
+    if request.param == "none":
+        pytest.skip("the C kernels are not built")
+    best = _native.bitmask_isa()
+    assert _native.bitmask_isa(request.param) == request.param
+    yield request.param
+    _native.bitmask_isa(best)
+
+
+def _weight(rows: int, cols: int, zeros: float, dtype: torch.dtype, seed: int = 0,
+            empty_rows: tuple[int, ...] = ()) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) >= zeros)
+    w[list(empty_rows)] = 0
+    return w.to(dtype)
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    if w.dtype == torch.bfloat16:
+        torch.testing.assert_close(y.to(torch.bfloat16).float(), want.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+    else:
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, math.sqrt(w.shape[1])))
+
+
+def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    values, mask, offsets = pack(w)
+    y = _native.bitmask_linear(x, values, mask, offsets, b)
+    assert y is not None and y.dtype == torch.float32 and y.shape == (x.shape[0], w.shape[0])
+    return y
+
+
+SHAPES = [(1, 1), (3, 7), (8, 8), (17, 33), (64, 64), (5, 130), (40, 257), (129, 1000)]
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("zeros", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
+def test_kernel_equals_f_linear_on_every_path(shape: tuple[int, int], zeros: float, dtype: torch.dtype,
+                                              isa: str) -> None:
+    rows, cols = shape
+    w = _weight(rows, cols, zeros, dtype, seed=rows * cols, empty_rows=(0,) if rows > 2 else ())
+    b = torch.randn(rows).to(dtype)
+    for batch in (0, 1, 2, 5, 9, 17):  # 9 and 17: past the 8 rows of x the AVX-512 path shares a step with
+        x = torch.randn(batch, cols).to(dtype)
+        _check(_run(x, w, b), x, w, b)
+    _check(_run(x, w, None), x, w, None)
+
+
+@needs_lib
+def test_non_contiguous_inputs_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _weight(301, 77, 0.6, torch.float32, empty_rows=(3, 4, 300))
+    b = torch.randn(301)
+    x = torch.randn(77, 6).T  # rows of x 1 apart, entries 6 apart: copied to rows for the kernel
+    strided = torch.randn(6, 200)[:, 10:87]  # rows 200 apart, entries adjacent: used as it is
+    monkeypatch.setattr(_native, "PARALLEL_WORK", 0)  # split even a small product across the threads
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 7):
+            torch.set_num_threads(n)
+            _check(_run(x, w, b), x, w, b)
+            _check(_run(strided, w, b), strided, w, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_lib
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 70), cols=st.integers(1, 150), zeros=st.floats(0.0, 1.0), batch=st.integers(0, 12),
+       threads=st.integers(1, 4), bf16=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_any_shape_sparsity_batch_and_threads(rows: int, cols: int, zeros: float, batch: int, threads: int,
+                                                       bf16: bool, bias: bool, seed: int) -> None:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    w = _weight(rows, cols, zeros, dtype, seed)
+    b = torch.randn(rows).to(dtype) if bias else None
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    old, work = torch.get_num_threads(), _native.PARALLEL_WORK
+    torch.set_num_threads(threads)
+    _native.PARALLEL_WORK = 0
+    try:
+        _check(_run(x, w, b), x, w, b)
+    finally:
+        torch.set_num_threads(old)
+        _native.PARALLEL_WORK = work
+
+
+def test_the_torch_path_equals_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the library the op expands the weight and calls F.linear: the same results (up to summation order)."""
+    w, b = _weight(33, 70, 0.7, torch.float32), torch.randn(33)
+    layer = BitmaskLinear(w, b)
+    x = torch.randn(4, 70)
+    kernel = layer(x)
+    monkeypatch.setattr(_native, "LIB", None)
+    assert _native.bitmask_linear(x, layer.values, layer.mask, layer.row_offsets, b) is None
+    torch.testing.assert_close(layer(x), kernel, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), F.linear(x, w, b))
+    assert torch.equal(dense_of(layer.values, layer.mask, layer.row_offsets, 70), w)
+
+
+@needs_lib
+def test_what_the_kernel_does_not_take_goes_the_torch_way() -> None:
+    """Other dtypes, shapes that disagree, unpadded values, tracers: None (the caller's torch path), never a crash."""
+    w = _weight(9, 20, 0.5, torch.float32)
+    values, mask, offsets = pack(w)
+    x = torch.randn(3, 20)
+    assert _native.bitmask_linear(x, values.double(), mask, offsets, None) is None  # float64 values
+    assert _native.bitmask_linear(x[0], values, mask, offsets, None) is None  # a 1-D input
+    assert _native.bitmask_linear(torch.randn(3, 25), values, mask, offsets, None) is None  # mask of another width
+    assert _native.bitmask_linear(x, values[:-_native.BITMASK_PAD], mask, offsets, None) is None  # not padded
+    assert _native.bitmask_linear(x, values, mask, offsets.int(), None) is None  # int32 offsets
+    assert _native.bitmask_linear(x, values, mask, offsets, torch.randn(8)) is None  # a bias of another size
+    assert _native.bitmask_linear(x.to("meta"), values, mask, offsets, None) is None  # no memory behind it
+    layer = BitmaskLinear(w.double(), None)  # float64: the op's torch path
+    torch.testing.assert_close(layer(x.double()), F.linear(x.double(), w.double()))
+    with pytest.raises(ValueError, match="2-D floating-point weight"):
+        pack(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="use one of"):
+        _native.bitmask_isa("sse9")
