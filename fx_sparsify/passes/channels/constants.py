@@ -45,7 +45,8 @@ __all__ = ["ConstStep", "Fold", "ConstProgram", "UnitConstants", "STEP_KINDS", "
            "fold_deltas"]
 
 #: op kinds (rules.RULES) that carry a per-channel constant unchanged
-PASS_KINDS = ("attr", "reshape", "transpose", "expand", "getitem", "slice", "select", "cat", "split", "pool", "reduce")
+PASS_KINDS = ("attr", "reshape", "transpose", "expand", "getitem", "slice", "select", "cat", "split", "pool", "reduce",
+              "repeat_interleave")
 
 TensorGetter = Callable[[str], Tensor]
 

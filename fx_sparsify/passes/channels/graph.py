@@ -223,6 +223,12 @@ def _n_select(node: Node) -> Normalized:  # aten.select(x, dim, index)
     return [node.args[0]], {"dim": node_arg(node, 1, "dim")}
 
 
+def _n_repeat_interleave(node: Node) -> Normalized:  # repeat_interleave(x, repeats, dim, *, output_size)
+    at = ("args", 3) if len(node.args) > 3 else ("kwargs", "output_size") if "output_size" in node.kwargs else None
+    return [node.args[0]], {"repeats": node_arg(node, 1, "repeats"), "dim": node_arg(node, 2, "dim"),
+                            "output_size_at": at}
+
+
 def _n_none(node: Node) -> Normalized:
     return [], {}
 
@@ -274,6 +280,8 @@ FUNCTIONS: dict[Any, tuple[str, Normalizer]] = {
     aten.addmm: ("addmm", lambda n: ([n.args[0], n.args[1], n.args[2]], {})),
     F.embedding: ("embedding", _n_embedding(False)), aten.embedding: ("embedding", _n_embedding(True)),
     aten.slice: ("slice", _n_slice), aten.select: ("select", _n_select),
+    torch.repeat_interleave: ("repeat_interleave", _n_repeat_interleave),
+    aten.repeat_interleave: ("repeat_interleave", _n_repeat_interleave),
     operator.getitem: ("getitem", _n_x), getattr: ("shape", _n_none), aten.sym_size: ("shape", _n_none),
 }
 # the in-place forms too (``relu_``, ``add_``): torch.export keeps them (``nn.ReLU(inplace=True)``,
@@ -311,6 +319,7 @@ METHODS: dict[str, tuple[str, Normalizer]] = {
     "t": ("transpose", _n_t), "softmax": ("softmax", _n_dim("dim", 0)), "log_softmax": ("softmax", _n_dim("dim", 0)),
     "mean": ("reduce", _n_reduce), "sum": ("reduce", _n_reduce), "amax": ("reduce", _n_reduce),
     "split": ("split", _n_split("split_size")), "chunk": ("split", _n_split("chunks")), "matmul": ("matmul", _n_matmul),
+    "repeat_interleave": ("repeat_interleave", _n_repeat_interleave),
     "size": ("shape", _n_none), "dim": ("shape", _n_none), "numel": ("shape", _n_none),
 }
 

@@ -351,6 +351,28 @@ def r_slice(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
     return [(op.node if pos == 0 else x, s.dim, s.offset, s.width)]  # type: ignore[list-item]
 
 
+def r_repeat_interleave(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
+    """``x.repeat_interleave(r, dim)``: unit ``c`` of ``x`` becomes units ``c·r .. c·r + r - 1`` of the output
+    along ``dim`` (grouped-query attention's ``k.repeat_interleave(n_rep, dim=1)``: a kv head and its copies)."""
+    x = op.operands[0]
+    repeats, dim = op.extra["repeats"], op.extra["dim"]
+    if dim is None:
+        raise Unmappable(op.node, "repeat_interleave without a dim flattens the input")
+    if not isinstance(repeats, int):
+        raise Unmappable(op.node, "repeat_interleave with a tensor of repeats (one count per index)")
+    dim = _norm_dim(dim, ctx.ndim(x))
+    if s.dim != dim:
+        return [(op.node if pos == 0 else x, s.dim, s.offset, s.width)]  # type: ignore[list-item]
+    if pos == 0:
+        ctx.edit(op, op.extra.get("output_size_at"), s.width * repeats)
+        return [(op.node, dim, s.offset * repeats, s.width * repeats)]
+    if s.offset % repeats or s.width % repeats:
+        raise Unmappable(op.node, f"repeat_interleave repeats each index {repeats} times; a unit here covers "
+                                  f"{s.width}", repeats // math.gcd(s.width, repeats))
+    ctx.edit(op, op.extra.get("output_size_at"), s.width)
+    return [(x, dim, s.offset // repeats, s.width // repeats)]  # type: ignore[list-item]
+
+
 def r_select(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
     nd = ctx.ndim(op.operands[0])
     dim = _norm_dim(op.extra["dim"], nd)
@@ -460,7 +482,7 @@ RULES: dict[str, Rule] = {
     "group_norm": r_group_norm, "pointwise": r_pointwise, "expand": r_expand, "softmax": r_softmax,
     "reduce": r_reduce, "pool": r_pool, "reshape": r_reshape, "transpose": r_transpose, "cat": r_cat,
     "split": r_split, "getitem": r_getitem, "slice": r_slice, "select": r_select, "matmul": r_matmul,
-    "sdpa": r_sdpa, "addmm": r_addmm, "embedding": r_embedding, "shape": r_shape, "unknown": r_unknown,
+    "repeat_interleave": r_repeat_interleave, "sdpa": r_sdpa, "addmm": r_addmm, "embedding": r_embedding, "shape": r_shape, "unknown": r_unknown,
 }
 
 
