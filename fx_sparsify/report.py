@@ -81,7 +81,7 @@ def report_table(gm: GraphModule, state: SparsityState) -> str:
     achieved = sparsity_of(gm, state)
     masks = masks_of(gm, state)
     index = LayerIndex(gm, state.aliases)
-    rows = []
+    rows: list[list[Any]] = []
     # the target of the step that made the current masks (before the first step: of the first step)
     shown = dataclasses.replace(state, steps=max(state.steps - 1, 0))
     groups: dict[int, int] = {}

@@ -50,7 +50,8 @@ def needs_take_over(model: nn.Module) -> bool:
         if _prune_hooks(module):
             return True
         if fake is not None and parametrize.is_parametrized(module):
-            if any(isinstance(p, fake) for plist in module.parametrizations.values() for p in plist):  # type: ignore[union-attr]
+            if any(isinstance(p, fake) for plist in module.parametrizations.values()  # type: ignore[union-attr, operator]
+                   for p in plist):
                 return True
     return False
 
@@ -88,7 +89,7 @@ def take_over(model: nn.Module, *, inplace: bool) -> tuple[nn.Module, dict[str, 
         if fake is not None and parametrize.is_parametrized(module):
             for name in list(module.parametrizations.keys()):  # type: ignore[union-attr]
                 plist = module.parametrizations[name]  # type: ignore[index]
-                fakes = [p for p in plist if isinstance(p, fake)]
+                fakes: list[Any] = [p for p in plist if isinstance(p, fake)]
                 if not fakes:
                     continue
                 if len(fakes) != len(plist):

@@ -121,10 +121,10 @@ def _config_widths(plan: ChannelPlan, keeps: dict[int, Tensor], model: nn.Module
     for field in dict.fromkeys(k[0] for k in found):  # every layer that reads the field, in each stack it has
         for key in dict.fromkeys([r for r in rows if r[0] == field and (not r[2] or r[2] in stacks)]
                                  + [k for k in found if k[0] == field]):
-            values, layers = found.get(key, []), getattr(config, key[1], None)
-            if not values or len(set(values)) > 1 or (layers is not None and len(values) != layers):
-                among = f"{layers} {key[2] + ' ' if key[2] else ''}layers ({key[1]})"
-                rest = f", the others keep {width(field)}" if layers is not None and len(values) < layers else ""
+            values, n_layers = found.get(key, []), getattr(config, key[1], None)
+            if not values or len(set(values)) > 1 or (n_layers is not None and len(values) != n_layers):
+                among = f"{n_layers} {key[2] + ' ' if key[2] else ''}layers ({key[1]})"
+                rest = f", the others keep {width(field)}" if n_layers is not None and len(values) < n_layers else ""
                 raise ValueError(
                     f"squash_into(model, shrink=True): {field} would differ between layers ("
                     + (f"{len(values)} of the {among} get {sorted(set(values))}{rest}" if values else

@@ -129,7 +129,7 @@ def insert_hessian_observers(
         shared[key] = name
         created[weight_target] = {"observer": name}
         if not layers[layer][2]:  # one-pass: this observer's Hessian lives through the whole calibration
-            weight = gm.get_submodule(layer).weight
+            weight: Any = gm.get_submodule(layer).weight
             one_pass[name] = math.prod(weight.shape[1:]) ** 2 * dtype.itemsize, weight.device
     if any(sequential for _, _, sequential, _ in layers.values()):
         record_calibration_inputs(gm)

@@ -123,8 +123,9 @@ def layer_input(gm: GraphModule, call: Node, layer: str, carrier: Node | None = 
             return call.args[0]
         if not call.args:
             first = next(iter(inspect.signature(gm.get_submodule(call.target).forward).parameters), None)  # type: ignore[arg-type]
-            if isinstance(call.kwargs.get(first), Node):
-                return call.kwargs[first]  # type: ignore[index]
+            found = call.kwargs.get(first) if first is not None else None
+            if isinstance(found, Node):
+                return found
         raise ValueError(
             f"activation rule on {layer!r}: the layer's input in the graph is not a tensor argument "
             f"({call.format_node()}); "
