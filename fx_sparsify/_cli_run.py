@@ -413,8 +413,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} exists and is not a directory")
     example, batch = batches(args)
+    if args.stream:  # one block at a time from --checkpoint
+        from ._cli_stream import run_streamed
+
+        return run_streamed(args, spec, out, batch)
     say(args, f"building {args.model} ({torch.get_num_threads()} thread(s))")
     model = build_model(args.model, args.model_kwargs).eval()
+    if args.checkpoint:
+        from ._cli_stream import load_weights
+
+        load_weights(model, args.checkpoint)
     check_inputs(example, model)
     start = time.perf_counter()
     sgm = fxs.sparsify_graph(model, spec, example_inputs=example[0], example_kwargs=example[1] or None)

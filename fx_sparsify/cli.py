@@ -219,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="forward passes timed for the summary, dense and result each (default 10; 0 skips)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    run.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="the model's weights: a safetensors file or a folder of shards (Hugging Face index)",
+    )
+    run.add_argument(
+        "--stream",
+        action="store_true",
+        help="with --checkpoint: prune one block at a time (prune_streamed); DIR receives compressed shards + index",
+    )
     run.set_defaults(func=cmd_run)
 
     insp = sub.add_parser(

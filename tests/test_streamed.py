@@ -265,3 +265,63 @@ def test_rules_that_cannot_stream_are_refused(tmp_path: Path) -> None:
         fxs.prune_streamed(Stack, ckpt, {"weights": [{"target": "nope", "method": "dense"}]}, batches, tmp_path / "o")
     with pytest.raises(ValueError, match="where the checkpoint is"):
         fxs.prune_streamed(Stack, ckpt, SPEC_L1, batches, tmp_path)
+
+
+def test_example_scale_streamed_runs(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "scale_streamed.py"
+    spec = importlib.util.spec_from_file_location("scale_streamed", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = example.main(str(tmp_path))
+    assert (tmp_path / "pruned" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "pruned").glob("model-*.safetensors"))) == 5  # 4 blocks + the rest
+    assert float((model.blocks[3].down.weight == 0).float().mean()) == 0.5
+
+
+def test_cli_checkpoint_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fx_sparsify.cli import main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "scale_streamed.py"
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(
+        json.dumps(
+            {"weights": [{"target": "re:blocks\\.\\d+\\.(up|down)", "method": "l1_unstructured", "sparsity": 0.5}]}
+        )
+    )
+    torch.manual_seed(123)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_streamed_cli", example)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    weights = module.Model().state_dict()
+    save_file(weights, str(tmp_path / "ckpt.safetensors"))
+    common = [
+        str(recipe),
+        "--model",
+        f"{example}:Model",
+        "--input",
+        "8x16",
+        "--checkpoint",
+        str(tmp_path / "ckpt.safetensors"),
+        "--quiet",
+    ]
+    assert main(["run", *common, "--stream", "--out", str(tmp_path / "streamed")]) == 0
+    got = fxs.load_compressed(tmp_path / "streamed")
+    assert (tmp_path / "streamed" / "report.md").is_file() and (tmp_path / "streamed" / "spec.json").is_file()
+    # the checkpoint's weights, pruned (not the factory's initialisation)
+    kept = got["blocks.2.up.weight"] != 0
+    assert float(kept.float().mean()) == 0.5
+    assert torch.equal(got["blocks.2.up.weight"][kept], weights["blocks.2.up.weight"][kept])
+    assert torch.equal(got["head.weight"], weights["head.weight"])
+    # without --stream the checkpoint is loaded into the model before the usual in-memory run: the same weights
+    assert main(["run", *common, "--out", str(tmp_path / "memory"), "--latency-runs", "0"]) == 0
+    memory = fxs.load_compressed(tmp_path / "memory" / "model.safetensors")
+    for k, v in got.items():
+        assert torch.equal(memory[k], v), k
+    assert main(["run", *common[:-3], "--stream", "--out", str(tmp_path / "x")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
