@@ -279,6 +279,143 @@ def step_times(model: ByteGPT, calib: list[torch.Tensor], example: torch.Tensor,
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+# ---- structured: channels and heads (SPEC §17) ---------------------------------------------------
+
+
+SETTINGS = (("50 % MLP neurons", "mlp", 0.5), ("75 % MLP neurons", "mlp", 0.75),
+            ("1 of 4 heads", "heads", 1), ("2 of 4 heads", "heads", 2))
+
+
+def channel_spec(kind: str, amount: float | int, **options: object) -> dict:
+    if kind == "mlp":
+        return {"channels": [{"target": r"re:blocks\.\d+\.fc1", "sparsity": amount, **options}]}
+    return {"channels": [{"target": r"re:blocks\.\d+", "heads": amount, **options}]}
+
+
+def layer_inputs(model: nn.Module, calib: list[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """Every calibration row of each named layer's input, float64 (``rows × in``)."""
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda m, inp, out, name=name: rows[name].append(inp[0].reshape(-1, inp[0].shape[-1]).double()))
+        for name in names]
+    with torch.no_grad():
+        for batch in calib:
+            model(batch)
+    for h in hooks:
+        h.remove()
+    return {name: torch.cat(r) for name, r in rows.items()}
+
+
+def flap_reference(model: ByteGPT, calib: list[torch.Tensor], kind: str, amount: float | int,
+                   refit: bool) -> tuple[nn.Module, float]:
+    """FLAP (An et al. 2024), one shot, uniform per layer, written out here independently of the package:
+    the fluctuation ``var(x_j) · ‖W[:, j]‖²`` of the consumer's (fc2's, o's) input columns, summed per head,
+    ranks the units; the lowest go (their producer rows and consumer columns zeroed) and the consumer's bias
+    takes their mean contribution. ``refit``: instead, the consumer's kept columns and bias are solved by
+    plain least squares (``torch.linalg.lstsq``) on the calibration rows so its output changes least."""
+    work = copy.deepcopy(model)
+    consumer = "fc2" if kind == "mlp" else "o"
+    xs = layer_inputs(work, calib, [f"blocks.{i}.{consumer}" for i in range(len(work.blocks))])
+    start = time.process_time()
+    with torch.no_grad():
+        for i, block in enumerate(work.blocks):
+            layer = getattr(block, consumer)
+            x, w, b = xs[f"blocks.{i}.{consumer}"], layer.weight.double(), layer.bias.double()
+            width = 1 if kind == "mlp" else x.shape[1] // block.heads
+            fluct = (x.var(0) * w.square().sum(0)).reshape(-1, width).sum(1)
+            units = fluct.numel()
+            n_prune = round(amount * units) if isinstance(amount, float) else int(amount)
+            pruned = torch.argsort(fluct, stable=True)[:n_prune]
+            cols = (pruned.unsqueeze(1) * width + torch.arange(width)).reshape(-1)
+            keep = torch.ones(x.shape[1], dtype=torch.bool)
+            keep[cols] = False
+            producers = [block.fc1] if kind == "mlp" else [block.q, block.k, block.v]
+            for p in producers:
+                p.weight[cols] = 0
+                p.bias[cols] = 0
+            if refit:
+                a = torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+                sol = torch.linalg.lstsq(a, x @ w.T + b).solution
+                new_w = torch.zeros_like(w)
+                new_w[:, keep] = sol[:-1].T
+                layer.weight.copy_(new_w)
+                layer.bias.copy_(sol[-1])
+            else:
+                layer.bias.copy_(b + w[:, ~keep] @ x[:, ~keep].mean(0))
+                layer.weight[:, ~keep] = 0
+    return work, time.process_time() - start
+
+
+def prune_channels(model: nn.Module, spec: dict, calib: list[torch.Tensor], example: torch.Tensor,
+                   check: torch.Tensor) -> tuple[nn.Module, float, int, float]:
+    """Our pipeline: calibrate, step (timed, CPU s; peak RSS growth), shrink; (shrunk, s, bytes, shrunk vs masked)."""
+    from _memory import reset_peak, status
+
+    sgm = fxs.sparsify_graph(copy.deepcopy(model), spec, example_inputs=(example,))
+    with torch.no_grad():
+        for batch in calib:
+            sgm(batch)
+        reset_peak()
+        base = status("VmRSS")
+        start = time.process_time()
+        sgm.step()
+        seconds = time.process_time() - start
+        peak = status("VmHWM") - base
+        small = sgm.squash(shrink=True)
+        diff = float((sgm(check) - small(check)).abs().max())
+    return small, seconds, peak, diff
+
+
+def sparsegpt_step_seconds(model: nn.Module, calib: list[torch.Tensor], example: torch.Tensor, layers: str) -> float:
+    """CPU seconds of a sparsegpt step (50 %) on the same consumer layers, after the same calibration."""
+    spec = {"weights": [{"target": layers, "method": "sparsegpt", "sparsity": 0.5}]}
+    sgm = fxs.sparsify_graph(copy.deepcopy(model), spec, example_inputs=(example,))
+    with torch.no_grad():
+        for batch in calib:
+            sgm(batch)
+        start = time.process_time()
+        sgm.step()
+    return time.process_time() - start
+
+
+def structured(model: ByteGPT, held: torch.Tensor, calib: list[torch.Tensor], example: torch.Tensor,
+               dense: float, args: argparse.Namespace) -> None:
+    """Loss added by each importance with and without reconstruction against FLAP and FLAP + least squares."""
+    check = calib[0][:4]
+    print("| removed | method | loss added | / FLAP + lstsq | parameters | step CPU s | step peak MiB | shrunk vs masked |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, kind, amount in SETTINGS:
+        runs: list[tuple[str, Callable[[], tuple[nn.Module, float, int, float]]]] = [
+            ("FLAP + least-squares refit (reference)", lambda: (*flap_reference(model, calib, kind, amount, True), 0, math.nan)),
+            ("FLAP (reference)", lambda: (*flap_reference(model, calib, kind, amount, False), 0, math.nan)),
+        ]
+        for importance in ("magnitude", "activation", "obs"):
+            for rec in (False, True):
+                options = {"importance": importance, **({"reconstruct": True} if rec else {})}
+                runs.append((f"{importance}{' + reconstruct' if rec else ''}",
+                             lambda options=options: prune_channels(model, channel_spec(kind, amount, **options), calib, example, check)))
+        runs.append(("obs + reconstruct, sequential", lambda: prune_channels(
+            model, channel_spec(kind, amount, importance="obs", reconstruct=True, sequential=True), calib, example, check)))
+        reference = math.nan
+        for name, fn in runs:
+            pruned, seconds, peak, diff = fn()
+            added = held_out_loss(pruned, held, args.eval) - dense
+            reference = added if math.isnan(reference) else reference
+            params = sum(p.numel() for p in pruned.parameters() if p.dim() > 0)
+            if name.endswith("(reference)"):
+                params = sum(int((p != 0).sum()) if p.dim() > 0 else 1 for p in pruned.parameters())
+            print(f"| {label} | {name} | {added:+.4f} | {added / reference:.2f}x | {params} | {seconds:.2f} | "
+                  f"{peak / 2**20:.0f} | {diff:.1e} |", flush=True)
+    consumers = {"mlp": r"re:blocks\.\d+\.fc2", "heads": r"re:blocks\.\d+\.o$"}
+    for kind, layers in consumers.items():
+        amount = 0.5 if kind == "mlp" else 1
+        ours = min(prune_channels(model, channel_spec(kind, amount, importance="obs", reconstruct=True), calib,
+                                  example, check)[1] for _ in range(args.repeats))
+        gpt = min(sparsegpt_step_seconds(model, calib, example, layers) for _ in range(args.repeats))
+        print(f"{kind}: step() CPU s, best of {args.repeats}: obs + reconstruct {ours:.3f}, sparsegpt 50 % on the "
+              f"consumers {gpt:.3f} ({ours / gpt:.2f}x)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)

@@ -22,6 +22,7 @@ from ._compressed import load_compressed, save_compressed
 from .api import masks, report, sparsify_graph, sparsity, squash, step
 from .export import export
 from .methods import available_mask_methods, compute_mask, register_mask_method
+from .methods.channel_importance import register_channel_importance
 from .ops import set_cache_limit
 from .sparse_graph_module import SparseGraphModule
 from .sparsify import Sparsify
@@ -59,6 +60,7 @@ __all__ = [
     "plot_mask",
     "plot_sparsity",
     "prune_streamed",
+    "register_channel_importance",
     "register_mask_method",
     "set_cache_limit",
     "report",

@@ -27,5 +27,6 @@ SPEC_KEYS_DOC = """
       abs_sum, sq_sum, max, abs_max or a callable), ``reduce`` (mean, sum, none or a callable),
       ``mask`` (a mask method or a callable) and its options, ``features`` + ``feature_dim``.
     - ``channels``: structured rules pruning output channels / heads: ``target``, ``sparsity``,
-      ``heads``, ``p``, ``global``, ``round_to``, ``min_channels``, ``schedule`` (SPEC §10).
+      ``heads``, ``p``, ``global``, ``round_to``, ``min_channels``, ``schedule`` (SPEC §10), ``importance``,
+      ``reconstruct``, ``damp``, ``sequential`` (calibrated importance and consumer refit).
 """

@@ -20,6 +20,8 @@ from .passes.insert_activation_masks import activation_target_name, insert_activ
 from .passes.insert_hessian_observers import insert_hessian_observers, sparsegpt_layers
 from .passes.insert_weight_masks import insert_weight_masks
 from .passes.channels import ChannelPlan, passive_rules, plan_channels
+from .passes.channels.importance import insert_channel_observers
+from .passes.reconstruct import record_calibration_inputs
 from .passes.update_masks import check_options
 from .observer import ActivationObserver
 from .roundtrip import set_initial_masks, take_over
@@ -119,6 +121,10 @@ def sparsify_graph(
         targets = {**targets, **_channel_targets(channel_plan, targets)}
     activations = insert_activation_masks(gm, layers, norm_layers, aliases).created
     activations.update(insert_hessian_observers(gm, hessian_layers, aliases).created)
+    if channel_plan is not None:  # SPEC §17: the consumers' input statistics of calibrated channels rules
+        channel_plan.observers = insert_channel_observers(gm, channel_plan, aliases)
+        if any(r.sequential for r in spec.channels) and not any(seq for _, _, seq, _ in hessian_layers.values()):
+            record_calibration_inputs(gm)
     weights = insert_weight_masks(gm, targets, aliases, seed=spec.seed, in_graph=spec.mode == "graph").created
     for path in scores:  # importance scores stay reachable from the sparse module
         if find_tensor(gm, path) is None:

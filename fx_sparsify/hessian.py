@@ -6,6 +6,11 @@ Every calibration forward folds its input ``x`` (``(..., in_features)``, flatten
 ``H = 2·X·Xᵀ / rows``. It is an :class:`~fx_sparsify.observer.ActivationObserver` with aggregate
 ``"sum"``, so it is disabled, reset, pickled and all-reduced under DDP like every observer. One
 ``in × in`` statistic per observer; layers that read the same input (``q``, ``k``, ``v``) share one.
+
+With ``augment=True`` each row gets a constant 1 appended before it is folded in, so the statistic is
+``Σ [x, 1]ᵀ·[x, 1]`` (``(in + 1) × (in + 1)``): its last column holds the sum of the rows and its last
+entry their count, the mean and the second moment in one summable tensor (channel importance and the
+consumer refit of ``channels`` rules, SPEC §17).
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ __all__ = ["HessianObserver"]
 class HessianObserver(ActivationObserver):
     """Identity on its input; accumulates ``xᵀ·x`` over the rows of every batch while ``enabled``."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32, name: str = "", unfold: dict[str, Any] | None = None) -> None:
+    augment = False  # class default: observers pickled before the option existed load unaugmented
+
+    def __init__(self, dtype: torch.dtype = torch.float32, name: str = "", unfold: dict[str, Any] | None = None,
+                 augment: bool = False) -> None:
         super().__init__("sum", "sum", name=name)
+        self.augment = augment
         self.compact, self._fast = True, False
         self.dtype = dtype
         self.unfold = unfold  # a Conv2d's kernel_size, dilation, padding, stride: rows are its input patches
@@ -39,6 +48,8 @@ class HessianObserver(ActivationObserver):
         else:
             rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
         rows = rows.to(self.dtype)
+        if self.augment:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
         stat = self._buffers["stat"]
         if self.batches and stat.dtype != self.dtype:  # the module was cast (.half()): accumulate in our dtype
             stat = self.stat = stat.to(self.dtype)
@@ -58,4 +69,4 @@ class HessianObserver(ActivationObserver):
         return [self.stat * (2.0 / max(self.samples, 1))]
 
     def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, batches={int(self.batches)}, rows={int(self.samples)}"
+        return f"dtype={self.dtype}, augment={self.augment}, batches={int(self.batches)}, rows={int(self.samples)}"

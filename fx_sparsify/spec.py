@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from .methods import get_mask_method, parse_method, validate_options
+from .methods.channel_importance import get_channel_importance
 from .schedule import check_schedule
 from ._spec_doc import SPEC_KEYS_DOC
 
@@ -227,6 +228,11 @@ class ChannelRule:
     channels); ``heads``: a fraction or count of query heads per attention block; ``p``: the norm ranking a
     group's channels; ``round_to``: kept channels a multiple of it (default 8 for a fractional sparsity on
     groups wider than 32 channels, else 1); ``min_channels``: kept channels at least this many.
+    ``importance``: what ranks a group's units: ``"magnitude"`` (the joint ``p``-norm),
+    ``"activation"`` (FLAP), ``"obs"`` (structured OBS) or a name registered with
+    ``register_channel_importance``; ``reconstruct``: refit the consumer layers on the calibration
+    statistics; ``damp``: their damping (fraction of the mean input second moment); ``sequential``:
+    calibrate each group's consumers on the outputs of the groups pruned before it.
     """
 
     target: str
@@ -237,8 +243,13 @@ class ChannelRule:
     round_to: int | None = None
     min_channels: int = 1
     schedule: Mapping[str, Any] | Callable[[int], float] | None = None
+    importance: str = "magnitude"
+    reconstruct: bool = False
+    damp: float = 0.01
+    sequential: bool = False
 
-    _KEYS = ("target", "sparsity", "heads", "p", "global", "round_to", "min_channels", "schedule")
+    _KEYS = ("target", "sparsity", "heads", "p", "global", "round_to", "min_channels", "schedule", "importance",
+             "reconstruct", "damp", "sequential")
     method = "channels"  # the TargetRecord.method of the masks it owns
 
     @property
@@ -278,6 +289,21 @@ class ChannelRule:
             if not (isinstance(self.schedule, Mapping) or callable(self.schedule)):
                 raise TypeError(f"{_where(where, 'schedule')}: expected a dict or a callable step -> sparsity")
             check_schedule(self.schedule, _where(where, "schedule"))
+        get_channel_importance(self.importance, _where(where, "importance"))
+        for key in ("reconstruct", "sequential"):
+            if not isinstance(getattr(self, key), bool):
+                raise TypeError(f"{_where(where, key)}: expected True or False, got {getattr(self, key)!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, numbers.Real) or not 0 <= float(self.damp) < float("inf"):
+            raise ValueError(f"{_where(where, 'damp')}: a fraction of the mean input second moment (>= 0, e.g. 0.01); "
+                             f"got {self.damp!r}")
+        if self.sequential and self.global_:
+            raise ValueError(f"{where}: 'sequential' prunes one group after another, 'global' ranks all groups at once; "
+                             "drop one of them")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether ``step()`` reads calibration statistics for this rule (its importance, or ``reconstruct``)."""
+        return self.reconstruct or get_channel_importance(self.importance)[1]
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "channels") -> ChannelRule:
@@ -292,7 +318,9 @@ class ChannelRule:
         out: dict[str, Any] = {"target": self.target}
         for key, attr, default in (("sparsity", "sparsity", None), ("heads", "heads", None), ("p", "p", 2),
                                    ("global", "global_", False), ("round_to", "round_to", None),
-                                   ("min_channels", "min_channels", 1), ("schedule", "schedule", None)):
+                                   ("min_channels", "min_channels", 1), ("schedule", "schedule", None),
+                                   ("importance", "importance", "magnitude"), ("reconstruct", "reconstruct", False),
+                                   ("damp", "damp", 0.01), ("sequential", "sequential", False)):
             if getattr(self, attr) != default:
                 out[key] = copy.deepcopy(getattr(self, attr))
         return out

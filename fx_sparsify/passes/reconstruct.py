@@ -31,7 +31,7 @@ from ..observer import ActivationObserver
 from ..state import SparsityState, TargetRecord, current_options, state_of
 from .layer_index import LayerIndex
 
-__all__ = ["RECONSTRUCTING", "check_calibrated", "reconstruct", "is_sequential", "reconstruct_in_order",
+__all__ = ["replay_calibration", "RECONSTRUCTING", "check_calibrated", "reconstruct", "is_sequential", "reconstruct_in_order",
            "record_calibration_inputs"]
 
 RECONSTRUCTING = frozenset({"sparsegpt"})  # methods whose step also rewrites the weights that stay
@@ -130,6 +130,12 @@ def _replay(gm: GraphModule, state: SparsityState, observers: Iterable[str]) -> 
             if name in current and current[name].shape == value.shape:
                 current[name].copy_(value)
     distributed.sync_observers(gm.get_submodule(name) for name in sorted(observers))  # the level's sums over ranks
+
+
+def replay_calibration(gm: GraphModule, state: SparsityState, observers: Iterable[str]) -> None:
+    """Run the recorded calibration inputs again with only ``observers`` listening (restarted first); for
+    other sequential pruners (``channels`` rules with ``"sequential": true``)."""
+    _replay(gm, state, observers)
 
 
 def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[TargetRecord],

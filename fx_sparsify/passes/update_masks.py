@@ -29,8 +29,10 @@ from .._modules import find_tensor
 from ..methods import generator_for, get_mask_method, global_masks, keep_mask, refuse_nan
 from ..methods.wanda import PER_ROW, per_row_mask
 from ..state import SparsityState, TargetRecord, current_options
-from .channels import CHANNELS, channel_masks
-from .reconstruct import RECONSTRUCTING, check_calibrated, is_sequential, reconstruct, reconstruct_in_order
+from .channels import CHANNELS
+from .channels.importance import step_channels
+from .reconstruct import (RECONSTRUCTING, check_calibrated, is_sequential, reconstruct, reconstruct_in_order,
+                          replay_calibration)
 
 __all__ = ["update_masks", "weight_scores", "check_options", "check_targets", "apply_masks_inplace", "StepStrategy",
            "StepWork", "STEP_STRATEGIES", "register_step_strategy", "strategy_of"]
@@ -180,6 +182,8 @@ class StepWork:
     new_masks: dict[str, Tensor] = field(default_factory=dict)  # target name -> new keep-mask
     new_weights: dict[str, Tensor] = field(default_factory=dict)  # target name -> updated weight (reconstructing)
     restart: list[str] = field(default_factory=list)  # observers whose statistics restart after the step
+    # parameter FQN -> new value, for parameters no target owns (the bias of a refit channel consumer)
+    new_params: dict[str, Tensor] = field(default_factory=dict)
 
     def options(self, record: TargetRecord) -> dict[str, Any]:
         """``record``'s method options at this step (a schedule moves the sparsity)."""
@@ -225,10 +229,19 @@ def _step_global(work: StepWork, records: list[TargetRecord]) -> None:
 
 
 def _step_channels(work: StepWork, records: list[TargetRecord]) -> None:
-    """SPEC §10: one keep vector per channel group, into every member."""
-    if work.state.channels is not None:
-        current = {r.name: work.gm.get_buffer(r.buffer) for r in records}
-        work.new_masks.update(channel_masks(work.gm, work.state.channels, current, work.state.steps))
+    """SPEC §10, §17: one keep vector per channel group, into every member, ranked by the rule's importance;
+    the consumers of ``reconstruct`` rules refit (sequential rules write group by group as they go)."""
+    plan, state = work.state.channels, work.state
+    if plan is None:
+        return
+    masks, params = step_channels(work.gm, plan, {r.name: r.buffer for r in records}, state.steps,  # type: ignore[misc]
+                                  replay=lambda observers: replay_calibration(work.gm, state, observers))
+    work.new_masks.update(masks)
+    for name, value in params.items():
+        (work.new_weights if name in state.targets else work.new_params)[name] = value
+    work.restart.extend(dict.fromkeys(plan.observers.values()))
+    if any(rule.sequential for rule in plan.rules):
+        state.calibration.inputs = None
 
 
 def _step_module(work: StepWork, record: TargetRecord) -> None:
@@ -339,6 +352,8 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
             _write(gm, state, state.targets[name], keep)
         for name, weight in work.new_weights.items():
             gm.get_parameter(state.targets[name].param).copy_(weight)  # type: ignore[arg-type]
+        for name, value in work.new_params.items():
+            gm.get_parameter(name).copy_(value)
         state.reconstructed.update(work.new_weights)
         for observer in work.restart:
             gm.get_submodule(observer).reset()

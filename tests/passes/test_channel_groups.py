@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import fx_sparsify as fxs
 from fx_sparsify.passes.channels import map_reshape
@@ -96,7 +97,28 @@ def test_global_ranks_across_the_rules_groups() -> None:
     sgm.step()
     kept1, kept2 = int(sgm.masks()["fc1.bias"].sum()), int(sgm.masks()["fc2.bias"].sum())
     assert kept1 + kept2 == 112 - round(0.4 * 112)
-    assert kept1 == 64  # the large fc1 channels all survive
+    # scores are compared relative to their layer's mean: a layer 100x larger does not take the whole budget
+    assert 0 < kept1 < 64 and 0 < kept2 < 48
+
+
+def test_global_allocation_honours_round_to_min_channels_and_the_total() -> None:
+    """Two equal layers: a global 50 % rule prunes both (it used to empty one of them), each keeping a
+    multiple of round_to; the total is exact; min_channels bounds what a layer keeps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(2, 8)
+    spec = {"channels": [{"target": "re:[02]$", "sparsity": 0.5, "global": True}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,))
+    sgm.step()
+    kept = [int(sgm.masks()[f"{i}.bias"].sum()) for i in (0, 2)]
+    assert sum(kept) == 64 and all(k % 8 == 0 and k > 0 for k in kept), kept
+    with torch.no_grad():
+        model[0].weight[:60].mul_(1e-3)  # layer 0 has 4 strong channels only
+    spec["channels"][0].update(round_to=1, min_channels=10)
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,))
+    sgm.step()
+    kept = [int(sgm.masks()[f"{i}.bias"].sum()) for i in (0, 2)]
+    assert sum(kept) == 64 and kept[0] >= 10, kept
 
 
 def test_schedule_moves_the_channel_sparsity() -> None:

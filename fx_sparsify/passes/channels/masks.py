@@ -106,17 +106,7 @@ def channel_masks(gm: GraphModule, plan: ChannelPlan, masks: Mapping[str, Tensor
         amount = _amount(rule, steps)
         scores = {g.id: score(gm, g, masks, rule) for g in mine}
         if rule.global_ and rule.heads is None and len(mine) > 1:
-            flat = torch.cat([scores[g.id] for g in mine])
-            n_prune = round(amount * flat.numel()) if isinstance(amount, float) else int(amount)
-            if n_prune > flat.numel():
-                raise ValueError(f"{where}: asks to prune {n_prune} channels of {flat.numel()}")
-            chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-            chosen[torch.argsort(flat, stable=True)[:n_prune]] = True
-            at = 0
-            for g in mine:
-                share = int(chosen[at:at + g.units].sum())
-                at += g.units
-                keeps[g.id] = _keep_lowest(scores[g.id], _kept_count(rule, g, share, where, isinstance(amount, float)))
+            keeps.update(_global_keeps(rule, mine, scores, amount, where))
         else:
             for g in mine:
                 keeps[g.id] = _keep_lowest(scores[g.id], _kept_count(rule, g, amount, where))
@@ -132,6 +122,58 @@ def channel_masks(gm: GraphModule, plan: ChannelPlan, masks: Mapping[str, Tensor
                 out[m.tensor] = torch.ones(gm.get_parameter(m.tensor).shape, dtype=torch.bool)
             if pruned:
                 out[m.tensor].index_fill_(m.dim, torch.tensor(m.indices(pruned), dtype=torch.long), False)
+    return out
+
+
+def _global_keeps(rule: ChannelRule, groups: list[ChannelGroup], scores: Mapping[int, Tensor], amount: float | int,
+                  where: str) -> dict[int, Tensor]:
+    """Keep vectors of a ``global`` rule: ``amount`` of all the groups' units pruned where they score lowest.
+
+    Scores are compared across groups as they are for ``"obs"`` (output errors, one scale) and divided by
+    their group's mean otherwise (a norm or a fluctuation depends on the layer's scale: raw, the whole
+    budget would fall on one layer). Each group gives up whole chunks, so what it keeps stays a multiple
+    of its ``round_to`` and at least ``min_channels``: the chunks are taken cheapest first (a chunk costs
+    its highest score) until the requested total is reached; one that would pass it closes its group.
+    The total is exact when ``round_to`` is 1, else the largest one the chunks allow below it.
+    """
+    total = sum(g.units for g in groups)
+    n_prune = round(amount * total) if isinstance(amount, float) else int(amount)
+    if n_prune > total:
+        raise ValueError(f"{where}: asks to prune {n_prune} channels of {total}")
+    chunks: list[tuple[float, int, int, int]] = []  # (cost, group position, chunk index, size)
+    order: dict[int, Tensor] = {}
+    for i, g in enumerate(groups):
+        s = scores[g.id].double()
+        if rule.importance != "obs":
+            mean = float(s.abs().mean())
+            s = s / mean if mean > 0 else s
+        order[g.id] = torch.argsort(s, stable=True)
+        ranked = s[order[g.id]]
+        round_to = rule.round_to if rule.round_to is not None else (8 if isinstance(amount, float) and g.units > 32 else 1)
+        floor = max(rule.min_channels, round_to if g.units >= round_to else 1)
+        at, j = 0, 0
+        first = g.units % round_to  # then whole round_to chunks: what stays is a multiple of round_to
+        while g.units - at > floor:
+            size = min(first if j == 0 and first else round_to, g.units - at - floor)
+            chunks.append((float(ranked[at + size - 1]), i, j, size))
+            at, j = at + size, j + 1
+    chunks.sort()
+    pruned = [0] * len(groups)
+    closed: set[int] = set()
+    left = n_prune
+    for _, i, _, size in chunks:
+        if i in closed:
+            continue
+        if size > left:
+            closed.add(i)
+            continue
+        pruned[i] += size
+        left -= size
+    out = {}
+    for i, g in enumerate(groups):
+        keep = torch.ones(g.units, dtype=torch.bool)
+        keep[order[g.id][:pruned[i]]] = False
+        out[g.id] = keep
     return out
 
 

@@ -69,6 +69,8 @@ class ChannelGroup:
 class ChannelPlan:
     groups: list[ChannelGroup]
     rules: tuple[ChannelRule, ...]
+    # consumer layer -> the observer of its input statistics (rules with a calibrated importance or reconstruct)
+    observers: dict[str, str] = field(default_factory=dict)
 
     def targets(self) -> dict[str, WeightTarget]:
         """Parameter FQN → a target for the mask it needs (members of removable groups)."""

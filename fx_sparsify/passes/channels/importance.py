@@ -1,0 +1,281 @@
+"""Calibrated channel importance and the consumer refit of ``channels`` rules (SPEC §17), in the graph.
+
+A removable group's *consumers* are the layers that read its units as input columns (its members with
+``consumer=True``): the ``Linear`` after an MLP's up projection, the output projection of an attention
+block, the next ``Conv2d``. For every consumer of a group whose rule has a calibrated ``importance``
+(``"activation"``, ``"obs"``, a registered one) or ``reconstruct``, :func:`insert_channel_observers`
+puts an augmented :class:`~fx_sparsify.hessian.HessianObserver` on the layer's input (shared by layers
+reading the same input); its statistic ``Σ [x, 1]ᵀ[x, 1]`` is all ``step()`` reads. At ``step()``,
+:func:`channel_step` scores the groups (``fx_sparsify.methods.channel_importance``), chooses the kept
+units (:func:`~.masks.channel_masks`), and refits each consumer of a ``reconstruct`` rule on its kept
+columns. With ``"sequential": true`` the groups of a rule are pruned one after another in graph order,
+the recorded calibration inputs run again before each so its consumers see the already pruned model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule
+
+from ...hessian import HessianObserver
+from ...methods.channel_importance import ConsumerStats, GroupStats, get_channel_importance, refit
+from ...spec import ChannelRule
+from ..insert_activation_masks import insert_observer
+from ..layer_index import LayerIndex, layer_input
+from .graph import Member
+from .masks import channel_masks, group_keeps, magnitude_scores
+from .plan import ChannelGroup, ChannelPlan
+
+__all__ = ["Consumer", "consumers_of", "insert_channel_observers", "channel_step", "step_channels",
+           "check_channel_calibration", "OBS_STEPS"]
+
+#: structured OBS removes this many blocks of units per group at most (1 unit per block below it)
+OBS_STEPS = 64
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer reading a group's units: its weight's layout ``"linear"`` (out, in), ``"addmm"`` (in, out: a
+    GPT-2 ``Conv1D``) or ``"conv"`` (out, in, kh, kw: read through unfolded patches)."""
+
+    layer: str
+    weight: str
+    bias: str | None
+    layout: str
+    unfold: tuple[tuple[str, Any], ...] | None = None
+
+    def matrix(self, w: Tensor) -> Tensor:
+        """The weight as it multiplies input rows: ``(out, in)``."""
+        return w.T if self.layout == "addmm" else w.reshape(w.shape[0], -1)
+
+    def back(self, m: Tensor, like: Tensor) -> Tensor:
+        """``(out, in)`` back to the parameter's layout."""
+        return m.T.contiguous() if self.layout == "addmm" else m.reshape(like.shape)
+
+    def columns(self, member: Member, units: int, shape: tuple[int, ...]) -> Tensor:
+        """``(units, width)``: the input columns (of the unfolded input, for a conv) each unit feeds."""
+        cols = member.offset + torch.arange(units * member.width).reshape(units, member.width)
+        if self.layout != "conv":
+            return cols
+        k = math.prod(shape[2:])
+        return (cols.unsqueeze(2) * k + torch.arange(k)).reshape(units, -1)
+
+
+def _unfold(name: str, conv: nn.Module) -> tuple[tuple[str, Any], ...]:
+    why = None
+    if not isinstance(conv, nn.Conv2d):
+        why = f"a {type(conv).__name__} (only Linear, Conv1D and Conv2d consumers are read as input rows)"
+    elif conv.groups != 1:
+        why = f"groups={conv.groups}"
+    elif conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        why = f"padding {conv.padding!r} ({conv.padding_mode})"
+    if why is not None:
+        raise ValueError(f"channels rule with a calibrated importance or reconstruct: consumer {name!r} is {why}; "
+                         "its inputs cannot be read as rows of its weight. Use 'importance': 'magnitude' without "
+                         "'reconstruct' for this group, or select other layers")
+    assert isinstance(conv, nn.Conv2d)
+    return (("kernel_size", conv.kernel_size), ("dilation", conv.dilation), ("padding", conv.padding),
+            ("stride", conv.stride))
+
+
+def consumers_of(gm: GraphModule, group: ChannelGroup) -> list[tuple[Consumer, Member]]:
+    """The consumer layers of ``group`` with the member (their input columns) it prunes."""
+    params = dict(gm.named_parameters())
+    out = []
+    for m in group.members:
+        if not (m.consumer and m.is_param and m.tensor.endswith("weight")):
+            continue
+        layer = m.tensor[: -len("weight")].rstrip(".")
+        shape = tuple(params[m.tensor].shape)
+        bias = f"{layer}.bias" if layer else "bias"
+        bias = bias if bias in params else None
+        if len(shape) == 2:
+            layout, unfold = ("linear" if m.dim == 1 else "addmm"), None
+        elif len(shape) == 4 and m.dim == 1:
+            layout, unfold = "conv", _unfold(layer, gm.get_submodule(layer))
+        else:
+            raise ValueError(f"channels rule: consumer {m.tensor!r} of shape {shape} (channels along dim {m.dim}) is "
+                             "not a Linear, Conv1D or Conv2d weight read along its input dim")
+        out.append((Consumer(layer, m.tensor, bias, layout, unfold), m))
+    return out
+
+
+def _calibrated_groups(plan: ChannelPlan) -> list[ChannelGroup]:
+    return [g for g in plan.groups if g.removable and g.rule is not None and plan.rules[g.rule].calibrated]
+
+
+def insert_channel_observers(gm: GraphModule, plan: ChannelPlan, aliases: Mapping[str, str]) -> dict[str, str]:
+    """An augmented Hessian observer on the input of every consumer of a calibrated rule; layer → observer."""
+    index = LayerIndex(gm, aliases)
+    made: dict[str, str] = {}
+    shared: dict[tuple[Any, ...], str] = {}
+    for group in _calibrated_groups(plan):
+        for consumer, _ in consumers_of(gm, group):
+            if consumer.layer in made:
+                continue
+            calls = index(consumer.layer)
+            if not calls:
+                raise ValueError(f"channels rule: consumer layer {consumer.layer!r} is never called in the graph")
+            carriers = dict(index.weight_uses(consumer.layer)) if any(c.op != "call_module" for c in calls) else {}
+            key = (tuple(layer_input(gm, c, consumer.layer, carriers.get(c)) for c in calls), consumer.unfold)
+            if key in shared:
+                made[consumer.layer] = shared[key]
+                continue
+            observer = HessianObserver(torch.float32, unfold=None if consumer.unfold is None else dict(consumer.unfold),
+                                       augment=True)
+            name = insert_observer(gm, index, consumer.layer, calls, observer, False, "channel_stats_observer")["observer"]
+            made[consumer.layer] = shared[key] = name
+    return made
+
+
+def check_channel_calibration(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str]) -> None:
+    """``ValueError`` naming the rules and consumer layers that saw no calibration forward since the last step."""
+    missing: dict[str, list[str]] = {}
+    for group in _calibrated_groups(plan):
+        rule = plan.rules[group.rule]  # type: ignore[index]
+        for consumer, _ in consumers_of(gm, group):
+            if int(gm.get_submodule(observers[consumer.layer]).batches) == 0:  # type: ignore[arg-type]
+                missing.setdefault(rule.target, [])
+                if consumer.layer not in missing[rule.target]:
+                    missing[rule.target].append(consumer.layer)
+    if missing:
+        what = "; ".join(f"rule {t!r}: {', '.join(map(repr, layers))}" for t, layers in missing.items())
+        raise ValueError(f"step(): channels rules with a calibrated importance or 'reconstruct' need calibration "
+                         f"forwards (sgm(batch)) before each step(); no forward reached the consumer layers of {what}")
+
+
+def _consumer_stats(gm: GraphModule, group: ChannelGroup, observers: Mapping[str, str],
+                    masks: Mapping[str, Tensor]) -> list[ConsumerStats]:
+    out = []
+    for consumer, member in consumers_of(gm, group):
+        w = gm.get_parameter(consumer.weight).detach()
+        mask = masks.get(consumer.weight)
+        if mask is not None:
+            w = w * mask.to(device=w.device, dtype=w.dtype)
+        bias = None if consumer.bias is None else gm.get_parameter(consumer.bias).detach()
+        gram = gm.get_submodule(observers[consumer.layer]).stat  # type: ignore[union-attr]
+        out.append(ConsumerStats(consumer.layer, consumer.matrix(w), bias, gram,  # type: ignore[arg-type]
+                                 consumer.columns(member, group.units, tuple(w.shape))))
+    return out
+
+
+def _scorer(observers: Mapping[str, str]) -> Callable[[GraphModule, ChannelGroup, Mapping[str, Tensor], ChannelRule], Tensor]:
+    def score(gm: GraphModule, group: ChannelGroup, masks: Mapping[str, Tensor], rule: ChannelRule) -> Tensor:
+        magnitude = magnitude_scores(gm, group, masks, rule)
+        fn, calibrated = get_channel_importance(rule.importance)
+        if rule.importance == "magnitude":
+            return magnitude
+        consumers = _consumer_stats(gm, group, observers, masks) if calibrated or rule.reconstruct else []
+        removable = group.units - rule.min_channels
+        stats = GroupStats(group.units, consumers, magnitude, pruned=None, damp=float(rule.damp),
+                           block=max(1, math.ceil(removable / OBS_STEPS)))
+        scores = torch.as_tensor(fn(stats), dtype=torch.float64).flatten().cpu()
+        if scores.numel() != group.units or bool(torch.isnan(scores).any()):
+            raise ValueError(f"channel importance {rule.importance!r} returned {scores.numel()} scores (NaN: "
+                             f"{bool(torch.isnan(scores).any())}) for a group of {group.units} units; it must return "
+                             "one finite score per unit")
+        return scores
+    return score
+
+
+def _refits(gm: GraphModule, plan: ChannelPlan, groups: list[ChannelGroup], keeps: Mapping[int, Tensor],
+            observers: Mapping[str, str], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Parameter FQN → refit weight / bias of every consumer of ``groups`` (their rules' ``reconstruct``)."""
+    removed: dict[Consumer, list[Tensor]] = {}
+    damp: dict[Consumer, float] = {}
+    for g in groups:
+        rule = plan.rules[g.rule]  # type: ignore[index]
+        if not rule.reconstruct:
+            continue
+        for consumer, member in consumers_of(gm, g):
+            shape = tuple(gm.get_parameter(consumer.weight).shape)
+            removed.setdefault(consumer, []).append(consumer.columns(member, g.units, shape)[~keeps[g.id]].reshape(-1))
+            damp[consumer] = float(rule.damp)
+    out: dict[str, Tensor] = {}
+    for consumer, cols in removed.items():
+        param = gm.get_parameter(consumer.weight).detach()
+        mask = masks.get(consumer.weight)
+        w = consumer.matrix(param if mask is None else param * mask.to(device=param.device, dtype=param.dtype))
+        keep = torch.ones(w.shape[1], dtype=torch.bool)
+        keep[torch.cat(cols)] = False
+        bias = None if consumer.bias is None else gm.get_parameter(consumer.bias).detach()
+        gram = gm.get_submodule(observers[consumer.layer]).stat  # type: ignore[union-attr]
+        stats = ConsumerStats(consumer.layer, w, bias, gram, torch.arange(w.shape[1]).reshape(-1, 1))  # type: ignore[arg-type]
+        new_w, new_b = refit(stats, keep, damp[consumer])
+        out[consumer.weight] = consumer.back(new_w, param)
+        if new_b is not None and consumer.bias is not None:
+            out[consumer.bias] = new_b
+    return out
+
+
+def step_channels(gm: GraphModule, plan: ChannelPlan, buffers: Mapping[str, str], steps: int,
+                  replay: Callable[[set[str]], None] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """:func:`channel_step` for a sparse module: ``buffers`` maps each channels target (its parameter FQN) to
+    its mask buffer. Sequential rules write their groups' masks and refits as they go; if anything
+    raises, every mask and parameter they wrote is put back before the error propagates."""
+    current = {name: gm.get_buffer(buffer) for name, buffer in buffers.items()}
+    saved: dict[str, tuple[Tensor, bool]] = {}
+
+    def write(masks: dict[str, Tensor], params: dict[str, Tensor]) -> None:
+        for name, keep in masks.items():
+            buf = gm.get_buffer(buffers[name])
+            saved.setdefault(buffers[name], (buf.clone(), True))
+            buf.copy_(keep.to(device=buf.device, dtype=buf.dtype))
+        for name, value in params.items():
+            p = gm.get_parameter(name)
+            saved.setdefault(name, (p.detach().clone(), False))
+            p.detach().copy_(value.to(device=p.device, dtype=p.dtype))
+
+    try:
+        return channel_step(gm, plan, plan.observers, current, steps, replay, write)
+    except BaseException:
+        for name, (value, is_buffer) in saved.items():
+            (gm.get_buffer(name) if is_buffer else gm.get_parameter(name)).detach().copy_(value)
+        raise
+
+
+def channel_step(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str], masks: Mapping[str, Tensor],
+                 steps: int, replay: Callable[[set[str]], None] | None = None,
+                 write: Callable[[dict[str, Tensor], dict[str, Tensor]], None] | None = None,
+                 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(parameter FQN → keep-mask, parameter FQN → refit value) for every channels rule.
+
+    Rules with ``"sequential": true`` go last, one group at a time in graph order: ``write(masks, params)``
+    writes each group's result and ``replay(observers)`` re-runs the calibration inputs with only the
+    next group's consumer observers listening (both given by the caller, who restores on failure).
+    """
+    check_channel_calibration(gm, plan, observers)
+    score = _scorer(observers)
+    sequential = {i for i, r in enumerate(plan.rules) if r.sequential}
+    now = ChannelPlan([g for g in plan.groups if g.rule not in sequential], plan.rules)
+    new_masks = channel_masks(gm, now, masks, steps, score)
+    keeps = group_keeps(now, new_masks)
+    new_params = _refits(gm, plan, [g for g in now.groups if g.id in keeps and g.rule is not None], keeps, observers,
+                         masks)  # the target: the consumers' outputs as calibrated, before this step's masks
+    later = [g for g in plan.groups if g.rule in sequential and g.removable]
+    if not later:
+        return new_masks, new_params
+    if replay is None or write is None:
+        raise ValueError("step(): 'sequential' channels rules need the recorded calibration inputs")
+    order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
+    first_use = {name: min((order.get(n.name, 0) for n in gm.graph.nodes if n.op == "call_module" and n.target == name),
+                           default=0) for name in set(observers.values())}
+    later.sort(key=lambda g: min(first_use[observers[c.layer]] for c, _ in consumers_of(gm, g)))
+    write(new_masks, new_params)
+    for i, g in enumerate(later):
+        mine = {observers[c.layer] for c, _ in consumers_of(gm, g)}
+        if i:
+            replay(mine)
+        current = {**masks, **new_masks}
+        one = ChannelPlan([g], plan.rules)
+        group_masks = channel_masks(gm, one, current, steps, score)
+        group_params = _refits(gm, plan, [g], group_keeps(one, group_masks), observers, current)
+        write(group_masks, group_params)
+        new_masks.update(group_masks)
+        new_params.update(group_params)
+    return new_masks, new_params

@@ -1,0 +1,250 @@
+"""Calibrated channel importance and consumer refit in sparse modules (passes/channels/importance.py).
+
+Each model kind (MLP, gated MLP, attention heads under GQA, a CNN, Hugging Face LLaMA, GPT-2 Conv1D,
+BERT): the step refits the consumers, the masked module equals the shrunk one, and reconstruction
+lowers the output error on the calibration data. The refit is checked against torch.linalg.lstsq of
+the consumer's calibration inputs; the activation ranking against FLAP's formula.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fx_sparsify as fxs
+from _channel_models import MLP, Block
+
+torch.manual_seed(0)
+
+
+class GatedMLP(nn.Module):
+    """LLaMA's feed-forward: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, dim: int = 16, hidden: int = 48) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(F.relu(self.c1(x)))
+
+
+def _calibrate(sgm: nn.Module, batches: list[Any]) -> None:
+    with torch.no_grad():
+        for b in batches:
+            sgm(*b) if isinstance(b, tuple) else sgm(b)
+
+
+def _error(a: nn.Module, b: nn.Module, batches: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return sum(float((a(x) - b(x)).square().mean()) for x in batches)
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, Any]]] = {
+    "mlp": (MLP, lambda: torch.randn(32, 20), {"target": "fc1", "sparsity": 0.5}),
+    "gated": (GatedMLP, lambda: torch.randn(32, 16), {"target": "up", "sparsity": 0.5}),
+    "heads-gqa": (lambda: Block(heads=4, kv=2), lambda: torch.randn(4, 6, 32), {"target": "attn", "heads": 2}),
+    "heads": (lambda: Block(heads=4, kv=4), lambda: torch.randn(4, 6, 32), {"target": "attn", "heads": 1}),
+    "cnn": (ConvNet, lambda: torch.randn(4, 3, 8, 8), {"target": "c1", "sparsity": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reconstruct_lowers_the_error_and_shrinks_exactly(case: str) -> None:
+    build, data, rule = CASES[case]
+    torch.manual_seed(1)
+    model = build().eval()
+    batches = [data() for _ in range(6)]
+    errors = {}
+    for importance in ("magnitude", "activation", "obs"):
+        for reconstruct in (False, True):
+            spec = {"channels": [{**rule, "importance": importance, "reconstruct": reconstruct, "round_to": 1}]}
+            sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
+            _calibrate(sgm, batches)
+            sgm.step()
+            small = sgm.squash(shrink=True)
+            with torch.no_grad():
+                assert float((small(batches[0]) - sgm(batches[0])).abs().max()) <= 1e-4
+            assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+            errors[importance, reconstruct] = _error(sgm, model, batches)
+            if reconstruct:
+                assert "reconstructed" in sgm.report()
+    for importance in ("magnitude", "activation", "obs"):
+        assert errors[importance, True] < errors[importance, False], errors
+    assert errors["obs", True] <= errors["magnitude", True] * 1.0001, errors
+
+
+def test_refit_equals_least_squares_on_the_calibration_inputs() -> None:
+    model = MLP().eval()
+    batches = [torch.randn(64, 20) for _ in range(3)]
+    spec = {"channels": [{"target": "fc1", "sparsity": 0.5, "round_to": 1, "importance": "activation",
+                          "reconstruct": True, "damp": 0.0}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
+    _calibrate(sgm, batches)
+    sgm.step()
+    keep = sgm.masks()["fc1.bias"].bool()
+    with torch.no_grad():
+        x = torch.cat([F.gelu(model.fc1(b)) for b in batches]).double()
+        y = x @ model.fc2.weight.double().T + model.fc2.bias.double()
+        a = torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        sol = torch.linalg.lstsq(a, y).solution
+    torch.testing.assert_close(sgm.fc2.weight[:, keep].double(), sol[:-1].T, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(sgm.fc2.bias.double(), sol[-1], atol=2e-4, rtol=1e-3)
+    assert model.fc2.weight.data_ptr() != sgm.fc2.weight.data_ptr()  # the user's model is untouched
+
+
+def test_activation_importance_keeps_flap_top_channels() -> None:
+    model = MLP().eval()
+    batches = [torch.randn(64, 20) * torch.linspace(0.1, 3, 20) for _ in range(3)]
+    spec = {"channels": [{"target": "fc1", "sparsity": 0.25, "round_to": 1, "importance": "activation"}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
+    _calibrate(sgm, batches)
+    sgm.step()
+    with torch.no_grad():
+        h = torch.cat([F.gelu(model.fc1(b)) for b in batches]).double()
+        fluct = h.var(0, unbiased=False) * model.fc2.weight.double().square().sum(0)
+    expected = torch.zeros(64, dtype=torch.bool)
+    expected[torch.argsort(fluct, descending=True)[:48]] = True
+    assert torch.equal(sgm.masks()["fc1.bias"].bool(), expected)
+
+
+def test_reconstruct_without_calibration_names_the_consumers() -> None:
+    spec = {"channels": [{"target": "fc1", "sparsity": 0.5, "reconstruct": True}]}
+    sgm = fxs.sparsify_graph(MLP(), spec, example_inputs=(torch.randn(2, 20),))
+    with pytest.raises(ValueError, match="calibration.*'fc2'"):
+        sgm.step()
+    spec = {"channels": [{"target": "fc1", "sparsity": 0.5, "importance": "obs"}]}
+    sgm = fxs.sparsify_graph(MLP(), spec, example_inputs=(torch.randn(2, 20),))
+    with pytest.raises(ValueError, match="rule 'fc1': 'fc2'"):
+        sgm.step()
+
+
+def test_misspelt_importance_and_bad_options() -> None:
+    with pytest.raises(KeyError, match="Did you mean 'activation'"):
+        fxs.sparsify_graph(MLP(), {"channels": [{"target": "fc1", "sparsity": 0.5, "importance": "activaton"}]})
+    with pytest.raises(TypeError, match="reconstruct"):
+        fxs.SparsitySpec.from_dict({"channels": [{"target": "fc1", "sparsity": 0.5, "reconstruct": "yes"}]})
+    with pytest.raises(ValueError, match="damp"):
+        fxs.SparsitySpec.from_dict({"channels": [{"target": "fc1", "sparsity": 0.5, "damp": -1}]})
+
+
+def test_registered_importance_is_used() -> None:
+    @fxs.register_channel_importance("test-last-channels", override=True)
+    def last(group: Any) -> torch.Tensor:
+        return torch.arange(group.units, dtype=torch.float64)  # keeps the highest indices
+
+    spec = {"channels": [{"target": "fc1", "sparsity": 0.5, "round_to": 1, "importance": "test-last-channels"}]}
+    sgm = fxs.sparsify_graph(MLP(), spec, example_inputs=(torch.randn(2, 20),))
+    _calibrate(sgm, [torch.randn(8, 20)])
+    sgm.step()
+    assert torch.equal(sgm.masks()["fc1.bias"].bool(), torch.arange(64) >= 32)
+
+
+def test_sequential_reconstructs_block_after_block_and_exports() -> None:
+    model = nn.Sequential(MLP(), nn.Linear(5, 64), nn.GELU(), nn.Linear(64, 5)).eval()
+    batches = [torch.randn(32, 20) for _ in range(4)]
+    errors = {}
+    for sequential in (False, True):
+        spec = {"channels": [{"target": r"re:(0\.fc1|1)$", "sparsity": 0.5, "round_to": 1, "importance": "obs",
+                              "reconstruct": True, "sequential": sequential}]}
+        sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
+        _calibrate(sgm, batches)
+        sgm.step()
+        small = sgm.squash(shrink=True)
+        with torch.no_grad():
+            assert float((small(batches[0]) - sgm(batches[0])).abs().max()) <= 1e-4
+        errors[sequential] = _error(sgm, model, batches)
+    assert errors[True] <= errors[False] * 1.05, errors
+    exported = torch.export.export(small, (batches[0],))
+    torch.testing.assert_close(exported.module()(batches[1]), small(batches[1]))
+
+
+def test_a_second_step_uses_the_new_calibration() -> None:
+    spec = {"channels": [{"target": "fc1", "sparsity": 0.25, "round_to": 1, "importance": "obs", "reconstruct": True}]}
+    sgm = fxs.sparsify_graph(MLP(), spec, example_inputs=(torch.randn(2, 20),))
+    _calibrate(sgm, [torch.randn(32, 20)])
+    sgm.step()
+    with pytest.raises(ValueError, match="calibration"):
+        sgm.step()  # statistics restart after each step
+    _calibrate(sgm, [torch.randn(32, 20)])
+    sgm.step()
+    assert int(sgm.masks()["fc1.bias"].sum()) == 48
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf(arch: str) -> tuple[nn.Module, dict[str, Any], list[dict[str, Any]]]:
+    ids = [torch.randint(1, 100, (2, 9)) for _ in range(4)]
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, bos_token_id=0, eos_token_id=0))
+        rules = [{"target": r"re:model\.layers\.\d+\.mlp\.up_proj", "sparsity": 0.5},
+                 {"target": r"re:model\.layers\.\d+\.self_attn", "heads": 2}]
+    elif arch == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=100, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+        rules = [{"target": r"re:transformer\.h\.\d+\.mlp\.c_fc", "sparsity": 0.5}]
+    else:
+        model = transformers.BertModel(transformers.BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+        rules = [{"target": r"re:encoder\.layer\.\d+\.intermediate\.dense", "sparsity": 0.5},
+                 {"target": r"re:encoder\.layer\.\d+\.attention\.self", "heads": 2}]
+    kwargs = [{"input_ids": i, "attention_mask": torch.ones_like(i)} | ({} if arch == "bert" else {"use_cache": False})
+              for i in ids]
+    spec = {"channels": [{**r, "importance": "obs", "reconstruct": True} for r in rules]}
+    return model.eval(), spec, kwargs
+
+
+def _out(o: Any) -> torch.Tensor:
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_hugging_face_models(arch: str, tmp_path: Any) -> None:
+    model, spec, kwargs = _hf(arch)
+    sgm = fxs.sparsify_graph(model, spec, example_kwargs=kwargs[0])
+    with torch.no_grad():
+        for kw in kwargs:
+            sgm(**kw)
+    plain = fxs.sparsify_graph(model, {"channels": [{**r, "importance": "magnitude", "reconstruct": False}
+                                                    for r in spec["channels"]]}, example_kwargs=kwargs[0])
+    plain.step()
+    sgm.step()
+    with torch.no_grad():
+        dense = [_out(model(**kw)) for kw in kwargs]
+        masked = [_out(sgm(**kw)) for kw in kwargs]
+        err = sum(float((m - d).square().mean()) for m, d in zip(masked, dense))
+        err_plain = sum(float((_out(plain(**kw)) - d).square().mean()) for kw, d in zip(kwargs, dense))
+        assert err < err_plain
+        small = sgm.squash(shrink=True)
+        assert float((_out(small(**kwargs[0])) - masked[0]).abs().max()) <= 1e-4
+    if arch != "llama":
+        return
+    target = copy.deepcopy(model)
+    sgm.squash_into(target, shrink=True)
+    config = target.config
+    assert (config.intermediate_size, config.num_attention_heads, config.num_key_value_heads) == (32, 2, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(target(**kwargs[0])), masked[0], atol=1e-4, rtol=1e-4)
+        target.save_pretrained(tmp_path)
+        reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(_out(reloaded(**kwargs[0])), _out(target(**kwargs[0])))
