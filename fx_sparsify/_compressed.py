@@ -34,8 +34,6 @@ import atexit
 import json
 import math
 import os
-import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,9 @@ from safetensors.torch import load_file as _st_load_file, save_file as _st_save_
 from torch import Tensor, nn
 
 from . import _native
+from ._bitmask import install_from_checkpoint
 from ._checkpoint import INDEX
+from ._checkpoint_files import ZSTD_MAGIC, decompress, read_header, write_atomically, zstandard
 
 try:  # numpy packs and scatters bits ~10x faster than the torch fallback; optional
     import numpy as _np
@@ -62,7 +62,6 @@ VERSION = 1
 #: the safetensors metadata entry holding our JSON header
 HEADER_KEY = "fx_sparsify"
 PARTS = ("shape", "compressed", "bitmask", "row_offsets")
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 #: dtype → the integer dtype of the same width, whose bits decide "non-zero" and carry the values
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -92,6 +91,8 @@ def _unpack(packed: Tensor, cols: int) -> Tensor:
     if _np is not None:
         return torch.from_numpy(_np.unpackbits(packed.numpy(), axis=-1, count=cols, bitorder="little").view(bool))
     rows = packed.shape[0]
+    if packed.numel() == 0:
+        return torch.zeros(rows, cols, dtype=torch.bool)
     return _TABLE.index_select(0, packed.reshape(-1).int()).view(rows, -1)[:, :cols]
 
 
@@ -130,6 +131,8 @@ def _scatter_np(packed: Tensor, bits: Tensor, target: Tensor) -> None:
     gather, which costs ~3 ns an entry whatever the sparsity.)
     """
     rows, cols = target.shape
+    if rows == 0 or cols == 0:  # no entry: never walk a claimed [2**40, 0] row by row
+        return
     mask, source, dense = packed.numpy(), bits.numpy(), target.numpy()
     start = 0
     for r0, r1, c0, c1 in _blocks(rows, cols):
@@ -282,81 +285,52 @@ def save_compressed(module_or_state_dict: nn.Module | Mapping[str, Any], path: s
         raise FileNotFoundError(f"save_compressed(): the folder {str(path.parent)!r} of {str(path)!r} does not exist; "
                                 "create it first")
     # written straight to disk, never as one bytes object: that (and safetensors' buffer behind it) cost
-    # ~1.1x the file in memory on top of the compressed tensors (LLaMA-1.1B bf16: 7.06 GiB peak at the save)
+    # ~1.1x the file in memory on top of the compressed tensors (LLaMA-1.1B bf16: 7.06 GiB peak at the save).
+    # Into a temporary file renamed over `path` at the end: a failed save keeps the previous checkpoint
     if zstd is None:
-        _st_save_file(tensors, str(path), metadata=metadata)
+        write_atomically(path, lambda temporary: _st_save_file(tensors, str(temporary), metadata=metadata))
         return
-    compressor = _zstd().ZstdCompressor(level=int(zstd), write_checksum=True)  # a damaged frame fails to load
-    plain = path.with_name(f".{path.name}.{os.getpid()}.uncompressed")
-    try:
-        _st_save_file(tensors, str(plain), metadata=metadata)
-        with plain.open("rb") as src, path.open("wb") as dst:
-            compressor.copy_stream(src, dst, size=plain.stat().st_size)  # the size in the frame header
-    finally:
-        plain.unlink(missing_ok=True)
+    compressor = zstandard().ZstdCompressor(level=int(zstd), write_checksum=True)  # a damaged frame fails to load
 
+    def write_zstd(temporary: Path) -> None:
+        plain = temporary.with_name(f"{temporary.name}.uncompressed")
+        try:
+            _st_save_file(tensors, str(plain), metadata=metadata)
+            with plain.open("rb") as src, temporary.open("wb") as dst:
+                compressor.copy_stream(src, dst, size=plain.stat().st_size)  # the size in the frame header
+        finally:
+            plain.unlink(missing_ok=True)
 
-def _zstd() -> Any:
-    try:
-        import zstandard
-    except ModuleNotFoundError:
-        raise ImportError(
-            "zstd-compressed checkpoints need the 'zstandard' package: pip install fx-sparsify[zstd] "
-            "(or save without zstd=)"
-        ) from None
-    return zstandard
+    write_atomically(path, write_zstd)
 
 
 # --- load ------------------------------------------------------------------------------------------------
-def _read_header(path: Path, source: Path) -> tuple[dict[str, Any], int]:
-    """The safetensors JSON header and the byte count the file should have; ValueError naming what is wrong.
-
-    ``source`` holds the bytes (``path`` itself, or the decompressed copy of a zstd file); errors name ``path``.
-    """
-    size = source.stat().st_size
-    with source.open("rb") as f:
-        head = f.read(8)
-        if size < 8:
-            raise ValueError(f"{path}: not a safetensors file ({size} bytes; the header length alone takes 8)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise ValueError(f"{path}: not a safetensors file or truncated: the header says {n} bytes, the file has "
-                             f"{size - 8} after the length")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a safetensors file: its header is not JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file: its header is not a JSON object")
-    data_size = size - 8 - n
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        end = entry.get("data_offsets", [0, 0])[1] if isinstance(entry, dict) else 0
-        if end > data_size:
-            raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data, the file holds "
-                             f"{data_size}; write the file again")
-    return header, data_size
-
-
 def _our_header(path: Path, metadata: Mapping[str, str]) -> dict[str, Any] | None:
     raw = metadata.get(HEADER_KEY)
     if raw is None:
         return None
     try:
         header = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise ValueError(f"{path}: the {HEADER_KEY!r} header is not JSON: {raw[:80]!r}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         got = header.get("format") if isinstance(header, dict) else header
-        raise ValueError(f"{path}: unknown checkpoint format {got!r} in the {HEADER_KEY!r} header; this "
+        raise ValueError(f"{path}: unknown checkpoint format {got!r:.80} in the {HEADER_KEY!r} header; this "
                          f"fx_sparsify reads {FORMAT!r}")
     if header.get("version") != VERSION:
         raise ValueError(f"{path}: checkpoint format version {header.get('version')!r}; this fx_sparsify reads "
                          f"version {VERSION}: upgrade fx_sparsify to read it")
     if not isinstance(header.get("compressed"), dict) or not isinstance(header.get("extra", {}), dict):
         raise ValueError(f"{path}: malformed {HEADER_KEY!r} header: 'compressed' and 'extra' must be objects")
+    named: dict[str, str] = {}  # tensor name → the group naming it
+    for prefix, name in header["compressed"].items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{path}: malformed {HEADER_KEY!r} header: compressed group {prefix!r} names "
+                             f"{name!r:.60}, not a tensor name (a non-empty string)")
+        if name in named:
+            raise ValueError(f"{path}: malformed {HEADER_KEY!r} header: compressed groups {named[name]!r} and "
+                             f"{prefix!r} both name tensor {name!r}; the file is damaged: write it again")
+        named[name] = prefix
     return header
 
 
@@ -402,9 +376,9 @@ def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The file's tensors (mapped from disk, not read into memory) and its safetensors metadata."""
     with path.open("rb") as f:
         magic = f.read(4)
-    source = _decompressed(path) if magic == ZSTD_MAGIC else path
+    source = decompress(path) if magic == ZSTD_MAGIC else path
     try:
-        header, _ = _read_header(path, source)
+        header, _ = read_header(path, source)
         metadata = header.get("__metadata__") or {}
         try:
             tensors = _st_load_file(str(source))
@@ -419,33 +393,8 @@ def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _decompressed(path: Path) -> Path:
-    """A zstd file decompressed as a stream into a temporary file beside it (or in the temp folder if that
-    folder is read-only): never the whole file in memory, and its tensors are then mapped like any file's.
-    ``stream_reader`` also reads frames whose header lacks the content size (another tool's streamed writes)."""
-    for folder in (path.parent, Path(tempfile.gettempdir())):
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".uncompressed", dir=folder)
-            break
-        except OSError:
-            continue
-    else:  # pragma: no cover - no writable folder at all
-        raise OSError(f"load_compressed({str(path)!r}): no writable folder for the decompressed copy")
-    zstandard = _zstd()
-    try:
-        with path.open("rb") as src, os.fdopen(fd, "wb") as dst:
-            zstandard.ZstdDecompressor().copy_stream(src, dst)
-    except zstandard.ZstdError as err:
-        Path(name).unlink(missing_ok=True)
-        raise ValueError(f"{path}: a damaged zstd frame ({err}); write the file again") from None
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return Path(name)
-
-
 def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None, *,
-                    strict: bool = True) -> Any:
+                    strict: bool = True, storage: str = "dense") -> Any:
     """Read a file written by :func:`save_compressed` (or by ``compressed-tensors``' sparse-bitmask).
 
     Without ``model``: returns the dense state dict, bit-exact. With ``model``: loads it into the
@@ -453,10 +402,14 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     ``ValueError`` naming them) and returns the model. A damaged file (truncated, a foreign or newer
     header, a bitmask that disagrees with its values) is a ``ValueError`` naming the tensor. ``path`` may also
     be a folder of shards with a Hugging Face ``model.safetensors.index.json`` (what ``prune_streamed`` writes).
+    ``storage="bitmask"`` (with ``model``): each compressed weight of a ``Linear`` / 1×1 ``Conv`` becomes a
+    bitmask-storage layer built from the file's values and mask, never expanded (SPEC §18).
     """
+    if storage not in ("dense", "bitmask") or (storage == "bitmask" and model is None):
+        raise ValueError(f"load_compressed(storage={storage!r}): use 'dense', or 'bitmask' with a model to load into")
     path = Path(os.fspath(path))
     if path.is_dir():  # a folder of shards with an index (what prune_streamed writes)
-        return _load_folder(path, model, strict)
+        return _load_folder(path, model, strict, storage)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (working directory: {os.getcwd()})")
     tensors, metadata = _load_tensors(path)
@@ -480,6 +433,10 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
             raise ValueError(f"{path}: tensor {name!r} is stored both dense and compressed")
         shapes[name] = _validate(path, name, grouped[prefix])
     extra = header.get("extra", {}) if header is not None else {}
+    clash = sorted(k for k in extra if k in state or k in shapes)
+    if clash:
+        raise ValueError(f"{path}: the {HEADER_KEY!r} header's extra entries {clash[:8]} are named like stored "
+                         "tensors; the file is damaged: write it again")
     if model is None:
         for prefix, name in names.items():
             state[name] = _expand(grouped[prefix], shapes[name])
@@ -487,6 +444,9 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         return state
     file_shapes = {**{k: tuple(v.shape) for k, v in state.items()}, **shapes}
     _check_keys(path, model, file_shapes, set(extra), strict)
+    installed = bool(names) and storage == "bitmask"
+    if installed:  # the weights of Linear / 1x1 conv layers stay as the file holds them (their biases load below)
+        names = install_from_checkpoint(model, names, grouped, shapes)
     # expand straight into the model's own tensors where they are plain CPU tensors of the same kind,
     # after everything else has loaded (load_state_dict may still refuse: then nothing was written)
     live = dict(model.named_buffers(remove_duplicate=False))
@@ -500,7 +460,8 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         else:
             state[name] = _expand(grouped[prefix], shapes[name])
     state.update(extra)
-    model.load_state_dict(state, strict=strict and not direct)
+    meta = any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])  # an empty model: assign
+    model.load_state_dict(state, strict=strict and not direct and not installed, assign=meta)
     for name, (target, prefix) in direct.items():
         _expand(grouped[prefix], shapes[name], out=target)
         # written through its memory, not an in-place op: bump the version as copy_ would (autograd's
@@ -509,7 +470,7 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     return model
 
 
-def _load_folder(path: Path, model: nn.Module | None, strict: bool) -> Any:
+def _load_folder(path: Path, model: nn.Module | None, strict: bool, storage: str = "dense") -> Any:
     """The shards listed in the folder's Hugging Face index, one after the other, as one checkpoint.
 
     With ``model``, every shard is checked against it (keys and shapes) before any is loaded into it.
@@ -553,7 +514,7 @@ def _load_folder(path: Path, model: nn.Module | None, strict: bool) -> Any:
         del tensors, grouped
     _check_keys(path, model, shapes, extra, strict)
     for s in shards:
-        load_compressed(path / s, model, strict=False)
+        load_compressed(path / s, model, strict=False, storage=storage)
     return model
 
 
@@ -561,6 +522,10 @@ def _check_keys(path: Path, model: nn.Module, shapes: Mapping[str, tuple[int, ..
                 strict: bool) -> None:
     """A ValueError naming missing / unexpected keys (strict) and shape mismatches, before anything is written."""
     expected = model.state_dict()
+    tensors = sorted(k for k in extra if isinstance(expected.get(k), Tensor))
+    if tensors:  # load_state_dict would write the tensors before it before refusing these
+        raise ValueError(f"load_compressed({str(path)!r}, {type(model).__name__}): the file holds JSON data, not a "
+                         f"tensor, for {tensors[:8]}; load into the model the file was saved from")
     keys = set(shapes) | extra
     missing = [k for k in expected if k not in keys]
     unexpected = sorted(k for k in keys if k not in expected)
