@@ -33,8 +33,8 @@ try:  # numpy packs bits ~10x faster than the torch fallback; optional
 except ModuleNotFoundError:  # pragma: no cover - exercised by monkeypatching _np in the tests
     _np = None
 
-__all__ = ["MODEL_MARGIN", "BitmaskLinear", "bitmask_linear", "dense_of", "modelled_ratio", "pack", "padded",
-           "row_offsets_of"]
+__all__ = ["MODEL_MARGIN", "BitmaskLinear", "bitmask_linear", "dense_of", "install_from_checkpoint", "modelled_ratio",
+           "pack", "padded", "row_offsets_of"]
 
 #: dtype → the integer dtype of the same width (an entry is kept when any of its bits is set)
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -42,13 +42,14 @@ _WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 
 
 def pack(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(values, mask, row_offsets)`` of a dense 2-D floating tensor (values padded for the kernel)."""
+    """``(values, mask, row_offsets)`` of a dense 2-D floating tensor (values padded for the kernel); entries
+    equal to zero (+0.0 and -0.0) are left out."""
     if matrix.dim() != 2 or not matrix.is_floating_point() or matrix.element_size() not in _BITS:
         raise ValueError(f"bitmask storage takes a 2-D floating-point weight, got {matrix.dtype} "
                          f"{tuple(matrix.shape)}")
     matrix = matrix.detach().contiguous()
     rows, cols = matrix.shape
-    keep = matrix.view(_BITS[matrix.element_size()]) != 0
+    keep = matrix != 0  # -0.0 is dropped too (it adds nothing to a product); NaN is kept
     if _np is not None and matrix.device.type == "cpu":
         mask = torch.from_numpy(_np.packbits(keep.numpy(), axis=-1, bitorder="little"))
     else:
@@ -278,3 +279,52 @@ class BitmaskLinear(nn.Module):
         kind = f", 1x1 conv{self.spatial}d" if self.spatial else (", Conv1D" if self.transposed else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bitmask, {zeros:.1%} zeros"
                 f"{kind}, bias={self.bias is not None}")
+
+
+# --- straight from a compressed checkpoint ------------------------------------------------------------------
+def _spatial_of(module: nn.Module) -> int | None:
+    """0 for a Linear, 1/2/3 for a 1×1 Conv (stride 1, no padding, one group); None for anything else."""
+    if type(module) is nn.Linear:
+        return 0
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        conv: Any = module
+        if (all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride) and conv.groups == 1
+                and (conv.padding in ("valid", "same") or all(p == 0 for p in conv.padding))
+                and conv.padding_mode == "zeros"):
+            return len(conv.kernel_size)
+    return None
+
+
+def install_from_checkpoint(model: nn.Module, names: dict[str, str], parts: dict[str, dict[str, Tensor]],
+                            shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """``load_compressed(path, model, storage="bitmask")``: each compressed ``<layer>.weight`` of a Linear / 1×1
+    Conv of ``model`` becomes a :class:`BitmaskLinear` built from the file's values and mask (no dense copy).
+    ``names`` maps stored prefixes to state dict names, ``parts`` a prefix to its validated parts. Returns
+    the entries of ``names`` it did not install (other layers, tied weights, dtypes the kernel lacks): the
+    caller loads those as dense tensors. The installed layers' biases are loaded by the caller too."""
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    left = {}
+    for prefix, name in names.items():
+        layer, _, leaf = name.rpartition(".")
+        module = model.get_submodule(layer) if leaf == "weight" else None
+        spatial = None if module is None else _spatial_of(module)
+        values, mask = parts[prefix]["compressed"], parts[prefix]["bitmask"]
+        weight: Any = None if module is None else module.weight
+        if (spatial is None or module is None or owners.get(id(weight), 0) > 1 or module._forward_hooks
+                or module._forward_pre_hooks or tuple(weight.shape) != shapes[name]):
+            left[prefix] = name
+            continue
+        dtype = weight.dtype if weight.device.type != "meta" else values.dtype
+        if dtype not in _native.BITMASK_DTYPES:
+            left[prefix] = name
+            continue
+        bias = module.bias
+        if bias is not None and bias.device.type == "meta":  # an empty (meta) model: memory for the file's bias
+            bias = torch.empty(bias.shape, dtype=bias.dtype)
+        new = BitmaskLinear.from_parts(values.to(dtype), mask.clone(), shapes[name], bias, spatial)
+        new.train(module.training)
+        parent, _, child = layer.rpartition(".")
+        model.get_submodule(parent).add_module(child, new)
+    return left
