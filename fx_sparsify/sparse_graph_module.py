@@ -8,20 +8,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from . import ops
 from ._export_capture import warn_mode
 from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
-from .report import report_table, target_sparsity_of
-from .roundtrip import attach_prune_hooks, squash_into as _squash_into
-from .shrink_into import shrink_into as _shrink_into
-from .passes.squash import fold_masks
 from .passes.channels import shrink_plan_table
 from .passes.shrink import channel_keeps, remove_channels
 from .passes.sparse_storage import apply_sparse_storage, check_storage
+from .passes.squash import fold_masks
 from .passes.update_masks import apply_masks_inplace, update_masks
+from .report import report_table, target_sparsity_of
+from .roundtrip import attach_prune_hooks
+from .squash_into import write_into
 from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
 
 __all__ = ["SparseGraphModule", "SparsityState", "TargetRecord"]  # the last two re-exported from state
@@ -38,6 +38,7 @@ class SparseGraphModule(GraphModule):
     """
 
     _fxs: SparsityState
+    _ddp_params_and_buffers_to_ignore: list[str]  # read by DistributedDataParallel
 
     @classmethod
     def wrap(cls, gm: GraphModule, state: SparsityState) -> SparseGraphModule:
@@ -119,7 +120,7 @@ class SparseGraphModule(GraphModule):
         out = self._squash_shrunk()[0] if shrink else fold_masks(self, self._fxs).gm
         if storage != "dense":
             self._fxs.storage = apply_sparse_storage(out, self._fxs, storage, batch_size).choices
-            out.storage_choices = self._fxs.storage  # the public record on the squashed module (SPEC §18)
+            out.storage_choices = self._fxs.storage  # type: ignore[assignment]  # the public record on the squashed module (SPEC §18)
         return out
 
     def _warn_unstepped(self, call: str) -> None:
@@ -160,8 +161,9 @@ class SparseGraphModule(GraphModule):
         if shrink and self._fxs.channels is None:
             warnings.warn(_NO_CHANNELS.format(call="squash_into(model, shrink=True)"), UserWarning, stacklevel=2)
         elif shrink:
-            return _shrink_into(self._fxs, *self._squash_shrunk(), model)
-        return _squash_into(self, self._fxs, fold_masks(self, self._fxs).gm, model)
+            shrunk, keeps = self._squash_shrunk()
+            return write_into(self, self._fxs, shrunk, model, keeps)
+        return write_into(self, self._fxs, fold_masks(self, self._fxs).gm, model)
 
     def to_torch_prune(self, model: torch.nn.Module) -> torch.nn.Module:
         """Apply the weight masks to the eager ``model`` with ``torch.nn.utils.prune.custom_from_mask``."""
@@ -230,10 +232,10 @@ class SparseGraphModule(GraphModule):
         self._fxs.steps = check_extra_counts(state, ("steps",), "the sparse module's extra state")["steps"]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseGraphModule:
-        res = super().__deepcopy__(memo)
+        res: SparseGraphModule = super().__deepcopy__(memo)  # type: ignore[assignment]  # of our class
         res._fxs = copy.deepcopy(self._fxs, memo)
         res._mark_cache()
-        return res  # type: ignore[return-value]
+        return res
 
     def __reduce__(self) -> tuple[Any, ...]:
         # GraphModule pickles its generated code and re-traces it on load, which would trace through
@@ -268,11 +270,15 @@ class _NodeRef:
     name: str
 
 
+def _node_ref(node: Node) -> Any:  # Any: map_arg is typed for graph arguments, a _NodeRef stands in for one
+    return _NodeRef(node.name)
+
+
 def _graph_records(graph: torch.fx.Graph) -> list[tuple[Any, ...]]:
     """One picklable tuple per node: op, name, target, args, kwargs, type and the fx_sparsify note."""
     return [
-        (n.op, n.name, n.target, torch.fx.node.map_arg(n.args, lambda a: _NodeRef(a.name)),
-         torch.fx.node.map_arg(n.kwargs, lambda a: _NodeRef(a.name)), n.type, n.meta.get(META_KEY))
+        (n.op, n.name, n.target, torch.fx.node.map_arg(n.args, _node_ref),
+         torch.fx.node.map_arg(n.kwargs, _node_ref), n.type, n.meta.get(META_KEY))
         for n in graph.nodes
     ]
 
