@@ -5,7 +5,6 @@
   is the weight under its plain name again) plus the masks it carried; ``sparsify_graph`` uses them
   as the initial masks ("adopted" in the report).
 - :func:`set_initial_masks`: ``sparsify_graph(model, spec, masks={...})``.
-- :func:`squash_into`: the squashed weights written into the user's eager model, in place.
 - :func:`attach_prune_hooks`: the masks applied to an eager model with ``prune.custom_from_mask``.
 
 Sits beside the facade (it is called by ``api`` and ``sparse_graph_module``); it never imports them.
@@ -18,14 +17,11 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.fx import GraphModule
 from torch.nn.utils import parametrize, prune
 
-from ._modules import find_tensor
-from .report import fate_of
 from .state import SparsityState
 
-__all__ = ["take_over", "set_initial_masks", "squash_into", "attach_prune_hooks", "ADOPTED", "INITIAL"]
+__all__ = ["take_over", "set_initial_masks", "attach_prune_hooks", "ADOPTED", "INITIAL"]
 
 ADOPTED = "adopted"  # the report's word for a mask taken over from torch's pruning tools
 INITIAL = "initial mask"  # ... and for one given with masks={...}
@@ -151,48 +147,6 @@ def set_initial_masks(gm: nn.Module, state: SparsityState, masks: Mapping[str, A
             buffer.copy_(mask.to(device=buffer.device, dtype=buffer.dtype))
     state.initial_masks.update({n: ADOPTED if n in origin else INITIAL for n in checked})
     state.adopted_from.update({n: origin[n] for n in checked if n in origin})
-
-
-def squash_into(sgm: GraphModule, state: SparsityState, squashed: GraphModule, model: nn.Module) -> nn.Module:
-    """Copy ``squashed``'s state into ``model``'s own tensors (in place) and return ``model``.
-
-    The model keeps its class, its methods (``save_pretrained``) and its parameter objects (an
-    optimizer holding them keeps working). An activation mask that squash keeps as a multiply has no
-    place in the eager model: that is an error naming the targets.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"squash_into() takes your eager nn.Module, got {type(model).__name__}")
-    kept = [r.name for r in state.targets.values() if r.kind == "activation" and fate_of(sgm, state, r) != "folded"]
-    if kept:
-        raise ValueError(
-            f"squash_into(): the activation mask(s) of {', '.join(map(repr, kept))} cannot be folded into a weight, so "
-            "an eager model cannot carry them (squash() keeps them as a multiply in the graph). Use sgm.squash() "
-            "instead, or drop those activation rules."
-        )
-    source = squashed.state_dict()
-    missing, wrong = [], []
-    destination: dict[str, Tensor] = {}
-    for key, value in source.items():
-        found = find_tensor(model, key)
-        if found is None:
-            missing.append(key)
-        elif found.shape != value.shape:
-            wrong.append(f"{key}: model {tuple(found.shape)} vs squashed {tuple(value.shape)}")
-        else:
-            destination[key] = found
-    if missing or wrong:
-        hint = " It carries pruning hooks or parametrizations: remove them first (prune.remove)." \
-            if needs_take_over(model) else ""
-        raise ValueError(
-            f"squash_into(): the model does not match the squashed module "
-            f"({type(model).__name__} vs {state.class_name}): "
-            + "; ".join(filter(None, [f"missing {', '.join(missing[:6])}" if missing else "",
-                                      f"shapes differ: {'; '.join(wrong[:6])}" if wrong else ""])) + "." + hint
-        )
-    with torch.no_grad():
-        for key, tensor in destination.items():
-            tensor.copy_(source[key].to(device=tensor.device, dtype=tensor.dtype))
-    return model
 
 
 def attach_prune_hooks(sgm: nn.Module, state: SparsityState, model: nn.Module) -> nn.Module:

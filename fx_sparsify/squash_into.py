@@ -1,6 +1,9 @@
-"""``sgm.squash_into(model, shrink=True)``: resize the user's own model (and a Hugging Face config) in place.
+"""``sgm.squash_into(model, shrink=...)``: the squashed weights written into the user's own eager model, in place.
 
-The shrunk tensors replace the model's own (parameter objects are kept, their data shrinks), module
+:func:`write_into` takes the squashed module. A dense squash is copied into the model's tensors of the same
+names and shapes: the model keeps its class, its methods (``save_pretrained``) and its parameter objects (an
+optimizer holding them keeps working). A ``squash(shrink=True)`` result resizes the model: the shrunk tensors
+replace the model's own (parameter objects are kept, their data shrinks), module
 size attributes follow (:data:`fx_sparsify.passes.shrink.REFRESH`), and for a Hugging Face model the
 config gets the new widths so that ``save_pretrained`` → ``from_pretrained`` rebuilds the same model:
 the feed-forward width field (:data:`_FFN_FIELDS`: ``intermediate_size``, GPT-2's ``n_inner``, OPT's
@@ -24,9 +27,23 @@ from torch.fx import GraphModule
 from ._modules import find_tensor
 from .passes.channels import FUNCTIONS, ChannelPlan, arg_at, node_arg
 from .passes.shrink import refresh_attributes
+from .report import fate_of
+from .roundtrip import needs_take_over
 from .state import SparsityState
 
-__all__ = ["shrink_into"]
+__all__ = ["write_into"]
+
+
+def write_into(sgm: GraphModule, state: SparsityState, squashed: GraphModule, model: nn.Module,
+               keeps: dict[int, Tensor] | None = None) -> nn.Module:
+    """Write ``squashed`` (the squash of ``sgm``, described by ``state``) into ``model`` in place; return ``model``.
+
+    ``keeps`` (group id → keep vector) says that ``squashed`` is a ``squash(shrink=True)`` result: the model's
+    tensors, size attributes and Hugging Face config are resized to it. Without it the shapes must match.
+    """
+    if keeps is not None:
+        return _resize_into(state, squashed, keeps, model)
+    return _copy_into(sgm, state, squashed, model)
 
 
 # The config fields giving a feed-forward width: (width field, its layer-count field, stack). The stack is ""
@@ -171,7 +188,8 @@ def _module_edits(plan: ChannelPlan, shrunk: GraphModule, model: nn.Module) -> l
     return out
 
 
-def shrink_into(state: SparsityState, shrunk: GraphModule, keeps: dict[int, Tensor], model: nn.Module) -> nn.Module:
+def _resize_into(state: SparsityState, shrunk: GraphModule, keeps: dict[int, Tensor],
+                 model: nn.Module) -> nn.Module:
     """Write ``shrunk`` (a ``squash(shrink=True)`` result) into ``model`` in place and return it."""
     plan = state.channels
     assert plan is not None, "squash_into(shrink=True) without channel groups squashes dense"
@@ -203,4 +221,46 @@ def shrink_into(state: SparsityState, shrunk: GraphModule, keeps: dict[int, Tens
     config = getattr(model, "config", None)
     for field, value in fields.items():
         setattr(config, field, value)
+    return model
+
+
+def _copy_into(sgm: GraphModule, state: SparsityState, squashed: GraphModule, model: nn.Module) -> nn.Module:
+    """Copy ``squashed``'s state into ``model``'s own tensors (in place) and return ``model``.
+
+    The model keeps its class, its methods (``save_pretrained``) and its parameter objects (an
+    optimizer holding them keeps working). An activation mask that squash keeps as a multiply has no
+    place in the eager model: that is an error naming the targets.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"squash_into() takes your eager nn.Module, got {type(model).__name__}")
+    kept = [r.name for r in state.targets.values() if r.kind == "activation" and fate_of(sgm, state, r) != "folded"]
+    if kept:
+        raise ValueError(
+            f"squash_into(): the activation mask(s) of {', '.join(map(repr, kept))} cannot be folded into a weight, so "
+            "an eager model cannot carry them (squash() keeps them as a multiply in the graph). Use sgm.squash() "
+            "instead, or drop those activation rules."
+        )
+    source = squashed.state_dict()
+    missing, wrong = [], []
+    destination: dict[str, Tensor] = {}
+    for key, value in source.items():
+        found = find_tensor(model, key)
+        if found is None:
+            missing.append(key)
+        elif found.shape != value.shape:
+            wrong.append(f"{key}: model {tuple(found.shape)} vs squashed {tuple(value.shape)}")
+        else:
+            destination[key] = found
+    if missing or wrong:
+        hint = " It carries pruning hooks or parametrizations: remove them first (prune.remove)." \
+            if needs_take_over(model) else ""
+        raise ValueError(
+            f"squash_into(): the model does not match the squashed module "
+            f"({type(model).__name__} vs {state.class_name}): "
+            + "; ".join(filter(None, [f"missing {', '.join(missing[:6])}" if missing else "",
+                                      f"shapes differ: {'; '.join(wrong[:6])}" if wrong else ""])) + "." + hint
+        )
+    with torch.no_grad():
+        for key, tensor in destination.items():
+            tensor.copy_(source[key].to(device=tensor.device, dtype=tensor.dtype))
     return model
