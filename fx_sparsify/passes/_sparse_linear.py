@@ -22,6 +22,11 @@ class SparseLinear(nn.Module):
     key) and ``load_state_dict`` takes a dense weight. Meant for inference: the weight takes no gradient.
     """
 
+    # buffers registered by _store
+    crow_indices: Tensor
+    col_indices: Tensor
+    values: Tensor
+
     def __init__(self, weight: Tensor, bias: Tensor | None, layout: str = "csr", blocksize: int = 1,
                  spatial: int = 0) -> None:
         super().__init__()

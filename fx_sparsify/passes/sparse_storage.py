@@ -41,7 +41,7 @@ import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +141,7 @@ def _module_sites(gm: GraphModule) -> dict[str, _Site]:
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
-        module = gm.get_submodule(node.target)
+        module: Any = gm.get_submodule(node.target)  # a Linear / Conv (MODULE_SITES)
         spatial = MODULE_SITES.get(type(module))
         if spatial is None:
             continue
@@ -166,14 +166,14 @@ def _function_sites(gm: GraphModule) -> dict[str, _Site]:
         spatial, (_, wi, bi), conv = entry
         w = node.args[wi] if len(node.args) > wi else None
         b = node.args[bi] if len(node.args) > bi else node.kwargs.get("bias")
-        if not (isinstance(w, Node) and w.op == "get_attr" and w.target.endswith(".weight")):
+        if not (isinstance(w, Node) and w.op == "get_attr" and str(w.target).endswith(".weight")):
             continue
-        layer = w.target[: -len(".weight")]
+        layer = str(w.target)[: -len(".weight")]
         if b is not None and not (isinstance(b, Node) and b.op == "get_attr" and b.target == f"{layer}.bias"):
             continue
         site = sites.get(layer)
         if site is None:
-            holder = gm.get_submodule(layer)
+            holder: Any = gm.get_submodule(layer)
             site = sites[layer] = _Site(layer, holder.weight, getattr(holder, "bias", None), spatial, [])
             others = [n for n, _ in holder.named_children()] + [
                 n for n, _ in [*holder.named_parameters(recurse=False), *holder.named_buffers(recurse=False)]
@@ -247,7 +247,7 @@ def _median_times(fns: list[Callable[[], Any]], budget: float = 0.3, runs: int =
 def measure(dense: Tensor, bias: Tensor | None, layer: nn.Module, batch_size: int) -> tuple[float, float]:
     """Seconds per call of the dense matrix product and of ``layer``'s (CSR / BSR / bitmask) on ``batch_size``
     random rows: medians of interleaved runs."""
-    in_features, out_features = layer.in_features, layer.out_features
+    in_features, out_features = cast(int, layer.in_features), cast(int, layer.out_features)
     x = torch.randn(batch_size, in_features, dtype=dense.dtype, device=dense.device)
     matrix = dense.reshape(out_features, in_features) if not getattr(layer, "transposed", False) else dense.T
     cols = x.T if batch_size > 1 else x[0]
@@ -315,9 +315,8 @@ def _decide(site: _Site, storage: str, batch_size: int, masked: bool,
     if recorded is not None:
         return _recorded(site, recorded.get(site.layer, "dense"), weight, zeros)
     if storage == "bitmask":
-        problem = weight.dtype not in BITMASK_DTYPES and f"{weight.dtype} has no bitmask kernel (float32 / bfloat16)"
-        if problem:
-            return dense(problem)
+        if weight.dtype not in BITMASK_DTYPES:
+            return dense(f"{weight.dtype} has no bitmask kernel (float32 / bfloat16)")
         return (BitmaskLinear(weight, site.bias, site.spatial),
                 StorageChoice(site.layer, shape, zeros, "bitmask", "storage='bitmask' asked for"))
     if storage == "auto-model":
@@ -338,7 +337,7 @@ def _decide(site: _Site, storage: str, batch_size: int, masked: bool,
         if weight.device.type == "cpu" and weight.dtype not in KERNEL_DTYPES:
             return dense(f"{weight.dtype} has no CPU sparse kernel (float32 / float64 only)")
         block = _block_of(matrix) if storage == "bsr" else 1
-        layer = SparseLinear(weight, site.bias, storage, block, site.spatial)
+        layer: nn.Module = SparseLinear(weight, site.bias, storage, block, site.spatial)
         kind = "csr" if storage == "csr" else f"bsr {block}x{block}"
         return layer, StorageChoice(site.layer, shape, zeros, kind, f"storage={storage!r} asked for")
     # auto: time the candidates against dense
