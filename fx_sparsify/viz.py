@@ -122,7 +122,7 @@ def _label_and_role(
         stack = node.meta.get("nn_module_stack")
         if layer is None and stack and node.op == "call_function":
             layer = str(list(stack.values())[-1][0])
-        if layer in notes:
+        if layer is not None and layer in notes:
             label += f"\\n{notes[layer]}"
     return label, role
 
@@ -341,7 +341,7 @@ def plot_sparsity(
             f"plot_sparsity() takes a SparseGraphModule or an nn.Module, got {type(sgm_or_module).__name__}"
         )
     notes = width_notes(widths)
-    rows = [
+    rows: list[tuple[Any, ...]] = [
         (f"{name} [{notes[owner]}]" if (owner := name.rpartition(".")[0]) in notes else name, *rest)
         for name, *rest in _sparsity_rows(sgm_or_module)
     ]
