@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file as _st_load_file, save_file as _st_save_file
+from safetensors.torch import load_file as _st_load_file
+from safetensors.torch import save_file as _st_save_file
 from torch import Tensor, nn
 
 from . import _native

@@ -9,12 +9,12 @@ from typing import Any, Callable
 from tabulate import tabulate
 from torch.fx import GraphModule
 
-from .passes.layer_index import LayerIndex
-from .passes.squash import activation_fold
+from .methods._selectors import block_grid
 from .passes.channels import shrink_summary
+from .passes.layer_index import LayerIndex
 from .passes.shrink import channel_keeps
 from .passes.sparse_storage import storage_table
-from .methods._selectors import block_grid
+from .passes.squash import activation_fold
 from .state import SparsityState, TargetRecord, current_options, masks_of, sparsity_of
 
 __all__ = ["report_table", "target_sparsity_of", "fate_of"]

@@ -18,10 +18,10 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from ._spec_doc import SPEC_KEYS_DOC
 from .methods import get_mask_method, parse_method, validate_options
 from .methods.channel_importance import get_channel_importance
 from .schedule import check_schedule
-from ._spec_doc import SPEC_KEYS_DOC
 
 __all__ = ["WeightRule", "GlobalRule", "ActivationRule", "ChannelRule", "SparsitySpec"]
 

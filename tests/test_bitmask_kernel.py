@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fx_sparsify import _native
 from fx_sparsify._bitmask import BitmaskLinear, dense_of, pack

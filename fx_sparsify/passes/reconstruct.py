@@ -62,7 +62,7 @@ def is_sequential(record: TargetRecord) -> bool:
 
 def reconstruct(gm: GraphModule, record: TargetRecord, options: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """(keep-mask, updated weight) of one ``sparsegpt`` target from its layer's accumulated ``X·Xᵀ``."""
-    observer = gm.get_submodule(record.observer)  # type: ignore[arg-type]
+    observer: Any = gm.get_submodule(record.observer)  # type: ignore[arg-type]
     weight = gm.get_parameter(record.param)  # type: ignore[arg-type]
     keep = None if getattr(record.rule, "regrow", False) else gm.get_buffer(record.buffer) != 0
     options = {k: v for k, v in options.items() if k not in _NOT_SWEEP_OPTIONS}
@@ -113,7 +113,7 @@ def _replay(gm: GraphModule, state: SparsityState, observers: Iterable[str]) -> 
     for m in all_observers:
         m.enabled = False
     for name in observers:
-        observer = gm.get_submodule(name)
+        observer: Any = gm.get_submodule(name)
         observer.reset()
         observer.enabled = True
     state.calibration.replaying = True
@@ -129,7 +129,8 @@ def _replay(gm: GraphModule, state: SparsityState, observers: Iterable[str]) -> 
         for name, value in buffers.items():
             if name in current and current[name].shape == value.shape:
                 current[name].copy_(value)
-    distributed.sync_observers(gm.get_submodule(name) for name in sorted(observers))  # the level's sums over ranks
+    # the level's sums over ranks
+    distributed.sync_observers(gm.get_submodule(name) for name in sorted(observers))  # type: ignore[misc]
 
 
 def replay_calibration(gm: GraphModule, state: SparsityState, observers: Iterable[str]) -> None:
@@ -153,7 +154,8 @@ def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[Ta
             by_name = {r.name: r for r in level}
             solved = distributed.solve_split(  # each rank solves its share of the level, the others receive it
                 list(by_name), [_solve_cost(gm, r) for r in level],
-                lambda name: _solve(gm, state, by_name[name]), lambda name: _solve_template(gm, by_name[name]))
+                lambda name, named=by_name: _solve(gm, state, named[name]),  # type: ignore[misc]
+                lambda name, named=by_name: _solve_template(gm, named[name]))  # type: ignore[misc]
             for r in level:
                 keep, weight = solved[r.name]
                 gm.get_parameter(r.param).copy_(weight)  # type: ignore[arg-type]
@@ -195,8 +197,8 @@ def _defer_later_levels(gm: GraphModule, state: SparsityState) -> None:
     others = {r.observer for r in state.targets.values() if r.observer is not None and not is_sequential(r)}
     deferred = {r.observer for r in records} - first - others
     for name in deferred:
-        gm.get_submodule(name).enabled = False  # type: ignore[arg-type]
-    state.calibration.deferred = deferred
+        gm.get_submodule(name).enabled = False  # type: ignore[arg-type, assignment]
+    state.calibration.deferred = deferred  # type: ignore[assignment]  # names: is_sequential targets have observers
 
 
 def _record(module: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

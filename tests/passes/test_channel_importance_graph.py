@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsify as fxs
+
 from _channel_models import MLP, Block
 
 torch.manual_seed(0)
