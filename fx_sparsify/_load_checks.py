@@ -43,6 +43,73 @@ def check_extra_counts(state: Any, keys: tuple[str, ...], where: str) -> dict[st
     return out
 
 
+#: the layer input's feature dimension (counted from the end) and size, by layer type: an activation mask and
+#: an activation statistic of the layer's input must fit it
+_INPUT_FEATURES: dict[type, Any] = {
+    nn.Linear: lambda m: (-1, m.in_features),
+    nn.Bilinear: lambda m: (-1, m.in1_features),
+    nn.Conv1d: lambda m: (-2, m.in_channels),
+    nn.Conv2d: lambda m: (-3, m.in_channels),
+    nn.Conv3d: lambda m: (-4, m.in_channels),
+}
+
+
+def _input_features(gm: nn.Module, layer: str | None) -> tuple[int, int] | None:
+    """``(dim, size)`` of the feature dimension of ``layer``'s input, where its type says it."""
+    try:
+        module = gm.get_submodule(layer) if layer else None
+    except AttributeError:  # an export capture keeps no submodules
+        return None
+    rule = next((_INPUT_FEATURES[c] for c in type(module).__mro__ if c in _INPUT_FEATURES), None)
+    return rule(module) if rule is not None else None
+
+
+def _feature_shape(value: Tensor, groups: int | None, per_sample: int | None, features: tuple[int, int] | None,
+                   what: str) -> str | None:
+    """Why ``value`` (an activation mask or statistic) does not fit its layer's input, or None.
+
+    ``groups``: the size of a leading dim of one entry per selected feature (None: no such dim); ``per_sample``:
+    dims between it and the input's shape (a per-sample statistic keeps the batch dim); ``features``: see above.
+    """
+    shape = tuple(value.shape)
+    if groups is not None:
+        if not shape or shape[0] != groups:
+            return f"{what} has shape {shape}; it needs a leading dim of {groups} (one entry per selected feature)"
+        shape = shape[1:]
+    if features is None or len(shape) < -features[0] + (per_sample or 0):
+        return None
+    dim, size = features
+    if shape[dim] not in (1, size):
+        return (f"{what} has shape {tuple(value.shape)}; its dim {len(value.shape) + dim} must be {size} (the layer's "
+                "input features) or 1")
+    return None
+
+
+def _shape_problems(gm: nn.Module, state: SparsityState, incoming: Mapping[str, Any]) -> list[str]:
+    """Activation masks and observer statistics whose shape cannot fit the layer they belong to."""
+    problems = []
+    for r in state.targets.values():
+        if r.kind == "activation":
+            rule = r.rule
+            features = None if getattr(rule, "features", None) is not None else _input_features(gm, r.layer)
+            groups = len(rule.features) if getattr(rule, "features", None) is not None else None
+            mask, stat = incoming.get(r.buffer), incoming.get(f"{r.observer}.stat")
+            observer = gm.get_submodule(r.observer) if r.observer else None
+            if isinstance(mask, Tensor) and mask.dim() > 0:
+                problems.append(_feature_shape(mask, groups, None, features, f"activation mask {r.buffer!r}"))
+            if isinstance(stat, Tensor) and stat.numel() > 0 and observer is not None:
+                per_sample = None if getattr(observer, "compact", True) else 1
+                stat_groups = None if getattr(observer, "_fast", False) else (groups or 1)
+                problems.append(_feature_shape(stat, stat_groups, per_sample, features,
+                                               f"observer statistic '{r.observer}.stat'"))
+        elif r.observer is not None and r.param is not None and len(r.shape) == 2:  # Wanda's input norms
+            stat = incoming.get(f"{r.observer}.stat")
+            if isinstance(stat, Tensor) and stat.numel() > 0 and tuple(stat.shape) != (1, r.shape[1]):
+                problems.append(f"observer statistic '{r.observer}.stat' has shape {tuple(stat.shape)}; the input "
+                                f"norms of {r.param!r} take shape {(1, r.shape[1])}")
+    return [p for p in problems if p is not None]
+
+
 def check_state_dict(gm: nn.Module, state: SparsityState, state_dict: Mapping[str, Any], prefix: str, strict: bool) -> None:
     """Raise :class:`StateDictError` listing every key, shape, mask value or count that would not load."""
     own = gm.state_dict()
@@ -84,6 +151,7 @@ def check_state_dict(gm: nn.Module, state: SparsityState, state_dict: Mapping[st
         if key in masks and value.dtype != torch.bool:
             if value.is_complex() or not bool(((value == 0) | (value == 1)).all()):
                 problems.append(f"mask {key!r} holds values other than 0 and 1 (soft or NaN); a mask keeps or prunes")
+    problems += _shape_problems(gm, state, incoming)
     if problems:
         raise StateDictError(
             f"load_state_dict: the state dict does not fit this {state.class_name} sparse module (nothing was "
