@@ -31,7 +31,7 @@ from . import _native
 try:  # numpy packs bits ~10x faster than the torch fallback; optional
     import numpy as _np
 except ModuleNotFoundError:  # pragma: no cover - exercised by monkeypatching _np in the tests
-    _np = None
+    _np = None  # type: ignore[assignment]
 
 __all__ = ["MODEL_MARGIN", "BitmaskLinear", "bitmask_linear", "dense_of", "install_from_checkpoint", "modelled_ratio",
            "pack", "padded", "row_offsets_of"]
@@ -189,6 +189,11 @@ class BitmaskLinear(nn.Module):
     and the bias through the dense product.
     """
 
+    # buffers registered in __init__
+    values: Tensor
+    mask: Tensor
+    row_offsets: Tensor
+
     def __init__(self, weight: Tensor, bias: Tensor | None, spatial: int = 0, transposed: bool = False) -> None:
         super().__init__()
         self.spatial = spatial  # 0 for Linear, 1/2/3 for a 1×1 Conv1d/2d/3d
@@ -320,7 +325,7 @@ def install_from_checkpoint(model: nn.Module, names: dict[str, str], parts: dict
         if dtype not in _native.BITMASK_DTYPES:
             left[prefix] = name
             continue
-        bias = module.bias
+        bias: Any = module.bias
         if bias is not None and bias.device.type == "meta":  # an empty (meta) model: memory for the file's bias
             bias = torch.empty(bias.shape, dtype=bias.dtype)
         new = BitmaskLinear.from_parts(values.to(dtype), mask.clone(), shapes[name], bias, spatial)

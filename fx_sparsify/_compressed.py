@@ -52,7 +52,7 @@ from ._checkpoint_files import ZSTD_MAGIC, decompress, read_header, write_atomic
 try:  # numpy packs and scatters bits ~10x faster than the torch fallback; optional
     import numpy as _np
 except ModuleNotFoundError:  # pragma: no cover - exercised by monkeypatching _np in the tests
-    _np = None
+    _np = None  # type: ignore[assignment]
 
 __all__ = ["FORMAT", "VERSION", "save_compressed", "load_compressed"]
 
