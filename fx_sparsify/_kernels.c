@@ -149,16 +149,18 @@ FXS_MASKED_ROWS(fxs_masked_rows_f64, double)
 /* --- bitmask storage: y = x @ W^T + b (passes/_bitmask.py, squash(storage="bitmask")) ------------------
  * W [rows, cols] is held as the compressed checkpoint holds it: its kept entries `values`, row-major, and
  * a packed mask of [rows, ceil(cols / 8)] bytes, least significant bit first (bits past `cols` in a row's
- * last byte are ignored). fxs_bitmask_linear_<T>(values, mask, cols, r0, r1, k0, x, batch, x_stride,
- * bias, out, out_stride) writes out[b * out_stride + r] = sum_c W[r, c] * x[b * x_stride + c] (+ bias[r])
- * for the rows [r0, r1) and b < batch; k0 is the index in `values` of row r0's first kept entry (the
- * caller's row offsets), so each thread takes its own range of rows. x, bias, out are float32; T is
+ * last byte are ignored), `offsets` [rows + 1] where each row starts in `values`. fxs_bitmask_linear_<T>(
+ * values, offsets, mask, cols, r0, r1, x, batch, x_stride, bias, out, out_stride) writes
+ * out[b * out_stride + r] = sum_c W[r, c] * x[b * x_stride + c] (+ bias[r]) for the rows [r0, r1) and
+ * b < batch (each thread takes its own range of rows). The offsets must agree with the mask (_native.py
+ * checks them once per tensor). x, bias, out are float32; T is
  * float32 or bfloat16 (uint16 bits), always summed in float32. `values` must hold 32 readable entries
  * past the last kept one (the caller pads it): the vector paths load whole groups of 8 / 16.
  *
  * Three paths, picked at the first call by the CPU (fxs_bitmask_isa), the same sums in another order:
  * - AVX-512: 16 columns a step; vexpandps puts the step's kept values in their columns (zeros elsewhere)
- *   in one instruction, then one FMA per row of x (up to 8 rows of x share each expanded step);
+ *   in one instruction; tiles of 4 rows of W x up to 4 rows of x share each expanded step and each load
+ *   of x (the loads, not the bytes, bound one row at a time on AMD Zen 4);
  * - AVX2: 8 columns a step; a table of 256 permutations does the expand (vpermps);
  * - portable C: each row's kept columns decoded once into a list, then a dot product per row of x.
  */
@@ -172,6 +174,9 @@ FXS_MASKED_ROWS(fxs_masked_rows_f64, double)
 #endif
 
 #define FXS_BM_PAD 32
+#ifndef FXS_BM_AHEAD
+#define FXS_BM_AHEAD 1024 /* bytes of values prefetched ahead of the batch-1 loop */
+#endif
 
 static inline float fxs_bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -229,7 +234,8 @@ FXS_INLINE512 __m512 fxs_w16_bf16(const uint16_t *v, __mmask16 mm) {
     return _mm512_maskz_expand_ps(mm, _mm512_castsi512_ps(w));
 }
 
-/* one row of W against NB rows of x (NB a constant after inlining: the accumulators stay in registers) */
+/* batch 1: one row of W at a time, 32 columns a step with two accumulators (measured faster than the
+ * 4-row tile for one row of x on Zen 4); returns the index in `values` after the row */
 #define FXS_ROW512(NAME, T, W16)                                                                        \
     FXS_INLINE512 int64_t NAME(const T *values, int64_t k, const uint8_t *m, int64_t cols, const float *x, \
                             int64_t xs, int NB, float *acc_out) {                                       \
@@ -240,6 +246,7 @@ FXS_INLINE512 __m512 fxs_w16_bf16(const uint16_t *v, __mmask16 mm) {
             uint32_t bits;                                                                              \
             memcpy(&bits, m + (c >> 3), 4);                                                             \
             __mmask16 lo = (__mmask16)bits, hi = (__mmask16)(bits >> 16);                               \
+            _mm_prefetch((const char *)(values + k) + FXS_BM_AHEAD, _MM_HINT_T0);                       \
             __m512 w0 = W16(values + k, lo);                                                            \
             k += _mm_popcnt_u32(lo);                                                                    \
             __m512 w1 = W16(values + k, hi);                                                            \
@@ -266,38 +273,90 @@ FXS_INLINE512 __m512 fxs_w16_bf16(const uint16_t *v, __mmask16 mm) {
 FXS_ROW512(fxs_row512_f32, float, fxs_w16_f32)
 FXS_ROW512(fxs_row512_bf16, uint16_t, fxs_w16_bf16)
 
-#define FXS_BM_AVX512(NAME, T, ROW)                                                                     \
-    FXS_T512 static int NAME(const T *values, const uint8_t *mask, int64_t cols, int64_t r0, int64_t r1, \
-                             int64_t k0, const float *x, int64_t batch, int64_t xs, const float *bias,  \
-                             float *out, int64_t os) {                                                  \
-        int64_t stride = (cols + 7) / 8, k = k0;                                                        \
-        float acc[8];                                                                                   \
-        int64_t end = k0;                                                                               \
-        for (int64_t r = r0; r < r1; r++) {                                                             \
-            const uint8_t *m = mask + r * stride;                                                       \
-            float b = bias ? bias[r] : 0.f;                                                             \
-            for (int64_t b0 = 0; b0 < batch; b0 += 8) {                                                 \
-                int64_t nb = batch - b0 < 8 ? batch - b0 : 8;                                           \
-                const float *xb = x + b0 * xs;                                                          \
-                switch (nb) {                                                                           \
-                    case 1: end = ROW(values, k, m, cols, xb, xs, 1, acc); break;                             \
-                    case 2: end = ROW(values, k, m, cols, xb, xs, 2, acc); break;                             \
-                    case 3: end = ROW(values, k, m, cols, xb, xs, 3, acc); break;                             \
-                    case 4: end = ROW(values, k, m, cols, xb, xs, 4, acc); break;                             \
-                    case 5: end = ROW(values, k, m, cols, xb, xs, 5, acc); break;                             \
-                    case 6: end = ROW(values, k, m, cols, xb, xs, 6, acc); break;                             \
-                    case 7: end = ROW(values, k, m, cols, xb, xs, 7, acc); break;                             \
-                    default: end = ROW(values, k, m, cols, xb, xs, 8, acc); break;                            \
-                }                                                                                       \
-                for (int64_t j = 0; j < nb; j++) out[(b0 + j) * os + r] = acc[j] + b;                   \
+/* R rows of W (from row r) against NB rows of x: R x NB accumulators, kept in registers (R and NB are
+ * constants after inlining). Each 16-column step of a row is expanded once and used by the NB rows of x;
+ * each 16 columns of a row of x are loaded once and used by the R rows of W. */
+#define FXS_TILE512(NAME, T, W16)                                                                       \
+    FXS_INLINE512 void NAME(const T *values, const int64_t *offsets, const uint8_t *mask, int64_t stride,   \
+                            int64_t cols, int64_t r, const float *x, int64_t xs, int R, int NB, float *res) { \
+        __m512 acc[4][4], w[4];                                                                         \
+        const uint8_t *m[4];                                                                            \
+        int64_t k[4];                                                                                   \
+        for (int i = 0; i < R; i++) {                                                                   \
+            m[i] = mask + (r + i) * stride;                                                             \
+            k[i] = offsets[r + i];                                                                      \
+            for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();                               \
+        }                                                                                               \
+        int64_t c = 0;                                                                                  \
+        for (; c + 16 <= cols; c += 16) {                                                               \
+            for (int i = 0; i < R; i++) {                                                               \
+                uint16_t bits;                                                                          \
+                memcpy(&bits, m[i] + (c >> 3), 2);                                                      \
+                w[i] = W16(values + k[i], (__mmask16)bits);                                             \
+                k[i] += _mm_popcnt_u32(bits);                                                           \
             }                                                                                           \
-            k = end;                                                                                    \
+            for (int j = 0; j < NB; j++) {                                                              \
+                __m512 xv = _mm512_loadu_ps(x + j * xs + c);                                            \
+                for (int i = 0; i < R; i++) acc[i][j] = _mm512_fmadd_ps(w[i], xv, acc[i][j]);           \
+            }                                                                                           \
+        }                                                                                               \
+        if (c < cols) { /* the last 1-15 columns: bits past `cols` ignored, x read only up to its end */ \
+            int64_t left = cols - c;                                                                    \
+            __mmask16 lanes = (__mmask16)((1u << left) - 1u);                                           \
+            for (int i = 0; i < R; i++) {                                                               \
+                uint32_t bits = m[i][c >> 3] | (left > 8 ? (uint32_t)m[i][(c >> 3) + 1] << 8 : 0u);     \
+                w[i] = W16(values + k[i], (__mmask16)bits & lanes);                                     \
+            }                                                                                           \
+            for (int j = 0; j < NB; j++) {                                                              \
+                __m512 xv = _mm512_maskz_loadu_ps(lanes, x + j * xs + c);                               \
+                for (int i = 0; i < R; i++) acc[i][j] = _mm512_fmadd_ps(w[i], xv, acc[i][j]);           \
+            }                                                                                           \
+        }                                                                                               \
+        for (int i = 0; i < R; i++)                                                                     \
+            for (int j = 0; j < NB; j++) res[i * 4 + j] = _mm512_reduce_add_ps(acc[i][j]);              \
+    }
+
+FXS_TILE512(fxs_tile512_f32, float, fxs_w16_f32)
+FXS_TILE512(fxs_tile512_bf16, uint16_t, fxs_w16_bf16)
+
+#define FXS_TILE_CASE(TILE, R, NB)                                                                      \
+    case R * 8 + NB: TILE(values, offsets, mask, stride, cols, r, xb, xs, R, NB, res); break;
+
+#define FXS_BM_AVX512(NAME, T, TILE, ROW)                                                               \
+    FXS_T512 static int NAME(const T *values, const int64_t *offsets, const uint8_t *mask, int64_t cols,   \
+                             int64_t r0, int64_t r1, const float *x, int64_t batch, int64_t xs,         \
+                             const float *bias, float *out, int64_t os) {                               \
+        int64_t stride = (cols + 7) / 8;                                                                \
+        float res[16];                                                                                  \
+        if (batch == 1) {                                                                               \
+            int64_t k = offsets[r0];                                                                    \
+            for (int64_t r = r0; r < r1; r++) {                                                         \
+                k = ROW(values, k, mask + r * stride, cols, x, xs, 1, res);                             \
+                out[r] = res[0] + (bias ? bias[r] : 0.f);                                               \
+            }                                                                                           \
+            return 0;                                                                                   \
+        }                                                                                               \
+        for (int64_t r = r0; r < r1;) {                                                                 \
+            int R = r1 - r >= 4 ? 4 : 1;                                                                \
+            for (int64_t b0 = 0; b0 < batch; b0 += 4) {                                                 \
+                int nb = batch - b0 < 4 ? (int)(batch - b0) : 4;                                        \
+                const float *xb = x + b0 * xs;                                                          \
+                switch (R * 8 + nb) {                                                                   \
+                    FXS_TILE_CASE(TILE, 4, 1) FXS_TILE_CASE(TILE, 4, 2) FXS_TILE_CASE(TILE, 4, 3)       \
+                    FXS_TILE_CASE(TILE, 4, 4) FXS_TILE_CASE(TILE, 1, 1) FXS_TILE_CASE(TILE, 1, 2)       \
+                    FXS_TILE_CASE(TILE, 1, 3) FXS_TILE_CASE(TILE, 1, 4)                                 \
+                }                                                                                       \
+                for (int i = 0; i < R; i++)                                                             \
+                    for (int j = 0; j < nb; j++)                                                        \
+                        out[(b0 + j) * os + r + i] = res[i * 4 + j] + (bias ? bias[r + i] : 0.f);       \
+            }                                                                                           \
+            r += R;                                                                                     \
         }                                                                                               \
         return 0;                                                                                       \
     }
 
-FXS_BM_AVX512(fxs_bm_avx512_f32, float, fxs_row512_f32)
-FXS_BM_AVX512(fxs_bm_avx512_bf16, uint16_t, fxs_row512_bf16)
+FXS_BM_AVX512(fxs_bm_avx512_f32, float, fxs_tile512_f32, fxs_row512_f32)
+FXS_BM_AVX512(fxs_bm_avx512_bf16, uint16_t, fxs_tile512_bf16, fxs_row512_bf16)
 
 /* --- AVX2 --- */
 #define FXS_T256 __attribute__((target("avx2,fma,popcnt")))
@@ -430,19 +489,21 @@ FXS_API int fxs_bitmask_isa(int want) {
 
 #ifdef FXS_BM_X86
 #define FXS_BM_DISPATCH(T, SUF)                                                                         \
-    if (fxs_isa == 2) return fxs_bm_avx512_##SUF(values, mask, cols, r0, r1, k0, x, batch, xs, bias, out, os); \
-    if (fxs_isa == 1) return fxs_bm_avx2_##SUF(values, mask, cols, r0, r1, k0, x, batch, xs, bias, out, os);
+    if (fxs_isa == 2) return fxs_bm_avx512_##SUF(values, offsets, mask, cols, r0, r1, x, batch, xs, bias, out, os); \
+    if (fxs_isa == 1) return fxs_bm_avx2_##SUF(values, mask, cols, r0, r1, offsets[r0], x, batch, xs, bias, out, os);
 #else
 #define FXS_BM_DISPATCH(T, SUF)
 #endif
 
 #define FXS_BM_ENTRY(NAME, T, SUF)                                                                      \
-    FXS_API int NAME(const T *values, const uint8_t *mask, int64_t cols, int64_t r0, int64_t r1, int64_t k0, \
-                     const float *x, int64_t batch, int64_t xs, const float *bias, float *out, int64_t os) { \
+    FXS_API int NAME(const T *values, const int64_t *offsets, const uint8_t *mask, int64_t cols, int64_t r0, \
+                     int64_t r1, const float *x, int64_t batch, int64_t xs, const float *bias, float *out,  \
+                     int64_t os) {                                                                      \
         if (fxs_isa < 0) fxs_bitmask_isa(-1);                                                           \
-        if (cols < 0 || r0 < 0 || r1 < r0 || batch < 0 || k0 < 0) return -1;                           \
+        if (cols < 0 || r0 < 0 || r1 < r0 || batch < 0) return -1;                                      \
+        if (r1 == r0) return 0;                                                                         \
         FXS_BM_DISPATCH(T, SUF)                                                                         \
-        return fxs_bm_portable_##SUF(values, mask, cols, r0, r1, k0, x, batch, xs, bias, out, os);      \
+        return fxs_bm_portable_##SUF(values, mask, cols, r0, r1, offsets[r0], x, batch, xs, bias, out, os); \
     }
 
 FXS_BM_ENTRY(fxs_bitmask_linear_f32, float, f32)

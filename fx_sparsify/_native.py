@@ -29,7 +29,7 @@ _SIGNATURES = {
     **{f"fxs_expand{bits}": (_I64, [_P, _I64, _I64, _P, _I64, _P]) for bits in (8, 16, 32, 64)},
     **{f"fxs_masked_bag_{t}": (_INT, [_P, _P, _I64, _I64, _P, _I64, _P, _I64, _I64, _INT, _P]) for t in ("f32", "f64")},
     **{f"fxs_masked_rows_{t}": (_INT, [_P, _P, _I64, _I64, _P, _I64, _P]) for t in ("f32", "f64")},
-    **{f"fxs_bitmask_linear_{t}": (_INT, [_P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64])
+    **{f"fxs_bitmask_linear_{t}": (_INT, [_P, _P, _P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64])
        for t in ("f32", "bf16")},
     "fxs_bitmask_isa": (_INT, [_INT]),
 }
@@ -252,8 +252,7 @@ def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor,
         return None
     if not (values.is_contiguous() and mask.is_contiguous() and row_offsets.is_contiguous()):
         return None
-    nnz = int(row_offsets[-1])
-    if values.numel() < nnz + BITMASK_PAD or int(row_offsets[0]) != 0:
+    if not _offsets_agree(values, mask, row_offsets, cols):
         return None
     x32 = x.to(torch.float32)
     if x32.stride(1) != 1 and cols > 1:  # rows of x may be apart (a view), their entries must be adjacent
@@ -262,10 +261,10 @@ def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor,
     batch = x32.shape[0]
     out = torch.empty(batch, rows, dtype=torch.float32, device="cpu")
     pieces = _split(rows, max(batch, 1) * rows * cols)
-    starts = row_offsets[[a for a, _ in pieces]].tolist()
     fn = getattr(LIB, f"fxs_bitmask_linear_{suffix}")
-    calls: list[tuple[Any, ...]] = [(values.data_ptr(), mask.data_ptr(), cols, a, b, k0, x32.data_ptr(), batch, x32.stride(0),
-              None if b32 is None else b32.data_ptr(), out.data_ptr(), rows) for (a, b), k0 in zip(pieces, starts)]
+    calls: list[tuple[Any, ...]] = [
+        (values.data_ptr(), row_offsets.data_ptr(), mask.data_ptr(), cols, a, b, x32.data_ptr(), batch, x32.stride(0),
+         None if b32 is None else b32.data_ptr(), out.data_ptr(), rows) for a, b in pieces]
     others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
     try:
         statuses = [fn(*calls[0])]
@@ -273,3 +272,34 @@ def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor,
         wait(others)
     statuses += [f.result() for f in others]
     return out if all(s == 0 for s in statuses) else None
+
+
+#: (mask, offsets) checked against each other: their data pointers and versions, so a changed tensor is checked again
+_AGREED: dict[tuple[int, int], tuple[int, ...]] = {}
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def _offsets_agree(values: Tensor, mask: Tensor, row_offsets: Tensor, cols: int) -> bool:
+    """Whether ``row_offsets`` are the running counts of the mask's rows (bits past ``cols`` ignored) and
+    ``values`` holds them all plus the padding: the kernel trusts them for every load. Checked once per
+    (tensor, version): the check reads the whole mask, ~1/8 byte an entry."""
+    key = (mask.data_ptr(), row_offsets.data_ptr())
+    stamp = (mask._version, row_offsets._version, values.numel(), cols, mask.shape[0])
+    if _AGREED.get(key) == stamp:
+        return True
+    rows = mask.shape[0]
+    tail = (1 << (cols % 8)) - 1 if cols % 8 else 0xFF
+    counts = torch.zeros(rows, dtype=torch.int64)
+    for r0 in range(0, rows, 4096):  # a block of rows at a time: the temporaries stay small
+        block = mask[r0:r0 + 4096].clone()
+        if block.shape[1]:
+            block[:, -1] &= tail
+        counts[r0:r0 + 4096] = _POPCOUNT.index_select(0, block.reshape(-1).int()).view(block.shape[0], -1).sum(dim=1)
+    want = torch.zeros(rows + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=want[1:])
+    if not torch.equal(want, row_offsets) or values.numel() < int(want[-1]) + BITMASK_PAD:
+        return False
+    if len(_AGREED) > 4096:
+        _AGREED.clear()
+    _AGREED[key] = stamp
+    return True

@@ -145,6 +145,10 @@ def test_what_the_kernel_does_not_take_goes_the_torch_way() -> None:
     assert _native.bitmask_linear(torch.randn(3, 25), values, mask, offsets, None) is None  # mask of another width
     assert _native.bitmask_linear(x, values[:-_native.BITMASK_PAD], mask, offsets, None) is None  # not padded
     assert _native.bitmask_linear(x, values, mask, offsets.int(), None) is None  # int32 offsets
+    lying = offsets.clone()
+    lying[3:] += 5  # offsets that disagree with the mask would make the kernel read past the values
+    assert _native.bitmask_linear(x, values, mask, lying, None) is None
+    assert _native.bitmask_linear(x, values, mask, offsets, None) is not None  # the same tensors, offsets right
     assert _native.bitmask_linear(x, values, mask, offsets, torch.randn(8)) is None  # a bias of another size
     assert _native.bitmask_linear(x.to("meta"), values, mask, offsets, None) is None  # no memory behind it
     layer = BitmaskLinear(w.double(), None)  # float64: the op's torch path
