@@ -404,7 +404,7 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     header, a bitmask that disagrees with its values) is a ``ValueError`` naming the tensor. ``path`` may also
     be a folder of shards with a Hugging Face ``model.safetensors.index.json`` (what ``prune_streamed`` writes).
     ``storage="bitmask"`` (with ``model``): each compressed weight of a ``Linear`` / 1×1 ``Conv`` becomes a
-    bitmask-storage layer built from the file's values and mask, never expanded (SPEC §18).
+    bitmask-storage layer built from the file's values and mask, never expanded.
     """
     if storage not in ("dense", "bitmask") or (storage == "bitmask" and model is None):
         raise ValueError(f"load_compressed(storage={storage!r}): use 'dense', or 'bitmask' with a model to load into")

@@ -1,6 +1,6 @@
 """The data sparsifier: masks for tensors, parameters and embeddings that live outside a traced model.
 
-The API of ``torch.ao.pruning._experimental.data_sparsifier`` / ``data_scheduler`` (SPEC section 7).
+The API of ``torch.ao.pruning._experimental.data_sparsifier`` / ``data_scheduler``.
 """
 
 from __future__ import annotations
