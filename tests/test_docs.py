@@ -100,6 +100,12 @@ def test_version_matches_the_package_metadata() -> None:
     assert fxs.__version__ == re.search(r'^version = "([^"]+)"', text, re.M)[1]  # type: ignore[index]
 
 
+def test_the_api_reference_lists_every_public_name() -> None:
+    listed = set(re.findall(r"^::: fx_sparsify\.(\w+)", (DOCS / "api.md").read_text(), re.M))
+    missing = sorted(set(fxs.__all__) - listed)
+    assert not missing, f"docs/api.md: add '::: fx_sparsify.<name>' for {missing}"
+
+
 def test_readme_and_docs_mention_load_spec_and_the_cli() -> None:
     recipes = (DOCS / "recipes.md").read_text()
     for text in (README, recipes):
