@@ -100,6 +100,14 @@ def test_version_matches_the_package_metadata() -> None:
     assert fxs.__version__ == re.search(r'^version = "([^"]+)"', text, re.M)[1]  # type: ignore[index]
 
 
+def test_the_readme_explains_every_file_run_writes() -> None:
+    from fx_sparsify._run_outputs import RUN_FILES
+
+    section = README[README.index("## What `fx-sparsify run` writes"):]
+    described = set(re.findall(r"^\| `([^`]+)` \|", section, re.M))
+    assert set(RUN_FILES) <= described, f"README 'What fx-sparsify run writes' lacks {set(RUN_FILES) - described}"
+
+
 def test_the_api_reference_lists_every_public_name() -> None:
     listed = set(re.findall(r"^::: fx_sparsify\.(\w+)", (DOCS / "api.md").read_text(), re.M))
     missing = sorted(set(fxs.__all__) - listed)
