@@ -160,7 +160,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 
 
 def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    """Through the dense product: d/dx = grad @ W, d/dbias = the sum of grad, d/dvalues = (gradᵀ x) at the kept entries."""
+    """Through the dense product: d/dx = grad @ W, d/dbias = the sum of grad, d/dvalues = (gradᵀ x) at the
+    kept entries."""
     x, values, mask, row_offsets = ctx.saved_tensors
     rows, cols = mask.shape[0], ctx.in_features
     g = grad.reshape(-1, rows)

@@ -2,8 +2,8 @@
 
     >>> spec = SparsitySpec.from_dict({"weights": [{"target": "fc1", "method": "l1_unstructured",
     ...                                             "sparsity": 0.5}]})
-    >>> spec.weights[0]
-    WeightRule(target='fc1', method='l1_unstructured', options={'sparsity': 0.5}, gradient='mask', scores=None, regrow=False, schedule=None)
+    >>> spec.weights[0].method, spec.weights[0].options, spec.weights[0].gradient
+    ('l1_unstructured', {'sparsity': 0.5}, 'mask')
     >>> SparsitySpec.from_dict(spec.to_dict()) == spec
     True
 

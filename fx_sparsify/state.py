@@ -48,7 +48,8 @@ class TargetRecord:
 
 @dataclass
 class Calibration:
-    """The calibration forwards that ``"sequential": true`` sparsegpt targets keep until the next step (reconstruct.py)."""
+    """The calibration forwards that ``"sequential": true`` sparsegpt targets keep until the next step
+    (reconstruct.py)."""
 
     # (args, kwargs) of every calibration forward since the last step; None: none recorded
     inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None

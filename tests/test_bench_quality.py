@@ -1,4 +1,5 @@
-"""benchmarks/bench_quality.py runs end to end (slow: pass --runslow); the full run's numbers are in docs/benchmarks.md."""
+"""benchmarks/bench_quality.py runs end to end (slow: pass --runslow); the full run's numbers are in
+docs/benchmarks.md."""
 
 from __future__ import annotations
 
