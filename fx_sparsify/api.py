@@ -19,10 +19,11 @@ from .methods._selectors import ENTRY_COUNTS, warn_if_percent_like
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
 from .passes.insert_hessian_observers import insert_hessian_observers, sparsegpt_layers
 from .passes.insert_weight_masks import insert_weight_masks
-from .passes.channels import ChannelPlan, passive_rules, plan_channels
+from .passes.channels import ChannelPlan, heads_attention, passive_rules, plan_channels
 from .passes.channels.importance import insert_channel_observers
 from .passes.reconstruct import record_calibration_inputs
 from .passes.update_masks import check_options
+from .mha import attention_as_op
 from .observer import ActivationObserver
 from .roundtrip import set_initial_masks, take_over
 from ._spec_doc import SPEC_KEYS_DOC
@@ -106,10 +107,11 @@ def sparsify_graph(
                 if meta.get("version") is not None}
     del original_state
     work = model if inplace or copied else _copy(model)
-    captured = capture_graph(
-        work, capture=capture, example_inputs=example_inputs, example_kwargs=example_kwargs,
-        concrete_args=concrete_args, leaf_modules=leaf_modules, dynamic_shapes=dynamic_shapes,
-    )
+    with attention_as_op(heads_attention(spec, work)):  # heads rules: each nn.MultiheadAttention one call
+        captured = capture_graph(
+            work, capture=capture, example_inputs=example_inputs, example_kwargs=example_kwargs,
+            concrete_args=concrete_args, leaf_modules=leaf_modules, dynamic_shapes=dynamic_shapes,
+        )
     gm = captured.gm
     if gm is work and isinstance(model, GraphModule) and inplace:
         # the user's GraphModule keeps its own graph, modules and buffers even in place (parameters are shared)

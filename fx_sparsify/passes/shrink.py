@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from .._modules import find_tensor
+from ..mha import HeadPrunedMultiheadAttention, as_head_pruned
 from ..state import SparsityState
 from ._runner import PassResult, finish
 from .channels import CHANNELS, ChannelPlan, evaluate, fold_deltas, group_keeps
@@ -63,6 +64,9 @@ REFRESH: dict[type[nn.Module], Callable[[nn.Module], None]] = {
     nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
     nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
     nn.Embedding: _embedding,
+    # heads removed: the attention computes with num_heads * head_dim < embed_dim (its out_proj has fewer inputs)
+    nn.MultiheadAttention: as_head_pruned, HeadPrunedMultiheadAttention: as_head_pruned,
+    nn.modules.linear.NonDynamicallyQuantizableLinear: _linear,
 }
 
 

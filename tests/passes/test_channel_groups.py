@@ -272,10 +272,12 @@ def test_unsupported_structures_are_refused_naming_the_node(model: torch.nn.Modu
         fxs.sparsify_graph(model, {"channels": [{"target": target, "sparsity": 0.5}]}, example_inputs=(x,))
 
 
+@pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("target", ["attn", "block"])
-def test_heads_on_multihead_attention_say_why_and_what_to_do(target: str) -> None:
+def test_heads_on_multihead_attention_plan_its_packed_projection(target: str, capture: str) -> None:
     """torchvision's ViT and nn.Transformer use nn.MultiheadAttention (packed in_proj_weight): a heads rule
-    on it (or on a block holding it) names it and the way out, not only 'no attention heads found'."""
+    on it (or on a block holding it) plans one group of its heads, the q, k and v rows of each head and the
+    out_proj columns (shrinking it: tests/passes/test_shrink_attention.py)."""
 
     class Block(torch.nn.Module):
         def __init__(self) -> None:
@@ -295,6 +297,12 @@ def test_heads_on_multihead_attention_say_why_and_what_to_do(target: str) -> Non
             return self.block(x)
 
     target = "block.attn" if target == "attn" else "block"
-    with pytest.raises(ValueError, match="no attention heads found.*'block.attn' is an nn.MultiheadAttention.*'channels' rule"):
-        fxs.sparsify_graph(Net(), {"channels": [{"target": target, "heads": 0.5}]},
-                           example_inputs=(torch.randn(2, 5, 16),))
+    sgm = fxs.sparsify_graph(Net(), {"channels": [{"target": target, "heads": 0.5}]},
+                             example_inputs=(torch.randn(2, 5, 16),), capture=capture)
+    (group,) = _groups(sgm)
+    assert (group.units, group.unit, group.removable) == (4, "attention head", True)
+    members = [(m.tensor, m.dim, m.offset, m.width) for m in group.members]
+    assert members == [("block.attn.in_proj_weight", 0, 0, 4), ("block.attn.in_proj_weight", 0, 16, 4),
+                       ("block.attn.in_proj_weight", 0, 32, 4), ("block.attn.in_proj_bias", 0, 0, 4),
+                       ("block.attn.in_proj_bias", 0, 16, 4), ("block.attn.in_proj_bias", 0, 32, 4),
+                       ("block.attn.out_proj.weight", 1, 0, 4)]

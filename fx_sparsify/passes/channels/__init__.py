@@ -30,11 +30,12 @@ from .masks import (
     shrunk_sizes,
     unit_view,
 )
-from .plan import CHANNELS, ChannelGroup, ChannelPlan, passive_rules, plan_channels
+from .plan import CHANNELS, ChannelGroup, ChannelPlan, heads_attention, passive_rules, plan_channels
 from .rules import RULES, Flood, map_reshape
 
 __all__ = [
-    "CHANNELS", "ChannelGroup", "ChannelPlan", "Member", "Edit", "plan_channels", "passive_rules", "channel_masks",
+    "CHANNELS", "ChannelGroup", "ChannelPlan", "Member", "Edit", "plan_channels", "passive_rules", "heads_attention",
+    "channel_masks",
     "group_keeps", "GroupScore", "magnitude_scores", "unit_view", "shrink_plan_table", "shrink_summary",
     "shrunk_sizes", "record_shapes", "map_reshape", "ChannelGraph", "Flood", "ConstProgram", "build_program",
     "evaluate", "fold_deltas", "FUNCTIONS", "METHODS", "MODULES", "LAYERS", "RULES", "node_arg", "arg_at",

@@ -25,15 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
+from ...mha import MHA_CALL
 from ...select import WeightTarget, select, select_layers
 from ...spec import ChannelRule, SparsitySpec
 from .constants import ConstProgram, build_program
 from .graph import ChannelGraph, Edit, Member, Unmappable, is_layer_weight, record_shapes, weight_dim
 from .rules import Flood
 
-__all__ = ["CHANNELS", "ChannelGroup", "ChannelPlan", "plan_channels", "passive_rules"]
+__all__ = ["CHANNELS", "ChannelGroup", "ChannelPlan", "plan_channels", "passive_rules", "heads_attention"]
 
 _log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ CHANNELS = "channels"
 class ChannelGroup:
     id: int
     units: int
-    unit: str  # "channel" | "head"
+    # "channel" | "head" (the forward's view shapes hold the head count) | "attention head" (an
+    # nn.MultiheadAttention's num_heads holds it, which the shrink updates)
+    unit: str
     roots: list[str]
     members: list[Member] = field(default_factory=list)
     edits: list[Edit] = field(default_factory=list)
@@ -144,6 +147,58 @@ class _Planner:
         groups.append(group)
         return group
 
+    def add_attention(self, path: str, module: nn.MultiheadAttention, rule: int) -> ChannelGroup:
+        """The heads of an ``nn.MultiheadAttention`` as one group, from its parameters: the q, k and v rows of
+        each head (packed ``in_proj_weight`` / ``in_proj_bias`` or separate projections), ``bias_k`` /
+        ``bias_v`` and the ``out_proj`` columns. Its input and output keep ``embed_dim``."""
+        canonical = self.graph.canonical
+        hd, embed = module.head_dim, module.embed_dim
+        if module.in_proj_weight is not None:
+            members = [Member(canonical(f"{path}.in_proj_weight"), 0, i * embed, hd) for i in range(3)]
+        else:
+            members = [Member(canonical(f"{path}.{p}_proj_weight"), 0, 0, hd) for p in "qkv"]
+        if module.in_proj_bias is not None:
+            members += [Member(canonical(f"{path}.in_proj_bias"), 0, i * embed, hd) for i in range(3)]
+        if module.bias_k is not None and module.bias_v is not None:
+            members += [Member(canonical(f"{path}.bias_k"), 2, 0, hd), Member(canonical(f"{path}.bias_v"), 2, 0, hd)]
+        members.append(Member(canonical(f"{path}.out_proj.weight"), 1, 0, hd, consumer=True))
+        existing = self.owner.get((members[0].tensor, 0))
+        if existing is not None:
+            existing.rule = rule
+            return existing
+        group = ChannelGroup(len(self.groups), module.num_heads, "attention head", [members[0].tensor], members, [],
+                             rule)
+        for m in members:
+            self.owner.setdefault((m.tensor, m.dim), group)
+        self.groups.append(group)
+        return group
+
+
+def _attention_calls(gm: GraphModule) -> set[str]:
+    """Paths of the attentions the graph calls whole: a ``call_module`` node (fx capture keeps torch.nn
+    modules as leaves), or one op :data:`~fx_sparsify.mha.MHA_CALL` (an export capture under ``attention_as_op``)
+    whose ``in_proj_weight`` / ``q_proj_weight`` operand names the module."""
+    out = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for n in gm.graph.nodes:
+        if MHA_CALL is not None and n.op == "call_function" and n.target is MHA_CALL:
+            weight = n.args[3] if isinstance(n.args[3], Node) else n.args[13]
+            if isinstance(weight, Node) and weight.op == "get_attr":
+                out.add(str(weight.target).rpartition(".")[0])
+    return out
+
+
+def heads_attention(spec: SparsitySpec, model: nn.Module) -> list[nn.MultiheadAttention]:
+    """The ``nn.MultiheadAttention`` modules inside the modules that ``heads`` rules select (capture them whole)."""
+    found: list[nn.MultiheadAttention] = []
+    for i, rule in enumerate(spec.channels):
+        if rule.heads is None:
+            continue
+        for layer in select_layers(rule.target, model, f"spec['channels'][{i}] ({rule.target!r})"):
+            for sub in model.get_submodule(layer).modules():
+                if isinstance(sub, nn.MultiheadAttention) and sub not in found:
+                    found.append(sub)
+    return found
+
 
 def plan_channels(
     gm: GraphModule,
@@ -178,7 +233,16 @@ def plan_channels(
         else:
             found = []
             selected = select_layers(rule.target, model, where)
+            called, attentions = _attention_calls(gm), []
             for module in selected:
+                for sub_name, sub in model.get_submodule(module).named_modules():
+                    path = f"{module}.{sub_name}".strip(".")
+                    whole = path in called or any(path.startswith(f"{c}.") for c in called)  # or in a leaf
+                    if isinstance(sub, nn.MultiheadAttention) and whole:
+                        heads = planner.add_attention(path, sub, i)
+                        attentions.append(sub)
+                        if heads not in found:
+                            found.append(heads)
                 prefix = f"{module}."
                 for name in list(dict.fromkeys(aliases.values())):
                     if name.startswith(prefix) and is_layer_weight(graph, name, ("linear", "addmm")):
@@ -187,13 +251,14 @@ def plan_channels(
                             found.append(group)
             if not found:
                 packed = [f"{m}.{n}".strip(".") for m in selected for n, sub in model.get_submodule(m).named_modules()
-                          if isinstance(sub, nn.MultiheadAttention)]
+                          if isinstance(sub, nn.MultiheadAttention) and sub not in attentions]
                 raise ValueError(
                     f"{where}: no attention heads found: a heads rule needs Linear projections inside the selected "
                     "module(s) whose outputs are reshaped into (heads, head_dim)"
-                    + (f"; {packed[0]!r} is an nn.MultiheadAttention, whose packed in_proj_weight and (T, B*H, D) "
-                       "views cannot lose heads: prune its feed-forward layers with a 'channels' rule instead, or "
-                       "rebuild the attention from separate q / k / v Linear layers" if packed else "")
+                    + (f"; {packed[0]!r} is an nn.MultiheadAttention that the captured graph does not call whole "
+                       "(traced into ops whose (T, B*H, D) views fold heads into the batch dim): capture with "
+                       "capture='fx' (it stays one module call), or with a torch that has torch.library.custom_op"
+                       if packed else "")
                 )
             for group in found:
                 _heads_per_unit(graph, group)
