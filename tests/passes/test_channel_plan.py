@@ -15,8 +15,9 @@ def test_a_passive_column_group_that_cannot_be_removed_is_not_planned() -> None:
     """fc1's input columns come from the model input: no group can shrink them, and none is listed (a
     failed group only other rules' zeros could shrink has nothing to say)."""
     model = MLP()
-    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "fc1", "mask": "l1_unstructured", "sparsity": 0.5}]},
-                             example_inputs=(X,))
+    sgm = fxs.sparsify_graph(
+        model, {"activations": [{"target": "fc1", "mask": "l1_unstructured", "sparsity": 0.5}]}, example_inputs=(X,)
+    )
     sgm(X)
     sgm.step()
     plan = sgm.shrink_plan()

@@ -62,7 +62,8 @@ def test_heads_rule_through_repeated_kv_heads(form: str, capture: str) -> None:
     kv heads are repeated (repeat_interleave stopped heads rules: 'no channel rule for method .repeat_interleave()')."""
     torch.manual_seed(0)
     model, x = GQABlock(form).eval(), torch.randn(2, 5, 32)
-    sgm = fxs.sparsify_graph(model, {"channels": [{"target": "attn", "heads": 2}]}, example_inputs=(x,), capture=capture)
+    spec = {"channels": [{"target": "attn", "heads": 2}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,), capture=capture)
     assert "2 kv heads (2 query heads each)" in sgm.shrink_plan()
     sgm.step()
     assert "| 2 → 1 " in sgm.shrink_plan()
