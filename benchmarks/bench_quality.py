@@ -1,6 +1,13 @@
-"""Accuracy at sparsity: one-shot pruning of a small byte-level GPT (SPEC §16; slow, a few minutes).
+"""Accuracy at sparsity: one-shot pruning of a small byte-level GPT (SPEC §16, §17; slow, a few minutes).
 
     python benchmarks/bench_quality.py [--steps 300] [--d-model 256] [--cache /tmp/fxs_quality_gpt.pt]
+                                       [--section unstructured|structured|all]
+
+Structured section (``--section structured``): 50 % and 75 % of every block's MLP neurons, 1 and 2 of its
+4 heads removed one-shot by our ``channels`` rules with each ``importance`` with and without
+``reconstruct`` (and obs + reconstruct ``sequential``), against FLAP and FLAP + a least-squares refit of
+the consumer written out here (:func:`flap_reference`); loss added over dense, its ratio to FLAP + lstsq,
+the parameters left, ``step()`` CPU seconds and peak resident growth, and shrunk vs masked max difference.
 
 A 4-layer byte-level GPT is trained (fixed seed) on the Python standard library's ``.py`` files, every
 20th file held out; then every Linear but the head is pruned one-shot at 50 % unstructured and 2:4
@@ -66,7 +73,7 @@ class Block(nn.Module):
         b, t, d = x.shape
         h = self.ln1(x)
         q, k, v = (p(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
         x = x + self.o(a)
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
@@ -428,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-only", action="store_true", help="train and cache the model, then stop")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
+    parser.add_argument("--section", choices=("unstructured", "structured", "all"), default="all",
+                        help="unstructured (weights), structured (channels and heads), or both")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_data, held = stdlib_bytes()
@@ -450,6 +459,10 @@ def main(argv: list[str] | None = None) -> None:
     example = calib[0][:2]
     dense = held_out_loss(model, held, args.eval)
     print(f"\ndense: perplexity {math.exp(dense):.3f}\n")
+    if args.section in ("structured", "all"):
+        structured(model, held, calib, example, dense, args)
+    if args.section == "structured":
+        return
     print("| method | pattern | perplexity | loss added | added / first row's | step CPU s |")
     print("|---|---|---|---|---|---|")
     for label, pattern, n, m in (("50 %", {"sparsity": 0.5}, 0, 0), ("2:4", {"n": 2, "m": 4}, 2, 4)):

@@ -39,9 +39,8 @@ class HessianObserver(ActivationObserver):
         self.dtype = dtype
         self.unfold = unfold  # a Conv2d's kernel_size, dilation, padding, stride: rows are its input patches
 
-    def _observe(self, x: Tensor) -> None:
-        attrs = self.__dict__
-        attrs["input_shape"] = x.shape
+    def rows(self, x: Tensor) -> Tensor:
+        """The rows of ``x`` this observer folds in (unfolded patches for a conv; a 1 appended with ``augment``)."""
         if self.unfold is not None:  # (N, C, H, W) -> one row of C·kh·kw per output position
             patches = F.unfold(x if x.dim() == 4 else x.unsqueeze(0), **self.unfold)
             rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
@@ -50,6 +49,12 @@ class HessianObserver(ActivationObserver):
         rows = rows.to(self.dtype)
         if self.augment:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
+        return rows
+
+    def _observe(self, x: Tensor) -> None:
+        attrs = self.__dict__
+        attrs["input_shape"] = x.shape
+        rows = self.rows(x)
         stat = self._buffers["stat"]
         if self.batches and stat.dtype != self.dtype:  # the module was cast (.half()): accumulate in our dtype
             stat = self.stat = stat.to(self.dtype)

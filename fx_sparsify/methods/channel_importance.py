@@ -53,6 +53,7 @@ __all__ = [
     "obs_greedy",
     "refit",
     "damped_gram",
+    "corrected_weight",
 ]
 
 
@@ -275,6 +276,26 @@ def refit(c: ConsumerStats, keep: Tensor, damp: float) -> tuple[Tensor, Tensor |
     weight = new[:, :n].to(c.weight.dtype)
     bias = None if c.bias is None else new[:, n].to(c.bias.dtype)
     return weight, bias
+
+
+def corrected_weight(c: ConsumerStats, cross: Tensor, damp: float) -> tuple[Tensor, Tensor | None]:
+    """The consumer's (weight, bias) that best reproduce its *calibration* outputs from its current inputs.
+
+    In sequential pruning the layers before a consumer are already pruned, so its inputs ``x'`` differ
+    from those of the calibration forwards ``x``. ``cross = Σ [x', 1]ᵀ·[x, 1]`` (the same rows, paired);
+    ``c.gram`` the statistic of ``x'``. Returns the damped least-squares fit of ``W·x + b`` from ``[x', 1]``
+    on all columns; with it as the consumer's weight, :func:`obs_scores` and :func:`refit` minimise the
+    error against the calibration outputs (the fit's own residual is a constant they do not change).
+    """
+    h, w = damped_gram(c, damp)
+    n = c.weight.shape[1]
+    k = h.shape[0]
+    target = cross.detach().double().to(h.device)[:k, :k] / max(c.rows, 1.0) @ w.T  # Σ [x',1]·(W x + b)ᵀ / rows
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise ValueError(f"reconstruct on {c.name!r}: the input second moment is not positive definite; raise 'damp'")
+    new = torch.cholesky_solve(target, factor).T
+    return new[:, :n].to(c.weight.dtype), (None if c.bias is None else new[:, n].to(c.bias.dtype))
 
 
 register_channel_importance("magnitude", calibrated=False)(lambda group: group.magnitude.double())

@@ -16,6 +16,7 @@ from fx_sparsify.methods.channel_importance import (
     ConsumerStats,
     GroupStats,
     activation_scores,
+    corrected_weight,
     get_channel_importance,
     obs_greedy,
     obs_scores,
@@ -188,3 +189,22 @@ def test_statistics_add_across_batches() -> None:
         a = fn(GroupStats(8, [whole], torch.ones(8), pruned=2))
         c = fn(GroupStats(8, [summed], torch.ones(8), pruned=2))
         assert torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_corrected_weight_fits_the_calibration_outputs_from_new_inputs(bias: bool) -> None:
+    """Sequential pruning: inputs x' changed upstream; the corrected weight is lstsq of W·x + b on [x', 1]."""
+    x, w, b = _data()
+    x_new = x + 0.3 * torch.randn_like(x)
+    b = b if bias else None
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=F64)], 1)
+    xna = torch.cat([x_new, torch.ones(len(x), 1, dtype=F64)], 1)
+    c = ConsumerStats("fc", w, b, xna.T @ xna, torch.arange(8).reshape(-1, 1))
+    w2, b2 = corrected_weight(c, xna.T @ xa, 0.0)
+    y = x @ w.T + (0 if b is None else b)
+    sol = torch.linalg.lstsq(xna if bias else x_new, y).solution
+    assert torch.allclose(w2, sol[:8].T, atol=1e-9)
+    if bias:
+        assert b2 is not None and torch.allclose(b2, sol[8], atol=1e-9)
+    else:
+        assert b2 is None

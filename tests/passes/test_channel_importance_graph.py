@@ -176,6 +176,32 @@ def test_sequential_reconstructs_block_after_block_and_exports() -> None:
     torch.testing.assert_close(exported.module()(batches[1]), small(batches[1]))
 
 
+def test_sequential_refit_aims_at_the_calibration_outputs() -> None:
+    """The second group's consumer is refit on its inputs through the pruned first group, towards the outputs it
+    gave in the calibration forwards: lstsq of the dense layer's outputs on the replayed inputs' kept columns."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(20, 32), nn.GELU(), nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).eval()
+    batches = [torch.randn(64, 20) for _ in range(3)]
+    spec = {"channels": [{"target": r"re:[02]$", "sparsity": 0.5, "round_to": 1, "importance": "activation",
+                          "reconstruct": True, "sequential": True, "damp": 0.0}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
+    _calibrate(sgm, batches)
+    sgm.step()
+    p, m = dict(sgm.named_parameters()), sgm.masks()
+    w = {k: p[k] * m[k] if k in m else p[k] for k in p}
+    with torch.no_grad():
+        x = torch.cat(batches)
+        h = F.gelu(F.linear(x, w["0.weight"], w["0.bias"]))
+        x_new = F.gelu(F.linear(h, w["2.weight"], w["2.bias"])).double()
+        y = model(x).double()
+    keep = m["2.bias"].bool()
+    a = torch.cat([x_new[:, keep], torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(a, y).solution
+    torch.testing.assert_close(p["4.weight"][:, keep].double(), sol[:-1].T, atol=5e-4, rtol=1e-3)
+    torch.testing.assert_close(p["4.bias"].double(), sol[-1], atol=5e-4, rtol=1e-3)
+    assert all(not o.kept for o in sgm.modules() if hasattr(o, "kept"))  # the kept rows go with the step
+
+
 def test_a_second_step_uses_the_new_calibration() -> None:
     spec = {"channels": [{"target": "fc1", "sparsity": 0.25, "round_to": 1, "importance": "obs", "reconstruct": True}]}
     sgm = fxs.sparsify_graph(MLP(), spec, example_inputs=(torch.randn(2, 20),))

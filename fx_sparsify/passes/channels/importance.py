@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from ...hessian import HessianObserver
-from ...methods.channel_importance import ConsumerStats, GroupStats, get_channel_importance, refit
+from ...methods.channel_importance import ConsumerStats, GroupStats, corrected_weight, get_channel_importance, refit
 from ...spec import ChannelRule
 from ..insert_activation_masks import insert_observer
 from ..layer_index import LayerIndex, layer_input
@@ -31,7 +31,7 @@ from .graph import Member
 from .masks import channel_masks, group_keeps, magnitude_scores
 from .plan import ChannelGroup, ChannelPlan
 
-__all__ = ["Consumer", "consumers_of", "insert_channel_observers", "channel_step", "step_channels",
+__all__ = ["ChannelStatsObserver", "paired_replay", "Consumer", "consumers_of", "insert_channel_observers", "channel_step", "step_channels",
            "check_channel_calibration", "OBS_STEPS"]
 
 #: structured OBS removes this many blocks of units per group at most (1 unit per block below it)
@@ -64,6 +64,48 @@ class Consumer:
             return cols
         k = math.prod(shape[2:])
         return (cols.unsqueeze(2) * k + torch.arange(k)).reshape(units, -1)
+
+
+class ChannelStatsObserver(HessianObserver):
+    """The statistic ``Σ [x, 1]ᵀ[x, 1]`` of a consumer's input; for a sequential ``reconstruct`` rule
+    (``keep=True``) it also keeps the rows of the calibration forwards, and while :func:`paired_replay`
+    runs them again through the partly pruned module it sums ``cross = Σ [x', 1]ᵀ[x, 1]`` of the new rows
+    ``x'`` against the kept ones, so the refit can aim at the calibration outputs (error correction)."""
+
+    def __init__(self, unfold: dict[str, Any] | None = None, keep: bool = False) -> None:
+        super().__init__(torch.float32, unfold=unfold, augment=True)
+        self.keep = keep
+        self.kept: list[Tensor] = []
+        self.replay_at: int | None = None
+        self.cross: Tensor | None = None
+
+    def _observe(self, x: Tensor) -> None:
+        if self.replay_at is not None:
+            if self.replay_at < len(self.kept):
+                part = self.rows(x).T @ self.kept[self.replay_at]
+                self.cross = part if self.cross is None else self.cross + part
+            self.replay_at += 1
+        elif self.keep:
+            self.kept.append(self.rows(x))
+        super()._observe(x)
+
+    def clear_kept(self) -> None:
+        self.kept, self.replay_at, self.cross = [], None, None
+
+
+def paired_replay(gm: GraphModule, names: set[str], replay: Callable[[set[str]], None]) -> None:
+    """``replay(names)`` with the observers pairing the new rows with the kept calibration rows; a replay that
+    did not see as many batches as were kept leaves no ``cross`` (no error correction then)."""
+    observers = [o for o in (gm.get_submodule(n) for n in names) if isinstance(o, ChannelStatsObserver)]
+    for o in observers:
+        o.replay_at, o.cross = 0, None
+    try:
+        replay(names)
+    finally:
+        for o in observers:
+            if o.replay_at != len(o.kept):
+                o.cross = None
+            o.replay_at = None
 
 
 def _unfold(name: str, conv: nn.Module) -> tuple[tuple[str, Any], ...]:
@@ -125,9 +167,13 @@ def insert_channel_observers(gm: GraphModule, plan: ChannelPlan, aliases: Mappin
             key = (tuple(layer_input(gm, c, consumer.layer, carriers.get(c)) for c in calls), consumer.unfold)
             if key in shared:
                 made[consumer.layer] = shared[key]
+                rule = plan.rules[group.rule]  # type: ignore[index]
+                if rule.sequential and rule.reconstruct:
+                    gm.get_submodule(shared[key]).keep = True  # type: ignore[union-attr]
                 continue
-            observer = HessianObserver(torch.float32, unfold=None if consumer.unfold is None else dict(consumer.unfold),
-                                       augment=True)
+            rule = plan.rules[group.rule]  # type: ignore[index]
+            observer = ChannelStatsObserver(None if consumer.unfold is None else dict(consumer.unfold),
+                                            keep=rule.sequential and rule.reconstruct)
             name = insert_observer(gm, index, consumer.layer, calls, observer, False, "channel_stats_observer")["observer"]
             made[consumer.layer] = shared[key] = name
     return made
@@ -149,28 +195,49 @@ def check_channel_calibration(gm: GraphModule, plan: ChannelPlan, observers: Map
                          f"forwards (sgm(batch)) before each step(); no forward reached the consumer layers of {what}")
 
 
+Corrections = Mapping[str, tuple[Tensor, Tensor | None]]  # consumer layer -> (weight (out, in), bias) to aim at
+
+
 def _consumer_stats(gm: GraphModule, group: ChannelGroup, observers: Mapping[str, str],
-                    masks: Mapping[str, Tensor]) -> list[ConsumerStats]:
+                    masks: Mapping[str, Tensor], corrected: Corrections | None = None) -> list[ConsumerStats]:
     out = []
     for consumer, member in consumers_of(gm, group):
         w = gm.get_parameter(consumer.weight).detach()
+        shape = tuple(w.shape)
         mask = masks.get(consumer.weight)
         if mask is not None:
             w = w * mask.to(device=w.device, dtype=w.dtype)
         bias = None if consumer.bias is None else gm.get_parameter(consumer.bias).detach()
+        matrix = consumer.matrix(w)
+        if corrected and consumer.layer in corrected:
+            matrix, bias = corrected[consumer.layer]
         gram = gm.get_submodule(observers[consumer.layer]).stat  # type: ignore[union-attr]
-        out.append(ConsumerStats(consumer.layer, consumer.matrix(w), bias, gram,  # type: ignore[arg-type]
-                                 consumer.columns(member, group.units, tuple(w.shape))))
+        out.append(ConsumerStats(consumer.layer, matrix, bias, gram,  # type: ignore[arg-type]
+                                 consumer.columns(member, group.units, shape)))
     return out
 
 
-def _scorer(observers: Mapping[str, str]) -> Callable[[GraphModule, ChannelGroup, Mapping[str, Tensor], ChannelRule], Tensor]:
+def _corrections(gm: GraphModule, plan: ChannelPlan, group: ChannelGroup, observers: Mapping[str, str],
+                 masks: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """Consumer layer → the weight and bias that best give its calibration outputs from its replayed inputs."""
+    out = {}
+    damp = float(plan.rules[group.rule].damp)  # type: ignore[index]
+    for stats in _consumer_stats(gm, group, observers, masks):
+        observer = gm.get_submodule(observers[stats.name])
+        cross = getattr(observer, "cross", None)
+        if cross is not None:
+            out[stats.name] = corrected_weight(stats, cross, damp)
+    return out
+
+
+def _scorer(observers: Mapping[str, str], corrected: Corrections | None = None,
+            ) -> Callable[[GraphModule, ChannelGroup, Mapping[str, Tensor], ChannelRule], Tensor]:
     def score(gm: GraphModule, group: ChannelGroup, masks: Mapping[str, Tensor], rule: ChannelRule) -> Tensor:
         magnitude = magnitude_scores(gm, group, masks, rule)
         fn, calibrated = get_channel_importance(rule.importance)
         if rule.importance == "magnitude":
             return magnitude
-        consumers = _consumer_stats(gm, group, observers, masks) if calibrated or rule.reconstruct else []
+        consumers = _consumer_stats(gm, group, observers, masks, corrected) if calibrated or rule.reconstruct else []
         removable = group.units - rule.min_channels
         stats = GroupStats(group.units, consumers, magnitude, pruned=None, damp=float(rule.damp),
                            block=max(1, math.ceil(removable / OBS_STEPS)))
@@ -184,7 +251,8 @@ def _scorer(observers: Mapping[str, str]) -> Callable[[GraphModule, ChannelGroup
 
 
 def _refits(gm: GraphModule, plan: ChannelPlan, groups: list[ChannelGroup], keeps: Mapping[int, Tensor],
-            observers: Mapping[str, str], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            observers: Mapping[str, str], masks: Mapping[str, Tensor],
+            corrected: Corrections | None = None) -> dict[str, Tensor]:
     """Parameter FQN → refit weight / bias of every consumer of ``groups`` (their rules' ``reconstruct``)."""
     removed: dict[Consumer, list[Tensor]] = {}
     damp: dict[Consumer, float] = {}
@@ -204,6 +272,8 @@ def _refits(gm: GraphModule, plan: ChannelPlan, groups: list[ChannelGroup], keep
         keep = torch.ones(w.shape[1], dtype=torch.bool)
         keep[torch.cat(cols)] = False
         bias = None if consumer.bias is None else gm.get_parameter(consumer.bias).detach()
+        if corrected and consumer.layer in corrected:
+            w, bias = corrected[consumer.layer]
         gram = gm.get_submodule(observers[consumer.layer]).stat  # type: ignore[union-attr]
         stats = ConsumerStats(consumer.layer, w, bias, gram, torch.arange(w.shape[1]).reshape(-1, 1))  # type: ignore[arg-type]
         new_w, new_b = refit(stats, keep, damp[consumer])
@@ -232,7 +302,12 @@ def step_channels(gm: GraphModule, plan: ChannelPlan, buffers: Mapping[str, str]
             p.detach().copy_(value.to(device=p.device, dtype=p.dtype))
 
     try:
-        return channel_step(gm, plan, plan.observers, current, steps, replay, write)
+        out = channel_step(gm, plan, plan.observers, current, steps, replay, write)
+        for name in set(plan.observers.values()):
+            observer = gm.get_submodule(name)
+            if isinstance(observer, ChannelStatsObserver):
+                observer.clear_kept()  # the calibration rows live until the step that used them
+        return out
     except BaseException:
         for name, (value, is_buffer) in saved.items():
             (gm.get_buffer(name) if is_buffer else gm.get_parameter(name)).detach().copy_(value)
@@ -270,11 +345,12 @@ def channel_step(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str
     for i, g in enumerate(later):
         mine = {observers[c.layer] for c, _ in consumers_of(gm, g)}
         if i:
-            replay(mine)
+            paired_replay(gm, mine, replay)
         current = {**masks, **new_masks}
+        corrected = _corrections(gm, plan, g, observers, current) if i else {}
         one = ChannelPlan([g], plan.rules)
-        group_masks = channel_masks(gm, one, current, steps, score)
-        group_params = _refits(gm, plan, [g], group_keeps(one, group_masks), observers, current)
+        group_masks = channel_masks(gm, one, current, steps, _scorer(observers, corrected))
+        group_params = _refits(gm, plan, [g], group_keeps(one, group_masks), observers, current, corrected)
         write(group_masks, group_params)
         new_masks.update(group_masks)
         new_params.update(group_params)
