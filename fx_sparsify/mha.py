@@ -12,7 +12,8 @@ shrink=True)`` give a shrunk attention that class, with ``num_heads`` updated (`
 
 For an export capture the attention is recorded as one op (:data:`MHA_OP`, while :func:`attention_as_op`
 is active) instead of the ops torch.export would trace it into, whose sizes fold heads into the batch
-dim and are fixed in the graph; the op reads its sizes from its tensors, so a shrunk graph runs it too.
+dim and are fixed in the graph; the op reads its sizes from its tensors, so a shrunk graph runs it too. Squash
+turns the op back into a call of :func:`attention_call`, a plain function.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "as_head_pruned",
     "MHA_OP",
     "MHA_CALL",
+    "attention_call",
 ]
 
 
@@ -195,7 +197,7 @@ def as_head_pruned(module: nn.Module) -> None:
     module._qkv_same_embed_dim = False
 
 
-def _op_impl(
+def attention_call(
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -246,8 +248,8 @@ def _op_impl(
 MHA_OP: Any = None
 MHA_CALL: Any = None
 if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-    MHA_OP = torch.library.custom_op("fx_sparsify::multi_head_attention", _op_impl, mutates_args=())
-    MHA_OP.register_fake(_op_impl)  # the computation itself runs on fake tensors: shapes follow the weights
+    MHA_OP = torch.library.custom_op("fx_sparsify::multi_head_attention", attention_call, mutates_args=())
+    MHA_OP.register_fake(attention_call)  # the computation itself runs on fake tensors: shapes follow the weights
     MHA_CALL = torch.ops.fx_sparsify.multi_head_attention.default
 
 

@@ -29,6 +29,7 @@ from .. import ops
 from .._masks import is_masked, masked_copy, zero_pruned_
 from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
+from ..mha import MHA_CALL, attention_call
 from ..state import SparsityState, TargetRecord
 from ._runner import PassResult, eliminate_dead_code, finish, run_passes
 from .layer_index import LayerIndex
@@ -157,10 +158,16 @@ def _dense_feature_mask(gm: GraphModule, record: TargetRecord, mask: Tensor) -> 
 
 
 def restore_module_calls(gm: GraphModule, state: SparsityState) -> PassResult:
-    """Turn each functional call that replaced a leaf module call back into ``call_module``."""
+    """Turn each functional call that replaced a leaf module call back into ``call_module``, and each attention
+    captured as one op (:data:`~fx_sparsify.mha.MHA_CALL`) into a call of the plain function it runs (a
+    torch.export of the result then traces it into torch's own ops: no custom op to register when loading)."""
     graph = gm.graph
     restored = {}
     for node in list(graph.nodes):
+        if MHA_CALL is not None and node.op == "call_function" and node.target is MHA_CALL:
+            node.target = attention_call
+            restored[node.name] = {"function": "attention_call"}
+            continue
         info = info_of(node)
         if info is None or info.role not in ("module_call", "embedding_lookup"):
             continue
