@@ -90,9 +90,9 @@ def _shape_problems(gm: nn.Module, state: SparsityState, incoming: Mapping[str, 
     problems = []
     for r in state.targets.values():
         if r.kind == "activation":
-            rule = r.rule
-            features = None if getattr(rule, "features", None) is not None else _input_features(gm, r.layer)
-            groups = len(rule.features) if getattr(rule, "features", None) is not None else None
+            rule_features: Any = getattr(r.rule, "features", None)  # an ActivationRule's feature slices
+            features = None if rule_features is not None else _input_features(gm, r.layer)
+            groups = len(rule_features) if rule_features is not None else None
             mask, stat = incoming.get(r.buffer), incoming.get(f"{r.observer}.stat")
             observer = gm.get_submodule(r.observer) if r.observer else None
             if isinstance(mask, Tensor) and mask.dim() > 0:
