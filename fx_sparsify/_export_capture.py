@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import builtins
 import marshal
 import math
 import types
@@ -28,7 +29,9 @@ _GUARDS = "_guards_fn"
 def _namespace() -> dict[str, Any]:
     from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP  # what torch.export's guard code runs in
 
-    return {**SYMPY_INTERP, "math": math, "inf": math.inf, "torch": torch}
+    # with __builtins__, as any module's globals: torch.compile / strict torch.export read the function's
+    # builtins from it (KeyError: '__builtins__' without)
+    return {**SYMPY_INTERP, "math": math, "inf": math.inf, "torch": torch, "__builtins__": builtins}
 
 
 class ExportGuards(nn.Module):
