@@ -358,6 +358,45 @@ FXS_TILE512(fxs_tile512_bf16, uint16_t, fxs_w16_bf16)
 FXS_BM_AVX512(fxs_bm_avx512_f32, float, fxs_tile512_f32, fxs_row512_f32)
 FXS_BM_AVX512(fxs_bm_avx512_bf16, uint16_t, fxs_tile512_bf16, fxs_row512_bf16)
 
+
+/* --- AVX-512 BF16: bfloat16 values and a bfloat16 row of x (batch 1) ---
+ * 32 columns a step: vpexpandw puts the step's kept bfloat16 values in their columns and vdpbf16ps
+ * multiplies them with x in pairs into 16 float32 sums (half the steps of the float32 path). */
+#define FXS_TBF __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi2,popcnt")))
+FXS_TBF static int fxs_bm_dpbf16(const uint16_t *values, const int64_t *offsets, const uint8_t *mask, int64_t cols,
+                                 int64_t r0, int64_t r1, const uint16_t *x, const float *bias, float *out) {
+    int64_t stride = (cols + 7) / 8;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *m = mask + r * stride;
+        int64_t k = offsets[r], c = 0;
+        __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
+        for (; c + 64 <= cols; c += 64) {
+            uint64_t bits;
+            memcpy(&bits, m + (c >> 3), 8);
+            __mmask32 lo = (__mmask32)bits, hi = (__mmask32)(bits >> 32);
+            _mm_prefetch((const char *)(values + k) + FXS_BM_AHEAD, _MM_HINT_T0);
+            __m512i w0 = _mm512_maskz_expand_epi16(lo, _mm512_loadu_si512((const void *)(values + k)));
+            k += _mm_popcnt_u32(lo);
+            __m512i w1 = _mm512_maskz_expand_epi16(hi, _mm512_loadu_si512((const void *)(values + k)));
+            k += _mm_popcnt_u32(hi);
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)w0, (__m512bh)_mm512_loadu_si512((const void *)(x + c)));
+            acc2 = _mm512_dpbf16_ps(acc2, (__m512bh)w1, (__m512bh)_mm512_loadu_si512((const void *)(x + c + 32)));
+        }
+        for (; c < cols; c += 32) {
+            int64_t left = cols - c < 32 ? cols - c : 32;
+            __mmask32 lanes = left == 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1u);
+            uint32_t bits = 0;
+            for (int64_t i = 0; i < (left + 7) / 8; i++) bits |= (uint32_t)m[(c >> 3) + i] << (8 * i);
+            __mmask32 mm = (__mmask32)bits & lanes;
+            __m512i w = _mm512_maskz_expand_epi16(mm, _mm512_loadu_si512((const void *)(values + k)));
+            k += _mm_popcnt_u32(mm);
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_maskz_loadu_epi16(lanes, x + c));
+        }
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2)) + (bias ? bias[r] : 0.f);
+    }
+    return 0;
+}
+
 /* --- AVX2 --- */
 #define FXS_T256 __attribute__((target("avx2,fma,popcnt")))
 #define FXS_INLINE256 static inline __attribute__((always_inline)) FXS_T256
@@ -463,6 +502,7 @@ FXS_BM_AVX2(fxs_bm_avx2_bf16, uint16_t, fxs_row256_bf16)
 
 /* 0 portable C, 1 AVX2, 2 AVX-512; -1 until the first call decides by the CPU */
 static int fxs_isa = -1;
+static int fxs_has_dpbf16 = 0; /* AVX512_BF16 and AVX512_VBMI2 (vdpbf16ps, vpexpandw) */
 
 static int fxs_cpu_isa(void) {
 #ifdef FXS_BM_X86
@@ -483,6 +523,9 @@ FXS_API int fxs_bitmask_isa(int want) {
         fxs_bm_tables();
 #endif
         fxs_isa = want >= 0 && want < cpu ? want : cpu;
+#ifdef FXS_BM_X86
+        fxs_has_dpbf16 = cpu == 2 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2");
+#endif
     }
     return fxs_isa;
 }
@@ -508,3 +551,17 @@ FXS_API int fxs_bitmask_isa(int want) {
 
 FXS_BM_ENTRY(fxs_bitmask_linear_f32, float, f32)
 FXS_BM_ENTRY(fxs_bitmask_linear_bf16, uint16_t, bf16)
+
+/* fxs_bitmask_linear_bf16x1(values, offsets, mask, cols, r0, r1, x, bias, out): the bfloat16 product for one
+ * bfloat16 row of x (products of bfloat16 pairs, float32 sums); -2 where the CPU (or the path forced) lacks
+ * AVX512_BF16: the caller then takes fxs_bitmask_linear_bf16 with x in float32. */
+FXS_API int fxs_bitmask_linear_bf16x1(const uint16_t *values, const int64_t *offsets, const uint8_t *mask, int64_t cols,
+                                      int64_t r0, int64_t r1, const uint16_t *x, const float *bias, float *out) {
+    if (fxs_isa < 0) fxs_bitmask_isa(-1);
+    if (cols < 0 || r0 < 0 || r1 < r0) return -1;
+#ifdef FXS_BM_X86
+    if (fxs_isa == 2 && fxs_has_dpbf16) return fxs_bm_dpbf16(values, offsets, mask, cols, r0, r1, x, bias, out);
+#endif
+    (void)values; (void)offsets; (void)mask; (void)x; (void)bias; (void)out;
+    return -2;
+}

@@ -32,6 +32,7 @@ _SIGNATURES = {
     **{f"fxs_bitmask_linear_{t}": (_INT, [_P, _P, _P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64])
        for t in ("f32", "bf16")},
     "fxs_bitmask_isa": (_INT, [_INT]),
+    "fxs_bitmask_linear_bf16x1": (_INT, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P]),
 }
 
 
@@ -254,6 +255,10 @@ def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor,
         return None
     if not _offsets_agree(values, mask, row_offsets, cols):
         return None
+    if values.dtype == x.dtype == torch.bfloat16 and x.shape[0] == 1:  # vdpbf16ps where the CPU has it
+        out = _bf16_row(x, values, mask, row_offsets, bias, rows, cols)
+        if out is not None:
+            return out
     x32 = x.to(torch.float32)
     if x32.stride(1) != 1 and cols > 1:  # rows of x may be apart (a view), their entries must be adjacent
         x32 = x32.contiguous()
@@ -303,3 +308,22 @@ def _offsets_agree(values: Tensor, mask: Tensor, row_offsets: Tensor, cols: int)
         _AGREED.clear()
     _AGREED[key] = stamp
     return True
+
+
+def _bf16_row(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor, bias: Tensor | None, rows: int,
+              cols: int) -> Tensor | None:
+    """One bfloat16 row of x against bfloat16 values with AVX512_BF16 (None where the CPU lacks it)."""
+    xr = x.contiguous()
+    b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    out = torch.empty(1, rows, dtype=torch.float32, device="cpu")
+    fn = LIB.fxs_bitmask_linear_bf16x1
+    calls: list[tuple[Any, ...]] = [
+        (values.data_ptr(), row_offsets.data_ptr(), mask.data_ptr(), cols, a, b, xr.data_ptr(),
+         None if b32 is None else b32.data_ptr(), out.data_ptr()) for a, b in _split(rows, rows * cols)]
+    others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
+    try:
+        statuses = [fn(*calls[0])]
+    finally:  # the pieces write into out: never return (or raise) while one still runs
+        wait(others)
+    statuses += [f.result() for f in others]
+    return out if all(s == 0 for s in statuses) else None
