@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["ExportGuards", "own_guards", "mode_dependent_modules", "warn_mode"]
+__all__ = ["ExportGuards", "own_guards", "mode_dependent_modules", "warn_mode", "quiet_deepcopy", "LEAFSPEC_WARNING"]
 
 _GUARDS = "_guards_fn"
 
@@ -124,3 +124,17 @@ def warn_mode(class_name: str, captured_training: bool, modules: list[str], mode
         UserWarning,
         stacklevel=3,
     )
+
+
+#: torch's pytree warns when the tree specs of an export capture's codegen are deep-copied (torch's own
+#: deprecated isinstance check inside copyreg, not a call of ours or of the user's)
+LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+def quiet_deepcopy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+    """``copy.deepcopy`` without torch's ``LeafSpec`` FutureWarning (copying an export capture's graph)."""
+    import copy
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+        return copy.deepcopy(obj, memo)

@@ -16,10 +16,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ._threads import serial_when_small
+
 __all__ = ["CHUNK", "keep_of", "zero_pruned_", "masked_copy", "is_masked", "PackedMask", "pending", "release_freed_memory"]
 
-#: elements per chunk of the mask ops (256 Ki: at most 1 MiB of fp32 temporaries)
-CHUNK = 1 << 18
+#: elements per chunk of the mask ops (1 Mi: bool temporaries of 1 MiB). Larger chunks mean fewer ops, and each
+#: op wakes the intra-op threads: on a busy machine a step of many small ops with 2 threads took 8x one thread's
+CHUNK = 1 << 20
 
 
 def keep_of(mask: Tensor) -> Tensor:
@@ -35,6 +38,7 @@ def _flat_pairs(weight: Tensor, mask: Tensor, chunk: int) -> list[tuple[Tensor, 
 
 
 @torch.no_grad()
+@serial_when_small
 def zero_pruned_(weight: Tensor, mask: Tensor, chunk: int = CHUNK) -> Tensor:
     """Write +0.0 into ``weight`` wherever ``mask`` prunes, in place; returns ``weight``.
 
@@ -52,6 +56,7 @@ def zero_pruned_(weight: Tensor, mask: Tensor, chunk: int = CHUNK) -> Tensor:
 
 
 @torch.no_grad()
+@serial_when_small
 def masked_copy(weight: Tensor, mask: Tensor, chunk: int = CHUNK) -> Tensor:
     """A new tensor holding ``weight`` with +0.0 where ``mask`` prunes (``weight`` is unchanged)."""
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
@@ -68,6 +73,7 @@ _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
 @torch.no_grad()
+@serial_when_small
 def is_masked(weight: Tensor, mask: Tensor, chunk: int = CHUNK) -> bool:
     """True when every entry ``mask`` prunes is already +0.0 in ``weight`` (nothing to fold).
 
@@ -85,8 +91,11 @@ def is_masked(weight: Tensor, mask: Tensor, chunk: int = CHUNK) -> bool:
 
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
+_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)  # bit i of a packed byte: entry i
 #: masks with fewer entries stay bool while pending (packing saves nothing worth its time)
 PACK_MIN = 1 << 16
+#: packing and unpacking work on chunks this many times :data:`CHUNK` (a uint8 temporary of that many bytes)
+PACK_CHUNKS = 1
 
 
 class PackedMask:
@@ -96,21 +105,21 @@ class PackedMask:
     1/32 of an fp32 weight instead of 1/4. Packing and :meth:`unpack_into` work a chunk at a time.
     """
 
-    def __init__(self, mask: Tensor, chunk: int = CHUNK) -> None:
+    @serial_when_small
+    def __init__(self, mask: Tensor, chunk: int = CHUNK * PACK_CHUNKS) -> None:
         self.shape = tuple(mask.shape)
         self.chunk = chunk - chunk % 8 or 8
         flat = keep_of(mask).reshape(-1)
-        parts = []
-        for c in flat.split(self.chunk):
+        weights = _WEIGHTS.to(flat.device)
+        self.data = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8, device=flat.device)
+        for start in range(0, flat.numel(), self.chunk):  # two ops a chunk: bit i times 2**i, summed per byte
+            c = flat[start:start + self.chunk]
             if c.numel() % 8:
                 c = torch.cat([c, c.new_zeros((-c.numel()) % 8)])
             bits = c.contiguous().view(torch.uint8).view(-1, 8)
-            out = bits[:, 0].clone()
-            for i in range(1, 8):
-                out.bitwise_or_(bits[:, i] << i)
-            parts.append(out)
-        self.data = torch.cat(parts) if len(parts) != 1 else parts[0]
+            torch.sum(bits * weights, dim=1, dtype=torch.uint8, out=self.data[start // 8:start // 8 + bits.shape[0]])
 
+    @serial_when_small
     def unpack_into(self, buf: Tensor) -> None:
         """Write the mask into ``buf`` (its shape; bool, or 0/1 of another dtype) in place."""
         if not buf.is_contiguous():

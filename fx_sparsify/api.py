@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ._export_capture import mode_dependent_modules
+from ._export_capture import mode_dependent_modules, quiet_deepcopy
 from ._modules import attach_tensor, find_tensor
 from .methods._selectors import ENTRY_COUNTS, warn_if_percent_like
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
@@ -115,7 +115,7 @@ def sparsify_graph(
     gm = captured.gm
     if gm is work and isinstance(model, GraphModule) and inplace:
         # the user's GraphModule keeps its own graph, modules and buffers even in place (parameters are shared)
-        gm = GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+        gm = GraphModule(gm, quiet_deepcopy(gm.graph), type(gm).__name__)
     channel_plan = None
     shapes_known = example_inputs is not None or example_kwargs is not None or captured.capture == "export"
     if spec.channels or (passive_rules(spec) and shapes_known):  # SPEC §10: channel groups, before any mask node

@@ -1,8 +1,10 @@
 """Resolve spec selectors to the model's parameters (SPEC §3 "Selecting targets").
 
 A selector is a module FQN (its ``weight``), a tensor FQN, a glob over FQNs, ``"re:<regex>"`` or
-``"type:<ClassName>"``. Tied parameters resolve to one canonical name (the first FQN under which
-``named_parameters`` lists them). Rules apply in order and the last rule that selects a tensor wins;
+``"type:<ClassName>"``. A glob or regex selects the weights of the modules it matches and the tensors it
+matches, biases only when the pattern itself names them (``conv*`` selects ``conv1.weight``, not
+``conv1.bias``; ``conv*.bias`` selects the biases). Tied parameters resolve to one canonical name (the first
+FQN under which ``named_parameters`` lists them). Rules apply in order and the last rule that selects a tensor wins;
 ``"method": "dense"`` excludes it. A rule that selects nothing is an error naming the closest FQNs.
 """
 
@@ -104,6 +106,11 @@ def _caller_level() -> int:
     return level
 
 
+def _pattern_may_pick(selector: str, param: str) -> bool:
+    """A glob or regex picks weights: a bias (``conv1.bias`` under ``conv*``) only when the pattern names it."""
+    return "bias" not in param.rpartition(".")[2] or "bias" in selector
+
+
 def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str) -> list[str]:
     """Canonical parameter FQNs that ``selector`` picks, in model order; errors if none."""
     modules = [n for n, _ in model.named_modules(remove_duplicate=False)]
@@ -114,7 +121,7 @@ def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str)
         except re.error as err:
             raise ValueError(f"{where}: {selector!r} is not a valid regular expression ({err})") from None
         found += [_module_weight(model, m, aliases, where) for m in modules if pattern.fullmatch(m)]
-        found += [aliases[p] for p in aliases if pattern.fullmatch(p)]
+        found += [aliases[p] for p in aliases if pattern.fullmatch(p) and _pattern_may_pick(selector, p)]
     elif selector.startswith("type:"):
         cls = selector[5:]
         matched = [n for n, m in model.named_modules(remove_duplicate=False) if type_name(m) == cls]
@@ -131,7 +138,7 @@ def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str)
             raise ValueError(f"{where}: no module of type {cls!r} in the model; module types present include: {', '.join(close)}")
     elif any(c in selector for c in "*?["):
         found += [_module_weight(model, m, aliases, where) for m in modules if fnmatch.fnmatchcase(m, selector)]
-        found += [aliases[p] for p in aliases if fnmatch.fnmatchcase(p, selector)]
+        found += [aliases[p] for p in aliases if fnmatch.fnmatchcase(p, selector) and _pattern_may_pick(selector, p)]
     elif selector in aliases:
         found.append(aliases[selector])
     elif selector in modules:

@@ -11,7 +11,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from . import ops
-from ._export_capture import warn_mode
+from ._export_capture import LEAFSPEC_WARNING, warn_mode
 from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
 from .passes.channels import shrink_plan_table
@@ -232,7 +232,9 @@ class SparseGraphModule(GraphModule):
         self._fxs.steps = check_extra_counts(state, ("steps",), "the sparse module's extra state")["steps"]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseGraphModule:
-        res: SparseGraphModule = super().__deepcopy__(memo)  # type: ignore[assignment]  # of our class
+        with warnings.catch_warnings():  # torch's pytree on an export capture's codegen (quiet_deepcopy)
+            warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+            res: SparseGraphModule = super().__deepcopy__(memo)  # type: ignore[assignment]  # of our class
         res._fxs = copy.deepcopy(self._fxs, memo)
         res._mark_cache()
         return res

@@ -59,7 +59,8 @@ def test_last_rule_wins_and_dense_excludes() -> None:
 @pytest.mark.parametrize("selector, expected", [
     ("fc1", ["fc1.weight"]),
     ("fc1.bias", ["fc1.bias"]),
-    ("fc*", ["fc1.weight", "fc2.weight", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]),
+    ("fc*", ["fc1.weight", "fc2.weight"]),  # a glob selects weights: biases only when it names them
+    ("fc*.bias", ["fc1.bias", "fc2.bias"]),
     ("re:fc\\d", ["fc1.weight", "fc2.weight"]),
     ("type:Linear", ["fc1.weight", "fc2.weight", "head.weight"]),
 ])

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from .._threads import serial_below
 from . import _selectors
 from ._random import generator_for
 from ._registry import get_mask_method
@@ -51,6 +52,11 @@ def prune_smallest_many(tensors: list[Tensor], k: int, *, absolute: bool = False
 
     Values are compared as float32, as a concatenation cast to float32 would be. NaN is refused.
     """
+    with serial_below(sum(t.numel() for t in tensors)):  # element-wise passes: one thread unless very large
+        return _prune_smallest_many(tensors, k, absolute)
+
+
+def _prune_smallest_many(tensors: list[Tensor], k: int, absolute: bool) -> list[Tensor]:
     n = sum(t.numel() for t in tensors)
     assert 0 <= k <= n, (k, n)
     if len(tensors) == 1 or n <= _selectors._SMALL or k in (0, n):

@@ -20,6 +20,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .._threads import serial_when_small
+
 __all__ = [
     "count_to_prune",
     "refuse_nan",
@@ -94,6 +96,7 @@ def normalize_dim(dim: int, ndim: int, *, method: str) -> int:
     return int(dim) % ndim
 
 
+@serial_when_small
 def refuse_nan(tensor: Tensor, what: str) -> None:
     """The NaN rule: a NaN score has no rank, so a mask computed from it is refused (``ValueError``).
 

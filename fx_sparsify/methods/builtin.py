@@ -22,6 +22,7 @@ import sys
 import torch
 from torch import Tensor
 
+from .._threads import serial_when_small
 from ._registry import register_mask_method
 from ._selectors import (
     block_grid,
@@ -95,6 +96,7 @@ def _unstructured_args(shape: tuple[int, ...] | None, *, sparsity: float | int) 
 
 
 @register_mask_method("l1_unstructured", check=_unstructured_args)
+@serial_when_small
 def l1_unstructured(tensor: Tensor, *, sparsity: float | int) -> Tensor:
     """Prune the entries of smallest |x| (exact count, as torch.nn.utils.prune.L1Unstructured)."""
     k = _unstructured_args(tensor.shape, sparsity=sparsity)
@@ -118,6 +120,7 @@ def _topk_args(shape: tuple[int, ...] | None, *, density: float | int | None = N
 
 # step() shows a raw-value method pruned entries at -inf (not 0), so they stay pruned
 @register_mask_method("topk", check=_topk_args, pruned_score=-math.inf)
+@serial_when_small
 def topk(tensor: Tensor, *, density: float | int | None = None, sparsity: float | int | None = None) -> Tensor:
     """Keep the entries with the largest raw scores (not magnitude; dmx TOPK); density or sparsity."""
     return prune_smallest(tensor, _topk_args(tensor.shape, density=density, sparsity=sparsity))
@@ -131,6 +134,7 @@ def _threshold_args(shape: tuple[int, ...] | None, *, threshold: float) -> float
 
 
 @register_mask_method("threshold", check=_threshold_args)
+@serial_when_small
 def threshold(tensor: Tensor, *, threshold: float) -> Tensor:
     """Prune the entries with |x| < threshold."""
     return tensor.abs() >= _threshold_args(tensor.shape, threshold=threshold)
@@ -166,6 +170,7 @@ def _ln_args(shape: tuple[int, ...] | None, *, sparsity: float | int, p: float =
 
 
 @register_mask_method("ln_structured", check=_ln_args)
+@serial_when_small
 def ln_structured(tensor: Tensor, *, sparsity: float | int, p: float = 2, dim: int = 0) -> Tensor:
     """Prune whole slices along dim of smallest Lp norm over the other dims (as prune.LnStructured)."""
     p, dim, k = _ln_args(tensor.shape, sparsity=sparsity, p=p, dim=dim)
@@ -174,15 +179,17 @@ def ln_structured(tensor: Tensor, *, sparsity: float | int, p: float = 2, dim: i
     return _broadcast_slices(prune_smallest(_slice_norms(tensor, p, dim), k), tensor, dim)
 
 
-def _nm_args(shape: tuple[int, ...] | None, *, n: int, m: int, dim: int = -1) -> tuple[int, int, int]:
+def _nm_args(shape: tuple[int, ...] | None, *, n: int, m: int, dim: int | None = None) -> tuple[int, int, int | None]:
     m = _int_option(m, "nm", "m", 1)
     n = _int_option(n, "nm", "n", 0)
     if n > m:
         raise ValueError(f"nm: n={n} kept out of every m={m} is impossible; n must be <= m")
     if shape is None:
-        return n, m, normalize_dim(dim, sys.maxsize, method="nm")
+        return n, m, None if dim is None else normalize_dim(dim, sys.maxsize, method="nm")
     if not shape:
         raise ValueError("nm needs a tensor with at least 1 dim; got a 0-d tensor")
+    if dim is None:  # the input features of a Linear (out, in), the input channels of a conv (out, in, *kernel)
+        dim = 1 if len(shape) >= 2 else 0
     dim = normalize_dim(dim, len(shape), method="nm")
     if shape[dim] % m:
         raise ValueError(
@@ -193,9 +200,16 @@ def _nm_args(shape: tuple[int, ...] | None, *, n: int, m: int, dim: int = -1) ->
 
 
 @register_mask_method("nm", aliases=("block_topk",), check=_nm_args)
-def nm(tensor: Tensor, *, n: int, m: int, dim: int = -1) -> Tensor:
-    """Keep the n largest |x| in every run of m consecutive entries along dim (N:M, e.g. 2:4)."""
-    n, m, dim = _nm_args(tensor.shape, n=n, m=m, dim=dim)
+@serial_when_small
+def nm(tensor: Tensor, *, n: int, m: int, dim: int | None = None) -> Tensor:
+    """Keep the n largest |x| in every run of m consecutive entries along dim (N:M, e.g. 2:4).
+
+    The default dim is 1: a Linear weight's input features and a convolution's input channels, in groups of
+    m per output channel and kernel position (as NVIDIA's ASP prunes convolutions); dim 0 for a 1-d tensor.
+    """
+    n, m, found = _nm_args(tensor.shape, n=n, m=m, dim=dim)
+    assert found is not None  # a known shape gives a dim
+    dim = found
     size = tensor.shape[dim]
     moved = tensor.movedim(dim, -1)
     groups = moved.abs().reshape(*moved.shape[:-1], size // m, m)
@@ -235,6 +249,7 @@ def _block_args(
 
 
 @register_mask_method("block", check=_block_args)
+@serial_when_small
 def block(
     tensor: Tensor,
     *,
@@ -264,6 +279,7 @@ def block(
 
 
 @register_mask_method("random_unstructured", check=_unstructured_args)
+@serial_when_small
 def random_unstructured(
     tensor: Tensor, *, sparsity: float | int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -282,6 +298,7 @@ def _random_structured_args(shape: tuple[int, ...] | None, *, sparsity: float | 
 
 
 @register_mask_method("random_structured", check=_random_structured_args)
+@serial_when_small
 def random_structured(
     tensor: Tensor, *, sparsity: float | int, dim: int = 0, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -304,6 +321,7 @@ def _bernoulli_args(shape: tuple[int, ...] | None, *, density: float = 0.5) -> f
 
 
 @register_mask_method("bernoulli", check=_bernoulli_args)
+@serial_when_small
 def bernoulli(tensor: Tensor, *, density: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
     """Keep each entry with probability density (seeded); exact zeros are pruned first."""
     d = _bernoulli_args(tensor.shape, density=density)

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
+from .._threads import serial_when_small
 from ._selectors import count_to_prune, prune_smallest_in_groups
 
 __all__ = ["PER_ROW", "per_row_mask"]
@@ -36,6 +37,7 @@ def _per_row_count(amount: float | int, rows: int, cols: int, what: str) -> int:
     return count_to_prune(amount, cols, what=what)
 
 
+@serial_when_small
 def per_row_mask(method: str, scores: Tensor, options: Mapping[str, Any]) -> Tensor:
     """Keep-mask pruning the same count in every row of 2-D ``scores`` (``method`` in :data:`PER_ROW`)."""
     assert method in PER_ROW and scores.dim() == 2, (method, tuple(scores.shape))

@@ -18,7 +18,6 @@ The result's ``state_dict`` has the original model's keys and shapes, so
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from .. import ops
+from .._export_capture import quiet_deepcopy
 from .._masks import is_masked, masked_copy, zero_pruned_
 from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
@@ -258,7 +258,7 @@ def shallow_copy(gm: GraphModule) -> GraphModule:
     work._parameters = dict(gm._parameters)
     work._buffers = dict(gm._buffers)
     work._non_persistent_buffers_set = set(gm._non_persistent_buffers_set)
-    work.graph = copy.deepcopy(gm.graph)  # copies nodes (their meta shallowly), no tensor
+    work.graph = quiet_deepcopy(gm.graph)  # copies nodes (their meta shallowly), no tensor
     work.training = gm.training
     return work
 
@@ -266,10 +266,14 @@ def shallow_copy(gm: GraphModule) -> GraphModule:
 def replace_tensor(gm: nn.Module, old: Tensor, new: Tensor) -> None:
     """Put ``new`` wherever ``gm``'s modules hold ``old`` as a parameter or buffer (tied uses included)."""
     for module in gm.modules():
+        replaced = False
         for table in (module._parameters, module._buffers):
             for key, value in table.items():
                 if value is old:
                     table[key] = new  # type: ignore[assignment]  # a buffer, or the parameter's new tensor
+                    replaced = True
+        if replaced and isinstance(module, nn.RNNBase):  # its _flat_weights list still held the old tensors
+            module._init_flat_weights()
 
 
 def fold_masks(gm: GraphModule, state: SparsityState) -> PassResult:

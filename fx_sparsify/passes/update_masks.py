@@ -26,6 +26,7 @@ from torch.fx import GraphModule
 
 from .._masks import PackedMask, is_masked, keep_of, masked_copy, pending, release_freed_memory, zero_pruned_
 from .._modules import find_tensor
+from .._threads import serial_when_small
 from ..methods import generator_for, get_mask_method, global_masks, keep_mask, refuse_nan
 from ..methods.wanda import PER_ROW, per_row_mask
 from ..state import SparsityState, TargetRecord, current_options
@@ -364,6 +365,7 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
     release_freed_memory()  # the step's temporaries leave the process's resident memory (SPEC §15)
 
 
+@serial_when_small  # a mask copy of a few ten thousand entries on one thread (see _threads.py)
 def _write(gm: GraphModule, state: SparsityState, record: TargetRecord, keep: Tensor) -> None:
     if record.kind == "activation":  # activation masks take reduce's shape at the first step
         setattr(gm, record.buffer, keep.to(gm.get_buffer(record.buffer).device))
