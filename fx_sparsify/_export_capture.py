@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ._caller import user_stacklevel
+
 __all__ = ["ExportGuards", "own_guards", "mode_dependent_modules", "warn_mode", "quiet_deepcopy", "LEAFSPEC_WARNING"]
 
 _GUARDS = "_guards_fn"
@@ -122,7 +124,7 @@ def warn_mode(class_name: str, captured_training: bool, modules: list[str], mode
         what + " Capture in the mode you will run it in (model.eval() before fxs.sparsify_graph for calibration "
         "and inference), or use capture='fx', whose graph follows train() / eval().",
         UserWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
 
 

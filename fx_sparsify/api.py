@@ -1,7 +1,8 @@
-"""``sparsify_graph``: the stages in order (SPEC §2), and function forms of the module's methods.
+"""``sparsify_graph``: the stages in order, and function forms of the module's methods.
 
-    resolve targets (select.py) → capture (trace.py) → insert_activation_masks → insert_weight_masks
-    → SparseGraphModule → [forward passes / training] → step (update_masks) → squash → export (export.py)
+    check the call → take over prune hooks → select (select.py) → capture (trace.py) → plan channel groups
+    → insert observers and mask nodes (passes, through run_passes) → target records → SparseGraphModule
+    → [forward passes / training] → step (update_masks) → squash (fold_masks) → export (export.py)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from ._caller import user_stacklevel
 from ._export_capture import mode_dependent_modules, quiet_deepcopy
 from ._modules import attach_tensor, find_tensor
 from .methods._selectors import ENTRY_COUNTS, warn_if_percent_like
@@ -22,12 +24,13 @@ from .passes.insert_weight_masks import insert_weight_masks
 from .passes.channels import ChannelPlan, heads_attention, passive_rules, plan_channels
 from .passes.channels.importance import insert_channel_observers
 from .passes.reconstruct import record_calibration_inputs
+from .passes._runner import Pass, PassResult, run_passes
 from .passes.update_masks import check_options
 from .mha import attention_as_op
 from .observer import ActivationObserver
 from .roundtrip import set_initial_masks, take_over
 from ._spec_doc import SPEC_KEYS_DOC
-from .select import WeightTarget, param_aliases, resolve_activation_targets, resolve_weight_targets
+from .select import Selection, WeightTarget, param_aliases, resolve_activation_targets, resolve_weight_targets
 from .sparse_graph_module import SparseGraphModule
 from .state import SparsityState, TargetRecord
 from .spec import SparsitySpec
@@ -79,68 +82,137 @@ def sparsify_graph(
     ``torch.nn.utils.prune`` hooks or ``torch.ao.pruning`` FakeSparsity parametrizations is taken over
     (the copy loses them, their masks become the initial masks, "adopted" in the report).
     """
+    spec, example_inputs, example_kwargs = _checked_call(
+        model, spec, example_inputs, example_kwargs, masks,
+        capture=capture, inplace=inplace, leaf_modules=leaf_modules, concrete_args=concrete_args,
+    )
+    model, adopted, origin = take_over(model, inplace=inplace)  # prune hooks / FakeSparsity: their masks, on a copy
+    selection, scores = _select(spec, model)  # names and types only: every selection error before anything is copied
+    state_keys, versions = _state_dict_layout(model)
+    work = model if inplace or adopted else _copy(model)
+    gm, captured_by = _capture(
+        model, work, spec, inplace, capture=capture, example_inputs=example_inputs, example_kwargs=example_kwargs,
+        concrete_args=concrete_args, leaf_modules=leaf_modules, dynamic_shapes=dynamic_shapes,
+    )
+    _plan_channels(gm, selection, model, captured_by, example_inputs, example_kwargs)
+    activations, weights = _insert_masks(gm, selection, work, scores)
+    plan = selection.channels
+    state = SparsityState(
+        spec=spec, capture=captured_by, targets=_records(gm, work, model, selection, activations, weights),
+        state_keys=state_keys, class_name=type(model).__name__, aliases=selection.aliases, versions=versions,
+        channels=plan if plan is not None and plan.groups else None,
+        inplace=inplace,  # squash may then zero the pruned weights in place instead of copying
+        # an export capture keeps dropout / batch norm as captured: train() / eval() warn
+        export_mode=(model.training, mode_dependent_modules(model)) if captured_by == "export" else None,
+    )
+    initial = {**adopted, **(masks or {})}
+    adopted_from = {n: o for n, o in origin.items() if n not in (masks or {})}
+    return _sparse_module(gm, state, model, initial, adopted_from, example_inputs, example_kwargs)
+
+
+def _checked_call(model: Any, spec: Any, example_inputs: Any, example_kwargs: Any, masks: Any,
+                  **arguments: Any) -> tuple[SparsitySpec, tuple[Any, ...] | None, dict[str, Any] | None]:
+    """The arguments of :func:`sparsify_graph` checked: the spec built, the example inputs as a tuple and a dict."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     spec = _as_spec(spec)
     example_inputs, example_kwargs = _as_inputs(example_inputs, example_kwargs)
-    _check_arguments(capture=capture, inplace=inplace, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    _check_arguments(**arguments)
     if masks is not None and not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a dict of target name -> keep-mask tensor, got {type(masks).__name__}")
-    # SPEC §14: prune hooks / FakeSparsity parametrizations are taken over (on a copy unless inplace)
-    model, adopted, origin = take_over(model, inplace=inplace)
-    copied = bool(adopted) and not inplace
-    # selection reads names and types only: resolve on the user's model, fail before copying anything
+    return spec, example_inputs, example_kwargs
+
+
+def _select(spec: SparsitySpec, model: nn.Module) -> tuple[Selection, dict[str, torch.Tensor]]:
+    """What ``spec`` selects in ``model``, read from names and types, with the shape-dependent option errors
+    (N:M on an indivisible dim, ...); and the importance-score tensors its rules name."""
     targets = resolve_weight_targets(spec, model)
-    hessian_layers = sparsegpt_layers(model, targets)  # SPEC §16: Linear only, errors name the layer
-    check_options(  # shape-dependent option errors (N:M on an indivisible dim, ...) before anything is built
+    hessian_layers = sparsegpt_layers(model, targets)  # Linear only, errors name the layer
+    check_options(
         (name, t.rule.method, tuple(find_tensor(model, name).shape), dict(t.rule.options), t.group)  # type: ignore[union-attr]
         for name, t in targets.items()
     )
     _warn_counts(targets, model)
-    layers = resolve_activation_targets(spec, model)
-    norm_layers = _wanda_layers(model, targets)
-    scores = _score_tensors(model, targets)
-    aliases = param_aliases(model)
-    original_state = model.state_dict()
-    state_keys = tuple(original_state.keys())
-    versions = {prefix: meta["version"] for prefix, meta in getattr(original_state, "_metadata", {}).items()
+    selection = Selection(
+        spec, param_aliases(model), targets, layers=resolve_activation_targets(spec, model),
+        norm_layers=_wanda_layers(model, targets), hessian_layers=hessian_layers,
+    )
+    return selection, _score_tensors(model, targets)
+
+
+def _state_dict_layout(model: nn.Module) -> tuple[tuple[str, ...], dict[str, int]]:
+    """The keys of ``model.state_dict()`` and the ``_version`` its metadata records per module prefix (squash
+    gives both back: a module whose ``_load_from_state_dict`` reads the version loads the squashed weights)."""
+    original = model.state_dict()
+    versions = {prefix: meta["version"] for prefix, meta in getattr(original, "_metadata", {}).items()
                 if meta.get("version") is not None}
-    del original_state
-    work = model if inplace or copied else _copy(model)
+    return tuple(original.keys()), versions
+
+
+def _capture(model: nn.Module, work: nn.Module, spec: SparsitySpec, inplace: bool,
+             **options: Any) -> tuple[GraphModule, str]:
+    """``work`` captured as a graph (``capture_graph``): the GraphModule and ``"fx"`` or ``"export"``."""
     with attention_as_op(heads_attention(spec, work)):  # heads rules: each nn.MultiheadAttention one call
-        captured = capture_graph(
-            work, capture=capture, example_inputs=example_inputs, example_kwargs=example_kwargs,
-            concrete_args=concrete_args, leaf_modules=leaf_modules, dynamic_shapes=dynamic_shapes,
-        )
+        captured = capture_graph(work, **options)
     gm = captured.gm
     if gm is work and isinstance(model, GraphModule) and inplace:
         # the user's GraphModule keeps its own graph, modules and buffers even in place (parameters are shared)
         gm = GraphModule(gm, quiet_deepcopy(gm.graph), type(gm).__name__)
-    channel_plan = None
-    shapes_known = example_inputs is not None or example_kwargs is not None or captured.capture == "export"
-    if spec.channels or (passive_rules(spec) and shapes_known):  # SPEC §10: channel groups, before any mask node
-        channel_plan = plan_channels(gm, spec, model, aliases, example_inputs, example_kwargs)
-        targets = {**targets, **_channel_targets(channel_plan, targets)}
-    activations = insert_activation_masks(gm, layers, norm_layers, aliases).created
-    activations.update(insert_hessian_observers(gm, hessian_layers, aliases).created)
-    if channel_plan is not None:  # SPEC §17: the consumers' input statistics of calibrated channels rules
-        channel_plan.observers = insert_channel_observers(gm, channel_plan, aliases)
-        if any(r.sequential for r in spec.channels) and not any(seq for _, _, seq, _ in hessian_layers.values()):
-            record_calibration_inputs(gm)
-    weights = insert_weight_masks(gm, targets, aliases, seed=spec.seed, in_graph=spec.mode == "graph").created
+    return gm, captured.capture
+
+
+def _plan_channels(gm: GraphModule, selection: Selection, model: nn.Module, captured_by: str,
+                   example_inputs: tuple[Any, ...] | None, example_kwargs: dict[str, Any] | None) -> None:
+    """The channel groups, planned on the captured graph before any mask node: those of 'channels' rules, and
+    the zero channels other rules leave where the shapes are known; their members join the weight targets."""
+    spec = selection.spec
+    shapes_known = example_inputs is not None or example_kwargs is not None or captured_by == "export"
+    if spec.channels or (passive_rules(spec) and shapes_known):
+        plan = plan_channels(gm, spec, model, selection.aliases, example_inputs, example_kwargs)
+        selection.targets = {**selection.targets, **_channel_targets(plan, selection.targets)}
+        selection.channels = plan
+
+
+def _insert_masks(gm: GraphModule, selection: Selection, work: nn.Module,
+                  scores: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """Observers and mask nodes, one pass each (run_passes names a failing one); what the observer passes
+    created (target → names) and what the weight pass created."""
+    passes: list[Pass] = [insert_activation_masks, insert_hessian_observers]
+    if selection.channels is not None:
+        passes.append(_insert_channel_observers)
+    passes.append(insert_weight_masks)
+    results = run_passes(gm, selection, passes)
+    activations = {**results[0].created, **results[1].created}
     for path in scores:  # importance scores stay reachable from the sparse module
         if find_tensor(gm, path) is None:
             attach_tensor(gm, path, find_tensor(work, path))  # type: ignore[arg-type]
+    return activations, results[-1].created
 
+
+def _insert_channel_observers(gm: GraphModule, selection: Selection) -> PassResult:
+    """The consumers' input statistics of calibrated channels rules (and the calibration inputs of sequential ones)."""
+    plan = selection.channels
+    assert plan is not None
+    plan.observers = insert_channel_observers(gm, plan, selection.aliases)
+    sequential = any(seq for _, _, seq, _ in selection.hessian_layers.values())
+    if any(r.sequential for r in selection.spec.channels) and not sequential:
+        record_calibration_inputs(gm)
+    return PassResult(gm, bool(plan.observers), {layer: {"observer": name} for layer, name in plan.observers.items()})
+
+
+def _records(gm: GraphModule, work: nn.Module, model: nn.Module, selection: Selection,
+             activations: Mapping[str, dict[str, str]],
+             weights: Mapping[str, dict[str, str]]) -> dict[str, TargetRecord]:
+    """One :class:`TargetRecord` per weight and activation target, from what the passes created."""
     records: dict[str, TargetRecord] = {}
-    for name, target in targets.items():
+    for name, target in selection.targets.items():
         made = weights[name]
         records[name] = TargetRecord(
             name=name, kind=_kind(model, name), param=made["param"], buffer=made["buffer"],
             method=target.rule.method, rule=target.rule, shape=tuple(gm.get_parameter(made["param"]).shape),
             group=target.group, observer=activations.get(name, {}).get("observer"), module=made.get("module"),
         )
-    for layer, rule in layers.items():
+    for layer, rule in selection.layers.items():
         name = activation_target_name(layer)
         made = activations[name]
         records[name] = TargetRecord(
@@ -149,19 +221,19 @@ def sparsify_graph(
             rule=rule, shape=(), observer=made["observer"], layer=layer,
             layer_type=type(work.get_submodule(layer)),
         )
-    state = SparsityState(
-        spec=spec, capture=captured.capture, targets=records, state_keys=state_keys, class_name=type(model).__name__,
-        aliases=aliases, versions=versions, channels=channel_plan if channel_plan is not None and channel_plan.groups else None,
-        inplace=inplace,  # squash may then zero the pruned weights in place instead of copying (SPEC §15)
-        # an export capture keeps dropout / batch norm as captured: train() / eval() warn
-        export_mode=(model.training, mode_dependent_modules(model)) if captured.capture == "export" else None,
-    )
+    return records
+
+
+def _sparse_module(gm: GraphModule, state: SparsityState, model: nn.Module, initial: Mapping[str, Any],
+                   adopted_from: Mapping[str, str], example_inputs: tuple[Any, ...] | None,
+                   example_kwargs: dict[str, Any] | None) -> SparseGraphModule:
+    """``gm`` made the SparseGraphModule: the captured mode, the initial masks, a first run on the examples."""
     sgm = SparseGraphModule.wrap(gm, state)
-    if captured.capture == "export":  # torch.export's module() says training=True whatever it captured
+    if state.capture == "export":  # torch.export's module() says training=True whatever it captured
         sgm.train(model.training)
-    if adopted or masks:
-        set_initial_masks(sgm, state, {**adopted, **(masks or {})}, {n: o for n, o in origin.items() if n not in (masks or {})})
-    if spec.mode == "inplace":
+    if initial:
+        set_initial_masks(sgm, state, initial, adopted_from)
+    if state.spec.mode == "inplace":
         sgm.apply_masks_inplace()
     if example_inputs is not None or example_kwargs is not None:
         _check_runs(sgm, example_inputs or (), example_kwargs or {})
@@ -212,7 +284,7 @@ def _warn_counts(targets: Mapping[str, WeightTarget], model: nn.Module) -> None:
             continue
         n = totals[t.group] if t.group is not None else find_tensor(model, name).numel()  # type: ignore[union-attr]
         where = f"global rule over {', '.join(t.rule.targets)}" if t.group is not None else f"target {name!r}"  # type: ignore[union-attr]
-        warn_if_percent_like(t.rule.options.get("sparsity"), n, where, stacklevel=4)  # at the user's call
+        warn_if_percent_like(t.rule.options.get("sparsity"), n, where, stacklevel=user_stacklevel() + 1)
         if t.group is not None:
             seen.add(t.group)
 

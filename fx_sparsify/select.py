@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import os
 import re
-import sys
-import types
 import warnings
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
 
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._caller import user_stacklevel
 from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
 
-__all__ = ["WeightTarget", "param_aliases", "select", "select_layers", "resolve_weight_targets", "resolve_activation_targets"]
+if TYPE_CHECKING:  # annotations only: the passes import this module
+    from .passes.channels import ChannelPlan
+
+__all__ = ["WeightTarget", "Selection", "param_aliases", "select", "select_layers", "resolve_weight_targets",
+           "resolve_activation_targets"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,21 @@ class WeightTarget:
     name: str
     rule: WeightRule | GlobalRule
     group: int | None = None
+
+
+@dataclass
+class Selection:
+    """What a spec selects in a model, found before capture: what the passes that insert masks and observers
+    work from (``pass(gm, selection)``)."""
+
+    spec: SparsitySpec
+    aliases: dict[str, str]  # every FQN of a parameter -> its canonical FQN
+    targets: dict[str, WeightTarget]  # weight targets, with the channel groups' members once planned
+    layers: dict[str, ActivationRule] = field(default_factory=dict)  # activation-masked layers
+    norm_layers: dict[str, str] = field(default_factory=dict)  # Wanda: layer -> its weight target
+    # sparsegpt: layer -> (weight target, Hessian dtype, sequential, unfold of a conv)
+    hessian_layers: dict[str, tuple[str, str, bool, dict[str, Any] | None]] = field(default_factory=dict)
+    channels: ChannelPlan | None = None  # the channel groups, planned on the captured graph
 
 
 def param_aliases(model: nn.Module) -> dict[str, str]:
@@ -92,18 +109,8 @@ def _warn_subclasses_left_out(model: nn.Module, selectors: dict[str, str], alias
             + f". Add {' and '.join(repr('type:' + k) for k in kinds)} (or their names) to prune them too, or name "
             "the layers you want",
             UserWarning,
-            stacklevel=_caller_level(),
+            stacklevel=user_stacklevel(),
         )
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside fx_sparsify, for a warning raised by its caller."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame: types.FrameType | None = sys._getframe(2)  # 1: the function that warns
-    level = 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _pattern_may_pick(selector: str, param: str) -> bool:

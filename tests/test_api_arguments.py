@@ -72,3 +72,10 @@ def test_global_count_warns_against_the_group_total() -> None:
     spec = {"global": [{"targets": ["fc1", "fc2"], "method": "topk", "sparsity": 10}]}  # 10 of 1536
     with pytest.warns(UserWarning, match=r"global rule over fc1, fc2: sparsity=10 .* of the 1536 entries"):
         fxs.sparsify_graph(MLP(), spec)
+
+
+def test_a_percentage_like_count_warns_at_the_users_line() -> None:
+    spec = {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 50}]}
+    with pytest.warns(UserWarning, match=r"sparsity=50 is an int") as caught:
+        fxs.sparsify_graph(MLP(hidden=256), spec)
+    assert [w.filename for w in caught if "is an int" in str(w.message)] == [__file__]

@@ -21,8 +21,6 @@ per-input-feature sums of squares for |W|·‖X‖.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 from torch.fx import GraphModule, Node
 
@@ -30,7 +28,7 @@ from .. import ops
 from .._meta import NodeInfo, annotate
 from .._names import unique_attr
 from ..observer import ActivationObserver
-from ..spec import ActivationRule
+from ..select import Selection
 from ._runner import PassResult, finish
 from .layer_index import LayerIndex, layer_input
 
@@ -75,13 +73,10 @@ def insert_observer(gm: GraphModule, index: LayerIndex, layer: str, calls: list[
     return created
 
 
-def insert_activation_masks(
-    gm: GraphModule,
-    layers: Mapping[str, ActivationRule],
-    norm_layers: Mapping[str, str],
-    aliases: Mapping[str, str],
-) -> PassResult:
-    """Observers + mask-multiply for ``layers``; observers only for ``norm_layers`` (layer → weight target)."""
+def insert_activation_masks(gm: GraphModule, selection: Selection) -> PassResult:
+    """Observers + mask-multiply for ``selection.layers``; observers only for ``selection.norm_layers`` (layer →
+    weight target)."""
+    layers, norm_layers, aliases = selection.layers, selection.norm_layers, selection.aliases
     created: dict[str, dict[str, str]] = {}
     layer_calls = LayerIndex(gm, aliases)
     for layer, rule in layers.items():

@@ -23,8 +23,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .._caller import user_stacklevel
 from ..hessian import HessianObserver
 from ..methods.sparsegpt import HESSIAN_DTYPES
+from ..select import Selection
 from ._runner import PassResult, finish
 from .insert_activation_masks import insert_observer
 from .layer_index import LayerIndex
@@ -100,13 +102,10 @@ def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-def insert_hessian_observers(
-    gm: GraphModule,
-    layers: Mapping[str, tuple[str, str, bool, dict[str, Any] | None]],
-    aliases: Mapping[str, str],
-) -> PassResult:
-    """Observers for ``layers`` (layer FQN → (weight target, hessian dtype, sequential, unfold));
+def insert_hessian_observers(gm: GraphModule, selection: Selection) -> PassResult:
+    """Observers for ``selection.hessian_layers`` (layer FQN → (weight target, hessian dtype, sequential, unfold));
     ``created[target]["observer"]``."""
+    layers, aliases = selection.hessian_layers, selection.aliases
     created: dict[str, dict[str, str]] = {}
     shared: dict[tuple[Any, ...], str] = {}  # (input nodes, dtype, unfold) -> observer name
     one_pass: dict[str, tuple[int, torch.device]] = {}  # observer -> its Hessian's bytes, device
@@ -166,6 +165,6 @@ def _warn_if_hessians_do_not_fit(one_pass: Mapping[str, tuple[int, torch.device]
                 "Set \"sequential\": true on the rule (one level of layers at a time: its Hessians, then the next), "
                 "or calibrate a part of the model at a time",
                 UserWarning,
-                stacklevel=5,
+                stacklevel=user_stacklevel(),
             )
 

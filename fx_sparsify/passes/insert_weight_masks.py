@@ -28,7 +28,7 @@ from .. import ops
 from .._meta import NodeInfo, annotate
 from .._names import mask_buffer_name, unique_attr
 from ..methods._random import generator_for
-from ..select import WeightTarget
+from ..select import Selection, WeightTarget
 from ..sparsify import Sparsify
 from ._runner import PassResult, finish
 
@@ -117,21 +117,16 @@ def _module_params(gm: GraphModule, fqn: str, aliases: Mapping[str, str]) -> dic
     return {local: aliases.get(prefix + local, prefix + local) for local, _ in mod.named_parameters(remove_duplicate=False)}
 
 
-def insert_weight_masks(
-    gm: GraphModule,
-    targets: Mapping[str, WeightTarget],
-    aliases: Mapping[str, str],
-    *,
-    seed: int = 0,
-    in_graph: bool = True,
-) -> PassResult:
-    """Insert mask buffers and mask nodes for ``targets`` (canonical FQN → target) into ``gm``.
+def insert_weight_masks(gm: GraphModule, selection: Selection) -> PassResult:
+    """Insert mask buffers and mask nodes for ``selection.targets`` (canonical FQN → target) into ``gm``.
 
     The mask node follows the rule's ``gradient``: ``ops.apply_mask`` (``"mask"``), ``ops.apply_mask_ste``
     (``"ste"``), or a :class:`~fx_sparsify.sparsify.Sparsify` module with learnable scores
-    (``"supermask"`` / ``"joint"``, buffer ``<module>.mask``). With ``in_graph=False`` (``"mode": "inplace"``)
-    only the mask buffers are registered: the graph carries no multiply.
+    (``"supermask"`` / ``"joint"``, buffer ``<module>.mask``). With ``"mode": "inplace"`` only the mask
+    buffers are registered: the graph carries no multiply.
     """
+    targets, aliases = selection.targets, selection.aliases
+    seed, in_graph = selection.spec.seed, selection.spec.mode == "graph"
     graph = gm.graph
     uses: dict[str, list[Node]] = {name: [] for name in targets}
     paths: dict[str, str] = {}  # canonical FQN → a path to the parameter inside gm

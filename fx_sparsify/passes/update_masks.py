@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
+from .._caller import user_stacklevel
 from .._masks import PackedMask, is_masked, keep_of, masked_copy, pending, release_freed_memory, zero_pruned_
 from .._modules import find_tensor
 from .._threads import serial_when_small
@@ -106,7 +107,7 @@ def _activation_mask(gm: GraphModule, record: TargetRecord, seed: int) -> Tensor
         warnings.warn(
             f"step(): activation target {record.name!r} saw no forward pass since the last step; its mask is "
             "unchanged. Run calibration batches through the module before step().",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         return None
     rule = record.rule

@@ -84,3 +84,22 @@ def test_a_key_error_keeps_its_type_and_attributes() -> None:
 def test_pass_names() -> None:
     assert pass_name(refuse) == "refuse"
     assert pass_name(functools.partial(functools.partial(refuse), why="x")) == "refuse"
+
+
+class _Unused(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.unused = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_sparsify_graph_errors_name_the_pass_that_raised() -> None:
+    import fx_sparsify as fxs
+
+    spec = {"weights": [{"target": "unused", "method": "l1_unstructured", "sparsity": 0.5}]}
+    with pytest.raises(ValueError, match=r"^insert_weight_masks: target\(s\) 'unused.weight' are never used") as info:
+        fxs.sparsify_graph(_Unused(), spec)
+    assert isinstance(info.value.__cause__, ValueError) and not str(info.value.__cause__).startswith("insert_")
