@@ -72,3 +72,39 @@ def test_activation_rule_on_hugging_face_gpt2_lm_head() -> None:
         hidden = model.transformer(**kwargs).last_hidden_state
         torch.testing.assert_close(masked, (hidden * sgm.get_buffer("lm_head_input_mask")) @ model.lm_head.weight.T)
         torch.testing.assert_close(hf_first(sgm.squash()(**kwargs)), masked)
+
+
+@pytest.mark.models
+def test_activation_rule_on_hugging_face_t5_lm_head() -> None:
+    """T5 ties lm_head to the shared embedding (and scales the decoder output before it)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=100,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        decoder_start_token_id=0,
+        tie_word_embeddings=True,
+    )
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    assert model.lm_head.weight is model.shared.weight
+    kwargs = {
+        "input_ids": torch.randint(1, 100, (2, 7)),
+        "decoder_input_ids": torch.randint(1, 100, (2, 5)),
+        "use_cache": False,
+    }
+    spec = {"activations": [{"target": "lm_head", "mask": "l1_unstructured", "sparsity": 0.25}]}
+    sgm = fxs.sparsify_graph(model, spec, example_kwargs=kwargs)
+    assert sgm._fxs.capture == "export"
+    with torch.no_grad():
+        torch.testing.assert_close(hf_first(sgm(**kwargs)), hf_first(model(**kwargs)))
+        sgm.step()
+        assert float((sgm.get_buffer("lm_head_input_mask") == 0).float().mean()) == 0.25
+        masked = hf_first(sgm(**kwargs))
+        squashed = sgm.squash()
+        torch.testing.assert_close(hf_first(squashed(**kwargs)), masked)
+    torch.testing.assert_close(squashed.state_dict()["shared.weight"], model.shared.weight)
