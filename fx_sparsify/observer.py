@@ -61,6 +61,7 @@ class ActivationObserver(nn.Module):
         self.features = tuple(features) if features is not None else None
         self.feature_dim = feature_dim
         self.name = name
+        self.layer = ""  # the layer whose input it observes (set by the pass that inserts it)
         self.enabled = True
         self.compact = isinstance(aggregate, str) and aggregate in _ELEMENTWISE and reduce in ("mean", "sum", "features_sum")
         self._elementwise = _ELEMENTWISE.get(aggregate) if self.compact else None  # type: ignore[arg-type]
@@ -86,6 +87,7 @@ class ActivationObserver(nn.Module):
         if self.features is None:
             return [x]
         dim = self.feature_dim
+        self._check_features(x)
         return [x.index_select(dim, torch.tensor([f], device=x.device)) for f in self.features]  # type: ignore[arg-type]
 
     def _observe(self, x: Tensor) -> None:
@@ -132,6 +134,18 @@ class ActivationObserver(nn.Module):
         self.stat = new if self.batches == 0 else self.stat + new
         self.samples += rows
         self.batches += 1
+
+    def _check_features(self, x: Tensor) -> None:
+        """A ValueError naming the rule when ``features`` / ``feature_dim`` fall outside the input ``x``."""
+        dim, where = self.feature_dim, f"activation rule on {getattr(self, 'layer', '') or self.name!r}"
+        if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+            raise ValueError(f"{where}: feature_dim {dim} is outside the {x.dim()}-D input of shape {tuple(x.shape)}; "
+                             f"give a dim in [{-x.dim()}, {x.dim() - 1}]")
+        size = x.shape[dim]
+        bad = [f for f in self.features or () if not -size <= f < size]
+        if bad:
+            raise ValueError(f"{where}: features {bad} are outside the {size} entries of dim {dim} of its input (shape "
+                             f"{tuple(x.shape)}); give indices in [0, {size})")
 
     @staticmethod
     def _label(fn: Any) -> str:

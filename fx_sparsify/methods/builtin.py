@@ -237,6 +237,9 @@ def _block_args(
         raise ValueError(f"block: p={p}; the block norm needs p > 0 (p=1 for L1, p=2 for L2, p=inf for max)")
     if not block_shape or any(b < 1 for b in block_shape):
         raise ValueError(f"block: block_shape must be positive ints such as (1, 4), got {tuple(block_shape)!r}")
+    if any(b > 2**31 - 1 for b in block_shape):  # products and int64 tensors of sizes would overflow at step()
+        raise ValueError(f"block: block_shape {tuple(block_shape)!r:.80} has a size larger than 2**31 - 1, more than "
+                         "any tensor dim; give block sizes such as (1, 4)")
     blk = tuple(block_shape) if shape is None else block_grid(shape, block_shape)
     vpb = math.prod(blk)
     zpb = vpb if zeros_per_block is None else _int_option(zeros_per_block, "block", "zeros_per_block", 0)

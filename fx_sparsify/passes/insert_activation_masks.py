@@ -49,6 +49,7 @@ def insert_observer(gm: GraphModule, index: LayerIndex, layer: str, calls: list[
     obs_name = unique_attr(gm, f"{flat}_{role_name}")
     gm.add_module(obs_name, observer)
     observer.name = obs_name
+    observer.layer = layer
     created = {"observer": obs_name}
     buffer = None
     if with_mask:

@@ -52,7 +52,13 @@ def weight_scores(gm: GraphModule, record: TargetRecord) -> Tensor:
         (sq_sums,) = observer.reduced()
         scores = weight.abs() * sq_sums.sqrt().to(weight.dtype).unsqueeze(0)
     elif callable(scores_spec):  # a copy: a callable that edits its input in place must not touch the weight
-        scores = torch.as_tensor(scores_spec(weight.clone())).detach()
+        made = scores_spec(weight.clone())
+        if made is None or isinstance(made, (str, bytes, dict)):
+            name = getattr(scores_spec, "__name__", type(scores_spec).__name__)
+            got = "None" if made is None else type(made).__name__
+            raise TypeError(f"target {record.name!r}: the scores callable {name!r} returned {got}; it must return a "
+                            f"tensor of the weight's shape {tuple(weight.shape)} (higher scores are kept)")
+        scores = torch.as_tensor(made).detach()
     else:
         found = find_tensor(gm, scores_spec)
         assert found is not None, f"scores {scores_spec!r} were checked at prepare time"
