@@ -34,6 +34,7 @@ import atexit
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,16 @@ def _prefix(name: str) -> str:
 
 # --- save ------------------------------------------------------------------------------------------------
 def _state_of(obj: nn.Module | Mapping[str, Any]) -> Mapping[str, Any]:
+    state = vars(obj).get("_fxs") if isinstance(obj, nn.Module) else None
+    if state is not None and getattr(state.spec, "mode", "graph") != "inplace":  # a SparseGraphModule, graph mode
+        warnings.warn(
+            "save_compressed(sgm): a sparse module's state dict holds its unpruned weights beside the masks, so "
+            "nothing is stored smaller; to ship the pruned model save save_compressed(sgm.squash(), path) (after "
+            "sgm.step()); to keep the sparse module resumable without this warning, save_compressed(sgm.state_dict(), "
+            "path)",
+            UserWarning,
+            stacklevel=3,
+        )
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if isinstance(obj, Mapping):

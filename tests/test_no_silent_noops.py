@@ -40,8 +40,12 @@ def test_squash_after_step_or_with_initial_masks_is_quiet() -> None:
     keep = torch.ones(8, 8, dtype=torch.bool)
     keep[0] = False  # initial masks already prune: the squash is not a no-op
     torch.manual_seed(0)
-    seeded = fxs.sparsify_graph(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), SPEC,
-                                example_inputs=(torch.randn(2, 8),), masks={"0.weight": keep})
+    seeded = fxs.sparsify_graph(
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+        SPEC,
+        example_inputs=(torch.randn(2, 8),),
+        masks={"0.weight": keep},
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         seeded.squash()
@@ -78,3 +82,20 @@ def test_repr_names_the_sparse_module() -> None:
     assert text.startswith("SparseGraphModule(Sequential, capture=fx, 2 targets, steps=0)")
     sgm.step()
     assert "steps=1" in repr(sgm)
+
+
+def test_save_compressed_of_a_sparse_module_names_the_call_to_make(tmp_path) -> None:
+    """As the user hit it: save_compressed(sgm) wrote the unpruned weights plus the masks, without a word."""
+    sgm = _sgm()
+    sgm.step()
+    with pytest.warns(UserWarning, match=r"save_compressed\(sgm.squash\(\), path\)") as record:
+        fxs.save_compressed(sgm, tmp_path / "sgm.safetensors")  # still written: it resumes the sparse module
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fxs.save_compressed(sgm.state_dict(), tmp_path / "state.safetensors")  # the resumable form, said so
+        fxs.save_compressed(sgm.squash(), tmp_path / "m.safetensors")  # the pruned model
+    loaded = fxs.load_compressed(tmp_path / "m.safetensors")
+    assert float((loaded["0.weight"] == 0).float().mean()) == 0.5
+    unpruned = fxs.load_compressed(tmp_path / "sgm.safetensors")  # what the warning is about
+    assert float((unpruned["0.weight"] == 0).float().mean()) == 0.0
