@@ -18,7 +18,7 @@ anyway), so one level's ``in × in`` statistics exist at a time.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, MutableMapping
 
 import torch
 from torch import Tensor
@@ -140,7 +140,7 @@ def replay_calibration(gm: GraphModule, state: SparsityState, observers: Iterabl
 
 
 def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[TargetRecord],
-                         new_masks: dict[str, Tensor], new_weights: dict[str, Tensor]) -> None:
+                         new_masks: MutableMapping[str, Any], new_weights: dict[str, Tensor]) -> None:
     """Prune ``records`` (sequential targets) level after level, writing each level before the next is calibrated.
 
     Fills ``new_masks`` / ``new_weights``. The masks and weights are written as it goes (later levels

@@ -187,7 +187,7 @@ class StepWork:
 
     gm: GraphModule
     state: SparsityState
-    new_masks: dict[str, Tensor] = field(default_factory=dict)  # target name -> new keep-mask
+    new_masks: dict[str, Tensor | PackedMask] = field(default_factory=dict)  # target name -> new keep-mask
     new_weights: dict[str, Tensor] = field(default_factory=dict)  # target name -> updated weight (reconstructing)
     restart: list[str] = field(default_factory=list)  # observers whose statistics restart after the step
     # parameter FQN -> new value, for parameters no target owns (the bias of a refit channel consumer)
@@ -254,7 +254,7 @@ def _step_channels(work: StepWork, records: list[TargetRecord]) -> None:
 
 def _step_module(work: StepWork, record: TargetRecord) -> None:
     """Supermask / joint: the Sparsify module's learnable scores rank the mask."""
-    sparsify = work.gm.get_submodule(record.module)  # type: ignore[arg-type]
+    sparsify: Any = work.gm.get_submodule(record.module)  # type: ignore[arg-type]
     work.new_masks[record.name] = sparsify.keep_mask(sparsify.scores.detach(), work.options(record))
 
 
@@ -364,7 +364,8 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
             gm.get_parameter(name).copy_(value)
         state.reconstructed.update(work.new_weights)
         for observer in work.restart:
-            gm.get_submodule(observer).reset()
+            restarted: Any = gm.get_submodule(observer)
+            restarted.reset()
     if state.spec.mode == "inplace":
         apply_masks_inplace(gm, state)
     state.steps += 1
@@ -373,13 +374,15 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
 
 
 @serial_when_small  # a mask copy of a few ten thousand entries on one thread (see _threads.py)
-def _write(gm: GraphModule, state: SparsityState, record: TargetRecord, keep: Tensor) -> None:
+def _write(gm: GraphModule, state: SparsityState, record: TargetRecord, keep: Tensor | PackedMask) -> None:
     if record.kind == "activation":  # activation masks take reduce's shape at the first step
+        assert isinstance(keep, Tensor), record.name  # computed whole, never packed
         setattr(gm, record.buffer, keep.to(gm.get_buffer(record.buffer).device))
         record.shape = tuple(keep.shape)
         return
     if record.module is not None:  # the Sparsify module ranks its scores with the scheduled options
-        gm.get_submodule(record.module).options = current_options(state, record)
+        sparsify: Any = gm.get_submodule(record.module)
+        sparsify.options = current_options(state, record)
     buf = gm.get_buffer(record.buffer)
     if isinstance(keep, PackedMask):
         keep.unpack_into(buf)
