@@ -297,6 +297,7 @@ def attention_as_op(modules: list[nn.MultiheadAttention]) -> Iterator[None]:
     if MHA_OP is None:  # a torch without torch.library.custom_op: the attention is traced into its ops
         yield
         return
+    own = {id(m): vars(m)["forward"] for m in modules if "forward" in vars(m)}  # a forward set on the instance
     for module in modules:
         module.forward = _as_op(module)  # type: ignore[method-assign]
     try:
@@ -304,3 +305,5 @@ def attention_as_op(modules: list[nn.MultiheadAttention]) -> Iterator[None]:
     finally:
         for module in modules:
             del module.forward
+            if id(module) in own:
+                module.forward = own[id(module)]  # type: ignore[method-assign]

@@ -128,6 +128,11 @@ def test_attention_as_op_is_one_op_in_an_export_and_restores_the_module() -> Non
     with attention_as_op([m.attn]):
         ep = torch.export.export(m, (x,))
     assert "forward" not in vars(m.attn)
+    marker = m.attn.forward
+    m.attn.forward = marker  # type: ignore[method-assign]  # a forward the user set on the instance stays
+    with attention_as_op([m.attn]):
+        assert m.attn.forward is not marker
+    assert vars(m.attn)["forward"] is marker
     calls = [n for n in ep.graph.nodes if n.op == "call_function" and "multi_head_attention" in str(n.target)]
     assert len(calls) == 1 and not any("scaled_dot_product" in str(n.target) for n in ep.graph.nodes)
     torch.testing.assert_close(ep.module()(x), m(x), atol=1e-5, rtol=1e-5)
