@@ -102,7 +102,7 @@ def _shape_problems(gm: nn.Module, state: SparsityState, incoming: Mapping[str, 
                 stat_groups = None if getattr(observer, "_fast", False) else (groups or 1)
                 problems.append(_feature_shape(stat, stat_groups, per_sample, features,
                                                f"observer statistic '{r.observer}.stat'"))
-        elif r.observer is not None and r.param is not None and len(r.shape) == 2:  # Wanda's input norms
+        elif getattr(r.rule, "scores", None) == "wanda" and r.observer is not None and len(r.shape) == 2:
             stat = incoming.get(f"{r.observer}.stat")
             if isinstance(stat, Tensor) and stat.numel() > 0 and tuple(stat.shape) != (1, r.shape[1]):
                 problems.append(f"observer statistic '{r.observer}.stat' has shape {tuple(stat.shape)}; the input "
