@@ -447,7 +447,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 bar.update(1)
         bar.close()
     say(args, "step: computing masks")
-    sgm.step()
+    sgm.step(verbose=not args.quiet)
     say(args, "squash")
     result = sgm.squash(**squash_kwargs)
     with outputs.staged_folder(out) as folder:  # a failure leaves a previous run in --out as it was

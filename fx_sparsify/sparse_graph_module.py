@@ -84,9 +84,13 @@ class SparseGraphModule(GraphModule):
                               not self.training)
 
     # --- the public methods (SPEC §2) -------------------------------------------------------------
-    def step(self) -> None:
-        """Recompute every mask from the current weights (and activation statistics)."""
-        update_masks(self, self._fxs)
+    def step(self, verbose: bool = True) -> None:
+        """Recompute every mask from the current weights (and activation statistics).
+
+        SparseGPT targets show their per-layer progress on stderr (a tqdm bar where tqdm is installed, else one
+        line per layer); ``verbose=False`` shows nothing.
+        """
+        update_masks(self, self._fxs, verbose=verbose)
 
     def masks(self) -> dict[str, Any]:
         """Target name → boolean keep-mask (True = kept); a list of masks for per-feature activations."""

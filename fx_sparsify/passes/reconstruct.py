@@ -18,7 +18,7 @@ anyway), so one level's ``in × in`` statistics exist at a time.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, MutableMapping
+from typing import Any, Callable, Iterable, MutableMapping
 
 import torch
 from torch import Tensor
@@ -140,8 +140,10 @@ def replay_calibration(gm: GraphModule, state: SparsityState, observers: Iterabl
 
 
 def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[TargetRecord],
-                         new_masks: MutableMapping[str, Any], new_weights: dict[str, Tensor]) -> None:
+                         new_masks: MutableMapping[str, Any], new_weights: dict[str, Tensor],
+                         on_solved: Callable[[str], None] | None = None) -> None:
     """Prune ``records`` (sequential targets) level after level, writing each level before the next is calibrated.
+    ``on_solved(name)`` is called after each target's solve (the step's progress display).
 
     Fills ``new_masks`` / ``new_weights``. The masks and weights are written as it goes (later levels
     must see them); if anything raises, every one of them is put back as it was.
@@ -162,6 +164,8 @@ def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[Ta
                 mask = gm.get_buffer(r.buffer)
                 mask.copy_(keep.to(device=mask.device, dtype=mask.dtype))
                 new_masks[r.name], new_weights[r.name] = keep, weight
+                if on_solved is not None:
+                    on_solved(r.name)
     except BaseException:
         for r in records:
             weight, mask = saved[r.name]

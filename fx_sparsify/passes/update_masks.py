@@ -27,6 +27,7 @@ from torch.fx import GraphModule
 from .._caller import user_stacklevel
 from .._masks import PackedMask, is_masked, keep_of, masked_copy, pending, release_freed_memory, zero_pruned_
 from .._modules import find_tensor
+from .._progress import Progress, progress
 from .._threads import serial_when_small
 from ..methods import generator_for, get_mask_method, global_masks, keep_mask, refuse_nan
 from ..methods.wanda import PER_ROW, per_row_mask
@@ -192,6 +193,8 @@ class StepWork:
     restart: list[str] = field(default_factory=list)  # observers whose statistics restart after the step
     # parameter FQN -> new value, for parameters no target owns (the bias of a refit channel consumer)
     new_params: dict[str, Tensor] = field(default_factory=dict)
+    # per-layer progress of the solves (SparseGPT, reconstruction): shown when step(verbose=True)
+    progress: Progress = field(default_factory=lambda: progress(0, "step"))
 
     def options(self, record: TargetRecord) -> dict[str, Any]:
         """``record``'s method options at this step (a schedule moves the sparsity)."""
@@ -263,12 +266,14 @@ def _step_sequential(work: StepWork, records: list[TargetRecord]) -> None:
     levels before it, pruned (it writes masks and weights as it goes, and puts them back if it fails)."""
     work.restart.extend(r.observer for r in records)  # type: ignore[misc]
     if records:
-        reconstruct_in_order(work.gm, work.state, records, work.new_masks, work.new_weights)
+        reconstruct_in_order(work.gm, work.state, records, work.new_masks, work.new_weights,
+                             on_solved=lambda name: work.progress.update(1, name))
 
 
 def _step_reconstruct(work: StepWork, record: TargetRecord) -> None:
     """Sparsegpt in one pass: the mask and the weights that stay, from the layer's ``X·Xᵀ``."""
     work.new_masks[record.name], work.new_weights[record.name] = reconstruct(work.gm, record, work.options(record))
+    work.progress.update(1, record.name)
     work.restart.append(record.observer)  # type: ignore[arg-type]
 
 
@@ -333,12 +338,15 @@ def strategy_of(record: TargetRecord) -> StepStrategy:
     return next(s for s in STEP_STRATEGIES if s.claims(record))
 
 
-def update_masks(gm: GraphModule, state: SparsityState) -> None:
-    """Recompute the mask of every target of ``gm`` (masks are buffers); all or nothing."""
+def update_masks(gm: GraphModule, state: SparsityState, verbose: bool = False) -> None:
+    """Recompute the mask of every target of ``gm`` (masks are buffers); all or nothing. ``verbose``: a line (or a
+    tqdm bar) on stderr per solved layer of SparseGPT / reconstruction, the long part of a step."""
     check_targets(state)
     sync_observers(gm)
     check_calibrated(gm, state)
     work = StepWork(gm, state)
+    solves = sum(1 for r in state.targets.values() if r.method in RECONSTRUCTING)
+    work.progress = progress(solves, "step: sparsegpt", enabled=verbose, unit="layer")
     strategies = list(STEP_STRATEGIES)
     claimed: dict[str, list[TargetRecord]] = {s.name: [] for s in strategies}
     rng = _rng_states(gm)  # a step that raises leaves every generator where it was
@@ -356,6 +364,8 @@ def update_masks(gm: GraphModule, state: SparsityState) -> None:
         except BaseException:
             _restore_rng(rng)
             raise
+        finally:
+            work.progress.close()
         for name, keep in work.new_masks.items():
             _write(gm, state, state.targets[name], keep)
         for name, weight in work.new_weights.items():
