@@ -157,15 +157,17 @@ def activation_scores(group: GroupStats) -> Tensor:
 
 
 def damped_gram(c: ConsumerStats, damp: float) -> tuple[Tensor, Tensor]:
-    """(``H``, ``W``) in float64: ``H`` the damped second moment of ``[x, 1]`` (``[x]`` without a bias) per row,
-    ``W`` the weight with the bias as its last column. Dead columns (never non-zero) get a unit diagonal."""
+    """(``H``, ``W``): ``H`` the damped second moment of ``[x, 1]`` (``[x]`` without a bias) per row, ``W`` the
+    weight with the bias as its last column, in the statistic's dtype (at least float32, as SparseGPT's
+    sweep). Dead columns (never non-zero) get a unit diagonal."""
     n = c.weight.shape[1]
-    h = c.gram.detach().double() / max(c.rows, 1.0)
-    w = c.weight.detach().to(torch.float64, copy=True)  # the OBS sweep updates it in place
+    dtype = torch.promote_types(c.gram.dtype, torch.float32)
+    h = c.gram.detach().to(dtype) / max(c.rows, 1.0)
+    w = c.weight.detach().to(dtype, copy=True)  # the OBS sweep updates it in place
     if c.bias is None:
         h = h[:n, :n].clone()
     else:
-        w = torch.cat([w, c.bias.detach().double().reshape(-1, 1).to(w.device)], 1)
+        w = torch.cat([w, c.bias.detach().to(dtype).reshape(-1, 1).to(w.device)], 1)
     h = h.to(w.device)
     diag = h.diagonal()[:n]
     dead = diag == 0
@@ -213,8 +215,8 @@ def obs_greedy(group: GroupStats, remove: int) -> tuple[list[int], list[float]]:
             wq = w[:, q]
             joint += float(((wq @ hq_inv) * wq).sum())
             step = hq_inv @ hinv[q]  # (|q|, k)
-            w -= wq @ step
-            hinv -= hinv[:, q] @ step
+            w.addmm_(wq, step, alpha=-1)
+            hinv.addmm_(hinv[:, q], step, alpha=-1)
             w[:, q] = 0.0
             hinv[q, :] = 0.0
             hinv[:, q] = 0.0
@@ -229,9 +231,9 @@ def obs_greedy(group: GroupStats, remove: int) -> tuple[list[int], list[float]]:
 
 def _unit_errors(w: Tensor, hinv: Tensor, cols: Tensor) -> Tensor:
     """``tr(W_u·[H⁻¹]_uu⁻¹·W_uᵀ)`` for every unit ``u`` (columns ``cols[u]``); removed units give nan/inf (masked)."""
-    if cols.shape[1] == 1:
+    if cols.shape[1] == 1:  # per column first, then gathered: no (out × units) copy
         c = cols[:, 0]
-        return w[:, c].square().sum(0) / hinv.diagonal()[c]
+        return w.square().sum(0)[c] / hinv.diagonal()[c]
     sub = hinv[cols.unsqueeze(2), cols.unsqueeze(1)]  # (units, width, width)
     wu = w[:, cols].permute(1, 0, 2)  # (units, out, width)
     inv, info = torch.linalg.inv_ex(sub)
@@ -290,7 +292,7 @@ def corrected_weight(c: ConsumerStats, cross: Tensor, damp: float) -> tuple[Tens
     h, w = damped_gram(c, damp)
     n = c.weight.shape[1]
     k = h.shape[0]
-    target = cross.detach().double().to(h.device)[:k, :k] / max(c.rows, 1.0) @ w.T  # Σ [x',1]·(W x + b)ᵀ / rows
+    target = cross.detach().to(h.dtype).to(h.device)[:k, :k] / max(c.rows, 1.0) @ w.T  # Σ [x',1]·(W x + b)ᵀ / rows
     factor, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
         raise ValueError(f"reconstruct on {c.name!r}: the input second moment is not positive definite; raise 'damp'")

@@ -28,7 +28,7 @@ from ...spec import ChannelRule
 from ..insert_activation_masks import insert_observer
 from ..layer_index import LayerIndex, layer_input
 from .graph import Member
-from .masks import channel_masks, group_keeps, magnitude_scores
+from .masks import channel_masks, group_keeps, kept_units, magnitude_scores
 from .plan import ChannelGroup, ChannelPlan
 
 __all__ = ["ChannelStatsObserver", "paired_replay", "Consumer", "consumers_of", "insert_channel_observers", "channel_step", "step_channels",
@@ -230,7 +230,7 @@ def _corrections(gm: GraphModule, plan: ChannelPlan, group: ChannelGroup, observ
     return out
 
 
-def _scorer(observers: Mapping[str, str], corrected: Corrections | None = None,
+def _scorer(observers: Mapping[str, str], steps: int, corrected: Corrections | None = None,
             ) -> Callable[[GraphModule, ChannelGroup, Mapping[str, Tensor], ChannelRule], Tensor]:
     def score(gm: GraphModule, group: ChannelGroup, masks: Mapping[str, Tensor], rule: ChannelRule) -> Tensor:
         magnitude = magnitude_scores(gm, group, masks, rule)
@@ -238,9 +238,10 @@ def _scorer(observers: Mapping[str, str], corrected: Corrections | None = None,
         if rule.importance == "magnitude":
             return magnitude
         consumers = _consumer_stats(gm, group, observers, masks, corrected) if calibrated or rule.reconstruct else []
-        removable = group.units - rule.min_channels
-        stats = GroupStats(group.units, consumers, magnitude, pruned=None, damp=float(rule.damp),
-                           block=max(1, math.ceil(removable / OBS_STEPS)))
+        kept = kept_units(rule, group, steps)
+        removable = group.units - (rule.min_channels if kept is None else kept)
+        stats = GroupStats(group.units, consumers, magnitude, pruned=None if kept is None else removable,
+                           damp=float(rule.damp), block=max(1, math.ceil(removable / OBS_STEPS)))
         scores = torch.as_tensor(fn(stats), dtype=torch.float64).flatten().cpu()
         if scores.numel() != group.units or bool(torch.isnan(scores).any()):
             raise ValueError(f"channel importance {rule.importance!r} returned {scores.numel()} scores (NaN: "
@@ -325,7 +326,7 @@ def channel_step(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str
     next group's consumer observers listening (both given by the caller, who restores on failure).
     """
     check_channel_calibration(gm, plan, observers)
-    score = _scorer(observers)
+    score = _scorer(observers, steps)
     sequential = {i for i, r in enumerate(plan.rules) if r.sequential}
     now = ChannelPlan([g for g in plan.groups if g.rule not in sequential], plan.rules)
     new_masks = channel_masks(gm, now, masks, steps, score)
@@ -349,7 +350,7 @@ def channel_step(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str
         current = {**masks, **new_masks}
         corrected = _corrections(gm, plan, g, observers, current) if i else {}
         one = ChannelPlan([g], plan.rules)
-        group_masks = channel_masks(gm, one, current, steps, _scorer(observers, corrected))
+        group_masks = channel_masks(gm, one, current, steps, _scorer(observers, steps, corrected))
         group_params = _refits(gm, plan, [g], group_keeps(one, group_masks), observers, current, corrected)
         write(group_masks, group_params)
         new_masks.update(group_masks)

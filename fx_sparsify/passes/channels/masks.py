@@ -25,7 +25,7 @@ from ...spec import ChannelRule
 from .graph import ChannelGraph, Member
 from .plan import ChannelGroup, ChannelPlan
 
-__all__ = ["GroupScore", "unit_view", "magnitude_scores", "channel_masks", "group_keeps", "shrunk_sizes",
+__all__ = ["GroupScore", "unit_view", "magnitude_scores", "kept_units", "channel_masks", "group_keeps", "shrunk_sizes",
            "shrink_summary", "shrink_plan_table"]
 
 #: one score per unit of a group, higher is kept: (module, group, current masks by parameter FQN, rule) → (units,)
@@ -91,6 +91,14 @@ def _kept_count(rule: ChannelRule, group: ChannelGroup, amount: float | int, whe
     if round_to > 1 and kept % round_to:
         kept = max(round_to, round_to * round(kept / round_to))
     return min(n, max(kept, rule.min_channels))
+
+
+def kept_units(rule: ChannelRule, group: ChannelGroup, steps: int) -> int | None:
+    """How many units of ``group`` a rule that is not ``global`` keeps at ``steps`` (None for a global rule:
+    that depends on the other groups)."""
+    if rule.global_ and rule.heads is None:
+        return None
+    return _kept_count(rule, group, _amount(rule, steps), f"channels rule {rule.target!r}")
 
 
 def channel_masks(gm: GraphModule, plan: ChannelPlan, masks: Mapping[str, Tensor], steps: int,
