@@ -17,23 +17,23 @@ from torch.fx import GraphModule
 from ._caller import user_stacklevel
 from ._export_capture import mode_dependent_modules, quiet_deepcopy
 from ._modules import attach_tensor, find_tensor
+from ._spec_doc import SPEC_KEYS_DOC
 from .methods._selectors import ENTRY_COUNTS, warn_if_percent_like
+from .mha import attention_as_op
+from .observer import ActivationObserver
+from .passes._runner import Pass, PassResult, run_passes
+from .passes.channels import ChannelPlan, heads_attention, passive_rules, plan_channels
+from .passes.channels.importance import insert_channel_observers
 from .passes.insert_activation_masks import activation_target_name, insert_activation_masks
 from .passes.insert_hessian_observers import insert_hessian_observers, sparsegpt_layers
 from .passes.insert_weight_masks import insert_weight_masks
-from .passes.channels import ChannelPlan, heads_attention, passive_rules, plan_channels
-from .passes.channels.importance import insert_channel_observers
 from .passes.reconstruct import record_calibration_inputs
-from .passes._runner import Pass, PassResult, run_passes
 from .passes.update_masks import check_options
-from .mha import attention_as_op
-from .observer import ActivationObserver
 from .roundtrip import set_initial_masks, take_over
-from ._spec_doc import SPEC_KEYS_DOC
 from .select import Selection, WeightTarget, param_aliases, resolve_activation_targets, resolve_weight_targets
 from .sparse_graph_module import SparseGraphModule
-from .state import SparsityState, TargetRecord
 from .spec import SparsitySpec
+from .state import SparsityState, TargetRecord
 from .trace import capture_graph, pausing_gc
 
 __all__ = ["sparsify_graph", "step", "squash", "masks", "sparsity", "report"]

@@ -12,7 +12,13 @@ from torch import nn
 import fx_sparsify as fxs
 
 from _channel_models import (
-    MLP, Block, MobileNetV2Mini, ResidualCNN, random_residual_cnn, random_residual_cnn_cases, randomise_norms,
+    MLP,
+    Block,
+    MobileNetV2Mini,
+    ResidualCNN,
+    random_residual_cnn,
+    random_residual_cnn_cases,
+    randomise_norms,
 )
 
 
