@@ -97,7 +97,9 @@ def report_table(gm: GraphModule, state: SparsityState) -> str:
         rows.append([
             name,
             record.kind,
-            _method_text(record, options) + (" reconstructed" if name in state.reconstructed else ""),
+            _method_text(record, options) + (" reconstructed" if name in state.reconstructed else "")
+            + (" (no bias: the removed channels' mean is not folded)"
+               if state.channels is not None and name in getattr(state.channels, "unbiased", ()) else ""),
             "x".join(map(str, record.shape)) or "scalar",
             "-" if target is None else f"{target:.1%}",
             f"{achieved[name]:.1%}",

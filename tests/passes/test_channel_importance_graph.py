@@ -91,6 +91,38 @@ def test_reconstruct_lowers_the_error_and_shrinks_exactly(case: str) -> None:
     assert errors["obs", True] <= errors["magnitude", True] * 1.0001, errors
 
 
+def test_report_says_when_no_bias_took_the_mean() -> None:
+    """A consumer without a bias (LLaMA's down projection) is refit without one, and the report says so."""
+    batches = [torch.randn(16, 16) for _ in range(2)]
+    spec = {"channels": [{"target": "up", "sparsity": 0.5, "importance": "obs", "reconstruct": True}]}
+    sgm = fxs.sparsify_graph(GatedMLP(), spec, example_inputs=(batches[0],))
+    _calibrate(sgm, batches)
+    sgm.step()
+    line = next(line for line in sgm.report().splitlines() if line.startswith("| down.weight"))
+    assert "reconstructed (no bias" in line
+    spec = {"channels": [{"target": "fc1", "sparsity": 0.5, "importance": "obs", "reconstruct": True}]}
+    sgm = fxs.sparsify_graph(MLP(), spec, example_inputs=(torch.randn(2, 20),))
+    _calibrate(sgm, [torch.randn(16, 20)])
+    sgm.step()
+    assert "reconstructed" in sgm.report() and "no bias" not in sgm.report()
+
+
+@pytest.mark.parametrize("importance", ["obs", "activation"])
+def test_global_calibrated_rule_prunes_the_exact_total(importance: str) -> None:
+    model = nn.Sequential(nn.Linear(8, 40), nn.GELU(), nn.Linear(40, 24), nn.GELU(), nn.Linear(24, 4)).eval()
+    batches = [torch.randn(32, 8) for _ in range(3)]
+    spec = {"channels": [{"target": r"re:[02]$", "sparsity": 0.5, "global": True, "round_to": 1,
+                          "importance": importance, "reconstruct": True}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
+    _calibrate(sgm, batches)
+    sgm.step()
+    kept = [int(sgm.masks()[f"{i}.bias"].sum()) for i in (0, 2)]
+    assert sum(kept) == 32 and all(k >= 1 for k in kept), kept
+    small = sgm.squash(shrink=True)
+    with torch.no_grad():
+        assert float((small(batches[0]) - sgm(batches[0])).abs().max()) <= 1e-4
+
+
 def test_refit_equals_least_squares_on_the_calibration_inputs() -> None:
     model = MLP().eval()
     batches = [torch.randn(64, 20) for _ in range(3)]

@@ -281,6 +281,8 @@ def _refits(gm: GraphModule, plan: ChannelPlan, groups: list[ChannelGroup], keep
         out[consumer.weight] = consumer.back(new_w, param)
         if new_b is not None and consumer.bias is not None:
             out[consumer.bias] = new_b
+        else:
+            plan.unbiased.add(consumer.weight)
     return out
 
 
@@ -326,6 +328,7 @@ def channel_step(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str
     next group's consumer observers listening (both given by the caller, who restores on failure).
     """
     check_channel_calibration(gm, plan, observers)
+    plan.unbiased = set()
     score = _scorer(observers, steps)
     sequential = {i for i, r in enumerate(plan.rules) if r.sequential}
     now = ChannelPlan([g for g in plan.groups if g.rule not in sequential], plan.rules)

@@ -74,6 +74,8 @@ class ChannelPlan:
     rules: tuple[ChannelRule, ...]
     # consumer layer -> the observer of its input statistics (rules with a calibrated importance or reconstruct)
     observers: dict[str, str] = field(default_factory=dict)
+    # consumer weights the last step refit without a bias (the removed channels' mean could not be folded)
+    unbiased: set[str] = field(default_factory=set)
 
     def targets(self) -> dict[str, WeightTarget]:
         """Parameter FQN → a target for the mask it needs (members of removable groups)."""
