@@ -389,7 +389,8 @@ def structured(model: ByteGPT, held: torch.Tensor, calib: list[torch.Tensor], ex
                dense: float, args: argparse.Namespace) -> None:
     """Loss added by each importance with and without reconstruction against FLAP and FLAP + least squares."""
     check = calib[0][:4]
-    print("| removed | method | loss added | / FLAP + lstsq | parameters | step CPU s | step peak MiB | shrunk vs masked |")
+    print("| removed | method | loss added | / FLAP + lstsq | parameters | step CPU s | step peak MiB "
+          "| shrunk vs masked |")
     print("|---|---|---|---|---|---|---|---|")
     for label, kind, amount in SETTINGS:
         runs: list[tuple[str, Callable[[], tuple[nn.Module, float, int, float]]]] = [

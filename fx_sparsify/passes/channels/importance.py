@@ -134,8 +134,8 @@ def consumers_of(gm: GraphModule, group: ChannelGroup) -> list[tuple[Consumer, M
             continue
         layer = m.tensor[: -len("weight")].rstrip(".")
         shape = tuple(params[m.tensor].shape)
-        bias = f"{layer}.bias" if layer else "bias"
-        bias = bias if bias in params else None
+        bias_name = f"{layer}.bias" if layer else "bias"
+        bias = bias_name if bias_name in params else None
         if len(shape) == 2:
             layout, unfold = ("linear" if m.dim == 1 else "addmm"), None
         elif len(shape) == 4 and m.dim == 1:
@@ -169,7 +169,7 @@ def insert_channel_observers(gm: GraphModule, plan: ChannelPlan, aliases: Mappin
                 made[consumer.layer] = shared[key]
                 rule = plan.rules[group.rule]  # type: ignore[index]
                 if rule.sequential and rule.reconstruct:
-                    gm.get_submodule(shared[key]).keep = True  # type: ignore[union-attr]
+                    gm.get_submodule(shared[key]).keep = True  # type: ignore[assignment]  # an observer's flag
                 continue
             rule = plan.rules[group.rule]  # type: ignore[index]
             observer = ChannelStatsObserver(None if consumer.unfold is None else dict(consumer.unfold),
