@@ -161,7 +161,7 @@ def squash_options(sgm: Any, args: argparse.Namespace) -> dict[str, Any]:
     if args.shrink:
         wanted["shrink"] = True
     if args.storage is not None:
-        wanted["storage"] = args.storage
+        wanted["storage"] = storage_argument(args.storage)
     accepted = inspect.signature(sgm.squash).parameters
     missing = [k for k in wanted if k not in accepted]
     if missing:
@@ -170,6 +170,59 @@ def squash_options(sgm: Any, args: argparse.Namespace) -> dict[str, Any]:
             f"{flags}: this version of fx_sparsify's squash() does not take {', '.join(missing)} yet; run without it"
         )
     return wanted
+
+
+def storage_argument(value: str) -> Any:
+    """``--storage``: a layout name (``dense``, ``csr``, ``bsr``, ``bitmask``, ``auto``), or the ``storage.json`` of an
+    earlier run (or any file ``fxs.save_storage_choices`` wrote): every layer gets the layout recorded there."""
+    if not value.endswith(".json"):
+        return value
+    import fx_sparsify as fxs
+
+    if not Path(value).is_file():
+        raise UserError(
+            f"--storage {value!r}: no such file; give a layout (dense, csr, bsr, bitmask, auto) or the "
+            "storage.json an earlier run wrote"
+        )
+    return fxs.load_storage_choices(value)
+
+
+def storage_text(kwargs: dict[str, Any], args: argparse.Namespace) -> str:
+    """How the report names the squash options (the choices of a file by the file's name)."""
+    shown = {
+        k: (f"the choices of {args.storage}" if k == "storage" and not isinstance(v, str) else v)
+        for k, v in kwargs.items()
+    }
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "dense"
+
+
+def storage_lines(result: nn.Module) -> list[str]:
+    """A table of the layers whose layout squash chose (``storage.json`` holds the same)."""
+    choices = getattr(result, "storage_choices", None)
+    if not choices:
+        return []
+    from tabulate import tabulate
+
+    rows = [
+        [
+            c.layer,
+            "x".join(map(str, c.shape)),
+            f"{c.sparsity:.1%}",
+            c.storage,
+            "-" if c.ratio is None else f"{c.ratio:.2f}x",
+            c.why,
+        ]
+        for c in choices
+    ]
+    return [
+        "## Storage per layer",
+        "",
+        tabulate(rows, headers=["layer", "shape", "zeros", "storage", "time / dense", "why"], tablefmt="github"),
+        "",
+        "`storage.json` records these choices: `--storage storage.json` in a rerun gives every layer the same "
+        "layout without timing again.",
+        "",
+    ]
 
 
 def save_weights(module: nn.Module, path: Path) -> str:
@@ -255,10 +308,15 @@ def write_run(
     widths = outputs.resized_modules(model, result)
     (folder / "widths.json").write_text(json.dumps(widths, indent=2) + "\n")
     written.append("widths.json")
+    if getattr(result, "storage_choices", None):
+        import fx_sparsify as fxs
+
+        fxs.save_storage_choices(result.storage_choices, folder / "storage.json")  # type: ignore[arg-type]
+        written.append("storage.json")
     rebuild = rebuild_files(args, folder, model, sgm, result, widths)
     written += rebuild
     written += pictures(sgm, widths, folder, args)
-    notes = {"how": how, "export": why_not, "rebuild": rebuild}
+    notes = {"how": how, "export": why_not, "rebuild": rebuild, "storage": storage_lines(result)}
     summary = summary_lines(args, folder, model, result, example, written)
     (folder / "report.md").write_text(report_text(args, sgm, squash_kwargs, widths, summary, notes, written))
     written.insert(0, "report.md")
@@ -359,7 +417,7 @@ def report_text(
         f"# fx-sparsify report: {args.model}",
         "",
         f"Recipe: `{args.recipe}`; calibration batches: {args.calibrate}; squash: "
-        f"{', '.join(f'{k}={v}' for k, v in squash_kwargs.items()) or 'dense'}; "
+        f"{storage_text(squash_kwargs, args)}; "
         f"threads: {torch.get_num_threads()}.",
         "",
         "## Summary",
@@ -379,6 +437,7 @@ def report_text(
         else "No tensor changed size.",
         *(["", f"Rebuild: `{notes['rebuild'][0]}` (see docs/outputs.md)."] if notes["rebuild"] else []),
         "",
+        *notes["storage"],
         "## Targets",
         "",
         "```",

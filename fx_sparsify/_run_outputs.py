@@ -45,6 +45,7 @@ RUN_FILES = (
     "widths.json",
     "model_kwargs.json",
     "config.json",
+    "storage.json",
     "spec.json",
 )
 

@@ -202,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--calibrate", type=int, default=0, metavar="N", help="calibration forward passes before step()")
     run.add_argument("--shrink", action="store_true", help="squash(shrink=True): remove pruned channels")
-    run.add_argument("--storage", metavar="FORMAT", help="squash(storage=...): dense, csr, bsr, auto")
+    run.add_argument(
+        "--storage",
+        metavar="FORMAT|FILE.json",
+        help="squash(storage=...): dense, csr, bsr, bitmask, auto; or the storage.json of an earlier run (the same "
+        "layout per layer, no timing)",
+    )
     run.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
     run.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     run.add_argument(

@@ -365,3 +365,31 @@ def test_threads_flag_is_used_and_said(tmp_path: Path, capsys: pytest.CaptureFix
         == 2
     )
     assert "--threads 0: expected a count >= 1" in capsys.readouterr().err
+
+
+def test_storage_choices_are_recorded_and_reused(tmp_path: Path) -> None:
+    """--storage auto picked CSR for a layer in one run and dense in the next: the run records its choices in
+    storage.json and the report, and --storage storage.json gives a rerun the same layouts."""
+    recipe = tmp_path / "fc.json"
+    recipe.write_text(json.dumps({"weights": [{"target": "fc", "method": "l1_unstructured", "sparsity": 0.9}]}))
+    first = _run("--storage", "auto", out=tmp_path / "a", recipe=str(recipe))
+    assert first.returncode == 0, first.stderr
+    saved = json.loads((tmp_path / "a" / "storage.json").read_text())
+    layers = {row["layer"]: row for row in saved["layers"]}
+    assert "fc" in layers and layers["fc"]["storage"] in ("dense", "csr", "bsr 16x16", "bitmask")
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "## Storage per layer" in report and "| fc " in report
+    (tmp_path / "a" / "storage.json").write_text(
+        json.dumps(
+            {**saved, "layers": [{**row, "storage": "csr"} if row["layer"] == "fc" else row for row in saved["layers"]]}
+        )
+    )  # a choice to keep
+    again = _run("--storage", str(tmp_path / "a" / "storage.json"), out=tmp_path / "b", recipe=str(recipe))
+    assert again.returncode == 0, again.stderr
+    reused = {
+        row["layer"]: row["storage"] for row in json.loads((tmp_path / "b" / "storage.json").read_text())["layers"]
+    }
+    assert reused["fc"] == "csr"
+    assert f"storage=the choices of {tmp_path / 'a' / 'storage.json'}" in (tmp_path / "b" / "report.md").read_text()
+    missing = _run("--storage", str(tmp_path / "nope.json"), out=tmp_path / "c", recipe=str(recipe))
+    assert missing.returncode == 2 and "no such file" in missing.stderr
