@@ -3,6 +3,8 @@
     python benchmarks/bench_storage.py            # layers 4096x4096 and 11008x4096, the 4-layer MLP, one thread
     python benchmarks/bench_storage.py --quick    # 1024-wide smoke run (seconds)
     python benchmarks/bench_storage.py --full     # adds 4096x11008 layers, batch 64; gzip -6 (default: gzip -1)
+    python benchmarks/bench_storage.py --bitmask  # the bitmask kernel: LLaMA-7B MLP shapes, fp32 / bf16, 1 and all threads
+    python benchmarks/bench_storage.py --e2e      # LLaMA-shaped ~1.1 B model, greedy decoding, dense vs auto
 
 Prints markdown tables:
 1. per layer shape / sparsity / batch: our CSR layer (``SparseLinear``: int32 indices, ``addmv`` /
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fx_sparsify as fxs
+from fx_sparsify import _native
 from fx_sparsify.passes.sparse_storage import SparseLinear
 
 from _timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path)
@@ -199,6 +203,129 @@ def _load_child(mode: str, path: str, dense_path: str) -> None:
     print(time.perf_counter() - start)
 
 
+# --- bitmask storage (SPEC §18) ----------------------------------------------------------------------------
+def two_four(shape: tuple[int, int]) -> torch.Tensor:
+    """A random weight pruned 2:4 along its rows (the two largest of every 4 kept)."""
+    w = torch.randn(shape)
+    groups = w.abs().view(shape[0], -1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+    return w * keep.view(shape) + 0.0
+
+
+#: the clock of the bitmask tables: wall time, or (``--clock cpu``, one thread only) this thread's CPU time,
+#: which a descheduled thread does not accrue (on a loaded machine the wall clock mostly measures the queue)
+CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = time.perf_counter
+
+
+def ratios(fns: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Per round (interleaved, after a warm-up), each function's time / the first's: the median and range."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    rounds: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        t = {}
+        for n in names:
+            start = clock()
+            fns[n]()
+            t[n] = clock() - start
+        for n in names:
+            rounds[n].append(t[n] / t[names[0]] if n != names[0] else t[n])
+    return rounds
+
+
+def _cell(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def bitmask_table(shapes: list[tuple[int, int]], sparsities: list[Any], batches: list[int],
+                  dtypes: list[torch.dtype], threads: list[int], repeats: int) -> str:
+    """Dense F.linear, torch CSR (our SparseLinear: int32 indices, addmv / addmm) and the bitmask layer,
+    as time ratios to dense (median of interleaved rounds, range in brackets), and the byte-ratio limit."""
+    from fx_sparsify._bitmask import BitmaskLinear
+
+    lines = ["| threads | dtype | layer (out x in) | zeros | batch | dense ms | torch CSR / dense | bitmask / dense "
+             "| byte limit |", "|---|---|---|---|---|---|---|---|---|"]
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for dtype in dtypes:
+            for shape in shapes:
+                for s in sparsities:
+                    torch.manual_seed(0)
+                    w = (two_four(shape) if s == "2:4" else pruned(shape, s)).to(dtype)
+                    zeros = 0.5 if s == "2:4" else s
+                    ours = BitmaskLinear(w, None)
+                    csr = SparseLinear(w, None, "csr") if dtype == torch.float32 else None
+                    limit = ((1 - zeros) * w.element_size() + 1 / 8) / w.element_size()
+                    for n in batches:
+                        x = torch.randn(n, shape[1]).to(dtype)
+                        fns = {"dense": lambda: F.linear(x, w), "ours": lambda: ours(x)}
+                        if csr is not None:
+                            fns["csr"] = lambda: csr(x)
+                        with torch.inference_mode():
+                            r = ratios(fns, repeats)
+                        label = "2:4" if s == "2:4" else f"{s:.0%}"
+                        lines.append(f"| {n_threads} | {str(dtype)[6:]} | {shape[0]}x{shape[1]} | {label} | {n} | "
+                                     f"{statistics.median(r['dense']) * 1e3:.2f} | "
+                                     f"{_cell(r['csr']) if 'csr' in r else '-'} | {_cell(r['ours'])} | {limit:.2f}x |")
+    return "\n".join(lines)
+
+
+def end_to_end(layers: int, hidden: int, inter: int, new_tokens: int, repeats: int) -> str:
+    """A LLaMA-shaped Hugging Face model from a config (random weights), every decoder Linear pruned 50 %
+    (magnitude, per tensor), greedy decoding tokens/s on the current threads: dense against each Linear in
+    the storage squash(storage="auto") takes for it at batch 1 (timed per distinct shape by the same
+    measurement auto uses; the layers of one shape share the decision)."""
+    import transformers
+
+    from fx_sparsify._bitmask import BitmaskLinear
+    from fx_sparsify.passes.sparse_storage import MARGIN, measure
+
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter,
+                                   num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                                   num_key_value_heads=max(1, hidden // 256), max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    params = sum(p.numel() for p in model.parameters())
+    linears = [(name, m) for name, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for _, m in linears:
+            w = m.weight
+            cut = w.abs().flatten().kthvalue(w.numel() // 2).values
+            w.mul_(w.abs() > cut).add_(0.0)
+    decided: dict[tuple[int, int], str] = {}
+    for name, m in linears:
+        shape = tuple(m.weight.shape)
+        if shape not in decided:
+            candidate = BitmaskLinear(m.weight, m.bias)
+            t_dense, t_sparse = measure(m.weight.detach(), m.bias, candidate, 1)
+            decided[shape] = f"bitmask ({t_sparse / t_dense:.2f}x)" if t_sparse / t_dense <= MARGIN else "dense"
+    sparse_model = transformers.LlamaForCausalLM(cfg).eval()
+    sparse_model.load_state_dict(model.state_dict())
+    for name, m in list(sparse_model.model.layers.named_modules()):
+        if isinstance(m, nn.Linear) and decided[tuple(m.weight.shape)] != "dense":
+            parent, _, child = name.rpartition(".")
+            sparse_model.model.layers.get_submodule(parent).add_module(child, BitmaskLinear(m.weight, m.bias))
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+
+    def generate(mdl: nn.Module) -> torch.Tensor:
+        return mdl.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    with torch.inference_mode():
+        same = torch.equal(generate(model), generate(sparse_model))
+        r = ratios({"dense": lambda: generate(model), "sparse": lambda: generate(sparse_model)}, repeats)
+    dense_tps = new_tokens / statistics.median(r["dense"])
+    speed = [1 / v for v in r["sparse"]]
+    return (f"LLaMA-shaped model: {layers} layers, hidden {hidden}, intermediate {inter}, {params / 1e9:.2f} B params "
+            f"(fp32), decoder Linears pruned 50 %; {torch.get_num_threads()} thread(s); greedy decoding of "
+            f"{new_tokens} tokens after 8, {repeats} interleaved rounds\n\n"
+            f"| model | tokens/s | vs dense |\n|---|---|---|\n| dense | {dense_tps:.2f} | 1.00x |\n"
+            f"| auto ({', '.join(f'{k[0]}x{k[1]}: {v}' for k, v in decided.items())}) | "
+            f"{dense_tps * statistics.median(speed):.2f} | {statistics.median(speed):.2f}x "
+            f"({min(speed):.2f}-{max(speed):.2f}) |\n\nsame greedy tokens as dense: {same}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1024-wide layers and MLP (smoke run)")
@@ -207,11 +334,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--checkpoints-only", action="store_true",
                         help="only the checkpoint tables, on random weights of the MLP's shapes")
+    parser.add_argument("--bitmask", action="store_true",
+                        help="only the bitmask kernel table (LLaMA-7B MLP shapes; --quick: 1024x2752)")
+    parser.add_argument("--clock", choices=sorted(CLOCK), default="wall",
+                        help="bitmask tables and e2e: wall time, or the thread's CPU time (one thread only)")
+    parser.add_argument("--e2e", action="store_true", help="only the end-to-end LLaMA-shaped decoding figure")
+    parser.add_argument("--e2e-size", default="22,2048,5632", help="layers,hidden,intermediate (default ~1.1 B)")
     parser.add_argument("--load-child", nargs=3, metavar=("MODE", "PATH", "DENSE_PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.load_child:
         _load_child(*args.load_child)
+        return
+    if args.bitmask or args.e2e:
+        _bitmask_main(args)
         return
     torch.manual_seed(0)
     if args.quick:
@@ -242,6 +378,38 @@ def main(argv: list[str] | None = None) -> None:
     print("## Checkpoints: sizes and load times\n")
     with tempfile.TemporaryDirectory() as tmp:
         print(checkpoint_tables(models, max(3, repeats // 2), 6 if args.full or args.quick else 1, Path(tmp)))
+
+
+def _bitmask_main(args: argparse.Namespace) -> None:
+    global clock
+    clock = CLOCK[args.clock]
+    cores = os.cpu_count() or 1
+    print(f"torch {torch.__version__}; CPU: {_cpu_name()}, {cores} cores; bitmask kernel path: "
+          f"{_native.bitmask_isa()}; load average {os.getloadavg()[0]:.1f} at start; clock: {args.clock}\n")
+    if args.bitmask:
+        if args.quick:
+            shapes, sparsities, batches, repeats = [(2752, 1024), (1024, 2752)], [0.5, 0.9], [1, 8], 5
+        else:
+            shapes, sparsities, batches, repeats = [(11008, 4096), (4096, 11008)], [0.5, 0.7, 0.9, "2:4"], [1, 8, 32], \
+                args.repeats
+        threads = sorted({args.threads, cores}) if args.clock == "wall" else [1]
+        print(f"## Bitmask layers against dense F.linear (threads {threads})\n")
+        print(bitmask_table(shapes, sparsities, batches, [torch.float32, torch.bfloat16], threads, repeats) + "\n")
+    if args.e2e:
+        torch.set_num_threads(args.threads)
+        layers, hidden, inter = (2, 512, 1376) if args.quick else (int(v) for v in args.e2e_size.split(","))
+        print("## End to end\n")
+        print(end_to_end(layers, hidden, inter, 8 if args.quick else 16, 3 if args.quick else max(3, args.repeats // 2)))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 if __name__ == "__main__":
