@@ -93,7 +93,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", choices=["reference", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, printed)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     rows = args.rows or (50_000 if args.quick else 1_000_000)
     if args.child:
         measure_memory(args.child, rows)

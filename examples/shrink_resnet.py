@@ -114,6 +114,7 @@ def latency_ms(fn: Callable[[], object], repeats: int = 5) -> float:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a narrow ResNet-18 on 32x32 inputs")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the timing (default 1: steadiest)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = (resnet18(width=16) if args.quick else resnet18()).eval()
@@ -132,9 +133,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.export.export(small, (x,))  # a plain graph that torch.export accepts (tests/passes/test_shrink.py)
     dense_params = sum(p.numel() for p in model.parameters())
     small_params = sum(p.numel() for p in small.parameters())
-    dense_ms, small_ms = latency_ms(lambda: model(x)), latency_ms(lambda: small(x))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # the same thread count for both, said below; restored after
+    try:
+        dense_ms, small_ms = latency_ms(lambda: model(x)), latency_ms(lambda: small(x))
+    finally:
+        torch.set_num_threads(threads)
     print(f"parameters: {dense_params:,} -> {small_params:,} ({small_params / dense_params:.2f}x)")
-    print(f"latency (batch 1): {dense_ms:.2f} ms -> {small_ms:.2f} ms ({small_ms / dense_ms:.2f}x)")
+    print(f"latency (batch 1, {args.threads} thread(s)): {dense_ms:.2f} ms -> {small_ms:.2f} ms "
+          f"({small_ms / dense_ms:.2f}x)")
     return {"dense_params": dense_params, "small_params": small_params, "dense_ms": dense_ms, "small_ms": small_ms}
 
 

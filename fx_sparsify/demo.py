@@ -81,9 +81,18 @@ def _outcome(model: nn.Module, squashed: nn.Module, sgm: nn.Module, inputs: tupl
             line += f", fxs.save_compressed {os.path.getsize(packed) / 1024:.1f} KiB"
         print(line)
     sgm.eval()
-    ms = _ms_per_forward({"original": model, "masked": sgm, "squashed": squashed}, inputs)
-    print(f"forward, median ms at batch {inputs[0].shape[0]} (noisy on a shared machine): "
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the steadiest timing on a shared machine (restored below)
+    try:
+        ms = _ms_per_forward({"original": model, "masked": sgm, "squashed": squashed}, inputs)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"forward, median ms at batch {inputs[0].shape[0]}, 1 thread (noisy on a shared machine): "
           + ", ".join(f"{name} {value:.2f}" for name, value in ms.items()))
+    print("  the squashed model runs the original's dense layers with zeros in their weights: unstructured zeros "
+          "save no time in dense kernels, so it times as the original, up to noise. The masked model also pays "
+          "for its mask multiplies. Faster models come from removing channels (squash(shrink=True)) or sparse "
+          "storage (squash(storage='auto')): see examples/shrink_resnet.py and docs/smaller-faster.md")
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ def test_demo_runs_and_checks_itself(capsys: pytest.CaptureFixture[str]) -> None
     assert "OK: exported outputs equal the masked model" in out
     assert out.startswith("== spec ==\n{") and '"method": "l1_unstructured"' in out.split("==", 3)[2]
     assert "== outcome ==" in out and "values are zero" in out and "on disk: torch.save" in out and "forward, median ms" in out
+    assert "1 thread" in out and "unstructured zeros save no time in dense kernels" in out  # the times, explained
 
 
 def test_import_warns_nothing_without_numpy() -> None:

@@ -15,5 +15,5 @@ def test_shrink_resnet_example_runs_and_shrinks(capsys) -> None:  # type: ignore
     spec.loader.exec_module(module)
     result = module.main(["--quick"])
     out = capsys.readouterr().out
-    assert "fx_sparsify shrink plan" in out and "latency (batch 1)" in out
+    assert "fx_sparsify shrink plan" in out and "latency (batch 1, 1 thread(s))" in out
     assert result["small_params"] < 0.35 * result["dense_params"]  # half the channels: about a quarter of the weights
