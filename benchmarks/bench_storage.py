@@ -3,7 +3,8 @@
     python benchmarks/bench_storage.py            # layers 4096x4096 and 11008x4096, the 4-layer MLP, one thread
     python benchmarks/bench_storage.py --quick    # 1024-wide smoke run (seconds)
     python benchmarks/bench_storage.py --full     # adds 4096x11008 layers, batch 64; gzip -6 (default: gzip -1)
-    python benchmarks/bench_storage.py --bitmask  # the bitmask kernel: LLaMA-7B MLP shapes, fp32 / bf16, 1 and all threads
+    python benchmarks/bench_storage.py --bitmask  # the bitmask kernel: LLaMA-7B MLP shapes, fp32 / bf16,
+                                                  # 1 and all threads
     python benchmarks/bench_storage.py --e2e      # LLaMA-shaped ~1.1 B model, greedy decoding, dense vs auto
 
 Prints markdown tables:
@@ -295,7 +296,7 @@ def end_to_end(layers: int, hidden: int, inter: int, new_tokens: int, repeats: i
             cut = w.abs().flatten().kthvalue(w.numel() // 2).values
             w.mul_(w.abs() > cut).add_(0.0)
     decided: dict[tuple[int, int], str] = {}
-    for name, m in linears:
+    for _name, m in linears:
         shape = tuple(m.weight.shape)
         if shape not in decided:
             candidate = BitmaskLinear(m.weight, m.bias)
