@@ -99,3 +99,18 @@ def test_save_compressed_of_a_sparse_module_names_the_call_to_make(tmp_path) -> 
     assert float((loaded["0.weight"] == 0).float().mean()) == 0.5
     unpruned = fxs.load_compressed(tmp_path / "sgm.safetensors")  # what the warning is about
     assert float((unpruned["0.weight"] == 0).float().mean()) == 0.0
+
+
+def test_a_compressed_checkpoint_gets_the_usual_file_mode(tmp_path) -> None:
+    """model.safetensors came out 0600 (safetensors' own temporary file), unlike every other file the user writes."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        fxs.save_compressed({"w": torch.zeros(4, 4)}, tmp_path / "m.safetensors")
+        fxs.save_compressed({"w": torch.zeros(4, 4)}, tmp_path / "z.safetensors", zstd=3)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "z.safetensors").stat().st_mode) == 0o644
