@@ -34,8 +34,13 @@ from .state import SparsityState
 __all__ = ["write_into"]
 
 
-def write_into(sgm: GraphModule, state: SparsityState, squashed: GraphModule, model: nn.Module,
-               keeps: dict[int, Tensor] | None = None) -> nn.Module:
+def write_into(
+    sgm: GraphModule,
+    state: SparsityState,
+    squashed: GraphModule,
+    model: nn.Module,
+    keeps: dict[int, Tensor] | None = None,
+) -> nn.Module:
     """Write ``squashed`` (the squash of ``sgm``, described by ``state``) into ``model`` in place; return ``model``.
 
     ``keeps`` (group id → keep vector) says that ``squashed`` is a ``squash(shrink=True)`` result: the model's
@@ -51,10 +56,10 @@ def write_into(sgm: GraphModule, state: SparsityState, squashed: GraphModule, mo
 # (their tensor names hold "encoder." / "decoder."). A field listed for both stacks (T5's d_ff) needs the same
 # width in both. Fields are matched by the width's value; aliases (config.attribute_map) are resolved.
 _FFN_FIELDS: tuple[tuple[str, str, str], ...] = (
-    ("intermediate_size", "num_hidden_layers", ""),    # LLaMA, BERT, ViT, Mistral, ...
-    ("n_inner", "n_layer", ""),                        # GPT-2, GPT-J (None: 4 * n_embd)
-    ("ffn_dim", "num_hidden_layers", ""),              # OPT
-    ("d_ff", "num_layers", "encoder"),                 # T5
+    ("intermediate_size", "num_hidden_layers", ""),  # LLaMA, BERT, ViT, Mistral, ...
+    ("n_inner", "n_layer", ""),  # GPT-2, GPT-J (None: 4 * n_embd)
+    ("ffn_dim", "num_hidden_layers", ""),  # OPT
+    ("d_ff", "num_layers", "encoder"),  # T5
     ("d_ff", "num_decoder_layers", "decoder"),
     ("encoder_ffn_dim", "encoder_layers", "encoder"),  # Whisper, BART, Marian, ...
     ("decoder_ffn_dim", "decoder_layers", "decoder"),
@@ -72,7 +77,9 @@ def _stack(name: str, model: nn.Module) -> str:
     return ""
 
 
-def _config_widths(plan: ChannelPlan, keeps: dict[int, Tensor], model: nn.Module, shapes: dict[str, Any]) -> dict[str, int]:
+def _config_widths(
+    plan: ChannelPlan, keeps: dict[int, Tensor], model: nn.Module, shapes: dict[str, Any]
+) -> dict[str, int]:
     """Config field → its new value, or a ``ValueError`` naming why the config cannot describe the widths."""
     config = getattr(model, "config", None)
     shrinking = [g for g in plan.groups if g.removable and g.id in keeps and not bool(keeps[g.id].all())]
@@ -94,8 +101,9 @@ def _config_widths(plan: ChannelPlan, keeps: dict[int, Tensor], model: nn.Module
         return _UNSET_WIDTH[field](config) if value is None and field in _UNSET_WIDTH else value
 
     # this config's rows of _FFN_FIELDS, named by the attributes it really stores
-    rows = list(dict.fromkeys((real(f), real(n), s) for f, n, s in _FFN_FIELDS
-                              if hasattr(config, f) and hasattr(config, n)))
+    rows = list(
+        dict.fromkeys((real(f), real(n), s) for f, n, s in _FFN_FIELDS if hasattr(config, f) and hasattr(config, n))
+    )
     stacks = {_stack(k, model) for k in shapes}
     found: dict[tuple[str, str, str], list[int]] = {}
     for g in shrinking:
@@ -119,14 +127,18 @@ def _config_widths(plan: ChannelPlan, keeps: dict[int, Tensor], model: nn.Module
             found.setdefault((real("num_attention_heads"), layers, ""), []).append(kept * g.heads_per_unit)
             if hasattr(config, "num_key_value_heads"):
                 found.setdefault((real("num_key_value_heads"), layers, ""), []).append(
-                    kept if g.heads_per_unit > 1 else kept * g.heads_per_unit)
+                    kept if g.heads_per_unit > 1 else kept * g.heads_per_unit
+                )
             continue
         root = next(m for m in g.members if m.tensor == g.roots[0])
         size, stack = shapes[g.roots[0]][root.dim], _stack(g.roots[0], model)
         fits = [r for r in rows if width(r[0]) == size and (not r[2] or not stack or r[2] == stack)]
         if len(fits) != 1:
-            what = "has no field for" if not fits else \
-                "has several fields for (" + ", ".join(f"{f} of the {s or 'all'} layers" for f, _, s in fits) + ")"
+            what = (
+                "has no field for"
+                if not fits
+                else "has several fields for (" + ", ".join(f"{f} of the {s or 'all'} layers" for f, _, s in fits) + ")"
+            )
             raise ValueError(
                 f"squash_into(model, shrink=True): group {g.id} ({g.roots[0]}) changes a width of {size} that "
                 f"{name} {what}; the feed-forward width fields resized are "
@@ -136,16 +148,20 @@ def _config_widths(plan: ChannelPlan, keeps: dict[int, Tensor], model: nn.Module
         found.setdefault(fits[0], []).append(kept)
     out: dict[str, int] = {}
     for field in dict.fromkeys(k[0] for k in found):  # every layer that reads the field, in each stack it has
-        for key in dict.fromkeys([r for r in rows if r[0] == field and (not r[2] or r[2] in stacks)]
-                                 + [k for k in found if k[0] == field]):
+        for key in dict.fromkeys(
+            [r for r in rows if r[0] == field and (not r[2] or r[2] in stacks)] + [k for k in found if k[0] == field]
+        ):
             values, n_layers = found.get(key, []), getattr(config, key[1], None)
             if not values or len(set(values)) > 1 or (n_layers is not None and len(values) != n_layers):
                 among = f"{n_layers} {key[2] + ' ' if key[2] else ''}layers ({key[1]})"
                 rest = f", the others keep {width(field)}" if n_layers is not None and len(values) < n_layers else ""
                 raise ValueError(
                     f"squash_into(model, shrink=True): {field} would differ between layers ("
-                    + (f"{len(values)} of the {among} get {sorted(set(values))}{rest}" if values else
-                       f"the {among} keep {width(field)}")
+                    + (
+                        f"{len(values)} of the {among} get {sorted(set(values))}{rest}"
+                        if values
+                        else f"the {among} keep {width(field)}"
+                    )
                     + "), which one config value cannot describe, so from_pretrained could not reload it; give every "
                     "layer the same widths ('global': false and a rule selecting every layer), or use "
                     "sgm.squash(shrink=True)"
@@ -170,16 +186,26 @@ def _module_edits(plan: ChannelPlan, shrunk: GraphModule, model: nn.Module) -> l
     for group in plan.groups:
         for edit in group.edits if group.removable else ():
             if edit.kind == "attr":
-                out.append((model.get_submodule(edit.where), edit.path[0],
-                            getattr(shrunk.get_submodule(edit.where), edit.path[0])))
+                out.append(
+                    (
+                        model.get_submodule(edit.where),
+                        edit.path[0],
+                        getattr(shrunk.get_submodule(edit.where), edit.path[0]),
+                    )
+                )
                 continue
             node = nodes.get(edit.where)
             if node is None or node.op != "call_function":
                 continue
             entry = FUNCTIONS.get(node.target) or FUNCTIONS.get(getattr(node.target, "overloadpacket", None))
             weight = node_arg(node, 1, "weight")
-            if entry is None or entry[0] != "conv" or tuple(edit.path) not in (("args", 6), ("kwargs", "groups")) \
-                    or not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+            if (
+                entry is None
+                or entry[0] != "conv"
+                or tuple(edit.path) not in (("args", 6), ("kwargs", "groups"))
+                or not isinstance(weight, torch.fx.Node)
+                or weight.op != "get_attr"
+            ):
                 continue  # other call arguments (view shapes of heads) live in the model's forward code
             owner = str(weight.target).rpartition(".")[0]
             module = model.get_submodule(owner)
@@ -188,16 +214,17 @@ def _module_edits(plan: ChannelPlan, shrunk: GraphModule, model: nn.Module) -> l
     return out
 
 
-def _resize_into(state: SparsityState, shrunk: GraphModule, keeps: dict[int, Tensor],
-                 model: nn.Module) -> nn.Module:
+def _resize_into(state: SparsityState, shrunk: GraphModule, keeps: dict[int, Tensor], model: nn.Module) -> nn.Module:
     """Write ``shrunk`` (a ``squash(shrink=True)`` result) into ``model`` in place and return it."""
     plan = state.channels
     assert plan is not None, "squash_into(shrink=True) without channel groups squashes dense"
     source = shrunk.state_dict()
     missing = [k for k in source if find_tensor(model, k) is None]
     if missing:
-        raise ValueError(f"squash_into(): the model has no tensor(s) {', '.join(missing[:6])}; pass the model you "
-                         f"sparsified ({state.class_name})")
+        raise ValueError(
+            f"squash_into(): the model has no tensor(s) {', '.join(missing[:6])}; pass the model you "
+            f"sparsified ({state.class_name})"
+        )
     shapes = {k: tuple(find_tensor(model, k).shape) for k in source}  # type: ignore[union-attr]
     fields = _config_widths(plan, keeps, model, shapes)  # all checks before anything changes
     edits = _module_edits(plan, shrunk, model)
@@ -252,13 +279,25 @@ def _copy_into(sgm: GraphModule, state: SparsityState, squashed: GraphModule, mo
         else:
             destination[key] = found
     if missing or wrong:
-        hint = " It carries pruning hooks or parametrizations: remove them first (prune.remove)." \
-            if needs_take_over(model) else ""
+        hint = (
+            " It carries pruning hooks or parametrizations: remove them first (prune.remove)."
+            if needs_take_over(model)
+            else ""
+        )
         raise ValueError(
             f"squash_into(): the model does not match the squashed module "
             f"({type(model).__name__} vs {state.class_name}): "
-            + "; ".join(filter(None, [f"missing {', '.join(missing[:6])}" if missing else "",
-                                      f"shapes differ: {'; '.join(wrong[:6])}" if wrong else ""])) + "." + hint
+            + "; ".join(
+                filter(
+                    None,
+                    [
+                        f"missing {', '.join(missing[:6])}" if missing else "",
+                        f"shapes differ: {'; '.join(wrong[:6])}" if wrong else "",
+                    ],
+                )
+            )
+            + "."
+            + hint
         )
     with torch.no_grad():
         for key, tensor in destination.items():

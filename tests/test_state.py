@@ -59,10 +59,18 @@ def test_typed_fields_survive_copies(how: str) -> None:
 def test_a_state_pickled_with_the_extra_dict_loads_into_the_fields() -> None:
     sgm = fxs.sparsify_graph(MLP(), SPEC, example_inputs=(torch.randn(4, 16),))
     state = sgm._fxs
-    old = {f.name: getattr(state, f.name) for f in dataclasses.fields(SparsityState)
-           if f.name in ("spec", "capture", "targets", "state_keys", "class_name", "aliases", "versions", "steps")}
-    old["extra"] = {"channels": state.channels, "inplace": True, "initial_masks": {"fc1.weight": "adopted"},
-                    "reconstructed": {"fc1.weight"}, "deferred_observers": {"fc1_input_observer"}}
+    old = {
+        f.name: getattr(state, f.name)
+        for f in dataclasses.fields(SparsityState)
+        if f.name in ("spec", "capture", "targets", "state_keys", "class_name", "aliases", "versions", "steps")
+    }
+    old["extra"] = {
+        "channels": state.channels,
+        "inplace": True,
+        "initial_masks": {"fc1.weight": "adopted"},
+        "reconstructed": {"fc1.weight"},
+        "deferred_observers": {"fc1_input_observer"},
+    }
     legacy = SparsityState.__new__(SparsityState)
     legacy.__dict__.update(old)  # what an earlier version pickled: these attributes and nothing else
     loaded = pickle.loads(pickle.dumps(legacy))

@@ -25,17 +25,27 @@ def table() -> Iterator[list[StepStrategy]]:
     STEP_STRATEGIES[:] = saved
 
 
-@pytest.mark.parametrize("spec,target,row", [
-    ({"weights": [{"target": "fc1", **L1}]}, "fc1.weight", "plain"),
-    ({"weights": [{"target": "fc1", **L1, "scores": "wanda"}]}, "fc1.weight", "wanda rows"),
-    ({"weights": [{"target": "fc1", **L1, "gradient": "supermask"}]}, "fc1.weight", "module"),
-    ({"global": [{"targets": ["fc1", "fc2"], **L1}]}, "fc2.weight", "global"),
-    ({"weights": [{"target": "fc1", "method": "sparsegpt", "sparsity": 0.5}]}, "fc1.weight", "reconstructing"),
-    ({"weights": [{"target": "fc1", "method": "sparsegpt", "sparsity": 0.5, "sequential": True}]}, "fc1.weight",
-     "reconstructing sequential"),
-    ({"activations": [{"target": "head", "mask": "l1_unstructured", "sparsity": 0.25}]}, "head:input", "activation"),
-    ({"channels": [{"target": "fc1", "sparsity": 0.5}]}, "fc1.weight", "channels"),
-])
+@pytest.mark.parametrize(
+    "spec,target,row",
+    [
+        ({"weights": [{"target": "fc1", **L1}]}, "fc1.weight", "plain"),
+        ({"weights": [{"target": "fc1", **L1, "scores": "wanda"}]}, "fc1.weight", "wanda rows"),
+        ({"weights": [{"target": "fc1", **L1, "gradient": "supermask"}]}, "fc1.weight", "module"),
+        ({"global": [{"targets": ["fc1", "fc2"], **L1}]}, "fc2.weight", "global"),
+        ({"weights": [{"target": "fc1", "method": "sparsegpt", "sparsity": 0.5}]}, "fc1.weight", "reconstructing"),
+        (
+            {"weights": [{"target": "fc1", "method": "sparsegpt", "sparsity": 0.5, "sequential": True}]},
+            "fc1.weight",
+            "reconstructing sequential",
+        ),
+        (
+            {"activations": [{"target": "head", "mask": "l1_unstructured", "sparsity": 0.25}]},
+            "head:input",
+            "activation",
+        ),
+        ({"channels": [{"target": "fc1", "sparsity": 0.5}]}, "fc1.weight", "channels"),
+    ],
+)
 def test_each_kind_of_target_has_its_row(spec: dict[str, Any], target: str, row: str) -> None:
     sgm = fxs.sparsify_graph(MLP(), spec, example_inputs=(torch.randn(4, 16),))
     assert strategy_of(sgm._fxs.targets[target]).name == row
@@ -66,8 +76,9 @@ def test_together_rows_see_every_target_they_claimed_once(table: list[StepStrate
         for r in records:
             work.new_masks[r.name] = torch.ones(r.shape, dtype=torch.bool)
 
-    register_step_strategy(StepStrategy("all kept", lambda r: r.name != "head.weight", together=together),
-                           before="activation")
+    register_step_strategy(
+        StepStrategy("all kept", lambda r: r.name != "head.weight", together=together), before="activation"
+    )
     sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "type:Linear", **L1}]})
     sgm.step()
     assert seen == [["fc1.weight", "fc2.weight"]]
