@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 from .. import ops
 from .._meta import NodeInfo, annotate
 from .._names import mask_buffer_name, unique_attr
-from ..methods._random import generator_for
+from ..methods import generator_for
 from ..select import Selection, WeightTarget
 from ..sparsify import Sparsify
 from ._runner import PassResult, finish
