@@ -393,3 +393,53 @@ def test_storage_choices_are_recorded_and_reused(tmp_path: Path) -> None:
     assert f"storage=the choices of {tmp_path / 'a' / 'storage.json'}" in (tmp_path / "b" / "report.md").read_text()
     missing = _run("--storage", str(tmp_path / "nope.json"), out=tmp_path / "c", recipe=str(recipe))
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+LLAMA_FACTORY = """
+import torch
+import transformers
+
+
+def build(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=64, bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+"""
+
+
+@pytest.mark.models
+def test_a_hugging_face_model_gets_its_resized_config(tmp_path: Path) -> None:
+    """--shrink on a Hugging Face model: config.json holds the new widths, and the model it builds loads the weights."""
+    transformers = pytest.importorskip("transformers")
+    factory = tmp_path / "llama.py"
+    factory.write_text(LLAMA_FACTORY)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(
+        json.dumps({"channels": [{"target": "re:model\\.layers\\.\\d+\\.mlp\\.up_proj", "sparsity": 0.5}]})
+    )
+    torch.save([{"input_ids": torch.randint(0, 100, (2, 7)), "use_cache": False}], tmp_path / "batches.pt")
+    argv = [
+        *FX,
+        "run",
+        str(recipe),
+        "--model",
+        f"{factory}:build",
+        "--inputs",
+        str(tmp_path / "batches.pt"),
+        "--calibrate",
+        "1",
+        "--latency-runs",
+        "1",
+        "--shrink",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["intermediate_size"] == 32 and config["hidden_size"] == 32
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    model.load_state_dict(load_checkpoint(str(tmp_path / "out" / "model.safetensors")))  # strict
+    widths = json.loads((tmp_path / "out" / "widths.json").read_text())
+    assert widths["tensors"]["model.layers.0.mlp.up_proj.weight"] == [32, 32]
