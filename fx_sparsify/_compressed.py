@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from . import _native
 from ._bitmask import install_from_checkpoint
 from ._checkpoint import INDEX
+from ._caller import user_stacklevel
 from ._checkpoint_files import ZSTD_MAGIC, decompress, read_header, write_atomically, zstandard
 
 try:  # numpy packs and scatters bits ~10x faster than the torch fallback; optional
@@ -218,7 +219,7 @@ def _state_of(obj: nn.Module | Mapping[str, Any]) -> Mapping[str, Any]:
             "sgm.step()); to keep the sparse module resumable without this warning, save_compressed(sgm.state_dict(), "
             "path)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     if isinstance(obj, nn.Module):
         return obj.state_dict()

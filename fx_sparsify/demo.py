@@ -51,7 +51,9 @@ SPEC = {
 }
 
 
-def _ms_per_forward(modules: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], repeats: int = 30) -> dict[str, float]:
+def _ms_per_forward(
+    modules: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], repeats: int = 30
+) -> dict[str, float]:
     """Median wall time of one no_grad forward pass per module, in ms (rounds interleaved, so noise is shared)."""
     times: dict[str, list[float]] = {name: [] for name in modules}
     with torch.no_grad():
@@ -87,12 +89,16 @@ def _outcome(model: nn.Module, squashed: nn.Module, sgm: nn.Module, inputs: tupl
         ms = _ms_per_forward({"original": model, "masked": sgm, "squashed": squashed}, inputs)
     finally:
         torch.set_num_threads(threads)
-    print(f"forward, median ms at batch {inputs[0].shape[0]}, 1 thread (noisy on a shared machine): "
-          + ", ".join(f"{name} {value:.2f}" for name, value in ms.items()))
-    print("  the squashed model runs the original's dense layers with zeros in their weights: unstructured zeros "
-          "save no time in dense kernels, so it times as the original, up to noise. The masked model also pays "
-          "for its mask multiplies. Faster models come from removing channels (squash(shrink=True)) or sparse "
-          "storage (squash(storage='auto')): see examples/shrink_resnet.py and docs/smaller-faster.md")
+    print(
+        f"forward, median ms at batch {inputs[0].shape[0]}, 1 thread (noisy on a shared machine): "
+        + ", ".join(f"{name} {value:.2f}" for name, value in ms.items())
+    )
+    print(
+        "  the squashed model runs the original's dense layers with zeros in their weights: unstructured zeros "
+        "save no time in dense kernels, so it times as the original, up to noise. The masked model also pays "
+        "for its mask multiplies. Faster models come from removing channels (squash(shrink=True)) or sparse "
+        "storage (squash(storage='auto')): see examples/shrink_resnet.py and docs/smaller-faster.md"
+    )
 
 
 def main() -> int:

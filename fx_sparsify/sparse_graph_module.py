@@ -11,6 +11,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from . import ops
+from ._caller import user_stacklevel
 from ._export_capture import LEAFSPEC_WARNING, warn_mode
 from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
@@ -119,7 +120,7 @@ class SparseGraphModule(GraphModule):
         check_storage(storage, batch_size)
         self._warn_unstepped("squash()")
         if shrink and self._fxs.channels is None:
-            warnings.warn(_NO_CHANNELS.format(call="squash(shrink=True)"), UserWarning, stacklevel=2)
+            warnings.warn(_NO_CHANNELS.format(call="squash(shrink=True)"), UserWarning, stacklevel=user_stacklevel())
             shrink = False
         out = self._squash_shrunk()[0] if shrink else fold_masks(self, self._fxs).gm
         if storage != "dense":
@@ -136,7 +137,7 @@ class SparseGraphModule(GraphModule):
         self.__dict__["_fxs_warned_unstepped"] = True
         warnings.warn(f"{call} before any step(): every mask still keeps everything, so the result is the unpruned "
                       "model; call sgm.step() first (after the calibration forward passes, if any)",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=user_stacklevel())
 
     def shrink_plan(self) -> str:
         """A table of the channel groups: members, channels before → after, removable or why not."""
@@ -163,7 +164,8 @@ class SparseGraphModule(GraphModule):
         """
         self._warn_unstepped("squash_into()")
         if shrink and self._fxs.channels is None:
-            warnings.warn(_NO_CHANNELS.format(call="squash_into(model, shrink=True)"), UserWarning, stacklevel=2)
+            warnings.warn(_NO_CHANNELS.format(call="squash_into(model, shrink=True)"), UserWarning,
+                          stacklevel=user_stacklevel())
         elif shrink:
             shrunk, keeps = self._squash_shrunk()
             return write_into(self, self._fxs, shrunk, model, keeps)

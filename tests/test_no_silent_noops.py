@@ -114,3 +114,11 @@ def test_a_compressed_checkpoint_gets_the_usual_file_mode(tmp_path) -> None:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "z.safetensors").stat().st_mode) == 0o644
+
+
+def test_the_function_forms_warn_at_the_callers_line_too() -> None:
+    """fxs.squash(sgm) goes through api.py: the warning still names this file, not ours."""
+    sgm = _sgm()
+    with pytest.warns(UserWarning, match="before any step") as record:
+        fxs.squash(sgm)
+    assert record[0].filename == __file__
