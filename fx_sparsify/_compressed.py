@@ -47,8 +47,8 @@ from torch import Tensor, nn
 
 from . import _native
 from ._bitmask import install_from_checkpoint
-from ._checkpoint import INDEX
 from ._caller import user_stacklevel
+from ._checkpoint import INDEX
 from ._checkpoint_files import ZSTD_MAGIC, decompress, read_header, write_atomically, zstandard
 
 try:  # numpy packs and scatters bits ~10x faster than the torch fallback; optional
