@@ -110,9 +110,18 @@ MODEL: dict[torch.dtype, tuple[tuple[int, float, float], ...]] = {
 ISA_FACTOR = {"avx512": 1.0, "avx2": 1.15, "portable": 3.0}
 
 
-def modelled_ratio(zeros: float, dtype: torch.dtype, batch_size: int, isa: str | None) -> float:
-    """The bitmask layer's modelled time / dense ``F.linear`` for a weight with that fraction of zeros
-    (``inf`` where it never pays: no kernel, a dtype or batch size past the model)."""
+#: below this many weight entries a call's fixed cost (~30 us: the custom op, the checks, the hand-off to C)
+#: outweighs the bytes saved: the model says dense
+MODEL_MIN_ENTRIES = 1 << 20
+
+
+def modelled_ratio(zeros: float, dtype: torch.dtype, batch_size: int, isa: str | None,
+                   entries: int = MODEL_MIN_ENTRIES) -> float:
+    """The bitmask layer's modelled time / dense ``F.linear`` for a weight of ``entries`` entries with that
+    fraction of zeros (``inf`` where it never pays: no kernel, a small layer, a dtype or batch size past the
+    model)."""
+    if entries < MODEL_MIN_ENTRIES:
+        return math.inf
     for largest, a, b in MODEL.get(dtype, ()):
         if batch_size <= largest and isa is not None:
             return (a + b * (1.0 - zeros)) * ISA_FACTOR[isa]

@@ -9,7 +9,8 @@ CPU; ``F.linear(x, W_csr)`` is 2–3× slower and int64 indices cost ~2×).
 - ``"csr"`` / ``"bsr"``: every eligible masked layer. BSR takes the largest square block (MKL refuses
   non-square ones) of 32, 16, 8, 4, 2 that covers the zero pattern exactly, else 1×1.
 - ``"bitmask"`` (SPEC §18): every eligible masked float32 / bfloat16 layer becomes a
-  :class:`~.._bitmask.BitmaskLinear` (kept values + a 1-bit mask, the fused C kernel).
+  :class:`~.._bitmask.BitmaskLinear` (kept values + a 1-bit mask, the fused C kernel). GPT-2's
+  ``Conv1D`` (weight ``[in, out]``; ``aten.addmm`` under export) takes bitmask storage or stays dense.
 - ``"auto"``: per layer, sparse only where it is faster at ``batch_size`` rows (for a 1×1 conv:
   N·H·W positions). A cost-model guard keeps layers under 25 % zeros dense without measuring; the
   others are timed at squash (dense ``F.linear`` against bitmask, CSR from 30 % zeros, and BSR where
@@ -78,12 +79,17 @@ MARGIN = 0.9
 #: below this fraction of zeros not even the bitmask kernel can pay (its byte ratio is ~0.78x at 25 %)
 BITMASK_MIN_SPARSITY = 0.25
 
+#: classes (module.qualname) whose weight is [in, out] and forward x @ W + b: bitmask storage only
+TRANSPOSED_MODULES = ("transformers.pytorch_utils.Conv1D",)
+#: export-captured functions that multiply by a transposed weight (the Conv1D's addmm)
+TRANSPOSED_FUNCTIONS = (torch.ops.aten.addmm.default,)
 #: module type → number of spatial dims (0: Linear)
 MODULE_SITES: dict[type[nn.Module], int] = {nn.Linear: 0, nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 #: export-captured function → (spatial dims, positions of (input, weight, bias),
 #: positions of (stride, padding, dilation, groups))
 FUNCTION_SITES: dict[Any, tuple[int, tuple[int, int, int], tuple[int, int, int, int] | None]] = {
     torch.ops.aten.linear.default: (0, (0, 1, 2), None),
+    torch.ops.aten.addmm.default: (0, (1, 2, 0), None),  # GPT-2's Conv1D under export: addmm(b, x, W[in, out])
     torch.ops.aten.conv1d.default: (1, (0, 1, 2), (3, 4, 5, 6)),
     torch.ops.aten.conv2d.default: (2, (0, 1, 2), (3, 4, 5, 6)),
     torch.ops.aten.conv3d.default: (3, (0, 1, 2), (3, 4, 5, 6)),
@@ -120,6 +126,7 @@ class _Site:
     spatial: int
     nodes: list[Node]
     problem: str | None = None  # why it must stay dense, when it must
+    transposed: bool = False  # GPT-2's Conv1D: the weight is [in, out] and the layer computes x @ W + b
 
 
 def _conv_problem(kernel: tuple[int, ...], stride: Any, padding: Any, groups: int) -> str | None:
@@ -143,11 +150,13 @@ def _module_sites(gm: GraphModule) -> dict[str, _Site]:
             continue
         module: Any = gm.get_submodule(node.target)  # a Linear / Conv (MODULE_SITES)
         spatial = MODULE_SITES.get(type(module))
-        if spatial is None:
+        transposed = f"{type(module).__module__}.{type(module).__qualname__}" in TRANSPOSED_MODULES
+        if spatial is None and not transposed:
             continue
         site = sites.get(node.target)
         if site is None:
-            site = sites[node.target] = _Site(node.target, module.weight, module.bias, spatial, [])
+            site = sites[node.target] = _Site(node.target, module.weight, module.bias, spatial or 0, [],
+                                              transposed=transposed)
             if spatial:
                 site.problem = _conv_problem(module.kernel_size, module.stride, module.padding, module.groups)
             if module._forward_hooks or module._forward_pre_hooks:
@@ -171,17 +180,22 @@ def _function_sites(gm: GraphModule) -> dict[str, _Site]:
         layer = str(w.target)[: -len(".weight")]
         if b is not None and not (isinstance(b, Node) and b.op == "get_attr" and b.target == f"{layer}.bias"):
             continue
+        transposed = node.target in TRANSPOSED_FUNCTIONS
+        if transposed and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or w.meta.get(
+                "val") is not None and w.meta["val"].dim() != 2):
+            continue
         site = sites.get(layer)
         if site is None:
             holder: Any = gm.get_submodule(layer)
-            site = sites[layer] = _Site(layer, holder.weight, getattr(holder, "bias", None), spatial, [])
+            site = sites[layer] = _Site(layer, holder.weight, getattr(holder, "bias", None), spatial, [],
+                                        transposed=transposed)
             others = [n for n, _ in holder.named_children()] + [
                 n for n, _ in [*holder.named_parameters(recurse=False), *holder.named_buffers(recurse=False)]
                 if n not in ("weight", "bias")]
             if others:
                 site.problem = f"{layer!r} holds more than the layer's weight and bias ({', '.join(others[:3])})"
-        if site.spatial != spatial:
-            site.problem = f"{layer!r} is used both as a linear layer and as a conv"
+        if site.spatial != spatial or site.transposed != transposed:
+            site.problem = f"{layer!r} is used both as a linear layer and as a conv (or a Conv1D)"
         if conv is not None:
             si, pi, _, gi = conv
             args = list(node.args) + [None] * 7
@@ -297,6 +311,36 @@ def _recorded(site: _Site, wanted: str, weight: Tensor, zeros: float) -> tuple[n
                      "cannot take now (its zeros no longer form those blocks); record the choices again")
 
 
+def _transposed(site: _Site, storage: str, batch_size: int, recorded: dict[str, str] | None, weight: Tensor,
+                zeros: float) -> tuple[nn.Module | None, StorageChoice]:
+    """A GPT-2 ``Conv1D`` (weight ``[in, out]``, ``x @ W + b``): bitmask storage or dense (the CSR / BSR layer
+    takes ``[out, in]`` weights)."""
+    shape = tuple(weight.shape)
+    wanted = recorded.get(site.layer, "dense") if recorded is not None else storage
+    problem = _bitmask_problem(weight) if wanted != "bitmask" else (
+        weight.dtype not in BITMASK_DTYPES and f"{weight.dtype} has no bitmask kernel (float32 / bfloat16)")
+    if wanted == "dense" or problem or wanted not in ("bitmask", "auto", "auto-model"):
+        why = "recorded choice" if wanted == "dense" else problem or "a Conv1D (weight [in, out]): bitmask storage only"
+        return None, StorageChoice(site.layer, shape, zeros, "dense", why)
+    layer = BitmaskLinear(weight, site.bias, transposed=True)
+    if wanted == "bitmask":
+        return layer, StorageChoice(site.layer, shape, zeros, "bitmask",
+                                    "recorded choice" if recorded is not None else "storage='bitmask' asked for")
+    if wanted == "auto-model":
+        ratio = modelled_ratio(zeros, weight.dtype, batch_size, _native.bitmask_isa(), weight.numel())
+        margin, how = MODEL_MARGIN, "modelled"
+    elif zeros < BITMASK_MIN_SPARSITY:
+        return None, StorageChoice(site.layer, shape, zeros, "dense", f"{zeros:.0%} zeros: below the "
+                                   f"{BITMASK_MIN_SPARSITY:.0%} where a sparse kernel can pay (cost model)")
+    else:
+        t_dense, t_sparse = MEASURE(weight, site.bias, layer, batch_size)
+        ratio, margin, how = t_sparse / t_dense, MARGIN, "measured"
+    why = f"{how} bitmask {ratio:.2f}x dense at batch {batch_size} (a Conv1D: bitmask or dense)"
+    if ratio <= margin:
+        return layer, StorageChoice(site.layer, shape, zeros, "bitmask", why, ratio)
+    return None, StorageChoice(site.layer, shape, zeros, "dense", why + f" (sparse only at <= {margin}x)", ratio)
+
+
 def _decide(site: _Site, storage: str, batch_size: int, masked: bool,
             recorded: dict[str, str] | None = None) -> tuple[nn.Module | None, StorageChoice]:
     weight = site.weight.detach()
@@ -312,6 +356,8 @@ def _decide(site: _Site, storage: str, batch_size: int, masked: bool,
         return dense(site.problem)
     if weight.layout != torch.strided:
         return dense(f"the weight is already {weight.layout}")
+    if site.transposed:
+        return _transposed(site, storage, batch_size, recorded, weight, zeros)
     if recorded is not None:
         return _recorded(site, recorded.get(site.layer, "dense"), weight, zeros)
     if storage == "bitmask":
@@ -323,7 +369,7 @@ def _decide(site: _Site, storage: str, batch_size: int, masked: bool,
         problem = _bitmask_problem(weight)
         if problem:
             return dense(f"{problem} (auto-model weighs dense and bitmask only)")
-        ratio = modelled_ratio(zeros, weight.dtype, batch_size, _native.bitmask_isa())
+        ratio = modelled_ratio(zeros, weight.dtype, batch_size, _native.bitmask_isa(), weight.numel())
         if ratio <= MODEL_MARGIN:
             return (BitmaskLinear(weight, site.bias, site.spatial),
                     StorageChoice(site.layer, shape, zeros, "bitmask", f"modelled {ratio:.2f}x dense at batch "
@@ -450,7 +496,8 @@ def _apply_semi_structured(gm: GraphModule, masked: set[str]) -> StorageResult:
     """
     sites = {**_module_sites(gm), **_function_sites(gm)}
     _check_uses(gm, sites)
-    linear = {layer: site for layer, site in sites.items() if f"{layer}.weight" in masked and not site.spatial}
+    linear = {layer: site for layer, site in sites.items()
+              if f"{layer}.weight" in masked and not site.spatial and not site.transposed}
     off_gpu = sorted({site.weight.device.type for site in linear.values() if site.weight.device.type != "cuda"})
     if off_gpu or not linear:
         where = f"this module is on {', '.join(off_gpu)}" if off_gpu else "this module has no masked Linear layer"
@@ -499,7 +546,7 @@ def _install(gm: GraphModule, site: _Site, layer: nn.Module) -> None:
         if node.op == "call_module":
             continue
         with graph.inserting_before(node):
-            new = graph.call_module(site.layer, (node.args[0],))
+            new = graph.call_module(site.layer, (node.args[FUNCTION_SITES[node.target][1][0]],))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

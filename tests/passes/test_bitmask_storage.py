@@ -189,7 +189,7 @@ def test_auto_model_decides_without_timing(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(sparse_storage, "MEASURE", None)  # any timing would fail
     spec = {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.9},
                         {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.3}]}
-    sgm = _sgm(MLP(), spec)
+    sgm = _sgm(MLP(1024, 1024), spec)  # layers of 1 M entries: the model's smallest
     small = sgm.squash(storage="auto-model")
     by = {c.layer: c for c in small.storage_choices}
     if _native.LIB is None:
@@ -200,6 +200,8 @@ def test_auto_model_decides_without_timing(monkeypatch: pytest.MonkeyPatch) -> N
     assert by["fc1"].storage == "bitmask" and by["fc1"].why.startswith("modelled") and by["fc1"].ratio < MODEL_MARGIN
     assert by["fc2"].storage == "dense" and "no timing" in by["fc2"].why
     assert by["head"].storage == "dense" and by["head"].why == "not a masked weight"
+    tiny = _sgm(MLP(), spec).squash(storage="auto-model")  # 32x16: a call's fixed cost outweighs the bytes
+    assert [c.storage for c in tiny.storage_choices] == ["dense"] * 3
     big = sgm.squash(storage="auto-model", batch_size=64)  # past the model's batch sizes: dense
     assert all(c.storage == "dense" for c in big.storage_choices)
     assert [c.storage for c in sgm.squash(storage="auto-model").storage_choices] == [
@@ -245,3 +247,27 @@ def test_bad_recorded_choices_are_clear_errors(tmp_path: Path) -> None:
         fxs.save_storage_choices(["fc1"], tmp_path / "x.json")  # type: ignore[list-item]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         fxs.save_storage_choices([], tmp_path / "missing" / "x.json")
+
+
+def test_gpt2_conv1d_takes_bitmask_storage_or_stays_dense() -> None:
+    """GPT-2's Conv1D (weight [in, out], an addmm under export): bitmask or dense, never CSR."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0)
+    ids = torch.randint(0, 50, (1, 8))
+    spec = {"weights": [{"target": "type:Conv1D", "method": "l1_unstructured", "sparsity": 0.5}]}
+    sgm = _sgm(transformers.GPT2LMHeadModel(cfg).eval(), spec, example_inputs=(ids,),
+               example_kwargs={"use_cache": False})
+    dense, small, csr = sgm.squash(), sgm.squash(storage="bitmask"), sgm.squash(storage="csr")
+
+    def logits(module: nn.Module) -> torch.Tensor:
+        out = module(ids, use_cache=False)
+        return getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else out)
+
+    layers = [m for m in small.modules() if isinstance(m, BitmaskLinear)]
+    assert len(layers) == 4 and all(m.transposed for m in layers)  # c_attn, c_proj, c_fc, mlp.c_proj
+    torch.testing.assert_close(logits(small), logits(dense), atol=1e-5, rtol=1e-5)
+    sd, want = small.state_dict(), dense.state_dict()
+    assert list(sd) == list(want) and all(torch.equal(sd[k], want[k]) for k in sd)  # [in, out] weights again
+    assert not any(isinstance(m, (BitmaskLinear, SparseLinear)) for m in csr.modules())
+    assert "bitmask storage only" in {c.layer: c.why for c in csr.storage_choices}["transformer.h.0.mlp.c_fc"]
