@@ -119,6 +119,46 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name][1]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The stored dtype of tensor ``name`` (None for one torch cannot hold)."""
+        return _DTYPES.get(self.entries[name][1].get("dtype", ""))
+
+    def copy_to(self, names: list[str], path: Path) -> int:
+        """Write tensors ``names`` as they are stored into a new safetensors file at ``path``; its size in bytes.
+
+        The bytes go from file to file a chunk at a time: no tensor is ever whole in memory.
+        """
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in names:
+            _, entry, _ = self.entries[name]
+            begin, end = entry["data_offsets"]
+            header[name] = {
+                "dtype": entry["dtype"],
+                "shape": entry["shape"],
+                "data_offsets": [offset, offset + end - begin],
+            }
+            offset += end - begin
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        with path.open("wb") as out:
+            out.write(struct.pack("<Q", len(raw)) + raw)
+            for name in names:
+                file, entry, start = self.entries[name]
+                begin, end = entry["data_offsets"]
+                with file.open("rb") as f:
+                    f.seek(start + begin)
+                    left = end - begin
+                    while left:
+                        chunk = f.read(min(left, 16 << 20))
+                        if not chunk:
+                            raise ValueError(
+                                f"checkpoint {str(file)!r} is truncated: tensor {name!r} ends past its end"
+                            )
+                        out.write(chunk)
+                        left -= len(chunk)
+        return 8 + len(raw) + offset
+
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor ``name`` read from disk (cast to ``dtype`` when given)."""
         file, entry, start = self.entries[name]

@@ -34,6 +34,7 @@ block (finished blocks are redone). Files in ``out`` that fx_sparsify did not wr
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import logging
@@ -49,6 +50,7 @@ from torch import Tensor, nn
 from . import distributed
 from ._checkpoint import INDEX, Checkpoint, materialise, parameters_on_meta, release
 from ._compressed import save_compressed
+from ._masks import release_freed_memory
 from .api import sparsify_graph
 from .methods import get_mask_method
 from .methods._random import generator_for
@@ -92,8 +94,11 @@ def _part_spec(spec: SparsitySpec, shell: nn.Module) -> SparsitySpec | None:
     chosen: list[WeightRule | GlobalRule] = [*weights, *global_]
     if not any(r.method != "dense" for r in chosen) and not activations and not channels:
         return None
+    # one-shot: pruned weights are zeroed in place, so squash shares the block's weights instead of copying them
+    # (and calibration forwards cache no weight * mask products); the masks and values are the same
+    mode = "inplace" if all(r.gradient == "mask" for r in weights) else spec.mode
     return SparsitySpec(
-        weights=weights, global_=global_, activations=activations, seed=spec.seed, mode=spec.mode, channels=channels
+        weights=weights, global_=global_, activations=activations, seed=spec.seed, mode=mode, channels=channels
     )
 
 
@@ -391,6 +396,15 @@ class _Output:
         self.total += (self.out / name).stat().st_size
         self.weight_map.update({k: name for k in state})
 
+    def copy(self, i: int, checkpoint: Checkpoint, keys: list[str]) -> None:
+        """Shard ``i`` holds ``keys`` as the checkpoint stores them (copied a chunk at a time)."""
+        name = self.name(i)
+        tmp = self.out / f".{name}.tmp"
+        self.total += checkpoint.copy_to(keys, tmp)
+        os.replace(tmp, self.out / name)
+        self.written.append(name)
+        self.weight_map.update({k: name for k in keys})
+
     def finish(self, extra: dict[str, Any]) -> None:
         index = {
             "metadata": {"total_size": self.total, "format": "sparse-bitmask", "fx_sparsify": extra},
@@ -592,11 +606,19 @@ def prune_streamed(
                 )
                 _report(progress, i + 1, total, name, store, started)
             for k, members in enumerate(groups):
-                materialise(model, members, ckpt, aliases, recurse=False)
-                sparsity.update(_prune_outside(model, members, _part_spec(spec, _holder(model, members))))
-                if writer:
-                    output.write(len(names) + k, _state_outside(model, members))
-                release(model, members, recurse=False)
+                part = _part_spec(spec, _holder(model, members))
+                keys = _state_outside(model, members)  # meta tensors: names, shapes and dtypes
+                if part is None and all(
+                    n in ckpt and ckpt.shape(n) == tuple(t.shape) and ckpt.dtype(n) == t.dtype for n, t in keys.items()
+                ):  # no rule prunes them: copied from the checkpoint as they are, never whole in memory
+                    if writer:
+                        output.copy(len(names) + k, ckpt, list(keys))
+                else:
+                    materialise(model, members, ckpt, aliases, recurse=False)
+                    sparsity.update(_prune_outside(model, members, part))
+                    if writer:
+                        output.write(len(names) + k, _state_outside(model, members))
+                    release(model, members, recurse=False)
                 _report(progress, len(names) + k + 1, total, ", ".join(members), store, started)
         distributed.barrier()
         if writer:
@@ -632,6 +654,10 @@ def _report(
     store: _Activations,
     started: float,
 ) -> None:
+    # a block's graph modules hold reference cycles: collected now rather than whenever the collector runs, or
+    # they pile up (about one block of memory each); then the freed pages go back to the OS
+    gc.collect()
+    release_freed_memory()
     log.info(
         "prune_streamed: %d/%d %s done (%.1f s; %d calibration batches on disk)",
         done,
@@ -668,16 +694,19 @@ def _block(
         else:
             args, kwargs = store.inputs(0)
             sgm = sparsify_graph(shell, part, example_inputs=args, example_kwargs=kwargs, capture=capture, inplace=True)
+            release_freed_memory()  # the capture's temporaries (each stage's go back before the next allocates)
             if _needs_calibration(part):
                 for j in range(len(store)):
                     args, kwargs = store.inputs(j)
                     sgm(*args, **kwargs)
             sgm.step()
+            release_freed_memory()
             sparsity = sgm.sparsity()
             module = sgm.squash(shrink=bool(part.channels))
             del sgm
         if output is not None:
             output.write(index, module.state_dict())
+            release_freed_memory()  # the save's temporaries, before the forwards allocate theirs
         for j in range(len(store)):
             args, kwargs = store.inputs(j)
             store.put(j, _first(module(*args, **kwargs)))
