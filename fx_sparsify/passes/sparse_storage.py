@@ -243,16 +243,19 @@ def _block_of(matrix: Tensor) -> int:
 
 def _median_times(fns: list[Callable[[], Any]], budget: float = 0.3, runs: int = 15) -> list[float]:
     """Median seconds per call of each function, interleaved (noise on a shared machine hits all alike),
-    after one warm-up each; at least 5 rounds, then until ``runs`` rounds or ``budget`` seconds."""
+    after one warm-up each; at least 5 rounds, then until ``runs`` rounds or ``budget`` seconds. With one
+    thread the clock is the thread's CPU time: a thread descheduled by other jobs accrues none (wall times
+    of one layer on a loaded 2-core machine varied 10x between rounds); with more, the wall clock."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     for i in range(runs):
         for fn, out in zip(fns, times):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            out.append(time.perf_counter() - t0)
+            out.append(clock() - t0)
         if i >= 4 and time.perf_counter() - start > budget:
             break
     return [statistics.median(t) for t in times]
