@@ -43,13 +43,13 @@ __all__ = ["update_masks", "weight_scores", "check_options", "check_targets", "a
 
 def weight_scores(gm: GraphModule, record: TargetRecord) -> Tensor:
     """What ``record``'s method ranks: the (importance) scores, times the mask unless regrowing."""
-    weight = gm.get_parameter(record.param).detach()
+    weight = gm.get_parameter(record.param).detach()  # type: ignore[arg-type]
     rule = record.rule
     scores_spec: Any = getattr(rule, "scores", None)
     if scores_spec is None:
         scores = weight
     elif scores_spec == "wanda":
-        observer = gm.get_submodule(record.observer)  # type: ignore[arg-type]
+        observer: Any = gm.get_submodule(record.observer)  # type: ignore[arg-type]
         (sq_sums,) = observer.reduced()
         scores = weight.abs() * sq_sums.sqrt().to(weight.dtype).unsqueeze(0)
     elif callable(scores_spec):  # a copy: a callable that edits its input in place must not touch the weight
@@ -109,7 +109,7 @@ def check_targets(state: SparsityState) -> None:
 
 def _activation_mask(gm: GraphModule, record: TargetRecord, seed: int) -> Tensor | None:
     """``mask_fn(reduce_fn(aggregated), **options)`` per layer or per selected feature (stacked)."""
-    observer = gm.get_submodule(record.observer)  # type: ignore[arg-type]
+    observer: Any = gm.get_submodule(record.observer)  # type: ignore[arg-type]
     if int(observer.batches) == 0:
         warnings.warn(
             f"step(): activation target {record.name!r} saw no forward pass since the last step; its mask is "
@@ -117,7 +117,7 @@ def _activation_mask(gm: GraphModule, record: TargetRecord, seed: int) -> Tensor
             stacklevel=user_stacklevel(),
         )
         return None
-    rule = record.rule
+    rule: Any = record.rule  # an ActivationRule
     masks = []
     for stat in observer.reduced():
         refuse_nan(stat, "the input statistics (was a calibration batch NaN?)")
