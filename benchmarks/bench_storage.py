@@ -273,7 +273,8 @@ def bitmask_table(shapes: list[tuple[int, int]], sparsities: list[Any], batches:
     return "\n".join(lines)
 
 
-def end_to_end(layers: int, hidden: int, inter: int, new_tokens: int, repeats: int) -> str:
+def end_to_end(layers: int, hidden: int, inter: int, new_tokens: int, repeats: int,
+               dtype: torch.dtype = torch.float32) -> str:
     """A LLaMA-shaped Hugging Face model from a config (random weights), every decoder Linear pruned 50 %
     (magnitude, per tensor), greedy decoding tokens/s on the current threads: dense against each Linear in
     the storage squash(storage="auto") takes for it at batch 1 (timed per distinct shape by the same
@@ -287,7 +288,7 @@ def end_to_end(layers: int, hidden: int, inter: int, new_tokens: int, repeats: i
                                    num_hidden_layers=layers, num_attention_heads=hidden // 64,
                                    num_key_value_heads=max(1, hidden // 256), max_position_embeddings=512)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = transformers.LlamaForCausalLM(cfg).eval().to(dtype)
     params = sum(p.numel() for p in model.parameters())
     linears = [(name, m) for name, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]
     with torch.no_grad():
@@ -302,7 +303,7 @@ def end_to_end(layers: int, hidden: int, inter: int, new_tokens: int, repeats: i
             candidate = BitmaskLinear(m.weight, m.bias)
             t_dense, t_sparse = measure(m.weight.detach(), m.bias, candidate, 1)
             decided[shape] = f"bitmask ({t_sparse / t_dense:.2f}x)" if t_sparse / t_dense <= MARGIN else "dense"
-    sparse_model = transformers.LlamaForCausalLM(cfg).eval()
+    sparse_model = transformers.LlamaForCausalLM(cfg).eval().to(dtype)
     sparse_model.load_state_dict(model.state_dict())
     for name, m in list(sparse_model.model.layers.named_modules()):
         if isinstance(m, nn.Linear) and decided[tuple(m.weight.shape)] != "dense":
@@ -319,7 +320,7 @@ def end_to_end(layers: int, hidden: int, inter: int, new_tokens: int, repeats: i
     dense_tps = new_tokens / statistics.median(r["dense"])
     speed = [1 / v for v in r["sparse"]]
     return (f"LLaMA-shaped model: {layers} layers, hidden {hidden}, intermediate {inter}, {params / 1e9:.2f} B params "
-            f"(fp32), decoder Linears pruned 50 %; {torch.get_num_threads()} thread(s); greedy decoding of "
+            f"({str(dtype)[6:]}), decoder Linears pruned 50 %; {torch.get_num_threads()} thread(s); greedy decoding of "
             f"{new_tokens} tokens after 8, {repeats} interleaved rounds\n\n"
             f"| model | tokens/s | vs dense |\n|---|---|---|\n| dense | {dense_tps:.2f} | 1.00x |\n"
             f"| auto ({', '.join(f'{k[0]}x{k[1]}: {v}' for k, v in decided.items())}) | "
@@ -341,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="bitmask tables and e2e: wall time, or the thread's CPU time (one thread only)")
     parser.add_argument("--e2e", action="store_true", help="only the end-to-end LLaMA-shaped decoding figure")
     parser.add_argument("--e2e-size", default="22,2048,5632", help="layers,hidden,intermediate (default ~1.1 B)")
+    parser.add_argument("--e2e-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--load-child", nargs=3, metavar=("MODE", "PATH", "DENSE_PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -400,7 +402,8 @@ def _bitmask_main(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
         layers, hidden, inter = (2, 512, 1376) if args.quick else (int(v) for v in args.e2e_size.split(","))
         print("## End to end\n")
-        print(end_to_end(layers, hidden, inter, 8 if args.quick else 16, 3 if args.quick else max(3, args.repeats // 2)))
+        print(end_to_end(layers, hidden, inter, 8 if args.quick else 16, 3 if args.quick else max(3, args.repeats // 2),
+                         getattr(torch, args.e2e_dtype)))
 
 
 def _cpu_name() -> str:
