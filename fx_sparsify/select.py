@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._caller import user_stacklevel
-from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
+from .spec import ActivationRule, ChannelRule, GlobalRule, SparsitySpec, WeightRule
 
 if TYPE_CHECKING:  # annotations only: the passes import this module
     from .passes.channels import ChannelPlan
@@ -35,7 +35,7 @@ class WeightTarget:
     """A parameter to sparsify: its canonical FQN, the rule that won, and its global group (if any)."""
 
     name: str
-    rule: WeightRule | GlobalRule
+    rule: WeightRule | GlobalRule | ChannelRule  # ChannelRule: a member of a channel group (channels/plan.py)
     group: int | None = None
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .schedule import scheduled_sparsity
-from .spec import ActivationRule, GlobalRule, SparsitySpec, WeightRule
+from .spec import ActivationRule, ChannelRule, GlobalRule, SparsitySpec, WeightRule
 
 if TYPE_CHECKING:  # annotations only: the state sits below the passes and never imports them at run time
     from .passes.channels import ChannelPlan
@@ -30,7 +30,7 @@ class TargetRecord:
     param: str | None  # path of the parameter inside the module (weights)
     buffer: str  # root attribute holding the mask
     method: str
-    rule: WeightRule | GlobalRule | ActivationRule
+    rule: WeightRule | GlobalRule | ActivationRule | ChannelRule
     shape: tuple[int, ...]
     group: int | None = None
     observer: str | None = None  # the observer module feeding this target (activations, Wanda scores)
