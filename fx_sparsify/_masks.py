@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import sys
 from typing import Any, Callable
 
@@ -18,7 +19,8 @@ from torch import Tensor
 
 from ._threads import serial_when_small
 
-__all__ = ["CHUNK", "keep_of", "zero_pruned_", "masked_copy", "is_masked", "PackedMask", "pending", "release_freed_memory"]
+__all__ = ["CHUNK", "PACK_MIN", "keep_of", "zero_pruned_", "masked_copy", "is_masked", "PackedMask", "pending",
+           "release_freed_memory"]
 
 #: elements per chunk of the mask ops (1 Mi: bool temporaries of 1 MiB). Larger chunks mean fewer ops, and each
 #: op wakes the intra-op threads: on a busy machine a step of many small ops with 2 threads took 8x one thread's
@@ -119,6 +121,25 @@ class PackedMask:
             bits = c.contiguous().view(torch.uint8).view(-1, 8)
             torch.sum(bits * weights, dim=1, dtype=torch.uint8, out=self.data[start // 8:start // 8 + bits.shape[0]])
 
+    @classmethod
+    def packing(cls, shape: tuple[int, ...], device: torch.device, chunk: int = CHUNK * PACK_CHUNKS) -> PackedMask:
+        """An all-pruned mask of ``shape`` that :meth:`pack` fills chunk by chunk: a selector that makes its keep
+        mask a chunk at a time never holds a bool mask of the whole tensor."""
+        self = cls.__new__(cls)
+        self.shape, self.chunk = tuple(shape), chunk - chunk % 8 or 8
+        self.data = torch.zeros((math.prod(shape) + 7) // 8, dtype=torch.uint8, device=device)
+        return self
+
+    def pack(self, start: int, keep: Tensor) -> None:
+        """Write the flat entries ``[start, start + keep.numel())`` from the 1-D bool ``keep`` (``start`` a
+        multiple of 8)."""
+        assert start % 8 == 0, start
+        if keep.numel() % 8:
+            keep = torch.cat([keep, keep.new_zeros((-keep.numel()) % 8)])
+        bits = keep.contiguous().view(torch.uint8).view(-1, 8)
+        weights = _WEIGHTS.to(bits.device)
+        torch.sum(bits * weights, dim=1, dtype=torch.uint8, out=self.data[start // 8:start // 8 + bits.shape[0]])
+
     @serial_when_small
     def unpack_into(self, buf: Tensor) -> None:
         """Write the mask into ``buf`` (its shape; bool, or 0/1 of another dtype) in place."""
@@ -136,8 +157,10 @@ class PackedMask:
             part.copy_(bits)
 
 
-def pending(mask: Tensor) -> Tensor | PackedMask:
+def pending(mask: Tensor | PackedMask) -> Tensor | PackedMask:
     """``mask`` as update_masks holds it until the step writes: packed when large (see :class:`PackedMask`)."""
+    if isinstance(mask, PackedMask):  # a selector that packs as it goes (methods.PACKED_METHODS)
+        return mask
     return PackedMask(mask) if mask.numel() >= PACK_MIN and mask.is_contiguous() else mask
 
 

@@ -17,8 +17,10 @@ from ._registry import (
 )
 from ._selectors import count_to_prune, refuse_nan
 from ._shorthand import ParsedMethod, format_method, parse_method
+from .builtin import PACKED_METHODS
 
 __all__ = [
+    "PACKED_METHODS",
     "MaskMethod",
     "ParsedMethod",
     "available_mask_methods",

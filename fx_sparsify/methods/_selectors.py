@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .._masks import PackedMask
 from .._threads import serial_when_small
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ENTRY_COUNTS",
     "kth_smallest",
     "prune_smallest",
+    "prune_smallest_packed",
     "prune_smallest_in_groups",
     "normalize_dim",
     "block_grid",
@@ -231,6 +233,38 @@ def prune_smallest(scores: Tensor, k: int, *, absolute: bool = False) -> Tensor:
         need,
     )
     return keep.view(scores.shape)
+
+
+def prune_smallest_packed(scores: Tensor, k: int, *, absolute: bool = False) -> PackedMask:
+    """:func:`prune_smallest`'s keep-mask (the same entries), made and packed a chunk at a time: never a bool
+    mask of the whole tensor (1/4 of an fp32 weight), only the 1-bit result and two chunk buffers, reused (fresh
+    temporaries a chunk were kept by the C heap: the step's resident memory grew by tens of MiB)."""
+    n = scores.numel()
+    assert 0 < k < n, (k, n)
+    refuse_nan(scores, "the scores")
+    flat = _selectable(scores).reshape(-1)
+    kth = kth_smallest(flat, k, absolute=absolute)
+    chunks = flat.split(_CHUNK)  # _CHUNK is a multiple of 8: every chunk starts on a byte of the packed mask
+    values_buf = torch.empty(len(chunks[0]), dtype=flat.dtype, device=flat.device) if absolute else None
+    keep_buf = torch.empty(len(chunks[0]), dtype=torch.bool, device=flat.device)
+
+    def ranked(chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """(the chunk's values as ranked, its keep mask before ties) in the reused buffers."""
+        values = torch.abs(chunk, out=values_buf[:chunk.numel()]) if values_buf is not None else chunk
+        return values, torch.lt(values, kth, out=keep_buf[:chunk.numel()])
+
+    below = sum(int(torch.count_nonzero(ranked(c)[1])) for c in chunks)
+    need = k - below  # how many of the entries equal to kth to prune, lowest flat index first
+    out = PackedMask.packing(tuple(scores.shape), flat.device)
+    for i, chunk in enumerate(chunks):
+        values, keep = ranked(chunk)
+        keep.logical_not_()
+        if need > 0:
+            tied = torch.nonzero(values == kth).squeeze(1)[:need]
+            keep[tied] = False
+            need -= tied.numel()
+        out.pack(i * _CHUNK, keep)
+    return out
 
 
 def prune_smallest_in_groups(scores: Tensor, k: int) -> Tensor:

@@ -18,10 +18,12 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .._masks import PackedMask
 from .._threads import serial_when_small
 from ._registry import register_mask_method
 from ._selectors import (
@@ -32,10 +34,11 @@ from ._selectors import (
     normalize_dim,
     prune_smallest,
     prune_smallest_in_groups,
+    prune_smallest_packed,
     to_blocks,
 )
 
-__all__: list[str] = []
+__all__: list[str] = ["PACKED_METHODS"]
 
 
 # ---- validation helpers -------------------------------------------------------------------------
@@ -103,6 +106,24 @@ def l1_unstructured(tensor: Tensor, *, sparsity: float | int) -> Tensor:
     if k == 0:
         return _ones(tensor)
     return prune_smallest(tensor, k, absolute=True)  # |x| a chunk at a time: no full-size copy
+
+
+@serial_when_small
+def _l1_unstructured_packed(tensor: Tensor, *, sparsity: float | int, **_: object) -> Tensor | PackedMask:
+    """:func:`l1_unstructured`'s mask, packed as it is made (no bool mask of the whole tensor) when k is 0 < k < n."""
+    k = _unstructured_args(tensor.shape, sparsity=sparsity)
+    if k in (0, tensor.numel()):
+        return l1_unstructured(tensor, sparsity=sparsity)
+    return prune_smallest_packed(tensor, k, absolute=True)
+
+
+#: methods with a variant that returns its keep mask packed (1 bit per entry), made a chunk at a time: step()
+#: takes it for large targets, whose new masks it holds packed anyway until it writes them
+#: (name → the registered function it stands in for, the packed variant): a method registered again under the
+#: name (override=True) is not replaced
+PACKED_METHODS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor | PackedMask]]] = {
+    "l1_unstructured": (l1_unstructured, _l1_unstructured_packed),
+}
 
 
 def _topk_args(shape: tuple[int, ...] | None, *, density: float | int | None = None, sparsity: float | int | None = None) -> int:

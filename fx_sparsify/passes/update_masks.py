@@ -25,11 +25,11 @@ from torch import Tensor
 from torch.fx import GraphModule
 
 from .._caller import user_stacklevel
-from .._masks import PackedMask, is_masked, keep_of, masked_copy, pending, release_freed_memory, zero_pruned_
+from .._masks import PACK_MIN, PackedMask, is_masked, keep_of, masked_copy, pending, release_freed_memory, zero_pruned_
 from .._modules import find_tensor
 from .._progress import Progress, progress
 from .._threads import serial_when_small
-from ..methods import generator_for, get_mask_method, global_masks, keep_mask, refuse_nan
+from ..methods import PACKED_METHODS, generator_for, get_mask_method, global_masks, keep_mask, refuse_nan
 from ..methods.wanda import PER_ROW, per_row_mask
 from ..state import SparsityState, TargetRecord, current_options
 from .channels import CHANNELS
@@ -278,12 +278,14 @@ def _step_reconstruct(work: StepWork, record: TargetRecord) -> None:
 
 
 def _plain_mask(work: StepWork, record: TargetRecord,
-                compute: Callable[[Tensor, torch.Generator, dict[str, Any]], Tensor]) -> None:
+                compute: Callable[[Tensor, torch.Generator, dict[str, Any]], Tensor | PackedMask]) -> None:
     scores = weight_scores(work.gm, record)
     gen = generator_for(work.state.spec.seed, record.name, scores.device)
     mask = compute(scores, gen, work.options(record))
     del scores  # free a scores copy before the next target's
     work.new_masks[record.name] = pending(mask)  # 1 bit per entry until written
+    del mask
+    release_freed_memory()  # the C heap keeps a target's chunk temporaries, the next target's add up on them
     if record.observer is not None:  # Wanda statistics restart with the next calibration
         work.restart.append(record.observer)
 
@@ -296,6 +298,10 @@ def _step_wanda_rows(work: StepWork, record: TargetRecord) -> None:
 def _step_plain(work: StepWork, record: TargetRecord) -> None:
     """The method ranks the target's scores (:func:`weight_scores`)."""
     method = get_mask_method(record.method)
+    plain, packed = PACKED_METHODS.get(record.method, (None, None))
+    if packed is not None and method.fn is plain and record.numel >= PACK_MIN:  # no layer-sized bool mask
+        _plain_mask(work, record, lambda scores, gen, options: packed(scores, **options))
+        return
     _plain_mask(work, record, lambda scores, gen, options: method(scores, generator=gen, **options))
 
 
