@@ -71,20 +71,7 @@ def padded(values: Tensor) -> Tensor:
 def row_offsets_of(mask: Tensor, cols: int) -> Tensor:
     """int64 ``[rows + 1]``: where each row of a packed ``[rows, ceil(cols / 8)]`` mask starts among the values
     (only the first ``cols`` bits of a row count). Works on the mask's bytes: no per-entry tensor is made."""
-    rows, stride = mask.shape
-    counts = torch.zeros(rows, dtype=torch.int64)
-    tail = (1 << (cols % 8)) - 1 if cols % 8 else 0xFF
-    for r0 in range(0, rows, 4096):  # a block of rows at a time: the temporaries stay small
-        block = mask[r0:r0 + 4096].clone()
-        if stride:
-            block[:, -1] &= tail
-        counts[r0:r0 + 4096] = _POPCOUNT.index_select(0, block.reshape(-1).int()).view(block.shape[0], -1).sum(dim=1)
-    offsets = torch.zeros(rows + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return offsets
-
-
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+    return _native.mask_row_offsets(mask, cols)
 
 
 def dense_of(values: Tensor, mask: Tensor, row_offsets: Tensor, cols: int) -> Tensor:
@@ -140,7 +127,8 @@ def _check(x: Tensor, values: Tensor, mask: Tensor, in_features: int) -> None:
         raise RuntimeError(f"bitmask_linear: expected the input in the weight's dtype {values.dtype}, got {x.dtype} "
                            "(cast the input, or the module with .to(dtype))")
     if mask.dim() != 2 or mask.shape[1] != (in_features + 7) // 8:
-        raise RuntimeError(f"bitmask_linear: a mask of shape {tuple(mask.shape)} does not fit in_features={in_features}")
+        raise RuntimeError(f"bitmask_linear: a mask of shape {tuple(mask.shape)} does not fit "
+                           f"in_features={in_features}")
 
 
 @torch.library.custom_op("fx_sparsify::bitmask_linear", mutates_args=(), schema=_SCHEMA)
@@ -229,7 +217,8 @@ class BitmaskLinear(nn.Module):
         layer.out_features, layer.in_features = layer._sizes(layer.weight_shape)
         offsets = row_offsets_of(mask, layer.in_features)
         if int(offsets[-1]) != values.numel():
-            raise ValueError(f"bitmask storage: the mask marks {int(offsets[-1])} entries, {values.numel()} values given")
+            raise ValueError(f"bitmask storage: the mask marks {int(offsets[-1])} entries, {values.numel()} values "
+                             "given")
         layer.register_buffer("values", padded(values), persistent=False)
         layer.register_buffer("mask", mask.contiguous(), persistent=False)
         layer.register_buffer("row_offsets", offsets, persistent=False)

@@ -21,8 +21,8 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor, nn
 
-__all__ = ["BITMASK_DTYPES", "BITMASK_PAD", "LIB", "bitmask_isa", "bitmask_linear", "expand", "masked_bag",
-           "masked_rows"]
+__all__ = ["BITMASK_DTYPES", "BITMASK_PAD", "LIB", "bitmask_isa", "bitmask_linear", "expand", "mask_row_offsets",
+           "masked_bag", "masked_rows"]
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -284,14 +284,9 @@ _AGREED: dict[tuple[int, int], tuple[int, ...]] = {}
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
-def _offsets_agree(values: Tensor, mask: Tensor, row_offsets: Tensor, cols: int) -> bool:
-    """Whether ``row_offsets`` are the running counts of the mask's rows (bits past ``cols`` ignored) and
-    ``values`` holds them all plus the padding: the kernel trusts them for every load. Checked once per
-    (tensor, version): the check reads the whole mask, ~1/8 byte an entry."""
-    key = (mask.data_ptr(), row_offsets.data_ptr())
-    stamp = (mask._version, row_offsets._version, values.numel(), cols, mask.shape[0])
-    if _AGREED.get(key) == stamp:
-        return True
+def mask_row_offsets(mask: Tensor, cols: int) -> Tensor:
+    """int64 ``[rows + 1]``: where each row of a packed ``[rows, ceil(cols / 8)]`` mask starts among the kept
+    values (bits past ``cols`` ignored). Works on the mask's bytes, a block of rows at a time."""
     rows = mask.shape[0]
     tail = (1 << (cols % 8)) - 1 if cols % 8 else 0xFF
     counts = torch.zeros(rows, dtype=torch.int64)
@@ -300,8 +295,20 @@ def _offsets_agree(values: Tensor, mask: Tensor, row_offsets: Tensor, cols: int)
         if block.shape[1]:
             block[:, -1] &= tail
         counts[r0:r0 + 4096] = _POPCOUNT.index_select(0, block.reshape(-1).int()).view(block.shape[0], -1).sum(dim=1)
-    want = torch.zeros(rows + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=want[1:])
+    offsets = torch.zeros(rows + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets
+
+
+def _offsets_agree(values: Tensor, mask: Tensor, row_offsets: Tensor, cols: int) -> bool:
+    """Whether ``row_offsets`` are the running counts of the mask's rows (bits past ``cols`` ignored) and
+    ``values`` holds them all plus the padding: the kernel trusts them for every load. Checked once per
+    (tensor, version): the check reads the whole mask, ~1/8 byte an entry."""
+    key = (mask.data_ptr(), row_offsets.data_ptr())
+    stamp = (mask._version, row_offsets._version, values.numel(), cols, mask.shape[0])
+    if _AGREED.get(key) == stamp:
+        return True
+    want = mask_row_offsets(mask, cols)
     if not torch.equal(want, row_offsets) or values.numel() < int(want[-1]) + BITMASK_PAD:
         return False
     if len(_AGREED) > 4096:
