@@ -228,7 +228,8 @@ def plan_channels(
             for root in roots:
                 if not is_layer_weight(graph, root):
                     raise ValueError(
-                        f"{where}: {root!r} is not the weight of a Linear, Conv or Conv1D (addmm) layer in the captured "
+                        f"{where}: {root!r} is not the weight of a Linear, Conv or Conv1D (addmm) layer "
+                        "in the captured "
                         "graph; a channels rule prunes the output channels of such layers"
                     )
                 add_group(root, 1, "channel", i, allow_coarsen=False)
