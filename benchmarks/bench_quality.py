@@ -24,10 +24,13 @@ from __future__ import annotations
 import argparse
 import copy
 import glob
+import importlib.util
 import math
 import os
 import sysconfig
 import time
+from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -353,20 +356,34 @@ def flap_reference(model: ByteGPT, calib: list[torch.Tensor], kind: str, amount:
     return work, time.process_time() - start
 
 
+def _memory_helpers() -> ModuleType:
+    """benchmarks/_memory.py, also when this file is loaded by path (tests) rather than run as a script."""
+    spec = importlib.util.spec_from_file_location("_bench_memory", Path(__file__).with_name("_memory.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def prune_channels(model: nn.Module, spec: dict, calib: list[torch.Tensor], example: torch.Tensor,
                    check: torch.Tensor) -> tuple[nn.Module, float, int, float]:
     """Our pipeline: calibrate, step (timed, CPU s; peak RSS growth), shrink; (shrunk, s, bytes, shrunk vs masked)."""
-    from _memory import reset_peak, status
-
+    memory = _memory_helpers()
+    reset_peak, status = memory.reset_peak, memory.status
     sgm = fxs.sparsify_graph(copy.deepcopy(model), spec, example_inputs=(example,))
     with torch.no_grad():
         for batch in calib:
             sgm(batch)
         reset_peak()
         base = status("VmRSS")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # process time of several threads spinning on small products says little
         start = time.process_time()
-        sgm.step()
-        seconds = time.process_time() - start
+        try:
+            sgm.step()
+        finally:
+            seconds = time.process_time() - start
+            torch.set_num_threads(threads)
         peak = status("VmHWM") - base
         small = sgm.squash(shrink=True)
         diff = float((sgm(check) - small(check)).abs().max())
@@ -380,9 +397,15 @@ def sparsegpt_step_seconds(model: nn.Module, calib: list[torch.Tensor], example:
     with torch.no_grad():
         for batch in calib:
             sgm(batch)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         start = time.process_time()
-        sgm.step()
-    return time.process_time() - start
+        try:
+            sgm.step()
+        finally:
+            seconds = time.process_time() - start
+            torch.set_num_threads(threads)
+    return seconds
 
 
 def structured(model: ByteGPT, held: torch.Tensor, calib: list[torch.Tensor], example: torch.Tensor,
@@ -414,14 +437,31 @@ def structured(model: ByteGPT, held: torch.Tensor, calib: list[torch.Tensor], ex
                 params = sum(int((p != 0).sum()) if p.dim() > 0 else 1 for p in pruned.parameters())
             print(f"| {label} | {name} | {added:+.4f} | {added / reference:.2f}x | {params} | {seconds:.2f} | "
                   f"{peak / 2**20:.0f} | {diff:.1e} |", flush=True)
-    consumers = {"mlp": r"re:blocks\.\d+\.fc2", "heads": r"re:blocks\.\d+\.o$"}
-    for kind, layers in consumers.items():
-        amount = 0.5 if kind == "mlp" else 1
-        ours = min(prune_channels(model, channel_spec(kind, amount, importance="obs", reconstruct=True), calib,
-                                  example, check)[1] for _ in range(args.repeats))
-        gpt = min(sparsegpt_step_seconds(model, calib, example, layers) for _ in range(args.repeats))
-        print(f"{kind}: step() CPU s, best of {args.repeats}: obs + reconstruct {ours:.3f}, sparsegpt 50 % on the "
-              f"consumers {gpt:.3f} ({ours / gpt:.2f}x)")
+    structured_timing(model, calib, example, args.repeats)
+
+
+def structured_timing(model: ByteGPT, calib: list[torch.Tensor], example: torch.Tensor, repeats: int) -> None:
+    """CPU seconds of ``step()``, one thread (several threads spin on the sweep's small products and their CPU
+    time says more about the machine's load than the work), median of ``repeats`` interleaved: obs +
+    reconstruct against a sparsegpt step at 50 % on the same consumer layers, after the same calibration."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    check = calib[0][:4]
+    consumers = {"mlp": (0.5, r"re:blocks\.\d+\.fc2"), "mlp 75 %": (0.75, r"re:blocks\.\d+\.fc2"),
+                 "heads": (1, r"re:blocks\.\d+\.o$")}
+    try:
+        for kind, (amount, layers) in consumers.items():
+            ours, gpt = [], []
+            for _ in range(repeats):
+                spec = channel_spec(kind.split()[0], amount, importance="obs", reconstruct=True)
+                ours.append(prune_channels(model, spec, calib, example, check)[1])
+                gpt.append(sparsegpt_step_seconds(model, calib, example, layers))
+            a, b = sorted(ours)[len(ours) // 2], sorted(gpt)[len(gpt) // 2]
+            print(f"{kind}: step() CPU s, one thread, median of {repeats}: obs + reconstruct {a:.3f} "
+                  f"(range {min(ours):.3f}-{max(ours):.3f}), sparsegpt 50 % on the consumers {b:.3f} "
+                  f"(range {min(gpt):.3f}-{max(gpt):.3f}): {a / b:.2f}x", flush=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> None:
