@@ -1,7 +1,7 @@
 """The spec's keys in one text, appended to ``help(fxs.sparsify_graph)`` and ``SparsitySpec.from_dict``.
 
-``tests/test_docs.py`` checks that every key the code accepts is named here and in the README's spec
-reference.
+``tests/test_docs.py`` checks that every key the code accepts is named here and in the documentation's
+spec reference (docs/spec.md).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 __all__ = ["SPEC_KEYS_DOC"]
 
 SPEC_KEYS_DOC = """
-    Spec keys (a dict, or a recipe file read by ``fxs.load_spec``; README "Spec reference" has types,
-    defaults and examples):
+    Spec keys (a dict, or a recipe file read by ``fxs.load_spec``; the documentation's spec reference,
+    docs/spec.md, has types, defaults and examples):
 
     - ``seed`` (int, 0): seeds the random mask methods (per target name).
     - ``mode`` ("graph" | "inplace", "graph"): mask nodes in the graph, or weights zeroed in place.
@@ -27,6 +27,6 @@ SPEC_KEYS_DOC = """
       abs_sum, sq_sum, max, abs_max or a callable), ``reduce`` (mean, sum, none or a callable),
       ``mask`` (a mask method or a callable) and its options, ``features`` + ``feature_dim``.
     - ``channels``: structured rules pruning output channels / heads: ``target``, ``sparsity``,
-      ``heads``, ``p``, ``global``, ``round_to``, ``min_channels``, ``schedule`` (SPEC §10), ``importance``,
+      ``heads``, ``p``, ``global``, ``round_to``, ``min_channels``, ``schedule``, ``importance``,
       ``reconstruct``, ``damp``, ``sequential`` (calibrated importance and consumer refit).
 """
