@@ -556,7 +556,8 @@ def _install(gm: GraphModule, site: _Site, layer: nn.Module) -> None:
 
 
 def storage_table(choices: list[StorageChoice]) -> str:
-    """The per-layer storage decisions as a table."""
-    rows = [[c.layer, "x".join(map(str, c.shape)), f"{c.sparsity:.1%}", c.storage, c.why] for c in choices]
-    return tabulate(rows, headers=["layer", "shape", "zeros", "storage", "why"], tablefmt="github",
+    """The per-layer storage decisions as a table (``time / dense``: the ratio auto measured or modelled)."""
+    rows = [[c.layer, "x".join(map(str, c.shape)), f"{c.sparsity:.1%}", c.storage,
+             "-" if c.ratio is None else f"{c.ratio:.2f}x", c.why] for c in choices]
+    return tabulate(rows, headers=["layer", "shape", "zeros", "storage", "time / dense", "why"], tablefmt="github",
                     disable_numparse=True)

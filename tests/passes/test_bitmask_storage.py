@@ -167,6 +167,7 @@ def test_auto_weighs_bitmask_and_records_the_ratio(fake_timing: dict[str, float]
     first = small.storage_choices[0]
     assert (first.layer, first.shape, first.storage, first.ratio) == ("fc1", (32, 16), "bitmask", 0.55)
     assert first.why == "measured csr 0.95x, bitmask 0.55x dense at batch 1" and abs(first.sparsity - 0.6) < 0.01
+    assert "| time / dense " in sgm.report() and "| 0.55x " in sgm.report()  # the ratio, per layer
     fake_timing.update(csr=0.5, bitmask=0.92)  # csr faster; bitmask above the margin does not matter
     assert isinstance(sgm.squash(storage="auto").fc1, SparseLinear)
     fake_timing.update(csr=0.95, bitmask=0.93)  # nothing under 0.9x: dense, with the best ratio recorded
