@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -149,44 +149,60 @@ def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
             t.copy_(wide)
 
 
+def _meta(t: Tensor | None) -> tuple[tuple[int, ...], str] | None:
+    return None if t is None else (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+
+
 def sync_observers(observers: Iterable[ActivationObserver]) -> None:
     """All-reduce each observer's statistic and its counts over the ranks (collective; in order).
 
     Every rank passes the same observers in the same order. Afterwards each holds what one process
     that saw every rank's batches would hold (sums up to float rounding: the ranks' partial sums are
-    added in another order). A ``ValueError`` names an observer whose statistic has different shapes
-    on different ranks (per-sample statistics of batches of different shapes).
+    added in another order). An observer class may name further summed tensors in ``summed`` (a
+    tuple of attribute names, None where a rank has none yet). A ``ValueError`` names an observer
+    whose statistic has different shapes on different ranks (per-sample statistics of batches of
+    different shapes).
     """
     dist = _dist()
     if dist is None:
         return
     observers = list(observers)
     mine = [
-        (int(o.batches), int(o.samples), tuple(o.stat.shape), str(o.stat.dtype).removeprefix("torch."))
+        (int(o.batches), int(o.samples), _meta(o.stat), [_meta(getattr(o, a, None)) for a in getattr(o, "summed", ())])
         for o in observers
     ]
     everyone = _gather(mine)
     for i, o in enumerate(observers):
         entries = [ranks[i] for ranks in everyone]  # type: ignore[index]
         seen = [e for e in entries if e[0] > 0]
-        if not seen:
-            continue
-        shapes = {e[2] for e in seen}
-        if len(shapes) > 1:
-            raise ValueError(
-                f"observer {o.name!r} holds statistics of shapes {sorted(shapes)} on different ranks; "
-                "calibrate every rank with batches of one shape"
-            )
-        shape, dtype = seen[0][2], getattr(torch, seen[0][3])
-        maximum = isinstance(o.aggregate, str) and o.aggregate in _MAX_AGGREGATES
-        if o.batches == 0:  # takes part with the reduction's identity
-            o.stat = torch.full(shape, -math.inf if maximum else 0.0, dtype=dtype, device=o.stat.device)
-        wide = _wide(o.stat)
-        dist.all_reduce(wide, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM)  # type: ignore[attr-defined]
-        if wide is not o.stat:
-            o.stat.copy_(wide)
-        o.batches = sum(e[0] for e in entries)
-        o.samples = sum(e[1] for e in entries)
+        if seen:
+            shapes = {e[2] for e in seen}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"observer {o.name!r} holds statistics of shapes {sorted(shapes)} on different ranks; "
+                    "calibrate every rank with batches of one shape"
+                )
+            maximum = isinstance(o.aggregate, str) and o.aggregate in _MAX_AGGREGATES
+            o.stat = _reduced(dist, o.stat if o.batches else None, seen[0][2], o.stat.device, maximum)
+            o.batches = sum(e[0] for e in entries)
+            o.samples = sum(e[1] for e in entries)
+        for k, attr in enumerate(getattr(o, "summed", ())):
+            held = next((e[3][k] for e in entries if e[3][k] is not None), None)
+            if held is not None:
+                setattr(o, attr, _reduced(dist, getattr(o, attr, None), held, o.stat.device, False))
+
+
+def _reduced(
+    dist: Any, t: Tensor | None, meta: tuple[tuple[int, ...], str], device: torch.device, maximum: bool
+) -> Tensor:
+    """``t`` reduced over the ranks; a rank without it takes part with the reduction's identity."""
+    if t is None:
+        t = torch.full(meta[0], -math.inf if maximum else 0.0, dtype=getattr(torch, meta[1]), device=device)
+    wide = _wide(t)
+    dist.all_reduce(wide, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM)
+    if wide is not t:
+        t.copy_(wide)
+    return t
 
 
 def assign(costs: Sequence[float], world: int | None = None) -> list[int]:

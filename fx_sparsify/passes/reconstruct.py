@@ -32,7 +32,7 @@ from ..state import SparsityState, TargetRecord, current_options, state_of
 from .layer_index import LayerIndex
 
 __all__ = ["replay_calibration", "RECONSTRUCTING", "check_calibrated", "reconstruct", "is_sequential", "reconstruct_in_order",
-           "record_calibration_inputs"]
+           "record_calibration_inputs", "solve_all"]
 
 RECONSTRUCTING = frozenset({"sparsegpt"})  # methods whose step also rewrites the weights that stay
 _NOT_SWEEP_OPTIONS = ("hessian_dtype", "sequential")
@@ -153,11 +153,7 @@ def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[Ta
         for depth, level in enumerate(_levels(gm, state, records)):
             if depth:
                 _replay(gm, state, {r.observer for r in level})  # type: ignore[misc]
-            by_name = {r.name: r for r in level}
-            solved = distributed.solve_split(  # each rank solves its share of the level, the others receive it
-                list(by_name), [_solve_cost(gm, r) for r in level],
-                lambda name, named=by_name: _solve(gm, state, named[name]),  # type: ignore[misc]
-                lambda name, named=by_name: _solve_template(gm, named[name]))  # type: ignore[misc]
+            solved = solve_all(gm, state, level)  # each rank solves its share of the level, receives the rest
             for r in level:
                 keep, weight = solved[r.name]
                 gm.get_parameter(r.param).copy_(weight)  # type: ignore[arg-type]
@@ -173,6 +169,17 @@ def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[Ta
             gm.get_buffer(r.buffer).copy_(mask)
         raise
     state.calibration.inputs = None
+
+
+def solve_all(gm: GraphModule, state: SparsityState, records: list[TargetRecord]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Target name → (keep-mask, updated weight) of every record, from its layer's ``X·Xᵀ``. Under a process
+    group each rank solves its share, balanced by cost, and receives the others' results
+    (:func:`fx_sparsify.distributed.solve_split`)."""
+    by_name = {r.name: r for r in records}
+    solved = distributed.solve_split(
+        list(by_name), [_solve_cost(gm, r) for r in records],
+        lambda name: _solve(gm, state, by_name[name]), lambda name: _solve_template(gm, by_name[name]))
+    return {name: (keep, weight) for name, (keep, weight) in solved.items()}
 
 
 def _solve(gm: GraphModule, state: SparsityState, record: TargetRecord) -> tuple[Tensor, Tensor]:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
+from .. import distributed
 from .._caller import user_stacklevel
 from .._masks import PACK_MIN, PackedMask, is_masked, keep_of, masked_copy, pending, release_freed_memory, zero_pruned_
 from .._modules import find_tensor
@@ -34,8 +35,8 @@ from ..methods.wanda import PER_ROW, per_row_mask
 from ..state import SparsityState, TargetRecord, current_options
 from .channels import CHANNELS
 from .channels.importance import step_channels
-from .reconstruct import (RECONSTRUCTING, check_calibrated, is_sequential, reconstruct, reconstruct_in_order,
-                          replay_calibration)
+from .reconstruct import (RECONSTRUCTING, check_calibrated, is_sequential, reconstruct_in_order, replay_calibration,
+                          solve_all)
 
 __all__ = ["update_masks", "weight_scores", "check_options", "check_targets", "apply_masks_inplace", "StepStrategy",
            "StepWork", "STEP_STRATEGIES", "register_step_strategy", "strategy_of"]
@@ -167,19 +168,10 @@ def sync_observers(gm: GraphModule) -> None:
 
     Sum-like aggregates (and callables) are summed across ranks, ``max`` / ``abs_max`` take the maximum.
     """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
     from ..observer import ActivationObserver
 
-    for module in gm.modules():
-        if isinstance(module, ActivationObserver) and module.batches > 0:
-            op = dist.ReduceOp.MAX if module.aggregate in ("max", "abs_max") else dist.ReduceOp.SUM
-            dist.all_reduce(module.stat, op=op)
-            counts = torch.tensor([module.samples, module.batches], device=module.stat.device)
-            dist.all_reduce(counts)
-            module.samples, module.batches = (int(c) for c in counts)
+    # every rank's module has the same observers in the same order; a rank that saw no batch takes part too
+    distributed.sync_observers(m for m in gm.modules() if isinstance(m, ActivationObserver))
 
 
 @dataclass
@@ -270,11 +262,13 @@ def _step_sequential(work: StepWork, records: list[TargetRecord]) -> None:
                              on_solved=lambda name: work.progress.update(1, name))
 
 
-def _step_reconstruct(work: StepWork, record: TargetRecord) -> None:
-    """Sparsegpt in one pass: the mask and the weights that stay, from the layer's ``X·Xᵀ``."""
-    work.new_masks[record.name], work.new_weights[record.name] = reconstruct(work.gm, record, work.options(record))
-    work.progress.update(1, record.name)
-    work.restart.append(record.observer)  # type: ignore[arg-type]
+def _step_reconstruct(work: StepWork, records: list[TargetRecord]) -> None:
+    """Sparsegpt in one pass: the mask and the weights that stay, from each layer's ``X·Xᵀ`` (under a process
+    group the solves are split across the ranks, each receiving the others' results)."""
+    for name, (keep, weight) in solve_all(work.gm, work.state, records).items():
+        work.new_masks[name], work.new_weights[name] = keep, weight
+        work.progress.update(1, name)
+    work.restart.extend(r.observer for r in records)  # type: ignore[misc]
 
 
 def _plain_mask(work: StepWork, record: TargetRecord,
@@ -312,7 +306,7 @@ STEP_STRATEGIES: list[StepStrategy] = [
     StepStrategy("channels", lambda r: r.method == CHANNELS, together=_step_channels),
     StepStrategy("module", lambda r: r.module is not None, each=_step_module),
     StepStrategy("reconstructing sequential", is_sequential, together=_step_sequential),
-    StepStrategy("reconstructing", lambda r: r.method in RECONSTRUCTING, each=_step_reconstruct),
+    StepStrategy("reconstructing", lambda r: r.method in RECONSTRUCTING, together=_step_reconstruct),
     StepStrategy("wanda rows", lambda r: getattr(r.rule, "scores", None) == "wanda" and r.method in PER_ROW,
                  each=_step_wanda_rows),
     StepStrategy("plain", lambda r: True, each=_step_plain),

@@ -72,6 +72,8 @@ class ChannelStatsObserver(HessianObserver):
     runs them again through the partly pruned module it sums ``cross = Σ [x', 1]ᵀ[x, 1]`` of the new rows
     ``x'`` against the kept ones, so the refit can aim at the calibration outputs (error correction)."""
 
+    summed = ("cross",)  # all-reduced beside the statistic under torch.distributed (fx_sparsify.distributed)
+
     def __init__(self, unfold: dict[str, Any] | None = None, keep: bool = False) -> None:
         super().__init__(torch.float32, unfold=unfold, augment=True)
         self.keep = keep
