@@ -1,0 +1,388 @@
+"""Scale: two ranks against one, and streamed pruning against the in-memory pipeline (docs/scale.md).
+
+    python benchmarks/bench_scale.py                 # everything (~15-25 min on a shared 2-core machine)
+    python benchmarks/bench_scale.py --ranks         # 2 gloo ranks vs 1 process: equality, solve time
+    python benchmarks/bench_scale.py --streamed      # LLaMA-shaped model from a config, sharded safetensors
+    python benchmarks/bench_scale.py --quick         # smaller models, one repeat (a smoke run)
+
+``--ranks``: each of 2 processes (gloo, one thread each) calibrates on its half of the batches, one process
+(one thread) on all of them; masks must be equal and weights within 1e-5 (float32): one-pass SparseGPT +
+Wanda + activation rules on an MLP, sequential SparseGPT on a small LLaMA. The solve phase (``step()``
+alone, between barriers) of six Linear(1024, 1024) layers reading one input (one level of solves):
+2 ranks against 1, repeats interleaved, medians.
+
+``--streamed``: ``LlamaForCausalLM`` from a config (hidden 1024, 16 layers, intermediate 2816, vocab 32000,
+float32: 271 M parameters, 1.01 GiB), random weights saved as sharded safetensors (``save_pretrained``).
+Each pipeline runs in a fresh process after a warm-up; its peak is VmHWM above the RSS after the imports
+(the interpreter's baseline), as a multiple of the model's bytes:
+- in memory: ``from_pretrained`` → ``sparsify_graph`` (export capture, the default copy) → calibration
+  → ``step`` → ``squash`` → ``save_compressed``;
+- streamed: ``prune_streamed`` into a folder.
+50 % magnitude on every projection (outputs compared exactly), and 50 % sequential SparseGPT (outputs
+equal within 1e-4 on a smaller LLaMA, hidden 256, 4 layers, where the in-memory sequential run is quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from _memory import reset_peak, status
+
+PROJ = "re:model\\.layers\\.\\d+\\.(mlp|self_attn)\\.\\w+_proj"
+MAGNITUDE = {"weights": [{"target": PROJ, "method": "l1_unstructured", "sparsity": 0.5}]}
+SPARSEGPT = {"weights": [{"target": PROJ, "method": "sparsegpt", "sparsity": 0.5, "sequential": True}]}
+ONE_PASS: dict[str, Any] = {
+    "weights": [
+        {"target": "fc1", "method": "sparsegpt", "sparsity": 0.5},
+        {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5, "scores": "wanda"},
+    ],
+    "activations": [
+        {"target": "head", "aggregate": "sq_sum", "reduce": "mean", "mask": "l1_unstructured", "sparsity": 0.25}
+    ],
+}
+CONFIGS = {
+    "large": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 16,
+        "intermediate_size": 2816,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": 32000,
+    },
+    "small": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "intermediate_size": 704,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "vocab_size": 1000,
+    },
+}
+
+
+# --- models --------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(d, 2 * d), nn.Linear(2 * d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class Fan(nn.Module):
+    """``n`` Linear layers reading one input: one level of ``n`` SparseGPT solves."""
+
+    def __init__(self, n: int, d: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(layer(x) for layer in self.layers)  # type: ignore[return-value]
+
+
+def llama_config(name: str) -> Any:
+    import transformers
+
+    return transformers.LlamaConfig(**CONFIGS[name], bos_token_id=0, eos_token_id=0, max_position_embeddings=512)
+
+
+def llama_batches(cfg: Any, n: int, seq: int) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(1, cfg.vocab_size, (1, seq), generator=g)} for _ in range(n)]
+
+
+# --- two ranks -----------------------------------------------------------------------------------------
+def _results(sgm: Any) -> dict[str, Any]:
+    return {
+        "masks": {k: v.clone() for k, v in sgm.masks().items()},
+        "params": {k: v.detach().clone() for k, v in sgm.named_parameters()},
+    }
+
+
+def _equality_runs(rank: int, world: int) -> dict[str, Any]:
+    import fx_sparsify as fxs
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(16, 64, generator=g) for _ in range(8)]
+    torch.manual_seed(0)
+    sgm = fxs.sparsify_graph(MLP(), ONE_PASS)
+    for x in xs[rank::world]:
+        sgm(x)
+    sgm.step()
+    out = {"one pass (SparseGPT, Wanda, activations)": _results(sgm)}
+    import transformers
+
+    cfg = llama_config("small")
+    cfg.num_hidden_layers = 2
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    batches = [{**b, "use_cache": False} for b in llama_batches(cfg, 4, 32)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for label, extra in (("float32", {}), ("float64 Hessians", {"hessian_dtype": "float64"})):
+        model.load_state_dict(state)
+        spec = {"weights": [{**SPARSEGPT["weights"][0], **extra}]}
+        sgm = fxs.sparsify_graph(model, spec, example_kwargs=batches[0])
+        for b in batches[rank::world]:
+            sgm(**b)
+        sgm.step()
+        out[f"sequential SparseGPT (LLaMA), {label}"] = _results(sgm)
+    return out
+
+
+def _solve_time(rank: int, world: int, n: int, d: int) -> float:
+    import torch.distributed as dist
+
+    import fx_sparsify as fxs
+
+    torch.manual_seed(0)
+    spec = {"weights": [{"target": "re:layers\\.\\d+", "method": "sparsegpt", "sparsity": 0.5, "sequential": True}]}
+    sgm = fxs.sparsify_graph(Fan(n, d), spec)
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(64, d, generator=g) for _ in range(4)]
+    for x in xs[rank::world]:
+        sgm(x)
+    if world > 1:
+        dist.barrier()
+    start = time.perf_counter()
+    sgm.step()
+    if world > 1:
+        dist.barrier()
+    return time.perf_counter() - start
+
+
+def rank_child(rank: int, world: int, port: int, out: str, n: int, d: int, equality: bool) -> None:
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=600),
+        )
+    try:
+        result: dict[str, Any] = {"solve_s": _solve_time(rank, world, n, d)}
+        if equality:
+            result["runs"] = _equality_runs(rank, world)
+        torch.save(result, Path(out) / f"w{world}r{rank}.pt")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _spawn(world: int, out: str, n: int, d: int, equality: bool) -> list[dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    mp.start_processes(rank_child, args=(world, port, out, n, d, equality), nprocs=world, start_method="spawn")
+    return [torch.load(Path(out) / f"w{world}r{r}.pt") for r in range(world)]
+
+
+def ranks(quick: bool) -> None:
+    n, d, repeats = (6, 512, 1) if quick else (6, 1024, 3)
+    print(
+        f"== 2 gloo ranks vs 1 process (one thread each; load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores)"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        one = _spawn(1, tmp, n, d, equality=True)[0]
+        two = _spawn(2, tmp, n, d, equality=True)
+        for name, want in one["runs"].items():
+            same = all(torch.equal(r["runs"][name]["masks"][k], m) for r in two for k, m in want["masks"].items())
+            worst = max(
+                float((r["runs"][name]["params"][k] - p).abs().max()) for r in two for k, p in want["params"].items()
+            )
+            print(f"  {name:<42} masks equal: {same}   max |weight difference|: {worst:.2e}   (goal: equal, <= 1e-5)")
+        times: dict[int, list[float]] = {1: [one["solve_s"]], 2: [max(r["solve_s"] for r in two)]}
+        for _ in range(repeats - 1):
+            times[1].append(_spawn(1, tmp, n, d, equality=False)[0]["solve_s"])
+            times[2].append(max(r["solve_s"] for r in _spawn(2, tmp, n, d, equality=False)))
+    one_s, two_s = statistics.median(times[1]), statistics.median(times[2])
+    print(
+        f"  solve phase, {n} x SparseGPT Linear({d}, {d}): 1 rank {one_s:.2f} s "
+        f"[{min(times[1]):.2f}-{max(times[1]):.2f}], 2 ranks {two_s:.2f} s [{min(times[2]):.2f}-{max(times[2]):.2f}]: "
+        f"{two_s / one_s:.2f}x (goal <= 0.6x)"
+    )
+
+
+# --- streamed ------------------------------------------------------------------------------------------
+def _warm_up() -> None:
+    """Imports and first-call allocations, on a tiny LLaMA through both pipelines, before the baseline."""
+    import transformers
+
+    import fx_sparsify as fxs
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        transformers.LlamaForCausalLM(cfg).save_pretrained(Path(tmp) / "c")
+        batches = [{"input_ids": torch.randint(1, 64, (1, 8))}]
+        fxs.prune_streamed(
+            lambda: transformers.LlamaForCausalLM(cfg), Path(tmp) / "c", MAGNITUDE, batches, Path(tmp) / "o"
+        )
+        _in_memory(Path(tmp) / "c", MAGNITUDE, batches, Path(tmp) / "m")
+
+
+def _in_memory(ckpt: Path, spec: dict[str, Any], batches: list[dict[str, Any]], out: Path) -> None:
+    import transformers
+
+    import fx_sparsify as fxs
+
+    model = transformers.LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+    calls = [{**b, "use_cache": False} for b in batches]
+    sgm = fxs.sparsify_graph(model, spec, example_kwargs=calls[0])
+    if any(r.get("method") == "sparsegpt" or r.get("scores") == "wanda" for r in spec["weights"]):
+        with torch.no_grad():
+            for b in calls:
+                sgm(**b)
+    sgm.step()
+    small = sgm.squash()
+    out.mkdir(parents=True, exist_ok=True)
+    fxs.save_compressed(small, out / "model.safetensors")
+
+
+def pipeline_child(kind: str, config: str, spec_name: str, ckpt: str, out: str, batches: int, seq: int) -> None:
+    torch.set_num_threads(1)
+    import transformers
+
+    import fx_sparsify as fxs
+
+    _warm_up()
+    cfg = llama_config(config)
+    spec = MAGNITUDE if spec_name == "magnitude" else SPARSEGPT
+    data = llama_batches(cfg, batches, seq)
+    gc.collect()
+    base = status("VmRSS")
+    reset_peak()
+    start = time.perf_counter()
+    if kind == "streamed":
+        fxs.prune_streamed(lambda: transformers.LlamaForCausalLM(cfg), Path(ckpt), spec, data, Path(out))
+    else:
+        _in_memory(Path(ckpt), spec, data, Path(out))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"peak": status("VmHWM") - base, "seconds": seconds}))
+
+
+def _run_child(*args: str) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _compare(a: Path, b: Path) -> float:
+    import fx_sparsify as fxs
+
+    got, want = fxs.load_compressed(a), fxs.load_compressed(b / "model.safetensors")
+    assert got.keys() == want.keys(), set(got) ^ set(want)
+    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
+
+
+def streamed(quick: bool) -> None:
+    import transformers
+
+    config = "small" if quick else "large"
+    batches, seq = (2, 64) if quick else (4, 128)
+    cfg = llama_config(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "ckpt"
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+        size = sum(p.nbytes for p in model.parameters())
+        params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(ckpt, max_shard_size="200MB")
+        del model
+        print(
+            f"== LLaMA-shaped {config} config: {params / 1e6:.0f} M parameters, {size / 2**30:.2f} GiB float32, "
+            f"{len(list(ckpt.glob('*.safetensors')))} shards; {batches} x {seq} tokens; one thread; "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        )
+        for spec_name in ("magnitude", "sparsegpt"):
+            rows = {}
+            for kind in ("in memory", "streamed"):
+                out = Path(tmp) / f"{kind.replace(' ', '_')}-{spec_name}"
+                rows[kind] = (
+                    _run_child(kind.replace(" ", "_"), config, spec_name, str(ckpt), str(out), str(batches), str(seq))
+                    if not (spec_name == "sparsegpt" and kind == "in memory" and config == "large")
+                    else None
+                )
+            for kind, row in rows.items():
+                if row is not None:
+                    print(
+                        f"  {spec_name:<10} {kind:<10} peak {row['peak'] / size:5.2f}x the model "
+                        f"({row['peak'] / 2**20:7.0f} MiB)   {row['seconds']:7.1f} s"
+                    )
+            if rows["in memory"] is not None:
+                diff = _compare(Path(tmp) / f"streamed-{spec_name}", Path(tmp) / f"in_memory-{spec_name}")
+                ratio = rows["streamed"]["seconds"] / rows["in memory"]["seconds"]
+                print(
+                    f"  {spec_name:<10} streamed / in memory time {ratio:.2f}x (goal <= 1.3x); max |difference| "
+                    f"{diff:.2e} (goal: {'0' if spec_name == 'magnitude' else '<= 1e-4'})"
+                )
+        if config == "large":
+            print("== sequential SparseGPT, small config (in memory is quick there)")
+            small = Path(tmp) / "small"
+            torch.manual_seed(0)
+            transformers.LlamaForCausalLM(llama_config("small")).save_pretrained(small)
+            rows = {
+                k: _run_child(k, "small", "sparsegpt", str(small), str(Path(tmp) / f"s-{k}"), "4", "128")
+                for k in ("in_memory", "streamed")
+            }
+            diff = _compare(Path(tmp) / "s-streamed", Path(tmp) / "s-in_memory")
+            print(
+                f"  in memory {rows['in_memory']['seconds']:.1f} s, streamed {rows['streamed']['seconds']:.1f} s; "
+                f"max |difference| {diff:.2e} (goal <= 1e-4)"
+            )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, config, spec_name, ckpt, out, batches, seq = sys.argv[2:9]
+        pipeline_child(kind, config, spec_name, ckpt, out, int(batches), int(seq))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", action="store_true")
+    parser.add_argument("--streamed", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    both = not (args.ranks or args.streamed)
+    if args.ranks or both:
+        ranks(args.quick)
+    if args.streamed or both:
+        streamed(args.quick)
+
+
+if __name__ == "__main__":
+    main()
