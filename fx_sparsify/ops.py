@@ -16,6 +16,7 @@ up in the same cached masked table as ``apply_mask`` (plain lookup speed, one ta
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -32,6 +33,8 @@ __all__ = ["apply_mask", "apply_mask_ste", "mask_activation", "embedding_masked"
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # mask -> (key, weight * mask, its finalizer)
 _CACHED_BYTES = [0]  # what _CACHE holds, kept as entries come and go (a mask's death included)
+#: guards _CACHE's entries and _CACHED_BYTES (reentrant: a mask's finalizer may run while its thread holds it)
+_LOCK = threading.RLock()
 _CACHEABLE = "_fxs_cacheable"  # attribute set on a mask buffer while its module is in eval mode
 #: default bound of the eval cache, all sparse modules together (see :func:`set_cache_limit`)
 DEFAULT_CACHE_LIMIT = 1 << 28
@@ -68,14 +71,16 @@ def cached_bytes() -> int:
 
 def drop_cache(masks: list[Tensor]) -> None:
     """Free the cached ``weight * mask`` of these masks (it is recomputed when next needed)."""
-    for mask in masks:
-        entry = _CACHE.pop(mask, None)
-        if entry is not None and entry[2].detach() is not None:  # not already released by the mask's death
-            _CACHED_BYTES[0] -= entry[1].nbytes
+    with _LOCK:
+        for mask in masks:
+            entry = _CACHE.pop(mask, None)
+            if entry is not None and entry[2].detach() is not None:  # not already released by the mask's death
+                _CACHED_BYTES[0] -= entry[1].nbytes
 
 
 def _release(nbytes: int) -> None:
-    _CACHED_BYTES[0] -= nbytes
+    with _LOCK:
+        _CACHED_BYTES[0] -= nbytes
 
 
 def set_cacheable(masks: list[Tensor], cacheable: bool) -> None:
@@ -122,8 +127,15 @@ def _from_cache(weight: Tensor, mask: Tensor) -> Tensor | None:
     # 3-D input into one mm only when an operand requires grad): plain speed in every layout. A
     # no-grad leaf, reached only from this function under no_grad: it never joins an autograd graph
     out.requires_grad_(weight.requires_grad)
-    _CACHE[mask] = (key, out, weakref.finalize(mask, _release, out.nbytes))  # a freed mask frees its entry
-    _CACHED_BYTES[0] += out.nbytes
+    with _LOCK:  # eval forwards in several threads: one entry a mask, every byte counted once
+        hit = _CACHE.get(mask)
+        if hit is not None and hit[0] == key:  # another thread stored the same product meanwhile
+            return hit[1]
+        drop_cache([mask])
+        if limit is not None and cached_bytes() + out.nbytes > limit:
+            return out
+        _CACHE[mask] = (key, out, weakref.finalize(mask, _release, out.nbytes))  # a freed mask frees its entry
+        _CACHED_BYTES[0] += out.nbytes
     return out
 
 

@@ -15,6 +15,7 @@ from ._caller import user_stacklevel
 from ._export_capture import LEAFSPEC_WARNING, warn_mode
 from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
+from ._step_lock import step_lock
 from .passes.channels import shrink_plan_table
 from .passes.shrink import channel_keeps, remove_channels
 from .passes.sparse_storage import apply_sparse_storage, check_storage
@@ -91,7 +92,14 @@ class SparseGraphModule(GraphModule):
         SparseGPT targets show their per-layer progress on stderr (a tqdm bar where tqdm is installed, else one
         line per layer); ``verbose=False`` shows nothing.
         """
-        update_masks(self, self._fxs, verbose=verbose)
+        with step_lock(self).writing():  # forwards in other threads see all old or all new masks
+            update_masks(self, self._fxs, verbose=verbose)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # traced by torch.compile / strict torch.export: no Python lock
+            return super().__call__(*args, **kwargs)
+        with step_lock(self).reading():
+            return super().__call__(*args, **kwargs)
 
     def masks(self) -> dict[str, Any]:
         """Target name → boolean keep-mask (True = kept); a list of masks for per-feature activations."""

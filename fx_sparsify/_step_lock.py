@@ -1,0 +1,82 @@
+"""A step publishes its masks at once: forwards in other threads never see some new masks and some old ones.
+
+``step()`` writes the new masks target by target (every one computed first, so a failing step changes
+nothing); a forward running meanwhile in another thread would read a mix. :class:`StepLock` is a
+readers-writer lock per sparse module: forwards share it, a step takes it alone, and a step waiting for it
+keeps new forwards out (it does not starve). The thread that holds it for a step may run forwards inside
+(calibration inputs replayed by a sequential SparseGPT step). Under ``torch.compile`` / strict
+``torch.export`` tracing no lock is taken: a traced graph holds no Python lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Iterator
+
+from torch import nn
+
+__all__ = ["StepLock", "step_lock"]
+
+
+class StepLock:
+    """Many readers (forwards) or one writer (a step); a waiting writer goes before new readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: int | None = None  # the thread id of the step holding it
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._writer == me:  # a forward inside this thread's own step
+            yield
+            return
+        with self._cond:
+            while self._writer is not None or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._writer == me:  # a step inside a step (a hook): already held
+            yield
+            return
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._writer = me
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = None
+                self._cond.notify_all()
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, StepLock] = weakref.WeakKeyDictionary()
+_MADE = threading.Lock()
+
+
+def step_lock(module: nn.Module) -> StepLock:
+    """The module's lock (made at its first use; copies and unpickled modules get their own)."""
+    lock = _LOCKS.get(module)
+    if lock is None:
+        with _MADE:
+            lock = _LOCKS.setdefault(module, StepLock())
+    return lock
