@@ -13,7 +13,8 @@ shrink=True)`` give a shrunk attention that class, with ``num_heads`` updated (`
 For an export capture the attention is recorded as one op (:data:`MHA_OP`, while :func:`attention_as_op`
 is active) instead of the ops torch.export would trace it into, whose sizes fold heads into the batch
 dim and are fixed in the graph; the op reads its sizes from its tensors, so a shrunk graph runs it too. Squash
-turns the op back into a call of :func:`attention_call`, a plain function.
+turns the op back into an ``nn.MultiheadAttention`` module call (:func:`attention_module`), which
+``torch.export`` traces into torch's own ops and a pickle re-traces as one call.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ __all__ = [
     "MHA_OP",
     "MHA_CALL",
     "attention_call",
+    "attention_module",
+    "OP_TENSORS",
+    "OP_CALL_ARGS",
 ]
 
 
@@ -289,6 +293,80 @@ def _as_op(module: nn.MultiheadAttention) -> Any:
         return out, (weights if need_weights else None)
 
     return forward
+
+
+#: MHA_OP's argument positions → the attention's tensor attribute / its call's arguments
+OP_TENSORS: dict[int, str] = {
+    3: "in_proj_weight",
+    4: "in_proj_bias",
+    5: "out_proj.weight",
+    6: "out_proj.bias",
+    13: "q_proj_weight",
+    14: "k_proj_weight",
+    15: "v_proj_weight",
+    16: "bias_k",
+    17: "bias_v",
+}
+OP_CALL_ARGS: dict[int, str] = {
+    0: "query",
+    1: "key",
+    2: "value",
+    9: "key_padding_mask",
+    10: "need_weights",
+    11: "attn_mask",
+    12: "average_attn_weights",
+}
+
+
+def _attach(module: nn.Module, name: str, tensor: Tensor | None) -> None:
+    if tensor is None or isinstance(tensor, nn.Parameter):
+        module.register_parameter(name, tensor)  # type: ignore[arg-type]
+    else:
+        module.register_buffer(name, tensor)
+
+
+def attention_module(
+    tensors: dict[str, Tensor | None], head_dim: int, batch_first: bool, add_zero_attn: bool, dropout: float
+) -> nn.MultiheadAttention:
+    """An ``nn.MultiheadAttention`` (a :class:`HeadPrunedMultiheadAttention` when heads are gone) holding
+    ``tensors`` (the same objects, by the names of :data:`OP_TENSORS`)."""
+    module = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
+    nn.Module.__init__(module)
+    out_weight = tensors["out_proj.weight"]
+    assert out_weight is not None
+    packed = tensors["in_proj_weight"] is not None
+    module.embed_dim = out_weight.shape[0]
+    k_weight, v_weight = tensors["k_proj_weight"], tensors["v_proj_weight"]
+    module.kdim = module.embed_dim if packed or k_weight is None else k_weight.shape[1]
+    module.vdim = module.embed_dim if packed or v_weight is None else v_weight.shape[1]
+    module._qkv_same_embed_dim = packed
+    module.head_dim, module.batch_first, module.add_zero_attn, module.dropout = (
+        head_dim,
+        batch_first,
+        add_zero_attn,
+        dropout,
+    )
+    module.num_heads = module.embed_dim // head_dim
+    for name in (
+        "in_proj_weight",
+        "in_proj_bias",
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "bias_k",
+        "bias_v",
+    ):
+        _attach(module, name, tensors[name])
+    out_proj = nn.modules.linear.NonDynamicallyQuantizableLinear.__new__(
+        nn.modules.linear.NonDynamicallyQuantizableLinear
+    )
+    nn.Module.__init__(out_proj)
+    out_proj.out_features, out_proj.in_features = out_weight.shape
+    _attach(out_proj, "weight", out_weight)
+    _attach(out_proj, "bias", tensors["out_proj.bias"])
+    module.out_proj = out_proj
+    as_head_pruned(module)
+    return module
 
 
 @contextlib.contextmanager

@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from .. import ops
 from .._export_capture import quiet_deepcopy
 from .._masks import is_masked, masked_copy, zero_pruned_
 from .._meta import META_KEY, info_of
 from .._modules import attach_tensor, find_tensor
-from ..mha import MHA_CALL, attention_call
+from ..mha import MHA_CALL, OP_CALL_ARGS, OP_TENSORS, attention_call, attention_module
 from ..state import SparsityState, TargetRecord
 from ._runner import PassResult, eliminate_dead_code, finish, run_passes
 from .layer_index import LayerIndex
@@ -159,14 +159,13 @@ def _dense_feature_mask(gm: GraphModule, record: TargetRecord, mask: Tensor) -> 
 
 def restore_module_calls(gm: GraphModule, state: SparsityState) -> PassResult:
     """Turn each functional call that replaced a leaf module call back into ``call_module``, and each attention
-    captured as one op (:data:`~fx_sparsify.mha.MHA_CALL`) into a call of the plain function it runs (a
-    torch.export of the result then traces it into torch's own ops: no custom op to register when loading)."""
+    captured as one op (:data:`~fx_sparsify.mha.MHA_CALL`) into an ``nn.MultiheadAttention`` call (a
+    torch.export of the result traces it into torch's own ops: no custom op to register when loading)."""
     graph = gm.graph
     restored = {}
     for node in list(graph.nodes):
         if MHA_CALL is not None and node.op == "call_function" and node.target is MHA_CALL:
-            node.target = attention_call
-            restored[node.name] = {"function": "attention_call"}
+            restored[node.name] = _attention_call(gm, node)
             continue
         info = info_of(node)
         if info is None or info.role not in ("module_call", "embedding_lookup"):
@@ -182,6 +181,31 @@ def restore_module_calls(gm: GraphModule, state: SparsityState) -> PassResult:
         graph.erase_node(node)
         restored[new.name] = {"module": module}
     return finish(gm, restored)
+
+
+def _attention_call(gm: GraphModule, node: Node) -> dict[str, str]:
+    """Replace an attention op by a call of an ``nn.MultiheadAttention`` holding its tensors, at the path its
+    tensors have (``layers.0.self_attn``); a plain function call where they are not the attributes of one
+    module (then a pickle of the result cannot re-trace it)."""
+    getters = {name: node.args[i] for i, name in OP_TENSORS.items()}
+    paths = {name: str(g.target) for name, g in getters.items() if isinstance(g, Node) and g.op == "get_attr"}
+    prefix = paths.get("out_proj.weight", "").removesuffix(".out_proj.weight")
+    whole = all(g is None or paths.get(name) == f"{prefix}.{name}" for name, g in getters.items())
+    if not prefix or prefix == paths.get("out_proj.weight") or not whole:
+        node.target = attention_call
+        return {"function": "attention_call"}
+    tensors = {name: None if name not in paths else find_tensor(gm, paths[name]) for name in OP_TENSORS.values()}
+    module = attention_module(tensors, node.args[7], node.args[8], node.args[18], node.args[19])  # type: ignore[arg-type]
+    owner, _, leaf = prefix.rpartition(".")
+    setattr(gm.get_submodule(owner), leaf, module)
+    args = tuple(node.args[i] for i in (0, 1, 2))
+    kwargs = {name: node.args[i] for i, name in OP_CALL_ARGS.items() if i > 2}
+    with gm.graph.inserting_before(node):
+        new = gm.graph.create_node("call_module", prefix, args, kwargs, name=prefix.replace(".", "_"))
+    new.meta = {k: v for k, v in node.meta.items() if k != META_KEY}
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return {"module": prefix}
 
 
 def strip(gm: GraphModule, state: SparsityState) -> PassResult:
@@ -209,6 +233,20 @@ def _match_state_keys(out: GraphModule, source: GraphModule, keys: tuple[str, ..
             value = find_tensor(source, key)
             assert value is not None, f"{key} vanished from the sparse module"
             attach_tensor(out, key, value)
+
+
+def _order_like(out: nn.Module, keys: tuple[str, ...]) -> None:
+    """Order each module's submodules as the original model's ``state_dict`` keys name them: a GraphModule
+    creates them in the order its graph first names them, and an attention that squash turns back into a
+    module call (named after its inputs are computed) would otherwise come after the layers that follow it."""
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        parts = key.split(".")
+        for j in range(1, len(parts)):
+            first.setdefault(".".join(parts[:j]), i)
+    for name, module in out.named_modules():
+        prefix = f"{name}." if name else ""
+        module._modules = dict(sorted(module._modules.items(), key=lambda kv: first.get(prefix + kv[0], len(keys))))
 
 
 def _match_versions(out: GraphModule, versions: dict[str, int]) -> None:
@@ -289,6 +327,7 @@ def fold_masks(gm: GraphModule, state: SparsityState) -> PassResult:
     out = GraphModule(work, work.graph, class_name=state.class_name)
     out._tracer_cls = out.graph._tracer_cls = None  # unpickling re-traces: export's tracer cannot, fx's can
     _match_state_keys(out, work, state.state_keys)
+    _order_like(out, state.state_keys)
     _match_versions(out, getattr(state, "versions", {}))  # a state pickled before the field existed has none
     out.train(gm.training)
     return PassResult(out, True, {name: made for result in done for name, made in result.created.items()})

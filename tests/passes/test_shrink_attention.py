@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -65,6 +66,12 @@ def _shrink_and_check(model: nn.Module, spec: dict, x: torch.Tensor, capture: st
         torch.testing.assert_close(program.module()(x), small(x), atol=1e-6, rtol=1e-6)
     # torch's own ops only: the program loads where fx_sparsify (its capture-time op) is not imported
     assert not any("fx_sparsify" in str(n.target) for n in program.graph.nodes if n.op == "call_function")
+    for module in (small, mine):  # a pickle of the shrunk module re-traces its code: the attention stays one call
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        buffer.seek(0)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), masked, atol=1e-5, rtol=1e-5)
     return small, mine
 
 
