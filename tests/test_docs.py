@@ -111,6 +111,13 @@ def test_the_readme_explains_every_file_run_writes() -> None:
     assert not lacking, f"README 'What fx-sparsify run writes' lacks {lacking}"
 
 
+def test_every_docs_page_is_in_the_site_nav() -> None:
+    nav = (ROOT / "mkdocs.yml").read_text().split("\nnav:", 1)[1]
+    listed = set(re.findall(r":\s*([\w/.-]+\.md)\s*$", nav, re.M))
+    pages = {str(p.relative_to(DOCS)) for p in DOCS.glob("**/*.md")}
+    assert pages <= listed, f"mkdocs.yml nav: add {sorted(pages - listed)} (title: file.md)"
+
+
 def test_the_api_reference_lists_every_public_name() -> None:
     listed = set(re.findall(r"^::: fx_sparsify\.(\w+)", (DOCS / "api.md").read_text(), re.M))
     missing = sorted(set(fxs.__all__) - listed)
