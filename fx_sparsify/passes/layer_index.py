@@ -29,22 +29,75 @@ _ADDMM = {2: 1, 1: 2}  # addmm(bias, a, b)
 
 #: op (function, aten overload or method name) → {position of the weight: position of the input it multiplies}
 INPUT_OPERAND: dict[Any, dict[int, int]] = {
-    **dict.fromkeys((F.linear, _aten.linear.default, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
-                     F.conv_transpose2d, F.conv_transpose3d, _aten.conv1d.default, _aten.conv2d.default,
-                     _aten.conv3d.default, _aten.convolution.default, _aten.conv_transpose1d.default,
-                     _aten.conv_transpose2d.input, _aten.conv_transpose3d.input), _FIRST),
-    **dict.fromkeys((torch.matmul, operator.matmul, torch.mm, torch.bmm, _aten.mm.default, _aten.matmul.default,
-                     _aten.bmm.default, "matmul", "mm", "bmm", "__matmul__"), _EITHER),
+    **dict.fromkeys(
+        (
+            F.linear,
+            _aten.linear.default,
+            F.conv1d,
+            F.conv2d,
+            F.conv3d,
+            F.conv_transpose1d,
+            F.conv_transpose2d,
+            F.conv_transpose3d,
+            _aten.conv1d.default,
+            _aten.conv2d.default,
+            _aten.conv3d.default,
+            _aten.convolution.default,
+            _aten.conv_transpose1d.default,
+            _aten.conv_transpose2d.input,
+            _aten.conv_transpose3d.input,
+        ),
+        _FIRST,
+    ),
+    **dict.fromkeys(
+        (
+            torch.matmul,
+            operator.matmul,
+            torch.mm,
+            torch.bmm,
+            _aten.mm.default,
+            _aten.matmul.default,
+            _aten.bmm.default,
+            "matmul",
+            "mm",
+            "bmm",
+            "__matmul__",
+        ),
+        _EITHER,
+    ),
     **dict.fromkeys((torch.addmm, torch.baddbmm, _aten.addmm.default, _aten.baddbmm.default, "addmm"), _ADDMM),
 }
 
 #: ops that only re-view the weight (``weight.t()``, ``.T``, a dtype cast): the search looks through them
-WEIGHT_VIEWS: frozenset[Any] = frozenset({
-    torch.t, torch.transpose, torch.permute, torch.reshape, _aten.t.default, _aten.transpose.int,
-    _aten.permute.default, _aten.view.default, _aten.reshape.default, _aten._to_copy.default,
-    _aten.contiguous.default, _aten.alias.default, _aten.detach.default, _aten.numpy_T.default,
-    "t", "transpose", "permute", "view", "reshape", "to", "contiguous", "detach", "type_as", "float", "half",
-})
+WEIGHT_VIEWS: frozenset[Any] = frozenset(
+    {
+        torch.t,
+        torch.transpose,
+        torch.permute,
+        torch.reshape,
+        _aten.t.default,
+        _aten.transpose.int,
+        _aten.permute.default,
+        _aten.view.default,
+        _aten.reshape.default,
+        _aten._to_copy.default,
+        _aten.contiguous.default,
+        _aten.alias.default,
+        _aten.detach.default,
+        _aten.numpy_T.default,
+        "t",
+        "transpose",
+        "permute",
+        "view",
+        "reshape",
+        "to",
+        "contiguous",
+        "detach",
+        "type_as",
+        "float",
+        "half",
+    }
+)
 
 
 class LayerIndex:
@@ -81,9 +134,11 @@ class LayerIndex:
             for use in carrier.users:
                 if use in seen:
                     continue
-                passes = _is_weight_mask(use) or (
-                    _op_key(use) in WEIGHT_VIEWS and use.args and use.args[0] is carrier
-                ) or (use.target is getattr and use.args[1:] == ("T",))
+                passes = (
+                    _is_weight_mask(use)
+                    or (_op_key(use) in WEIGHT_VIEWS and use.args and use.args[0] is carrier)
+                    or (use.target is getattr and use.args[1:] == ("T",))
+                )
                 if passes:
                     seen.add(use)
                     todo.append(use)

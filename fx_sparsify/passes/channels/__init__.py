@@ -2,8 +2,9 @@
 
 The analysis reads top-down, each module importing only those above it:
 
-- :mod:`.graph`: each node as an op (the tables :data:`FUNCTIONS`, :data:`METHODS`, :data:`MODULES`, and
-  :data:`LAYERS`, where a layer keeps its operands), who reads each parameter, every value's shape;
+- :mod:`.ops`: each node as an op (the tables :data:`FUNCTIONS`, :data:`METHODS`, :data:`MODULES`, and
+  :data:`LAYERS`, where a layer keeps its operands);
+- :mod:`.graph`: the graph's ops indexed, who reads each parameter, every value's shape;
 - :mod:`.rules`: how each op kind maps a channel slot between its operands and its output (:data:`RULES`),
   and the :class:`Flood` that follows them;
 - :mod:`.constants`: the constant a pruned zero-row channel carries, and where it folds;
@@ -19,7 +20,7 @@ The analysis reads top-down, each module importing only those above it:
 from __future__ import annotations
 
 from .constants import ConstProgram, build_program, evaluate, fold_deltas
-from .graph import FUNCTIONS, LAYERS, METHODS, MODULES, ChannelGraph, Edit, Member, arg_at, node_arg, record_shapes
+from .graph import ChannelGraph, Edit, Member, record_shapes
 from .masks import (
     GroupScore,
     channel_masks,
@@ -30,13 +31,40 @@ from .masks import (
     shrunk_sizes,
     unit_view,
 )
+from .ops import FUNCTIONS, LAYERS, METHODS, MODULES, arg_at, node_arg
 from .plan import CHANNELS, ChannelGroup, ChannelPlan, heads_attention, passive_rules, plan_channels
 from .rules import RULES, Flood, map_reshape
 
 __all__ = [
-    "CHANNELS", "ChannelGroup", "ChannelPlan", "Member", "Edit", "plan_channels", "passive_rules", "heads_attention",
+    "CHANNELS",
+    "ChannelGroup",
+    "ChannelPlan",
+    "Member",
+    "Edit",
+    "plan_channels",
+    "passive_rules",
+    "heads_attention",
     "channel_masks",
-    "group_keeps", "GroupScore", "magnitude_scores", "unit_view", "shrink_plan_table", "shrink_summary",
-    "shrunk_sizes", "record_shapes", "map_reshape", "ChannelGraph", "Flood", "ConstProgram", "build_program",
-    "evaluate", "fold_deltas", "FUNCTIONS", "METHODS", "MODULES", "LAYERS", "RULES", "node_arg", "arg_at",
+    "group_keeps",
+    "GroupScore",
+    "magnitude_scores",
+    "unit_view",
+    "shrink_plan_table",
+    "shrink_summary",
+    "shrunk_sizes",
+    "record_shapes",
+    "map_reshape",
+    "ChannelGraph",
+    "Flood",
+    "ConstProgram",
+    "build_program",
+    "evaluate",
+    "fold_deltas",
+    "FUNCTIONS",
+    "METHODS",
+    "MODULES",
+    "LAYERS",
+    "RULES",
+    "node_arg",
+    "arg_at",
 ]

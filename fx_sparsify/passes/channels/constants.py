@@ -38,15 +38,36 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
 from .._runner import writes_in_place
-from .graph import LAYERS, ChannelGraph, uses
+from .graph import ChannelGraph, uses
+from .ops import LAYERS
 from .rules import Flood
 
-__all__ = ["ConstStep", "Fold", "ConstProgram", "UnitConstants", "STEP_KINDS", "build_program", "evaluate",
-           "fold_deltas"]
+__all__ = [
+    "ConstStep",
+    "Fold",
+    "ConstProgram",
+    "UnitConstants",
+    "STEP_KINDS",
+    "build_program",
+    "evaluate",
+    "fold_deltas",
+]
 
 #: op kinds (rules.RULES) that carry a per-channel constant unchanged
-PASS_KINDS = ("attr", "reshape", "transpose", "expand", "getitem", "slice", "select", "cat", "split", "pool", "reduce",
-              "repeat_interleave")
+PASS_KINDS = (
+    "attr",
+    "reshape",
+    "transpose",
+    "expand",
+    "getitem",
+    "slice",
+    "select",
+    "cat",
+    "split",
+    "pool",
+    "reduce",
+    "repeat_interleave",
+)
 
 TensorGetter = Callable[[str], Tensor]
 
@@ -61,7 +82,9 @@ class ConstStep:
     offset: int
     width: int
     inputs: tuple[str, ...] = ()  # coupled input values (node names)
-    tensors: tuple[str | None, ...] = ()  # layer: (weight, bias); batch_norm: (weight, bias, mean, var); tensor: (name,)
+    tensors: tuple[
+        str | None, ...
+    ] = ()  # layer: (weight, bias); batch_norm: (weight, bias, mean, var); tensor: (name,)
     eps: float = 1e-5
     why: str = ""  # kind "var": why the value is not a constant
     at: tuple[tuple[int, str], ...] = ()  # pointwise: (position among the node's Node arguments, coupled input)
@@ -142,8 +165,10 @@ def _padding_why(graph: ChannelGraph, node: Node) -> str:
         padding, mode = node.args[4] if len(node.args) > 4 else node.kwargs.get("padding", 0), "zeros"
     values = [padding] if isinstance(padding, (int, str)) else list(padding)
     if mode == "zeros" and any(p not in (0, "valid") for p in values):
-        return (f"{node.name} pads with zeros: at the border its taps see 0, not the pruned channel's constant, "
-                "so the constant does not fold into its bias")
+        return (
+            f"{node.name} pads with zeros: at the border its taps see 0, not the pruned channel's constant, "
+            "so the constant does not fold into its bias"
+        )
     return ""
 
 
@@ -194,8 +219,11 @@ def build_program(graph: ChannelGraph, flood: Flood) -> ConstProgram:
             step = ConstStep(node.name, "pointwise", d, o, k, coupled, at=at)
         elif kind == "attr" and op is not None:
             step = ConstStep(node.name, "tensor", d, o, k, (), (_name(graph, op.operands[0]),))
-        elif kind in PASS_KINDS and not (kind == "reduce" and "sum" in str(getattr(node.target, "__name__", node.target)))\
-                and not (kind == "pool" and _avg_pool_padded(graph, node)):
+        elif (
+            kind in PASS_KINDS
+            and not (kind == "reduce" and "sum" in str(getattr(node.target, "__name__", node.target)))
+            and not (kind == "pool" and _avg_pool_padded(graph, node))
+        ):
             step = ConstStep(node.name, "pass", d, o, k, coupled)
         else:
             step = ConstStep(node.name, "var", d, o, k, why=f"{node.name} ({kind}) does not carry a constant through")
@@ -224,8 +252,12 @@ def build_program(graph: ChannelGraph, flood: Flood) -> ConstProgram:
                 why = _padding_why(graph, node)
             prog.folds.append(Fold(node.name, x.name, weight, cols, member.offset, member.width, bias, why))  # type: ignore[arg-type]
         elif node not in slots:
-            prog.sinks.append((node.name, f"the channel reaches {node.name} ({op.kind}), where a constant cannot be "
-                                          "folded into a bias"))
+            prog.sinks.append(
+                (
+                    node.name,
+                    f"the channel reaches {node.name} ({op.kind}), where a constant cannot be folded into a bias",
+                )
+            )
     return prog
 
 
@@ -242,7 +274,9 @@ def _rewritten_values(prog: ConstProgram, slots: Mapping[Node, Any]) -> None:
             continue
         others = ", ".join(sorted(u.name for u in value.users if u is not node))
         prog.steps[at[value.name]] = replace(
-            prog.steps[at[value.name]], rewritten=f"{node.name} rewrites {value.name} in place and {others} read(s) it too")
+            prog.steps[at[value.name]],
+            rewritten=f"{node.name} rewrites {value.name} in place and {others} read(s) it too",
+        )
 
 
 # --- evaluation --------------------------------------------------------------------------------------
@@ -252,7 +286,7 @@ class _Var(Exception):
 
 def _per_unit(t: Tensor, dim: int, offset: int, width: int, units: int) -> tuple[Tensor, Tensor]:
     """``t``'s slice per unit → (one value per unit, whether the unit's slice holds one value only)."""
-    view = t.detach().movedim(dim, 0)[offset:offset + units * width].reshape(units, -1).double().cpu()
+    view = t.detach().movedim(dim, 0)[offset : offset + units * width].reshape(units, -1).double().cpu()
     first = view[:, 0]
     return first, (view == first[:, None]).all(dim=1)
 
@@ -272,8 +306,11 @@ def _pointwise(gm: GraphModule, node: Node, step: ConstStep, values: Mapping[str
     """Apply ``node``'s op to per-unit constants (1-D tensors); raises _Var on a non-constant operand."""
     positions = dict(step.at)
     args_in_order = _node_args(node)
-    coupled = {id(args_in_order[i]): values[name].clone()  # an in-place op (ReLU(inplace=True)) must not
-               for i, name in positions.items() if i < len(args_in_order)}  # rewrite its input's constants
+    coupled = {
+        id(args_in_order[i]): values[name].clone()  # an in-place op (ReLU(inplace=True)) must not
+        for i, name in positions.items()
+        if i < len(args_in_order)
+    }  # rewrite its input's constants
 
     def sub(a: Any) -> Any:
         if not isinstance(a, Node):
@@ -323,11 +360,14 @@ def evaluate(gm: GraphModule, units: int, prog: ConstProgram, get: TensorGetter)
         if s.kind == "layer":
             weight, bias = s.tensors
             assert weight is not None
-            rows = get(weight).detach().movedim(s.dim, 0)[s.offset:s.offset + units * s.width].reshape(units, -1)
+            rows = get(weight).detach().movedim(s.dim, 0)[s.offset : s.offset + units * s.width].reshape(units, -1)
             zero = (rows == 0).all(dim=1).cpu()
             zero_rows |= zero
-            val, uniform = (torch.zeros(units, dtype=torch.float64), ~no) if bias is None else \
-                _per_unit(get(bias), get(bias).dim() - 1, s.offset, s.width, units)
+            val, uniform = (
+                (torch.zeros(units, dtype=torch.float64), ~no)
+                if bias is None
+                else _per_unit(get(bias), get(bias).dim() - 1, s.offset, s.width, units)
+            )
             ok, why = zero & uniform, f"{s.node} also produces them and its weight rows there are not all zero"
         elif s.kind == "batch_norm" and ins:
             w, b, mean, var = (None if n is None else _per_unit(get(n), 0, s.offset, s.width, units) for n in s.tensors)
@@ -372,7 +412,9 @@ def evaluate(gm: GraphModule, units: int, prog: ConstProgram, get: TensorGetter)
     for i, f in enumerate(prog.folds):
         const, ok = values.get(f.x, torch.zeros(units, dtype=torch.float64)), known.get(f.x, no)
         fold_w = get(f.weight).detach()
-        cols_zero = (fold_w.movedim(f.dim, 0)[f.offset:f.offset + units * f.width].reshape(units, -1) == 0).all(1).cpu()
+        cols_zero = (
+            (fold_w.movedim(f.dim, 0)[f.offset : f.offset + units * f.width].reshape(units, -1) == 0).all(1).cpu()
+        )
         stay(~ok & ~cols_zero, why_var.get(f.x) or f"the channel's value at {f.node} is not a constant")
         if f.why_not:
             stay(ok & ~cols_zero & (const != 0), f.why_not)
@@ -380,8 +422,9 @@ def evaluate(gm: GraphModule, units: int, prog: ConstProgram, get: TensorGetter)
     return UnitConstants(removable, zero_rows, at_fold, reasons)
 
 
-def fold_deltas(gm_tensors: TensorGetter, units: int, prog: ConstProgram, consts: UnitConstants,
-                pruned: Tensor) -> dict[str, Tensor]:
+def fold_deltas(
+    gm_tensors: TensorGetter, units: int, prog: ConstProgram, consts: UnitConstants, pruned: Tensor
+) -> dict[str, Tensor]:
     """Bias name → what to add to it so that removing the ``pruned`` units (bool per unit, of a group of
     ``units``) is exact."""
     out: dict[str, Tensor] = {}
@@ -394,7 +437,7 @@ def fold_deltas(gm_tensors: TensorGetter, units: int, prog: ConstProgram, consts
         cols = w.movedim(f.dim, 0)  # (in, out, ...)
         cols = cols.reshape(cols.shape[0], cols.shape[1], -1).sum(-1).double()
         per_col = const.repeat_interleave(f.width)
-        part = cols[f.offset:f.offset + units * f.width]
+        part = cols[f.offset : f.offset + units * f.width]
         delta = (per_col[:, None].to(part.device) * part).sum(0)
         bias = gm_tensors(f.bias)
         out[f.bias] = out.get(f.bias, torch.zeros(bias.shape, dtype=torch.float64, device=bias.device)) + delta

@@ -25,8 +25,17 @@ from ...spec import ChannelRule
 from .graph import ChannelGraph, Member
 from .plan import ChannelGroup, ChannelPlan
 
-__all__ = ["GroupScore", "unit_view", "magnitude_scores", "kept_units", "channel_masks", "group_keeps", "shrunk_sizes",
-           "shrink_summary", "shrink_plan_table"]
+__all__ = [
+    "GroupScore",
+    "unit_view",
+    "magnitude_scores",
+    "kept_units",
+    "channel_masks",
+    "group_keeps",
+    "shrunk_sizes",
+    "shrink_summary",
+    "shrink_plan_table",
+]
 
 #: one score per unit of a group, higher is kept: (module, group, current masks by parameter FQN, rule) → (units,)
 GroupScore = Callable[[GraphModule, ChannelGroup, Mapping[str, Tensor], ChannelRule], Tensor]
@@ -34,7 +43,7 @@ GroupScore = Callable[[GraphModule, ChannelGroup, Mapping[str, Tensor], ChannelR
 
 def unit_view(t: Tensor, m: Member, units: int) -> Tensor:
     """``t`` restricted to the member's slice, as ``(units, rest)``."""
-    moved = t.movedim(m.dim, 0)[m.offset:m.offset + units * m.width]
+    moved = t.movedim(m.dim, 0)[m.offset : m.offset + units * m.width]
     return moved.reshape(units, -1)
 
 
@@ -55,7 +64,7 @@ def magnitude_scores(gm: GraphModule, group: ChannelGroup, masks: Mapping[str, T
         if math.isinf(p):
             total = torch.maximum(total, norms)
         else:
-            total += norms ** p
+            total += norms**p
     return total if math.isinf(p) else total ** (1.0 / p)
 
 
@@ -66,7 +75,9 @@ def _amount(rule: ChannelRule, steps: int) -> float | int:
     return base  # type: ignore[return-value]
 
 
-def _kept_count(rule: ChannelRule, group: ChannelGroup, amount: float | int, where: str, fractional: bool | None = None) -> int:
+def _kept_count(
+    rule: ChannelRule, group: ChannelGroup, amount: float | int, where: str, fractional: bool | None = None
+) -> int:
     """How many units of ``group`` stay: ``amount`` pruned (a fraction or a count), rounded and bounded."""
     n = group.units
     fractional = isinstance(amount, float) if fractional is None else fractional
@@ -101,8 +112,9 @@ def kept_units(rule: ChannelRule, group: ChannelGroup, steps: int) -> int | None
     return _kept_count(rule, group, _amount(rule, steps), f"channels rule {rule.target!r}")
 
 
-def channel_masks(gm: GraphModule, plan: ChannelPlan, masks: Mapping[str, Tensor], steps: int,
-                  score: GroupScore = magnitude_scores) -> dict[str, Tensor]:
+def channel_masks(
+    gm: GraphModule, plan: ChannelPlan, masks: Mapping[str, Tensor], steps: int, score: GroupScore = magnitude_scores
+) -> dict[str, Tensor]:
     """Parameter FQN → new keep-mask for every member of a removable group (``masks``: the current ones;
     ``score``: one score per unit of a group, the lowest pruned)."""
     keeps: dict[int, Tensor] = {}
@@ -133,8 +145,9 @@ def channel_masks(gm: GraphModule, plan: ChannelPlan, masks: Mapping[str, Tensor
     return out
 
 
-def _global_keeps(rule: ChannelRule, groups: list[ChannelGroup], scores: Mapping[int, Tensor], amount: float | int,
-                  where: str) -> dict[int, Tensor]:
+def _global_keeps(
+    rule: ChannelRule, groups: list[ChannelGroup], scores: Mapping[int, Tensor], amount: float | int, where: str
+) -> dict[int, Tensor]:
     """Keep vectors of a ``global`` rule: ``amount`` of all the groups' units pruned where they score lowest.
 
     Scores are compared across groups as they are for ``"obs"`` (output errors, one scale) and divided by
@@ -157,7 +170,9 @@ def _global_keeps(rule: ChannelRule, groups: list[ChannelGroup], scores: Mapping
             s = s / mean if mean > 0 else s
         order[g.id] = torch.argsort(s, stable=True)
         ranked = s[order[g.id]]
-        round_to = rule.round_to if rule.round_to is not None else (8 if isinstance(amount, float) and g.units > 32 else 1)
+        round_to = (
+            rule.round_to if rule.round_to is not None else (8 if isinstance(amount, float) and g.units > 32 else 1)
+        )
         floor = max(rule.min_channels, round_to if g.units >= round_to else 1)
         at, j = 0, 0
         first = g.units % round_to  # then whole round_to chunks: what stays is a multiple of round_to
@@ -180,7 +195,7 @@ def _global_keeps(rule: ChannelRule, groups: list[ChannelGroup], scores: Mapping
     out = {}
     for i, g in enumerate(groups):
         keep = torch.ones(g.units, dtype=torch.bool)
-        keep[order[g.id][:pruned[i]]] = False
+        keep[order[g.id][: pruned[i]]] = False
         out[g.id] = keep
     return out
 
@@ -191,7 +206,9 @@ def _keep_lowest(scores: Tensor, kept: int) -> Tensor:
     return keep
 
 
-def group_keeps(plan: ChannelPlan, masks: Mapping[str, Tensor], consumers: Mapping[str, Tensor] | None = None) -> dict[int, Tensor]:
+def group_keeps(
+    plan: ChannelPlan, masks: Mapping[str, Tensor], consumers: Mapping[str, Tensor] | None = None
+) -> dict[int, Tensor]:
     """Group id → keep vector over its units, read back from the members' masks (a unit is pruned when every
     parameter member's slice of it is masked). A group no channels rule owns (``rule`` None) drops the units
     whose consumer columns are all zero in ``consumers`` (the weights as squash will write them)."""
@@ -248,8 +265,10 @@ def shrink_summary(gm: GraphModule, plan: ChannelPlan, keeps: Mapping[int, Tenso
         if name in params:
             after -= params[name].numel() - math.prod(shape)
     removable = sum(1 for g in plan.groups if g.removable)
-    return (f"channels: {len(plan.groups)} groups, {removable} removable; squash(shrink=True) keeps {after:,} of "
-            f"{before:,} parameters ({after / max(before, 1):.1%}); see sgm.shrink_plan()")
+    return (
+        f"channels: {len(plan.groups)} groups, {removable} removable; squash(shrink=True) keeps {after:,} of "
+        f"{before:,} parameters ({after / max(before, 1):.1%}); see sgm.shrink_plan()"
+    )
 
 
 def shrink_plan_table(plan: ChannelPlan, keeps: Mapping[int, Tensor], notes: Mapping[int, str] | None = None) -> str:
@@ -262,9 +281,26 @@ def shrink_plan_table(plan: ChannelPlan, keeps: Mapping[int, Tensor], notes: Map
         members = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
         kept = int(keeps[g.id].sum()) if g.id in keeps else g.units
         rule = f"channels[{g.rule}]" if g.rule is not None else "other rules' zeros"
-        rows.append([g.id, rule, g.unit_text(), members, f"{g.units} → {kept}", "yes" if g.removable else "no",
-                     g.node or "", g.reason or (notes or {}).get(g.id, "")])
+        rows.append(
+            [
+                g.id,
+                rule,
+                g.unit_text(),
+                members,
+                f"{g.units} → {kept}",
+                "yes" if g.removable else "no",
+                g.node or "",
+                g.reason or (notes or {}).get(g.id, ""),
+            ]
+        )
     removable = sum(1 for g in plan.groups if g.removable)
     head = f"fx_sparsify shrink plan: {len(plan.groups)} channel groups, {removable} removable"
-    return head + "\n" + tabulate(rows, headers=["group", "from", "unit", "members", "before → after", "removable", "node",
-                                                 "reason"], tablefmt="github")
+    return (
+        head
+        + "\n"
+        + tabulate(
+            rows,
+            headers=["group", "from", "unit", "members", "before → after", "removable", "node", "reason"],
+            tablefmt="github",
+        )
+    )

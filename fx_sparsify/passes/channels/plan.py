@@ -88,7 +88,6 @@ class ChannelPlan:
         return out
 
 
-
 class _Planner:
     """Adds groups to a plan: one flood per seed, unless a group already holds the seed's slot."""
 
@@ -98,8 +97,16 @@ class _Planner:
         self.owner: dict[tuple[str, int], ChannelGroup] = {}  # (tensor, dim) → the group holding it
         self.order = {name: i for i, name in enumerate(gm.state_dict(keep_vars=True))}  # members in model order
 
-    def add_group(self, root: str, width: int, unit: str, rule: int | None, allow_coarsen: bool,
-                  dim: int | None = None, rows: bool = False) -> ChannelGroup | None:
+    def add_group(
+        self,
+        root: str,
+        width: int,
+        unit: str,
+        rule: int | None,
+        allow_coarsen: bool,
+        dim: int | None = None,
+        rows: bool = False,
+    ) -> ChannelGroup | None:
         graph, groups, owner, order = self.graph, self.groups, self.owner, self.order
         shape = graph.shape(root)
         assert shape is not None
@@ -129,8 +136,13 @@ class _Planner:
                 break
         if unit == "head" and w == width:
             return None  # no reshape into heads downstream: not a head projection
-        members = sorted((dataclasses.replace(m, consumer=m.is_param and weight_dim(graph, m.tensor, columns=True) == m.dim)
-                          for m in flood.members), key=lambda m: (order.get(m.tensor, len(order)), m.dim))
+        members = sorted(
+            (
+                dataclasses.replace(m, consumer=m.is_param and weight_dim(graph, m.tensor, columns=True) == m.dim)
+                for m in flood.members
+            ),
+            key=lambda m: (order.get(m.tensor, len(order)), m.dim),
+        )
         group = ChannelGroup(len(groups), shape[dim] // w, unit, [root], members, flood.ctx.edits, rule)
         group.edits = list(dict.fromkeys(group.edits))
         if err is not None and rule is None and not rows:
@@ -140,7 +152,9 @@ class _Planner:
         if err is not None:
             group.removable = False
             group.node = err.node.format_node() if err.node is not None else None
-            group.reason = err.reason + ("; prune whole heads with a 'heads' rule" if err.split and unit == "channel" else "")
+            group.reason = err.reason + (
+                "; prune whole heads with a 'heads' rule" if err.split and unit == "channel" else ""
+            )
             group.edits = []
         for m in group.members:
             owner.setdefault((m.tensor, m.dim), group)
@@ -168,8 +182,9 @@ class _Planner:
         if existing is not None:
             existing.rule = rule
             return existing
-        group = ChannelGroup(len(self.groups), module.num_heads, "attention head", [members[0].tensor], members, [],
-                             rule)
+        group = ChannelGroup(
+            len(self.groups), module.num_heads, "attention head", [members[0].tensor], members, [], rule
+        )
         for m in members:
             self.owner.setdefault((m.tensor, m.dim), group)
         self.groups.append(group)
@@ -253,15 +268,22 @@ def plan_channels(
                         if group is not None and group not in found:
                             found.append(group)
             if not found:
-                packed = [f"{m}.{n}".strip(".") for m in selected for n, sub in model.get_submodule(m).named_modules()
-                          if isinstance(sub, nn.MultiheadAttention) and sub not in attentions]
+                packed = [
+                    f"{m}.{n}".strip(".")
+                    for m in selected
+                    for n, sub in model.get_submodule(m).named_modules()
+                    if isinstance(sub, nn.MultiheadAttention) and sub not in attentions
+                ]
                 raise ValueError(
                     f"{where}: no attention heads found: a heads rule needs Linear projections inside the selected "
                     "module(s) whose outputs are reshaped into (heads, head_dim)"
-                    + (f"; {packed[0]!r} is an nn.MultiheadAttention that the captured graph does not call whole "
-                       "(traced into ops whose (T, B*H, D) views fold heads into the batch dim): capture with "
-                       "capture='fx' (it stays one module call), or with a torch that has torch.library.custom_op"
-                       if packed else "")
+                    + (
+                        f"; {packed[0]!r} is an nn.MultiheadAttention that the captured graph does not call whole "
+                        "(traced into ops whose (T, B*H, D) views fold heads into the batch dim): capture with "
+                        "capture='fx' (it stays one module call), or with a torch that has torch.library.custom_op"
+                        if packed
+                        else ""
+                    )
                 )
             for group in found:
                 _heads_per_unit(graph, group)
@@ -288,8 +310,9 @@ def _program(graph: ChannelGraph, flood: Flood, root: str) -> ConstProgram | Non
     try:
         return build_program(graph, flood)
     except Exception as exc:  # noqa: BLE001  (the weight rule works without it; say so in the log)
-        _log.warning("zero rows of %s will not shrink: the constant analysis failed (%s: %s)", root,
-                     type(exc).__name__, exc)
+        _log.warning(
+            "zero rows of %s will not shrink: the constant analysis failed (%s: %s)", root, type(exc).__name__, exc
+        )
         return None
 
 
@@ -297,7 +320,9 @@ def _row_rule(rule: Any) -> bool:
     return rule.method in ("ln_structured", "random_structured")
 
 
-def _row_seeds(spec: SparsitySpec, model: nn.Module, aliases: Mapping[str, str], graph: ChannelGraph) -> list[tuple[str, int]]:
+def _row_seeds(
+    spec: SparsitySpec, model: nn.Module, aliases: Mapping[str, str], graph: ChannelGraph
+) -> list[tuple[str, int]]:
     """Layer weights whose whole output rows a structured weight rule may zero (its ``dim`` is the output dim)."""
     out: list[tuple[str, int]] = []
     for i, wrule in enumerate(spec.weights):
@@ -313,7 +338,9 @@ def _row_seeds(spec: SparsitySpec, model: nn.Module, aliases: Mapping[str, str],
     return out
 
 
-def _passive_seeds(spec: SparsitySpec, model: nn.Module, aliases: Mapping[str, str], graph: ChannelGraph) -> list[tuple[str, int]]:
+def _passive_seeds(
+    spec: SparsitySpec, model: nn.Module, aliases: Mapping[str, str], graph: ChannelGraph
+) -> list[tuple[str, int]]:
     """Layer weights whose input columns other rules may zero: activation rules' layers, column-structured rules."""
     weights: list[str] = []
     for i, arule in enumerate(spec.activations):

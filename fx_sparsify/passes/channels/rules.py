@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from torch.fx import Node
 
-from .graph import OUT, ChannelGraph, Edit, Member, Op, Unmappable, Value, arg_at
+from .graph import ChannelGraph, Edit, Member, Unmappable
+from .ops import OUT, Op, Value, arg_at
 
 __all__ = ["Slot", "Coupling", "RuleContext", "Rule", "RULES", "Flood", "map_reshape"]
 
@@ -134,7 +135,9 @@ def r_conv(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
         if pos == 0:
             o, k = o * m, k * m
         elif o % m or k % m:
-            raise Unmappable(op.node, f"a depthwise convolution with multiplier {m} ties {m} output channels to each input")
+            raise Unmappable(
+                op.node, f"a depthwise convolution with multiplier {m} ties {m} output channels to each input"
+            )
         inner = [(w, 0, o, k), (b, 0, o, k), (op.node, ch, o, k), (x, ch, o // m, k // m)]
         ctx.edit(op, op.extra.get("groups_at"), k // m)
         return [c for c in inner if c[0] is not None and c[0] is not _value(op, pos)]  # type: ignore[misc]
@@ -192,7 +195,9 @@ def r_pool(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
     return [(op.node if pos == 0 else op.operands[0], s.dim, s.offset, s.width)]  # type: ignore[list-item]
 
 
-def map_reshape(src: tuple[int, ...], dst: tuple[int, ...], d: int, offset: int, width: int, units: int) -> tuple[int, int, int]:
+def map_reshape(
+    src: tuple[int, ...], dst: tuple[int, ...], d: int, offset: int, width: int, units: int
+) -> tuple[int, int, int]:
     """Where dim ``d`` of a ``src``-shaped tensor goes in its ``dst``-shaped reshape: ``(dim, offset, width)``.
 
     Raises ``ValueError`` (with ``.split`` set for a dim split too finely) when the channels do not map
@@ -213,7 +218,7 @@ def map_reshape(src: tuple[int, ...], dst: tuple[int, ...], d: int, offset: int,
             size *= dst[b]
             b += 1
         if size == n:
-            inner = math.prod(dst[a + 1:b])
+            inner = math.prod(dst[a + 1 : b])
             if width % inner or offset % inner:
                 err = ValueError(f"the reshape splits the channel dim ({n}) into {list(dst[a:b])}")
                 err.split = inner // math.gcd(width, inner)  # type: ignore[attr-defined]
@@ -225,7 +230,7 @@ def map_reshape(src: tuple[int, ...], dst: tuple[int, ...], d: int, offset: int,
             size *= src[e]
             e += 1
         if size == dst[a]:
-            inner = math.prod(src[d + 1:e])
+            inner = math.prod(src[d + 1 : e])
             return a, offset * inner, width * inner
         raise ValueError("the reshape mixes the channel dim with its neighbours")
     # src dims before d merge with d into dst dim a-1: fine only when they are all 1
@@ -265,7 +270,9 @@ def r_cat(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
     nd = ctx.ndim(op.node)
     dim = _norm_dim(op.extra["dim"], nd)
     if s.dim != dim:
-        return [(v, s.dim, s.offset, s.width) for v in [*op.operands, op.node] if v is not None and v is not _value(op, pos)]
+        return [
+            (v, s.dim, s.offset, s.width) for v in [*op.operands, op.node] if v is not None and v is not _value(op, pos)
+        ]
     starts, at = [], 0
     for v in op.operands:
         starts.append(at)
@@ -289,8 +296,11 @@ def r_split(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
         raise Unmappable(op.node, "split output used whole")
     if s.dim != dim:
         return [(u, s.dim, s.offset, s.width) for u in pieces]
-    raise Unmappable(op.node, "split / chunk cuts the channel dim (a fused projection such as gate_up + chunk); "
-                              "its pieces could not stay equal")
+    raise Unmappable(
+        op.node,
+        "split / chunk cuts the channel dim (a fused projection such as gate_up + chunk); "
+        "its pieces could not stay equal",
+    )
 
 
 def r_getitem(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
@@ -300,8 +310,11 @@ def r_getitem(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
     if src_op is not None and src_op.kind == "split":  # a piece of a split: only reached as a producer
         dim = _norm_dim(src_op.extra["dim"], ctx.ndim(op.node))
         if s.dim == dim:
-            raise Unmappable(src_op.node, "split / chunk cuts the channel dim (a fused projection such as gate_up + "
-                                          "chunk); its pieces could not stay equal")
+            raise Unmappable(
+                src_op.node,
+                "split / chunk cuts the channel dim (a fused projection such as gate_up + "
+                "chunk); its pieces could not stay equal",
+            )
         return [(src_op.operands[0], s.dim, s.offset, s.width)]  # type: ignore[list-item]
     if ctx.g.shape(source) is None:
         raise Unmappable(op.node, "an item of a multi-output op")
@@ -321,7 +334,11 @@ def r_getitem(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
             do += 1
         elif isinstance(i, slice):
             mapping[di] = do
-            full[di] = i.step in (None, 1) and i.start in (None, 0) and (i.stop is None or (isinstance(i.stop, int) and i.stop >= sin[di]))
+            full[di] = (
+                i.step in (None, 1)
+                and i.start in (None, 0)
+                and (i.stop is None or (isinstance(i.stop, int) and i.stop >= sin[di]))
+            )
             di, do = di + 1, do + 1
         elif isinstance(i, (int, Node)) and not (isinstance(i, Node) and ctx.g.shape(i) is not None):
             mapping[di] = None
@@ -367,8 +384,11 @@ def r_repeat_interleave(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Cou
         ctx.edit(op, op.extra.get("output_size_at"), s.width * repeats)
         return [(op.node, dim, s.offset * repeats, s.width * repeats)]
     if s.offset % repeats or s.width % repeats:
-        raise Unmappable(op.node, f"repeat_interleave repeats each index {repeats} times; a unit here covers "
-                                  f"{s.width}", repeats // math.gcd(s.width, repeats))
+        raise Unmappable(
+            op.node,
+            f"repeat_interleave repeats each index {repeats} times; a unit here covers {s.width}",
+            repeats // math.gcd(s.width, repeats),
+        )
     ctx.edit(op, op.extra.get("output_size_at"), s.width)
     return [(x, dim, s.offset // repeats, s.width // repeats)]  # type: ignore[list-item]
 
@@ -433,8 +453,11 @@ def r_sdpa(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
     if r == 1:
         if me in (q, k_):
             if op.extra.get("scale") is None:
-                raise Unmappable(op.node, "the default scale 1/sqrt(head size) of scaled_dot_product_attention "
-                                          "would change with the head size")
+                raise Unmappable(
+                    op.node,
+                    "the default scale 1/sqrt(head size) of scaled_dot_product_attention "
+                    "would change with the head size",
+                )
             return [(k_ if me is q else q, ctx.ndim(q) - 1, o, w)]  # type: ignore[list-item]
         return [(op.node if me is v else v, ctx.ndim(v) - 1, o, w)]  # type: ignore[list-item]
     if r == 2:
@@ -478,13 +501,32 @@ def r_unknown(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
 Rule = Callable[[Op, int, Slot, RuleContext], list[Coupling]]
 #: rule kind → how it maps a slot on one operand (or the output, position -1) to the coupled slots
 RULES: dict[str, Rule] = {
-    "attr": r_attr, "linear": r_linear, "conv": r_conv, "batch_norm": r_batch_norm, "layer_norm": r_layer_norm,
-    "group_norm": r_group_norm, "pointwise": r_pointwise, "expand": r_expand, "softmax": r_softmax,
-    "reduce": r_reduce, "pool": r_pool, "reshape": r_reshape, "transpose": r_transpose, "cat": r_cat,
-    "split": r_split, "getitem": r_getitem, "slice": r_slice, "select": r_select, "matmul": r_matmul,
-    "repeat_interleave": r_repeat_interleave, "sdpa": r_sdpa, "addmm": r_addmm, "embedding": r_embedding, "shape": r_shape, "unknown": r_unknown,
+    "attr": r_attr,
+    "linear": r_linear,
+    "conv": r_conv,
+    "batch_norm": r_batch_norm,
+    "layer_norm": r_layer_norm,
+    "group_norm": r_group_norm,
+    "pointwise": r_pointwise,
+    "expand": r_expand,
+    "softmax": r_softmax,
+    "reduce": r_reduce,
+    "pool": r_pool,
+    "reshape": r_reshape,
+    "transpose": r_transpose,
+    "cat": r_cat,
+    "split": r_split,
+    "getitem": r_getitem,
+    "slice": r_slice,
+    "select": r_select,
+    "matmul": r_matmul,
+    "repeat_interleave": r_repeat_interleave,
+    "sdpa": r_sdpa,
+    "addmm": r_addmm,
+    "embedding": r_embedding,
+    "shape": r_shape,
+    "unknown": r_unknown,
 }
-
 
 
 # --- the flood ---------------------------------------------------------------------------------------
@@ -549,4 +591,3 @@ class Flood:
         except Exception as exc:  # a rule met an argument form it does not know: refuse, naming the node
             raise Unmappable(node, f"cannot map channels through it ({type(exc).__name__}: {exc})") from exc
         return [c for c in out if c[0] is not None]
-
