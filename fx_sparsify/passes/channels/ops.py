@@ -321,7 +321,7 @@ FUNCTIONS: dict[Any, tuple[str, Normalizer]] = {
 }
 # the in-place forms too (``relu_``, ``add_``): torch.export keeps them (``nn.ReLU(inplace=True)``,
 # ``out += identity``) and fx records ``x.relu_()`` / ``torch.relu_(x)``; they map channels as their
-# out-of-place forms, and the constant analysis (channel_constants.py) keeps a channel whose value one
+# out-of-place forms, and the constant analysis (constants.py) keeps a channel whose value one
 # of them rewrites under another reader
 _INPLACE_POINTWISE_NAMES = [f"{name}_" for name in _POINTWISE_NAMES]
 for _name in _POINTWISE_NAMES + _INPLACE_POINTWISE_NAMES:
