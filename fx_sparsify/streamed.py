@@ -48,12 +48,20 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from ._checkpoint import INDEX, Checkpoint, materialise, parameters_on_meta, release
-from ._compressed import save_compressed
+from ._checkpoint import Checkpoint, materialise, parameters_on_meta, release
 from ._masks import release_freed_memory
+from ._streamed_io import (
+    MARKER,
+    Activations,
+    ShardWriter,
+    attach,
+    first_tensor,
+    needs_calibration,
+    outside_groups,
+    prune_outside,
+    state_outside,
+)
 from .api import sparsify_graph
-from .methods import get_mask_method
-from .methods._random import generator_for
 from .select import param_aliases, resolve_activation_targets, resolve_weight_targets, select, select_layers
 from .spec import GlobalRule, SparsitySpec, WeightRule
 
@@ -61,22 +69,10 @@ __all__ = ["prune_streamed", "MARKER"]
 
 log = logging.getLogger(__name__)
 
-#: lists the shards a run into ``out`` has written until its index is written (then removed)
-MARKER = ".fx_sparsify-stream.json"
 _SPILL = ".fx_sparsify-activations-rank{rank}"
-_CALIBRATED_METHODS = ("sparsegpt",)
 
 
 # --- the spec, per part ----------------------------------------------------------------------------------
-def _needs_calibration(spec: SparsitySpec) -> bool:
-    rules: list[WeightRule | GlobalRule] = [*spec.weights, *spec.global_]
-    return (
-        bool(spec.activations)
-        or any(r.method in _CALIBRATED_METHODS or getattr(r, "scores", None) == "wanda" for r in rules)
-        or any(getattr(r, "importance", "magnitude") != "magnitude" for r in spec.channels)
-    )
-
-
 def _selects(selector: str, model: nn.Module, aliases: dict[str, str], layers: bool) -> list[str]:
     try:
         return select_layers(selector, model, "") if layers else select(selector, model, aliases, "")
@@ -208,85 +204,6 @@ def _shell(path: str, block: nn.Module) -> nn.Module:
     return root  # type: ignore[no-any-return]
 
 
-# --- calibration activations -----------------------------------------------------------------------------
-class _Activations:
-    """Each local batch's input to the current block: the stream tensor (in memory or on disk) + its context."""
-
-    def __init__(self, folder: Path, limit: int) -> None:
-        self.folder, self.limit, self.held = folder, limit, 0
-        self.streams: list[Tensor | Path] = []
-        self.contexts: list[tuple[tuple[Any, ...], dict[str, Any], int | str]] = []
-
-    def add(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        slot: int | str = (
-            0
-            if args
-            else (
-                "hidden_states"
-                if "hidden_states" in kwargs
-                else next((k for k, v in kwargs.items() if isinstance(v, Tensor)), "")
-            )
-        )
-        stream = args[0] if args else kwargs.get(slot)  # type: ignore[arg-type]
-        if not isinstance(stream, Tensor):
-            raise ValueError("prune_streamed: the first block receives no tensor input to stream from block to block")
-        args = tuple(None if i == 0 else _detach(a) for i, a in enumerate(args))
-        kwargs = {k: None if k == slot else _detach(v) for k, v in kwargs.items()}
-        self.contexts.append((args, kwargs, slot))
-        self.streams.append(torch.empty(0))
-        self.put(len(self.streams) - 1, stream)
-
-    def __len__(self) -> int:
-        return len(self.streams)
-
-    def put(self, j: int, t: Tensor) -> None:
-        old = self.streams[j]
-        if isinstance(old, Tensor):
-            self.held -= old.nbytes
-        t = t.detach().contiguous()
-        if self.held + t.nbytes <= self.limit:
-            self.streams[j] = t
-            self.held += t.nbytes
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{j:06d}.pt"
-        torch.save(t, self.folder / f"{j:06d}.tmp")
-        os.replace(self.folder / f"{j:06d}.tmp", path)
-        self.streams[j] = path
-
-    def inputs(self, j: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        stream = self.streams[j]
-        if not isinstance(stream, Tensor):
-            stream = torch.load(stream, weights_only=True)
-        args, kwargs, slot = self.contexts[j]
-        if isinstance(slot, int):
-            return (stream, *args[1:]), dict(kwargs)
-        return tuple(args), {**kwargs, slot: stream}
-
-    def spilled(self) -> int:
-        return sum(not isinstance(s, Tensor) for s in self.streams)
-
-
-def _detach(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return v.detach()
-    if isinstance(v, tuple):
-        return tuple(_detach(x) for x in v)
-    return v
-
-
-def _first(out: Any) -> Tensor:
-    """The tensor a block hands to the next one: its output, or the first entry of a tuple / list."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise ValueError(
-        f"prune_streamed: a block returned {type(out).__name__}; a block must return a tensor or a "
-        "tuple whose first entry is the tensor the next block reads"
-    )
-
-
 class _Stop(Exception):
     """Raised by the hook on the first block: the model has computed the block's inputs."""
 
@@ -314,7 +231,7 @@ def _first_inputs(
     checkpoint: Checkpoint,
     aliases: dict[str, str],
     batches: Iterable[Any],
-    store: _Activations,
+    store: Activations,
     limit: int | None,
 ) -> None:
     """Run each batch up to ``first``; the modules outside the blocks read their weights on their first call."""
@@ -347,175 +264,6 @@ def _first_inputs(
         for h in hooks:
             h.remove()
         release(model, outside, recurse=False)
-
-
-# --- the output folder -----------------------------------------------------------------------------------
-class _Output:
-    """Shards and index in ``out``; removes what an earlier, unfinished run into it left."""
-
-    def __init__(self, out: Path, count: int) -> None:
-        self.out, self.count = out, count
-        self.weight_map: dict[str, str] = {}
-        self.written: list[str] = []
-        self.total = 0
-
-    def name(self, i: int) -> str:
-        return f"model-{i + 1:05d}-of-{self.count:05d}.safetensors"
-
-    def begin(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        for listing in (self.out / MARKER, self.out / INDEX):
-            if not listing.is_file():
-                continue
-            try:
-                data = json.loads(listing.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            ours = listing.name == MARKER or "fx_sparsify" in data.get("metadata", {})
-            files = (
-                data.get("files", []) if listing.name == MARKER else sorted(set(data.get("weight_map", {}).values()))
-            )
-            if ours:
-                for f in files:
-                    if "/" not in f and f.startswith("model-"):
-                        (self.out / f).unlink(missing_ok=True)
-                listing.unlink()
-        self._mark()
-
-    def _mark(self) -> None:
-        tmp = self.out / f"{MARKER}.tmp"
-        tmp.write_text(json.dumps({"files": [self.name(i) for i in range(self.count)]}))
-        os.replace(tmp, self.out / MARKER)
-
-    def write(self, i: int, state: Mapping[str, Any]) -> None:
-        name = self.name(i)
-        tmp = self.out / f".{name}.tmp"
-        save_compressed(state, tmp)
-        os.replace(tmp, self.out / name)
-        self.written.append(name)
-        self.total += (self.out / name).stat().st_size
-        self.weight_map.update({k: name for k in state})
-
-    def copy(self, i: int, checkpoint: Checkpoint, keys: list[str]) -> None:
-        """Shard ``i`` holds ``keys`` as the checkpoint stores them (copied a chunk at a time)."""
-        name = self.name(i)
-        tmp = self.out / f".{name}.tmp"
-        self.total += checkpoint.copy_to(keys, tmp)
-        os.replace(tmp, self.out / name)
-        self.written.append(name)
-        self.weight_map.update({k: name for k in keys})
-
-    def finish(self, extra: dict[str, Any]) -> None:
-        index = {
-            "metadata": {"total_size": self.total, "format": "sparse-bitmask", "fx_sparsify": extra},
-            "weight_map": dict(sorted(self.weight_map.items())),
-        }
-        tmp = self.out / f".{INDEX}.tmp"
-        tmp.write_text(json.dumps(index, indent=2))
-        os.replace(tmp, self.out / INDEX)
-        (self.out / MARKER).unlink(missing_ok=True)
-
-    def abandon(self) -> None:
-        for name in self.written:
-            (self.out / name).unlink(missing_ok=True)
-        (self.out / MARKER).unlink(missing_ok=True)
-
-
-# --- tensors outside the blocks --------------------------------------------------------------------------
-def _outside_groups(model: nn.Module, blocks: list[str], budget: int) -> list[list[str]]:
-    """Modules outside the blocks that hold parameters, in groups of about ``budget`` bytes; tied modules together."""
-    inside = tuple(b + "." for b in blocks)
-    owners: dict[int, list[str]] = {}
-    order: list[str] = []
-    for name, module in model.named_modules():
-        if name in blocks or name.startswith(inside):
-            continue
-        own = [p for p in module._parameters.values() if p is not None]
-        if own or set(module._buffers) - module._non_persistent_buffers_set:
-            order.append(name)
-            for p in own:
-                owners.setdefault(id(p), []).append(name)
-    link = {n: n for n in order}
-
-    def root(n: str) -> str:
-        while link[n] != n:
-            n = link[n]
-        return n
-
-    for names in owners.values():
-        for other in names[1:]:
-            link[root(other)] = root(names[0])
-    clusters: dict[str, list[str]] = {}
-    for n in order:
-        clusters.setdefault(root(n), []).append(n)
-    groups: list[list[str]] = []
-    size = 0
-    for members in clusters.values():
-        nbytes = sum(
-            p.numel() * p.element_size()
-            for m in members
-            for p in model.get_submodule(m)._parameters.values()
-            if p is not None
-        )
-        if not groups or size + nbytes > budget:
-            groups.append([])
-            size = 0
-        groups[-1].extend(members)
-        size += nbytes
-    return groups
-
-
-def _prune_outside(model: nn.Module, members: list[str], spec: SparsitySpec | None) -> dict[str, float]:
-    """Mask the selected tensors of ``members`` in place (rules needing no calibration); their sparsity."""
-    if spec is None:
-        return {}
-    if _needs_calibration(spec) or spec.channels:
-        raise ValueError(
-            f"prune_streamed: rules select {', '.join(members)} outside the repeated blocks with a method "
-            "that needs calibration or channel groups; streamed pruning calibrates the blocks only: make "
-            "them 'dense' or use a method that ranks the weight alone (l1_unstructured, nm, ...)"
-        )
-    shell = nn.Module()
-    for m in members:
-        _attach(shell, m, model.get_submodule(m))
-    out = {}
-    for name, target in resolve_weight_targets(spec, shell).items():
-        rule = target.rule
-        if getattr(rule, "scores", None) is not None or getattr(rule, "schedule", None) is not None:
-            raise ValueError(
-                f"prune_streamed: {name!r} lies outside the repeated blocks, where rules with 'scores' or "
-                "'schedule' are not supported; make it 'dense' or drop the option"
-            )
-        weight = shell.get_parameter(name)
-        method = get_mask_method(rule.method)
-        method.check_shape(tuple(weight.shape), dict(rule.options), f"target {name!r}")
-        keep = method(weight.detach(), generator=generator_for(spec.seed, name), **rule.options)
-        with torch.no_grad():
-            weight.masked_fill_(~keep.bool(), 0.0)
-        out[name] = 1.0 - float(keep.float().mean())
-    return out
-
-
-def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent = root
-    *outer, last = path.split(".") if path else [""]
-    for part in outer:
-        if not hasattr(parent, part):
-            parent.add_module(part, nn.Module())
-        parent = getattr(parent, part)
-    if last:
-        parent.add_module(last, module)
-
-
-def _state_outside(model: nn.Module, members: list[str]) -> dict[str, Tensor]:
-    state: dict[str, Tensor] = {}
-    for m in members:
-        module = model.get_submodule(m)
-        prefix = f"{m}." if m else ""
-        for k, v in module.state_dict(keep_vars=False).items():
-            if "." not in k:  # its own tensors only: submodules are other members or blocks
-                state[prefix + k] = v
-    return state
 
 
 # --- the whole run ---------------------------------------------------------------------------------------
@@ -568,12 +316,12 @@ def prune_streamed(
     _check_spec(spec, model, names)
     aliases = param_aliases(model)
     budget = max(sum(p.numel() * p.element_size() for p in model.get_submodule(b).parameters()) for b in names)
-    groups = _outside_groups(model, names, budget)
-    output = _Output(out_dir, len(names) + len(groups))
+    groups = outside_groups(model, names, budget)
+    output = ShardWriter(out_dir, len(names) + len(groups))
     writer = distributed.is_writer()
     limit = _available_memory() // 4 if activation_memory is None else int(activation_memory)
-    store = _Activations(out_dir / _SPILL.format(rank=distributed.rank()), limit)
-    calibrate = _needs_calibration(spec)
+    store = Activations(out_dir / _SPILL.format(rank=distributed.rank()), limit)
+    calibrate = needs_calibration(spec)
     sparsity: dict[str, float] = {}
     total = len(names) + len(groups)
     if writer:
@@ -607,7 +355,7 @@ def prune_streamed(
                 _report(progress, i + 1, total, name, store, started)
             for k, members in enumerate(groups):
                 part = _part_spec(spec, _holder(model, members))
-                keys = _state_outside(model, members)  # meta tensors: names, shapes and dtypes
+                keys = state_outside(model, members)  # meta tensors: names, shapes and dtypes
                 if part is None and all(
                     n in ckpt and ckpt.shape(n) == tuple(t.shape) and ckpt.dtype(n) == t.dtype for n, t in keys.items()
                 ):  # no rule prunes them: copied from the checkpoint as they are, never whole in memory
@@ -615,9 +363,9 @@ def prune_streamed(
                         output.copy(len(names) + k, ckpt, list(keys))
                 else:
                     materialise(model, members, ckpt, aliases, recurse=False)
-                    sparsity.update(_prune_outside(model, members, part))
+                    sparsity.update(prune_outside(model, members, part))
                     if writer:
-                        output.write(len(names) + k, _state_outside(model, members))
+                        output.write(len(names) + k, state_outside(model, members))
                     release(model, members, recurse=False)
                 _report(progress, len(names) + k + 1, total, ", ".join(members), store, started)
         distributed.barrier()
@@ -635,7 +383,7 @@ def prune_streamed(
 def _holder(model: nn.Module, members: list[str]) -> nn.Module:
     shell = nn.Module()
     for m in members:
-        _attach(shell, m, model.get_submodule(m))
+        attach(shell, m, model.get_submodule(m))
     return shell
 
 
@@ -651,7 +399,7 @@ def _report(
     done: int,
     total: int,
     name: str,
-    store: _Activations,
+    store: Activations,
     started: float,
 ) -> None:
     # a block's graph modules hold reference cycles: collected now rather than whenever the collector runs, or
@@ -676,10 +424,10 @@ def _block(
     spec: SparsitySpec,
     ckpt: Checkpoint,
     aliases: dict[str, str],
-    store: _Activations,
+    store: Activations,
     capture: str,
     calibrate: bool,
-    output: _Output | None,
+    output: ShardWriter | None,
     index: int,
 ) -> dict[str, float]:
     """Load, calibrate, step, squash, write and free block ``name``; its outputs replace its inputs in ``store``."""
@@ -695,7 +443,7 @@ def _block(
             args, kwargs = store.inputs(0)
             sgm = sparsify_graph(shell, part, example_inputs=args, example_kwargs=kwargs, capture=capture, inplace=True)
             release_freed_memory()  # the capture's temporaries (each stage's go back before the next allocates)
-            if _needs_calibration(part):
+            if needs_calibration(part):
                 for j in range(len(store)):
                     args, kwargs = store.inputs(j)
                     sgm(*args, **kwargs)
@@ -709,7 +457,7 @@ def _block(
             release_freed_memory()  # the save's temporaries, before the forwards allocate theirs
         for j in range(len(store)):
             args, kwargs = store.inputs(j)
-            store.put(j, _first(module(*args, **kwargs)))
+            store.put(j, first_tensor(module(*args, **kwargs)))
     finally:
         module = shell = block = None  # type: ignore[assignment]
         release(model, [name])
