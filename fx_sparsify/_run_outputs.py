@@ -170,12 +170,13 @@ def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def factory_kwargs_for(
-    factory: Callable[..., Any], given: Mapping[str, Any], target: nn.Module, budget: int = 200
+    factory: Callable[..., Any], given: Mapping[str, Any], target: nn.Module, budget: int = 200, seconds: float = 30.0
 ) -> dict[str, Any] | None:
     """Int arguments of ``factory`` under which it builds a model with ``target``'s tensor shapes, or None.
 
     A greedy search over the factory's int arguments (given or defaulted), each tried at the sizes that occur
-    in ``target``'s tensors; the models are built on the meta device (no memory for weights), at most ``budget``.
+    in ``target``'s tensors; the models are built on the meta device (no memory for weights), at most ``budget``
+    of them and for at most ``seconds`` (a large model's build takes a while even without weights).
     """
     try:
         parameters = inspect.signature(factory).parameters
@@ -191,10 +192,11 @@ def factory_kwargs_for(
     want = _shapes(target)
     candidates = sorted({d for shape in want.values() for d in shape})
     builds = 0
+    deadline = time.perf_counter() + seconds
 
     def misses(kwargs: dict[str, Any]) -> int | None:
         nonlocal builds
-        builds += 1
+        builds = builds + 1 if time.perf_counter() < deadline else budget  # out of time: the last try
         state = torch.random.get_rng_state()
         try:
             with torch.device("meta"):

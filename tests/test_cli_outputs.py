@@ -443,3 +443,19 @@ def test_a_hugging_face_model_gets_its_resized_config(tmp_path: Path) -> None:
     model.load_state_dict(load_checkpoint(str(tmp_path / "out" / "model.safetensors")))  # strict
     widths = json.loads((tmp_path / "out" / "widths.json").read_text())
     assert widths["tensors"]["model.layers.0.mlp.up_proj.weight"] == [32, 32]
+
+
+def test_factory_kwargs_search_finds_only_exact_rebuilds() -> None:
+    from torch import nn
+
+    from fx_sparsify._run_outputs import factory_kwargs_for
+
+    def build(width: int = 16, depth: int = 2, seed: int = 0) -> nn.Module:
+        return nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)], nn.Linear(width, 3))
+
+    assert factory_kwargs_for(build, {}, build(width=8)) == {"width": 8}
+    assert factory_kwargs_for(build, {"depth": 2}, build(width=4)) == {"depth": 2, "width": 4}
+    uneven = build()
+    uneven[0] = nn.Linear(16, 8)  # per-layer widths no argument expresses
+    assert factory_kwargs_for(build, {}, uneven) is None
+    assert factory_kwargs_for(build, {}, build(width=8), seconds=0.0) is None  # out of time: no answer, no hang
