@@ -112,3 +112,9 @@ def test_no_private_name_is_imported_from_another_module():
         and source.startswith("fx_sparsify") and f"{source}.{imported}" not in MODULES  # a private module is fine
     ]
     assert crossing == []
+
+
+def test_no_module_is_over_600_lines():
+    long = {str(path.relative_to(ROOT)): n for path in MODULES.values()
+            if (n := len(path.read_text().splitlines())) > 600}
+    assert long == {}
