@@ -26,7 +26,16 @@ from torch.fx import GraphModule
 
 from .. import distributed
 from .._caller import user_stacklevel
-from .._masks import PACK_MIN, PackedMask, is_masked, keep_of, masked_copy, pending, release_freed_memory, zero_pruned_
+from .._masks import (
+    PACK_MIN,
+    PackedMask,
+    is_masked,
+    keep_of,
+    masked_copy,
+    pending,
+    release_freed_memory,
+    zero_pruned_,
+)
 from .._modules import find_tensor
 from .._progress import Progress, progress
 from .._threads import serial_when_small
