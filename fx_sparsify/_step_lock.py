@@ -4,7 +4,8 @@
 nothing); a forward running meanwhile in another thread would read a mix. :class:`StepLock` is a
 readers-writer lock per sparse module: forwards share it, a step takes it alone, and a step waiting for it
 keeps new forwards out (it does not starve). The thread that holds it for a step may run forwards inside
-(calibration inputs replayed by a sequential SparseGPT step). Under ``torch.compile`` / strict
+(calibration inputs replayed by a sequential SparseGPT step), and a step from a hook inside a forward waits
+for the other threads' forwards only. Under ``torch.compile`` / strict
 ``torch.export`` tracing no lock is taken: a traced graph holds no Python lock.
 """
 
@@ -28,6 +29,7 @@ class StepLock:
         self._readers = 0
         self._writer: int | None = None  # the thread id of the step holding it
         self._waiting = 0
+        self._mine = threading.local()  # .reads: this thread's forwards under way (a step inside one of them)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -39,9 +41,11 @@ class StepLock:
             while self._writer is not None or self._waiting:
                 self._cond.wait()
             self._readers += 1
+        self._mine.reads = getattr(self._mine, "reads", 0) + 1
         try:
             yield
         finally:
+            self._mine.reads -= 1
             with self._cond:
                 self._readers -= 1
                 if not self._readers:
@@ -53,10 +57,11 @@ class StepLock:
         if self._writer == me:  # a step inside a step (a hook): already held
             yield
             return
+        own = getattr(self._mine, "reads", 0)  # a step from a hook inside this thread's forward: not a wait on itself
         with self._cond:
             self._waiting += 1
             try:
-                while self._writer is not None or self._readers:
+                while self._writer is not None or self._readers > own:
                     self._cond.wait()
             finally:
                 self._waiting -= 1

@@ -15,6 +15,7 @@ from torch import nn
 
 import fx_sparsify as fxs
 from fx_sparsify import ops
+from fx_sparsify._step_lock import step_lock
 from fx_sparsify.passes import update_masks
 
 LAYERS, DIM = 12, 32
@@ -129,3 +130,21 @@ def test_concurrent_eval_forwards_keep_the_cache_count_exact(fast_switching: Non
     assert not errors
     sgm.train()  # drops the module's entries
     assert ops.cached_bytes() == before
+
+
+def test_a_step_inside_a_forward_of_the_same_module_does_not_wait_on_itself() -> None:
+    """A hook inside a forward that calls step() on the same module (the forward holds the module's lock
+    shared, the step asks for it alone) proceeds instead of waiting for itself."""
+    sgm = fxs.sparsify_graph(
+        _model(), {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]}
+    )
+    done = threading.Event()
+
+    def forward_calling_step() -> None:
+        with step_lock(sgm).reading():  # what calling sgm(...) holds while its forward runs
+            sgm.step()
+        done.set()
+
+    threading.Thread(target=forward_calling_step, daemon=True).start()
+    assert done.wait(60), "a step() inside a forward of the same module deadlocked"
+    assert sgm._fxs.steps == 1
