@@ -7,9 +7,11 @@ and the summary come from :mod:`fx_sparsify._run_outputs`. It calls the facade o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import os
 import sys
@@ -264,6 +266,27 @@ def pictures(sgm: Any, widths: dict[str, Any], out: Path, args: argparse.Namespa
     return written
 
 
+def calibrate_once(
+    sgm: Any, positional: tuple[Any, ...], keywords: dict[str, Any], i: int, args: argparse.Namespace
+) -> None:
+    """One calibration forward; a batch the model cannot take is one clear error (torch.fx prints the generated
+    code's traceback to stderr before re-raising: it is shown with --debug only)."""
+    shown = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(shown):
+            sgm(*positional, **keywords)
+    except Exception as err:
+        if getattr(args, "debug", False):
+            sys.stderr.write(shown.getvalue())
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = f"--inputs {args.inputs!r}" if args.inputs else "--input"
+        raise UserError(
+            f"calibration batch {i}: the model fails on it ({first}); check the batches of {where}"
+        ) from None
+    sys.stderr.write(shown.getvalue())  # warnings and anything else the forward printed
+
+
 def check_inputs(example: Batch, model: nn.Module) -> None:
     """Run the model once on the example batch before capture, so a wrong --input shape is one clear error."""
     try:
@@ -502,7 +525,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             for i in range(args.calibrate):
                 positional, keywords = batch(i)
-                sgm(*positional, **keywords)
+                calibrate_once(sgm, positional, keywords, i, args)
                 bar.update(1)
         bar.close()
     say(args, "step: computing masks")

@@ -459,3 +459,29 @@ def test_factory_kwargs_search_finds_only_exact_rebuilds() -> None:
     uneven[0] = nn.Linear(16, 8)  # per-layer widths no argument expresses
     assert factory_kwargs_for(build, {}, uneven) is None
     assert factory_kwargs_for(build, {}, build(width=8), seconds=0.0) is None  # out of time: no answer, no hang
+
+
+def test_a_calibration_batch_of_the_wrong_shape_is_one_clean_error(tmp_path: Path) -> None:
+    """torch.fx printed the generated code's traceback before the error of a batch the model could not take."""
+    torch.save([torch.randn(2, 3, 16, 16), torch.randn(2, 5, 16, 16)], tmp_path / "batches.pt")
+    argv = [
+        *FX,
+        "run",
+        RECIPE,
+        "--model",
+        MODEL,
+        "--model-kwargs",
+        '{"width": 8}',
+        "--inputs",
+        str(tmp_path / "batches.pt"),
+        "--calibrate",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 2
+    assert "calibration batch 1: the model fails on it" in done.stderr
+    assert "Traceback" not in done.stderr and "eval_with_key" not in done.stderr and not (tmp_path / "out").exists()
+    debug = subprocess.run([*argv, "--debug"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
