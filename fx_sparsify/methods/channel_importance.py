@@ -197,20 +197,26 @@ def obs_greedy(group: GroupStats, remove: int) -> tuple[list[int], list[float]]:
     states = []
     for c in group.consumers:
         h, w = damped_gram(c, group.damp)
-        states.append((w, _cholesky_inverse(h, f"obs importance on {c.name!r}"), c.columns.to(w.device)))
+        states.append([w, _cholesky_inverse(h, f"obs importance on {c.name!r}"), c.columns.to(w.device), h.shape[0]])
     alive = torch.ones(units, dtype=torch.bool)
     order: list[int] = []
     added: list[float] = []
     while len(order) < remove:
+        for state in states:  # drop removed columns once a quarter of the matrix is dead: later updates get cheaper
+            if state[3] < 0.75 * state[1].shape[0]:
+                state[:3] = _compact(state[0], state[1], state[2])
+                state[3] = state[1].shape[0]
         err = torch.zeros(units, dtype=torch.float64)
-        for w, hinv, cols in states:
+        for w, hinv, cols, _ in states:
             err += _unit_errors(w, hinv, cols).cpu()
         err[~alive] = math.inf
         take = min(max(1, group.block), remove - len(order))
         chosen = torch.argsort(err, stable=True)[:take].tolist()
         joint = 0.0
-        for w, hinv, cols in states:
+        for state in states:
+            w, hinv, cols, _ = state
             q = cols[chosen].reshape(-1)
+            state[3] -= len(q)
             hq_inv = torch.linalg.inv(hinv[q][:, q])
             wq = w[:, q]
             joint += float(((wq @ hq_inv) * wq).sum())
@@ -227,6 +233,16 @@ def obs_greedy(group: GroupStats, remove: int) -> tuple[list[int], list[float]]:
             order.append(u)
             added.append(joint * s)
     return order, added
+
+
+def _compact(w: Tensor, hinv: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``w``, ``H⁻¹`` without the columns of removed units (zeroed there: a live column's ``[H⁻¹]_jj`` is
+    positive), ``cols`` renumbered (removed units point at column 0; they are never read again)."""
+    keep = hinv.diagonal() != 0
+    at = torch.cumsum(keep.long(), 0) - 1
+    at[~keep] = 0
+    idx = keep.nonzero().flatten()
+    return w[:, idx].contiguous(), hinv[idx][:, idx].contiguous(), at[cols]
 
 
 def _unit_errors(w: Tensor, hinv: Tensor, cols: Tensor) -> Tensor:
