@@ -4,6 +4,8 @@
     python benchmarks/bench_scale.py --ranks         # 2 gloo ranks vs 1 process: equality, solve time
     python benchmarks/bench_scale.py --streamed      # LLaMA-shaped model from a config, sharded safetensors
     python benchmarks/bench_scale.py --quick         # smaller models, one repeat (a smoke run)
+    python benchmarks/bench_scale.py --model         # the memory model of docs/scale.md against measured peaks
+    python benchmarks/bench_scale.py --plan C K      # its LLaMA-70B predictions (C in MiB and K from --model)
 
 ``--ranks``: each of 2 processes (gloo, one thread each) calibrates on its half of the batches, one process
 (one thread) on all of them; masks must be equal and weights within 1e-5 (float32): one-pass SparseGPT +
@@ -71,6 +73,14 @@ CONFIGS = {
         "num_attention_heads": 8,
         "num_key_value_heads": 4,
         "vocab_size": 1000,
+    },
+    "medium": {
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "intermediate_size": 1408,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "vocab_size": 8000,
     },
 }
 
@@ -367,6 +377,102 @@ def streamed(quick: bool) -> None:
             )
 
 
+# --- the memory and time model (docs/scale.md) -----------------------------------------------------------
+def block_bytes(h: int, inter: int, heads: int, kv: int, b: int) -> int:
+    """A LLaMA block's projection weights in bytes (q, o: h x h; k, v: h x kv * head_dim; gate, up, down)."""
+    return b * (2 * h * h + 2 * h * (h // heads) * kv + 3 * h * inter)
+
+
+def predict(
+    h: int,
+    inter: int,
+    heads: int,
+    kv: int,
+    vocab: int,
+    b: int,
+    batches: int,
+    seq: int,
+    method: str,
+    ranks: int = 1,
+    c: float = 0.0,
+    k: float = 0.0,
+) -> dict[str, float]:
+    """Peak bytes of prune_streamed on one rank: max(first inputs, one block) + c.
+
+    block = k * W (its weights, bool masks, the capture and the save's temporaries: k fitted) + Hessians and
+    the SparseGPT solve of the largest level (fp32: d_in^2 statistic, ~3 d_in^2 workspace, 2 fp32 copies of the
+    weight) + calibration activations (batches / ranks x seq x h, a second copy for sequential rules) + one
+    batch's activations inside the block. first inputs = the embedding table + the activations.
+    """
+    w = block_bytes(h, inter, heads, kv, b)
+    mine = -(-batches // ranks)
+    acts = mine * seq * h * b * (2 if method == "sparsegpt" else 1)
+    inside = seq * (3 * inter + 4 * h) * 4 + heads * seq * seq * 4
+    hessian = 4 * inter * inter * 4 + 2 * h * inter * 4 if method == "sparsegpt" else 0
+    block = k * w + hessian + acts + inside
+    first = vocab * h * b + acts
+    return {"peak": c + max(block, first), "block": w, "hessian": hessian, "activations": acts, "inside": inside}
+
+
+FIT = ("small", "medium")  # the magnitude runs that fit (c, k); every other run checks the model
+
+
+def model_check() -> None:
+    """Measured streamed peaks against the model: (c, k) fitted on two magnitude runs, the rest predicted."""
+    import transformers
+
+    runs = [("small", "magnitude"), ("medium", "magnitude"), ("large", "magnitude"), ("small", "sparsegpt")]
+    runs.append(("medium", "sparsegpt"))
+    if "--with-large-sparsegpt" in sys.argv:  # ~5 min more on a loaded 2-core machine
+        runs.append(("large", "sparsegpt"))
+    measured: dict[tuple[str, str], float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("small", "medium", "large"):
+            torch.manual_seed(0)
+            transformers.LlamaForCausalLM(llama_config(name)).save_pretrained(Path(tmp) / name, max_shard_size="200MB")
+        for name, method in runs:
+            row = _run_child(
+                "streamed", name, method, str(Path(tmp) / name), str(Path(tmp) / f"o-{name}-{method}"), "4", "128"
+            )
+            measured[(name, method)] = row["peak"]
+            print(
+                f"  measured {name:<7} {method:<10} {row['peak'] / 2**20:7.1f} MiB ({row['seconds']:.0f} s)", flush=True
+            )
+
+    def args(name: str) -> tuple[int, int, int, int, int]:
+        c = CONFIGS[name]
+        return (
+            c["hidden_size"],
+            c["intermediate_size"],
+            c["num_attention_heads"],
+            c["num_key_value_heads"],
+            c["vocab_size"],
+        )
+
+    base = [predict(*args(n), 4, 4, 128, "magnitude") for n in FIT]
+    extra = [measured[(n, "magnitude")] - b["activations"] - b["inside"] for n, b in zip(FIT, base)]
+    k = (extra[1] - extra[0]) / (base[1]["block"] - base[0]["block"])
+    c = extra[0] - k * base[0]["block"]
+    print(f"  fitted on {FIT}: c = {c / 2**20:.1f} MiB, k = {k:.2f} x the block's weights")
+    for name, method in runs:
+        guess = predict(*args(name), 4, 4, 128, method, c=c, k=k)["peak"]
+        got = measured[(name, method)]
+        print(
+            f"  {name:<7} {method:<10} predicted {guess / 2**20:7.1f} MiB, measured {got / 2**20:7.1f} MiB: "
+            f"{guess / got:.2f}x" + ("  (fit)" if method == "magnitude" and name in FIT else "")
+        )
+
+
+def plan(c: float, k: float) -> None:
+    """LLaMA-70B (hidden 8192, 80 blocks, intermediate 28672, 64 heads, 8 kv heads, vocab 128256, bf16)."""
+    for label, ranks, batches in (("1 CPU process", 1, 128), ("4 GPUs", 4, 128), ("8 GPUs", 8, 128)):
+        p = predict(8192, 28672, 64, 8, 128256, 2, batches, 2048, "sparsegpt", ranks=ranks, c=c, k=k)
+        print(
+            f"  {label:<14} peak per rank {p['peak'] / 2**30:6.1f} GiB (block {p['block'] / 2**30:.2f} GiB, "
+            f"Hessian + solve {p['hessian'] / 2**30:.2f} GiB, activations {p['activations'] / 2**30:.2f} GiB)"
+        )
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, config, spec_name, ckpt, out, batches, seq = sys.argv[2:9]
@@ -376,7 +482,16 @@ def main() -> None:
     parser.add_argument("--ranks", action="store_true")
     parser.add_argument("--streamed", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", action="store_true", help="the memory model against measured peaks")
+    parser.add_argument("--with-large-sparsegpt", action="store_true", help="--model: SparseGPT on the large config")
+    parser.add_argument("--plan", nargs=2, type=float, metavar=("C_MIB", "K"), help="LLaMA-70B predictions")
     args = parser.parse_args()
+    if args.model:
+        model_check()
+        return
+    if args.plan:
+        plan(args.plan[0] * 2**20, args.plan[1])
+        return
     both = not (args.ranks or args.streamed)
     if args.ranks or both:
         ranks(args.quick)
