@@ -417,16 +417,19 @@ def structured(model: ByteGPT, held: torch.Tensor, calib: list[torch.Tensor], ex
     print("|---|---|---|---|---|---|---|---|")
     for label, kind, amount in SETTINGS:
         runs: list[tuple[str, Callable[[], tuple[nn.Module, float, int, float]]]] = [
-            ("FLAP + least-squares refit (reference)", lambda: (*flap_reference(model, calib, kind, amount, True), 0, math.nan)),
+            ("FLAP + least-squares refit (reference)",
+             lambda: (*flap_reference(model, calib, kind, amount, True), 0, math.nan)),
             ("FLAP (reference)", lambda: (*flap_reference(model, calib, kind, amount, False), 0, math.nan)),
         ]
         for importance in ("magnitude", "activation", "obs"):
             for rec in (False, True):
                 options = {"importance": importance, **({"reconstruct": True} if rec else {})}
                 runs.append((f"{importance}{' + reconstruct' if rec else ''}",
-                             lambda options=options: prune_channels(model, channel_spec(kind, amount, **options), calib, example, check)))
+                             lambda options=options: prune_channels(model, channel_spec(kind, amount, **options),
+                                                                    calib, example, check)))
         runs.append(("obs + reconstruct, sequential", lambda: prune_channels(
-            model, channel_spec(kind, amount, importance="obs", reconstruct=True, sequential=True), calib, example, check)))
+            model, channel_spec(kind, amount, importance="obs", reconstruct=True, sequential=True), calib, example,
+            check)))
         reference = math.nan
         for name, fn in runs:
             pruned, seconds, peak, diff = fn()

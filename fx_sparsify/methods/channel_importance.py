@@ -122,7 +122,8 @@ def register_channel_importance(name: str, *, calibrated: bool = True,
         if not callable(fn):
             raise TypeError(f"register_channel_importance({name!r}) decorates a function, got {type(fn).__name__}")
         if name in _IMPORTANCES and not override:
-            raise ValueError(f"a channel importance named {name!r} is already registered; pass override=True to replace it")
+            raise ValueError(f"a channel importance named {name!r} is already registered; "
+                             "pass override=True to replace it")
         _IMPORTANCES[name] = (fn, bool(calibrated))
         return fn
 

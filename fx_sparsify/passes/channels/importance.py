@@ -31,7 +31,8 @@ from .graph import Member
 from .masks import channel_masks, group_keeps, kept_units, magnitude_scores
 from .plan import ChannelGroup, ChannelPlan
 
-__all__ = ["ChannelStatsObserver", "paired_replay", "Consumer", "consumers_of", "insert_channel_observers", "channel_step", "step_channels",
+__all__ = ["ChannelStatsObserver", "paired_replay", "Consumer", "consumers_of", "insert_channel_observers",
+           "channel_step", "step_channels",
            "check_channel_calibration", "OBS_STEPS"]
 
 #: structured OBS removes this many blocks of units per group at most (1 unit per block below it)
@@ -176,7 +177,8 @@ def insert_channel_observers(gm: GraphModule, plan: ChannelPlan, aliases: Mappin
             rule = plan.rules[group.rule]  # type: ignore[index]
             observer = ChannelStatsObserver(None if consumer.unfold is None else dict(consumer.unfold),
                                             keep=rule.sequential and rule.reconstruct)
-            name = insert_observer(gm, index, consumer.layer, calls, observer, False, "channel_stats_observer")["observer"]
+            name = insert_observer(gm, index, consumer.layer, calls, observer, False,
+                                   "channel_stats_observer")["observer"]
             made[consumer.layer] = shared[key] = name
     return made
 
