@@ -187,6 +187,16 @@ def _cholesky_inverse(h: Tensor, who: str) -> Tensor:
     return torch.cholesky_inverse(factor)
 
 
+@dataclass
+class _Sweep:
+    """One consumer in the OBS sweep: its weight and H⁻¹ (updated in place), unit columns, live columns."""
+
+    w: Tensor
+    hinv: Tensor
+    cols: Tensor
+    live: int
+
+
 def obs_greedy(group: GroupStats, remove: int) -> tuple[list[int], list[float]]:
     """Greedy structured OBS: (units in removal order, the output error each removal added), ``remove`` units.
 
@@ -195,29 +205,30 @@ def obs_greedy(group: GroupStats, remove: int) -> tuple[list[int], list[float]]:
     """
     units = group.units
     remove = max(0, min(remove, units))
-    states = []
+    sweeps = []
     for c in group.consumers:
         h, w = damped_gram(c, group.damp)
-        states.append([w, _cholesky_inverse(h, f"obs importance on {c.name!r}"), c.columns.to(w.device), h.shape[0]])
+        hinv = _cholesky_inverse(h, f"obs importance on {c.name!r}")
+        sweeps.append(_Sweep(w, hinv, c.columns.to(w.device), h.shape[0]))
     alive = torch.ones(units, dtype=torch.bool)
     order: list[int] = []
     added: list[float] = []
     while len(order) < remove:
-        for state in states:  # drop removed columns once a quarter of the matrix is dead: later updates get cheaper
-            if state[3] < 0.75 * state[1].shape[0]:
-                state[:3] = _compact(state[0], state[1], state[2])
-                state[3] = state[1].shape[0]
+        for sw in sweeps:  # drop removed columns once a quarter of the matrix is dead: later updates get cheaper
+            if sw.live < 0.75 * sw.hinv.shape[0]:
+                sw.w, sw.hinv, sw.cols = _compact(sw.w, sw.hinv, sw.cols)
+                sw.live = sw.hinv.shape[0]
         err = torch.zeros(units, dtype=torch.float64)
-        for w, hinv, cols, _ in states:
-            err += _unit_errors(w, hinv, cols).cpu()
+        for sw in sweeps:
+            err += _unit_errors(sw.w, sw.hinv, sw.cols).cpu()
         err[~alive] = math.inf
         take = min(max(1, group.block), remove - len(order))
         chosen = torch.argsort(err, stable=True)[:take].tolist()
         joint = 0.0
-        for state in states:
-            w, hinv, cols, _ = state
-            q = cols[chosen].reshape(-1)
-            state[3] -= len(q)
+        for sw in sweeps:
+            w, hinv = sw.w, sw.hinv
+            q = sw.cols[chosen].reshape(-1)
+            sw.live -= len(q)
             hq_inv = torch.linalg.inv(hinv[q][:, q])
             wq = w[:, q]
             joint += float(((wq @ hq_inv) * wq).sum())
