@@ -91,6 +91,40 @@ def test_reconstruct_lowers_the_error_and_shrinks_exactly(case: str) -> None:
     assert errors["obs", True] <= errors["magnitude", True] * 1.0001, errors
 
 
+class TwoReaders(nn.Module):
+    """fc1's channels are read by two layers (and a residual add of their outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 32)
+        self.a = nn.Linear(32, 12)
+        self.b = nn.Linear(32, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(x))
+        return x + self.a(h) + torch.tanh(self.b(h))
+
+
+def test_a_group_with_two_consumers_refits_both() -> None:
+    torch.manual_seed(4)
+    model = TwoReaders().eval()
+    batches = [torch.randn(32, 12) for _ in range(3)]
+    errors = {}
+    for reconstruct in (False, True):
+        spec = {"channels": [{"target": "fc1", "sparsity": 0.5, "round_to": 1, "importance": "obs",
+                              "reconstruct": reconstruct}]}
+        sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
+        _calibrate(sgm, batches)
+        sgm.step()
+        small = sgm.squash(shrink=True)
+        with torch.no_grad():
+            assert float((small(batches[0]) - sgm(batches[0])).abs().max()) <= 1e-4
+        errors[reconstruct] = _error(sgm, model, batches)
+    assert errors[True] < errors[False]
+    rows = [line for line in sgm.report().splitlines() if "reconstructed" in line]
+    assert any(line.startswith("| a.weight") for line in rows) and any(line.startswith("| b.weight") for line in rows)
+
+
 def test_report_says_when_no_bias_took_the_mean() -> None:
     """A consumer without a bias (LLaMA's down projection) is refit without one, and the report says so."""
     batches = [torch.randn(16, 16) for _ in range(2)]
