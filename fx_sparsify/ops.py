@@ -251,6 +251,10 @@ def embedding_bag_masked(
     padding_idx: int | None = None,
 ) -> Tensor:
     """``F.embedding_bag`` of the masked table: mask the gathered rows, then pool them as bags."""
+    if offsets is not None and offsets.dim() == 1 and offsets.numel() > 1 and bool((offsets.diff() < 0).any()):
+        # torch pools such bags from memory it never wrote (NaN or garbage that changes from call to call)
+        raise ValueError(f"embedding_bag offsets must not decrease, got {offsets.tolist()[:16]}; "
+                         "each offset is where a bag starts in the flat input")
     table = _from_cache(weight, mask) if _cached(weight, mask) else None
     if table is not None:
         return F.embedding_bag(input, table, offsets, max_norm, norm_type, scale_grad_by_freq,
