@@ -75,6 +75,8 @@ class ChannelStatsObserver(HessianObserver):
 
     summed = ("cross",)  # all-reduced beside the statistic under torch.distributed (fx_sparsify.distributed)
 
+    summed = ("cross",)  # under a process group each rank pairs its own rows; the sums add (distributed.py)
+
     def __init__(self, unfold: dict[str, Any] | None = None, keep: bool = False) -> None:
         super().__init__(torch.float32, unfold=unfold, augment=True)
         self.keep = keep
