@@ -66,7 +66,7 @@ def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
     return y
 
 
-SHAPES = [(1, 1), (3, 7), (8, 8), (17, 33), (64, 64), (5, 130), (40, 257), (129, 1000)]
+SHAPES = [(1, 1), (3, 7), (8, 8), (17, 33), (64, 64), (5, 130), (40, 257), (129, 1000), (6, 4103)]  # 4103: batch 1 in tiles
 
 
 @needs_lib
