@@ -73,8 +73,6 @@ class ChannelStatsObserver(HessianObserver):
     runs them again through the partly pruned module it sums ``cross = Σ [x', 1]ᵀ[x, 1]`` of the new rows
     ``x'`` against the kept ones, so the refit can aim at the calibration outputs (error correction)."""
 
-    summed = ("cross",)  # all-reduced beside the statistic under torch.distributed (fx_sparsify.distributed)
-
     summed = ("cross",)  # under a process group each rank pairs its own rows; the sums add (distributed.py)
 
     def __init__(self, unfold: dict[str, Any] | None = None, keep: bool = False) -> None:
