@@ -90,8 +90,8 @@ MODEL_MARGIN = 0.8
 #: on an AMD EPYC (Zen 4, AVX-512) with one thread: the kernel is bound by its 16-column steps as much as
 #: by its bytes, so the time falls slower than the byte ratio. Past the largest batch listed: dense.
 MODEL: dict[torch.dtype, tuple[tuple[int, float, float], ...]] = {
-    torch.float32: ((1, 0.25, 1.0), (8, 0.35, 0.6)),
-    torch.bfloat16: ((1, 0.45, 0.8),),
+    torch.float32: ((1, 0.25, 1.0), (8, 0.22, 0.4)),
+    torch.bfloat16: ((1, 0.15, 0.8),),
 }
 #: the model's time multiplied by this on the slower kernel paths
 ISA_FACTOR = {"avx512": 1.0, "avx2": 1.15, "portable": 3.0}
