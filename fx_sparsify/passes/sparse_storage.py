@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 from torch import Tensor, nn
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from .. import _native
 from .._bitmask import MODEL_MARGIN, BitmaskLinear, modelled_ratio
@@ -57,6 +57,7 @@ from ..state import SparsityState
 from ._runner import PassResult, eliminate_dead_code, finish
 from ._semi_structured import SemiStructuredLinear, semi_structured_problem
 from ._sparse_linear import KERNEL_DTYPES, SparseLinear
+from .storage_sites import FUNCTION_SITES, Site, check_uses, function_sites, module_sites
 
 __all__ = [
     "STORAGES",
@@ -79,23 +80,6 @@ MARGIN = 0.9
 #: below this fraction of zeros not even the bitmask kernel can pay (its byte ratio is ~0.78x at 25 %)
 BITMASK_MIN_SPARSITY = 0.25
 
-#: classes (module.qualname) whose weight is [in, out] and forward x @ W + b: bitmask storage only
-TRANSPOSED_MODULES = ("transformers.pytorch_utils.Conv1D",)
-#: export-captured functions that multiply by a transposed weight (the Conv1D's addmm)
-TRANSPOSED_FUNCTIONS = (torch.ops.aten.addmm.default,)
-#: module type → number of spatial dims (0: Linear)
-MODULE_SITES: dict[type[nn.Module], int] = {nn.Linear: 0, nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-#: export-captured function → (spatial dims, positions of (input, weight, bias),
-#: positions of (stride, padding, dilation, groups))
-FUNCTION_SITES: dict[Any, tuple[int, tuple[int, int, int], tuple[int, int, int, int] | None]] = {
-    torch.ops.aten.linear.default: (0, (0, 1, 2), None),
-    torch.ops.aten.addmm.default: (0, (1, 2, 0), None),  # GPT-2's Conv1D under export: addmm(b, x, W[in, out])
-    torch.ops.aten.conv1d.default: (1, (0, 1, 2), (3, 4, 5, 6)),
-    torch.ops.aten.conv2d.default: (2, (0, 1, 2), (3, 4, 5, 6)),
-    torch.ops.aten.conv3d.default: (3, (0, 1, 2), (3, 4, 5, 6)),
-}
-
-
 @dataclass(frozen=True)
 class StorageChoice:
     """What ``squash(storage=...)`` did with one layer, and why."""
@@ -113,118 +97,6 @@ class StorageResult(PassResult):
     """:class:`PassResult` of :func:`apply_sparse_storage`, with the decision for every layer considered."""
 
     choices: list[StorageChoice] = field(default_factory=list)
-
-
-# --- finding the layers -----------------------------------------------------------------------------------
-@dataclass
-class _Site:
-    """One layer that may take sparse storage: its module path, weight, bias and graph nodes."""
-
-    layer: str
-    weight: Tensor
-    bias: Tensor | None
-    spatial: int
-    nodes: list[Node]
-    problem: str | None = None  # why it must stay dense, when it must
-    transposed: bool = False  # GPT-2's Conv1D: the weight is [in, out] and the layer computes x @ W + b
-
-
-def _conv_problem(kernel: tuple[int, ...], stride: Any, padding: Any, groups: int) -> str | None:
-    ones = tuple(int(s) for s in (stride if isinstance(stride, (tuple, list)) else [stride]))
-    pads = padding if isinstance(padding, str) else tuple(int(p) for p in (padding if isinstance(padding, (tuple, list)) else [padding]))
-    if any(k != 1 for k in kernel):
-        return f"a {'x'.join(map(str, kernel))} conv (only 1x1 convs are matrix products)"
-    if any(s != 1 for s in ones):
-        return f"stride {ones} (only stride 1)"
-    if not (pads in ("valid", "same") or all(p == 0 for p in pads)):
-        return f"padding {pads} (only unpadded 1x1 convs)"
-    if groups != 1:
-        return f"groups={groups} (only one group)"
-    return None
-
-
-def _module_sites(gm: GraphModule) -> dict[str, _Site]:
-    sites: dict[str, _Site] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module: Any = gm.get_submodule(node.target)  # a Linear / Conv (MODULE_SITES)
-        spatial = MODULE_SITES.get(type(module))
-        transposed = f"{type(module).__module__}.{type(module).__qualname__}" in TRANSPOSED_MODULES
-        if spatial is None and not transposed:
-            continue
-        site = sites.get(node.target)
-        if site is None:
-            site = sites[node.target] = _Site(node.target, module.weight, module.bias, spatial or 0, [],
-                                              transposed=transposed)
-            if spatial:
-                site.problem = _conv_problem(module.kernel_size, module.stride, module.padding, module.groups)
-            if module._forward_hooks or module._forward_pre_hooks:
-                site.problem = "the layer has forward hooks"
-        site.nodes.append(node)
-    return sites
-
-
-def _function_sites(gm: GraphModule) -> dict[str, _Site]:
-    """Export captures call ``aten.linear`` / ``aten.convNd`` on ``get_attr`` weights of a holder module."""
-    sites: dict[str, _Site] = {}
-    for node in gm.graph.nodes:
-        entry = FUNCTION_SITES.get(node.target) if node.op == "call_function" else None
-        if entry is None:
-            continue
-        spatial, (_, wi, bi), conv = entry
-        w = node.args[wi] if len(node.args) > wi else None
-        b = node.args[bi] if len(node.args) > bi else node.kwargs.get("bias")
-        if not (isinstance(w, Node) and w.op == "get_attr" and str(w.target).endswith(".weight")):
-            continue
-        layer = str(w.target)[: -len(".weight")]
-        if b is not None and not (isinstance(b, Node) and b.op == "get_attr" and b.target == f"{layer}.bias"):
-            continue
-        transposed = node.target in TRANSPOSED_FUNCTIONS
-        if transposed and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or w.meta.get(
-                "val") is not None and w.meta["val"].dim() != 2):
-            continue
-        site = sites.get(layer)
-        if site is None:
-            holder: Any = gm.get_submodule(layer)
-            site = sites[layer] = _Site(layer, holder.weight, getattr(holder, "bias", None), spatial, [],
-                                        transposed=transposed)
-            others = [n for n, _ in holder.named_children()] + [
-                n for n, _ in [*holder.named_parameters(recurse=False), *holder.named_buffers(recurse=False)]
-                if n not in ("weight", "bias")]
-            if others:
-                site.problem = f"{layer!r} holds more than the layer's weight and bias ({', '.join(others[:3])})"
-        if site.spatial != spatial or site.transposed != transposed:
-            site.problem = f"{layer!r} is used both as a linear layer and as a conv (or a Conv1D)"
-        if conv is not None:
-            si, pi, _, gi = conv
-            args = list(node.args) + [None] * 7
-            problem = _conv_problem(tuple(site.weight.shape[2:]), args[si] if args[si] is not None else 1,
-                                    args[pi] if args[pi] is not None else 0, args[gi] if args[gi] is not None else 1)
-            site.problem = site.problem or problem
-        site.nodes.append(node)
-    return sites
-
-
-def _check_uses(gm: GraphModule, sites: dict[str, _Site]) -> None:
-    """A weight read anywhere but its layer's calls, or shared with another name, keeps its layer dense."""
-    site_nodes = {n for s in sites.values() for n in s.nodes}
-    for node in gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        layer, _, attr = node.target.rpartition(".")
-        site = sites.get(layer)
-        if site is None or attr not in ("weight", "bias"):
-            continue
-        if any(user not in site_nodes for user in node.users):
-            site.problem = site.problem or f"its {attr} is read outside the layer call"
-    owners: dict[int, list[str]] = {}
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
-    for site in sites.values():
-        names = owners.get(id(site.weight), [])
-        if len(names) > 1:
-            site.problem = site.problem or f"its weight is tied to {', '.join(n for n in names if n != site.layer + '.weight')}"
 
 
 # --- deciding -------------------------------------------------------------------------------------------
@@ -295,7 +167,7 @@ def _bitmask_problem(weight: Tensor) -> str | None:
     return None
 
 
-def _recorded(site: _Site, wanted: str, weight: Tensor, zeros: float) -> tuple[nn.Module | None, StorageChoice]:
+def _recorded(site: Site, wanted: str, weight: Tensor, zeros: float) -> tuple[nn.Module | None, StorageChoice]:
     """A layer in the storage a previous squash recorded for it (``squash(storage=choices)``)."""
     shape = tuple(weight.shape)
     why = "recorded choice"
@@ -314,7 +186,7 @@ def _recorded(site: _Site, wanted: str, weight: Tensor, zeros: float) -> tuple[n
                      "cannot take now (its zeros no longer form those blocks); record the choices again")
 
 
-def _transposed(site: _Site, storage: str, batch_size: int, recorded: dict[str, str] | None, weight: Tensor,
+def _transposed(site: Site, storage: str, batch_size: int, recorded: dict[str, str] | None, weight: Tensor,
                 zeros: float) -> tuple[nn.Module | None, StorageChoice]:
     """A GPT-2 ``Conv1D`` (weight ``[in, out]``, ``x @ W + b``): bitmask storage or dense (the CSR / BSR layer
     takes ``[out, in]`` weights)."""
@@ -344,7 +216,7 @@ def _transposed(site: _Site, storage: str, batch_size: int, recorded: dict[str, 
     return None, StorageChoice(site.layer, shape, zeros, "dense", why + f" (sparse only at <= {margin}x)", ratio)
 
 
-def _decide(site: _Site, storage: str, batch_size: int, masked: bool,
+def _decide(site: Site, storage: str, batch_size: int, masked: bool,
             recorded: dict[str, str] | None = None) -> tuple[nn.Module | None, StorageChoice]:
     weight = site.weight.detach()
     shape = tuple(weight.shape)
@@ -467,8 +339,8 @@ def apply_sparse_storage(gm: GraphModule, state: SparsityState, storage: Any = "
     masked = {r.param for r in state.targets.values() if r.kind == "weight" and r.param}
     if storage == "semi_structured":
         return _apply_semi_structured(gm, masked)
-    sites = {**_module_sites(gm), **_function_sites(gm)}
-    _check_uses(gm, sites)
+    sites = {**module_sites(gm), **function_sites(gm)}
+    check_uses(gm, sites)
     stale = sorted(set(recorded or ()) - set(sites))
     if stale:
         raise ValueError(f"squash(storage=choices): the recorded layers {stale[:5]} are not linear / 1x1 conv layers "
@@ -497,8 +369,8 @@ def _apply_semi_structured(gm: GraphModule, masked: set[str]) -> StorageResult:
 
     All layers are checked (CUDA, float16 / bfloat16, 2:4) and converted before any is installed.
     """
-    sites = {**_module_sites(gm), **_function_sites(gm)}
-    _check_uses(gm, sites)
+    sites = {**module_sites(gm), **function_sites(gm)}
+    check_uses(gm, sites)
     linear = {layer: site for layer, site in sites.items()
               if f"{layer}.weight" in masked and not site.spatial and not site.transposed}
     off_gpu = sorted({site.weight.device.type for site in linear.values() if site.weight.device.type != "cuda"})
@@ -540,7 +412,7 @@ def _apply_semi_structured(gm: GraphModule, masked: set[str]) -> StorageResult:
     return _result(gm, created, choices)
 
 
-def _install(gm: GraphModule, site: _Site, layer: nn.Module) -> None:
+def _install(gm: GraphModule, site: Site, layer: nn.Module) -> None:
     """Put ``layer`` at the site's path and make every call of the site a ``call_module`` of it."""
     owner, _, leaf = site.layer.rpartition(".")
     gm.get_submodule(owner).add_module(leaf, layer)
