@@ -34,7 +34,6 @@ import atexit
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,6 @@ from torch import Tensor, nn
 
 from . import _native
 from ._bitmask import install_from_checkpoint
-from ._caller import user_stacklevel
 from ._checkpoint import INDEX
 from ._checkpoint_files import ZSTD_MAGIC, decompress, read_header, write_atomically, zstandard
 
@@ -213,13 +211,10 @@ def _prefix(name: str) -> str:
 def _state_of(obj: nn.Module | Mapping[str, Any]) -> Mapping[str, Any]:
     state = vars(obj).get("_fxs") if isinstance(obj, nn.Module) else None
     if state is not None and getattr(state.spec, "mode", "graph") != "inplace":  # a SparseGraphModule, graph mode
-        warnings.warn(
+        raise ValueError(
             "save_compressed(sgm): a sparse module's state dict holds its unpruned weights beside the masks, so "
-            "nothing is stored smaller; to ship the pruned model save save_compressed(sgm.squash(), path) (after "
-            "sgm.step()); to keep the sparse module resumable without this warning, save_compressed(sgm.state_dict(), "
-            "path)",
-            UserWarning,
-            stacklevel=user_stacklevel(),
+            "nothing would be stored smaller; to ship the pruned model, save_compressed(sgm.squash(), path) (after "
+            "sgm.step()); to keep the sparse module resumable, save_compressed(sgm.state_dict(), path)"
         )
     if isinstance(obj, nn.Module):
         return obj.state_dict()

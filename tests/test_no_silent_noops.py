@@ -88,17 +88,15 @@ def test_save_compressed_of_a_sparse_module_names_the_call_to_make(tmp_path) -> 
     """As the user hit it: save_compressed(sgm) wrote the unpruned weights plus the masks, without a word."""
     sgm = _sgm()
     sgm.step()
-    with pytest.warns(UserWarning, match=r"save_compressed\(sgm.squash\(\), path\)") as record:
-        fxs.save_compressed(sgm, tmp_path / "sgm.safetensors")  # still written: it resumes the sparse module
-    assert record[0].filename == __file__
+    with pytest.raises(ValueError, match=r"save_compressed\(sgm.squash\(\), path\)"):
+        fxs.save_compressed(sgm, tmp_path / "sgm.safetensors")
+    assert not (tmp_path / "sgm.safetensors").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fxs.save_compressed(sgm.state_dict(), tmp_path / "state.safetensors")  # the resumable form, said so
         fxs.save_compressed(sgm.squash(), tmp_path / "m.safetensors")  # the pruned model
     loaded = fxs.load_compressed(tmp_path / "m.safetensors")
     assert float((loaded["0.weight"] == 0).float().mean()) == 0.5
-    unpruned = fxs.load_compressed(tmp_path / "sgm.safetensors")  # what the warning is about
-    assert float((unpruned["0.weight"] == 0).float().mean()) == 0.0
 
 
 def test_a_compressed_checkpoint_gets_the_usual_file_mode(tmp_path) -> None:
