@@ -67,3 +67,25 @@ def test_a_step_without_solves_shows_nothing(no_tqdm: None, capsys: pytest.Captu
     sgm = fxs.sparsify_graph(_mlp(), spec, example_inputs=(torch.randn(2, 16),))
     sgm.step()
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_step_with_channel_reconstruction_shows_the_refits(
+    no_tqdm: None, sequential: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``reconstruct`` channels rule refits each group's consumers: one line per refit group."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    rule = {"sparsity": 0.5, "importance": "obs", "reconstruct": True, "sequential": sequential, "round_to": 1}
+    spec = {"channels": [{"target": "0", **rule}, {"target": "2", **rule}]}
+    x = torch.randn(64, 16)
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,))
+    with torch.no_grad():
+        sgm(x)
+    capsys.readouterr()
+    sgm.step()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == "step: reconstruct: 2/2 channels"
+    with torch.no_grad():
+        sgm(x)
+    sgm.step(verbose=False)
+    assert capsys.readouterr().err == ""

@@ -247,7 +247,8 @@ def _step_channels(work: StepWork, records: list[TargetRecord]) -> None:
     if plan is None:
         return
     masks, params = step_channels(work.gm, plan, {r.name: r.buffer for r in records}, state.steps,  # type: ignore[misc]
-                                  replay=lambda observers: replay_calibration(work.gm, state, observers))
+                                  replay=lambda observers: replay_calibration(work.gm, state, observers),
+                                  on_refit=lambda n: work.progress.update(n, "channels") if n else None)
     work.new_masks.update(masks)
     for name, value in params.items():
         (work.new_weights if name in state.targets else work.new_params)[name] = value
@@ -355,7 +356,11 @@ def update_masks(gm: GraphModule, state: SparsityState, verbose: bool = False) -
     check_calibrated(gm, state)
     work = StepWork(gm, state)
     solves = sum(1 for r in state.targets.values() if r.method in RECONSTRUCTING)
-    work.progress = progress(solves, "step: sparsegpt", enabled=verbose, unit="layer")
+    plan = state.channels
+    refits = 0 if plan is None else sum(
+        1 for g in plan.groups if g.rule is not None and g.removable and plan.rules[g.rule].reconstruct)
+    what = "step: sparsegpt" if not refits else "step: reconstruct" if not solves else "step: solves"
+    work.progress = progress(solves + refits, what, enabled=verbose, unit="layer" if not refits else "solve")
     strategies = list(STEP_STRATEGIES)
     claimed: dict[str, list[TargetRecord]] = {s.name: [] for s in strategies}
     rng = _rng_states(gm)  # a step that raises leaves every generator where it was

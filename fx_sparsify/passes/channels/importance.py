@@ -291,10 +291,12 @@ def _refits(gm: GraphModule, plan: ChannelPlan, groups: list[ChannelGroup], keep
 
 
 def step_channels(gm: GraphModule, plan: ChannelPlan, buffers: Mapping[str, str], steps: int,
-                  replay: Callable[[set[str]], None] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                  replay: Callable[[set[str]], None] | None = None, on_refit: Callable[[int], None] | None = None,
+                  ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """:func:`channel_step` for a sparse module: ``buffers`` maps each channels target (its parameter FQN) to
     its mask buffer. Sequential rules write their groups' masks and refits as they go; if anything
-    raises, every mask and parameter they wrote is put back before the error propagates."""
+    raises, every mask and parameter they wrote is put back before the error propagates. ``on_refit(n)``
+    is called as ``n`` more groups have been refit (progress)."""
     current = {name: gm.get_buffer(buffer) for name, buffer in buffers.items()}
     saved: dict[str, tuple[Tensor, bool]] = {}
 
@@ -309,7 +311,7 @@ def step_channels(gm: GraphModule, plan: ChannelPlan, buffers: Mapping[str, str]
             p.detach().copy_(value.to(device=p.device, dtype=p.dtype))
 
     try:
-        out = channel_step(gm, plan, plan.observers, current, steps, replay, write)
+        out = channel_step(gm, plan, plan.observers, current, steps, replay, write, on_refit)
         for name in set(plan.observers.values()):
             observer = gm.get_submodule(name)
             if isinstance(observer, ChannelStatsObserver):
@@ -324,7 +326,7 @@ def step_channels(gm: GraphModule, plan: ChannelPlan, buffers: Mapping[str, str]
 def channel_step(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str], masks: Mapping[str, Tensor],
                  steps: int, replay: Callable[[set[str]], None] | None = None,
                  write: Callable[[dict[str, Tensor], dict[str, Tensor]], None] | None = None,
-                 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                 on_refit: Callable[[int], None] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(parameter FQN → keep-mask, parameter FQN → refit value) for every channels rule.
 
     Rules with ``"sequential": true`` go last, one group at a time in graph order: ``write(masks, params)``
@@ -338,8 +340,11 @@ def channel_step(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str
     now = ChannelPlan([g for g in plan.groups if g.rule not in sequential], plan.rules)
     new_masks = channel_masks(gm, now, masks, steps, score)
     keeps = group_keeps(now, new_masks)
-    new_params = _refits(gm, plan, [g for g in now.groups if g.id in keeps and g.rule is not None], keeps, observers,
+    refit_now = [g for g in now.groups if g.id in keeps and g.rule is not None]
+    new_params = _refits(gm, plan, refit_now, keeps, observers,
                          masks)  # the target: the consumers' outputs as calibrated, before this step's masks
+    done = on_refit or (lambda n: None)
+    done(len([g for g in refit_now if plan.rules[g.rule].reconstruct]))  # type: ignore[index]
     later = [g for g in plan.groups if g.rule in sequential and g.removable]
     if not later:
         return new_masks, new_params
@@ -360,6 +365,7 @@ def channel_step(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str
         group_masks = channel_masks(gm, one, current, steps, _scorer(observers, steps, corrected))
         group_params = _refits(gm, plan, [g], group_keeps(one, group_masks), observers, current, corrected)
         write(group_masks, group_params)
+        done(1 if plan.rules[g.rule].reconstruct else 0)  # type: ignore[index]
         new_masks.update(group_masks)
         new_params.update(group_params)
     return new_masks, new_params
