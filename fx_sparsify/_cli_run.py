@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import inspect
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,79 +20,10 @@ import torch
 from torch import nn
 
 from . import _run_outputs as outputs
+from ._cli_model import Batch, UserError, build_model, load_factory, say
 from ._progress import progress
 
-__all__ = ["UserError", "Batch", "cmd_run", "parse_shape", "load_factory", "build_model", "save_weights", "say"]
-
-
-class UserError(Exception):
-    """A mistake in the command line or its files: exit status 2 with the message on stderr."""
-
-
-# --- run -------------------------------------------------------------------------------------------
-def load_factory(ref: str) -> Callable[..., Any]:
-    """``pkg.module:factory`` or ``path/to/file.py:factory`` → the callable."""
-    module_ref, sep, attr = ref.rpartition(":")
-    if not sep or not module_ref or not attr:
-        raise UserError(
-            f"--model {ref!r}: expected PKG.MODULE:FACTORY (e.g. torchvision.models:resnet18) "
-            "or path/to/file.py:FACTORY"
-        )
-    if module_ref.endswith(".py"):
-        path = Path(module_ref)
-        if not path.is_file():
-            raise UserError(f"--model {ref!r}: file {module_ref!r} does not exist")
-        name = f"_fx_sparsify_model_{path.stem}"  # never shadows an importable module of the same name
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses and pickling look the defining module up
-        sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(path.resolve().parent))
-    else:
-        if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m` does: modules in the working directory
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_ref)
-        except ModuleNotFoundError as err:
-            raise UserError(
-                f"--model {ref!r}: cannot import {module_ref!r} ({err}); check the module path "
-                "and that its package is installed, or give path/to/file.py:FACTORY"
-            ) from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        raise UserError(
-            f"--model {ref!r}: {module_ref} has no callable {attr!r}; callables there: "
-            f"{', '.join(names[:12]) or '(none)'}"
-        )
-    return factory  # type: ignore[no-any-return]
-
-
-def build_model(ref: str, kwargs_json: str | None) -> nn.Module:
-    kwargs: Any = {}
-    if kwargs_json:
-        try:
-            kwargs = json.loads(kwargs_json)
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"--model-kwargs: not valid JSON ({err.msg} at column {err.colno}): {kwargs_json!r}"
-            ) from None
-        if not isinstance(kwargs, dict):
-            raise UserError(
-                f"--model-kwargs: expected a JSON object such as '{{\"num_classes\": 10}}', got {kwargs_json!r}"
-            )
-    factory = load_factory(ref)
-    try:
-        model = factory(**kwargs)
-    except TypeError as err:
-        raise UserError(f"--model {ref!r}: calling the factory with {kwargs} failed: {err}") from None
-    if not isinstance(model, nn.Module):
-        raise UserError(f"--model {ref!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+__all__ = ["cmd_run", "parse_shape", "save_weights"]
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -107,9 +35,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise UserError(f"--input {text!r}: every dimension must be a positive integer")
     return shape
-
-
-Batch = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def as_batch(item: Any, where: str) -> Batch:
@@ -150,11 +75,6 @@ def batches(args: argparse.Namespace) -> tuple[Batch, Callable[[int], Batch]]:
         return tuple(torch.randn(s, generator=generator) for s in shapes), {}
 
     return random_batch(0), random_batch
-
-
-def say(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
-        print(message, file=sys.stderr, flush=True)
 
 
 def squash_options(sgm: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ._checkpoint import Checkpoint
-from ._cli_run import Batch, UserError, build_model, say
+from ._cli_model import Batch, UserError, build_model, say
 from ._progress import Progress, progress
 
 __all__ = ["load_weights", "run_streamed"]

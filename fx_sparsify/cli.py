@@ -28,7 +28,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import _run_outputs as outputs
-from ._cli_run import UserError, cmd_run
+from ._cli_model import UserError
+from ._cli_run import cmd_run
 
 __all__ = ["main", "build_parser", "UserError"]
 

@@ -104,6 +104,11 @@ def test_the_cycle_finder_finds_a_circle():  # the circle test cannot pass by a 
     assert _cycles(graph) == [["a", "b", "c"]] and _cycles({"a": {"b"}, "b": set()}) == []
 
 
+def test_the_package_has_no_import_circle():
+    graph = {name: {m for _, m, _, _ in _package_imports(name) if m in MODULES and m != name} for name in MODULES}
+    assert _cycles(graph) == []
+
+
 def test_no_private_name_is_imported_from_another_module():
     crossing = [
         f"{MODULES[name].relative_to(ROOT)}:{line} imports {source}.{imported}"
