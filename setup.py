@@ -6,5 +6,13 @@ numpy paths (same results, slower: see ``fx_sparsify/_native.py``).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("fx_sparsify._kernels", ["fx_sparsify/_kernels.c"], optional=True,
-                             extra_compile_args=["-O3", "-ffp-contract=off"])])
+setup(
+    ext_modules=[
+        Extension(
+            "fx_sparsify._kernels",
+            ["fx_sparsify/_kernels.c"],
+            optional=True,
+            extra_compile_args=["-O3", "-ffp-contract=off"],
+        )
+    ]
+)

@@ -45,10 +45,21 @@ def main() -> None:
     ref_model = copy.deepcopy(model)
     sparsifier = ActivationSparsifier(ref_model)
     for layer in ref_model:
-        sparsifier.register_layer(layer, aggregate_fn=lambda a, b: a + b, reduce_fn=lambda t: t.mean(0),
-                                  mask_fn=lambda t, threshold: (t.abs() >= threshold).float(), threshold=0.1)
-    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "type:Linear", "aggregate": "sum", "reduce": "mean",
-                                                      "mask": "threshold", "threshold": 0.1}]})
+        sparsifier.register_layer(
+            layer,
+            aggregate_fn=lambda a, b: a + b,
+            reduce_fn=lambda t: t.mean(0),
+            mask_fn=lambda t, threshold: (t.abs() >= threshold).float(),
+            threshold=0.1,
+        )
+    sgm = fxs.sparsify_graph(
+        model,
+        {
+            "activations": [
+                {"target": "type:Linear", "aggregate": "sum", "reduce": "mean", "mask": "threshold", "threshold": 0.1}
+            ]
+        },
+    )
     observers = [m for m in sgm.modules() if isinstance(m, fxs.observer.ActivationObserver)]
     with torch.no_grad():
         plain = timed(lambda: model(x), repeats, inner)
@@ -58,15 +69,19 @@ def main() -> None:
             obs.enabled = False
         mask_only = timed(lambda: sgm(x), repeats, inner)
     per = lambda t: (t - plain) / layers * 1e6  # noqa: E731
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{layers} Linear({width}, {width}) layers, batch {batch}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{layers} Linear({width}, {width}) layers, batch {batch}"
+    )
     print("| forward (no_grad) | median | vs plain | extra per observed layer |")
     print("|---|---:|---:|---:|")
     print(f"| plain | {plain * 1e6:.0f} µs | 1.00x | – |")
     print(f"| ActivationSparsifier hooks | {ref * 1e6:.0f} µs | {ref / plain:.2f}x | {per(ref):.1f} µs |")
     print(f"| fx_sparsify observer + mask node | {ours * 1e6:.0f} µs | {ours / plain:.2f}x | {per(ours):.1f} µs |")
-    print(f"| fx_sparsify mask node only (observers off) | {mask_only * 1e6:.0f} µs | {mask_only / plain:.2f}x | "
-          f"{per(mask_only):.1f} µs |")
+    print(
+        f"| fx_sparsify mask node only (observers off) | {mask_only * 1e6:.0f} µs | {mask_only / plain:.2f}x | "
+        f"{per(mask_only):.1f} µs |"
+    )
     print(f"\nobserver alone: {(ours - mask_only) / layers * 1e6:.1f} µs per observed layer per forward (target <= 15)")
 
 

@@ -122,12 +122,16 @@ def main() -> None:
     only_ties = bool((scores[diff_blocks] == kth).all())
     exact_identical = torch.equal(ours_exact.get_mask("emb"), ref_mask)
     if not (only_ties and exact_identical):
-        raise SystemExit(f"mask mismatch: differences only at ties={only_ties}, tie_break='reference' identical={exact_identical}")
+        raise SystemExit(
+            f"mask mismatch: differences only at ties={only_ties}, tie_break='reference' identical={exact_identical}"
+        )
 
     m_ref, m_ours = _child("reference", rows), _child("ours", rows)
     table_mib = rows * DIM * 4 / 2**20
-    print(f"\nDataNormSparsifier.step() on EmbeddingBag({rows:_}, {DIM}) (table {table_mib:.0f} MiB), "
-          f"{CONFIG}, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}\n")
+    print(
+        f"\nDataNormSparsifier.step() on EmbeddingBag({rows:_}, {DIM}) (table {table_mib:.0f} MiB), "
+        f"{CONFIG}, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}\n"
+    )
     print("| implementation | step time (s) | speed-up | peak extra memory (MiB) | vs reference | masks |")
     print("|---|---:|---:|---:|---:|---|")
     print(f"| torch.ao.pruning DataNormSparsifier | {t_ref:.3f} | 1.0x | {m_ref:.0f} | 100% | reference |")
@@ -137,7 +141,7 @@ def main() -> None:
         f"tied exactly at the threshold |"
     )
     print(
-        f"| fx_sparsify.data.DataNormSparsifier(tie_break=\"reference\") | {t_exact:.3f} | {t_ref / t_exact:.1f}x "
+        f'| fx_sparsify.data.DataNormSparsifier(tie_break="reference") | {t_exact:.3f} | {t_ref / t_exact:.1f}x '
         f"| – | – | bit-identical: {exact_identical} |"
     )
 

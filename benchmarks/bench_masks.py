@@ -170,7 +170,9 @@ def main() -> None:
     print("| case | reference (s) | ours (s) | speed-up | same masks | our peak extra memory |")
     print("|---|---|---|---|---|---|")
     for name, t_ref, t_ours, same, mem in rows:
-        print(f"| {name} | {t_ref:.3f} | {t_ours:.3f} | {t_ref / t_ours:.1f}x | {'yes' if same else 'NO'} | {mem:.2f}x |")
+        print(
+            f"| {name} | {t_ref:.3f} | {t_ours:.3f} | {t_ref / t_ours:.1f}x | {'yes' if same else 'NO'} | {mem:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,13 @@ from torch import nn
 from _memory import reset_peak, status  # noqa: E402  (benchmarks/ is on sys.path)
 
 GOALS = {"ours default": 2.3, "ours inplace=True": 1.35, "ours inplace + mode inplace": 0.35}
-PIPELINES = ("ours default", "ours inplace=True", "ours inplace + mode inplace", "torch.nn.utils.prune",
-             "torch.ao.pruning")
+PIPELINES = (
+    "ours default",
+    "ours inplace=True",
+    "ours inplace + mode inplace",
+    "torch.nn.utils.prune",
+    "torch.ao.pruning",
+)
 SPEC: dict[str, Any] = {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]}
 
 
@@ -79,7 +84,9 @@ def _ao(model: nn.Module, x: torch.Tensor) -> list[Any]:
     from torch.ao.pruning import WeightNormSparsifier
 
     sparsifier = WeightNormSparsifier(sparsity_level=0.5)
-    sparsifier.prepare(model, [{"tensor_fqn": f"{n}.weight"} for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+    sparsifier.prepare(
+        model, [{"tensor_fqn": f"{n}.weight"} for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    )
     sparsifier.step()
     with torch.no_grad():
         model(x)
@@ -128,12 +135,23 @@ def llama(seq: int = 128, batches: int = 4, hidden: int = 2048, layers: int = 22
         start = time.perf_counter()
         out = fn()
         times[name] = time.perf_counter() - start
-        print(f"  {name:<12} {times[name]:8.1f} s   RSS {status('VmRSS') / 2**30:6.2f} GiB   "
-              f"peak {status('VmHWM') / 2**30:6.2f} GiB", flush=True)
+        print(
+            f"  {name:<12} {times[name]:8.1f} s   RSS {status('VmRSS') / 2**30:6.2f} GiB   "
+            f"peak {status('VmHWM') / 2**30:6.2f} GiB",
+            flush=True,
+        )
         return out
 
-    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate, num_attention_heads=32,
-                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, torch_dtype="bfloat16")
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=intermediate,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        torch_dtype="bfloat16",
+    )
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly (no fp32 copy of 1.1 B parameters)
@@ -147,16 +165,31 @@ def llama(seq: int = 128, batches: int = 4, hidden: int = 2048, layers: int = 22
     base = status("VmRSS")  # the process with its model; the peak from here on
     reset_peak()
     ids = torch.randint(0, cfg.vocab_size, (1, seq))
-    spec = {"weights": [{"target": "re:model\\.layers\\.\\d+\\..*proj", "method": "l1_unstructured", "sparsity": 0.5,
-                         "scores": "wanda"}], "mode": "inplace"}
-    sgm = stage("capture", lambda: fxs.sparsify_graph(model, spec, example_kwargs={"input_ids": ids, "use_cache": False},
-                                                      capture="export", inplace=True))
+    spec = {
+        "weights": [
+            {
+                "target": "re:model\\.layers\\.\\d+\\..*proj",
+                "method": "l1_unstructured",
+                "sparsity": 0.5,
+                "scores": "wanda",
+            }
+        ],
+        "mode": "inplace",
+    }
+    sgm = stage(
+        "capture",
+        lambda: fxs.sparsify_graph(
+            model, spec, example_kwargs={"input_ids": ids, "use_cache": False}, capture="export", inplace=True
+        ),
+    )
 
     def calibrate() -> None:
         with torch.no_grad():
             for i in range(batches):
-                sgm(input_ids=torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(i)),
-                    use_cache=False)
+                sgm(
+                    input_ids=torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(i)),
+                    use_cache=False,
+                )
 
     stage("calibrate", calibrate)
     stage("step", sgm.step)
@@ -164,16 +197,21 @@ def llama(seq: int = 128, batches: int = 4, hidden: int = 2048, layers: int = 22
     with tempfile.TemporaryDirectory() as tmp:
         stage("save", lambda: fxs.save_compressed(out, os.path.join(tmp, "model.safetensors")))
     peak = status("VmHWM")
-    print(f"  peak RSS {peak / 2**30:.2f} GiB; peak extra above the process with its model "
-          f"{(peak - base) / size:.2f}x the model; total {sum(times.values()):.0f} s")
+    print(
+        f"  peak RSS {peak / 2**30:.2f} GiB; peak extra above the process with its model "
+        f"{(peak - base) / size:.2f}x the model; total {sum(times.values()):.0f} s"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dim", type=int, default=4096)
-    parser.add_argument("--quick", action="store_true", help="8 x Linear(2048, 2048): fixed-size chunk "
-                        "temporaries weigh more against a smaller model")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="8 x Linear(2048, 2048): fixed-size chunk temporaries weigh more against a smaller model",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per pipeline (median)")
     parser.add_argument("--only", nargs="*", choices=PIPELINES, help="run only these pipelines")
     parser.add_argument("--llama", action="store_true", help="also the ~1.1 B LLaMA pipeline (slow, needs [models])")
@@ -188,8 +226,12 @@ def main() -> None:
     for name in args.only or PIPELINES:
         results = []
         for _ in range(args.repeats):
-            proc = subprocess.run([sys.executable, __file__, "--child", name, "--layers", str(args.layers),
-                                   "--dim", str(args.dim)], capture_output=True, text=True, check=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", name, "--layers", str(args.layers), "--dim", str(args.dim)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         results.sort(key=lambda r: r["extra"])
         r = results[len(results) // 2]
@@ -197,8 +239,10 @@ def main() -> None:
         rows.append((name, r["extra"], goal, r["seconds"]))
         verdict = "" if goal is None else f"goal <= {goal:.2f}x {'met' if r['extra'] <= goal else 'MISSED'}"
         print(f"{name:<30} {r['extra']:5.2f}x  {verdict:<22} {r['seconds']:6.2f} s", flush=True)
-    print(f"\nmodel: {args.layers} x Linear({args.dim}, {args.dim}) float32 = {r['model_mib']:.0f} MiB; "
-          "extra = peak RSS above the process with its model, as a multiple of the model")
+    print(
+        f"\nmodel: {args.layers} x Linear({args.dim}, {args.dim}) float32 = {r['model_mib']:.0f} MiB; "
+        "extra = peak RSS above the process with its model, as a multiple of the model"
+    )
     print("\n| pipeline | peak extra memory | goal |\n|---|---|---|")
     for name, extra, goal, _ in rows:
         print(f"| {name} | {extra:.2f} × | {'≤ %.2f ×' % goal if goal else ''} |")

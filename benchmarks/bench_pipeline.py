@@ -88,8 +88,9 @@ def ratio_rows(results: dict[str, float], base: str, notes: dict[str, str] | Non
 def check_close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     """Each contender must compute its masked model; a wrong one would make its timing meaningless."""
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-        raise AssertionError(f"{name}: output differs from its masked reference (max abs diff "
-                             f"{(got - want).abs().max().item():.3g})")
+        raise AssertionError(
+            f"{name}: output differs from its masked reference (max abs diff {(got - want).abs().max().item():.3g})"
+        )
 
 
 def folded(model: nn.Module, plain: nn.Module) -> nn.Module:
@@ -101,7 +102,9 @@ def folded(model: nn.Module, plain: nn.Module) -> nn.Module:
     ref = copy.deepcopy(plain)
     with torch.no_grad():
         for fqn, module in model.named_modules():
-            names = [h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
+            names = [
+                h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)
+            ]
             for name in names:
                 masked = getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask")
                 ref.get_submodule(fqn).get_parameter(name).copy_(masked)
@@ -160,8 +163,11 @@ def bench_mlp(s: Sizes) -> str:
     plain = nn.Sequential(*layers)
     linears = [n for n, m in plain.named_modules() if isinstance(m, nn.Linear)]
     x = torch.randn(s.mlp_batch, s.mlp_width)
-    models = {"plain": plain, "prune": with_prune(plain, [(m, "weight") for m in linears]),
-              "ao (parametrize)": with_ao(plain, linears)}
+    models = {
+        "plain": plain,
+        "prune": with_prune(plain, [(m, "weight") for m in linears]),
+        "ao (parametrize)": with_ao(plain, linears),
+    }
     models["ours (unsquashed)"], models["ours (squashed)"] = with_ours(plain, linear_spec())
 
     for model in models.values():
@@ -172,6 +178,7 @@ def bench_mlp(s: Sizes) -> str:
         def run() -> object:
             with torch.no_grad():
                 return model(x)
+
         return run
 
     evals = interleaved({name: forward(m) for name, m in models.items()}, s.repeats)
@@ -187,6 +194,7 @@ def bench_mlp(s: Sizes) -> str:
             loss.backward()
             opt.step()
             return loss
+
         return run
 
     for model in models.values():
@@ -196,10 +204,20 @@ def bench_mlp(s: Sizes) -> str:
     notes = {"ours (unsquashed)": "target <= 1.10x (eval)", "ours (squashed)": "target 1.00x (eval)"}
     rows = []
     for name in models:
-        rows.append([name, fmt_ms(evals[name]), f"{evals[name] / evals['plain']:.2f}x",
-                     fmt_ms(trains[name]), f"{trains[name] / trains['plain']:.2f}x", notes.get(name, "")])
-    title = (f"### 1. MLP: {s.mlp_layers} x Linear({s.mlp_width}, {s.mlp_width}), batch {s.mlp_batch}\n\n"
-             "Eval forward under `torch.no_grad`; training step = zero_grad + forward + MSE backward + SGD step.\n\n")
+        rows.append(
+            [
+                name,
+                fmt_ms(evals[name]),
+                f"{evals[name] / evals['plain']:.2f}x",
+                fmt_ms(trains[name]),
+                f"{trains[name] / trains['plain']:.2f}x",
+                notes.get(name, ""),
+            ]
+        )
+    title = (
+        f"### 1. MLP: {s.mlp_layers} x Linear({s.mlp_width}, {s.mlp_width}), batch {s.mlp_batch}\n\n"
+        "Eval forward under `torch.no_grad`; training step = zero_grad + forward + MSE backward + SGD step.\n\n"
+    )
     del models
     gc.collect()
     return title + table(["model", "eval ms", "eval vs plain", "train step ms", "train vs plain", "note"], rows)
@@ -214,14 +232,23 @@ def bench_transformer(s: Sizes) -> str:
     prune_params = []
     for i in range(s.tf_layers):
         p = f"layers.{i}"
-        prune_params += [(f"{p}.self_attn", "in_proj_weight"), (f"{p}.self_attn.out_proj", "weight"),
-                         (f"{p}.linear1", "weight"), (f"{p}.linear2", "weight")]
-    spec = {"weights": [{"target": f"{m}.{t}" if t != "weight" else m, "method": "l1_unstructured",
-                         "sparsity": SPARSITY} for m, t in prune_params]}
+        prune_params += [
+            (f"{p}.self_attn", "in_proj_weight"),
+            (f"{p}.self_attn.out_proj", "weight"),
+            (f"{p}.linear1", "weight"),
+            (f"{p}.linear2", "weight"),
+        ]
+    spec = {
+        "weights": [
+            {"target": f"{m}.{t}" if t != "weight" else m, "method": "l1_unstructured", "sparsity": SPARSITY}
+            for m, t in prune_params
+        ]
+    }
     models: dict[str, nn.Module] = {"plain": plain, "prune": with_prune(plain, prune_params).eval()}
     models["plain (exported graph)"] = torch.export.export(plain, (x,)).module()
-    models["ours (unsquashed)"], models["ours (squashed)"] = with_ours(plain, spec, capture="export",
-                                                                       example_inputs=(x,))
+    models["ours (unsquashed)"], models["ours (squashed)"] = with_ours(
+        plain, spec, capture="export", example_inputs=(x,)
+    )
 
     for fastpath in (True, False):  # prune's hooks must run on both paths
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -232,28 +259,35 @@ def bench_transformer(s: Sizes) -> str:
         def run() -> object:
             with torch.no_grad():
                 return model(x)
+
         return run
 
     out = []
     for fastpath in (True, False):
         torch.backends.mha.set_fastpath_enabled(fastpath)
         res = interleaved({name: forward(m) for name, m in models.items()}, s.repeats)
-        notes = {"plain (exported graph)": "the aten graph that export capture yields, unmasked",
-                 "ours (unsquashed)": "capture='export'; target <= 1.10x",
-                 "ours (squashed)": "target 1.00x"}
+        notes = {
+            "plain (exported graph)": "the aten graph that export capture yields, unmasked",
+            "ours (unsquashed)": "capture='export'; target <= 1.10x",
+            "ours (squashed)": "target 1.00x",
+        }
         if fastpath:
             notes["prune"] = "hooked layers leave the fused fast path (its output is checked)"
             notes["plain"] = "fused `_transformer_encoder_layer_fwd` fast path"
         out.append((fastpath, res, notes))
     torch.backends.mha.set_fastpath_enabled(True)
 
-    title = (f"### 2. TransformerEncoder: {s.tf_layers} layers, d_model {s.tf_d_model}, {s.tf_heads} heads, "
-             f"ff {4 * s.tf_d_model}, input ({s.tf_batch}, {s.tf_seq}, {s.tf_d_model}), eval under no_grad\n\n"
-             "Targets: every `in_proj_weight`, `out_proj.weight`, `linear1.weight`, `linear2.weight`.\n")
+    title = (
+        f"### 2. TransformerEncoder: {s.tf_layers} layers, d_model {s.tf_d_model}, {s.tf_heads} heads, "
+        f"ff {4 * s.tf_d_model}, input ({s.tf_batch}, {s.tf_seq}, {s.tf_d_model}), eval under no_grad\n\n"
+        "Targets: every `in_proj_weight`, `out_proj.weight`, `linear1.weight`, `linear2.weight`.\n"
+    )
     parts = [title]
     for fastpath, res, notes in out:
-        parts.append(f"\nMHA fast path {'enabled (default)' if fastpath else 'disabled'} "
-                     f"(`torch.backends.mha.set_fastpath_enabled({fastpath})`):\n")
+        parts.append(
+            f"\nMHA fast path {'enabled (default)' if fastpath else 'disabled'} "
+            f"(`torch.backends.mha.set_fastpath_enabled({fastpath})`):\n"
+        )
         parts.append(table(["model", "eval ms", "vs plain", "note"], ratio_rows(res, "plain", notes)))
     del models
     gc.collect()
@@ -270,9 +304,11 @@ class Bag(nn.Module):
         return self.emb(ids)
 
 
-EMB_NOTE = ("Ours (unsquashed): in eval mode under torch.no_grad the lookup reads the cached masked table (rebuilt only "
-            "when the weight or the mask changed; one table-sized copy); with autograd on it gathers the rows of "
-            "the table and of the mask and multiplies them, never the whole table.")
+EMB_NOTE = (
+    "Ours (unsquashed): in eval mode under torch.no_grad the lookup reads the cached masked table (rebuilt only "
+    "when the weight or the mask changed; one table-sized copy); with autograd on it gathers the rows of "
+    "the table and of the mask and multiplies them, never the whole table."
+)
 
 
 def bench_embedding_bag(s: Sizes) -> str:
@@ -289,6 +325,7 @@ def bench_embedding_bag(s: Sizes) -> str:
         def run() -> object:
             with torch.no_grad():
                 return model(ids)
+
         return run
 
     grad_out = torch.randn(s.emb_bags, s.emb_dim)
@@ -301,19 +338,32 @@ def bench_embedding_bag(s: Sizes) -> str:
                 p.grad = None
             model(ids).backward(grad_out)
             return None
+
         return run
 
     res_eval = interleaved({name: lookup(m) for name, m in models.items()}, s.repeats)
     res_train = interleaved({name: train_lookup(m) for name, m in models.items()}, s.repeats)
-    notes = {"prune": "multiplies the whole table every lookup", "ours (unsquashed)": "target <= 4x",
-             "ours (squashed)": "target 1.00x"}
-    rows = [[name, fmt_ms(res_eval[name]), f"{res_eval[name] / res_eval['plain']:.2f}x",
-             fmt_ms(res_train[name]), f"{res_train[name] / res_train['plain']:.2f}x", notes.get(name, "")]
-            for name in models]
-    title = (f"### 3. EmbeddingBag({s.emb_rows:_}, {s.emb_dim}, mode='sum'): {s.emb_bags} bags x "
-             f"{s.emb_per_bag} ids\n\nLookup under `torch.no_grad`; training lookup = forward + backward "
-             "(dense gradient of the table, `.grad` reset to None each time). "
-             + EMB_NOTE + "\n\n")
+    notes = {
+        "prune": "multiplies the whole table every lookup",
+        "ours (unsquashed)": "target <= 4x",
+        "ours (squashed)": "target 1.00x",
+    }
+    rows = [
+        [
+            name,
+            fmt_ms(res_eval[name]),
+            f"{res_eval[name] / res_eval['plain']:.2f}x",
+            fmt_ms(res_train[name]),
+            f"{res_train[name] / res_train['plain']:.2f}x",
+            notes.get(name, ""),
+        ]
+        for name in models
+    ]
+    title = (
+        f"### 3. EmbeddingBag({s.emb_rows:_}, {s.emb_dim}, mode='sum'): {s.emb_bags} bags x "
+        f"{s.emb_per_bag} ids\n\nLookup under `torch.no_grad`; training lookup = forward + backward "
+        "(dense gradient of the table, `.grad` reset to None each time). " + EMB_NOTE + "\n\n"
+    )
     del models
     gc.collect()
     return title + table(["model", "lookup ms", "vs plain", "fwd+bwd ms", "vs plain", "note"], rows)
@@ -353,16 +403,26 @@ def bench_embedding_train_nograd(s: Sizes) -> str:
                 def run() -> object:
                     with torch.no_grad():
                         return model(ids)
+
                 return run
 
             res = interleaved({"plain": lookup(plain), "ours": lookup(ours)}, s.repeats * 20)
-            out_rows.append([kind, f"{bags} x {per_bag}", f"{res['plain'] * 1e3:.3f}", f"{res['ours'] * 1e3:.3f}",
-                             f"{res['ours'] / res['plain']:.2f}x"])
-    title = (f"### 3b. EmbeddingBag / Embedding({rows_n:_}, {s.emb_dim}) under `torch.no_grad` in training mode\n\n"
-             "The unsquashed module is left in `train()` mode, so there is no eval cache: each lookup runs a fused "
-             f"C kernel ({'built' if _native.LIB is not None else 'NOT built: the torch path, gathered rows'}): "
-             "weight row times mask row (added into the bag: mode 'sum'), no table-sized temporary; target <= 2x "
-             "plain for EmbeddingBag.\n\n")
+            out_rows.append(
+                [
+                    kind,
+                    f"{bags} x {per_bag}",
+                    f"{res['plain'] * 1e3:.3f}",
+                    f"{res['ours'] * 1e3:.3f}",
+                    f"{res['ours'] / res['plain']:.2f}x",
+                ]
+            )
+    title = (
+        f"### 3b. EmbeddingBag / Embedding({rows_n:_}, {s.emb_dim}) under `torch.no_grad` in training mode\n\n"
+        "The unsquashed module is left in `train()` mode, so there is no eval cache: each lookup runs a fused "
+        f"C kernel ({'built' if _native.LIB is not None else 'NOT built: the torch path, gathered rows'}): "
+        "weight row times mask row (added into the bag: mode 'sum'), no table-sized temporary; target <= 2x "
+        "plain for EmbeddingBag.\n\n"
+    )
     return title + table(["module", "ids", "plain ms", "ours ms", "ours vs plain"], out_rows)
 
 
@@ -387,30 +447,41 @@ def bench_capture(s: Sizes) -> str:
         t = statistics.median(times[n])
         traced = len(torch.fx.symbolic_trace(model).graph.nodes)
         per_size[n] = t
-        rows.append([str(n), str(traced), str(nodes[n]), f"{t:.3f}", f"{t / nodes[n] * 1e6:.1f}",
-                     f"{t / traced * 1e6:.0f}"])
+        rows.append(
+            [str(n), str(traced), str(nodes[n]), f"{t:.3f}", f"{t / nodes[n] * 1e6:.1f}", f"{t / traced * 1e6:.0f}"]
+        )
     del models
     small, big = s.capture_layers
     ratio = per_size[big] / per_size[small]
-    title = (f"### 4. Capture + passes (`sparsify_graph`, capture='fx') vs graph size: nn.Sequential of "
-             f"Linear({s.capture_width}, {s.capture_width}), every layer targeted\n\n"
-             "Time includes the deep copy of the model (`inplace=False`). µs / node divides by the nodes of the "
-             "rewritten graph (5 per layer: weight, mask, mask node, bias, linear; target <= 150 µs per node); "
-             "the last column divides by the nodes of the captured graph instead.\n\n")
-    body = table(["layers", "nodes traced", "nodes rewritten", "seconds (median)", "µs / node",
-                  "µs / traced node"], rows)
+    title = (
+        f"### 4. Capture + passes (`sparsify_graph`, capture='fx') vs graph size: nn.Sequential of "
+        f"Linear({s.capture_width}, {s.capture_width}), every layer targeted\n\n"
+        "Time includes the deep copy of the model (`inplace=False`). µs / node divides by the nodes of the "
+        "rewritten graph (5 per layer: weight, mask, mask node, bias, linear; target <= 150 µs per node); "
+        "the last column divides by the nodes of the captured graph instead.\n\n"
+    )
+    body = table(
+        ["layers", "nodes traced", "nodes rewritten", "seconds (median)", "µs / node", "µs / traced node"], rows
+    )
     scale = big / small
-    return (title + body + f"\n\ntime({big}) / time({small}) = **{ratio:.2f}** "
-            f"(linear would be {scale:.1f}; target <= {1.1 * scale:.1f})")
+    return (
+        title + body + f"\n\ntime({big}) / time({small}) = **{ratio:.2f}** "
+        f"(linear would be {scale:.1f}; target <= {1.1 * scale:.1f})"
+    )
 
 
 # --- main ------------------------------------------------------------------------------------------
 def environment(threads: int, quick: bool) -> str:
-    return table(["item", "value"], [
-        ["torch", torch.__version__], ["python", platform.python_version()],
-        ["machine", f"{platform.machine()}, {os.cpu_count()} logical CPUs"],
-        ["torch.get_num_threads()", str(threads)], ["mode", "quick" if quick else "full"],
-    ])
+    return table(
+        ["item", "value"],
+        [
+            ["torch", torch.__version__],
+            ["python", platform.python_version()],
+            ["machine", f"{platform.machine()}, {os.cpu_count()} logical CPUs"],
+            ["torch.get_num_threads()", str(threads)],
+            ["mode", "quick" if quick else "full"],
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,21 +490,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help=f"also write {RESULTS}")
     # half the cores: on a shared machine, OpenMP threads on every core collapse as soon as another
     # process competes for one of them, which swamps the ratios with noise
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                        help="torch.set_num_threads (default: half the logical CPUs)")
-    parser.add_argument("--only", choices=["mlp", "transformer", "embedding", "embedding-train", "capture"],
-                        action="append",
-                        help="run only these sections (repeatable)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="torch.set_num_threads (default: half the logical CPUs)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["mlp", "transformer", "embedding", "embedding-train", "capture"],
+        action="append",
+        help="run only these sections (repeatable)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
-    sections = {"mlp": bench_mlp, "transformer": bench_transformer, "embedding": bench_embedding_bag,
-                "embedding-train": bench_embedding_train_nograd, "capture": bench_capture}
+    sections = {
+        "mlp": bench_mlp,
+        "transformer": bench_transformer,
+        "embedding": bench_embedding_bag,
+        "embedding-train": bench_embedding_train_nograd,
+        "capture": bench_capture,
+    }
     start = time.perf_counter()
-    parts = ["## fx_sparsify pipeline benchmark", "",
-             f"`python benchmarks/bench_pipeline.py{' --quick' if args.quick else ''}`: median of "
-             f"{sizes.repeats} interleaved repeats (capture: {sizes.capture_repeats}), 50 % L1 unstructured.", "",
-             environment(torch.get_num_threads(), args.quick)]
+    parts = [
+        "## fx_sparsify pipeline benchmark",
+        "",
+        f"`python benchmarks/bench_pipeline.py{' --quick' if args.quick else ''}`: median of "
+        f"{sizes.repeats} interleaved repeats (capture: {sizes.capture_repeats}), 50 % L1 unstructured.",
+        "",
+        environment(torch.get_num_threads(), args.quick),
+    ]
     print("\n".join(parts), flush=True)
     for key, fn in sections.items():
         if args.only and key not in args.only:

@@ -48,8 +48,11 @@ SEQ = 128
 def stdlib_bytes() -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) byte streams of the standard library's .py files; every 20th file held out."""
     root = sysconfig.get_paths()["stdlib"]
-    files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-                   if "site-packages" not in f and "dist-packages" not in f)
+    files = sorted(
+        f
+        for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+        if "site-packages" not in f and "dist-packages" not in f
+    )
     train, held = bytearray(), bytearray()
     for i, path in enumerate(files):
         with open(path, "rb") as f:
@@ -58,7 +61,7 @@ def stdlib_bytes() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def windows(stream: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    return torch.stack([stream[s:s + SEQ + 1] for s in starts.tolist()])
+    return torch.stack([stream[s : s + SEQ + 1] for s in starts.tolist()])
 
 
 # ---- model --------------------------------------------------------------------------------------
@@ -140,7 +143,9 @@ def rule(pattern: dict) -> dict:
     return {"weights": [{"target": "type:Linear", **pattern}, {"target": "head", "method": "dense"}]}
 
 
-def prune_with_spec(model: nn.Module, spec: dict, calib: list[torch.Tensor], example: torch.Tensor) -> tuple[nn.Module, float]:
+def prune_with_spec(
+    model: nn.Module, spec: dict, calib: list[torch.Tensor], example: torch.Tensor
+) -> tuple[nn.Module, float]:
     """One-shot with our pipeline: calibrate, step, squash into a copy of the model; (model, step seconds)."""
     work = copy.deepcopy(model)
     sgm = fxs.sparsify_graph(work, spec, example_inputs=(example,), inplace=True)
@@ -159,9 +164,11 @@ def hessians(model: nn.Module, calib: list[torch.Tensor], names: list[str]) -> d
     out: dict[str, torch.Tensor] = {}
     hooks = []
     for name in names:
+
         def hook(module: nn.Module, inp: tuple[torch.Tensor, ...], _: torch.Tensor, name: str = name) -> None:
             x = inp[0].reshape(-1, inp[0].shape[-1]).float()
             out[name] = out.get(name, 0) + x.T @ x
+
         hooks.append(model.get_submodule(name).register_forward_hook(hook))
     with torch.no_grad():
         for batch in calib:
@@ -171,8 +178,15 @@ def hessians(model: nn.Module, calib: list[torch.Tensor], names: list[str]) -> d
     return out
 
 
-def reference_fasterprune(w: torch.Tensor, h: torch.Tensor, sparsity: float, prunen: int, prunem: int,
-                          blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+def reference_fasterprune(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    sparsity: float,
+    prunen: int,
+    prunem: int,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
     """IST-DASLab/sparsegpt ``SparseGPT.fasterprune``, transcribed (returns the pruned weight, in ``w``'s dtype).
 
     ``prunen`` 0: unstructured at ``sparsity``; else ``prunen`` of every ``prunem`` pruned. Computed in float32,
@@ -198,7 +212,7 @@ def reference_fasterprune(w: torch.Tensor, h: torch.Tensor, sparsity: float, pru
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         if prunen == 0:
-            tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+            tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
             thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
             mask1 = tmp <= thresh
         else:
@@ -207,7 +221,7 @@ def reference_fasterprune(w: torch.Tensor, h: torch.Tensor, sparsity: float, pru
             w_ = W1[:, i]
             d = Hinv1[i, i]
             if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
+                tmp = W1[:, i : (i + prunem)] ** 2 / (torch.diag(Hinv1)[i : (i + prunem)].reshape((1, -1))) ** 2
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
             q = w_.clone()
             q[mask1[:, i]] = 0
@@ -220,8 +234,12 @@ def reference_fasterprune(w: torch.Tensor, h: torch.Tensor, sparsity: float, pru
     return W.to(w.dtype)
 
 
-def prune_per_layer(model: ByteGPT, calib: list[torch.Tensor], kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    sequential: bool = False) -> tuple[nn.Module, float]:
+def prune_per_layer(
+    model: ByteGPT,
+    calib: list[torch.Tensor],
+    kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sequential: bool = False,
+) -> tuple[nn.Module, float]:
     """A kernel ``kernel(weight, H) -> pruned weight`` on every layer: all from the dense model's Hessians
     (one pass), or block after block as llm-compressor's sequential pipeline does (the Linears of a
     transformer block from one calibration pass over the outputs of the blocks pruned before it)."""
@@ -240,7 +258,9 @@ def prune_per_layer(model: ByteGPT, calib: list[torch.Tensor], kernel: Callable[
     return work, seconds
 
 
-def llmcompressor_kernel(sparsity: float, n: int, m: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+def llmcompressor_kernel(
+    sparsity: float, n: int, m: int
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """llm-compressor's SparseGPT weight kernel, when ``llmcompressor`` is importable."""
     try:
         from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight  # type: ignore
@@ -254,15 +274,29 @@ def llmcompressor_kernel(sparsity: float, n: int, m: int) -> Callable[[torch.Ten
         layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
         layer.weight.data = w.clone()
         hessian = h * (2.0 / max(float(h.diagonal().mean()), 1e-12))  # any positive scale: damp is relative
-        out = sparsify_weight(module=layer, hessians_dict={layer: hessian}, sparsity=sparsity,
-                              prune_n=n, prune_m=m, block_size=128, dampening_frac=0.01, preserve_sparsity_mask=False)
+        out = sparsify_weight(
+            module=layer,
+            hessians_dict={layer: hessian},
+            sparsity=sparsity,
+            prune_n=n,
+            prune_m=m,
+            block_size=128,
+            dampening_frac=0.01,
+            preserve_sparsity_mask=False,
+        )
         return (out[1] if isinstance(out, tuple) else layer.weight).detach()
 
     return kernel
 
 
-def step_times(model: ByteGPT, calib: list[torch.Tensor], example: torch.Tensor, pattern: dict,
-               kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], repeats: int) -> dict[str, float]:
+def step_times(
+    model: ByteGPT,
+    calib: list[torch.Tensor],
+    example: torch.Tensor,
+    pattern: dict,
+    kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+    repeats: int,
+) -> dict[str, float]:
     """Median CPU seconds, one thread, of pruning every layer once: our ``step()`` (after a fresh
     calibration, not timed) against each kernel on the same Hessians; repeats interleaved."""
     threads = torch.get_num_threads()
@@ -292,8 +326,12 @@ def step_times(model: ByteGPT, calib: list[torch.Tensor], example: torch.Tensor,
 # ---- structured: channels and heads (SPEC §17) ---------------------------------------------------
 
 
-SETTINGS = (("50 % MLP neurons", "mlp", 0.5), ("75 % MLP neurons", "mlp", 0.75),
-            ("1 of 4 heads", "heads", 1), ("2 of 4 heads", "heads", 2))
+SETTINGS = (
+    ("50 % MLP neurons", "mlp", 0.5),
+    ("75 % MLP neurons", "mlp", 0.75),
+    ("1 of 4 heads", "heads", 1),
+    ("2 of 4 heads", "heads", 2),
+)
 
 
 def channel_spec(kind: str, amount: float | int, **options: object) -> dict:
@@ -305,9 +343,12 @@ def channel_spec(kind: str, amount: float | int, **options: object) -> dict:
 def layer_inputs(model: nn.Module, calib: list[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
     """Every calibration row of each named layer's input, float64 (``rows × in``)."""
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    hooks = [model.get_submodule(name).register_forward_hook(
-        lambda m, inp, out, name=name: rows[name].append(inp[0].reshape(-1, inp[0].shape[-1]).double()))
-        for name in names]
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda m, inp, out, name=name: rows[name].append(inp[0].reshape(-1, inp[0].shape[-1]).double())
+        )
+        for name in names
+    ]
     with torch.no_grad():
         for batch in calib:
             model(batch)
@@ -316,8 +357,9 @@ def layer_inputs(model: nn.Module, calib: list[torch.Tensor], names: list[str]) 
     return {name: torch.cat(r) for name, r in rows.items()}
 
 
-def flap_reference(model: ByteGPT, calib: list[torch.Tensor], kind: str, amount: float | int,
-                   refit: bool) -> tuple[nn.Module, float]:
+def flap_reference(
+    model: ByteGPT, calib: list[torch.Tensor], kind: str, amount: float | int, refit: bool
+) -> tuple[nn.Module, float]:
     """FLAP (An et al. 2024), one shot, uniform per layer, written out here independently of the package:
     the fluctuation ``var(x_j) · ‖W[:, j]‖²`` of the consumer's (fc2's, o's) input columns, summed per head,
     ranks the units; the lowest go (their producer rows and consumer columns zeroed) and the consumer's bias
@@ -365,8 +407,9 @@ def _memory_helpers() -> ModuleType:
     return module
 
 
-def prune_channels(model: nn.Module, spec: dict, calib: list[torch.Tensor], example: torch.Tensor,
-                   check: torch.Tensor) -> tuple[nn.Module, float, int, float]:
+def prune_channels(
+    model: nn.Module, spec: dict, calib: list[torch.Tensor], example: torch.Tensor, check: torch.Tensor
+) -> tuple[nn.Module, float, int, float]:
     """Our pipeline: calibrate, step (timed, CPU s; peak RSS growth), shrink; (shrunk, s, bytes, shrunk vs masked)."""
     memory = _memory_helpers()
     reset_peak, status = memory.reset_peak, memory.status
@@ -408,28 +451,52 @@ def sparsegpt_step_seconds(model: nn.Module, calib: list[torch.Tensor], example:
     return seconds
 
 
-def structured(model: ByteGPT, held: torch.Tensor, calib: list[torch.Tensor], example: torch.Tensor,
-               dense: float, args: argparse.Namespace) -> None:
+def structured(
+    model: ByteGPT,
+    held: torch.Tensor,
+    calib: list[torch.Tensor],
+    example: torch.Tensor,
+    dense: float,
+    args: argparse.Namespace,
+) -> None:
     """Loss added by each importance with and without reconstruction against FLAP and FLAP + least squares."""
     check = calib[0][:4]
-    print("| removed | method | loss added | / FLAP + lstsq | parameters | step CPU s | step peak MiB "
-          "| shrunk vs masked |")
+    print(
+        "| removed | method | loss added | / FLAP + lstsq | parameters | step CPU s | step peak MiB "
+        "| shrunk vs masked |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, kind, amount in SETTINGS:
         runs: list[tuple[str, Callable[[], tuple[nn.Module, float, int, float]]]] = [
-            ("FLAP + least-squares refit (reference)",
-             lambda: (*flap_reference(model, calib, kind, amount, True), 0, math.nan)),
+            (
+                "FLAP + least-squares refit (reference)",
+                lambda: (*flap_reference(model, calib, kind, amount, True), 0, math.nan),
+            ),
             ("FLAP (reference)", lambda: (*flap_reference(model, calib, kind, amount, False), 0, math.nan)),
         ]
         for importance in ("magnitude", "activation", "obs"):
             for rec in (False, True):
                 options = {"importance": importance, **({"reconstruct": True} if rec else {})}
-                runs.append((f"{importance}{' + reconstruct' if rec else ''}",
-                             lambda options=options: prune_channels(model, channel_spec(kind, amount, **options),
-                                                                    calib, example, check)))
-        runs.append(("obs + reconstruct, sequential", lambda: prune_channels(
-            model, channel_spec(kind, amount, importance="obs", reconstruct=True, sequential=True), calib, example,
-            check)))
+                runs.append(
+                    (
+                        f"{importance}{' + reconstruct' if rec else ''}",
+                        lambda options=options: prune_channels(
+                            model, channel_spec(kind, amount, **options), calib, example, check
+                        ),
+                    )
+                )
+        runs.append(
+            (
+                "obs + reconstruct, sequential",
+                lambda: prune_channels(
+                    model,
+                    channel_spec(kind, amount, importance="obs", reconstruct=True, sequential=True),
+                    calib,
+                    example,
+                    check,
+                ),
+            )
+        )
         reference = math.nan
         for name, fn in runs:
             pruned, seconds, peak, diff = fn()
@@ -438,8 +505,11 @@ def structured(model: ByteGPT, held: torch.Tensor, calib: list[torch.Tensor], ex
             params = sum(p.numel() for p in pruned.parameters() if p.dim() > 0)
             if name.endswith("(reference)"):
                 params = sum(int((p != 0).sum()) if p.dim() > 0 else 1 for p in pruned.parameters())
-            print(f"| {label} | {name} | {added:+.4f} | {added / reference:.2f}x | {params} | {seconds:.2f} | "
-                  f"{peak / 2**20:.0f} | {diff:.1e} |", flush=True)
+            print(
+                f"| {label} | {name} | {added:+.4f} | {added / reference:.2f}x | {params} | {seconds:.2f} | "
+                f"{peak / 2**20:.0f} | {diff:.1e} |",
+                flush=True,
+            )
     structured_timing(model, calib, example, args.repeats)
 
 
@@ -450,8 +520,11 @@ def structured_timing(model: ByteGPT, calib: list[torch.Tensor], example: torch.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     check = calib[0][:4]
-    consumers = {"mlp": (0.5, r"re:blocks\.\d+\.fc2"), "mlp 75 %": (0.75, r"re:blocks\.\d+\.fc2"),
-                 "heads": (1, r"re:blocks\.\d+\.o$")}
+    consumers = {
+        "mlp": (0.5, r"re:blocks\.\d+\.fc2"),
+        "mlp 75 %": (0.75, r"re:blocks\.\d+\.fc2"),
+        "heads": (1, r"re:blocks\.\d+\.o$"),
+    }
     try:
         for kind, (amount, layers) in consumers.items():
             ours, gpt = [], []
@@ -460,9 +533,12 @@ def structured_timing(model: ByteGPT, calib: list[torch.Tensor], example: torch.
                 ours.append(prune_channels(model, spec, calib, example, check)[1])
                 gpt.append(sparsegpt_step_seconds(model, calib, example, layers))
             a, b = sorted(ours)[len(ours) // 2], sorted(gpt)[len(gpt) // 2]
-            print(f"{kind}: step() CPU s, one thread, median of {repeats}: obs + reconstruct {a:.3f} "
-                  f"(range {min(ours):.3f}-{max(ours):.3f}), sparsegpt 50 % on the consumers {b:.3f} "
-                  f"(range {min(gpt):.3f}-{max(gpt):.3f}): {a / b:.2f}x", flush=True)
+            print(
+                f"{kind}: step() CPU s, one thread, median of {repeats}: obs + reconstruct {a:.3f} "
+                f"(range {min(ours):.3f}-{max(ours):.3f}), sparsegpt 50 % on the consumers {b:.3f} "
+                f"(range {min(gpt):.3f}-{max(gpt):.3f}): {a / b:.2f}x",
+                flush=True,
+            )
     finally:
         torch.set_num_threads(threads)
 
@@ -479,8 +555,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-only", action="store_true", help="train and cache the model, then stop")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
-    parser.add_argument("--section", choices=("unstructured", "structured", "all"), default="all",
-                        help="unstructured (weights), structured (channels and heads), or both")
+    parser.add_argument(
+        "--section",
+        choices=("unstructured", "structured", "all"),
+        default="all",
+        help="unstructured (weights), structured (channels and heads), or both",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_data, held = stdlib_bytes()
@@ -514,17 +594,51 @@ def main(argv: list[str] | None = None) -> None:
 
         nm_method = {"method": "nm", "n": 2, "m": 4}
         runs: list[tuple[str, Callable[[], tuple[nn.Module, float]]]] = [
-            ("magnitude", lambda: prune_with_spec(model, rule({"method": "l1_unstructured", **pattern} if not n else nm_method), calib, example)),
-            ("wanda", lambda: prune_with_spec(model, rule({"method": "l1_unstructured", **pattern, "scores": "wanda"} if not n else {**nm_method, "scores": "wanda"}), calib, example)),
-            ("SparseGPT reference (fasterprune)", lambda: prune_per_layer(model, calib, lambda w, h: reference_fasterprune(w, h, sparsity, m - n if n else 0, m))),
-            ("ours sparsegpt (one pass)", lambda: prune_with_spec(model, rule({"method": "sparsegpt", **pattern}), calib, example)),
-            ("ours sparsegpt, sequential", lambda: prune_with_spec(model, rule({"method": "sparsegpt", **pattern, "sequential": True}), calib, example)),
+            (
+                "magnitude",
+                lambda: prune_with_spec(
+                    model, rule({"method": "l1_unstructured", **pattern} if not n else nm_method), calib, example
+                ),
+            ),
+            (
+                "wanda",
+                lambda: prune_with_spec(
+                    model,
+                    rule(
+                        {"method": "l1_unstructured", **pattern, "scores": "wanda"}
+                        if not n
+                        else {**nm_method, "scores": "wanda"}
+                    ),
+                    calib,
+                    example,
+                ),
+            ),
+            (
+                "SparseGPT reference (fasterprune)",
+                lambda: prune_per_layer(
+                    model, calib, lambda w, h: reference_fasterprune(w, h, sparsity, m - n if n else 0, m)
+                ),
+            ),
+            (
+                "ours sparsegpt (one pass)",
+                lambda: prune_with_spec(model, rule({"method": "sparsegpt", **pattern}), calib, example),
+            ),
+            (
+                "ours sparsegpt, sequential",
+                lambda: prune_with_spec(
+                    model, rule({"method": "sparsegpt", **pattern, "sequential": True}), calib, example
+                ),
+            ),
         ]
         kernel = llmcompressor_kernel(sparsity, n, m)
         if kernel is not None:
             runs.insert(3, ("llm-compressor SparseGPT kernel", lambda: prune_per_layer(model, calib, kernel)))
-            runs.append(("llm-compressor SparseGPT kernel, block by block (its pipeline)",
-                         lambda: prune_per_layer(model, calib, kernel, sequential=True)))
+            runs.append(
+                (
+                    "llm-compressor SparseGPT kernel, block by block (its pipeline)",
+                    lambda: prune_per_layer(model, calib, kernel, sequential=True),
+                )
+            )
         reference = "llm-compressor SparseGPT kernel" if kernel is not None else "SparseGPT reference (fasterprune)"
         runs.sort(key=lambda r: r[0] != reference)  # the reference first: the ratios are to its added loss
         ref_added = math.nan
@@ -534,15 +648,26 @@ def main(argv: list[str] | None = None) -> None:
             loss = held_out_loss(pruned, held, args.eval)
             added = loss - dense
             ref_added = added if math.isnan(ref_added) else ref_added
-            print(f"| {name} | {label} | {math.exp(loss):.3f} | {added:.4f} | {added / ref_added:.2f}x | {seconds:.2f} |"
-                  f"  ({time.perf_counter() - start:.0f} s in all)", flush=True)
-        kernels = {"SparseGPT reference (fasterprune)": lambda w, h: reference_fasterprune(w, h, sparsity, m - n if n else 0, m)}
+            print(
+                f"| {name} | {label} | {math.exp(loss):.3f} | {added:.4f} | {added / ref_added:.2f}x | {seconds:.2f} |"
+                f"  ({time.perf_counter() - start:.0f} s in all)",
+                flush=True,
+            )
+        kernels = {
+            "SparseGPT reference (fasterprune)": lambda w, h: reference_fasterprune(
+                w, h, sparsity, m - n if n else 0, m
+            )
+        }
         if kernel is not None:
             kernels["llm-compressor SparseGPT kernel"] = kernel
         timed = step_times(model, calib, example, pattern, kernels, args.repeats)
         ours = timed["ours sparsegpt (one pass)"]
-        print(f"\n{label}: CPU seconds to prune every layer (one thread, median of {args.repeats}): "
-              + ", ".join(f"{name} {t:.2f} s ({t / ours:.2f}x ours)" for name, t in timed.items()) + "\n", flush=True)
+        print(
+            f"\n{label}: CPU seconds to prune every layer (one thread, median of {args.repeats}): "
+            + ", ".join(f"{name} {t:.2f} s ({t / ours:.2f}x ours)" for name, t in timed.items())
+            + "\n",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

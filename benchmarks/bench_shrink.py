@@ -110,7 +110,9 @@ api_module.plan_channels = _timed("analysis", api_module.plan_channels)
 sgm_module._shrink = _timed("shrink", sgm_module._shrink)
 
 
-def ours(model: nn.Module, spec: dict[str, Any], inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[nn.Module, str, bool]:
+def ours(
+    model: nn.Module, spec: dict[str, Any], inputs: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[nn.Module, str, bool]:
     SPENT.clear()
     start = time.perf_counter()
     sgm = fxs.sparsify_graph(model, spec, example_inputs=inputs or None, example_kwargs=kwargs or None)
@@ -123,22 +125,33 @@ def ours(model: nn.Module, spec: dict[str, Any], inputs: tuple[Any, ...], kwargs
     return small, seconds, equal
 
 
-def torch_pruning(model: nn.Module, inputs: tuple[Any, ...], ignored: list[nn.Module], ratio: float) -> nn.Module | None:
+def torch_pruning(
+    model: nn.Module, inputs: tuple[Any, ...], ignored: list[nn.Module], ratio: float
+) -> nn.Module | None:
     if tp is None:
         return None
     pruned = copy.deepcopy(model)
     names = {id(m): n for n, m in model.named_modules()}
     by_name = dict(pruned.named_modules())
     pruner = tp.pruner.MetaPruner(
-        pruned, inputs, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
-        ignored_layers=[by_name[names[id(m)]] for m in ignored], round_to=8,
+        pruned,
+        inputs,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=[by_name[names[id(m)]] for m in ignored],
+        round_to=8,
     )
     pruner.step()
     return pruned
 
 
-def torch_pruning_hf_heads(model: nn.Module, kwargs: dict[str, Any], layers: dict[str, tuple[str, ...]],
-                           heads: dict[str, int], fix: Callable[[nn.Module, Any], None]) -> nn.Module | None:
+def torch_pruning_hf_heads(
+    model: nn.Module,
+    kwargs: dict[str, Any],
+    layers: dict[str, tuple[str, ...]],
+    heads: dict[str, int],
+    fix: Callable[[nn.Module, Any], None],
+) -> nn.Module | None:
     """Torch-Pruning on a Hugging Face model at our widths: 50 % of the heads (whole heads, ``prune_head_dims=False``)
     and 50 % of the MLP neurons, the hidden size untouched (``pruning_ratio`` 0 elsewhere), as its examples do.
     ``layers``: module-name suffix → the Linear children pruned at 50 %; ``heads``: projection suffix → heads."""
@@ -158,9 +171,18 @@ def torch_pruning_hf_heads(model: nn.Module, kwargs: dict[str, Any], layers: dic
     small = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     ignored = [m for n, m in pruned.named_modules() if n in ("pooler", "lm_head")]
     pruner = tp.pruner.MetaPruner(
-        pruned, small, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.0,
-        pruning_ratio_dict=ratios, ignored_layers=ignored, num_heads=num_heads, prune_num_heads=True,
-        prune_head_dims=False, head_pruning_ratio=0.5, round_to=8, output_transform=lambda out: _first(out).sum(),
+        pruned,
+        small,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=0.0,
+        pruning_ratio_dict=ratios,
+        ignored_layers=ignored,
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=0.5,
+        round_to=8,
+        output_transform=lambda out: _first(out).sum(),
     )
     pruner.step()
     fix(pruned, pruner)  # the attention modules' head counts, as Torch-Pruning's examples update them
@@ -182,9 +204,17 @@ def _llama_heads(model: nn.Module, pruner: Any) -> None:
             module.num_heads, module.num_key_value_heads, module.num_key_value_groups = q, kv, q // kv
 
 
-def case(name: str, model: nn.Module, spec: dict[str, Any], inputs: tuple[Any, ...], tp_ignored: list[nn.Module] | None,
-         repeats: int, batch_inputs: dict[str, tuple[Any, ...]] | None = None, kwargs: dict[str, Any] | None = None,
-         tp_build: Callable[[], nn.Module | None] | None = None) -> None:
+def case(
+    name: str,
+    model: nn.Module,
+    spec: dict[str, Any],
+    inputs: tuple[Any, ...],
+    tp_ignored: list[nn.Module] | None,
+    repeats: int,
+    batch_inputs: dict[str, tuple[Any, ...]] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    tp_build: Callable[[], nn.Module | None] | None = None,
+) -> None:
     model.eval()
     kwargs = kwargs or {}
     small, seconds, equal = ours(model, spec, inputs, kwargs)
@@ -208,8 +238,10 @@ def case(name: str, model: nn.Module, spec: dict[str, Any], inputs: tuple[Any, .
         tp_text = crashed or "-"
         if theirs is not None:
             tp_text = f"{ms['tp'] / ms['dense']:.2f}x (MACs {flops(theirs, x, kwargs) / dense_flops:.2f})"
-        print(f"| {name}{label} | {ms['ours'] / ms['dense']:.2f}x | {tp_text} | {macs:.2f} | {equal} | {seconds} |",
-              flush=True)
+        print(
+            f"| {name}{label} | {ms['ours'] / ms['dense']:.2f}x | {tp_text} | {macs:.2f} | {equal} | {seconds} |",
+            flush=True,
+        )
 
 
 def memory_child(inplace: bool, cache: bool = True) -> None:
@@ -262,18 +294,27 @@ def memory_child(inplace: bool, cache: bool = True) -> None:
 
 
 def memory_table() -> None:
-    print("\nPeak resident memory during each stage above the process holding its model (what earlier stages "
-          "left resident included), x model size (ResNet-50, 224x224, batch 1, a fresh subprocess each):")
+    print(
+        "\nPeak resident memory during each stage above the process holding its model (what earlier stages "
+        "left resident included), x model size (ResNet-50, 224x224, batch 1, a fresh subprocess each):"
+    )
     print("(in parentheses: what was resident when the stage began; the stage's own cost is the difference)")
     print("| sparsify_graph | analysis | check run | step | squash (dense) | shrink pass | whole pipeline |")
     print("|---|---|---|---|---|---|---|")
-    labels = {"copy": "default (copies the model)", "copy-nocache": "default, eval cache off (set_cache_limit(0))",
-              "inplace": "inplace=True"}
+    labels = {
+        "copy": "default (copies the model)",
+        "copy-nocache": "default, eval cache off (set_cache_limit(0))",
+        "inplace": "inplace=True",
+    }
     for mode, label in labels.items():
-        out = subprocess.run([sys.executable, __file__, "--memory-child", mode], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", mode], capture_output=True, text=True, check=True
+        )
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        cells = [f"{row[k]:.2f}x" + (f" ({row['before ' + k]:.2f}x)" if "before " + k in row else "")
-                 for k in ("analysis", "check run", "step", "squash", "shrink pass", "whole")]
+        cells = [
+            f"{row[k]:.2f}x" + (f" ({row['before ' + k]:.2f}x)" if "before " + k in row else "")
+            for k in ("analysis", "check run", "step", "squash", "shrink pass", "whole")
+        ]
         print(f"| {label} (model {row['model_mib']:.0f} MiB) | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -296,8 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     repeats = 3 if args.quick else 7
     side = 112 if args.quick else 224
     print(f"torch {torch.__version__}, 1 thread, Torch-Pruning {getattr(tp, '__version__', 'not installed')}")
-    print("| model | ours pruned/dense | Torch-Pruning pruned/dense | MACs ratio (ours) | ours == masked | "
-          "sparsify + step + squash(shrink) (of which analysis + shrink pass) |")
+    print(
+        "| model | ours pruned/dense | Torch-Pruning pruned/dense | MACs ratio (ours) | ours == masked | "
+        "sparsify + step + squash(shrink) (of which analysis + shrink pass) |"
+    )
     print("|---|---|---|---|---|---|")
     if not args.hf:
         conv_spec = {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]}
@@ -308,8 +351,14 @@ def main(argv: list[str] | None = None) -> None:
 
         mlp = LlamaMLP(1024, 2816) if not args.big else LlamaMLP(4096, 11008)
         x = torch.randn(16, 1024 if not args.big else 4096)
-        case("LLaMA-style MLP 50% neurons" + (" (7B size)" if args.big else " (1024/2816)"), mlp,
-             {"channels": [{"target": "up_proj", "sparsity": 0.5}]}, (x,), [mlp.down_proj], repeats)
+        case(
+            "LLaMA-style MLP 50% neurons" + (" (7B size)" if args.big else " (1024/2816)"),
+            mlp,
+            {"channels": [{"target": "up_proj", "sparsity": 0.5}]},
+            (x,),
+            [mlp.down_proj],
+            repeats,
+        )
     hf_cases(repeats)
     if not args.hf:
         memory_table()
@@ -323,25 +372,67 @@ def hf_cases(repeats: int) -> None:
         print("(transformers missing: BERT / LLaMA rows skipped; pip install fx-sparsify[models])")
         return
     ids = torch.randint(0, 1000, (8, 128))
-    bert = transformers.BertModel(transformers.BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4,
-                                                          num_attention_heads=4, intermediate_size=1024)).eval()
-    bert_spec = {"channels": [{"target": "re:encoder\\.layer\\.\\d+\\.intermediate\\.dense", "sparsity": 0.5},
-                              {"target": "re:encoder\\.layer\\.\\d+\\.attention\\.self", "heads": 0.5}]}
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024
+        )
+    ).eval()
+    bert_spec = {
+        "channels": [
+            {"target": "re:encoder\\.layer\\.\\d+\\.intermediate\\.dense", "sparsity": 0.5},
+            {"target": "re:encoder\\.layer\\.\\d+\\.attention\\.self", "heads": 0.5},
+        ]
+    }
     bert_kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    case("BERT (256, 4 layers) FFN + heads 50%", bert, bert_spec, (), None, repeats, kwargs=bert_kwargs,
-         tp_build=lambda: torch_pruning_hf_heads(
-             bert, bert_kwargs, {"intermediate": ("dense",), "attention.self": ("query", "key", "value")},
-             {"attention.self.query": 4, "attention.self.key": 4, "attention.self.value": 4}, _bert_heads))
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=1000, hidden_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-        intermediate_size=1408)).eval()
-    llama_spec = {"channels": [{"target": "re:model\\.layers\\.\\d+\\.mlp\\.up_proj", "sparsity": 0.5},
-                               {"target": "re:model\\.layers\\.\\d+\\.self_attn", "heads": 0.5}]}
+    case(
+        "BERT (256, 4 layers) FFN + heads 50%",
+        bert,
+        bert_spec,
+        (),
+        None,
+        repeats,
+        kwargs=bert_kwargs,
+        tp_build=lambda: torch_pruning_hf_heads(
+            bert,
+            bert_kwargs,
+            {"intermediate": ("dense",), "attention.self": ("query", "key", "value")},
+            {"attention.self.query": 4, "attention.self.key": 4, "attention.self.value": 4},
+            _bert_heads,
+        ),
+    )
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=1000,
+            hidden_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=1408,
+        )
+    ).eval()
+    llama_spec = {
+        "channels": [
+            {"target": "re:model\\.layers\\.\\d+\\.mlp\\.up_proj", "sparsity": 0.5},
+            {"target": "re:model\\.layers\\.\\d+\\.self_attn", "heads": 0.5},
+        ]
+    }
     llama_kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
-    case("LLaMA (GQA 8q/2kv) MLP + heads 50%", llama, llama_spec, (), None, repeats, kwargs=llama_kwargs,
-         tp_build=lambda: torch_pruning_hf_heads(
-             llama, llama_kwargs, {"mlp": ("gate_proj", "up_proj"), "self_attn": ("q_proj", "k_proj", "v_proj")},
-             {"self_attn.q_proj": 8, "self_attn.k_proj": 2, "self_attn.v_proj": 2}, _llama_heads))
+    case(
+        "LLaMA (GQA 8q/2kv) MLP + heads 50%",
+        llama,
+        llama_spec,
+        (),
+        None,
+        repeats,
+        kwargs=llama_kwargs,
+        tp_build=lambda: torch_pruning_hf_heads(
+            llama,
+            llama_kwargs,
+            {"mlp": ("gate_proj", "up_proj"), "self_attn": ("q_proj", "k_proj", "v_proj")},
+            {"self_attn.q_proj": 8, "self_attn.k_proj": 2, "self_attn.v_proj": 2},
+            _llama_heads,
+        ),
+    )
 
 
 if __name__ == "__main__":

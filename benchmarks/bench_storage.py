@@ -65,8 +65,10 @@ def pruned(shape: tuple[int, int], sparsity: float, block: int = 1) -> torch.Ten
 
 
 def layer_table(shapes: list[tuple[int, int]], sparsities: list[float], batches: list[int], repeats: int) -> str:
-    lines = ["| layer (out x in) | zeros | batch | dense ms | CSR / dense | BSR 16x16 / dense |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| layer (out x in) | zeros | batch | dense ms | CSR / dense | BSR 16x16 / dense |",
+        "|---|---|---|---|---|---|",
+    ]
     for shape in shapes:
         for s in sparsities:
             w, b = pruned(shape, s), torch.randn(shape[0])
@@ -76,10 +78,19 @@ def layer_table(shapes: list[tuple[int, int]], sparsities: list[float], batches:
             for n in batches:
                 x = torch.randn(n, shape[1])
                 with torch.inference_mode():
-                    t = interleaved({"dense": lambda: F.linear(x, w, b), "csr": lambda: csr(x),
-                                     "dense_b": lambda: F.linear(x, wb, b), "bsr": lambda: bsr(x)}, repeats)
-                lines.append(f"| {shape[0]}x{shape[1]} | {s:.0%} | {n} | {t['dense'] * 1e3:.2f} | "
-                             f"{t['csr'] / t['dense']:.2f}x | {t['bsr'] / t['dense_b']:.2f}x |")
+                    t = interleaved(
+                        {
+                            "dense": lambda: F.linear(x, w, b),
+                            "csr": lambda: csr(x),
+                            "dense_b": lambda: F.linear(x, wb, b),
+                            "bsr": lambda: bsr(x),
+                        },
+                        repeats,
+                    )
+                lines.append(
+                    f"| {shape[0]}x{shape[1]} | {s:.0%} | {n} | {t['dense'] * 1e3:.2f} | "
+                    f"{t['csr'] / t['dense']:.2f}x | {t['bsr'] / t['dense_b']:.2f}x |"
+                )
     return "\n".join(lines)
 
 
@@ -94,8 +105,9 @@ class MLP4(nn.Module):
         return x
 
 
-def mlp_table(d: int, h: int, sparsities: list[float], batches: list[int], repeats: int,
-              models: dict[float, Any]) -> str:
+def mlp_table(
+    d: int, h: int, sparsities: list[float], batches: list[int], repeats: int, models: dict[float, Any]
+) -> str:
     lines = ["| MLP | zeros | batch | dense ms | auto / dense | auto picked |", "|---|---|---|---|---|---|"]
     for s in sparsities:
         torch.manual_seed(0)
@@ -110,9 +122,12 @@ def mlp_table(d: int, h: int, sparsities: list[float], batches: list[int], repea
             x = torch.randn(n, d)
             with torch.inference_mode():
                 torch.testing.assert_close(auto(x), dense(x), atol=1e-3, rtol=1e-3)
-                t = interleaved({"dense": lambda: dense(x), "auto": lambda auto=auto: auto(x)}, repeats)  # auto is deleted below
-            lines.append(f"| 4x {d}x{h} | {s:.0%} | {n} | {t['dense'] * 1e3:.1f} | {t['auto'] / t['dense']:.2f}x "
-                         f"| {picked} |")
+                t = interleaved(
+                    {"dense": lambda: dense(x), "auto": lambda auto=auto: auto(x)}, repeats
+                )  # auto is deleted below
+            lines.append(
+                f"| 4x {d}x{h} | {s:.0%} | {n} | {t['dense'] * 1e3:.1f} | {t['auto'] / t['dense']:.2f}x | {picked} |"
+            )
             del auto
         del sgm
     return "\n".join(lines)
@@ -121,6 +136,7 @@ def mlp_table(d: int, h: int, sparsities: list[float], batches: list[int], repea
 def checkpoint_tables(models: dict[float, nn.Module], repeats: int, gzip_level: int, tmp: Path) -> str:
     try:
         import zstandard  # noqa: F401
+
         has_zstd = True
     except ModuleNotFoundError:
         has_zstd = False
@@ -128,11 +144,16 @@ def checkpoint_tables(models: dict[float, nn.Module], repeats: int, gzip_level: 
         import compressed_tensors as ct
     except Exception:  # noqa: BLE001 - optional reference tool, any import failure means "not there"
         ct = None
-    sizes = ["| model | zeros | dense safetensors MB | ours / dense | ours+zstd-3 / dense "
-             f"| gzip -{gzip_level} of dense / dense |",
-             "|---|---|---|---|---|---|"]
-    loads = ["| model | zeros | dense into model ms | ours / dense | dense to state dict ms | ours / dense "
-             "| compressed-tensors to state dict / dense |", "|---|---|---|---|---|---|---|"]
+    sizes = [
+        "| model | zeros | dense safetensors MB | ours / dense | ours+zstd-3 / dense "
+        f"| gzip -{gzip_level} of dense / dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    loads = [
+        "| model | zeros | dense into model ms | ours / dense | dense to state dict ms | ours / dense "
+        "| compressed-tensors to state dict / dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s, model in models.items():
         state = model.state_dict()
         dense_path, ours_path, z_path = tmp / "dense.safetensors", tmp / "ours.safetensors", tmp / "z.safetensors"
@@ -160,15 +181,30 @@ def checkpoint_tables(models: dict[float, nn.Module], repeats: int, gzip_level: 
                 runs[mode].append(load_in_child(mode, paths[mode.split("_")[0]], dense_path))
         t = {m: statistics.median(v) for m, v in runs.items()}
         ct_ratio = f"{t['ct_sd'] / t['dense_sd']:.2f}x" if "ct_sd" in t else "-"
-        loads.append(f"| {name} | {s:.0%} | {t['dense_model'] * 1e3:.0f} | {t['ours_model'] / t['dense_model']:.2f}x | "
-                     f"{t['dense_sd'] * 1e3:.0f} | {t['ours_sd'] / t['dense_sd']:.2f}x | {ct_ratio} |")
+        loads.append(
+            f"| {name} | {s:.0%} | {t['dense_model'] * 1e3:.0f} | {t['ours_model'] / t['dense_model']:.2f}x | "
+            f"{t['dense_sd'] * 1e3:.0f} | {t['ours_sd'] / t['dense_sd']:.2f}x | {ct_ratio} |"
+        )
     return "\n".join(sizes) + "\n\n" + "\n".join(loads)
 
 
 def load_in_child(mode: str, path: Path, dense_path: Path) -> float:
     """Seconds of one load in a fresh process: what a user pays when a program starts (see ``_load_child``)."""
-    out = subprocess.run([sys.executable, __file__, "--load-child", mode, str(path), str(dense_path),
-                          "--threads", str(torch.get_num_threads())], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--load-child",
+            mode,
+            str(path),
+            str(dense_path),
+            "--threads",
+            str(torch.get_num_threads()),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.split()[-1])
 
 
@@ -192,8 +228,12 @@ def _load_child(mode: str, path: str, dense_path: str) -> None:
         holder.load_state_dict(load_file(path))
         return holder.state_dict()
 
-    loads = {"dense_model": dense_into_model, "ours_model": lambda: fxs.load_compressed(path, holder).state_dict(),
-             "dense_sd": lambda: load_file(path), "ours_sd": lambda: fxs.load_compressed(path)}
+    loads = {
+        "dense_model": dense_into_model,
+        "ours_model": lambda: fxs.load_compressed(path, holder).state_dict(),
+        "dense_sd": lambda: load_file(path),
+        "ours_sd": lambda: fxs.load_compressed(path),
+    }
     if mode == "ct_sd":
         import compressed_tensors as ct
 
@@ -240,14 +280,23 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
 
 
-def bitmask_table(shapes: list[tuple[int, int]], sparsities: list[Any], batches: list[int],
-                  dtypes: list[torch.dtype], threads: list[int], repeats: int) -> str:
+def bitmask_table(
+    shapes: list[tuple[int, int]],
+    sparsities: list[Any],
+    batches: list[int],
+    dtypes: list[torch.dtype],
+    threads: list[int],
+    repeats: int,
+) -> str:
     """Dense F.linear, torch CSR (our SparseLinear: int32 indices, addmv / addmm) and the bitmask layer,
     as time ratios to dense (median of interleaved rounds, range in brackets), and the byte-ratio limit."""
     from fx_sparsify._bitmask import BitmaskLinear
 
-    lines = ["| threads | dtype | layer (out x in) | zeros | batch | dense ms | torch CSR / dense | bitmask / dense "
-             "| byte limit |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| threads | dtype | layer (out x in) | zeros | batch | dense ms | torch CSR / dense | bitmask / dense "
+        "| byte limit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for n_threads in threads:
         torch.set_num_threads(n_threads)
         for dtype in dtypes:
@@ -267,14 +316,17 @@ def bitmask_table(shapes: list[tuple[int, int]], sparsities: list[Any], batches:
                         with torch.inference_mode():
                             r = ratios(fns, repeats)
                         label = "2:4" if s == "2:4" else f"{s:.0%}"
-                        lines.append(f"| {n_threads} | {str(dtype)[6:]} | {shape[0]}x{shape[1]} | {label} | {n} | "
-                                     f"{statistics.median(r['dense']) * 1e3:.2f} | "
-                                     f"{_cell(r['csr']) if 'csr' in r else '-'} | {_cell(r['ours'])} | {limit:.2f}x |")
+                        lines.append(
+                            f"| {n_threads} | {str(dtype)[6:]} | {shape[0]}x{shape[1]} | {label} | {n} | "
+                            f"{statistics.median(r['dense']) * 1e3:.2f} | "
+                            f"{_cell(r['csr']) if 'csr' in r else '-'} | {_cell(r['ours'])} | {limit:.2f}x |"
+                        )
     return "\n".join(lines)
 
 
-def end_to_end(layers: int, hidden: int, inter: int, new_tokens: int, repeats: int,
-               dtype: torch.dtype = torch.float32) -> str:
+def end_to_end(
+    layers: int, hidden: int, inter: int, new_tokens: int, repeats: int, dtype: torch.dtype = torch.float32
+) -> str:
     """A LLaMA-shaped Hugging Face model from a config (random weights), every decoder Linear pruned 50 %
     (magnitude, per tensor), greedy decoding tokens/s on the current threads: dense against each Linear in
     the storage squash(storage="auto") takes for it at batch 1 (timed per distinct shape by the same
@@ -284,9 +336,15 @@ def end_to_end(layers: int, hidden: int, inter: int, new_tokens: int, repeats: i
     from fx_sparsify._bitmask import BitmaskLinear
     from fx_sparsify.passes.sparse_storage import MARGIN, measure
 
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter,
-                                   num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                                   num_key_value_heads=max(1, hidden // 256), max_position_embeddings=512)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval().to(dtype)
     params = sum(p.numel() for p in model.parameters())
@@ -319,13 +377,15 @@ def end_to_end(layers: int, hidden: int, inter: int, new_tokens: int, repeats: i
         r = ratios({"dense": lambda: generate(model), "sparse": lambda: generate(sparse_model)}, repeats)
     dense_tps = new_tokens / statistics.median(r["dense"])
     speed = [1 / v for v in r["sparse"]]
-    return (f"LLaMA-shaped model: {layers} layers, hidden {hidden}, intermediate {inter}, {params / 1e9:.2f} B params "
-            f"({str(dtype)[6:]}), decoder Linears pruned 50 %; {torch.get_num_threads()} thread(s); greedy decoding of "
-            f"{new_tokens} tokens after 8, {repeats} interleaved rounds\n\n"
-            f"| model | tokens/s | vs dense |\n|---|---|---|\n| dense | {dense_tps:.2f} | 1.00x |\n"
-            f"| auto ({', '.join(f'{k[0]}x{k[1]}: {v}' for k, v in decided.items())}) | "
-            f"{dense_tps * statistics.median(speed):.2f} | {statistics.median(speed):.2f}x "
-            f"({min(speed):.2f}-{max(speed):.2f}) |\n\nsame greedy tokens as dense: {same}")
+    return (
+        f"LLaMA-shaped model: {layers} layers, hidden {hidden}, intermediate {inter}, {params / 1e9:.2f} B params "
+        f"({str(dtype)[6:]}), decoder Linears pruned 50 %; {torch.get_num_threads()} thread(s); greedy decoding of "
+        f"{new_tokens} tokens after 8, {repeats} interleaved rounds\n\n"
+        f"| model | tokens/s | vs dense |\n|---|---|---|\n| dense | {dense_tps:.2f} | 1.00x |\n"
+        f"| auto ({', '.join(f'{k[0]}x{k[1]}: {v}' for k, v in decided.items())}) | "
+        f"{dense_tps * statistics.median(speed):.2f} | {statistics.median(speed):.2f}x "
+        f"({min(speed):.2f}-{max(speed):.2f}) |\n\nsame greedy tokens as dense: {same}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -334,12 +394,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full", action="store_true", help="all shapes, batch 64 and gzip of the whole MLP")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--checkpoints-only", action="store_true",
-                        help="only the checkpoint tables, on random weights of the MLP's shapes")
-    parser.add_argument("--bitmask", action="store_true",
-                        help="only the bitmask kernel table (LLaMA-7B MLP shapes; --quick: 1024x2752)")
-    parser.add_argument("--clock", choices=sorted(CLOCK), default="wall",
-                        help="bitmask tables and e2e: wall time, or the thread's CPU time (one thread only)")
+    parser.add_argument(
+        "--checkpoints-only",
+        action="store_true",
+        help="only the checkpoint tables, on random weights of the MLP's shapes",
+    )
+    parser.add_argument(
+        "--bitmask", action="store_true", help="only the bitmask kernel table (LLaMA-7B MLP shapes; --quick: 1024x2752)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCK),
+        default="wall",
+        help="bitmask tables and e2e: wall time, or the thread's CPU time (one thread only)",
+    )
     parser.add_argument("--e2e", action="store_true", help="only the end-to-end LLaMA-shaped decoding figure")
     parser.add_argument("--e2e-size", default="22,2048,5632", help="layers,hidden,intermediate (default ~1.1 B)")
     parser.add_argument("--e2e-dtype", choices=["float32", "bfloat16"], default="float32")
@@ -371,8 +439,10 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print(checkpoint_tables(models, max(3, repeats // 2), 6 if args.full or args.quick else 1, Path(tmp)))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); medians of {repeats} interleaved repeats; "
-          "shared machine: expect +-20 % noise\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); medians of {repeats} interleaved repeats; "
+        "shared machine: expect +-20 % noise\n"
+    )
     print("## Sparse layers against dense F.linear\n")
     print(layer_table(shapes, [0.5, 0.7, 0.9], batches, repeats) + "\n")
     print("## 4-layer MLP: squash(storage='auto') against squash()\n")
@@ -387,14 +457,20 @@ def _bitmask_main(args: argparse.Namespace) -> None:
     global clock
     clock = CLOCK[args.clock]
     cores = os.cpu_count() or 1
-    print(f"torch {torch.__version__}; CPU: {_cpu_name()}, {cores} cores; bitmask kernel path: "
-          f"{_native.bitmask_isa()}; load average {os.getloadavg()[0]:.1f} at start; clock: {args.clock}\n")
+    print(
+        f"torch {torch.__version__}; CPU: {_cpu_name()}, {cores} cores; bitmask kernel path: "
+        f"{_native.bitmask_isa()}; load average {os.getloadavg()[0]:.1f} at start; clock: {args.clock}\n"
+    )
     if args.bitmask:
         if args.quick:
             shapes, sparsities, batches, repeats = [(2752, 1024), (1024, 2752)], [0.5, 0.9], [1, 8], 5
         else:
-            shapes, sparsities, batches, repeats = [(11008, 4096), (4096, 11008)], [0.5, 0.7, 0.9, "2:4"], [1, 8, 32], \
-                args.repeats
+            shapes, sparsities, batches, repeats = (
+                [(11008, 4096), (4096, 11008)],
+                [0.5, 0.7, 0.9, "2:4"],
+                [1, 8, 32],
+                args.repeats,
+            )
         threads = sorted({args.threads, cores}) if args.clock == "wall" else [1]
         print(f"## Bitmask layers against dense F.linear (threads {threads})\n")
         print(bitmask_table(shapes, sparsities, batches, [torch.float32, torch.bfloat16], threads, repeats) + "\n")
@@ -402,8 +478,16 @@ def _bitmask_main(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
         layers, hidden, inter = (2, 512, 1376) if args.quick else (int(v) for v in args.e2e_size.split(","))
         print("## End to end\n")
-        print(end_to_end(layers, hidden, inter, 8 if args.quick else 16, 3 if args.quick else max(3, args.repeats // 2),
-                         getattr(torch, args.e2e_dtype)))
+        print(
+            end_to_end(
+                layers,
+                hidden,
+                inter,
+                8 if args.quick else 16,
+                3 if args.quick else max(3, args.repeats // 2),
+                getattr(torch, args.e2e_dtype),
+            )
+        )
 
 
 def _cpu_name() -> str:

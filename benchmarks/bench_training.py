@@ -106,6 +106,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
         opt.step()
+
     return run
 
 
@@ -144,8 +145,9 @@ def align_ties(models: dict[str, tuple[nn.Module, torch.optim.Optimizer]], plain
     print(f"masks: identical except {realigned} entries at exact magnitude ties (realigned to ours)")
 
 
-def check(models: dict[str, tuple[nn.Module, torch.optim.Optimizer]], plain: nn.Module,
-          x: torch.Tensor, y: torch.Tensor) -> None:
+def check(
+    models: dict[str, tuple[nn.Module, torch.optim.Optimizer]], plain: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> None:
     """Same masked output before training; ours inplace keeps its pruned weights at exactly zero."""
     align_ties(models, plain)
     with torch.no_grad():
@@ -153,8 +155,9 @@ def check(models: dict[str, tuple[nn.Module, torch.optim.Optimizer]], plain: nn.
     ref = outs["ours graph"]
     for name in ("prune", "ao", "ours inplace"):
         if not torch.allclose(outs[name], ref, rtol=1e-4, atol=1e-6):
-            raise AssertionError(f"{name}: output differs from ours graph (max abs diff "
-                                 f"{(outs[name] - ref).abs().max().item():.3g})")
+            raise AssertionError(
+                f"{name}: output differs from ours graph (max abs diff {(outs[name] - ref).abs().max().item():.3g})"
+            )
     losses = {name: F.mse_loss(out, y).item() for name, out in outs.items()}
     print("initial loss: " + ", ".join(f"{n} {v:.6g}" for n, v in losses.items()))
 
@@ -185,10 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     models = contenders(plain)
     check(models, plain, x, y)
 
-    print(f"\n{LAYERS} x Linear({width}, {width}) + ReLU, batch {batch}, float32, {SPARSITY:.0%} L1 unstructured; "
-          f"SGD(lr=1e-3, momentum=0.9); median of {repeats} interleaved repeats")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.machine()} "
-          f"{platform.processor() or platform.platform()}")
+    print(
+        f"\n{LAYERS} x Linear({width}, {width}) + ReLU, batch {batch}, float32, {SPARSITY:.0%} L1 unstructured; "
+        f"SGD(lr=1e-3, momentum=0.9); median of {repeats} interleaved repeats"
+    )
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.machine()} "
+        f"{platform.processor() or platform.platform()}"
+    )
     start = time.perf_counter()
     res = interleaved({name: train_step(m, opt, x, y) for name, (m, opt) in models.items()}, repeats)
     rows = [[name, f"{t * 1e3:.1f}", f"{t / res['plain']:.2f}x", NOTES[name]] for name, t in res.items()]

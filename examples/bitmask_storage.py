@@ -66,14 +66,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         want = dense(x)
         for module in (small, auto, again, loaded):
             torch.testing.assert_close(module(x), want, atol=1e-5, rtol=1e-5)
-        t = {name: per_call(m, x) for name, m in
-             [("dense", dense), ("bitmask", small), ("auto", auto), ("from file", loaded)]}
+        t = {
+            name: per_call(m, x)
+            for name, m in [("dense", dense), ("bitmask", small), ("auto", auto), ("from file", loaded)]
+        }
     print(f"{args.width}x{4 * args.width} MLP at {args.sparsity:.0%}, batch 1, 1 thread:")
     for name, seconds in t.items():
         print(f"  {name:10s} {seconds * 1e3:7.3f} ms  {seconds / t['dense']:.2f}x dense")
     print("auto picked:", ", ".join(f"{c.layer}: {c.storage} ({c.why})" for c in auto.storage_choices))
-    return {"choices": [c.storage for c in auto.storage_choices], "again": [c.storage for c in again.storage_choices],
-            "loaded": [type(m).__name__ for m in loaded], "ratios": {k: v / t["dense"] for k, v in t.items()}}
+    return {
+        "choices": [c.storage for c in auto.storage_choices],
+        "again": [c.storage for c in again.storage_choices],
+        "loaded": [type(m).__name__ for m in loaded],
+        "ratios": {k: v / t["dense"] for k, v in t.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -24,8 +24,13 @@ import fx_sparsify as fxs
 SIZE = 8
 # segments of a seven-segment display: (row0, col0, row1, col1) of each stroke on a 7 x 5 glyph
 _SEGMENTS = {
-    "a": (0, 0, 0, 4), "b": (0, 4, 3, 4), "c": (3, 4, 6, 4), "d": (6, 0, 6, 4),
-    "e": (3, 0, 6, 0), "f": (0, 0, 3, 0), "g": (3, 0, 3, 4),
+    "a": (0, 0, 0, 4),
+    "b": (0, 4, 3, 4),
+    "c": (3, 4, 6, 4),
+    "d": (6, 0, 6, 4),
+    "e": (3, 0, 6, 0),
+    "f": (0, 0, 3, 0),
+    "g": (3, 0, 3, 4),
 }
 _DIGITS = ["abcdef", "bc", "abdeg", "abcdg", "bcfg", "acdfg", "acdefg", "abc", "abcdefg", "abcdfg"]
 
@@ -36,7 +41,7 @@ def _glyphs() -> torch.Tensor:
     for d, segs in enumerate(_DIGITS):
         for s in segs:
             r0, c0, r1, c1 = _SEGMENTS[s]
-            out[d, r0:r1 + 1, c0:c1 + 1] = 1.0
+            out[d, r0 : r1 + 1, c0 : c1 + 1] = 1.0
     return out
 
 
@@ -49,7 +54,7 @@ def make_digits(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch
     rows = torch.randint(0, SIZE - 7 + 1, (n,), generator=generator)
     cols = torch.randint(0, SIZE - 5 + 1, (n,), generator=generator)
     for i in range(n):  # random placement on the canvas
-        images[i, rows[i]:rows[i] + 7, cols[i]:cols[i] + 5] = strokes[i]
+        images[i, rows[i] : rows[i] + 7, cols[i] : cols[i] + 5] = strokes[i]
     images += 0.25 * torch.randn(n, SIZE, SIZE, generator=generator)
     return images.reshape(n, -1), labels
 
@@ -78,7 +83,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Genera
     while True:
         order = torch.randperm(len(x), generator=generator)
         for i in range(0, len(x) - size + 1, size):
-            idx = order[i:i + size]
+            idx = order[i : i + size]
             yield x[idx], y[idx]
 
 
@@ -94,11 +99,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     setting = "quick" if args.quick else "full" if args.full else "default"
-    n_train, n_test, hidden = {"quick": (3000, 1000, 128), "default": (6000, 2000, 256), "full": (40000, 4000, 256)}[setting]
+    n_train, n_test, hidden = {"quick": (3000, 1000, 128), "default": (6000, 2000, 256), "full": (40000, 4000, 256)}[
+        setting
+    ]
     dense_iters, prune_steps, every, finetune_iters = {
-        "quick": (250, 10, 15, 100), "default": (600, 12, 25, 300), "full": (3000, 30, 60, 2000)}[setting]
-    print(f"{setting} run: {n_train} training digits, MLP hidden={hidden}, {dense_iters} dense iterations, "
-          f"{prune_steps + 1} step() calls every {every} iterations, {finetune_iters} fine-tuning iterations", flush=True)
+        "quick": (250, 10, 15, 100),
+        "default": (600, 12, 25, 300),
+        "full": (3000, 30, 60, 2000),
+    }[setting]
+    print(
+        f"{setting} run: {n_train} training digits, MLP hidden={hidden}, {dense_iters} dense iterations, "
+        f"{prune_steps + 1} step() calls every {every} iterations, {finetune_iters} fine-tuning iterations",
+        flush=True,
+    )
     x_train, y_train = make_digits(n_train, gen)
     x_test, y_test = make_digits(n_test, gen)
     data = batches(x_train, y_train, 64, gen)
@@ -126,9 +139,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "seed": 0,
         "mode": args.mode,
         "weights": [
-            {"target": "type:Linear", "method": "l1_unstructured", "sparsity": args.sparsity,
-             "schedule": {"kind": "cubic", "init_sparsity": 0.0, "init_step": 0, "delta_step": 1,
-                          "total_steps": prune_steps}},
+            {
+                "target": "type:Linear",
+                "method": "l1_unstructured",
+                "sparsity": args.sparsity,
+                "schedule": {
+                    "kind": "cubic",
+                    "init_sparsity": 0.0,
+                    "init_step": 0,
+                    "delta_step": 1,
+                    "total_steps": prune_steps,
+                },
+            },
             {"target": "head", "method": "dense"},  # keep the classifier dense
         ],
     }
@@ -143,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if i % every == 0:
             sgm.step()
             done = {k: v for k, v in sgm.sparsity().items() if k != "head.weight"}
-            print(f"  step {i // every + 1}/{prune_steps + 1}: sparsity {sum(done.values()) / len(done):.1%}", flush=True)
+            print(
+                f"  step {i // every + 1}/{prune_steps + 1}: sparsity {sum(done.values()) / len(done):.1%}", flush=True
+            )
 
     train(sgm, (prune_steps + 1) * every, maybe_step)
     pruned = {k: v for k, v in sgm.sparsity().items() if k != "head.weight"}

@@ -16,8 +16,7 @@ import fx_sparsify as fxs
 
 def main(layers: int = 4, dim: int = 256) -> nn.Module:
     model = nn.Sequential(*[nn.Linear(dim, dim) for _ in range(layers)]).to(torch.bfloat16).eval()
-    spec = {"mode": "inplace",
-            "weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]}
+    spec = {"mode": "inplace", "weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]}
     sgm = fxs.sparsify_graph(model, spec, inplace=True)  # your model is rewritten: no copy
     sgm.step()  # masks computed a target at a time; pruned weights zeroed in place
     x = torch.randn(8, dim, dtype=torch.bfloat16)

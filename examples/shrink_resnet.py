@@ -60,8 +60,9 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], width: int = 64,
-                 num_classes: int = 1000) -> None:
+    def __init__(
+        self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], width: int = 64, num_classes: int = 1000
+    ) -> None:
         super().__init__()
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
@@ -75,11 +76,15 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
 
-    def _layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+    def _layer(
+        self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int = 1
+    ) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes * block.expansion))
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
         layers = [block(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
@@ -140,8 +145,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     finally:
         torch.set_num_threads(threads)
     print(f"parameters: {dense_params:,} -> {small_params:,} ({small_params / dense_params:.2f}x)")
-    print(f"latency (batch 1, {args.threads} thread(s)): {dense_ms:.2f} ms -> {small_ms:.2f} ms "
-          f"({small_ms / dense_ms:.2f}x)")
+    print(
+        f"latency (batch 1, {args.threads} thread(s)): {dense_ms:.2f} ms -> {small_ms:.2f} ms "
+        f"({small_ms / dense_ms:.2f}x)"
+    )
     return {"dense_params": dense_params, "small_params": small_params, "dense_ms": dense_ms, "small_ms": small_ms}
 
 

@@ -76,10 +76,10 @@ class TinyLM(nn.Module):
 
 def prune(model: nn.Module, spec: dict, x: torch.Tensor, calibration: list[torch.Tensor]) -> nn.Module:
     sgm = fxs.sparsify_graph(model, spec, example_inputs=(x,))
-    for batch in calibration:          # forward passes collect the consumers' input statistics
+    for batch in calibration:  # forward passes collect the consumers' input statistics
         sgm(batch)
-    sgm.step()                         # channels chosen; consumers refit
-    small = sgm.squash(shrink=True)    # computes what sgm computes
+    sgm.step()  # channels chosen; consumers refit
+    small = sgm.squash(shrink=True)  # computes what sgm computes
     assert float((small(x) - sgm(x)).abs().max()) <= 1e-4
     return small
 
@@ -98,10 +98,12 @@ def main() -> dict[str, float]:
     x = torch.randint(0, 128, (2, 16))
     calibration = [torch.randint(0, 128, (8, 16)) for _ in range(8)]
     held_out = torch.randint(0, 128, (16, 16))
-    spec = {"channels": [
-        {"target": "re:.*mlp\\.up_proj", "sparsity": 0.5, "importance": "obs", "reconstruct": True},
-        {"target": "re:.*self_attn", "heads": 0.25, "importance": "obs", "reconstruct": True},
-    ]}
+    spec = {
+        "channels": [
+            {"target": "re:.*mlp\\.up_proj", "sparsity": 0.5, "importance": "obs", "reconstruct": True},
+            {"target": "re:.*self_attn", "heads": 0.25, "importance": "obs", "reconstruct": True},
+        ]
+    }
     magnitude = {"channels": [{**rule, "importance": "magnitude", "reconstruct": False} for rule in spec["channels"]]}
     out: dict[str, float] = {}
     with torch.no_grad():
@@ -111,8 +113,12 @@ def main() -> dict[str, float]:
             out[name] = float((small(held_out) - dense).square().mean())
             out[f"{name} parameters"] = sum(p.numel() for p in small.parameters())
         register_last_channels()
-        small = prune(model, {"channels": [{"target": "layers.0.mlp.up_proj", "sparsity": 0.5,
-                                            "importance": "last-channels"}]}, x, calibration)
+        small = prune(
+            model,
+            {"channels": [{"target": "layers.0.mlp.up_proj", "sparsity": 0.5, "importance": "last-channels"}]},
+            x,
+            calibration,
+        )
         out["last-channels kept up_proj rows"] = small.state_dict()["layers.0.mlp.up_proj.weight"].shape[0]
     out["dense parameters"] = sum(p.numel() for p in model.parameters())
     return out

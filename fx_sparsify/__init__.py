@@ -1,9 +1,9 @@
 """fx_sparsify: a graph-level sparsification compiler for PyTorch.
 
-    >>> import fx_sparsify as fxs
-    >>> sgm = fxs.sparsify_graph(model, {"weights": [{"target": "fc1", "method": "l1_unstructured",
-    ...                                               "sparsity": 0.5}]})     # doctest: +SKIP
-    >>> sgm.step(); print(sgm.report()); plain = sgm.squash()                 # doctest: +SKIP
+>>> import fx_sparsify as fxs
+>>> sgm = fxs.sparsify_graph(model, {"weights": [{"target": "fc1", "method": "l1_unstructured",
+...                                               "sparsity": 0.5}]})     # doctest: +SKIP
+>>> sgm.step(); print(sgm.report()); plain = sgm.squash()                 # doctest: +SKIP
 """
 
 from __future__ import annotations

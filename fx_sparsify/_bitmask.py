@@ -33,8 +33,17 @@ try:  # numpy packs bits ~10x faster than the torch fallback; optional
 except ModuleNotFoundError:  # pragma: no cover - exercised by monkeypatching _np in the tests
     _np = None  # type: ignore[assignment]
 
-__all__ = ["MODEL_MARGIN", "BitmaskLinear", "bitmask_linear", "dense_of", "install_from_checkpoint", "modelled_ratio",
-           "pack", "padded", "row_offsets_of"]
+__all__ = [
+    "MODEL_MARGIN",
+    "BitmaskLinear",
+    "bitmask_linear",
+    "dense_of",
+    "install_from_checkpoint",
+    "modelled_ratio",
+    "pack",
+    "padded",
+    "row_offsets_of",
+]
 
 #: dtype → the integer dtype of the same width (an entry is kept when any of its bits is set)
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -45,8 +54,7 @@ def pack(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(values, mask, row_offsets)`` of a dense 2-D floating tensor (values padded for the kernel); entries
     equal to zero (+0.0 and -0.0) are left out."""
     if matrix.dim() != 2 or not matrix.is_floating_point() or matrix.element_size() not in _BITS:
-        raise ValueError(f"bitmask storage takes a 2-D floating-point weight, got {matrix.dtype} "
-                         f"{tuple(matrix.shape)}")
+        raise ValueError(f"bitmask storage takes a 2-D floating-point weight, got {matrix.dtype} {tuple(matrix.shape)}")
     matrix = matrix.detach().contiguous()
     rows, cols = matrix.shape
     keep = matrix != 0  # -0.0 is dropped too (it adds nothing to a product); NaN is kept
@@ -102,8 +110,9 @@ ISA_FACTOR = {"avx512": 1.0, "avx2": 1.15, "portable": 3.0}
 MODEL_MIN_ENTRIES = 1 << 20
 
 
-def modelled_ratio(zeros: float, dtype: torch.dtype, batch_size: int, isa: str | None,
-                   entries: int = MODEL_MIN_ENTRIES) -> float:
+def modelled_ratio(
+    zeros: float, dtype: torch.dtype, batch_size: int, isa: str | None, entries: int = MODEL_MIN_ENTRIES
+) -> float:
     """The bitmask layer's modelled time / dense ``F.linear`` for a weight of ``entries`` entries with that
     fraction of zeros (``inf`` where it never pays: no kernel, a small layer, a dtype or batch size past the
     model)."""
@@ -121,19 +130,25 @@ _SCHEMA = "(Tensor x, Tensor values, Tensor mask, Tensor row_offsets, Tensor? bi
 
 def _check(x: Tensor, values: Tensor, mask: Tensor, in_features: int) -> None:
     if x.dim() == 0 or x.shape[-1] != in_features:
-        raise RuntimeError(f"bitmask_linear: the input's last dimension must be in_features={in_features}, got "
-                           f"input of shape {tuple(x.shape)}")
+        raise RuntimeError(
+            f"bitmask_linear: the input's last dimension must be in_features={in_features}, got "
+            f"input of shape {tuple(x.shape)}"
+        )
     if x.dtype != values.dtype:
-        raise RuntimeError(f"bitmask_linear: expected the input in the weight's dtype {values.dtype}, got {x.dtype} "
-                           "(cast the input, or the module with .to(dtype))")
+        raise RuntimeError(
+            f"bitmask_linear: expected the input in the weight's dtype {values.dtype}, got {x.dtype} "
+            "(cast the input, or the module with .to(dtype))"
+        )
     if mask.dim() != 2 or mask.shape[1] != (in_features + 7) // 8:
-        raise RuntimeError(f"bitmask_linear: a mask of shape {tuple(mask.shape)} does not fit "
-                           f"in_features={in_features}")
+        raise RuntimeError(
+            f"bitmask_linear: a mask of shape {tuple(mask.shape)} does not fit in_features={in_features}"
+        )
 
 
 @torch.library.custom_op("fx_sparsify::bitmask_linear", mutates_args=(), schema=_SCHEMA)
-def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor, bias: Tensor | None,
-                   in_features: int) -> Tensor:
+def bitmask_linear(
+    x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor, bias: Tensor | None, in_features: int
+) -> Tensor:
     """``F.linear(x, W, bias)`` for the weight W held as ``values`` / ``mask`` / ``row_offsets`` (see the module)."""
     _check(x, values, mask, in_features)
     rows = mask.shape[0]
@@ -207,8 +222,9 @@ class BitmaskLinear(nn.Module):
         return int(shape[0]), int(math.prod(shape[1:]))
 
     @classmethod
-    def from_parts(cls, values: Tensor, mask: Tensor, shape: tuple[int, ...], bias: Tensor | None = None,
-                   spatial: int = 0) -> BitmaskLinear:
+    def from_parts(
+        cls, values: Tensor, mask: Tensor, shape: tuple[int, ...], bias: Tensor | None = None, spatial: int = 0
+    ) -> BitmaskLinear:
         """A layer straight from a compressed checkpoint's parts (no dense weight is made): ``values`` (the kept
         entries, row-major) and ``mask`` (uint8 ``[shape[0], ceil(prod(shape[1:]) / 8)]``)."""
         layer = cls.__new__(cls)
@@ -217,8 +233,9 @@ class BitmaskLinear(nn.Module):
         layer.out_features, layer.in_features = layer._sizes(layer.weight_shape)
         offsets = row_offsets_of(mask, layer.in_features)
         if int(offsets[-1]) != values.numel():
-            raise ValueError(f"bitmask storage: the mask marks {int(offsets[-1])} entries, {values.numel()} values "
-                             "given")
+            raise ValueError(
+                f"bitmask storage: the mask marks {int(offsets[-1])} entries, {values.numel()} values given"
+            )
         layer.register_buffer("values", padded(values), persistent=False)
         layer.register_buffer("mask", mask.contiguous(), persistent=False)
         layer.register_buffer("row_offsets", offsets, persistent=False)
@@ -245,13 +262,15 @@ class BitmaskLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.spatial:
-            return torch.ops.fx_sparsify.bitmask_linear(x, self.values, self.mask, self.row_offsets, self.bias,
-                                                        self.in_features)
+            return torch.ops.fx_sparsify.bitmask_linear(
+                x, self.values, self.mask, self.row_offsets, self.bias, self.in_features
+            )
         batched = x.dim() == self.spatial + 2
         xb = x if batched else x.unsqueeze(0)
         rows = xb.movedim(1, -1)  # [N, *space, C]
-        y = torch.ops.fx_sparsify.bitmask_linear(rows, self.values, self.mask, self.row_offsets, self.bias,
-                                                 self.in_features).movedim(-1, 1)
+        y = torch.ops.fx_sparsify.bitmask_linear(
+            rows, self.values, self.mask, self.row_offsets, self.bias, self.in_features
+        ).movedim(-1, 1)
         return y if batched else y[0]
 
     # --- dense weights in the state dict under the original key ----------------------------------------
@@ -259,15 +278,24 @@ class BitmaskLinear(nn.Module):
         destination[prefix + "weight"] = self.dense_weight()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         key = prefix + "weight"
         if key in state_dict:
             incoming = state_dict[key]
             if tuple(incoming.shape) != self.weight_shape:
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(incoming.shape)} "
-                                  f"from checkpoint, the shape in current model is {self.weight_shape}.")
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {tuple(incoming.shape)} "
+                    f"from checkpoint, the shape in current model is {self.weight_shape}."
+                )
             else:
                 dense = incoming.to_dense() if incoming.layout != torch.strided else incoming
                 with torch.no_grad():
@@ -275,14 +303,17 @@ class BitmaskLinear(nn.Module):
             state_dict = {k: v for k, v in state_dict.items() if k != key}
         elif strict:
             missing_keys.append(key)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         zeros = 1.0 - int(self.row_offsets[-1]) / max(self.out_features * self.in_features, 1)
         kind = f", 1x1 conv{self.spatial}d" if self.spatial else (", Conv1D" if self.transposed else "")
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bitmask, {zeros:.1%} zeros"
-                f"{kind}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bitmask, {zeros:.1%} zeros"
+            f"{kind}, bias={self.bias is not None}"
+        )
 
 
 # --- straight from a compressed checkpoint ------------------------------------------------------------------
@@ -292,15 +323,20 @@ def _spatial_of(module: nn.Module) -> int | None:
         return 0
     if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         conv: Any = module
-        if (all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride) and conv.groups == 1
-                and (conv.padding in ("valid", "same") or all(p == 0 for p in conv.padding))
-                and conv.padding_mode == "zeros"):
+        if (
+            all(k == 1 for k in conv.kernel_size)
+            and all(s == 1 for s in conv.stride)
+            and conv.groups == 1
+            and (conv.padding in ("valid", "same") or all(p == 0 for p in conv.padding))
+            and conv.padding_mode == "zeros"
+        ):
             return len(conv.kernel_size)
     return None
 
 
-def install_from_checkpoint(model: nn.Module, names: dict[str, str], parts: dict[str, dict[str, Tensor]],
-                            shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+def install_from_checkpoint(
+    model: nn.Module, names: dict[str, str], parts: dict[str, dict[str, Tensor]], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, str]:
     """``load_compressed(path, model, storage="bitmask")``: each compressed ``<layer>.weight`` of a Linear / 1×1
     Conv of ``model`` becomes a :class:`BitmaskLinear` built from the file's values and mask (no dense copy).
     ``names`` maps stored prefixes to state dict names, ``parts`` a prefix to its validated parts. Returns
@@ -316,8 +352,14 @@ def install_from_checkpoint(model: nn.Module, names: dict[str, str], parts: dict
         spatial = None if module is None else _spatial_of(module)
         values, mask = parts[prefix]["compressed"], parts[prefix]["bitmask"]
         weight: Any = None if module is None else module.weight
-        if (spatial is None or module is None or owners.get(id(weight), 0) > 1 or module._forward_hooks
-                or module._forward_pre_hooks or tuple(weight.shape) != shapes[name]):
+        if (
+            spatial is None
+            or module is None
+            or owners.get(id(weight), 0) > 1
+            or module._forward_hooks
+            or module._forward_pre_hooks
+            or tuple(weight.shape) != shapes[name]
+        ):
             left[prefix] = name
             continue
         dtype = weight.dtype if weight.device.type != "meta" else values.dtype

@@ -137,11 +137,11 @@ def _scatter_np(packed: Tensor, bits: Tensor, target: Tensor) -> None:
     mask, source, dense = packed.numpy(), bits.numpy(), target.numpy()
     start = 0
     for r0, r1, c0, c1 in _blocks(rows, cols):
-        keep = _np.unpackbits(mask[r0:r1, c0 // 8:(c1 + 7) // 8], axis=-1, count=c1 - c0, bitorder="little")
+        keep = _np.unpackbits(mask[r0:r1, c0 // 8 : (c1 + 7) // 8], axis=-1, count=c1 - c0, bitorder="little")
         where = _np.flatnonzero(keep.view(bool))  # numpy's nonzero has a fast path for bool (~4x uint8's)
         piece = dense[r0:r1, c0:c1].reshape(-1)  # a view: the block is contiguous
         piece.fill(0)
-        piece[where] = source[start:start + where.size]
+        piece[where] = source[start : start + where.size]
         start += where.size
 
 
@@ -245,8 +245,9 @@ def _compress(t: Tensor) -> dict[str, Tensor] | None:
     }
 
 
-def save_compressed(module_or_state_dict: nn.Module | Mapping[str, Any], path: str | os.PathLike[str], *,
-                    zstd: int | None = None) -> None:
+def save_compressed(
+    module_or_state_dict: nn.Module | Mapping[str, Any], path: str | os.PathLike[str], *, zstd: int | None = None
+) -> None:
     """Write a state dict (or ``module.state_dict()``) as a compressed safetensors file at ``path``.
 
     Each floating-point tensor that takes fewer bytes as non-zero values + a 1-bit mask is stored so
@@ -290,8 +291,9 @@ def save_compressed(module_or_state_dict: nn.Module | Mapping[str, Any], path: s
     metadata = {"format": "pt", HEADER_KEY: json.dumps(header)}
     path = Path(os.fspath(path))
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"save_compressed(): the folder {str(path.parent)!r} of {str(path)!r} does not exist; "
-                                "create it first")
+        raise FileNotFoundError(
+            f"save_compressed(): the folder {str(path.parent)!r} of {str(path)!r} does not exist; create it first"
+        )
     # written straight to disk, never as one bytes object: that (and safetensors' buffer behind it) cost
     # ~1.1x the file in memory on top of the compressed tensors (LLaMA-1.1B bf16: 7.06 GiB peak at the save).
     # Into a temporary file renamed over `path` at the end: a failed save keeps the previous checkpoint
@@ -323,21 +325,29 @@ def _our_header(path: Path, metadata: Mapping[str, str]) -> dict[str, Any] | Non
         raise ValueError(f"{path}: the {HEADER_KEY!r} header is not JSON: {raw[:80]!r}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         got = header.get("format") if isinstance(header, dict) else header
-        raise ValueError(f"{path}: unknown checkpoint format {got!r:.80} in the {HEADER_KEY!r} header; this "
-                         f"fx_sparsify reads {FORMAT!r}")
+        raise ValueError(
+            f"{path}: unknown checkpoint format {got!r:.80} in the {HEADER_KEY!r} header; this "
+            f"fx_sparsify reads {FORMAT!r}"
+        )
     if header.get("version") != VERSION:
-        raise ValueError(f"{path}: checkpoint format version {header.get('version')!r}; this fx_sparsify reads "
-                         f"version {VERSION}: upgrade fx_sparsify to read it")
+        raise ValueError(
+            f"{path}: checkpoint format version {header.get('version')!r}; this fx_sparsify reads "
+            f"version {VERSION}: upgrade fx_sparsify to read it"
+        )
     if not isinstance(header.get("compressed"), dict) or not isinstance(header.get("extra", {}), dict):
         raise ValueError(f"{path}: malformed {HEADER_KEY!r} header: 'compressed' and 'extra' must be objects")
     named: dict[str, str] = {}  # tensor name → the group naming it
     for prefix, name in header["compressed"].items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"{path}: malformed {HEADER_KEY!r} header: compressed group {prefix!r} names "
-                             f"{name!r:.60}, not a tensor name (a non-empty string)")
+            raise ValueError(
+                f"{path}: malformed {HEADER_KEY!r} header: compressed group {prefix!r} names "
+                f"{name!r:.60}, not a tensor name (a non-empty string)"
+            )
         if name in named:
-            raise ValueError(f"{path}: malformed {HEADER_KEY!r} header: compressed groups {named[name]!r} and "
-                             f"{prefix!r} both name tensor {name!r}; the file is damaged: write it again")
+            raise ValueError(
+                f"{path}: malformed {HEADER_KEY!r} header: compressed groups {named[name]!r} and "
+                f"{prefix!r} both name tensor {name!r}; the file is damaged: write it again"
+            )
         named[name] = prefix
     return header
 
@@ -357,18 +367,23 @@ def _validate(path: Path, name: str, parts: dict[str, Tensor]) -> tuple[int, ...
         raise ValueError(f"{where}: its shape part must be a 1-D tensor of sizes, got {shape_t.tolist()}")
     shape = tuple(int(s) for s in shape_t.tolist())
     if math.prod(shape) >= 2**62:
-        raise ValueError(f"{where}: its shape part {list(shape)} holds {math.prod(shape)} entries, more than any tensor "
-                         "can; the file is corrupt")
+        raise ValueError(
+            f"{where}: its shape part {list(shape)} holds {math.prod(shape)} entries, more than any tensor "
+            "can; the file is corrupt"
+        )
     rows, cols = _grid(shape)
     if values.dim() != 1 or not values.is_floating_point() or values.element_size() not in _BITS:
         raise ValueError(f"{where}: its values must be a 1-D floating tensor, got {values.dtype} {tuple(values.shape)}")
     if packed.dtype != torch.uint8 or tuple(packed.shape) != (rows, math.ceil(cols / 8)):
-        raise ValueError(f"{where}: its bitmask must be uint8 of shape {(rows, math.ceil(cols / 8))} for shape "
-                         f"{shape}, got {packed.dtype} {tuple(packed.shape)}")
+        raise ValueError(
+            f"{where}: its bitmask must be uint8 of shape {(rows, math.ceil(cols / 8))} for shape "
+            f"{shape}, got {packed.dtype} {tuple(packed.shape)}"
+        )
     count = _count_bits(packed, cols)
     if count != values.numel():
-        raise ValueError(f"{where}: the bitmask marks {count} entries but {values.numel()} values are stored; "
-                         "the file is corrupt")
+        raise ValueError(
+            f"{where}: the bitmask marks {count} entries but {values.numel()} values are stored; the file is corrupt"
+        )
     offsets = parts.get("row_offsets")
     if offsets is not None and (offsets.dim() != 1 or offsets.numel() != rows):
         raise ValueError(f"{where}: row_offsets must have one entry per row ({rows}), got {tuple(offsets.shape)}")
@@ -401,8 +416,9 @@ def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None, *,
-                    strict: bool = True, storage: str = "dense") -> Any:
+def load_compressed(
+    path: str | os.PathLike[str], model: nn.Module | None = None, *, strict: bool = True, storage: str = "dense"
+) -> Any:
     """Read a file written by :func:`save_compressed` (or by ``compressed-tensors``' sparse-bitmask).
 
     Without ``model``: returns the dense state dict, bit-exact. With ``model``: loads it into the
@@ -443,8 +459,10 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     extra = header.get("extra", {}) if header is not None else {}
     clash = sorted(k for k in extra if k in state or k in shapes)
     if clash:
-        raise ValueError(f"{path}: the {HEADER_KEY!r} header's extra entries {clash[:8]} are named like stored "
-                         "tensors; the file is damaged: write it again")
+        raise ValueError(
+            f"{path}: the {HEADER_KEY!r} header's extra entries {clash[:8]} are named like stored "
+            "tensors; the file is damaged: write it again"
+        )
     if model is None:
         for prefix, name in names.items():
             state[name] = _expand(grouped[prefix], shapes[name])
@@ -462,8 +480,13 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     direct = {}
     for prefix, name in names.items():
         target, values = live.get(name), grouped[prefix]["compressed"]
-        if (target is not None and target.device.type == "cpu" and target.is_contiguous()
-                and target.dtype == values.dtype and tuple(target.shape) == shapes[name]):
+        if (
+            target is not None
+            and target.device.type == "cpu"
+            and target.is_contiguous()
+            and target.dtype == values.dtype
+            and tuple(target.shape) == shapes[name]
+        ):
             direct[name] = (target, prefix)
         else:
             state[name] = _expand(grouped[prefix], shapes[name])
@@ -526,14 +549,17 @@ def _load_folder(path: Path, model: nn.Module | None, strict: bool, storage: str
     return model
 
 
-def _check_keys(path: Path, model: nn.Module, shapes: Mapping[str, tuple[int, ...]], extra: set[str],
-                strict: bool) -> None:
+def _check_keys(
+    path: Path, model: nn.Module, shapes: Mapping[str, tuple[int, ...]], extra: set[str], strict: bool
+) -> None:
     """A ValueError naming missing / unexpected keys (strict) and shape mismatches, before anything is written."""
     expected = model.state_dict()
     tensors = sorted(k for k in extra if isinstance(expected.get(k), Tensor))
     if tensors:  # load_state_dict would write the tensors before it before refusing these
-        raise ValueError(f"load_compressed({str(path)!r}, {type(model).__name__}): the file holds JSON data, not a "
-                         f"tensor, for {tensors[:8]}; load into the model the file was saved from")
+        raise ValueError(
+            f"load_compressed({str(path)!r}, {type(model).__name__}): the file holds JSON data, not a "
+            f"tensor, for {tensors[:8]}; load into the model the file was saved from"
+        )
     keys = set(shapes) | extra
     missing = [k for k in expected if k not in keys]
     unexpected = sorted(k for k in keys if k not in expected)
@@ -543,10 +569,16 @@ def _check_keys(path: Path, model: nn.Module, shapes: Mapping[str, tuple[int, ..
 
     if strict and (missing or unexpected):
         parts = ([f"missing from the file: {listed(missing)}"] if missing else []) + (
-            [f"not in the model: {listed(unexpected)}"] if unexpected else [])
-        raise ValueError(f"load_compressed({str(path)!r}, {type(model).__name__}): the keys do not match ("
-                         + "; ".join(parts) + "); load into the model the file was saved from, or pass strict=False")
+            [f"not in the model: {listed(unexpected)}"] if unexpected else []
+        )
+        raise ValueError(
+            f"load_compressed({str(path)!r}, {type(model).__name__}): the keys do not match ("
+            + "; ".join(parts)
+            + "); load into the model the file was saved from, or pass strict=False"
+        )
     for k, shape in shapes.items():
         if k in expected and isinstance(expected[k], Tensor) and shape != tuple(expected[k].shape):
-            raise ValueError(f"load_compressed({str(path)!r}): tensor {k!r} has shape {shape} in the file "
-                             f"and {tuple(expected[k].shape)} in the model")
+            raise ValueError(
+                f"load_compressed({str(path)!r}): tensor {k!r} has shape {shape} in the file "
+                f"and {tuple(expected[k].shape)} in the model"
+            )

@@ -91,7 +91,9 @@ def own_guards(gm: torch.fx.GraphModule) -> None:
 
 
 _MODE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
 )
 
 
@@ -115,11 +117,15 @@ def warn_mode(class_name: str, captured_training: bool, modules: list[str], mode
     captured = "training" if captured_training else "eval"
     listed = ", ".join(modules[:4]) + (" …" if len(modules) > 4 else "")
     if mode is None:
-        what = (f"torch.export captured {class_name} in training mode: dropout / batch norm ({listed}) are traced "
-                "in training mode and stay so; sgm.eval() cannot switch them.")
+        what = (
+            f"torch.export captured {class_name} in training mode: dropout / batch norm ({listed}) are traced "
+            "in training mode and stay so; sgm.eval() cannot switch them."
+        )
     else:
-        what = (f"{'train' if mode else 'eval'}() on a {class_name} captured by torch.export in {captured} mode: "
-                f"dropout / batch norm ({listed}) keep their {captured}-mode behaviour in the graph.")
+        what = (
+            f"{'train' if mode else 'eval'}() on a {class_name} captured by torch.export in {captured} mode: "
+            f"dropout / batch norm ({listed}) keep their {captured}-mode behaviour in the graph."
+        )
     warnings.warn(
         what + " Capture in the mode you will run it in (model.eval() before fxs.sparsify_graph for calibration "
         "and inference), or use capture='fx', whose graph follows train() / eval().",

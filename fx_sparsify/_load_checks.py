@@ -29,7 +29,9 @@ class StateDictError(ValueError, RuntimeError):
 def check_extra_counts(state: Any, keys: tuple[str, ...], where: str) -> dict[str, int]:
     """``state`` as ``{key: int >= 0}`` for ``keys``, or a :class:`StateDictError` naming what is wrong."""
     if not isinstance(state, Mapping):
-        raise StateDictError(f"{where}: expected a dict with {', '.join(map(repr, keys))}, got {type(state).__name__}: {state!r}")
+        raise StateDictError(
+            f"{where}: expected a dict with {', '.join(map(repr, keys))}, got {type(state).__name__}: {state!r}"
+        )
     out = {}
     for key in keys:
         if key not in state:
@@ -64,8 +66,9 @@ def _input_features(gm: nn.Module, layer: str | None) -> tuple[int, int] | None:
     return rule(module) if rule is not None else None
 
 
-def _feature_shape(value: Tensor, groups: int | None, per_sample: int | None, features: tuple[int, int] | None,
-                   what: str) -> str | None:
+def _feature_shape(
+    value: Tensor, groups: int | None, per_sample: int | None, features: tuple[int, int] | None, what: str
+) -> str | None:
     """Why ``value`` (an activation mask or statistic) does not fit its layer's input, or None.
 
     ``groups``: the size of a leading dim of one entry per selected feature (None: no such dim); ``per_sample``:
@@ -80,8 +83,10 @@ def _feature_shape(value: Tensor, groups: int | None, per_sample: int | None, fe
         return None
     dim, size = features
     if shape[dim] not in (1, size):
-        return (f"{what} has shape {tuple(value.shape)}; its dim {len(value.shape) + dim} must be {size} (the layer's "
-                "input features) or 1")
+        return (
+            f"{what} has shape {tuple(value.shape)}; its dim {len(value.shape) + dim} must be {size} (the layer's "
+            "input features) or 1"
+        )
     return None
 
 
@@ -100,20 +105,25 @@ def _shape_problems(gm: nn.Module, state: SparsityState, incoming: Mapping[str, 
             if isinstance(stat, Tensor) and stat.numel() > 0 and observer is not None:
                 per_sample = None if getattr(observer, "compact", True) else 1
                 stat_groups = None if getattr(observer, "_fast", False) else (groups or 1)
-                problems.append(_feature_shape(stat, stat_groups, per_sample, features,
-                                               f"observer statistic '{r.observer}.stat'"))
+                problems.append(
+                    _feature_shape(stat, stat_groups, per_sample, features, f"observer statistic '{r.observer}.stat'")
+                )
         elif getattr(r.rule, "scores", None) == "wanda" and r.observer is not None and len(r.shape) == 2:
             stat = incoming.get(f"{r.observer}.stat")
             if isinstance(stat, Tensor) and stat.numel() > 0 and tuple(stat.shape) != (1, r.shape[1]):
-                problems.append(f"observer statistic '{r.observer}.stat' has shape {tuple(stat.shape)}; the input "
-                                f"norms of {r.param!r} take shape {(1, r.shape[1])}")
+                problems.append(
+                    f"observer statistic '{r.observer}.stat' has shape {tuple(stat.shape)}; the input "
+                    f"norms of {r.param!r} take shape {(1, r.shape[1])}"
+                )
     return [p for p in problems if p is not None]
 
 
-def check_state_dict(gm: nn.Module, state: SparsityState, state_dict: Mapping[str, Any], prefix: str, strict: bool) -> None:
+def check_state_dict(
+    gm: nn.Module, state: SparsityState, state_dict: Mapping[str, Any], prefix: str, strict: bool
+) -> None:
     """Raise :class:`StateDictError` listing every key, shape, mask value or count that would not load."""
     own = gm.state_dict()
-    incoming = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    incoming = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     problems: list[str] = []
     if strict:
         missing = [k for k in own if k not in incoming]
@@ -155,7 +165,8 @@ def check_state_dict(gm: nn.Module, state: SparsityState, state_dict: Mapping[st
     if problems:
         raise StateDictError(
             f"load_state_dict: the state dict does not fit this {state.class_name} sparse module (nothing was "
-            "loaded):\n  " + "\n  ".join(problems)
+            "loaded):\n  "
+            + "\n  ".join(problems)
             + "\nLoad a state dict saved from sparsify_graph(model, spec) with the same model and spec"
             + (", or pass strict=False to load the keys that match." if strict else ".")
         )

@@ -19,8 +19,17 @@ from torch import Tensor
 
 from ._threads import serial_when_small
 
-__all__ = ["CHUNK", "PACK_MIN", "keep_of", "zero_pruned_", "masked_copy", "is_masked", "PackedMask", "pending",
-           "release_freed_memory"]
+__all__ = [
+    "CHUNK",
+    "PACK_MIN",
+    "keep_of",
+    "zero_pruned_",
+    "masked_copy",
+    "is_masked",
+    "PackedMask",
+    "pending",
+    "release_freed_memory",
+]
 
 #: elements per chunk of the mask ops (1 Mi: bool temporaries of 1 MiB). Larger chunks mean fewer ops, and each
 #: op wakes the intra-op threads: on a busy machine a step of many small ops with 2 threads took 8x one thread's
@@ -115,11 +124,11 @@ class PackedMask:
         weights = _WEIGHTS.to(flat.device)
         self.data = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8, device=flat.device)
         for start in range(0, flat.numel(), self.chunk):  # two ops a chunk: bit i times 2**i, summed per byte
-            c = flat[start:start + self.chunk]
+            c = flat[start : start + self.chunk]
             if c.numel() % 8:
                 c = torch.cat([c, c.new_zeros((-c.numel()) % 8)])
             bits = c.contiguous().view(torch.uint8).view(-1, 8)
-            torch.sum(bits * weights, dim=1, dtype=torch.uint8, out=self.data[start // 8:start // 8 + bits.shape[0]])
+            torch.sum(bits * weights, dim=1, dtype=torch.uint8, out=self.data[start // 8 : start // 8 + bits.shape[0]])
 
     @classmethod
     def packing(cls, shape: tuple[int, ...], device: torch.device, chunk: int = CHUNK * PACK_CHUNKS) -> PackedMask:
@@ -138,7 +147,7 @@ class PackedMask:
             keep = torch.cat([keep, keep.new_zeros((-keep.numel()) % 8)])
         bits = keep.contiguous().view(torch.uint8).view(-1, 8)
         weights = _WEIGHTS.to(bits.device)
-        torch.sum(bits * weights, dim=1, dtype=torch.uint8, out=self.data[start // 8:start // 8 + bits.shape[0]])
+        torch.sum(bits * weights, dim=1, dtype=torch.uint8, out=self.data[start // 8 : start // 8 + bits.shape[0]])
 
     @serial_when_small
     def unpack_into(self, buf: Tensor) -> None:
@@ -151,9 +160,9 @@ class PackedMask:
         flat = buf.view(-1)
         shifts = _SHIFTS.to(self.data.device)
         for start in range(0, flat.numel(), self.chunk):
-            part = flat[start:start + self.chunk]
-            packed = self.data[start // 8:(start + part.numel() + 7) // 8]
-            bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1).view(torch.bool).reshape(-1)[:part.numel()]
+            part = flat[start : start + self.chunk]
+            packed = self.data[start // 8 : (start + part.numel() + 7) // 8]
+            bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1).view(torch.bool).reshape(-1)[: part.numel()]
             part.copy_(bits)
 
 

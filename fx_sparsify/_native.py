@@ -21,16 +21,27 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor, nn
 
-__all__ = ["BITMASK_DTYPES", "BITMASK_PAD", "LIB", "bitmask_isa", "bitmask_linear", "expand", "mask_row_offsets",
-           "masked_bag", "masked_rows"]
+__all__ = [
+    "BITMASK_DTYPES",
+    "BITMASK_PAD",
+    "LIB",
+    "bitmask_isa",
+    "bitmask_linear",
+    "expand",
+    "mask_row_offsets",
+    "masked_bag",
+    "masked_rows",
+]
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     **{f"fxs_expand{bits}": (_I64, [_P, _I64, _I64, _P, _I64, _P]) for bits in (8, 16, 32, 64)},
     **{f"fxs_masked_bag_{t}": (_INT, [_P, _P, _I64, _I64, _P, _I64, _P, _I64, _I64, _INT, _P]) for t in ("f32", "f64")},
     **{f"fxs_masked_rows_{t}": (_INT, [_P, _P, _I64, _I64, _P, _I64, _P]) for t in ("f32", "f64")},
-    **{f"fxs_bitmask_linear_{t}": (_INT, [_P, _P, _P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64])
-       for t in ("f32", "bf16")},
+    **{
+        f"fxs_bitmask_linear_{t}": (_INT, [_P, _P, _P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64])
+        for t in ("f32", "bf16")
+    },
     "fxs_bitmask_isa": (_INT, [_INT]),
     "fxs_bitmask_linear_bf16x1": (_INT, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P]),
 }
@@ -46,9 +57,12 @@ def _load() -> ctypes.CDLL | None:
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = restype, argtypes
             except (OSError, AttributeError) as err:  # another platform's build, or one older than this code
-                warnings.warn(f"fx_sparsify: not using the C kernels in {path.name} ({err}); reinstall "
-                              "(pip install -e .) to rebuild them. The torch / numpy paths give the same results",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"fx_sparsify: not using the C kernels in {path.name} ({err}); reinstall "
+                    "(pip install -e .) to rebuild them. The torch / numpy paths give the same results",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 return None
             lib.fxs_bitmask_isa(-1)  # the CPU check and the AVX2 tables, once, before any thread calls a kernel
             return lib
@@ -83,9 +97,13 @@ def _plain_cpu(t: Tensor) -> bool:
 def _transformed() -> bool:
     """Inside something that traces or transforms the call (compile, export, make_fx, vmap / grad, forward
     AD, a torch function / dispatch mode): the kernels would read no real memory there, so torch's path runs."""
-    return (torch.compiler.is_compiling() or _probe("_len_torch_function_stack") > 0
-            or _probe("_len_torch_dispatch_stack") > 0 or _functorch_level() is not None
-            or getattr(_fwad, "_current_level", -1) >= 0)
+    return (
+        torch.compiler.is_compiling()
+        or _probe("_len_torch_function_stack") > 0
+        or _probe("_len_torch_dispatch_stack") > 0
+        or _functorch_level() is not None
+        or getattr(_fwad, "_current_level", -1) >= 0
+    )
 
 
 def _probe(name: str) -> int:
@@ -103,10 +121,19 @@ def _kernel(kind: str, input: Tensor, weight: Tensor, mask: Tensor, offsets: Ten
     library, a dtype it lacks, a float mask, a table that is not one contiguous block (the kernels never
     make a table-sized copy), anything but plain CPU tensors, a transform or tracer around the call)."""
     suffix = _SUFFIX.get(weight.dtype)
-    if (LIB is None or suffix is None or weight.dim() != 2 or mask.dtype != torch.bool or mask.shape != weight.shape
-            or input.dtype not in _INDEX or (offsets is not None and offsets.dtype not in _INDEX)
-            or not all(_plain_cpu(t) for t in (input, weight, mask) + (() if offsets is None else (offsets,)))
-            or not weight.is_contiguous() or not mask.is_contiguous() or _transformed()):
+    if (
+        LIB is None
+        or suffix is None
+        or weight.dim() != 2
+        or mask.dtype != torch.bool
+        or mask.shape != weight.shape
+        or input.dtype not in _INDEX
+        or (offsets is not None and offsets.dtype not in _INDEX)
+        or not all(_plain_cpu(t) for t in (input, weight, mask) + (() if offsets is None else (offsets,)))
+        or not weight.is_contiguous()
+        or not mask.is_contiguous()
+        or _transformed()
+    ):
         return None
     return getattr(LIB, f"fxs_masked_{kind}_{suffix}")
 
@@ -126,8 +153,9 @@ def _run(fn: Any, calls: list[tuple[Any, ...]], ids: Tensor, rows: int) -> bool:
     statuses += [f.result() for f in others]
     if -2 in statuses:
         i = int(((ids < 0) | (ids >= rows)).nonzero()[0])
-        raise EmbeddingIdError(f"embedding: id {int(ids[i])} at position {i} of the input is outside the table: "
-                               f"ids must be in [0, {rows})")
+        raise EmbeddingIdError(
+            f"embedding: id {int(ids[i])} at position {i} of the input is outside the table: ids must be in [0, {rows})"
+        )
     return all(status == 0 for status in statuses)
 
 
@@ -141,14 +169,25 @@ def masked_rows(input: Tensor, weight: Tensor, mask: Tensor) -> Tensor | None:
     ids = input.reshape(-1).to(torch.int64).contiguous()
     dim = weight.shape[1]
     out = torch.empty(*input.shape, dim, dtype=weight.dtype, device="cpu")
-    calls = [(weight.data_ptr(), mask.data_ptr(), weight.shape[0], dim, ids.data_ptr() + 8 * start, end - start,
-              out.data_ptr() + out.element_size() * dim * start) for start, end in _split(ids.numel(), ids.numel() * dim)]
+    calls = [
+        (
+            weight.data_ptr(),
+            mask.data_ptr(),
+            weight.shape[0],
+            dim,
+            ids.data_ptr() + 8 * start,
+            end - start,
+            out.data_ptr() + out.element_size() * dim * start,
+        )
+        for start, end in _split(ids.numel(), ids.numel() * dim)
+    ]
     _run(fn, calls, ids, weight.shape[0])
     return out
 
 
-def masked_bag(input: Tensor, weight: Tensor, mask: Tensor, offsets: Tensor | None, include_last_offset: bool,
-               mean: bool) -> Tensor | None:
+def masked_bag(
+    input: Tensor, weight: Tensor, mask: Tensor, offsets: Tensor | None, include_last_offset: bool, mean: bool
+) -> Tensor | None:
     """``F.embedding_bag(input, weight * mask, offsets, mode="sum" / "mean")`` in one pass, or None where
     the kernel does not apply (see :func:`_kernel`; also offsets torch must judge): the caller then
     takes the torch path. An id outside the table is an :class:`EmbeddingIdError` naming it. For
@@ -180,13 +219,25 @@ def masked_bag(input: Tensor, weight: Tensor, mask: Tensor, offsets: Tensor | No
         if bounds is None:
             first, count, piece_bounds = start * per_bag, (end - start) * per_bag, None
         else:
-            piece_bounds = bounds[start:end + 1] - bounds[start] if len(pieces) > 1 else bounds
+            piece_bounds = bounds[start : end + 1] - bounds[start] if len(pieces) > 1 else bounds
             first = int(bounds[start]) if len(pieces) > 1 else 0
             count = int(piece_bounds[-1])
             keep.append(piece_bounds)
-        calls.append((weight.data_ptr(), mask.data_ptr(), weight.shape[0], dim, ids.data_ptr() + 8 * first, count,
-                      None if piece_bounds is None else piece_bounds.data_ptr(), end - start, per_bag, int(mean),
-                      out.data_ptr() + out.element_size() * dim * start))
+        calls.append(
+            (
+                weight.data_ptr(),
+                mask.data_ptr(),
+                weight.shape[0],
+                dim,
+                ids.data_ptr() + 8 * first,
+                count,
+                None if piece_bounds is None else piece_bounds.data_ptr(),
+                end - start,
+                per_bag,
+                int(mean),
+                out.data_ptr() + out.element_size() * dim * start,
+            )
+        )
     return out if _run(fn, calls, ids, weight.shape[0]) else None
 
 
@@ -246,10 +297,17 @@ def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor,
         return None
     rows, cols = mask.shape[0], x.shape[1]
     tensors = (x, values, mask, row_offsets) + (() if bias is None else (bias,))
-    if (mask.dtype != torch.uint8 or mask.shape[1] != (cols + 7) // 8 or row_offsets.dtype != torch.int64
-            or row_offsets.numel() != rows + 1 or values.dim() != 1 or not x.is_floating_point()
-            or (bias is not None and bias.shape != (rows,)) or not all(_plain_cpu(t) for t in tensors)
-            or _transformed()):
+    if (
+        mask.dtype != torch.uint8
+        or mask.shape[1] != (cols + 7) // 8
+        or row_offsets.dtype != torch.int64
+        or row_offsets.numel() != rows + 1
+        or values.dim() != 1
+        or not x.is_floating_point()
+        or (bias is not None and bias.shape != (rows,))
+        or not all(_plain_cpu(t) for t in tensors)
+        or _transformed()
+    ):
         return None
     if not (values.is_contiguous() and mask.is_contiguous() and row_offsets.is_contiguous()):
         return None
@@ -268,8 +326,22 @@ def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor,
     pieces = _split(rows, max(batch, 1) * rows * cols)
     fn = getattr(LIB, f"fxs_bitmask_linear_{suffix}")
     calls: list[tuple[Any, ...]] = [
-        (values.data_ptr(), row_offsets.data_ptr(), mask.data_ptr(), cols, a, b, x32.data_ptr(), batch, x32.stride(0),
-         None if b32 is None else b32.data_ptr(), out.data_ptr(), rows) for a, b in pieces]
+        (
+            values.data_ptr(),
+            row_offsets.data_ptr(),
+            mask.data_ptr(),
+            cols,
+            a,
+            b,
+            x32.data_ptr(),
+            batch,
+            x32.stride(0),
+            None if b32 is None else b32.data_ptr(),
+            out.data_ptr(),
+            rows,
+        )
+        for a, b in pieces
+    ]
     others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
     try:
         statuses = [fn(*calls[0])]
@@ -291,10 +363,10 @@ def mask_row_offsets(mask: Tensor, cols: int) -> Tensor:
     tail = (1 << (cols % 8)) - 1 if cols % 8 else 0xFF
     counts = torch.zeros(rows, dtype=torch.int64)
     for r0 in range(0, rows, 4096):  # a block of rows at a time: the temporaries stay small
-        block = mask[r0:r0 + 4096].clone()
+        block = mask[r0 : r0 + 4096].clone()
         if block.shape[1]:
             block[:, -1] &= tail
-        counts[r0:r0 + 4096] = _POPCOUNT.index_select(0, block.reshape(-1).int()).view(block.shape[0], -1).sum(dim=1)
+        counts[r0 : r0 + 4096] = _POPCOUNT.index_select(0, block.reshape(-1).int()).view(block.shape[0], -1).sum(dim=1)
     offsets = torch.zeros(rows + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=offsets[1:])
     return offsets
@@ -317,16 +389,28 @@ def _offsets_agree(values: Tensor, mask: Tensor, row_offsets: Tensor, cols: int)
     return True
 
 
-def _bf16_row(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor, bias: Tensor | None, rows: int,
-              cols: int) -> Tensor | None:
+def _bf16_row(
+    x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor, bias: Tensor | None, rows: int, cols: int
+) -> Tensor | None:
     """One bfloat16 row of x against bfloat16 values with AVX512_BF16 (None where the CPU lacks it)."""
     xr = x.contiguous()
     b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
     out = torch.empty(1, rows, dtype=torch.float32, device="cpu")
     fn = getattr(LIB, "fxs_bitmask_linear_bf16x1")  # noqa: B009 (LIB is Optional; the caller checked it)
     calls: list[tuple[Any, ...]] = [
-        (values.data_ptr(), row_offsets.data_ptr(), mask.data_ptr(), cols, a, b, xr.data_ptr(),
-         None if b32 is None else b32.data_ptr(), out.data_ptr()) for a, b in _split(rows, rows * cols)]
+        (
+            values.data_ptr(),
+            row_offsets.data_ptr(),
+            mask.data_ptr(),
+            cols,
+            a,
+            b,
+            xr.data_ptr(),
+            None if b32 is None else b32.data_ptr(),
+            out.data_ptr(),
+        )
+        for a, b in _split(rows, rows * cols)
+    ]
     others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
     try:
         statuses = [fn(*calls[0])]

@@ -1,8 +1,8 @@
 """``sparsify_graph``: the stages in order, and function forms of the module's methods.
 
-    check the call → take over prune hooks → select (select.py) → capture (trace.py) → plan channel groups
-    → insert observers and mask nodes (passes, through run_passes) → target records → SparseGraphModule
-    → [forward passes / training] → step (update_masks) → squash (fold_masks) → export (export.py)
+check the call → take over prune hooks → select (select.py) → capture (trace.py) → plan channel groups
+→ insert observers and mask nodes (passes, through run_passes) → target records → SparseGraphModule
+→ [forward passes / training] → step (update_masks) → squash (fold_masks) → export (export.py)
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ def _as_inputs(example_inputs: Any, example_kwargs: Any) -> tuple[tuple[Any, ...
         raise TypeError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}; wrap it: (x,)")
     if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
         raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
-    return (tuple(example_inputs) if example_inputs is not None else None,
-            dict(example_kwargs) if example_kwargs is not None else None)
+    return (
+        tuple(example_inputs) if example_inputs is not None else None,
+        dict(example_kwargs) if example_kwargs is not None else None,
+    )
 
 
 @pausing_gc  # its full collections would walk the whole heap, more often the bigger the graph (trace.py)
@@ -83,23 +85,43 @@ def sparsify_graph(
     (the copy loses them, their masks become the initial masks, "adopted" in the report).
     """
     spec, example_inputs, example_kwargs = _checked_call(
-        model, spec, example_inputs, example_kwargs, masks,
-        capture=capture, inplace=inplace, leaf_modules=leaf_modules, concrete_args=concrete_args,
+        model,
+        spec,
+        example_inputs,
+        example_kwargs,
+        masks,
+        capture=capture,
+        inplace=inplace,
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
     )
     model, adopted, origin = take_over(model, inplace=inplace)  # prune hooks / FakeSparsity: their masks, on a copy
     selection, scores = _select(spec, model)  # names and types only: every selection error before anything is copied
     state_keys, versions = _state_dict_layout(model)
     work = model if inplace or adopted else _copy(model)
     gm, captured_by = _capture(
-        model, work, spec, inplace, capture=capture, example_inputs=example_inputs, example_kwargs=example_kwargs,
-        concrete_args=concrete_args, leaf_modules=leaf_modules, dynamic_shapes=dynamic_shapes,
+        model,
+        work,
+        spec,
+        inplace,
+        capture=capture,
+        example_inputs=example_inputs,
+        example_kwargs=example_kwargs,
+        concrete_args=concrete_args,
+        leaf_modules=leaf_modules,
+        dynamic_shapes=dynamic_shapes,
     )
     _plan_channels(gm, selection, model, captured_by, example_inputs, example_kwargs)
     activations, weights = _insert_masks(gm, selection, work, scores)
     plan = selection.channels
     state = SparsityState(
-        spec=spec, capture=captured_by, targets=_records(gm, work, model, selection, activations, weights),
-        state_keys=state_keys, class_name=type(model).__name__, aliases=selection.aliases, versions=versions,
+        spec=spec,
+        capture=captured_by,
+        targets=_records(gm, work, model, selection, activations, weights),
+        state_keys=state_keys,
+        class_name=type(model).__name__,
+        aliases=selection.aliases,
+        versions=versions,
         channels=plan if plan is not None and plan.groups else None,
         inplace=inplace,  # squash may then zero the pruned weights in place instead of copying
         # an export capture keeps dropout / batch norm as captured: train() / eval() warn
@@ -110,8 +132,9 @@ def sparsify_graph(
     return _sparse_module(gm, state, model, initial, adopted_from, example_inputs, example_kwargs)
 
 
-def _checked_call(model: Any, spec: Any, example_inputs: Any, example_kwargs: Any, masks: Any,
-                  **arguments: Any) -> tuple[SparsitySpec, tuple[Any, ...] | None, dict[str, Any] | None]:
+def _checked_call(
+    model: Any, spec: Any, example_inputs: Any, example_kwargs: Any, masks: Any, **arguments: Any
+) -> tuple[SparsitySpec, tuple[Any, ...] | None, dict[str, Any] | None]:
     """The arguments of :func:`sparsify_graph` checked: the spec built, the example inputs as a tuple and a dict."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -134,8 +157,12 @@ def _select(spec: SparsitySpec, model: nn.Module) -> tuple[Selection, dict[str, 
     )
     _warn_counts(targets, model)
     selection = Selection(
-        spec, param_aliases(model), targets, layers=resolve_activation_targets(spec, model),
-        norm_layers=_wanda_layers(model, targets), hessian_layers=hessian_layers,
+        spec,
+        param_aliases(model),
+        targets,
+        layers=resolve_activation_targets(spec, model),
+        norm_layers=_wanda_layers(model, targets),
+        hessian_layers=hessian_layers,
     )
     return selection, _score_tensors(model, targets)
 
@@ -144,13 +171,17 @@ def _state_dict_layout(model: nn.Module) -> tuple[tuple[str, ...], dict[str, int
     """The keys of ``model.state_dict()`` and the ``_version`` its metadata records per module prefix (squash
     gives both back: a module whose ``_load_from_state_dict`` reads the version loads the squashed weights)."""
     original = model.state_dict()
-    versions = {prefix: meta["version"] for prefix, meta in getattr(original, "_metadata", {}).items()
-                if meta.get("version") is not None}
+    versions = {
+        prefix: meta["version"]
+        for prefix, meta in getattr(original, "_metadata", {}).items()
+        if meta.get("version") is not None
+    }
     return tuple(original.keys()), versions
 
 
-def _capture(model: nn.Module, work: nn.Module, spec: SparsitySpec, inplace: bool,
-             **options: Any) -> tuple[GraphModule, str]:
+def _capture(
+    model: nn.Module, work: nn.Module, spec: SparsitySpec, inplace: bool, **options: Any
+) -> tuple[GraphModule, str]:
     """``work`` captured as a graph (``capture_graph``): the GraphModule and ``"fx"`` or ``"export"``."""
     with attention_as_op(heads_attention(spec, work)):  # heads rules: each nn.MultiheadAttention one call
         captured = capture_graph(work, **options)
@@ -161,8 +192,14 @@ def _capture(model: nn.Module, work: nn.Module, spec: SparsitySpec, inplace: boo
     return gm, captured.capture
 
 
-def _plan_channels(gm: GraphModule, selection: Selection, model: nn.Module, captured_by: str,
-                   example_inputs: tuple[Any, ...] | None, example_kwargs: dict[str, Any] | None) -> None:
+def _plan_channels(
+    gm: GraphModule,
+    selection: Selection,
+    model: nn.Module,
+    captured_by: str,
+    example_inputs: tuple[Any, ...] | None,
+    example_kwargs: dict[str, Any] | None,
+) -> None:
     """The channel groups, planned on the captured graph before any mask node: those of 'channels' rules, and
     the zero channels other rules leave where the shapes are known; their members join the weight targets."""
     spec = selection.spec
@@ -173,8 +210,9 @@ def _plan_channels(gm: GraphModule, selection: Selection, model: nn.Module, capt
         selection.channels = plan
 
 
-def _insert_masks(gm: GraphModule, selection: Selection, work: nn.Module,
-                  scores: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+def _insert_masks(
+    gm: GraphModule, selection: Selection, work: nn.Module, scores: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
     """Observers and mask nodes, one pass each (run_passes names a failing one); what the observer passes
     created (target → names) and what the weight pass created."""
     passes: list[Pass] = [insert_activation_masks, insert_hessian_observers]
@@ -200,33 +238,57 @@ def _insert_channel_observers(gm: GraphModule, selection: Selection) -> PassResu
     return PassResult(gm, bool(plan.observers), {layer: {"observer": name} for layer, name in plan.observers.items()})
 
 
-def _records(gm: GraphModule, work: nn.Module, model: nn.Module, selection: Selection,
-             activations: Mapping[str, dict[str, str]],
-             weights: Mapping[str, dict[str, str]]) -> dict[str, TargetRecord]:
+def _records(
+    gm: GraphModule,
+    work: nn.Module,
+    model: nn.Module,
+    selection: Selection,
+    activations: Mapping[str, dict[str, str]],
+    weights: Mapping[str, dict[str, str]],
+) -> dict[str, TargetRecord]:
     """One :class:`TargetRecord` per weight and activation target, from what the passes created."""
     records: dict[str, TargetRecord] = {}
     for name, target in selection.targets.items():
         made = weights[name]
         records[name] = TargetRecord(
-            name=name, kind=_kind(model, name), param=made["param"], buffer=made["buffer"],
-            method=target.rule.method, rule=target.rule, shape=tuple(gm.get_parameter(made["param"]).shape),
-            group=target.group, observer=activations.get(name, {}).get("observer"), module=made.get("module"),
+            name=name,
+            kind=_kind(model, name),
+            param=made["param"],
+            buffer=made["buffer"],
+            method=target.rule.method,
+            rule=target.rule,
+            shape=tuple(gm.get_parameter(made["param"]).shape),
+            group=target.group,
+            observer=activations.get(name, {}).get("observer"),
+            module=made.get("module"),
         )
     for layer, rule in selection.layers.items():
         name = activation_target_name(layer)
         made = activations[name]
         records[name] = TargetRecord(
-            name=name, kind="activation", param=None, buffer=made["buffer"],
+            name=name,
+            kind="activation",
+            param=None,
+            buffer=made["buffer"],
             method=rule.mask if isinstance(rule.mask, str) else getattr(rule.mask, "__name__", "callable"),
-            rule=rule, shape=(), observer=made["observer"], layer=layer,
+            rule=rule,
+            shape=(),
+            observer=made["observer"],
+            layer=layer,
             layer_type=type(work.get_submodule(layer)),
         )
     return records
 
 
-def _sparse_module(gm: GraphModule, state: SparsityState, model: nn.Module, initial: Mapping[str, Any],
-                   adopted_from: Mapping[str, str], example_inputs: tuple[Any, ...] | None,
-                   example_kwargs: dict[str, Any] | None) -> SparseGraphModule:
+def _sparse_module(
+    gm: GraphModule,
+    state: SparsityState,
+    model: nn.Module,
+    initial: Mapping[str, Any],
+    adopted_from: Mapping[str, str],
+    example_inputs: tuple[Any, ...] | None,
+    example_kwargs: dict[str, Any] | None,
+) -> SparseGraphModule:
     """``gm`` made the SparseGraphModule: the captured mode, the initial masks, a first run on the examples."""
     sgm = SparseGraphModule.wrap(gm, state)
     if state.capture == "export":  # torch.export's module() says training=True whatever it captured
@@ -263,7 +325,9 @@ def _check_arguments(*, capture: Any, inplace: Any, leaf_modules: Any, concrete_
         raise TypeError(f"inplace must be True or False, got {type(inplace).__name__}: {inplace!r}")
     if not isinstance(capture, str):
         raise TypeError(f"capture must be 'fx', 'export' or 'auto', got {type(capture).__name__}: {capture!r}")
-    if leaf_modules is not None and (isinstance(leaf_modules, (str, bytes, type)) or not isinstance(leaf_modules, Iterable)):
+    if leaf_modules is not None and (
+        isinstance(leaf_modules, (str, bytes, type)) or not isinstance(leaf_modules, Iterable)
+    ):
         raise TypeError(
             f"leaf_modules must be a list of module FQNs or nn.Module classes, got {type(leaf_modules).__name__}: "
             f"{leaf_modules!r}; wrap a single one in a list: leaf_modules=[{leaf_modules!r}]"
@@ -290,7 +354,7 @@ def _warn_counts(targets: Mapping[str, WeightTarget], model: nn.Module) -> None:
 
 
 def _kind(model: nn.Module, name: str) -> str:
-    """"embedding" for the table of an ``nn.Embedding`` / ``nn.EmbeddingBag``, else "weight" (the report's column)."""
+    """ "embedding" for the table of an ``nn.Embedding`` / ``nn.EmbeddingBag``, else "weight" (the report's column)."""
     owner, _, attr = name.rpartition(".")
     is_table = attr == "weight" and isinstance(model.get_submodule(owner), (nn.Embedding, nn.EmbeddingBag))
     return "embedding" if is_table else "weight"

@@ -15,8 +15,10 @@ __all__ = ["export", "leftover_ops"]
 def leftover_ops(gm: GraphModule) -> list[str]:
     """Names of nodes that still call an fx_sparsify op (empty for a properly squashed module)."""
     return [
-        n.format_node() for n in gm.graph.nodes
-        if n.op == "call_function" and (n.target in ops.OPS or getattr(n.target, "__module__", "").startswith("fx_sparsify"))
+        n.format_node()
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and (n.target in ops.OPS or getattr(n.target, "__module__", "").startswith("fx_sparsify"))
     ]
 
 

@@ -31,8 +31,13 @@ class HessianObserver(ActivationObserver):
 
     augment = False  # class default: observers pickled before the option existed load unaugmented
 
-    def __init__(self, dtype: torch.dtype = torch.float32, name: str = "", unfold: dict[str, Any] | None = None,
-                 augment: bool = False) -> None:
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.float32,
+        name: str = "",
+        unfold: dict[str, Any] | None = None,
+        augment: bool = False,
+    ) -> None:
         super().__init__("sum", "sum", name=name)
         self.augment = augment
         self.compact, self._fast = True, False

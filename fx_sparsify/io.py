@@ -69,8 +69,10 @@ def _deep_line(text: str) -> int | None:
 
 
 def _too_deep(path: Path, line: int | None) -> ValueError:
-    return ValueError(f"{path}: {f'line {line}: ' if line else ''}the recipe nests deeper than {MAX_DEPTH} levels; "
-                      "a recipe is a table of rules, each a table of options")
+    return ValueError(
+        f"{path}: {f'line {line}: ' if line else ''}the recipe nests deeper than {MAX_DEPTH} levels; "
+        "a recipe is a table of rules, each a table of options"
+    )
 
 
 def _huge_int(path: Path, text: str, err: ValueError) -> ValueError:
@@ -80,8 +82,10 @@ def _huge_int(path: Path, text: str, err: ValueError) -> ValueError:
     line = text.count("\n", 0, longest.start()) + 1 if longest else None
     found = re.search(r"value has (\d+) digits", str(err))
     digits = found[1] if found else "too many"
-    return ValueError(f"{path}: {f'line {line}: ' if line else ''}an integer with {digits} digits; recipe numbers "
-                      "are sparsities, counts and sizes")
+    return ValueError(
+        f"{path}: {f'line {line}: ' if line else ''}an integer with {digits} digits; recipe numbers "
+        "are sparsities, counts and sizes"
+    )
 
 
 def _yaml_load(path: Path, text: str, yaml: Any) -> Any:
@@ -102,8 +106,10 @@ def _yaml_load(path: Path, text: str, yaml: Any) -> Any:
             if done:
                 sizes[id(current)] = 1 + sum(sizes[id(c)] for c in children)
                 if sizes[id(current)] > MAX_VALUES:
-                    raise ValueError(f"{path}: line {current.start_mark.line + 1}: its aliases expand to more than "
-                                     f"{MAX_VALUES} values; a recipe holds a few hundred")
+                    raise ValueError(
+                        f"{path}: line {current.start_mark.line + 1}: its aliases expand to more than "
+                        f"{MAX_VALUES} values; a recipe holds a few hundred"
+                    )
             elif id(current) not in sizes:
                 stack.append((current, depth, True))
                 stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)

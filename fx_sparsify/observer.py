@@ -63,7 +63,9 @@ class ActivationObserver(nn.Module):
         self.name = name
         self.layer = ""  # the layer whose input it observes (set by the pass that inserts it)
         self.enabled = True
-        self.compact = isinstance(aggregate, str) and aggregate in _ELEMENTWISE and reduce in ("mean", "sum", "features_sum")
+        self.compact = (
+            isinstance(aggregate, str) and aggregate in _ELEMENTWISE and reduce in ("mean", "sum", "features_sum")
+        )
         self._elementwise = _ELEMENTWISE.get(aggregate) if self.compact else None  # type: ignore[arg-type]
         # one statistic, no feature slices: ``stat`` has reduce's shape (no leading feature dim)
         self._fast = self.compact and self.features is None and reduce != "features_sum"
@@ -139,13 +141,17 @@ class ActivationObserver(nn.Module):
         """A ValueError naming the rule when ``features`` / ``feature_dim`` fall outside the input ``x``."""
         dim, where = self.feature_dim, f"activation rule on {getattr(self, 'layer', '') or self.name!r}"
         if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-            raise ValueError(f"{where}: feature_dim {dim} is outside the {x.dim()}-D input of shape {tuple(x.shape)}; "
-                             f"give a dim in [{-x.dim()}, {x.dim() - 1}]")
+            raise ValueError(
+                f"{where}: feature_dim {dim} is outside the {x.dim()}-D input of shape {tuple(x.shape)}; "
+                f"give a dim in [{-x.dim()}, {x.dim() - 1}]"
+            )
         size = x.shape[dim]
         bad = [f for f in self.features or () if not -size <= f < size]
         if bad:
-            raise ValueError(f"{where}: features {bad} are outside the {size} entries of dim {dim} of its input (shape "
-                             f"{tuple(x.shape)}); give indices in [0, {size})")
+            raise ValueError(
+                f"{where}: features {bad} are outside the {size} entries of dim {dim} of its input (shape "
+                f"{tuple(x.shape)}); give indices in [0, {size})"
+            )
 
     @staticmethod
     def _label(fn: Any) -> str:
@@ -184,5 +190,7 @@ class ActivationObserver(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"aggregate={self._label(self.aggregate)}, reduce={self._label(self.reduce)}, "
-                f"features={self.features}, feature_dim={self.feature_dim}, batches={int(self.batches)}")
+        return (
+            f"aggregate={self._label(self.aggregate)}, reduce={self._label(self.reduce)}, "
+            f"features={self.features}, feature_dim={self.feature_dim}, batches={int(self.batches)}"
+        )

@@ -28,8 +28,21 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _native
 from ._masks import masked_copy
 
-__all__ = ["apply_mask", "apply_mask_ste", "mask_activation", "embedding_masked", "embedding_bag_masked", "module_call", "conv_padded", "OPS",
-           "set_cache_limit", "cache_limit", "cached_bytes", "drop_cache", "DEFAULT_CACHE_LIMIT"]
+__all__ = [
+    "apply_mask",
+    "apply_mask_ste",
+    "mask_activation",
+    "embedding_masked",
+    "embedding_bag_masked",
+    "module_call",
+    "conv_padded",
+    "OPS",
+    "set_cache_limit",
+    "cache_limit",
+    "cached_bytes",
+    "drop_cache",
+    "DEFAULT_CACHE_LIMIT",
+]
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # mask -> (key, weight * mask, its finalizer)
 _CACHED_BYTES = [0]  # what _CACHE holds, kept as entries come and go (a mask's death included)
@@ -220,8 +233,11 @@ def embedding_masked(
     if table is not None:
         return F.embedding(input, table, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     # one fused pass in C (_kernels.c); an out-of-range padding_idx gets F.embedding's own error
-    if not torch.is_grad_enabled() and max_norm is None and (padding_idx is None or -weight.shape[0] <= padding_idx
-                                                              < weight.shape[0]):
+    if (
+        not torch.is_grad_enabled()
+        and max_norm is None
+        and (padding_idx is None or -weight.shape[0] <= padding_idx < weight.shape[0])
+    ):
         out = _native.masked_rows(input, weight, mask)
         if out is not None:
             return out
@@ -253,14 +269,32 @@ def embedding_bag_masked(
     """``F.embedding_bag`` of the masked table: mask the gathered rows, then pool them as bags."""
     if offsets is not None and offsets.dim() == 1 and offsets.numel() > 1 and bool((offsets.diff() < 0).any()):
         # torch pools such bags from memory it never wrote (NaN or garbage that changes from call to call)
-        raise ValueError(f"embedding_bag offsets must not decrease, got {offsets.tolist()[:16]}; "
-                         "each offset is where a bag starts in the flat input")
+        raise ValueError(
+            f"embedding_bag offsets must not decrease, got {offsets.tolist()[:16]}; "
+            "each offset is where a bag starts in the flat input"
+        )
     table = _from_cache(weight, mask) if _cached(weight, mask) else None
     if table is not None:
-        return F.embedding_bag(input, table, offsets, max_norm, norm_type, scale_grad_by_freq,
-                               mode, sparse, per_sample_weights, include_last_offset, padding_idx)
-    if (not torch.is_grad_enabled() and max_norm is None and mode in ("sum", "mean") and per_sample_weights is None
-            and padding_idx is None):
+        return F.embedding_bag(
+            input,
+            table,
+            offsets,
+            max_norm,
+            norm_type,
+            scale_grad_by_freq,
+            mode,
+            sparse,
+            per_sample_weights,
+            include_last_offset,
+            padding_idx,
+        )
+    if (
+        not torch.is_grad_enabled()
+        and max_norm is None
+        and mode in ("sum", "mean")
+        and per_sample_weights is None
+        and padding_idx is None
+    ):
         # one fused pass in C (_kernels.c): no gathered, cast or pooled copies of the rows
         out = _native.masked_bag(input, weight, mask, offsets, include_last_offset, mode == "mean")
         if out is not None:
@@ -272,8 +306,13 @@ def embedding_bag_masked(
     else:
         gathered = F.embedding(flat, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse)
     rows = _mask_rows(gathered, F.embedding(flat, mask))
-    if (input.dim() == 2 and input.shape[1] == 1 and mode in ("sum", "mean", "max") and per_sample_weights is None
-            and padding_idx is None):
+    if (
+        input.dim() == 2
+        and input.shape[1] == 1
+        and mode in ("sum", "mean", "max")
+        and per_sample_weights is None
+        and padding_idx is None
+    ):
         return rows  # bags of one id: sum, mean and max of one row are the row
     index = torch.arange(flat.numel(), device=flat.device)
     pad = None
@@ -315,4 +354,6 @@ def conv_padded(
     return _CONVS[weight.dim() - 2](F.pad(input, pad, mode=padding_mode), weight, bias, stride, 0, dilation, groups)
 
 
-OPS = frozenset({apply_mask, apply_mask_ste, mask_activation, embedding_masked, embedding_bag_masked, module_call, conv_padded})
+OPS = frozenset(
+    {apply_mask, apply_mask_ste, mask_activation, embedding_masked, embedding_bag_masked, module_call, conv_padded}
+)

@@ -35,12 +35,19 @@ def _blocks(shape: tuple[int, ...], options: dict[str, Any]) -> int:
 
 #: methods whose int ``sparsity`` counts slices or blocks, not entries: method -> units of a tensor shape
 COUNT_UNITS: dict[str, Callable[[tuple[int, ...], dict[str, Any]], int]] = {
-    "ln_structured": _slices, "random_structured": _slices, "block": _blocks,
+    "ln_structured": _slices,
+    "random_structured": _slices,
+    "block": _blocks,
 }
 
 
-def target_sparsity_of(method: str, options: dict[str, Any], numel: int, shape: tuple[int, ...] | None = None,
-                       group_numel: int | None = None) -> float | None:
+def target_sparsity_of(
+    method: str,
+    options: dict[str, Any],
+    numel: int,
+    shape: tuple[int, ...] | None = None,
+    group_numel: int | None = None,
+) -> float | None:
     """The sparsity a method aims for, where its options say (None when they do not).
 
     An int ``sparsity`` is a count: of entries (of the whole group for a global rule, ``group_numel``),
@@ -90,22 +97,33 @@ def report_table(gm: GraphModule, state: SparsityState) -> str:
             groups[r.group] = groups.get(r.group, 0) + r.numel
     for name, record in state.targets.items():
         options = current_options(shown, record)
-        target = target_sparsity_of(record.method, options, record.numel, record.shape,
-                                    groups.get(record.group) if record.group is not None else None)
+        target = target_sparsity_of(
+            record.method,
+            options,
+            record.numel,
+            record.shape,
+            groups.get(record.group) if record.group is not None else None,
+        )
         mask = masks[name]
         kept = sum(int(m.sum()) for m in mask) if isinstance(mask, list) else int(mask.sum())
-        rows.append([
-            name,
-            record.kind,
-            _method_text(record, options) + (" reconstructed" if name in state.reconstructed else "")
-            + (" (no bias: the removed channels' mean is not folded)"
-               if state.channels is not None and name in getattr(state.channels, "unbiased", ()) else ""),
-            "x".join(map(str, record.shape)) or "scalar",
-            "-" if target is None else f"{target:.1%}",
-            f"{achieved[name]:.1%}",
-            kept,
-            fate_of(gm, state, record, index),
-        ])
+        rows.append(
+            [
+                name,
+                record.kind,
+                _method_text(record, options)
+                + (" reconstructed" if name in state.reconstructed else "")
+                + (
+                    " (no bias: the removed channels' mean is not folded)"
+                    if state.channels is not None and name in getattr(state.channels, "unbiased", ())
+                    else ""
+                ),
+                "x".join(map(str, record.shape)) or "scalar",
+                "-" if target is None else f"{target:.1%}",
+                f"{achieved[name]:.1%}",
+                kept,
+                fate_of(gm, state, record, index),
+            ]
+        )
         if name in state.initial_masks:  # SPEC §14: "adopted" / "initial mask"
             rows[-1][2] += f" ({state.initial_masks[name]})"
     total = sum(r.numel for r in state.targets.values() if r.kind != "activation")

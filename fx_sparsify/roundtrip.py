@@ -46,8 +46,11 @@ def needs_take_over(model: nn.Module) -> bool:
         if _prune_hooks(module):
             return True
         if fake is not None and parametrize.is_parametrized(module):
-            if any(isinstance(p, fake) for plist in module.parametrizations.values()  # type: ignore[union-attr, operator]
-                   for p in plist):
+            if any(
+                isinstance(p, fake)
+                for plist in module.parametrizations.values()  # type: ignore[union-attr, operator]
+                for p in plist
+            ):
                 return True
     return False
 
@@ -173,7 +176,9 @@ def attach_prune_hooks(sgm: nn.Module, state: SparsityState, model: nn.Module) -
                 + (" (it is already pruned: prune.remove it first)" if hasattr(module, f"{attr}_orig") else "")
             )
         if tuple(param.shape) != record.shape:
-            raise ValueError(f"to_torch_prune(): {name!r} has shape {tuple(param.shape)} in the model, {record.shape} here")
+            raise ValueError(
+                f"to_torch_prune(): {name!r} has shape {tuple(param.shape)} in the model, {record.shape} here"
+            )
         plan.append((module, attr, sgm.get_buffer(record.buffer).detach() != 0, param.device))
     for module, attr, mask, device in plan:
         prune.custom_from_mask(module, attr, mask.to(device))

@@ -27,7 +27,9 @@ def _fraction(schedule: Mapping[str, Any], key: str, where: str) -> None:
 def _count(schedule: Mapping[str, Any], key: str, where: str, low: int) -> None:
     value = schedule[key]
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {key!r} is a number of steps, an int >= {low}; got {type(value).__name__}: {value!r}")
+        raise TypeError(
+            f"{where}: {key!r} is a number of steps, an int >= {low}; got {type(value).__name__}: {value!r}"
+        )
     if value < low:
         raise ValueError(f"{where}: {key!r} is a number of steps, an int >= {low}; got {value!r}")
 
@@ -42,7 +44,9 @@ def check_schedule(schedule: Mapping[str, Any] | Callable[[int], float], where: 
     if kind == "cubic":
         unknown = keys - set(CUBIC_DEFAULTS)
         if unknown:
-            raise KeyError(f"{where}: cubic schedule got unknown key(s) {sorted(unknown)}; known: {sorted(CUBIC_DEFAULTS)}")
+            raise KeyError(
+                f"{where}: cubic schedule got unknown key(s) {sorted(unknown)}; known: {sorted(CUBIC_DEFAULTS)}"
+            )
         full = {**CUBIC_DEFAULTS, **schedule}
         _fraction(full, "init_sparsity", where)
         _count(full, "init_step", where, 0)
@@ -57,7 +61,9 @@ def check_schedule(schedule: Mapping[str, Any] | Callable[[int], float], where: 
         _fraction(schedule, "end", where)
         _count(schedule, "steps", where, 1)
     else:
-        raise ValueError(f"{where}: schedule kind {kind!r} is unknown; use 'cubic', 'linear' or a callable step -> sparsity")
+        raise ValueError(
+            f"{where}: schedule kind {kind!r} is unknown; use 'cubic', 'linear' or a callable step -> sparsity"
+        )
 
 
 def scheduled_sparsity(schedule: Mapping[str, Any] | Callable[[int], float], final: float, t: int) -> float:

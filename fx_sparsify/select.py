@@ -26,8 +26,15 @@ from .spec import ActivationRule, ChannelRule, GlobalRule, SparsitySpec, WeightR
 if TYPE_CHECKING:  # annotations only: the passes import this module
     from .passes.channels import ChannelPlan
 
-__all__ = ["WeightTarget", "Selection", "param_aliases", "select", "select_layers", "resolve_weight_targets",
-           "resolve_activation_targets"]
+__all__ = [
+    "WeightTarget",
+    "Selection",
+    "param_aliases",
+    "select",
+    "select_layers",
+    "resolve_weight_targets",
+    "resolve_activation_targets",
+]
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ def type_name(module: nn.Module) -> str:
 def _own_tensors(aliases: dict[str, str], fqn: str) -> list[str]:
     """FQNs of the parameters module ``fqn`` holds directly (not through a submodule)."""
     prefix = f"{fqn}." if fqn else ""
-    return [n for n in aliases if n.startswith(prefix) and "." not in n[len(prefix):]]
+    return [n for n in aliases if n.startswith(prefix) and "." not in n[len(prefix) :]]
 
 
 def _module_weight(model: nn.Module, fqn: str, aliases: dict[str, str], where: str) -> str | None:
@@ -90,22 +97,29 @@ def _module_weight(model: nn.Module, fqn: str, aliases: dict[str, str], where: s
     return found
 
 
-def _warn_subclasses_left_out(model: nn.Module, selectors: dict[str, str], aliases: dict[str, str],
-                              chosen: Mapping[str, Any]) -> None:
+def _warn_subclasses_left_out(
+    model: nn.Module, selectors: dict[str, str], aliases: dict[str, str], chosen: Mapping[str, Any]
+) -> None:
     """``type:`` matches the exact class: say which modules of a subclass no rule selected (nn.MultiheadAttention's
     ``out_proj`` is a ``NonDynamicallyQuantizableLinear``), rather than leave them dense without a word.
 
     ``selectors``: each ``type:`` class name used → where (the first rule naming it)."""
     for cls, where in selectors.items():
-        left = [(n, type_name(m)) for n, m in model.named_modules() if type_name(m) != cls
-                and any(c.__name__ == cls for c in type(m).__mro__[1:]) and aliases.get(f"{n}.weight") is not None
-                and aliases[f"{n}.weight"] not in chosen]
+        left = [
+            (n, type_name(m))
+            for n, m in model.named_modules()
+            if type_name(m) != cls
+            and any(c.__name__ == cls for c in type(m).__mro__[1:])
+            and aliases.get(f"{n}.weight") is not None
+            and aliases[f"{n}.weight"] not in chosen
+        ]
         if not left:
             continue
         kinds = sorted({k for _, k in left})
         warnings.warn(
             f"{where}: 'type:{cls}' matches that class exactly, so {len(left)} module(s) of its subclasses stay dense: "
-            + ", ".join(f"{n!r} ({k})" for n, k in left[:4]) + (" ..." if len(left) > 4 else "")
+            + ", ".join(f"{n!r} ({k})" for n, k in left[:4])
+            + (" ..." if len(left) > 4 else "")
             + f". Add {' and '.join(repr('type:' + k) for k in kinds)} (or their names) to prune them too, or name "
             "the layers you want",
             UserWarning,
@@ -142,7 +156,9 @@ def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str)
         if not found:
             types = sorted({type_name(m) for m in model.modules()})
             close = difflib.get_close_matches(cls, types, n=3) or types[:8]
-            raise ValueError(f"{where}: no module of type {cls!r} in the model; module types present include: {', '.join(close)}")
+            raise ValueError(
+                f"{where}: no module of type {cls!r} in the model; module types present include: {', '.join(close)}"
+            )
     elif any(c in selector for c in "*?["):
         found += [_module_weight(model, m, aliases, where) for m in modules if fnmatch.fnmatchcase(m, selector)]
         found += [aliases[p] for p in aliases if fnmatch.fnmatchcase(p, selector) and _pattern_may_pick(selector, p)]
@@ -154,8 +170,7 @@ def select(selector: str, model: nn.Module, aliases: dict[str, str], where: str)
             own = [n.rsplit(".", 1)[-1] for n in _own_tensors(aliases, selector)]
             raise ValueError(
                 f"{where}: module {selector!r} has no parameter 'weight'; select a tensor by its FQN instead"
-                + (f" (its parameters: {', '.join(own)})" if own else " or a glob such as "
-                   f"'{selector}.*.weight'")
+                + (f" (its parameters: {', '.join(own)})" if own else f" or a glob such as '{selector}.*.weight'")
             )
         found.append(weight)
     out = list(dict.fromkeys(f for f in found if f is not None))
@@ -191,11 +206,11 @@ def resolve_weight_targets(spec: SparsitySpec, model: nn.Module) -> dict[str, We
     _warn_subclasses_left_out(model, types, aliases, chosen)
     for name in chosen:
         if not params[name].dtype.is_floating_point:
-            raise TypeError(f"target {name!r} has dtype {params[name].dtype}; only floating-point tensors can be masked")
+            raise TypeError(
+                f"target {name!r} has dtype {params[name].dtype}; only floating-point tensors can be masked"
+            )
     order = {n: i for i, n in enumerate(params)}
-    return {
-        n: t for n, t in sorted(chosen.items(), key=lambda kv: order[kv[0]]) if t.rule.method != "dense"
-    }
+    return {n: t for n, t in sorted(chosen.items(), key=lambda kv: order[kv[0]]) if t.rule.method != "dense"}
 
 
 def select_layers(selector: str, model: nn.Module, where: str) -> list[str]:
@@ -214,7 +229,9 @@ def select_layers(selector: str, model: nn.Module, where: str) -> list[str]:
     else:
         found = [selector] if selector in named and selector else []
     if not found:
-        close = difflib.get_close_matches(selector.removeprefix("re:").removeprefix("type:"), [n for n in named if n], n=5, cutoff=0.3)
+        close = difflib.get_close_matches(
+            selector.removeprefix("re:").removeprefix("type:"), [n for n in named if n], n=5, cutoff=0.3
+        )
         raise ValueError(
             f"{where}: target {selector!r} selects no layer of {type(model).__name__}; closest names: "
             f"{', '.join(close) or '(none)'}. An activation rule names the layer whose input it masks."

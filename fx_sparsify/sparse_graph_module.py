@@ -28,9 +28,11 @@ from .state import SparsityState, TargetRecord, current_options, masks_of, spars
 
 __all__ = ["SparseGraphModule", "SparsityState", "TargetRecord"]  # the last two re-exported from state
 
-_NO_CHANNELS = ("{call}: the spec has no 'channels' rule, so there are no channels to remove; returning the plain "
-                "squash (pruned weights zeroed, shapes unchanged). Add a rule such as {{'channels': [{{'target': "
-                "'type:Conv2d', 'sparsity': 0.5}}]}} to shrink, or drop shrink=True")
+_NO_CHANNELS = (
+    "{call}: the spec has no 'channels' rule, so there are no channels to remove; returning the plain "
+    "squash (pruned weights zeroed, shapes unchanged). Add a rule such as {{'channels': [{{'target': "
+    "'type:Conv2d', 'sparsity': 0.5}}]}} to shrink, or drop shrink=True"
+)
 
 
 class SparseGraphModule(GraphModule):
@@ -60,7 +62,8 @@ class SparseGraphModule(GraphModule):
         # (each rank aggregates its own batches; step() all-reduces them): keep them rank-local
         activation_masks = {r.buffer for r in state.targets.values() if r.kind == "activation"}
         sgm._ddp_params_and_buffers_to_ignore = [
-            name for name, _ in sgm.named_buffers()
+            name
+            for name, _ in sgm.named_buffers()
             if name.rsplit(".", 1)[-1] in ("stat", "mask") or name in activation_masks
         ]
         sgm._mark_cache()
@@ -82,8 +85,10 @@ class SparseGraphModule(GraphModule):
     def _mark_cache(self) -> None:
         """Let the mask nodes cache ``weight * mask`` under no_grad only in eval mode (see ops.py)."""
         if "_fxs" in self.__dict__:
-            ops.set_cacheable([self.get_buffer(r.buffer) for r in self._fxs.targets.values() if r.kind != "activation"],
-                              not self.training)
+            ops.set_cacheable(
+                [self.get_buffer(r.buffer) for r in self._fxs.targets.values() if r.kind != "activation"],
+                not self.training,
+            )
 
     # --- the public methods (SPEC §2) -------------------------------------------------------------
     def step(self, verbose: bool = True) -> None:
@@ -139,13 +144,19 @@ class SparseGraphModule(GraphModule):
     def _warn_unstepped(self, call: str) -> None:
         """Warn once (at the user's call) when nothing was ever pruned: no step() yet and every mask keeps all."""
         state = self._fxs
-        if state.steps or self.__dict__.get("_fxs_warned_unstepped") or any(
-                not bool(self.get_buffer(r.buffer).all()) for r in state.targets.values()):
+        if (
+            state.steps
+            or self.__dict__.get("_fxs_warned_unstepped")
+            or any(not bool(self.get_buffer(r.buffer).all()) for r in state.targets.values())
+        ):
             return
         self.__dict__["_fxs_warned_unstepped"] = True
-        warnings.warn(f"{call} before any step(): every mask still keeps everything, so the result is the unpruned "
-                      "model; call sgm.step() first (after the calibration forward passes, if any)",
-                      UserWarning, stacklevel=user_stacklevel())
+        warnings.warn(
+            f"{call} before any step(): every mask still keeps everything, so the result is the unpruned "
+            "model; call sgm.step() first (after the calibration forward passes, if any)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def shrink_plan(self) -> str:
         """A table of the channel groups: members, channels before → after, removable or why not."""
@@ -172,8 +183,9 @@ class SparseGraphModule(GraphModule):
         """
         self._warn_unstepped("squash_into()")
         if shrink and self._fxs.channels is None:
-            warnings.warn(_NO_CHANNELS.format(call="squash_into(model, shrink=True)"), UserWarning,
-                          stacklevel=user_stacklevel())
+            warnings.warn(
+                _NO_CHANNELS.format(call="squash_into(model, shrink=True)"), UserWarning, stacklevel=user_stacklevel()
+            )
         elif shrink:
             shrunk, keeps = self._squash_shrunk()
             return write_into(self, self._fxs, shrunk, model, keeps)
@@ -197,9 +209,15 @@ class SparseGraphModule(GraphModule):
             if r.group is not None:
                 groups[r.group] = groups.get(r.group, 0) + r.numel
         return {  # an int count is of the group's entries (global rules), or of slices / blocks
-            name: target_sparsity_of(r.method, current_options(self._fxs, r), r.numel, r.shape,
-                                     groups.get(r.group) if r.group is not None else None)
-            for name, r in self._fxs.targets.items() if r.kind != "activation"
+            name: target_sparsity_of(
+                r.method,
+                current_options(self._fxs, r),
+                r.numel,
+                r.shape,
+                groups.get(r.group) if r.group is not None else None,
+            )
+            for name, r in self._fxs.targets.items()
+            if r.kind != "activation"
         }
 
     def keep_sparse(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -208,7 +226,9 @@ class SparseGraphModule(GraphModule):
         Returns the hook handle (``handle.remove()`` detaches it).
         """
         if self._fxs.spec.mode != "inplace":
-            raise ValueError("keep_sparse() is for specs with 'mode': 'inplace'; in graph mode the masks are in the graph")
+            raise ValueError(
+                "keep_sparse() is for specs with 'mode': 'inplace'; in graph mode the masks are in the graph"
+            )
 
         def rezero(opt: Any, args: Any, kwargs: Any) -> None:
             self.apply_masks_inplace()
@@ -275,8 +295,10 @@ class SparseGraphModule(GraphModule):
 
     def __repr__(self) -> str:  # nn.Module's alone shows the submodules only, which reads as the original model
         state = self._fxs
-        return (f"SparseGraphModule({state.class_name}, capture={state.capture}, {len(state.targets)} targets, "
-                f"steps={state.steps})\n{torch.nn.Module.__repr__(self)}")
+        return (
+            f"SparseGraphModule({state.class_name}, capture={state.capture}, {len(state.targets)} targets, "
+            f"steps={state.steps})\n{torch.nn.Module.__repr__(self)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -293,8 +315,15 @@ def _node_ref(node: Node) -> Any:  # Any: map_arg is typed for graph arguments, 
 def _graph_records(graph: torch.fx.Graph) -> list[tuple[Any, ...]]:
     """One picklable tuple per node: op, name, target, args, kwargs, type and the fx_sparsify note."""
     return [
-        (n.op, n.name, n.target, torch.fx.node.map_arg(n.args, _node_ref),
-         torch.fx.node.map_arg(n.kwargs, _node_ref), n.type, n.meta.get(META_KEY))
+        (
+            n.op,
+            n.name,
+            n.target,
+            torch.fx.node.map_arg(n.args, _node_ref),
+            torch.fx.node.map_arg(n.kwargs, _node_ref),
+            n.type,
+            n.meta.get(META_KEY),
+        )
         for n in graph.nodes
     ]
 

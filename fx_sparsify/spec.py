@@ -37,7 +37,9 @@ def _where(where: str, key: str) -> str:
 def _resolve_method(method: Any, options: dict[str, Any], where: str) -> tuple[str, dict[str, Any], str | None]:
     """Parse a method string, merge shorthand options under explicit ones, validate against the signature."""
     if not isinstance(method, str):
-        raise TypeError(f"{_where(where, 'method')}: expected a method name string, got {type(method).__name__}: {method!r}")
+        raise TypeError(
+            f"{_where(where, 'method')}: expected a method name string, got {type(method).__name__}: {method!r}"
+        )
     parsed = parse_method(method)
     try:
         get_mask_method(parsed.name)
@@ -103,12 +105,18 @@ class WeightRule:
             check_schedule(self.schedule, _where(where, "schedule"))
             if "sparsity" not in get_mask_method(self.method).options:
                 raise ValueError(f"{where}: a schedule moves 'sparsity', which method {self.method!r} does not take")
-            if self.options.get("sparsity") is None and not callable(self.schedule) and self.schedule.get("kind") == "cubic":
+            if (
+                self.options.get("sparsity") is None
+                and not callable(self.schedule)
+                and self.schedule.get("kind") == "cubic"
+            ):
                 raise KeyError(f"{where}: a cubic schedule needs the final 'sparsity' beside 'method'")
             final = self.options.get("sparsity")
             if not callable(self.schedule) and self.schedule.get("kind") == "cubic" and not isinstance(final, float):
-                raise TypeError(f"{where}: a cubic schedule moves a fraction, so the final 'sparsity' must be a float in "
-                                f"[0, 1] (e.g. 0.5), got {type(final).__name__}: {final!r}")
+                raise TypeError(
+                    f"{where}: a cubic schedule moves a fraction, so the final 'sparsity' must be a float in "
+                    f"[0, 1] (e.g. 0.5), got {type(final).__name__}: {final!r}"
+                )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "weights") -> WeightRule:
@@ -138,7 +146,9 @@ class GlobalRule:
     def __post_init__(self) -> None:
         where = f"global rule {list(self.targets) if isinstance(self.targets, (list, tuple)) else self.targets!r}"
         if isinstance(self.targets, str) or not isinstance(self.targets, Sequence) or not self.targets:
-            raise TypeError(f"{_where(where, 'targets')}: expected a non-empty list of target selectors, got {self.targets!r}")
+            raise TypeError(
+                f"{_where(where, 'targets')}: expected a non-empty list of target selectors, got {self.targets!r}"
+            )
         object.__setattr__(self, "targets", tuple(_check_str(t, "targets", where) for t in self.targets))
         name, options, _ = _resolve_method(self.method, dict(self.options), where)
         object.__setattr__(self, "method", name)
@@ -180,9 +190,13 @@ class ActivationRule:
             value = getattr(self, key)
             if isinstance(value, str):
                 if value not in names:
-                    raise ValueError(f"{_where(where, key)}: unknown {key} {value!r}; use one of {', '.join(names)} or a callable")
+                    raise ValueError(
+                        f"{_where(where, key)}: unknown {key} {value!r}; use one of {', '.join(names)} or a callable"
+                    )
             elif not callable(value):
-                raise TypeError(f"{_where(where, key)}: expected a name or a callable, got {type(value).__name__}: {value!r}")
+                raise TypeError(
+                    f"{_where(where, key)}: expected a name or a callable, got {type(value).__name__}: {value!r}"
+                )
         if isinstance(self.mask, str):
             name, options, _ = _resolve_method(self.mask, dict(self.options), where)
             object.__setattr__(self, "mask", name)
@@ -195,10 +209,14 @@ class ActivationRule:
                 f"feature_dim={self.feature_dim!r}); give both to mask per feature, or neither"
             )
         if self.features is not None:
-            if isinstance(self.features, (str, bytes)) or not isinstance(self.features, Sequence) or not all(
-                isinstance(f, numbers.Integral) and not isinstance(f, bool) for f in self.features
+            if (
+                isinstance(self.features, (str, bytes))
+                or not isinstance(self.features, Sequence)
+                or not all(isinstance(f, numbers.Integral) and not isinstance(f, bool) for f in self.features)
             ):
-                raise TypeError(f"{_where(where, 'features')}: expected a list of int feature indices, got {self.features!r}")
+                raise TypeError(
+                    f"{_where(where, 'features')}: expected a list of int feature indices, got {self.features!r}"
+                )
             object.__setattr__(self, "features", tuple(int(f) for f in self.features))
             if not isinstance(self.feature_dim, numbers.Integral) or isinstance(self.feature_dim, bool):
                 raise TypeError(f"{_where(where, 'feature_dim')}: expected an int, got {self.feature_dim!r}")
@@ -209,8 +227,13 @@ class ActivationRule:
         return cls(**{k: d[k] for k in cls._KEYS if k in d}, options={k: v for k, v in d.items() if k not in cls._KEYS})
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"target": self.target, "aggregate": self.aggregate, "reduce": self.reduce,
-                               "mask": self.mask, **copy.deepcopy(self.options)}
+        out: dict[str, Any] = {
+            "target": self.target,
+            "aggregate": self.aggregate,
+            "reduce": self.reduce,
+            "mask": self.mask,
+            **copy.deepcopy(self.options),
+        }
         out["features"] = list(self.features) if self.features is not None else None
         out["feature_dim"] = self.feature_dim
         return out
@@ -248,8 +271,20 @@ class ChannelRule:
     damp: float = 0.01
     sequential: bool = False
 
-    _KEYS = ("target", "sparsity", "heads", "p", "global", "round_to", "min_channels", "schedule", "importance",
-             "reconstruct", "damp", "sequential")
+    _KEYS = (
+        "target",
+        "sparsity",
+        "heads",
+        "p",
+        "global",
+        "round_to",
+        "min_channels",
+        "schedule",
+        "importance",
+        "reconstruct",
+        "damp",
+        "sequential",
+    )
     method = "channels"  # the TargetRecord.method of the masks it owns
 
     @property
@@ -260,8 +295,10 @@ class ChannelRule:
         where = f"channels rule {self.target!r}"
         _check_str(self.target, "target", where)
         if (self.sparsity is None) == (self.heads is None):
-            raise KeyError(f"{where}: give exactly one of 'sparsity' (channels) or 'heads' (attention heads), got "
-                           f"sparsity={self.sparsity!r}, heads={self.heads!r}")
+            raise KeyError(
+                f"{where}: give exactly one of 'sparsity' (channels) or 'heads' (attention heads), got "
+                f"sparsity={self.sparsity!r}, heads={self.heads!r}"
+            )
         for key in ("sparsity", "heads"):
             value = getattr(self, key)
             if value is None:
@@ -279,8 +316,10 @@ class ChannelRule:
         if not isinstance(self.global_, bool):
             raise TypeError(f"{_where(where, 'global')}: expected True or False, got {self.global_!r}")
         if self.global_ and self.heads is not None:
-            raise ValueError(f"{where}: 'heads' counts query heads per attention block; 'global' ranks channels across "
-                             "groups and applies to 'sparsity' only: drop 'global'")
+            raise ValueError(
+                f"{where}: 'heads' counts query heads per attention block; 'global' ranks channels across "
+                "groups and applies to 'sparsity' only: drop 'global'"
+            )
         if self.round_to is not None and (not _is_int(self.round_to) or self.round_to < 1):
             raise ValueError(f"{_where(where, 'round_to')}: expected an int >= 1, got {self.round_to!r}")
         if not _is_int(self.min_channels) or self.min_channels < 1:
@@ -293,12 +332,20 @@ class ChannelRule:
         for key in ("reconstruct", "sequential"):
             if not isinstance(getattr(self, key), bool):
                 raise TypeError(f"{_where(where, key)}: expected True or False, got {getattr(self, key)!r}")
-        if isinstance(self.damp, bool) or not isinstance(self.damp, numbers.Real) or not 0 <= float(self.damp) < float("inf"):
-            raise ValueError(f"{_where(where, 'damp')}: a fraction of the mean input second moment (>= 0, e.g. 0.01); "
-                             f"got {self.damp!r}")
+        if (
+            isinstance(self.damp, bool)
+            or not isinstance(self.damp, numbers.Real)
+            or not 0 <= float(self.damp) < float("inf")
+        ):
+            raise ValueError(
+                f"{_where(where, 'damp')}: a fraction of the mean input second moment (>= 0, e.g. 0.01); "
+                f"got {self.damp!r}"
+            )
         if self.sequential and self.global_:
-            raise ValueError(f"{where}: 'sequential' prunes one group after another, 'global' ranks all groups at once; "
-                             "drop one of them")
+            raise ValueError(
+                f"{where}: 'sequential' prunes one group after another, 'global' ranks all groups at once; "
+                "drop one of them"
+            )
 
     @property
     def calibrated(self) -> bool:
@@ -310,17 +357,26 @@ class ChannelRule:
         d = _require_mapping(d, where, ("target",))
         unknown = [k for k in d if k not in cls._KEYS]
         if unknown:
-            raise KeyError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a channels rule takes "
-                           f"{', '.join(cls._KEYS)}")
+            raise KeyError(
+                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a channels rule takes {', '.join(cls._KEYS)}"
+            )
         return cls(**{("global_" if k == "global" else k): v for k, v in d.items()})
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"target": self.target}
-        for key, attr, default in (("sparsity", "sparsity", None), ("heads", "heads", None), ("p", "p", 2),
-                                   ("global", "global_", False), ("round_to", "round_to", None),
-                                   ("min_channels", "min_channels", 1), ("schedule", "schedule", None),
-                                   ("importance", "importance", "magnitude"), ("reconstruct", "reconstruct", False),
-                                   ("damp", "damp", 0.01), ("sequential", "sequential", False)):
+        for key, attr, default in (
+            ("sparsity", "sparsity", None),
+            ("heads", "heads", None),
+            ("p", "p", 2),
+            ("global", "global_", False),
+            ("round_to", "round_to", None),
+            ("min_channels", "min_channels", 1),
+            ("schedule", "schedule", None),
+            ("importance", "importance", "magnitude"),
+            ("reconstruct", "reconstruct", False),
+            ("damp", "damp", 0.01),
+            ("sequential", "sequential", False),
+        ):
             if getattr(self, attr) != default:
                 out[key] = copy.deepcopy(getattr(self, attr))
         return out
@@ -347,14 +403,20 @@ class SparsitySpec:
     channels: tuple[ChannelRule, ...] = ()
 
     def __post_init__(self) -> None:
-        for key, cls in (("weights", WeightRule), ("global_", GlobalRule), ("activations", ActivationRule),
-                         ("channels", ChannelRule)):
+        for key, cls in (
+            ("weights", WeightRule),
+            ("global_", GlobalRule),
+            ("activations", ActivationRule),
+            ("channels", ChannelRule),
+        ):
             rules = getattr(self, key)
             if isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence):
                 raise TypeError(f"spec[{key.rstrip('_')!r}]: expected a list of rules, got {type(rules).__name__}")
             for rule in rules:
                 if not isinstance(rule, cls):
-                    raise TypeError(f"spec[{key.rstrip('_')!r}]: expected {cls.__name__} entries, got {type(rule).__name__}")
+                    raise TypeError(
+                        f"spec[{key.rstrip('_')!r}]: expected {cls.__name__} entries, got {type(rule).__name__}"
+                    )
             object.__setattr__(self, key, tuple(rules))
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise TypeError(f"spec['seed']: expected an int, got {self.seed!r}")
@@ -369,7 +431,9 @@ class SparsitySpec:
                         "'mode': 'graph' (the default) or 'gradient': 'mask'"
                     )
         if not (self.weights or self.global_ or self.activations or self.channels):
-            raise ValueError("the spec has no rules: give at least one of 'weights', 'global', 'activations' or 'channels'")
+            raise ValueError(
+                "the spec has no rules: give at least one of 'weights', 'global', 'activations' or 'channels'"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SparsitySpec:
@@ -402,8 +466,12 @@ class SparsitySpec:
         out: dict[str, Any] = {"seed": self.seed}
         if self.mode != "graph":
             out["mode"] = self.mode
-        for key, attr in (("weights", "weights"), ("global", "global_"), ("activations", "activations"),
-                          ("channels", "channels")):
+        for key, attr in (
+            ("weights", "weights"),
+            ("global", "global_"),
+            ("activations", "activations"),
+            ("channels", "channels"),
+        ):
             if getattr(self, attr):
                 out[key] = [r.to_dict() for r in getattr(self, attr)]
         return out

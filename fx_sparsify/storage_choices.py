@@ -34,10 +34,20 @@ def save_storage_choices(choices: Iterable[StorageChoice], path: str | os.PathLi
     rows = []
     for c in choices:
         if not isinstance(c, StorageChoice):
-            raise TypeError(f"save_storage_choices(): expected the StorageChoice records of small.storage_choices, "
-                            f"got {type(c).__name__}")
-        rows.append({"layer": c.layer, "shape": list(c.shape), "sparsity": c.sparsity, "storage": c.storage,
-                     "ratio": c.ratio, "why": c.why})
+            raise TypeError(
+                f"save_storage_choices(): expected the StorageChoice records of small.storage_choices, "
+                f"got {type(c).__name__}"
+            )
+        rows.append(
+            {
+                "layer": c.layer,
+                "shape": list(c.shape),
+                "sparsity": c.sparsity,
+                "storage": c.storage,
+                "ratio": c.ratio,
+                "why": c.why,
+            }
+        )
     path = Path(os.fspath(path))
     if not path.parent.is_dir():
         raise FileNotFoundError(f"save_storage_choices(): the folder {str(path.parent)!r} does not exist")
@@ -58,18 +68,28 @@ def load_storage_choices(path: str | os.PathLike[str]) -> list[StorageChoice]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not a storage choices file (not JSON: {err})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a storage choices file (no \"format\": {FORMAT!r}); write one with "
-                         "fxs.save_storage_choices(small.storage_choices, path)")
+        raise ValueError(
+            f'{path}: not a storage choices file (no "format": {FORMAT!r}); write one with '
+            "fxs.save_storage_choices(small.storage_choices, path)"
+        )
     if data.get("version") != VERSION:
         raise ValueError(f"{path}: storage choices version {data.get('version')!r}; this fx_sparsify reads {VERSION}")
     out = []
     for i, row in enumerate(data.get("layers", [])):
         try:
             ratio = row.get("ratio")
-            out.append(StorageChoice(str(row["layer"]), tuple(int(s) for s in row["shape"]), float(row["sparsity"]),
-                                     str(row["storage"]), str(row.get("why", "")),
-                                     None if ratio is None else float(ratio)))
+            out.append(
+                StorageChoice(
+                    str(row["layer"]),
+                    tuple(int(s) for s in row["shape"]),
+                    float(row["sparsity"]),
+                    str(row["storage"]),
+                    str(row.get("why", "")),
+                    None if ratio is None else float(ratio),
+                )
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(f"{path}: layer entry {i} is malformed ({err!r}): each needs layer, shape, sparsity, "
-                             "storage") from None
+            raise ValueError(
+                f"{path}: layer entry {i} is malformed ({err!r}): each needs layer, shape, sparsity, storage"
+            ) from None
     return out

@@ -75,6 +75,7 @@ def gc_running() -> Iterator[None]:
     finally:
         gc.disable()
 
+
 #: Layers kept as module calls by the fx capture: the weight pass rewrites them into functional calls.
 LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -228,7 +229,9 @@ def _refuse_hooks(model: nn.Module, leaf_modules: list[Any]) -> None:
         )
 
 
-def _trace_fx(model: nn.Module, concrete_args: dict[str, Any] | None, leaf_modules: Iterable[Any]) -> torch.fx.GraphModule:
+def _trace_fx(
+    model: nn.Module, concrete_args: dict[str, Any] | None, leaf_modules: Iterable[Any]
+) -> torch.fx.GraphModule:
     leaf_modules = list(leaf_modules)
     _check_tracing_options(model, concrete_args, leaf_modules)
     _refuse_hooks(model, leaf_modules)
@@ -237,7 +240,11 @@ def _trace_fx(model: nn.Module, concrete_args: dict[str, Any] | None, leaf_modul
         graph = tracer.trace(model, concrete_args)
     except Exception as exc:  # re-raised with the place it failed and the ways out
         where = tracer.failed_in or ""
-        module = f"module {where!r} ({type(model.get_submodule(where)).__name__})" if where else f"{type(model).__name__}.forward"
+        module = (
+            f"module {where!r} ({type(model.get_submodule(where)).__name__})"
+            if where
+            else f"{type(model).__name__}.forward"
+        )
         raise CaptureError(
             f"torch.fx symbolic tracing failed in {module} at {_user_frame(exc)}: {type(exc).__name__}: {exc}\n"
             "Ways out: pass example_inputs=(...) (and example_kwargs) with capture='export' or 'auto' to use "
@@ -262,7 +269,9 @@ def _export(
         )
     try:
         with gc_running():  # export's fake tensors leave many cycles: let the collector free them as they come
-            ep = torch.export.export(model, tuple(example_inputs or ()), dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes)
+            ep = torch.export.export(
+                model, tuple(example_inputs or ()), dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes
+            )
     except Exception as exc:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} at {_user_frame(exc)}: {type(exc).__name__}: "
@@ -293,14 +302,18 @@ def capture_graph(
     if isinstance(model, torch.fx.GraphModule) and capture != "export":
         return Captured(model, "fx")
     if capture == "export":
-        return _carry_unread_state(model, Captured(_export(model, example_inputs, example_kwargs, dynamic_shapes), "export"))
+        return _carry_unread_state(
+            model, Captured(_export(model, example_inputs, example_kwargs, dynamic_shapes), "export")
+        )
     try:
         return _carry_unread_state(model, Captured(_trace_fx(model, concrete_args, leaf_modules or ()), "fx"))
     except CaptureError as err:
         if capture == "fx" or (example_inputs is None and example_kwargs is None):
             raise
         log.info("fx tracing failed, falling back to torch.export: %s", err)
-        return _carry_unread_state(model, Captured(_export(model, example_inputs, example_kwargs, dynamic_shapes), "export"))
+        return _carry_unread_state(
+            model, Captured(_export(model, example_inputs, example_kwargs, dynamic_shapes), "export")
+        )
 
 
 def _carry_unread_state(model: nn.Module, captured: Captured) -> Captured:

@@ -39,7 +39,9 @@ def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
         torch.testing.assert_close(after["state"][k], before["state"][k], rtol=0, atol=0)
 
 
-def check_pipeline(model: nn.Module, spec: dict[str, Any], args: tuple[Any, ...], **kwargs: Any) -> fxs.SparseGraphModule:
+def check_pipeline(
+    model: nn.Module, spec: dict[str, Any], args: tuple[Any, ...], **kwargs: Any
+) -> fxs.SparseGraphModule:
     """The core guarantees on one model: all-keep identity, step, squash ≡ masked, state_dict, export."""
     model.eval()
     before = snapshot(model)

@@ -77,7 +77,9 @@ class Recommender(nn.Module):
         self.cat = nn.Embedding(rows, dim)
         self.top = nn.Sequential(nn.Linear(3 * dim, 16), nn.ReLU(), nn.Linear(16, 1))
 
-    def forward(self, user_ids: torch.Tensor, offsets: torch.Tensor, item_ids: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, user_ids: torch.Tensor, offsets: torch.Tensor, item_ids: torch.Tensor, cat: torch.Tensor
+    ) -> torch.Tensor:
         u = self.users(user_ids, offsets)
         i = self.items(item_ids)
         c = self.cat(cat)
@@ -134,8 +136,9 @@ def hf_bert() -> tuple[nn.Module, str]:
     """A 2-layer BERT and a selector for its MLP Linears."""
     import transformers
 
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64)
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     return transformers.BertModel(cfg), "re:encoder\\.layer\\.\\d+\\.(intermediate|output)\\.dense"
 
 
@@ -143,8 +146,16 @@ def hf_llama() -> tuple[nn.Module, str]:
     """A 2-layer LLaMA (grouped-query attention) and a selector for its projections."""
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, intermediate_size=64, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.LlamaForCausalLM(cfg), "re:model\\.layers\\.\\d+\\.(mlp|self_attn)\\.\\w+_proj"
 
 

@@ -30,7 +30,9 @@ def test_all_keep_masks_leave_outputs_identical() -> None:
 
 def test_masks_equal_torch_prune_l1_unstructured() -> None:
     model = MLP()
-    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.37}]})
+    sgm = fxs.sparsify_graph(
+        model, {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.37}]}
+    )
     sgm.step()
     for name, mod in [("fc1", model.fc1), ("fc2", model.fc2), ("head", model.head)]:
         ref = prune.L1Unstructured(0.37).compute_mask(mod.weight.detach(), torch.ones_like(mod.weight))
@@ -39,7 +41,10 @@ def test_masks_equal_torch_prune_l1_unstructured() -> None:
 
 def test_masked_forward_equals_eager_with_masked_weights() -> None:
     model = MLP().eval()
-    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "fc1", **L1}, {"target": "head.weight", "method": "l1_unstructured", "sparsity": 10}]})
+    sgm = fxs.sparsify_graph(
+        model,
+        {"weights": [{"target": "fc1", **L1}, {"target": "head.weight", "method": "l1_unstructured", "sparsity": 10}]},
+    )
     sgm.step()
     eager = copy.deepcopy(model)
     with torch.no_grad():
@@ -71,7 +76,12 @@ def test_embedding_and_embedding_bag() -> None:
         Recommender.example_inputs(),
     )
     kinds = {n: r.kind for n, r in sgm._fxs.targets.items()}
-    assert kinds == {"users.weight": "embedding", "items.weight": "embedding", "cat.weight": "embedding", "top.0.weight": "weight"}
+    assert kinds == {
+        "users.weight": "embedding",
+        "items.weight": "embedding",
+        "cat.weight": "embedding",
+        "top.0.weight": "weight",
+    }
     # lookups mask the gathered rows: no full-table multiply for the tables
     assert count(sgm, ops.embedding_bag_masked) == 2 and count(sgm, ops.embedding_masked) == 1
     assert count(sgm, ops.apply_mask) == 1
@@ -110,7 +120,9 @@ def test_tied_weights_get_one_mask_feeding_every_use() -> None:
 
 
 def test_functional_parameters_are_targets() -> None:
-    sgm = check_pipeline(Functional(), {"weights": [{"target": "w", **L1}, {"target": "v", **L1}]}, (torch.randn(3, 10),))
+    sgm = check_pipeline(
+        Functional(), {"weights": [{"target": "w", **L1}, {"target": "v", **L1}]}, (torch.randn(3, 10),)
+    )
     assert count(sgm, ops.apply_mask) == 2  # w is used twice, masked once
 
 
@@ -120,7 +132,9 @@ def test_transformer_encoder_through_export() -> None:
     spec = {"weights": [{"target": "re:layers\\.\\d+\\.linear1", **L1}, {"target": "*.in_proj_weight", **L1}]}
     sgm = check_pipeline(model, spec, (x,), example_inputs=(x,))
     assert sgm._fxs.capture == "export"
-    assert set(sgm.masks()) == {f"layers.{i}.{p}" for i in range(2) for p in ("linear1.weight", "self_attn.in_proj_weight")}
+    assert set(sgm.masks()) == {
+        f"layers.{i}.{p}" for i in range(2) for p in ("linear1.weight", "self_attn.in_proj_weight")
+    }
     assert "capture=export" in sgm.report()
 
 
@@ -150,8 +164,12 @@ def test_multihead_attention_leaf_in_fx_capture() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.out(self.attn(x, x, x, need_weights=False)[0])
 
-    sgm = check_pipeline(Block(), {"weights": [{"target": "attn.in_proj_weight", **L1}, {"target": "attn.out_proj", **L1}]},
-                         (torch.randn(2, 3, 8),), capture="fx")
+    sgm = check_pipeline(
+        Block(),
+        {"weights": [{"target": "attn.in_proj_weight", **L1}, {"target": "attn.out_proj", **L1}]},
+        (torch.randn(2, 3, 8),),
+        capture="fx",
+    )
     assert count(sgm, ops.module_call) == 1  # one functional_call carries both masked weights
 
 
@@ -201,8 +219,10 @@ def test_graph_module_input_is_not_mutated() -> None:
 def test_graph_module_inplace_failure_leaves_it_runnable_and_success_shares_parameters() -> None:
     gm = torch.fx.symbolic_trace(MLP())
     code, keys = gm.code, list(gm.state_dict())
-    spec = {"weights": [{"target": "fc1", **L1}],
-            "activations": [{"target": "fc2", "mask": "threshold", "threshold": 0.1}]}
+    spec = {
+        "weights": [{"target": "fc1", **L1}],
+        "activations": [{"target": "fc2", "mask": "threshold", "threshold": 0.1}],
+    }
     with pytest.raises(ValueError, match="rewritten module failed on example_inputs"):
         fxs.sparsify_graph(gm, spec, inplace=True, example_inputs=(torch.randn(2, 7),))
     assert gm.code == code and list(gm.state_dict()) == keys
@@ -266,6 +286,7 @@ def test_cache_only_in_eval_mode_and_eval_refreshes_after_data_edits() -> None:
     sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", **L1}]})
     sgm.step()
     x = torch.randn(2, 16)
+
     def eager() -> torch.Tensor:
         h = F.relu(F.linear(x, sgm.fc1.weight * sgm.fc1_weight_mask, sgm.fc1.bias))
         return sgm.head(F.relu(sgm.fc2(h)))
@@ -330,15 +351,22 @@ def test_report_columns_and_values() -> None:
 @pytest.mark.parametrize("capture", ["fx", "export"])
 def test_report_kind_of_embedding_tables(capture: str) -> None:
     ids = torch.randint(0, 50, (2, 5))
-    sgm = fxs.sparsify_graph(TiedLM(), {"weights": [{"target": "emb", **L1}, {"target": "proj", **L1}]},
-                             capture=capture, example_inputs=(ids,))
+    sgm = fxs.sparsify_graph(
+        TiedLM(),
+        {"weights": [{"target": "emb", **L1}, {"target": "proj", **L1}]},
+        capture=capture,
+        example_inputs=(ids,),
+    )
     kinds = {line.split()[1]: line for line in sgm.report().splitlines() if ".weight" in line}
     assert "embedding" in kinds["emb.weight"] and "embedding" not in kinds["proj.weight"]
 
 
-@pytest.mark.parametrize("bad, exc, match", [
-    ("not a model", TypeError, "torch.nn.Module"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        ("not a model", TypeError, "torch.nn.Module"),
+    ],
+)
 def test_bad_model(bad: object, exc: type, match: str) -> None:
     with pytest.raises(exc, match=match):
         fxs.sparsify_graph(bad, {"weights": [{"target": "fc1", **L1}]})  # type: ignore[arg-type]
@@ -375,12 +403,17 @@ def test_export_capture_keeps_the_model_mode_so_eval_forwards_are_cached() -> No
         assert sgm.training is training
         from fx_sparsify.ops import apply_mask
 
-        w, m = sgm.get_parameter("layers.0.linear1.weight"), sgm.get_buffer(sgm._fxs.targets["layers.0.linear1.weight"].buffer)
+        w, m = (
+            sgm.get_parameter("layers.0.linear1.weight"),
+            sgm.get_buffer(sgm._fxs.targets["layers.0.linear1.weight"].buffer),
+        )
         with torch.no_grad():
             assert (apply_mask(w, m) is apply_mask(w, m)) is not training
 
 
-@pytest.mark.parametrize("layer", [nn.Embedding(20, 8, max_norm=1.0), nn.EmbeddingBag(20, 8, max_norm=1.0, mode="mean")])
+@pytest.mark.parametrize(
+    "layer", [nn.Embedding(20, 8, max_norm=1.0), nn.EmbeddingBag(20, 8, max_norm=1.0, mode="mean")]
+)
 def test_embedding_max_norm_renormalises_the_masked_rows_like_the_squashed_module(layer: nn.Module) -> None:
     model = nn.Sequential(layer)
     with torch.no_grad():
@@ -412,13 +445,20 @@ def test_type_selector_says_which_subclass_modules_it_leaves_dense() -> None:
     layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
     x = (torch.randn(2, 5, 32),)
     spec = {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]}
-    with pytest.warns(UserWarning, match=r"'type:Linear' matches that class exactly, so 1 module\(s\) of its "
-                                         r"subclasses stay dense: 'self_attn.out_proj' \(NonDynamicallyQuantizableLinear\)"
-                                         r"\. Add 'type:NonDynamicallyQuantizableLinear'") as caught:
+    with pytest.warns(
+        UserWarning,
+        match=r"'type:Linear' matches that class exactly, so 1 module\(s\) of its "
+        r"subclasses stay dense: 'self_attn.out_proj' \(NonDynamicallyQuantizableLinear\)"
+        r"\. Add 'type:NonDynamicallyQuantizableLinear'",
+    ) as caught:
         sgm = fxs.sparsify_graph(layer, spec, example_inputs=x)
     assert [w.filename for w in caught if "matches that class exactly" in str(w.message)] == [__file__]
     assert sorted(sgm.masks()) == ["linear1.weight", "linear2.weight"]
-    both = {"weights": [{**spec["weights"][0], "target": t} for t in ("type:Linear", "type:NonDynamicallyQuantizableLinear")]}
+    both = {
+        "weights": [
+            {**spec["weights"][0], "target": t} for t in ("type:Linear", "type:NonDynamicallyQuantizableLinear")
+        ]
+    }
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         sgm = fxs.sparsify_graph(layer, both, example_inputs=x)

@@ -31,12 +31,15 @@ def test_inplace_given_as_a_string_is_refused_and_the_model_untouched() -> None:
     assert not hasattr(model, "_fxs")
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"leaf_modules": "fc1"}, r"leaf_modules must be a list.*got str: 'fc1'.*leaf_modules=\['fc1'\]"),
-    ({"leaf_modules": nn.Linear}, r"leaf_modules must be a list"),
-    ({"concrete_args": ["x"]}, r"concrete_args must be a dict"),
-    ({"capture": None}, r"capture must be 'fx', 'export' or 'auto'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"leaf_modules": "fc1"}, r"leaf_modules must be a list.*got str: 'fc1'.*leaf_modules=\['fc1'\]"),
+        ({"leaf_modules": nn.Linear}, r"leaf_modules must be a list"),
+        ({"concrete_args": ["x"]}, r"concrete_args must be a dict"),
+        ({"capture": None}, r"capture must be 'fx', 'export' or 'auto'"),
+    ],
+)
 def test_argument_types_are_checked(kwargs: dict, match: str) -> None:
     with pytest.raises(TypeError, match=match):
         fxs.sparsify_graph(MLP(), RULE, **kwargs)
@@ -49,19 +52,24 @@ def test_leaf_modules_as_a_list_still_works() -> None:
 
 def test_int_sparsity_that_looks_like_a_percentage_warns() -> None:
     spec = {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 50}]}  # fc2: 256x256
-    with pytest.warns(UserWarning, match=r"target 'fc2.weight': sparsity=50 is an int, so it prunes 50 of the 65536 entries"):
+    with pytest.warns(
+        UserWarning, match=r"target 'fc2.weight': sparsity=50 is an int, so it prunes 50 of the 65536 entries"
+    ):
         sgm = fxs.sparsify_graph(MLP(hidden=256), spec)
     sgm.step()
     assert int((~sgm.masks()["fc2.weight"]).sum()) == 50  # counts stay counts
 
 
-@pytest.mark.parametrize("spec", [
-    {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 20}]},  # 2 % of 1024: a real count
-    {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 1}]},
-    {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5}]},
-    {"weights": [{"target": "fc2", "method": "ln_structured", "sparsity": 2}]},  # a count of slices
-    {"global": [{"targets": ["fc1", "head"], "method": "l1_unstructured", "sparsity": 50}]},  # 6.5 % of 768
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 20}]},  # 2 % of 1024: a real count
+        {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 1}]},
+        {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5}]},
+        {"weights": [{"target": "fc2", "method": "ln_structured", "sparsity": 2}]},  # a count of slices
+        {"global": [{"targets": ["fc1", "head"], "method": "l1_unstructured", "sparsity": 50}]},  # 6.5 % of 768
+    ],
+)
 def test_counts_that_do_not_look_like_percentages_are_silent(spec: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -17,15 +17,39 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path: Path, capsys: pytest.C
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--steps", "2", "--d-model", "32", "--calib", "8", "--eval", "8", "--repeats", "1",
-                "--cache", str(tmp_path / "gpt.pt")])
+    bench.main(
+        [
+            "--steps",
+            "2",
+            "--d-model",
+            "32",
+            "--calib",
+            "8",
+            "--eval",
+            "8",
+            "--repeats",
+            "1",
+            "--cache",
+            str(tmp_path / "gpt.pt"),
+        ]
+    )
     out = capsys.readouterr().out
-    for row in ("| magnitude | 50 %", "| wanda | 2:4", "| ours sparsegpt (one pass) | 2:4", "| ours sparsegpt, sequential | 50 %"):
+    for row in (
+        "| magnitude | 50 %",
+        "| wanda | 2:4",
+        "| ours sparsegpt (one pass) | 2:4",
+        "| ours sparsegpt, sequential | 50 %",
+    ):
         assert row in out
     for setting in ("50 % MLP neurons", "75 % MLP neurons", "1 of 4 heads", "2 of 4 heads"):  # structured section
         rows = [line.split(" | ") for line in out.splitlines() if line.startswith(f"| {setting} |")]
-        assert {r[1] for r in rows} >= {"FLAP (reference)", "FLAP + least-squares refit (reference)", "obs + reconstruct",
-                                        "obs + reconstruct, sequential", "magnitude"}
+        assert {r[1] for r in rows} >= {
+            "FLAP (reference)",
+            "FLAP + least-squares refit (reference)",
+            "obs + reconstruct",
+            "obs + reconstruct, sequential",
+            "magnitude",
+        }
         assert len({r[4] for r in rows}) == 1  # the same parameters left by every method
         assert all(float(r[7].strip(" |")) <= 1e-4 for r in rows if "reference" not in r[1])  # shrunk == masked
     assert "step() CPU s" in out

@@ -43,8 +43,9 @@ def isa(request: pytest.FixtureRequest) -> Iterator[str]:
     _native.bitmask_isa(best)
 
 
-def _weight(rows: int, cols: int, zeros: float, dtype: torch.dtype, seed: int = 0,
-            empty_rows: tuple[int, ...] = ()) -> torch.Tensor:
+def _weight(
+    rows: int, cols: int, zeros: float, dtype: torch.dtype, seed: int = 0, empty_rows: tuple[int, ...] = ()
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) >= zeros)
     w[list(empty_rows)] = 0
@@ -66,15 +67,26 @@ def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
     return y
 
 
-SHAPES = [(1, 1), (3, 7), (8, 8), (17, 33), (64, 64), (5, 130), (40, 257), (129, 1000), (6, 4103)]  # 4103: batch 1 in tiles
+SHAPES = [
+    (1, 1),
+    (3, 7),
+    (8, 8),
+    (17, 33),
+    (64, 64),
+    (5, 130),
+    (40, 257),
+    (129, 1000),
+    (6, 4103),
+]  # 4103: batch 1 in tiles
 
 
 @needs_lib
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("zeros", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
-def test_kernel_equals_f_linear_on_every_path(shape: tuple[int, int], zeros: float, dtype: torch.dtype,
-                                              isa: str) -> None:
+def test_kernel_equals_f_linear_on_every_path(
+    shape: tuple[int, int], zeros: float, dtype: torch.dtype, isa: str
+) -> None:
     rows, cols = shape
     w = _weight(rows, cols, zeros, dtype, seed=rows * cols, empty_rows=(0,) if rows > 2 else ())
     b = torch.randn(rows).to(dtype)
@@ -103,10 +115,19 @@ def test_non_contiguous_inputs_and_threads(monkeypatch: pytest.MonkeyPatch) -> N
 
 @needs_lib
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 70), cols=st.integers(1, 150), zeros=st.floats(0.0, 1.0), batch=st.integers(0, 12),
-       threads=st.integers(1, 4), bf16=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_property_any_shape_sparsity_batch_and_threads(rows: int, cols: int, zeros: float, batch: int, threads: int,
-                                                       bf16: bool, bias: bool, seed: int) -> None:
+@given(
+    rows=st.integers(1, 70),
+    cols=st.integers(1, 150),
+    zeros=st.floats(0.0, 1.0),
+    batch=st.integers(0, 12),
+    threads=st.integers(1, 4),
+    bf16=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_shape_sparsity_batch_and_threads(
+    rows: int, cols: int, zeros: float, batch: int, threads: int, bf16: bool, bias: bool, seed: int
+) -> None:
     dtype = torch.bfloat16 if bf16 else torch.float32
     w = _weight(rows, cols, zeros, dtype, seed)
     b = torch.randn(rows).to(dtype) if bias else None
@@ -143,7 +164,7 @@ def test_what_the_kernel_does_not_take_goes_the_torch_way() -> None:
     assert _native.bitmask_linear(x, values.double(), mask, offsets, None) is None  # float64 values
     assert _native.bitmask_linear(x[0], values, mask, offsets, None) is None  # a 1-D input
     assert _native.bitmask_linear(torch.randn(3, 25), values, mask, offsets, None) is None  # mask of another width
-    assert _native.bitmask_linear(x, values[:-_native.BITMASK_PAD], mask, offsets, None) is None  # not padded
+    assert _native.bitmask_linear(x, values[: -_native.BITMASK_PAD], mask, offsets, None) is None  # not padded
     assert _native.bitmask_linear(x, values, mask, offsets.int(), None) is None  # int32 offsets
     lying = offsets.clone()
     lying[3:] += 5  # offsets that disagree with the mask would make the kernel read past the values

@@ -23,18 +23,29 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:step\(\). activation target")
 SPEC: dict[str, Any] = {
     "seed": 3,
     "weights": [
-        {"target": "fc1", "method": "l1_unstructured", "sparsity": 0.75,
-         "schedule": {"kind": "cubic", "init_sparsity": 0.1, "delta_step": 1, "total_steps": 6}},
+        {
+            "target": "fc1",
+            "method": "l1_unstructured",
+            "sparsity": 0.75,
+            "schedule": {"kind": "cubic", "init_sparsity": 0.1, "delta_step": 1, "total_steps": 6},
+        },
         {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5, "gradient": "joint"},
         {"target": "head", "method": "random_unstructured", "sparsity": 0.25},
     ],
-    "activations": [{"target": "head", "aggregate": "abs_sum", "reduce": "mean", "mask": "l1_unstructured",
-                     "sparsity": 0.25}],
+    "activations": [
+        {"target": "head", "aggregate": "abs_sum", "reduce": "mean", "mask": "l1_unstructured", "sparsity": 0.25}
+    ],
 }
 INPLACE_SPEC: dict[str, Any] = {
     "mode": "inplace",
-    "weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.8,
-                 "schedule": {"kind": "linear", "start": 0.2, "end": 0.8, "steps": 4}}],
+    "weights": [
+        {
+            "target": "type:Linear",
+            "method": "l1_unstructured",
+            "sparsity": 0.8,
+            "schedule": {"kind": "linear", "start": 0.2, "end": 0.8, "steps": 4},
+        }
+    ],
 }
 
 
@@ -43,8 +54,9 @@ def _batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)) for _ in range(n)]
 
 
-def _run(sgm: fxs.SparseGraphModule, opt: torch.optim.Optimizer, data: list[tuple[torch.Tensor, torch.Tensor]],
-         start: int) -> None:
+def _run(
+    sgm: fxs.SparseGraphModule, opt: torch.optim.Optimizer, data: list[tuple[torch.Tensor, torch.Tensor]], start: int
+) -> None:
     """Train on ``data``; a step() every third iteration, counted from ``start`` (the global iteration)."""
     for i, (x, y) in enumerate(data, start):
         if i % 3 == 0:
@@ -152,7 +164,9 @@ def test_whole_module_copies_continue_identically(how: str, spec: dict[str, Any]
     assert clone.report() == sgm.report()
     # independent: nothing is shared with the original
     storage = {t.data_ptr() for t in sgm.state_dict().values() if isinstance(t, torch.Tensor) and t.numel()}
-    assert not storage & {t.data_ptr() for t in clone.state_dict().values() if isinstance(t, torch.Tensor) and t.numel()}
+    assert not storage & {
+        t.data_ptr() for t in clone.state_dict().values() if isinstance(t, torch.Tensor) and t.numel()
+    }
     # both continue the run the same way (fresh optimizers: the copy has new parameter objects)
     later = _batches(6, seed=2)
     for m in (sgm, clone):
@@ -179,8 +193,9 @@ def test_copied_module_masks_are_independent() -> None:
 @pytest.mark.parametrize("how", sorted(COPIES))
 def test_copies_keep_the_straight_through_gradient(how: str) -> None:
     torch.manual_seed(0)
-    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5,
-                                                  "gradient": "ste"}]})
+    sgm = fxs.sparsify_graph(
+        MLP(), {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5, "gradient": "ste"}]}
+    )
     sgm.step()
     clone = COPIES[how](sgm)
     assert clone.code == sgm.code
@@ -206,8 +221,12 @@ def test_pickled_copy_keeps_node_names_targets_and_annotations() -> None:
 def test_export_capture_pickle_error_names_the_way_out() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
     x = torch.randn(2, 4)
-    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "0", "method": "l1_unstructured", "sparsity": 0.5}]},
-                             capture="export", example_inputs=(x,))
+    sgm = fxs.sparsify_graph(
+        model,
+        {"weights": [{"target": "0", "method": "l1_unstructured", "sparsity": 0.5}]},
+        capture="export",
+        example_inputs=(x,),
+    )
     with pytest.raises(TypeError, match="state_dict"):
         pickle.dumps(sgm)
     clone = copy.deepcopy(sgm)  # deepcopy works for both captures

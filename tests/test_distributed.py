@@ -47,8 +47,13 @@ def _batches(rank: int, n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
     try:
         torch.manual_seed(0)  # the same initial model on every rank
         sgm = fxs.sparsify_graph(MLP(), SPEC)
@@ -59,9 +64,13 @@ def _worker(rank: int, port: int, out: str) -> None:
             F.mse_loss(ddp(x), y).backward()
             opt.step()
         sgm.step()  # all-reduces the observer statistics, then computes the masks
-        torch.save({"masks": {k: v.clone() for k, v in sgm.masks().items()},
-                    "params": {k: v.detach().clone() for k, v in sgm.named_parameters()}},
-                   Path(out) / f"rank{rank}.pt")
+        torch.save(
+            {
+                "masks": {k: v.clone() for k, v in sgm.masks().items()},
+                "params": {k: v.detach().clone() for k, v in sgm.named_parameters()},
+            },
+            Path(out) / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 

@@ -23,7 +23,7 @@ RULES = {"weights": "WeightRule", "global": "GlobalRule", "activations": "Activa
 
 def _spec_reference() -> str:
     """The spec reference page, from its title on."""
-    return SPEC_PAGE[SPEC_PAGE.index("# Spec reference\n"):]
+    return SPEC_PAGE[SPEC_PAGE.index("# Spec reference\n") :]
 
 
 def _first_column(table_text: str) -> list[str]:
@@ -66,7 +66,9 @@ def test_every_rule_key_is_documented_and_exists(kind: str) -> None:
     if keys is None:
         pytest.skip(f"this version has no {RULES[kind]}")
     documented = set(_first_column(_tables(_spec_reference())[kind]))
-    assert keys == documented, f"docs/spec.md spec reference for {kind!r}: add {keys - documented}, drop {documented - keys}"
+    assert keys == documented, (
+        f"docs/spec.md spec reference for {kind!r}: add {keys - documented}, drop {documented - keys}"
+    )
 
 
 def test_every_method_and_option_is_documented() -> None:
@@ -82,7 +84,9 @@ def test_every_method_and_option_is_documented() -> None:
         if not method.fn.__module__.startswith("fx_sparsify."):
             continue  # registered by a user (or another test), not a built-in
         assert name in rows, f"docs/spec.md 'Method options' lacks method {name!r}"
-        assert set(method.options) <= rows[name], f"docs/spec.md 'Method options' for {name!r} lacks {set(method.options) - rows[name]}"
+        assert set(method.options) <= rows[name], (
+            f"docs/spec.md 'Method options' for {name!r} lacks {set(method.options) - rows[name]}"
+        )
 
 
 def test_help_documents_the_spec_keys() -> None:
@@ -103,7 +107,7 @@ def test_version_matches_the_package_metadata() -> None:
 def test_the_readme_explains_every_file_run_writes() -> None:
     from fx_sparsify._run_outputs import RUN_FILES
 
-    section = README[README.index("## What `fx-sparsify run` writes"):]
+    section = README[README.index("## What `fx-sparsify run` writes") :]
     described = set(re.findall(r"^\| `([^`]+)` \|", section, re.M))
     page = set(re.findall(r"^\| `([^`]+)` \|", (DOCS / "outputs.md").read_text(), re.M))  # the full reference
     assert set(RUN_FILES) <= page, f"docs/outputs.md lacks {set(RUN_FILES) - page}"

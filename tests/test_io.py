@@ -67,8 +67,9 @@ activations:
 """
 
 
-@pytest.mark.parametrize("name,text", [("r.json", json.dumps(SPEC, indent=1)), ("r.toml", TOML), ("r.yaml", YAML),
-                                       ("r.yml", YAML)])
+@pytest.mark.parametrize(
+    "name,text", [("r.json", json.dumps(SPEC, indent=1)), ("r.toml", TOML), ("r.yaml", YAML), ("r.yml", YAML)]
+)
 def test_every_format_reads_the_same_spec(tmp_path: Path, name: str, text: str) -> None:
     if name.endswith(("yaml", "yml")):
         pytest.importorskip("yaml")
@@ -89,11 +90,14 @@ def test_the_example_recipe_loads() -> None:
     assert spec.weights[2].method == "nm" and spec.activations[0].target == "fc"
 
 
-@pytest.mark.parametrize("name,text,line", [
-    ("bad.json", '{\n  "weights": [\n    {"target": "fc1", "method": "l1_unstructured",}\n  ]\n}', 3),
-    ("bad.toml", "seed = 0\n[[weights]\ntarget = 'fc1'\n", 2),
-    ("bad.yaml", "weights:\n  - target: fc1\n   method: x\n", 3),
-])
+@pytest.mark.parametrize(
+    "name,text,line",
+    [
+        ("bad.json", '{\n  "weights": [\n    {"target": "fc1", "method": "l1_unstructured",}\n  ]\n}', 3),
+        ("bad.toml", "seed = 0\n[[weights]\ntarget = 'fc1'\n", 2),
+        ("bad.yaml", "weights:\n  - target: fc1\n   method: x\n", 3),
+    ],
+)
 def test_syntax_errors_name_file_and_line(tmp_path: Path, name: str, text: str, line: int) -> None:
     if name.endswith("yaml"):
         pytest.importorskip("yaml")

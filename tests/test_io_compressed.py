@@ -111,8 +111,9 @@ def test_dense_tensors_stay_dense() -> None:
 
 def _squashed_mlp() -> tuple[MLP, torch.fx.GraphModule]:
     model = MLP()
-    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "type:Linear", "method": "l1_unstructured",
-                                                  "sparsity": 0.8}]})
+    sgm = fxs.sparsify_graph(
+        model, {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.8}]}
+    )
     sgm.step()
     return model, sgm.squash()
 
@@ -310,7 +311,8 @@ def test_bytes_per_entry_formula() -> None:
     parts = _compressed._compress(t)
     assert parts is not None
     assert sum(p.numel() * p.element_size() for p in parts.values()) == (
-        int((t != 0).sum()) * 4 + 128 * math.ceil(256 / 8) + 128 * 4 + 2 * 8)
+        int((t != 0).sum()) * 4 + 128 * math.ceil(256 / 8) + 128 * 4 + 2 * 8
+    )
     assert parts["row_offsets"].dtype == torch.int32 and parts["shape"].dtype == torch.int64
 
 
@@ -343,8 +345,11 @@ def test_a_damaged_file_leaves_the_model_unchanged(tmp_path: Path) -> None:
 
 
 def test_activation_masks_folded_into_columns_write_positive_zeros() -> None:
-    spec = {"activations": [{"target": "fc2", "aggregate": "abs_sum", "reduce": "mean", "mask": "l1_unstructured",
-                             "sparsity": 0.5}]}
+    spec = {
+        "activations": [
+            {"target": "fc2", "aggregate": "abs_sum", "reduce": "mean", "mask": "l1_unstructured", "sparsity": 0.5}
+        ]
+    }
     sgm = fxs.sparsify_graph(MLP(), spec)
     for _ in range(3):
         sgm(torch.randn(8, 16))
@@ -355,14 +360,19 @@ def test_activation_masks_folded_into_columns_write_positive_zeros() -> None:
 
 
 @pytest.mark.parametrize("chunk", [5, 8, 24, 64])
-def test_chunked_decode_matches_whole_tensor_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    chunk: int) -> None:
+def test_chunked_decode_matches_whole_tensor_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
     """Pieces of whole rows, and pieces of one long row (a row longer than a chunk), decode bit-exact."""
     pytest.importorskip("numpy")
     monkeypatch.setattr(_native, "LIB", None)  # the numpy decoder works in chunks; the C one in one pass
-    state = {"w.weight": _sparse((37, 21), 0.6), "long": _sparse((3, 203), 0.5), "vec": _sparse((517,), 0.7),
-             "neg.weight": -torch.rand(9, 16) * (torch.rand(9, 16) > 0.5) + 0.0,
-             "h.weight": _sparse((11, 13), 0.8, torch.float16)}
+    state = {
+        "w.weight": _sparse((37, 21), 0.6),
+        "long": _sparse((3, 203), 0.5),
+        "vec": _sparse((517,), 0.7),
+        "neg.weight": -torch.rand(9, 16) * (torch.rand(9, 16) > 0.5) + 0.0,
+        "h.weight": _sparse((11, 13), 0.8, torch.float16),
+    }
     fxs.save_compressed(state, tmp_path / "c.safetensors")
     monkeypatch.setattr(_compressed, "CHUNK", chunk)
     back = fxs.load_compressed(tmp_path / "c.safetensors")
@@ -379,18 +389,19 @@ def test_chunked_decode_matches_whole_tensor_decode(tmp_path: Path, monkeypatch:
         assert torch.equal(_bits(out), _bits(t)), name
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16,
-                                   torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 8), (5, 13), (40, 67), (2, 1000), (257,)])
-def test_c_and_numpy_decoders_agree_bit_for_bit(dtype: torch.dtype, shape: tuple[int, ...],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_c_and_numpy_decoders_agree_bit_for_bit(
+    dtype: torch.dtype, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every width, row lengths on and off a byte, all-kept / all-pruned rows, the checked tail of the C loop."""
     if _native.LIB is None or _compressed._np is None:
         pytest.skip("needs the C decoder and numpy")
     g = torch.Generator().manual_seed(sum(shape))
     width = _compressed._BITS[dtype.itemsize]  # any bit pattern of the width: NaNs, infs, -0.0, subnormals
-    bits = torch.randint(-(2**(8 * dtype.itemsize - 1)), 2**(8 * dtype.itemsize - 1) - 1, shape, generator=g,
-                         dtype=torch.int64).to(width)
+    bits = torch.randint(
+        -(2 ** (8 * dtype.itemsize - 1)), 2 ** (8 * dtype.itemsize - 1) - 1, shape, generator=g, dtype=torch.int64
+    ).to(width)
     bits *= (torch.rand(shape, generator=g) > 0.5).to(width)
     if len(shape) == 2 and shape[0] > 2:
         bits[0] |= 1  # a row of only kept entries
@@ -432,8 +443,9 @@ def test_loading_into_a_model_bumps_the_version_counters(tmp_path: Path) -> None
     backward that saved the old weight fails loudly and the eval cache of weight * mask is recomputed."""
     model = MLP()
     path = tmp_path / "c.safetensors"
-    fxs.save_compressed({k: _sparse(tuple(v.shape), 0.5) if k.endswith("weight") else v
-                         for k, v in model.state_dict().items()}, path)
+    fxs.save_compressed(
+        {k: _sparse(tuple(v.shape), 0.5) if k.endswith("weight") else v for k, v in model.state_dict().items()}, path
+    )
     x = torch.randn(2, 16, requires_grad=True)
     loss = model(x).square().sum()  # saves fc weights for backward
     before = {k: p._version for k, p in model.named_parameters()}
@@ -473,7 +485,6 @@ def test_zstd_frames_without_a_content_size_load_and_no_temporary_file_stays(tmp
     with pytest.raises(OSError):
         fxs.save_compressed(state, tmp_path / "missing" / "z.safetensors", zstd=3)
     assert not list((tmp_path).glob(".*uncompressed"))
-
 
 
 def test_a_zstd_file_is_decompressed_to_disk_and_a_damaged_frame_is_a_clear_error(tmp_path: Path) -> None:

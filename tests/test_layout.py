@@ -112,14 +112,19 @@ def test_the_package_has_no_import_circle():
 def test_no_private_name_is_imported_from_another_module():
     crossing = [
         f"{MODULES[name].relative_to(ROOT)}:{line} imports {source}.{imported}"
-        for name in MODULES for line, _, source, imported in _package_imports(name)
-        if imported and imported.startswith("_") and not imported.startswith("__")
-        and source.startswith("fx_sparsify") and f"{source}.{imported}" not in MODULES  # a private module is fine
+        for name in MODULES
+        for line, _, source, imported in _package_imports(name)
+        if imported
+        and imported.startswith("_")
+        and not imported.startswith("__")
+        and source.startswith("fx_sparsify")
+        and f"{source}.{imported}" not in MODULES  # a private module is fine
     ]
     assert crossing == []
 
 
 def test_no_module_is_over_600_lines():
-    long = {str(path.relative_to(ROOT)): n for path in MODULES.values()
-            if (n := len(path.read_text().splitlines())) > 600}
+    long = {
+        str(path.relative_to(ROOT)): n for path in MODULES.values() if (n := len(path.read_text().splitlines())) > 600
+    }
     assert long == {}

@@ -14,9 +14,12 @@ from fx_sparsify.observer import ActivationObserver
 
 from models import MLP
 
-SPEC = {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5}],
-        "activations": [{"target": "fc2", "aggregate": "abs_sum", "reduce": "mean", "mask": "l1_unstructured",
-                         "sparsity": 0.5}]}
+SPEC = {
+    "weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5}],
+    "activations": [
+        {"target": "fc2", "aggregate": "abs_sum", "reduce": "mean", "mask": "l1_unstructured", "sparsity": 0.5}
+    ],
+}
 X = torch.randn(4, 16)
 
 
@@ -29,9 +32,12 @@ def _trained(model: MLP, spec: dict = SPEC) -> fxs.SparseGraphModule:
 
 
 def _snapshot(sgm: fxs.SparseGraphModule) -> dict:
-    return {"sd": {k: v.clone() for k, v in sgm.state_dict().items() if isinstance(v, torch.Tensor)},
-            "steps": sgm._fxs.steps, "obs": (sgm.fc2_input_observer.samples, sgm.fc2_input_observer.batches),
-            "shape": sgm._fxs.targets["fc2:input"].shape}
+    return {
+        "sd": {k: v.clone() for k, v in sgm.state_dict().items() if isinstance(v, torch.Tensor)},
+        "steps": sgm._fxs.steps,
+        "obs": (sgm.fc2_input_observer.samples, sgm.fc2_input_observer.batches),
+        "shape": sgm._fxs.targets["fc2:input"].shape,
+    }
 
 
 def _assert_same(sgm: fxs.SparseGraphModule, before: dict) -> None:
@@ -55,9 +61,13 @@ def test_dict_of_another_spec_raises_before_anything_is_written() -> None:
     model = MLP()
     sgm = _trained(model)
     before = _snapshot(sgm)
-    other = _trained(MLP(), {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5}],
-                             "activations": [{"target": "head", "mask": "l1_unstructured", "sparsity": 0.5,
-                                              "aggregate": "abs_sum"}]}).state_dict()
+    other = _trained(
+        MLP(),
+        {
+            "weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5}],
+            "activations": [{"target": "head", "mask": "l1_unstructured", "sparsity": 0.5, "aggregate": "abs_sum"}],
+        },
+    ).state_dict()
     with pytest.raises(ValueError, match=r"(?s)nothing was loaded.*missing keys.*unexpected keys") as info:
         sgm.load_state_dict(other)
     assert isinstance(info.value, RuntimeError)  # what torch's own load_state_dict raises
@@ -91,12 +101,15 @@ def test_soft_or_nan_masks_are_refused(bad: float, which: str) -> None:
     _assert_same(sgm, before)
 
 
-@pytest.mark.parametrize("extra,match", [
-    ({"steps": "x"}, r"'steps' must be an int >= 0, got str"),
-    ({"steps": -1}, r"'steps' must be an int >= 0"),
-    ({}, r"missing 'steps'"),
-    ("3", r"expected a dict"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"steps": "x"}, r"'steps' must be an int >= 0, got str"),
+        ({"steps": -1}, r"'steps' must be an int >= 0"),
+        ({}, r"missing 'steps'"),
+        ("3", r"expected a dict"),
+    ],
+)
 def test_bad_step_count_is_a_clear_error(extra: object, match: str) -> None:
     sgm = _trained(MLP())
     before = _snapshot(sgm)

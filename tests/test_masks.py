@@ -23,11 +23,15 @@ def _mask_buffers(sgm: fxs.SparseGraphModule) -> dict[str, torch.Tensor]:
     return {r.name: sgm.get_buffer(r.buffer) for r in state.targets.values() if r.kind != "activation"}
 
 
-@pytest.mark.parametrize(("mode", "gradient"), [("graph", "mask"), ("graph", "ste"), ("graph", "supermask"),
-                                                ("graph", "joint"), ("inplace", "mask")])
+@pytest.mark.parametrize(
+    ("mode", "gradient"),
+    [("graph", "mask"), ("graph", "ste"), ("graph", "supermask"), ("graph", "joint"), ("inplace", "mask")],
+)
 def test_weight_masks_are_bool_and_a_quarter_of_an_fp32_weight(mode: str, gradient: str) -> None:
-    spec = {"mode": mode, "weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5,
-                                       "gradient": gradient}]}
+    spec = {
+        "mode": mode,
+        "weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5, "gradient": gradient}],
+    }
     sgm = fxs.sparsify_graph(MLP(), spec)
     for _ in range(2):
         sgm(X)
@@ -165,8 +169,9 @@ def test_large_pending_masks_are_packed_small_ones_stay() -> None:
 def test_step_on_large_targets_gives_the_exact_masks() -> None:
     """Large targets go through the packed path of step(): masks equal compute_mask's."""
     model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 512))
-    spec = {"weights": [{"target": "0", "method": "l1_unstructured", "sparsity": 0.7},
-                        {"target": "2", "method": "2:4"}]}
+    spec = {
+        "weights": [{"target": "0", "method": "l1_unstructured", "sparsity": 0.7}, {"target": "2", "method": "2:4"}]
+    }
     sgm = fxs.sparsify_graph(model, spec)
     sgm.step()
     assert model[0].weight.numel() >= PACK_MIN

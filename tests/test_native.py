@@ -47,8 +47,9 @@ def _call(case: dict, weight: torch.Tensor, mask: torch.Tensor, mode: str, index
     ids = torch.as_tensor(case["ids"]).to(index_dtype)
     offsets = torch.as_tensor(case["offsets"]).to(index_dtype) if "offsets" in case else None
     with torch.no_grad():
-        return ops.embedding_bag_masked(ids, weight, mask, offsets, mode=mode,
-                                        include_last_offset=case.get("include_last_offset", False))
+        return ops.embedding_bag_masked(
+            ids, weight, mask, offsets, mode=mode, include_last_offset=case.get("include_last_offset", False)
+        )
 
 
 @needs_lib
@@ -56,9 +57,9 @@ def _call(case: dict, weight: torch.Tensor, mask: torch.Tensor, mode: str, index
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_fused_bag_equals_the_torch_path_and_the_masked_table(case: dict, mode: str, dtype: torch.dtype,
-                                                              index_dtype: torch.dtype,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_bag_equals_the_torch_path_and_the_masked_table(
+    case: dict, mode: str, dtype: torch.dtype, index_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     weight, mask = _table(dtype)
     ids = torch.as_tensor(case["ids"]).to(index_dtype)
     offsets = torch.as_tensor(case["offsets"]).to(index_dtype) if "offsets" in case else None
@@ -170,10 +171,12 @@ def test_bags_split_across_threads_equal_one_pass(case: dict, monkeypatch: pytes
 @needs_lib
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("ids", [[0, 1, 2, 49, 0], [[0, 1], [1, 0], [7, 7]], [[[3]], [[0]]], []],
-                         ids=["1d", "2d", "3d", "empty"])
-def test_fused_rows_equal_the_torch_path_and_the_masked_table(ids: list, dtype: torch.dtype, index_dtype: torch.dtype,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "ids", [[0, 1, 2, 49, 0], [[0, 1], [1, 0], [7, 7]], [[[3]], [[0]]], []], ids=["1d", "2d", "3d", "empty"]
+)
+def test_fused_rows_equal_the_torch_path_and_the_masked_table(
+    ids: list, dtype: torch.dtype, index_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     weight, mask = _table(dtype)
     index = torch.tensor(ids, dtype=index_dtype)
     with torch.no_grad():
@@ -217,8 +220,14 @@ def test_random_tables_bags_and_dims_match_torch() -> None:
     from hypothesis import strategies as st
 
     @settings(max_examples=60, deadline=None)
-    @given(rows=st.integers(1, 40), dim=st.integers(1, 37), lengths=st.lists(st.integers(0, 6), min_size=1, max_size=9),
-           seed=st.integers(0, 2**16), mean=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))
+    @given(
+        rows=st.integers(1, 40),
+        dim=st.integers(1, 37),
+        lengths=st.lists(st.integers(0, 6), min_size=1, max_size=9),
+        seed=st.integers(0, 2**16),
+        mean=st.booleans(),
+        dtype=st.sampled_from([torch.float32, torch.float64]),
+    )
     def check(rows: int, dim: int, lengths: list[int], seed: int, mean: bool, dtype: torch.dtype) -> None:
         g = torch.Generator().manual_seed(seed)
         weight = torch.randn(rows, dim, generator=g, dtype=dtype)
@@ -244,8 +253,11 @@ def test_lookups_allocate_only_their_output(kind: str) -> None:
     the output is the only allocation (the torch path allocates ids x dim floats several times)."""
     weight, mask = torch.randn(20000, 64), torch.rand(20000, 64) > 0.5
     ids = torch.randint(0, 20000, (64, 20))
-    call = (lambda: ops.embedding_bag_masked(ids, weight, mask, mode="sum")) if kind == "bag" else (
-        lambda: ops.embedding_masked(ids, weight, mask))
+    call = (
+        (lambda: ops.embedding_bag_masked(ids, weight, mask, mode="sum"))
+        if kind == "bag"
+        else (lambda: ops.embedding_masked(ids, weight, mask))
+    )
     with torch.no_grad(), torch.profiler.profile(profile_memory=True) as prof:
         out = call()
     allocated = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
@@ -255,7 +267,8 @@ def test_lookups_allocate_only_their_output(kind: str) -> None:
 # --- what must never reach the kernels (review findings) ----------------------------------------------------
 @needs_lib
 def test_offsets_past_the_input_or_decreasing_get_torchs_error_never_a_read_past_the_ids(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The ids are a view of a longer buffer: offsets past the input (include_last_offset) or decreasing
     (split across threads: a piece cannot see the others' offsets) must not make the kernel read on."""
     weight, mask = _table()

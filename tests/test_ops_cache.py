@@ -83,8 +83,12 @@ def test_an_embedding_table_past_the_bound_is_looked_up_row_by_row() -> None:
         def forward(self, i: torch.Tensor) -> torch.Tensor:
             return self.emb(i).sum(1) + self.bag(i)
 
-    spec = {"weights": [{"target": "type:Embedding", "method": "l1_unstructured", "sparsity": 0.5},
-                        {"target": "type:EmbeddingBag", "method": "l1_unstructured", "sparsity": 0.5}]}
+    spec = {
+        "weights": [
+            {"target": "type:Embedding", "method": "l1_unstructured", "sparsity": 0.5},
+            {"target": "type:EmbeddingBag", "method": "l1_unstructured", "sparsity": 0.5},
+        ]
+    }
     sgm = fxs.sparsify_graph(Bag(), spec).eval()
     sgm.step()
     i = torch.randint(0, 50, (3, 4))

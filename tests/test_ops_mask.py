@@ -26,5 +26,6 @@ def test_masked_embedding_rows_equal_the_masked_table() -> None:
     torch.testing.assert_close(ops.embedding_masked(i, w, m), F.embedding(i, table))
     offsets = torch.tensor([0, 5, 11])
     flat = i.reshape(-1)
-    torch.testing.assert_close(ops.embedding_bag_masked(flat, w, m, offsets, mode="sum"),
-                               F.embedding_bag(flat, table, offsets, mode="sum"))
+    torch.testing.assert_close(
+        ops.embedding_bag_masked(flat, w, m, offsets, mode="sum"), F.embedding_bag(flat, table, offsets, mode="sum")
+    )

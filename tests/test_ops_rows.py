@@ -39,7 +39,11 @@ def test_no_grad_bag_equals_the_masked_table_and_leaves_weight_and_mask_alone(ca
     kwargs = dict(case)
     offsets = None
     if kwargs.pop("offsets", False):
-        offsets = torch.tensor([0, 4, 4, 13, 21, 30]) if kwargs.get("include_last_offset") else torch.tensor([0, 4, 4, 13, 21])
+        offsets = (
+            torch.tensor([0, 4, 4, 13, 21, 30])
+            if kwargs.get("include_last_offset")
+            else torch.tensor([0, 4, 4, 13, 21])
+        )
         ids = ids.reshape(-1)
     if kwargs.pop("per_sample_weights", False):
         kwargs["per_sample_weights"] = torch.rand(ids.shape)
@@ -62,8 +66,15 @@ def test_no_grad_bag_equals_the_masked_table_and_leaves_weight_and_mask_alone(ca
             pad = rows.shape[0] - 1
         else:
             rows = rows * mask[ids.reshape(-1)].float()
-        want = F.embedding_bag(index, rows, offsets, mode=kwargs["mode"], per_sample_weights=kwargs.get("per_sample_weights"),
-                               include_last_offset=kwargs.get("include_last_offset", False), padding_idx=pad)
+        want = F.embedding_bag(
+            index,
+            rows,
+            offsets,
+            mode=kwargs["mode"],
+            per_sample_weights=kwargs.get("per_sample_weights"),
+            include_last_offset=kwargs.get("include_last_offset", False),
+            padding_idx=pad,
+        )
     assert torch.equal(got, want)
     assert torch.equal(mask, before_m)
     if max_norm is None:
@@ -76,7 +87,10 @@ def test_no_grad_rows_equal_the_grad_mode_rows(dtype: torch.dtype) -> None:
     with torch.no_grad():
         bag, rows = ops.embedding_bag_masked(ids, weight, mask, mode="sum"), ops.embedding_masked(ids, weight, mask)
     with torch.enable_grad():
-        bag_grad, rows_grad = ops.embedding_bag_masked(ids, weight, mask, mode="sum"), ops.embedding_masked(ids, weight, mask)
+        bag_grad, rows_grad = (
+            ops.embedding_bag_masked(ids, weight, mask, mode="sum"),
+            ops.embedding_masked(ids, weight, mask),
+        )
     assert bag.dtype == rows.dtype == dtype
     assert torch.equal(bag, bag_grad.detach()) and torch.equal(rows, rows_grad.detach())
     assert torch.equal(rows, F.embedding(ids, weight.detach() * mask.to(dtype)))

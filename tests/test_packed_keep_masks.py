@@ -24,7 +24,7 @@ def _unpacked(packed: _masks.PackedMask) -> torch.Tensor:
 def test_packed_selector_keeps_the_same_entries(
     monkeypatch: pytest.MonkeyPatch, absolute: bool, n: int, ties: bool
 ) -> None:
-    monkeypatch.setattr(_selectors, "_CHUNK", 1024)  # many chunks, ties across chunk edges
+    monkeypatch.setattr(_selectors, "CHUNK", 1024)  # many chunks, ties across chunk edges
     scores = torch.randn(n)
     if ties:
         scores = (scores * 3).round()  # most values tied, zeros among them

@@ -40,8 +40,16 @@ def test_global_int_count_is_a_fraction_of_the_group() -> None:
 
 def test_target_column_shows_the_last_steps_scheduled_sparsity() -> None:
     model = nn.Sequential(nn.Linear(10, 10))
-    spec = {"weights": [{"target": "0", "method": "l1_unstructured", "sparsity": 0.5,
-                         "schedule": {"kind": "linear", "start": 0.1, "end": 0.5, "steps": 4}}]}
+    spec = {
+        "weights": [
+            {
+                "target": "0",
+                "method": "l1_unstructured",
+                "sparsity": 0.5,
+                "schedule": {"kind": "linear", "start": 0.1, "end": 0.5, "steps": 4},
+            }
+        ]
+    }
     sgm = fxs.sparsify_graph(model, spec)
     assert "target sparsity: the first step's" in sgm.report()
     assert _row(sgm.report(), "0.weight")[4] == "10.0%"  # the first step will aim for 10 %

@@ -90,19 +90,24 @@ def test_initial_masks() -> None:
     assert torch.equal(sgm.masks()["0.weight"], mask)
     assert "l1_unstructured (initial mask)" in sgm.report()
     with torch.no_grad():
-        torch.testing.assert_close(sgm(X), model[4](torch.relu(model[2](torch.relu(
-            nn.functional.linear(X, model[0].weight * mask, model[0].bias))))))
+        torch.testing.assert_close(
+            sgm(X),
+            model[4](torch.relu(model[2](torch.relu(nn.functional.linear(X, model[0].weight * mask, model[0].bias))))),
+        )
     float_mask = fxs.sparsify_graph(model, SPEC, masks={"0.weight": mask.float()}).masks()["0.weight"]
     assert torch.equal(float_mask, mask)
 
 
-@pytest.mark.parametrize("masks,error,match", [
-    ({"0.bias": torch.ones(16)}, KeyError, "'0.bias' is not a weight target"),
-    ({"0.weight": torch.ones(8, 16)}, ValueError, r"shape \(8, 16\) does not match"),
-    ({"0.weight": torch.full((16, 8), 0.5)}, ValueError, "only 0 and 1"),
-    ({"0.weight": [[1]]}, TypeError, "expected a tensor"),
-    ([("0.weight", torch.ones(16, 8))], TypeError, "masks must be a dict"),
-])
+@pytest.mark.parametrize(
+    "masks,error,match",
+    [
+        ({"0.bias": torch.ones(16)}, KeyError, "'0.bias' is not a weight target"),
+        ({"0.weight": torch.ones(8, 16)}, ValueError, r"shape \(8, 16\) does not match"),
+        ({"0.weight": torch.full((16, 8), 0.5)}, ValueError, "only 0 and 1"),
+        ({"0.weight": [[1]]}, TypeError, "expected a tensor"),
+        ([("0.weight", torch.ones(16, 8))], TypeError, "masks must be a dict"),
+    ],
+)
 def test_initial_mask_errors(masks: object, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         fxs.sparsify_graph(_mlp(), SPEC, masks=masks)  # type: ignore[arg-type]

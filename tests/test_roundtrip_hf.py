@@ -21,8 +21,9 @@ def test_squash_into_then_save_and_from_pretrained(build: Callable[[], tuple[Any
     model, selector = build()
     model.eval()
     kwargs = hf_inputs(model)
-    sgm = fxs.sparsify_graph(model, {"weights": [{"target": selector, "method": "l1_unstructured", "sparsity": 0.5}]},
-                             example_kwargs=kwargs)
+    sgm = fxs.sparsify_graph(
+        model, {"weights": [{"target": selector, "method": "l1_unstructured", "sparsity": 0.5}]}, example_kwargs=kwargs
+    )
     sgm.step()
     with torch.no_grad():
         masked = hf_first(sgm(**kwargs))

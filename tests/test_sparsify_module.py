@@ -80,7 +80,9 @@ def test_bernoulli_supermask_samples_sigmoid_scores() -> None:
     sp.eval()
     assert torch.equal(sp(x), (sig > 0.5).float())  # deterministic in eval
     # reproducible: the same generator seed draws the same mask
-    again = fxs.Sparsify(shape, sparseness="BERN", backward_mode="supermask", generator=torch.Generator().manual_seed(0))
+    again = fxs.Sparsify(
+        shape, sparseness="BERN", backward_mode="supermask", generator=torch.Generator().manual_seed(0)
+    )
     again.init_scores(scores)
     assert torch.equal(again(x), y.detach())
 

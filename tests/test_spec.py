@@ -20,8 +20,17 @@ FULL = {
         {"target": "head.weight", "method": "dense"},
     ],
     "global": [{"targets": ["fc1", "fc2"], "method": "l1_unstructured", "sparsity": 0.6}],
-    "activations": [{"target": "fc2", "aggregate": "sum", "reduce": "mean", "mask": "l1_unstructured",
-                     "sparsity": 0.5, "features": None, "feature_dim": None}],
+    "activations": [
+        {
+            "target": "fc2",
+            "aggregate": "sum",
+            "reduce": "mean",
+            "mask": "l1_unstructured",
+            "sparsity": 0.5,
+            "features": None,
+            "feature_dim": None,
+        }
+    ],
 }
 
 
@@ -46,65 +55,107 @@ def test_shorthand_method_strings_resolve() -> None:
 
 
 def test_last_rule_wins_and_dense_excludes() -> None:
-    spec = fxs.SparsitySpec.from_dict({"weights": [
-        {"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5},
-        {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.9},
-        {"target": "head", "method": "dense"},
-    ]})
+    spec = fxs.SparsitySpec.from_dict(
+        {
+            "weights": [
+                {"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5},
+                {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.9},
+                {"target": "head", "method": "dense"},
+            ]
+        }
+    )
     targets = resolve_weight_targets(spec, MLP())
     assert list(targets) == ["fc1.weight", "fc2.weight"]
     assert targets["fc2.weight"].rule.options["sparsity"] == 0.9
 
 
-@pytest.mark.parametrize("selector, expected", [
-    ("fc1", ["fc1.weight"]),
-    ("fc1.bias", ["fc1.bias"]),
-    ("fc*", ["fc1.weight", "fc2.weight"]),  # a glob selects weights: biases only when it names them
-    ("fc*.bias", ["fc1.bias", "fc2.bias"]),
-    ("re:fc\\d", ["fc1.weight", "fc2.weight"]),
-    ("type:Linear", ["fc1.weight", "fc2.weight", "head.weight"]),
-])
+@pytest.mark.parametrize(
+    "selector, expected",
+    [
+        ("fc1", ["fc1.weight"]),
+        ("fc1.bias", ["fc1.bias"]),
+        ("fc*", ["fc1.weight", "fc2.weight"]),  # a glob selects weights: biases only when it names them
+        ("fc*.bias", ["fc1.bias", "fc2.bias"]),
+        ("re:fc\\d", ["fc1.weight", "fc2.weight"]),
+        ("type:Linear", ["fc1.weight", "fc2.weight", "head.weight"]),
+    ],
+)
 def test_selectors(selector: str, expected: list[str]) -> None:
     spec = fxs.SparsitySpec.from_dict({"weights": [{"target": selector, "method": "l1_unstructured", "sparsity": 0.1}]})
     assert sorted(resolve_weight_targets(spec, MLP())) == sorted(set(expected))
 
 
 def test_type_selector_reaches_nested_depthwise_convs() -> None:
-    spec = fxs.SparsitySpec.from_dict({"weights": [{"target": "type:Conv2d", "method": "l1_unstructured", "sparsity": 0.1}]})
+    spec = fxs.SparsitySpec.from_dict(
+        {"weights": [{"target": "type:Conv2d", "method": "l1_unstructured", "sparsity": 0.1}]}
+    )
     assert "blocks.1.dw.weight" in resolve_weight_targets(spec, SmallCNN())
 
 
 def test_tied_alias_selects_the_canonical_tensor() -> None:
-    spec = fxs.SparsitySpec.from_dict({"weights": [{"target": "head.weight", "method": "l1_unstructured", "sparsity": 0.1}]})
+    spec = fxs.SparsitySpec.from_dict(
+        {"weights": [{"target": "head.weight", "method": "l1_unstructured", "sparsity": 0.1}]}
+    )
     assert list(resolve_weight_targets(spec, TiedLM())) == ["emb.weight"]
 
 
-@pytest.mark.parametrize("spec, exc, match", [
-    ({"weights": [{"target": "fc3", "method": "l1_unstructured", "sparsity": 0.5}]}, ValueError, "closest names: .*fc1"),
-    ({"weights": [{"target": "type:Conv2d", "method": "l1_unstructured", "sparsity": 0.5}]}, ValueError, "no module of type 'Conv2d'"),
-    ({"weights": [{"target": "re:(", "method": "l1_unstructured", "sparsity": 0.5}]}, ValueError, "not a valid regular expression"),
-    ({"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsty": 0.5}]}, TypeError, "did you mean 'sparsity'"),
-    ({"weights": [{"target": "fc1", "method": "l1_unstructred", "sparsity": 0.5}]}, KeyError, "Did you mean 'l1_unstructured'"),
-    ({"weights": [{"target": "fc1", "method": "l1_unstructured"}]}, TypeError, "needs option"),
-    ({"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 1.5}]}, ValueError, r"weights rule .fc1.*sparsity=1.5.*must be in \[0, 1\]"),
-    ({"weights": [{"target": "fc1", "method": "topk", "density": -0.1}]}, ValueError, "density"),
-    ({"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": -3}]}, ValueError, "count"),
-    ({"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": "half"}]}, TypeError, "float in"),
-    ({"weights": [{"method": "l1_unstructured", "sparsity": 0.5}]}, KeyError, "missing 'target'"),
-    ({"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5, "gradient": "nope"}]}, ValueError, "gradient"),
-    ({"weights": {"target": "fc1"}}, TypeError, "list of rule dicts"),
-    ({"weights": ["fc1"]}, TypeError, "each rule is a dict"),
-    ({"wieghts": []}, KeyError, "unknown key"),
-    ({}, ValueError, "no rules"),
-    ({"seed": "0", "weights": [{"target": "fc1", "method": "dense"}]}, TypeError, "seed"),
-    ({"mode": "fast", "weights": [{"target": "fc1", "method": "dense"}]}, ValueError, "mode"),
-    ({"global": [{"targets": "fc1", "method": "l1_unstructured", "sparsity": 0.5}]}, TypeError, "targets"),
-    ({"weights": [{"target": "fc1", "method": "TOPK{x}"}]}, ValueError, "cannot parse"),
-    ({"activations": [{"target": "fc2", "mask": "dense", "features": [0]}]}, ValueError, "go together"),
-    ({"activations": [{"target": "fc2", "aggregate": "median"}]}, ValueError, "unknown aggregate"),
-    ({"activations": [{"target": "fc2", "reduce": 3}]}, TypeError, "callable"),
-    ({"activations": [{"target": "fc2", "mask": "nope"}]}, KeyError, "unknown mask method"),
-])
+@pytest.mark.parametrize(
+    "spec, exc, match",
+    [
+        (
+            {"weights": [{"target": "fc3", "method": "l1_unstructured", "sparsity": 0.5}]},
+            ValueError,
+            "closest names: .*fc1",
+        ),
+        (
+            {"weights": [{"target": "type:Conv2d", "method": "l1_unstructured", "sparsity": 0.5}]},
+            ValueError,
+            "no module of type 'Conv2d'",
+        ),
+        (
+            {"weights": [{"target": "re:(", "method": "l1_unstructured", "sparsity": 0.5}]},
+            ValueError,
+            "not a valid regular expression",
+        ),
+        (
+            {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsty": 0.5}]},
+            TypeError,
+            "did you mean 'sparsity'",
+        ),
+        (
+            {"weights": [{"target": "fc1", "method": "l1_unstructred", "sparsity": 0.5}]},
+            KeyError,
+            "Did you mean 'l1_unstructured'",
+        ),
+        ({"weights": [{"target": "fc1", "method": "l1_unstructured"}]}, TypeError, "needs option"),
+        (
+            {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 1.5}]},
+            ValueError,
+            r"weights rule .fc1.*sparsity=1.5.*must be in \[0, 1\]",
+        ),
+        ({"weights": [{"target": "fc1", "method": "topk", "density": -0.1}]}, ValueError, "density"),
+        ({"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": -3}]}, ValueError, "count"),
+        ({"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": "half"}]}, TypeError, "float in"),
+        ({"weights": [{"method": "l1_unstructured", "sparsity": 0.5}]}, KeyError, "missing 'target'"),
+        (
+            {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5, "gradient": "nope"}]},
+            ValueError,
+            "gradient",
+        ),
+        ({"weights": {"target": "fc1"}}, TypeError, "list of rule dicts"),
+        ({"weights": ["fc1"]}, TypeError, "each rule is a dict"),
+        ({"wieghts": []}, KeyError, "unknown key"),
+        ({}, ValueError, "no rules"),
+        ({"seed": "0", "weights": [{"target": "fc1", "method": "dense"}]}, TypeError, "seed"),
+        ({"mode": "fast", "weights": [{"target": "fc1", "method": "dense"}]}, ValueError, "mode"),
+        ({"global": [{"targets": "fc1", "method": "l1_unstructured", "sparsity": 0.5}]}, TypeError, "targets"),
+        ({"weights": [{"target": "fc1", "method": "TOPK{x}"}]}, ValueError, "cannot parse"),
+        ({"activations": [{"target": "fc2", "mask": "dense", "features": [0]}]}, ValueError, "go together"),
+        ({"activations": [{"target": "fc2", "aggregate": "median"}]}, ValueError, "unknown aggregate"),
+        ({"activations": [{"target": "fc2", "reduce": 3}]}, TypeError, "callable"),
+        ({"activations": [{"target": "fc2", "mask": "nope"}]}, KeyError, "unknown mask method"),
+    ],
+)
 def test_bad_specs_raise_clear_errors_and_touch_nothing(spec: dict, exc: type, match: str) -> None:
     model = MLP()
     before = snapshot(model)
@@ -123,7 +174,15 @@ def test_integer_tensors_are_refused() -> None:
     model = MLP()
     model.register_parameter("count", torch.nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False))
     with pytest.raises(TypeError, match="floating-point"):
-        fxs.sparsify_graph(model, {"weights": [{"target": "count", "method": "dense"}, {"target": "count", "method": "l1_unstructured", "sparsity": 1}]})
+        fxs.sparsify_graph(
+            model,
+            {
+                "weights": [
+                    {"target": "count", "method": "dense"},
+                    {"target": "count", "method": "l1_unstructured", "sparsity": 1},
+                ]
+            },
+        )
 
 
 def test_parametrized_weights_are_never_skipped_silently() -> None:

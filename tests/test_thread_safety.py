@@ -89,6 +89,9 @@ def test_a_step_publishes_all_its_masks_at_once(fast_switching: None, monkeypatc
         for i in range(10):
             flip[0] = bool(i % 2)
             sgm.step()
+            before, deadline = len(seen), time.monotonic() + 5
+            while len(seen) < before + 2 and time.monotonic() < deadline:  # forwards between steps, however scheduled
+                time.sleep(0.001)
     finally:
         stop.set()
         for t in threads:

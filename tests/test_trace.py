@@ -51,7 +51,10 @@ def test_transformer_needs_export_and_auto_gets_there() -> None:
     with pytest.raises(fxs.CaptureError):
         fxs.sparsify_graph(model, {"weights": [{"target": "layers.0.linear1", **L1}]}, capture="fx")
     x = torch.randn(1, 3, 16)
-    assert fxs.sparsify_graph(model, {"weights": [{"target": "layers.0.linear1", **L1}]}, example_inputs=(x,))._fxs.capture == "export"
+    assert (
+        fxs.sparsify_graph(model, {"weights": [{"target": "layers.0.linear1", **L1}]}, example_inputs=(x,))._fxs.capture
+        == "export"
+    )
 
 
 def test_leaf_modules_and_concrete_args() -> None:

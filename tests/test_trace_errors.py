@@ -17,7 +17,7 @@ from fx_sparsify import trace
 L1 = {"method": "l1_unstructured", "sparsity": 0.5}
 SPEC = {"weights": [{"target": "fc", **L1}]}
 
-USER_MODEL = '''
+USER_MODEL = """
 import torch
 from torch import nn
 
@@ -31,7 +31,7 @@ class UserBranchy(nn.Module):
         if x.sum() > 0:  # data-dependent: symbolic tracing fails here
             return self.fc(x)
         return x
-'''
+"""
 
 
 def test_capture_error_names_the_user_frame_in_a_checkout_folder_named_fx_sparsify(tmp_path) -> None:

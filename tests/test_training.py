@@ -29,8 +29,12 @@ def _data(n: int = 6, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)) for _ in range(n)]
 
 
-def _train(module: torch.nn.Module, opt: torch.optim.Optimizer, data: list[tuple[torch.Tensor, torch.Tensor]],
-           every: Callable[[], None] | None = None) -> None:
+def _train(
+    module: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    every: Callable[[], None] | None = None,
+) -> None:
     for x, y in data:
         opt.zero_grad(set_to_none=True)
         F.mse_loss(module(x), y).backward()
@@ -102,7 +106,9 @@ def test_gradient_joint_trains_weights_and_scores() -> None:
     assert (grads[scores][~keep] != 0).any()
 
 
-@pytest.mark.parametrize("shorthand, gradient", [("TOPK{0.5}(U)", "ste"), ("TOPK{0.5}(M)", "mask"), ("TOPK{0.5}", "mask")])
+@pytest.mark.parametrize(
+    "shorthand, gradient", [("TOPK{0.5}(U)", "ste"), ("TOPK{0.5}(M)", "mask"), ("TOPK{0.5}", "mask")]
+)
 def test_shorthand_suffix_sets_gradient(shorthand: str, gradient: str) -> None:
     spec = fxs.SparsitySpec.from_dict({"weights": [{"target": "fc2", "method": shorthand}]})
     assert spec.weights[0].gradient == gradient
@@ -164,8 +170,8 @@ def test_inplace_mode_equals_graph_mode(optimizer: str) -> None:
     for i in range(0, len(data), 2):  # a step() every two iterations: masks follow the trained weights
         graph.step()
         inplace.step()
-        _train(graph, opts[0], data[i:i + 2])
-        _train(inplace, opts[1], data[i:i + 2])
+        _train(graph, opts[0], data[i : i + 2])
+        _train(inplace, opts[1], data[i : i + 2])
         for name, keep in graph.masks().items():
             assert torch.equal(inplace.masks()[name], keep)
             torch.testing.assert_close(inplace.get_parameter(name), _effective(graph, name), rtol=0, atol=0)
@@ -193,21 +199,40 @@ def test_squash_of_inplace_model_is_trivial_and_equal() -> None:
 
 
 # --- schedules -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("settings", [
-    {"init_sparsity": 0.0, "init_step": 0, "delta_step": 1, "total_steps": 10, "initially_zero": False},
-    {"init_sparsity": 0.1, "init_step": 2, "delta_step": 3, "total_steps": 4, "initially_zero": False},
-    {"init_sparsity": 0.2, "init_step": 3, "delta_step": 2, "total_steps": 5, "initially_zero": True},
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"init_sparsity": 0.0, "init_step": 0, "delta_step": 1, "total_steps": 10, "initially_zero": False},
+        {"init_sparsity": 0.1, "init_step": 2, "delta_step": 3, "total_steps": 4, "initially_zero": False},
+        {"init_sparsity": 0.2, "init_step": 3, "delta_step": 2, "total_steps": 5, "initially_zero": True},
+    ],
+)
 def test_cubic_schedule_equals_cubic_sl(settings: dict[str, Any]) -> None:
     final = 0.8
     ref_model = MLP()
     sparsifier = WeightNormSparsifier(sparsity_level=final)
     sparsifier.prepare(ref_model, [{"tensor_fqn": "fc1.weight"}])
-    scheduler = CubicSL(sparsifier, init_sl=settings["init_sparsity"], init_t=settings["init_step"],
-                        delta_t=settings["delta_step"], total_t=settings["total_steps"],
-                        initially_zero=settings["initially_zero"])
-    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": final,
-                                                 "schedule": {"kind": "cubic", **settings}}]})
+    scheduler = CubicSL(
+        sparsifier,
+        init_sl=settings["init_sparsity"],
+        init_t=settings["init_step"],
+        delta_t=settings["delta_step"],
+        total_t=settings["total_steps"],
+        initially_zero=settings["initially_zero"],
+    )
+    sgm = fxs.sparsify_graph(
+        MLP(),
+        {
+            "weights": [
+                {
+                    "target": "fc1",
+                    "method": "l1_unstructured",
+                    "sparsity": final,
+                    "schedule": {"kind": "cubic", **settings},
+                }
+            ]
+        },
+    )
     for _ in range(25):
         assert sgm.target_sparsity()["fc1.weight"] == sparsifier.groups[0]["sparsity_level"]
         sgm.step()
@@ -220,8 +245,10 @@ def test_cubic_schedule_defaults_equal_cubic_sl() -> None:
     sparsifier = WeightNormSparsifier(sparsity_level=0.6)
     sparsifier.prepare(MLP(), [{"tensor_fqn": "fc1.weight"}])
     scheduler = CubicSL(sparsifier)
-    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.6,
-                                                 "schedule": {"kind": "cubic"}}]})
+    sgm = fxs.sparsify_graph(
+        MLP(),
+        {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.6, "schedule": {"kind": "cubic"}}]},
+    )
     for _ in range(40):
         assert sgm.target_sparsity()["fc1.weight"] == sparsifier.groups[0]["sparsity_level"]
         sgm.step()
@@ -230,8 +257,19 @@ def test_cubic_schedule_defaults_equal_cubic_sl() -> None:
 
 
 def test_linear_schedule() -> None:
-    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.9,
-                                                 "schedule": {"kind": "linear", "start": 0.2, "end": 0.6, "steps": 4}}]})
+    sgm = fxs.sparsify_graph(
+        MLP(),
+        {
+            "weights": [
+                {
+                    "target": "fc1",
+                    "method": "l1_unstructured",
+                    "sparsity": 0.9,
+                    "schedule": {"kind": "linear", "start": 0.2, "end": 0.6, "steps": 4},
+                }
+            ]
+        },
+    )
     seen = []
     for _ in range(7):
         seen.append(sgm.target_sparsity()["fc1.weight"])
@@ -242,8 +280,19 @@ def test_linear_schedule() -> None:
 
 def test_callable_schedule_drives_the_mask() -> None:
     levels = [0.0, 0.25, 0.5, 0.5, 0.75]
-    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.75,
-                                                 "schedule": lambda t: levels[min(t, len(levels) - 1)]}]})
+    sgm = fxs.sparsify_graph(
+        MLP(),
+        {
+            "weights": [
+                {
+                    "target": "fc2",
+                    "method": "l1_unstructured",
+                    "sparsity": 0.75,
+                    "schedule": lambda t: levels[min(t, len(levels) - 1)],
+                }
+            ]
+        },
+    )
     for level in levels:
         assert sgm.target_sparsity()["fc2.weight"] == level
         sgm.step()
@@ -252,8 +301,16 @@ def test_callable_schedule_drives_the_mask() -> None:
 
 def test_schedule_drives_the_mask_during_training() -> None:
     torch.manual_seed(0)
-    spec = {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.8,
-                         "schedule": {"kind": "cubic", "delta_step": 1, "total_steps": 5}}]}
+    spec = {
+        "weights": [
+            {
+                "target": "type:Linear",
+                "method": "l1_unstructured",
+                "sparsity": 0.8,
+                "schedule": {"kind": "cubic", "delta_step": 1, "total_steps": 5},
+            }
+        ]
+    }
     sgm = fxs.sparsify_graph(MLP(), spec)
     opt = torch.optim.SGD(sgm.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     data = _data(12)
@@ -267,7 +324,7 @@ def test_schedule_drives_the_mask_during_training() -> None:
             assert sgm.sparsity()[name] == pytest.approx(aim[name], abs=1 / 256)
         previous = {n: m.clone() for n, m in sgm.masks().items()}
         achieved.append(sgm.sparsity()["fc1.weight"])
-        _train(sgm, opt, data[i:i + 2])
+        _train(sgm, opt, data[i : i + 2])
     assert achieved == sorted(achieved) and achieved[0] == 0.0
     assert achieved[-1] == pytest.approx(0.8, abs=1e-3)
 

@@ -366,8 +366,13 @@ class BaseDataSparsifier(abc.ABC):
                 self._squashed[name] = squashed
 
     def _read_entry(
-        self, name: Any, entry: Any, groups: Mapping[str, Any], container: Mapping[str, Any],
-        squashed_in: Mapping[str, Any], has_squashed: bool,
+        self,
+        name: Any,
+        entry: Any,
+        groups: Mapping[str, Any],
+        container: Mapping[str, Any],
+        squashed_in: Mapping[str, Any],
+        has_squashed: bool,
     ) -> tuple[Tensor, Tensor, dict[str, Any], bool | None]:
         """One entry of a state dict, checked: (data, mask, config, squashed)."""
         _check_name(name)
@@ -402,8 +407,7 @@ class BaseDataSparsifier(abc.ABC):
                 mask = mask.reshape(data.shape)  # the reference's (1, n) masks of 1-D data
         if mask.shape != data.shape:
             raise ValueError(
-                f"state dict mask of {name!r} has shape {tuple(mask.shape)} but its data has shape "
-                f"{tuple(data.shape)}"
+                f"state dict mask of {name!r} has shape {tuple(mask.shape)} but its data has shape {tuple(data.shape)}"
             )
         return mask
 

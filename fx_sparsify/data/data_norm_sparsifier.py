@@ -74,9 +74,7 @@ def _check_values(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(level, bool) or not isinstance(level, numbers.Real):
         raise TypeError(f"sparsity_level must be a number in [0, 1], got {type(level).__name__}: {level!r}")
     if not 0.0 <= float(level) <= 1.0:  # also rejects NaN
-        raise ValueError(
-            f"sparsity_level={level!r} is the fraction of blocks to prune; it must be in [0, 1]"
-        )
+        raise ValueError(f"sparsity_level={level!r} is the fraction of blocks to prune; it must be in [0, 1]")
     block = _block_shape(config["sparse_block_shape"])
     zeros = config["zeros_per_block"]
     if isinstance(zeros, bool) or not isinstance(zeros, numbers.Integral):
@@ -193,9 +191,7 @@ class DataNormSparsifier(BaseDataSparsifier):
                 keep = keep | self._within_blocks(x[r0:r1], (bh, bw), zeros_per_block)
             out[r0:r1].copy_(keep)
 
-    def _keep_blocks(
-        self, x: Tensor, k: int, n_blocks: int, block: tuple[int, int], grid: tuple[int, int]
-    ) -> Tensor:
+    def _keep_blocks(self, x: Tensor, k: int, n_blocks: int, block: tuple[int, int], grid: tuple[int, int]) -> Tensor:
         """``(grid_h, grid_w)`` bool: False for the ``k`` blocks of smallest mean norm."""
         if k >= n_blocks:
             return torch.zeros(grid, dtype=torch.bool, device=x.device)
@@ -204,9 +200,7 @@ class DataNormSparsifier(BaseDataSparsifier):
         scores = torch.empty(grid, dtype=x.dtype, device=x.device)
         # avg_pool2d sums a window row by row, left to right, then divides by its in-bounds size. For
         # whole blocks of float32/64 the same adds in the same order give bit-identical scores, 2-3x faster.
-        fast = (
-            height % bh == 0 and width % bw == 0 and bh * bw <= 64 and x.dtype in (torch.float32, torch.float64)
-        )
+        fast = height % bh == 0 and width % bw == 0 and bh * bw <= 64 and x.dtype in (torch.float32, torch.float64)
         for r0, r1 in _row_chunks(height, width, bh):
             chunk = x[r0:r1].abs() if self.norm == "L1" else x[r0:r1] * x[r0:r1]
             dest = scores[r0 // bh : -(-r1 // bh)]
@@ -241,6 +235,10 @@ class DataNormSparsifier(BaseDataSparsifier):
             keep = F.fold(keep, output_size=padded.shape, kernel_size=block, stride=block)
             return keep[0, 0, :h, :w] != 0
         return compute_mask(
-            "block", x, sparsity=-(-x.shape[0] // bh) * -(-x.shape[1] // bw), block_shape=block,
-            zeros_per_block=zeros, p=_NORM_P[self.norm],
+            "block",
+            x,
+            sparsity=-(-x.shape[0] // bh) * -(-x.shape[1] // bw),
+            block_shape=block,
+            zeros_per_block=zeros,
+            p=_NORM_P[self.norm],
         )

@@ -69,7 +69,9 @@ class DataSparsifier(BaseDataSparsifier):
         return super()._merge_config(base, update)
 
     def _check_config(self, name: str, data: Tensor, config: dict[str, Any]) -> dict[str, Any]:
-        method, options = _check_method(config)  # then what cannot fit this data's shape (N:M on an indivisible dim, ...)
+        method, options = _check_method(
+            config
+        )  # then what cannot fit this data's shape (N:M on an indivisible dim, ...)
         get_mask_method(method).check_shape(tuple(data.shape), options, f"data {name!r}")
         return config
 

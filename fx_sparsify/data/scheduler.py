@@ -106,9 +106,7 @@ class BaseDataScheduler(abc.ABC):
             sparsifier.data_groups[name][self.schedule_param] = value
             if self.verbose:
                 logger.info("Adjusting %s for group %s to %s", self.schedule_param, name, value)
-        self._last_param = {
-            name: config.get(self.schedule_param) for name, config in sparsifier.data_groups.items()
-        }
+        self._last_param = {name: config.get(self.schedule_param) for name, config in sparsifier.data_groups.items()}
         sparsifier.enable_mask_update = True
 
     def get_last_param(self) -> dict[str, Any]:

@@ -34,14 +34,14 @@ def _kth_many(flats: list[Tensor], k: int, absolute: bool) -> Tensor:
     device = flats[0].device
     gen = torch.Generator(device=device)
     gen.manual_seed(0x5EED)
-    idx = torch.randint(n, (_selectors._SAMPLE,), generator=gen, device=device)
+    idx = torch.randint(n, (_selectors.SAMPLE,), generator=gen, device=device)
     starts = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]], device=device)
     owner = torch.bucketize(idx, starts, right=True) - 1
     sample = torch.cat([_abs(f[idx[owner == i] - starts[i]], absolute).float() for i, f in enumerate(flats)])
-    lo, hi = _selectors._bracket(torch.sort(sample).values, k / n)
+    lo, hi = _selectors.bracket(torch.sort(sample).values, k / n)
     if lo is not None or hi is not None:
-        chunks = (_abs(chunk, absolute).float() for f in flats for chunk in f.split(_selectors._CHUNK))
-        kth = _selectors._kth_in_band(chunks, k, lo, hi)
+        chunks = (_abs(chunk, absolute).float() for f in flats for chunk in f.split(_selectors.CHUNK))
+        kth = _selectors.kth_in_band(chunks, k, lo, hi)
         if kth is not None:
             return kth
     return torch.kthvalue(torch.cat([_abs(f, absolute).float() for f in flats]), k).values  # rare: a missed bracket
@@ -59,7 +59,7 @@ def prune_smallest_many(tensors: list[Tensor], k: int, *, absolute: bool = False
 def _prune_smallest_many(tensors: list[Tensor], k: int, absolute: bool) -> list[Tensor]:
     n = sum(t.numel() for t in tensors)
     assert 0 <= k <= n, (k, n)
-    if len(tensors) == 1 or n <= _selectors._SMALL or k in (0, n):
+    if len(tensors) == 1 or n <= _selectors.SMALL or k in (0, n):
         flat = torch.cat([t.reshape(-1).float() for t in tensors])
         keep = prune_smallest(flat.abs() if absolute else flat, k)
         return [part.view(t.shape) for t, part in zip(tensors, keep.split([t.numel() for t in tensors]))]
@@ -70,7 +70,7 @@ def _prune_smallest_many(tensors: list[Tensor], k: int, absolute: bool) -> list[
     keeps, below = [], 0
     for f in flats:
         keep = torch.empty(f.numel(), dtype=torch.bool, device=f.device)
-        for chunk, out in zip(f.split(_selectors._CHUNK), keep.split(_selectors._CHUNK)):
+        for chunk, out in zip(f.split(_selectors.CHUNK), keep.split(_selectors.CHUNK)):
             torch.lt(_abs(chunk, absolute).float(), kth, out=out).logical_not_()
         below += f.numel() - int(torch.count_nonzero(keep))
         keeps.append(keep)
@@ -78,22 +78,25 @@ def _prune_smallest_many(tensors: list[Tensor], k: int, absolute: bool) -> list[
     pairs = (
         (_abs(chunk, absolute).float(), kept)
         for f, keep in zip(flats, keeps)
-        for chunk, kept in zip(f.split(_selectors._CHUNK), keep.split(_selectors._CHUNK))
+        for chunk, kept in zip(f.split(_selectors.CHUNK), keep.split(_selectors.CHUNK))
     )
-    _selectors._prune_first_ties(pairs, kth, need)
+    _selectors.prune_first_ties(pairs, kth, need)
     return [keep.view(t.shape) for t, keep in zip(tensors, keeps)]
 
 
 def _l1_many(scores: list[Tensor], options: Mapping[str, Any]) -> list[Tensor]:
-    return prune_smallest_many(scores, count_to_prune(options["sparsity"], sum(t.numel() for t in scores)), absolute=True)
+    return prune_smallest_many(
+        scores, count_to_prune(options["sparsity"], sum(t.numel() for t in scores)), absolute=True
+    )
 
 
 #: methods that rank several tensors together without concatenating them: method -> (scores, options) -> masks
 MANY_RANKERS: dict[str, Callable[[list[Tensor], Mapping[str, Any]], list[Tensor]]] = {"l1_unstructured": _l1_many}
 
 
-def global_masks(method: str, scores: Iterable[Tensor], sizes: list[int], options: Mapping[str, Any], *,
-                 seed: int, name: str) -> list[Tensor]:
+def global_masks(
+    method: str, scores: Iterable[Tensor], sizes: list[int], options: Mapping[str, Any], *, seed: int, name: str
+) -> list[Tensor]:
     """Keep-masks of ``scores`` (one tensor per target, ``sizes`` entries each) ranked together as one tensor.
 
     The parts come back flat, one per target in order. A method without a row in :data:`MANY_RANKERS`

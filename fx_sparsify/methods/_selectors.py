@@ -40,10 +40,10 @@ __all__ = [
 ]
 
 # Below this many elements a plain torch.kthvalue is as fast as the sampled band search.
-_SMALL = 1 << 16
-_SAMPLE = 1 << 16
+SMALL = 1 << 16
+SAMPLE = 1 << 16
 # Full-size scans run over chunks of this many elements, so boolean temporaries stay small.
-_CHUNK = 1 << 20
+CHUNK = 1 << 20
 # Pairwise ranking beats torch.topk for groups up to this size.
 _PAIRWISE_MAX_M = 8
 
@@ -77,7 +77,12 @@ def warn_if_percent_like(amount: object, n: int, where: str, stacklevel: int = 3
 
     ``"sparsity": 50`` prunes 50 entries, not half; counts stay counts, but this one is likely a mistake.
     """
-    if isinstance(amount, numbers.Integral) and not isinstance(amount, bool) and 2 <= int(amount) <= 100 and amount < 0.01 * n:
+    if (
+        isinstance(amount, numbers.Integral)
+        and not isinstance(amount, bool)
+        and 2 <= int(amount) <= 100
+        and amount < 0.01 * n
+    ):
         warnings.warn(
             f"{where}: sparsity={amount} is an int, so it prunes {amount} of the {n} entries ({amount / n:.2%}), "
             f"not {amount}%. For a fraction pass a float (sparsity={amount / 100}); for a count this small, silence "
@@ -136,20 +141,20 @@ def kth_smallest(flat: Tensor, k: int, *, absolute: bool = False) -> Tensor:
     """
     n = flat.numel()
     assert 1 <= k <= n, (k, n)
-    if n <= _SMALL:
+    if n <= SMALL:
         return torch.kthvalue(flat.abs() if absolute else flat, k).values
     gen = torch.Generator(device=flat.device)
     gen.manual_seed(0x5EED)
-    idx = torch.randint(n, (_SAMPLE,), generator=gen, device=flat.device)
-    lo, hi = _bracket(torch.sort(flat[idx].abs() if absolute else flat[idx]).values, k / n)
+    idx = torch.randint(n, (SAMPLE,), generator=gen, device=flat.device)
+    lo, hi = bracket(torch.sort(flat[idx].abs() if absolute else flat[idx]).values, k / n)
     if lo is not None or hi is not None:
-        kth = _kth_in_band((chunk.abs() if absolute else chunk for chunk in flat.split(_CHUNK)), k, lo, hi)
+        kth = kth_in_band((chunk.abs() if absolute else chunk for chunk in flat.split(CHUNK)), k, lo, hi)
         if kth is not None:
             return kth
     return torch.kthvalue(flat.abs() if absolute else flat, k).values
 
 
-def _bracket(sample: Tensor, q: float) -> tuple[Tensor | None, Tensor | None]:
+def bracket(sample: Tensor, q: float) -> tuple[Tensor | None, Tensor | None]:
     """``(lo, hi)`` from a sorted random ``sample``: values that bracket the ``q``-quantile with high
     probability (``None`` for a side that falls off the sample's ends)."""
     eps = 4.0 / math.sqrt(sample.numel())
@@ -159,7 +164,7 @@ def _bracket(sample: Tensor, q: float) -> tuple[Tensor | None, Tensor | None]:
     return lo, hi
 
 
-def _kth_in_band(chunks: Iterable[Tensor], k: int, lo: Tensor | None, hi: Tensor | None) -> Tensor | None:
+def kth_in_band(chunks: Iterable[Tensor], k: int, lo: Tensor | None, hi: Tensor | None) -> Tensor | None:
     """The k-th smallest (1-based) of all the values ``chunks`` yield, found inside the band ``(lo, hi]``
     (at least one of ``lo``/``hi`` given); ``None`` when the bracket missed it.
 
@@ -187,7 +192,7 @@ def _kth_in_band(chunks: Iterable[Tensor], k: int, lo: Tensor | None, hi: Tensor
     return None
 
 
-def _prune_first_ties(pairs: Iterable[tuple[Tensor, Tensor]], kth: Tensor, need: int) -> None:
+def prune_first_ties(pairs: Iterable[tuple[Tensor, Tensor]], kth: Tensor, need: int) -> None:
     """Prune (set False in ``kept``) the first ``need`` entries equal to ``kth``, over ``(values, kept)``
     chunk pairs in order; a chunk whose ties all go is masked whole, without an index list (ties may be
     most of the tensor)."""
@@ -221,14 +226,14 @@ def prune_smallest(scores: Tensor, k: int, *, absolute: bool = False) -> Tensor:
     kth = kth_smallest(flat, k, absolute=absolute)
     if absolute:
         keep = torch.empty(n, dtype=torch.bool, device=flat.device)
-        for chunk, out in zip(flat.split(_CHUNK), keep.split(_CHUNK)):
+        for chunk, out in zip(flat.split(CHUNK), keep.split(CHUNK)):
             torch.lt(chunk.abs(), kth, out=out).logical_not_()
     else:
         keep = torch.lt(flat, kth).logical_not_()
     below = n - int(torch.count_nonzero(keep))  # entries strictly below kth
     need = k - below  # how many of the entries equal to kth to prune
-    _prune_first_ties(
-        ((chunk.abs() if absolute else chunk, kept) for chunk, kept in zip(flat.split(_CHUNK), keep.split(_CHUNK))),
+    prune_first_ties(
+        ((chunk.abs() if absolute else chunk, kept) for chunk, kept in zip(flat.split(CHUNK), keep.split(CHUNK))),
         kth,
         need,
     )
@@ -244,14 +249,14 @@ def prune_smallest_packed(scores: Tensor, k: int, *, absolute: bool = False) -> 
     refuse_nan(scores, "the scores")
     flat = _selectable(scores).reshape(-1)
     kth = kth_smallest(flat, k, absolute=absolute)
-    chunks = flat.split(_CHUNK)  # _CHUNK is a multiple of 8: every chunk starts on a byte of the packed mask
+    chunks = flat.split(CHUNK)  # CHUNK is a multiple of 8: every chunk starts on a byte of the packed mask
     values_buf = torch.empty(len(chunks[0]), dtype=flat.dtype, device=flat.device) if absolute else None
     keep_buf = torch.empty(len(chunks[0]), dtype=torch.bool, device=flat.device)
 
     def ranked(chunk: Tensor) -> tuple[Tensor, Tensor]:
         """(the chunk's values as ranked, its keep mask before ties) in the reused buffers."""
-        values = torch.abs(chunk, out=values_buf[:chunk.numel()]) if values_buf is not None else chunk
-        return values, torch.lt(values, kth, out=keep_buf[:chunk.numel()])
+        values = torch.abs(chunk, out=values_buf[: chunk.numel()]) if values_buf is not None else chunk
+        return values, torch.lt(values, kth, out=keep_buf[: chunk.numel()])
 
     below = sum(int(torch.count_nonzero(ranked(c)[1])) for c in chunks)
     need = k - below  # how many of the entries equal to kth to prune, lowest flat index first
@@ -263,7 +268,7 @@ def prune_smallest_packed(scores: Tensor, k: int, *, absolute: bool = False) -> 
             tied = torch.nonzero(values == kth).squeeze(1)[:need]
             keep[tied] = False
             need -= tied.numel()
-        out.pack(i * _CHUNK, keep)
+        out.pack(i * CHUNK, keep)
     return out
 
 

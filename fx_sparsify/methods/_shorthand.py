@@ -95,7 +95,5 @@ def format_method(parsed: ParsedMethod) -> str:
     elif not opts and parse_method(name) == ParsedMethod(name, {}, None):
         body = name
     else:
-        raise ValueError(
-            f"{name!r} with options {opts!r} has no shorthand; pass the options next to the method name"
-        )
+        raise ValueError(f"{name!r} with options {opts!r} has no shorthand; pass the options next to the method name")
     return body if parsed.gradient is None else f"{body}({_SUFFIX_OF[parsed.gradient]})"

@@ -126,7 +126,9 @@ PACKED_METHODS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor | Pa
 }
 
 
-def _topk_args(shape: tuple[int, ...] | None, *, density: float | int | None = None, sparsity: float | int | None = None) -> int:
+def _topk_args(
+    shape: tuple[int, ...] | None, *, density: float | int | None = None, sparsity: float | int | None = None
+) -> int:
     if (density is None) == (sparsity is None):
         raise TypeError(
             f"topk takes exactly one of density (fraction kept) or sparsity (fraction pruned); "
@@ -175,7 +177,9 @@ def _slice_norms(tensor: Tensor, p: float, dim: int) -> Tensor:
     return torch.linalg.vector_norm(tensor, ord=p, dim=others)
 
 
-def _slices_args(shape: tuple[int, ...] | None, method: str, why: str, sparsity: float | int, dim: int) -> tuple[int, int]:
+def _slices_args(
+    shape: tuple[int, ...] | None, method: str, why: str, sparsity: float | int, dim: int
+) -> tuple[int, int]:
     """(dim, slices to prune) for a method that prunes whole slices along ``dim``."""
     _need_dims(shape, method, 2, why)
     if shape is None:
@@ -184,7 +188,9 @@ def _slices_args(shape: tuple[int, ...] | None, method: str, why: str, sparsity:
     return dim, count_to_prune(sparsity, shape[dim])
 
 
-def _ln_args(shape: tuple[int, ...] | None, *, sparsity: float | int, p: float = 2, dim: int = 0) -> tuple[float, int, int]:
+def _ln_args(
+    shape: tuple[int, ...] | None, *, sparsity: float | int, p: float = 2, dim: int = 0
+) -> tuple[float, int, int]:
     why = "it prunes slices along dim, measured over the other dims"
     dim, k = _slices_args(shape, "ln_structured", why, sparsity, dim)
     return _real_option(p, "ln_structured", "p"), dim, k
@@ -259,15 +265,15 @@ def _block_args(
     if not block_shape or any(b < 1 for b in block_shape):
         raise ValueError(f"block: block_shape must be positive ints such as (1, 4), got {tuple(block_shape)!r}")
     if any(b > 2**31 - 1 for b in block_shape):  # products and int64 tensors of sizes would overflow at step()
-        raise ValueError(f"block: block_shape {tuple(block_shape)!r:.80} has a size larger than 2**31 - 1, more than "
-                         "any tensor dim; give block sizes such as (1, 4)")
+        raise ValueError(
+            f"block: block_shape {tuple(block_shape)!r:.80} has a size larger than 2**31 - 1, more than "
+            "any tensor dim; give block sizes such as (1, 4)"
+        )
     blk = tuple(block_shape) if shape is None else block_grid(shape, block_shape)
     vpb = math.prod(blk)
     zpb = vpb if zeros_per_block is None else _int_option(zeros_per_block, "block", "zeros_per_block", 0)
     if zpb > vpb:
-        raise ValueError(
-            f"block: zeros_per_block={zpb} is more than the {vpb} entries of a {tuple(block_shape)} block"
-        )
+        raise ValueError(f"block: zeros_per_block={zpb} is more than the {vpb} entries of a {tuple(block_shape)} block")
     n_blocks = sys.maxsize if shape is None else math.prod(-(-s // b) for s, b in zip(shape, blk))
     return blk, vpb, zpb, n_blocks, count_to_prune(sparsity, n_blocks), p
 
@@ -304,9 +310,7 @@ def block(
 
 @register_mask_method("random_unstructured", check=_unstructured_args)
 @serial_when_small
-def random_unstructured(
-    tensor: Tensor, *, sparsity: float | int, generator: torch.Generator | None = None
-) -> Tensor:
+def random_unstructured(tensor: Tensor, *, sparsity: float | int, generator: torch.Generator | None = None) -> Tensor:
     """Prune exactly k entries chosen at random (seeded), exact zeros first."""
     k = _unstructured_args(tensor.shape, sparsity=sparsity)
     if k == 0:

@@ -107,8 +107,9 @@ ImportanceFn = Callable[[GroupStats], Tensor]
 _IMPORTANCES: dict[str, tuple[ImportanceFn, bool]] = {}  # name -> (fn, needs calibration)
 
 
-def register_channel_importance(name: str, *, calibrated: bool = True,
-                                override: bool = False) -> Callable[[ImportanceFn], ImportanceFn]:
+def register_channel_importance(
+    name: str, *, calibrated: bool = True, override: bool = False
+) -> Callable[[ImportanceFn], ImportanceFn]:
     """Register ``fn(group: GroupStats) -> Tensor`` (one score per unit, higher = kept) as ``"importance": name``.
 
     ``calibrated``: the importance reads the consumers' statistics, so ``step()`` needs calibration
@@ -122,8 +123,9 @@ def register_channel_importance(name: str, *, calibrated: bool = True,
         if not callable(fn):
             raise TypeError(f"register_channel_importance({name!r}) decorates a function, got {type(fn).__name__}")
         if name in _IMPORTANCES and not override:
-            raise ValueError(f"a channel importance named {name!r} is already registered; "
-                             "pass override=True to replace it")
+            raise ValueError(
+                f"a channel importance named {name!r} is already registered; pass override=True to replace it"
+            )
         _IMPORTANCES[name] = (fn, bool(calibrated))
         return fn
 
@@ -138,8 +140,10 @@ def get_channel_importance(name: str, where: str = "importance") -> tuple[Import
         known = sorted(_IMPORTANCES)
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise KeyError(f"{where}: unknown channel importance {name!r}.{hint} Known: {', '.join(known)}. Register your "
-                       "own with @fx_sparsify.register_channel_importance(name)")
+        raise KeyError(
+            f"{where}: unknown channel importance {name!r}.{hint} Known: {', '.join(known)}. Register your "
+            "own with @fx_sparsify.register_channel_importance(name)"
+        )
     return _IMPORTANCES[name]
 
 
@@ -182,8 +186,10 @@ def damped_gram(c: ConsumerStats, damp: float) -> tuple[Tensor, Tensor]:
 def _cholesky_inverse(h: Tensor, who: str) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
-        raise ValueError(f"{who}: the input second moment is not positive definite; raise 'damp' (e.g. 0.1) or "
-                         "calibrate on more (or less degenerate) inputs")
+        raise ValueError(
+            f"{who}: the input second moment is not positive definite; raise 'damp' (e.g. 0.1) or "
+            "calibrate on more (or less degenerate) inputs"
+        )
     return torch.cholesky_inverse(factor)
 
 
@@ -299,8 +305,10 @@ def refit(c: ConsumerStats, keep: Tensor, damp: float) -> tuple[Tensor, Tensor |
     s = cols.nonzero().flatten()
     factor, info = torch.linalg.cholesky_ex(h[s][:, s])
     if int(info) != 0:
-        raise ValueError(f"reconstruct on {c.name!r}: the kept inputs' second moment is not positive definite; "
-                         "raise 'damp' (e.g. 0.1) or calibrate on more inputs")
+        raise ValueError(
+            f"reconstruct on {c.name!r}: the kept inputs' second moment is not positive definite; "
+            "raise 'damp' (e.g. 0.1) or calibrate on more inputs"
+        )
     new = torch.zeros_like(w)
     new[:, s] = torch.cholesky_solve(h[s] @ w.T, factor).T  # V_S = W·H[:, S]·H[S, S]⁻¹
     weight = new[:, :n].to(c.weight.dtype)

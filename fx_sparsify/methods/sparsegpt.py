@@ -75,13 +75,17 @@ def sparsegpt_args(
     if not isinstance(sequential, bool):
         raise TypeError(f"{name}: sequential must be True or False, got {sequential!r}")
     if hessian_dtype not in HESSIAN_DTYPES:
-        raise ValueError(f"{name}: hessian_dtype must be one of {', '.join(map(repr, HESSIAN_DTYPES))}; got {hessian_dtype!r}")
+        raise ValueError(
+            f"{name}: hessian_dtype must be one of {', '.join(map(repr, HESSIAN_DTYPES))}; got {hessian_dtype!r}"
+        )
     if m is not None:
         assert n is not None
         if m < 1 or not 0 <= n <= m:
             raise ValueError(f"{name}: n={n} kept out of every m={m} needs 1 <= m and 0 <= n <= m")
         if block_size % m:
-            raise ValueError(f"{name}: block_size={block_size} must be a multiple of m={m} so N:M groups never straddle a block")
+            raise ValueError(
+                f"{name}: block_size={block_size} must be a multiple of m={m} so N:M groups never straddle a block"
+            )
     if shape is not None and len(shape) < 2:
         raise ValueError(
             f"{name} prunes a Linear weight (out_features × in_features) or a Conv2d weight; got shape {tuple(shape)}. "
@@ -163,8 +167,9 @@ def sparsegpt_prune(
     (at least float32). ``keep`` is the current mask: pruned entries enter the sweep as zeros, so they
     are chosen first and stay pruned when the target count allows. Pruned entries of the result are 0.
     """
-    k, n, m, block_size, damp = sparsegpt_args(tuple(weight.shape), sparsity=sparsity, n=n, m=m,
-                                              block_size=block_size, damp=damp)
+    k, n, m, block_size, damp = sparsegpt_args(
+        tuple(weight.shape), sparsity=sparsity, n=n, m=m, block_size=block_size, damp=damp
+    )
     shape = weight.shape  # a Conv2d weight is swept as (out, in·kh·kw), the layout of its unfolded input
     dtype = torch.promote_types(hessian.dtype, torch.float32)
     w = weight.detach().reshape(shape[0], -1).to(dtype=dtype, copy=True)
@@ -189,7 +194,7 @@ def sparsegpt_prune(
     if k is not None:
         zero = w == 0
         sizes = torch.tensor([min(block_size, cols - s) * rows for s in starts])
-        pruned = torch.stack([zero[:, s:s + block_size].sum() for s in starts]).cpu()
+        pruned = torch.stack([zero[:, s : s + block_size].sum() for s in starts]).cpu()
         counts = _block_counts(k, pruned, sizes)
         if fixed is not None and k < int(fixed.sum()):
             fixed = None
@@ -216,12 +221,12 @@ def sparsegpt_prune(
         pf = p1.to(dtype)  # the block's mask as numbers (1 = pruned)
         for i in range(i2 - i1):
             if m is not None and i % m == 0:  # N:M: the group's mask when the sweep reaches it
-                sal = w1[i:i + m].square() / d2[i:i + m]
+                sal = w1[i : i + m].square() / d2[i : i + m]
                 if f1 is not None:
-                    sal.masked_fill_(f1[i:i + m], -1.0)
+                    sal.masked_fill_(f1[i : i + m], -1.0)
                 drop = sal.topk(m - n, dim=0, largest=False).indices  # type: ignore[operator]
-                pf[i:i + m].zero_().scatter_(0, drop, 1.0)
-                p1[i:i + m] = pf[i:i + m] != 0
+                pf[i : i + m].zero_().scatter_(0, drop, 1.0)
+                p1[i : i + m] = pf[i : i + m] != 0
             err = torch.mul(w1[i], pf[i], out=err1[i])
             w1[i:].addr_(hinv1[i, i:], err, alpha=-1)  # OBS update of this block's later columns
         w1.masked_fill_(p1, 0.0)
@@ -244,8 +249,16 @@ def sparsegpt(
     sequential: bool = False,
 ) -> Tensor:
     """SparseGPT: OBS mask + weight update from calibration inputs (identity Hessian on a bare tensor)."""
-    sparsegpt_args(tuple(tensor.shape), sparsity=sparsity, n=n, m=m, block_size=block_size, damp=damp,
-                   hessian_dtype=hessian_dtype, sequential=sequential)
+    sparsegpt_args(
+        tuple(tensor.shape),
+        sparsity=sparsity,
+        n=n,
+        m=m,
+        block_size=block_size,
+        damp=damp,
+        hessian_dtype=hessian_dtype,
+        sequential=sequential,
+    )
     eye = torch.eye(math.prod(tensor.shape[1:]), dtype=HESSIAN_DTYPES[hessian_dtype], device=tensor.device)
     keep, _ = sparsegpt_prune(tensor, eye, sparsity=sparsity, n=n, m=m, block_size=block_size, damp=damp)
     return keep

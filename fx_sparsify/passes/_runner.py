@@ -17,11 +17,24 @@ from torch.fx import GraphModule, Node
 __all__ = ["PassResult", "Pass", "finish", "run_passes", "pass_name", "eliminate_dead_code", "writes_in_place"]
 
 #: Python-level functions that write into their first argument (fx records ``x += y`` / ``x[i] = y``)
-_WRITES_INTO = frozenset({
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
-    operator.imatmul, operator.setitem,
-})
+_WRITES_INTO = frozenset(
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.imod,
+        operator.ipow,
+        operator.iand,
+        operator.ior,
+        operator.ixor,
+        operator.ilshift,
+        operator.irshift,
+        operator.imatmul,
+        operator.setitem,
+    }
+)
 
 
 @dataclass
@@ -118,7 +131,11 @@ def eliminate_dead_code(gm: GraphModule) -> bool:
     later readers, and dropping it would change the output."""
     changed = False
     for node in reversed(list(gm.graph.nodes)):  # users before their inputs: a dead chain goes in one sweep
-        if not node.users and node.op not in ("placeholder", "output") and not (node.is_impure() or writes_in_place(node)):
+        if (
+            not node.users
+            and node.op not in ("placeholder", "output")
+            and not (node.is_impure() or writes_in_place(node))
+        ):
             gm.graph.erase_node(node)
             changed = True
     return changed  # (Graph.eliminate_dead_code's is_impure_node argument is newer than torch 2.4)

@@ -29,30 +29,39 @@ def semi_structured_problem(weight: Tensor) -> str | None:
     if weight.dim() != 2:
         return f"its weight has {weight.dim()} dims (only Linear weights, [out, in])"
     if weight.dtype not in DTYPES:
-        return (f"its weight is {weight.dtype} (2:4 kernels take float16 / bfloat16 here): convert the model with "
-                ".half() or .bfloat16() before sparsify_graph")
+        return (
+            f"its weight is {weight.dtype} (2:4 kernels take float16 / bfloat16 here): convert the model with "
+            ".half() or .bfloat16() before sparsify_graph"
+        )
     out_features, in_features = weight.shape
     if in_features % 4:
         return f"in_features={in_features} is not a multiple of 4 (2:4 groups four input columns)"
     rows, cols = _min_tile(weight.dtype)
     if out_features % rows or in_features % cols:
-        return (f"its weight is {out_features}x{in_features}: torch's 2:4 kernels ({_backend().BACKEND}) take weights "
-                f"whose out_features is a multiple of {rows} and in_features a multiple of {cols}; keep this layer "
-                "dense (target it with a dense rule) or use storage='csr' / 'auto'")
+        return (
+            f"its weight is {out_features}x{in_features}: torch's 2:4 kernels ({_backend().BACKEND}) take weights "
+            f"whose out_features is a multiple of {rows} and in_features a multiple of {cols}; keep this layer "
+            "dense (target it with a dense rule) or use storage='csr' / 'auto'"
+        )
     per_group = (weight.detach() != 0).reshape(out_features, in_features // 4, 4).sum(dim=-1)
     bad = (per_group > 2).nonzero()
     if bad.numel():
         row, group = (int(v) for v in bad[0])
-        return (f"its weight is not 2:4 sparse: row {row} has {int(per_group[row, group])} non-zeros in columns "
-                f"{4 * group}..{4 * group + 3} ({bad.shape[0]} such groups); prune it with method '2:4'")
+        return (
+            f"its weight is not 2:4 sparse: row {row} has {int(per_group[row, group])} non-zeros in columns "
+            f"{4 * group}..{4 * group + 3} ({bad.shape[0]} such groups); prune it with method '2:4'"
+        )
     return None
 
 
 def _backend() -> Any:
     """The class ``torch.sparse.to_sparse_semi_structured`` converts to (the same choice it makes)."""
     sparse = torch.sparse
-    return (sparse.SparseSemiStructuredTensorCUTLASS if sparse.SparseSemiStructuredTensor._FORCE_CUTLASS
-            else sparse.SparseSemiStructuredTensorCUSPARSELT)
+    return (
+        sparse.SparseSemiStructuredTensorCUTLASS
+        if sparse.SparseSemiStructuredTensor._FORCE_CUTLASS
+        else sparse.SparseSemiStructuredTensorCUSPARSELT
+    )
 
 
 def _min_tile(dtype: torch.dtype) -> tuple[int, int]:
@@ -80,27 +89,39 @@ class SemiStructuredLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_exporting():
-            raise RuntimeError("torch.export cannot trace a semi-structured sparse layer; squash with "
-                               "storage='dense' (the default) for export")
+            raise RuntimeError(
+                "torch.export cannot trace a semi-structured sparse layer; squash with "
+                "storage='dense' (the default) for export"
+            )
         return F.linear(x.contiguous(), self.weight, self.bias)  # torch's semi-sparse linear views x as 2-D
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight"] = self.weight.to_dense()
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         key = prefix + "weight"
         if key not in state_dict:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
             return
         incoming = state_dict[key]
         shape = (self.out_features, self.in_features)
         if tuple(incoming.shape) != shape:
-            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(incoming.shape)} from "
-                              f"checkpoint, the shape in current model is {shape}.")
+            error_msgs.append(
+                f"size mismatch for {key}: copying a param with shape {tuple(incoming.shape)} from "
+                f"checkpoint, the shape in current model is {shape}."
+            )
         else:
             dense = incoming.to_dense() if incoming.layout != torch.strided else incoming
             dense = dense.to(device=self.weight.device, dtype=self.weight.dtype)
@@ -116,5 +137,7 @@ class SemiStructuredLinear(nn.Module):
         missing_keys.extend(k for k in missing if k != key)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, 2:4 semi-structured, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, 2:4 semi-structured, "
+            f"bias={self.bias is not None}"
+        )

@@ -27,8 +27,9 @@ class SparseLinear(nn.Module):
     col_indices: Tensor
     values: Tensor
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, layout: str = "csr", blocksize: int = 1,
-                 spatial: int = 0) -> None:
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, layout: str = "csr", blocksize: int = 1, spatial: int = 0
+    ) -> None:
         super().__init__()
         if layout not in ("csr", "bsr"):
             raise ValueError(f"SparseLinear layout must be 'csr' or 'bsr', got {layout!r}")
@@ -58,8 +59,13 @@ class SparseLinear(nn.Module):
     def weight(self) -> Tensor:
         """The weight as a ``torch.sparse_csr`` / ``sparse_bsr`` tensor of shape ``[out, in]``."""
         build = torch.sparse_csr_tensor if self.layout == "csr" else torch.sparse_bsr_tensor
-        return build(self.crow_indices, self.col_indices, self.values, (self.out_features, self.in_features),
-                     check_invariants=False)
+        return build(
+            self.crow_indices,
+            self.col_indices,
+            self.values,
+            (self.out_features, self.in_features),
+            check_invariants=False,
+        )
 
     def dense_weight(self) -> Tensor:
         """The weight as a dense tensor of the original layer's shape."""
@@ -109,15 +115,24 @@ class SparseLinear(nn.Module):
         destination[prefix + "weight"] = self.dense_weight()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         key = prefix + "weight"
         if key in state_dict:
             incoming = state_dict[key]
             if tuple(incoming.shape) != self.weight_shape:
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(incoming.shape)} "
-                                  f"from checkpoint, the shape in current model is {self.weight_shape}.")
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {tuple(incoming.shape)} "
+                    f"from checkpoint, the shape in current model is {self.weight_shape}."
+                )
             else:
                 dense = incoming.to_dense() if incoming.layout != torch.strided else incoming
                 with torch.no_grad():
@@ -125,12 +140,15 @@ class SparseLinear(nn.Module):
             state_dict = {k: v for k, v in state_dict.items() if k != key}
         elif strict:
             missing_keys.append(key)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         kind = "csr" if self.layout == "csr" else f"bsr {self.blocksize}x{self.blocksize}"
         zeros = 1.0 - int((self.values != 0).sum()) / max(self.out_features * self.in_features, 1)
         conv = f", 1x1 conv{self.spatial}d" if self.spatial else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, {zeros:.1%} zeros"
-                f"{conv}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {kind}, {zeros:.1%} zeros"
+            f"{conv}, bias={self.bias is not None}"
+        )

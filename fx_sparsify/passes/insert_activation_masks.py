@@ -39,8 +39,15 @@ def activation_target_name(layer: str) -> str:
     return f"{layer}:input"
 
 
-def insert_observer(gm: GraphModule, index: LayerIndex, layer: str, calls: list[Node], observer: ActivationObserver,
-                    with_mask: bool, role_name: str) -> dict[str, str]:
+def insert_observer(
+    gm: GraphModule,
+    index: LayerIndex,
+    layer: str,
+    calls: list[Node],
+    observer: ActivationObserver,
+    with_mask: bool,
+    role_name: str,
+) -> dict[str, str]:
     """An observer (and with ``with_mask`` a mask-multiply) in front of ``calls``' input; returns what it created."""
     graph = gm.graph
     carriers = dict(index.weight_uses(layer)) if any(c.op != "call_module" for c in calls) else {}
@@ -66,7 +73,9 @@ def insert_observer(gm: GraphModule, index: LayerIndex, layer: str, calls: list[
             if buffer is not None:
                 mask = graph.get_attr(buffer)
                 new_input = graph.create_node(
-                    "call_function", ops.mask_activation, (obs, mask, observer.features, observer.feature_dim),
+                    "call_function",
+                    ops.mask_activation,
+                    (obs, mask, observer.features, observer.feature_dim),
                     name=f"{flat}_input_masked",
                 )
                 annotate(new_input, NodeInfo("activation_mask", target=target, module=layer))
@@ -90,7 +99,9 @@ def insert_activation_masks(gm: GraphModule, selection: Selection) -> PassResult
                 "or target the layer that consumes its output"
             )
         observer = ActivationObserver(rule.aggregate, rule.reduce, rule.features, rule.feature_dim)
-        created[activation_target_name(layer)] = insert_observer(gm, layer_calls, layer, calls, observer, True, "input_observer")
+        created[activation_target_name(layer)] = insert_observer(
+            gm, layer_calls, layer, calls, observer, True, "input_observer"
+        )
     for layer, weight_target in norm_layers.items():
         calls = layer_calls(layer)
         if not calls:

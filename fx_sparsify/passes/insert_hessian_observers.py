@@ -59,7 +59,9 @@ def _tied_names(model: nn.Module, name: str) -> list[str]:
     return [n for n, p in model.named_parameters(remove_duplicate=False) if p is tensor and n != name]
 
 
-def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, tuple[str, str, bool, dict[str, Any] | None]]:
+def sparsegpt_layers(
+    model: nn.Module, targets: Mapping[str, Any]
+) -> dict[str, tuple[str, str, bool, dict[str, Any] | None]]:
     """Layer FQN → (weight target, hessian dtype name, sequential, Conv2d unfold arguments or None) for
     ``sparsegpt`` rules; errors name the layer.
 
@@ -80,9 +82,13 @@ def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, 
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             kind = type(module).__name__ if module is not None else "not a layer's weight"
             tied = _tied_names(model, name)
-            why = (f" It is one tensor with {', '.join(map(repr, tied))} (tied weights, named after their first use), "
-                   f"which the rule selected: exclude it with {{'target': {tied[0].rpartition('.')[0]!r}, "
-                   "'method': 'dense'} after this rule, or untie the weights." if tied else "")
+            why = (
+                f" It is one tensor with {', '.join(map(repr, tied))} (tied weights, named after their first use), "
+                f"which the rule selected: exclude it with {{'target': {tied[0].rpartition('.')[0]!r}, "
+                "'method': 'dense'} after this rule, or untie the weights."
+                if tied
+                else ""
+            )
             raise ValueError(
                 f"'method': 'sparsegpt' reconstructs nn.Linear (and nn.Conv2d) weights from their inputs; {name!r} "
                 f"({kind}) is not the weight of either.{why} Select Linear layers for this rule, or use another "
@@ -98,7 +104,12 @@ def sparsegpt_layers(model: nn.Module, targets: Mapping[str, Any]) -> dict[str, 
                 f"weights rule {rule.target!r}: 'sparsegpt' chooses masks from calibration data, gradient "
                 f"{rule.gradient!r} from learned scores; use gradient 'mask' (or 'ste') with sparsegpt"
             )
-        out[layer] = (name, rule.options.get("hessian_dtype", "float32"), bool(rule.options.get("sequential", False)), unfold)
+        out[layer] = (
+            name,
+            rule.options.get("hessian_dtype", "float32"),
+            bool(rule.options.get("sequential", False)),
+            unfold,
+        )
     return out
 
 
@@ -113,7 +124,9 @@ def insert_hessian_observers(gm: GraphModule, selection: Selection) -> PassResul
     for layer, (weight_target, dtype_name, _, unfold) in layers.items():
         calls = index(layer)
         if not calls:
-            raise ValueError(f"'method': 'sparsegpt' on {weight_target!r}: layer {layer!r} is never called in the graph")
+            raise ValueError(
+                f"'method': 'sparsegpt' on {weight_target!r}: layer {layer!r} is never called in the graph"
+            )
         dtype = HESSIAN_DTYPES[dtype_name]
         observer = HessianObserver(dtype, unfold=unfold)
         name = insert_observer(gm, index, layer, calls, observer, False, "input_hessian_observer")["observer"]
@@ -162,9 +175,8 @@ def _warn_if_hessians_do_not_fit(one_pass: Mapping[str, tuple[int, torch.device]
             warnings.warn(
                 f"'method': 'sparsegpt': the {len(one_pass)} Hessians of the one-pass layers take {total / 2**30:.2f} "
                 f"GiB together on {device} from the first calibration forward on, and {free / 2**30:.2f} GiB is free. "
-                "Set \"sequential\": true on the rule (one level of layers at a time: its Hessians, then the next), "
+                'Set "sequential": true on the rule (one level of layers at a time: its Hessians, then the next), '
                 "or calibrate a part of the model at a time",
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
-

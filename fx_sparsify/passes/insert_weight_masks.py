@@ -54,8 +54,12 @@ def _conv(fn: Callable[..., Any]) -> Builder:
         if m.padding_mode == "zeros":
             return fn, (args[0], p("weight"), p("bias"), m.stride, m.padding, m.dilation, m.groups), (0,), ()
         pad = tuple(m._reversed_padding_repeated_twice)
-        return (ops.conv_padded, (args[0], p("weight"), p("bias"), pad, m.padding_mode, m.stride, m.dilation,
-                                  m.groups), (0,), ())
+        return (
+            ops.conv_padded,
+            (args[0], p("weight"), p("bias"), pad, m.padding_mode, m.stride, m.dilation, m.groups),
+            (0,),
+            (),
+        )
 
     return build
 
@@ -64,8 +68,12 @@ def _conv_transpose(fn: Callable[..., Any]) -> Builder:
     def build(m: Any, args: Args, kwargs: dict[str, Any], p: Callable[[str], Any]) -> Rewrite | None:
         if len(args) != 1 or kwargs or m.padding_mode != "zeros":
             return None
-        return (fn, (args[0], p("weight"), p("bias"), m.stride, m.padding, m.output_padding, m.groups, m.dilation),
-                (0,), ())
+        return (
+            fn,
+            (args[0], p("weight"), p("bias"), m.stride, m.padding, m.output_padding, m.groups, m.dilation),
+            (0,),
+            (),
+        )
 
     return build
 
@@ -89,8 +97,18 @@ def _embedding_bag(m: nn.EmbeddingBag, args: Args, kwargs: dict[str, Any], p: Ca
     head = (given["input"], p("weight"), mask) if mask is not None else (given["input"], p("weight"))
     fn = ops.embedding_bag_masked if mask is not None else F.embedding_bag
     at = len(head)  # position of offsets
-    new = (*head, given.get("offsets"), m.max_norm, m.norm_type, m.scale_grad_by_freq, m.mode, m.sparse,
-           given.get("per_sample_weights"), m.include_last_offset, m.padding_idx)
+    new = (
+        *head,
+        given.get("offsets"),
+        m.max_norm,
+        m.norm_type,
+        m.scale_grad_by_freq,
+        m.mode,
+        m.sparse,
+        given.get("per_sample_weights"),
+        m.include_last_offset,
+        m.padding_idx,
+    )
     keep = tuple((k, at if k == "offsets" else at + 6) for k in names[1:] if k in given)
     return fn, new, (0,), keep
 
@@ -114,7 +132,9 @@ def _module_params(gm: GraphModule, fqn: str, aliases: Mapping[str, str]) -> dic
     """Local parameter name → canonical FQN, for the parameters a leaf module owns."""
     mod = gm.get_submodule(fqn)
     prefix = f"{fqn}." if fqn else ""
-    return {local: aliases.get(prefix + local, prefix + local) for local, _ in mod.named_parameters(remove_duplicate=False)}
+    return {
+        local: aliases.get(prefix + local, prefix + local) for local, _ in mod.named_parameters(remove_duplicate=False)
+    }
 
 
 def insert_weight_masks(gm: GraphModule, selection: Selection) -> PassResult:
@@ -149,7 +169,8 @@ def insert_weight_masks(gm: GraphModule, selection: Selection) -> PassResult:
 
     def lookup_only(name: str) -> bool:
         return all(
-            u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), LOOKUPS)
+            u.op == "call_module"
+            and isinstance(gm.get_submodule(str(u.target)), LOOKUPS)
             and _module_params(gm, str(u.target), aliases).get("weight") == name
             for u in uses[name]
         )
@@ -207,8 +228,13 @@ def insert_weight_masks(gm: GraphModule, selection: Selection) -> PassResult:
 def _sparsify_module(gm: GraphModule, name: str, target: WeightTarget, param: torch.Tensor, seed: int) -> str:
     """A Sparsify module whose learnable scores (initialised to ``|weight|``) rank the mask."""
     rule = target.rule
-    module = Sparsify(param.shape, sparseness=rule.method, backward_mode=getattr(rule, "gradient"),  # noqa: B009 (WeightRule | GlobalRule)
-                      generator=generator_for(seed, name, param.device), **rule.options)
+    module = Sparsify(
+        param.shape,
+        sparseness=rule.method,
+        backward_mode=getattr(rule, "gradient"),  # noqa: B009 (WeightRule | GlobalRule)
+        generator=generator_for(seed, name, param.device),
+        **rule.options,
+    )
     module.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
     module.init_scores(param.detach().abs())
     attr = unique_attr(gm, f"{name}_sparsify")
@@ -226,6 +252,7 @@ def _rewrite_module_call(
     graph = gm.graph
     module = gm.get_submodule(str(node.target))
     with graph.inserting_before(node):
+
         def param(key: str) -> Any:
             local_name, _, want = key.partition(":")
             canonical = local.get(local_name)
@@ -247,7 +274,9 @@ def _rewrite_module_call(
                 if c in masked:
                     replaced[k] = masked[c]
                 elif c in lookup_masks:  # a table the builders could not rewrite (max_norm, keyword call)
-                    whole = graph.create_node("call_function", ops.apply_mask, lookup_masks[c], name=f"{node.name}_{k}_masked")
+                    whole = graph.create_node(
+                        "call_function", ops.apply_mask, lookup_masks[c], name=f"{node.name}_{k}_masked"
+                    )
                     annotate(whole, NodeInfo("weight_mask", target=c))
                     replaced[k] = whole
             target = graph.get_attr(str(node.target))

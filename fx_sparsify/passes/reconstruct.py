@@ -31,8 +31,16 @@ from ..observer import ActivationObserver
 from ..state import SparsityState, TargetRecord, current_options, state_of
 from .layer_index import LayerIndex
 
-__all__ = ["replay_calibration", "RECONSTRUCTING", "check_calibrated", "reconstruct", "is_sequential", "reconstruct_in_order",
-           "record_calibration_inputs", "solve_all"]
+__all__ = [
+    "replay_calibration",
+    "RECONSTRUCTING",
+    "check_calibrated",
+    "reconstruct",
+    "is_sequential",
+    "reconstruct_in_order",
+    "record_calibration_inputs",
+    "solve_all",
+]
 
 RECONSTRUCTING = frozenset({"sparsegpt"})  # methods whose step also rewrites the weights that stay
 _NOT_SWEEP_OPTIONS = ("hessian_dtype", "sequential")
@@ -44,9 +52,9 @@ def check_calibrated(gm: GraphModule, state: SparsityState) -> None:
         _defer_later_levels(gm, state)  # no recorded calibration forward yet (e.g. statistics loaded)
     deferred = state.calibration.deferred or set()
     missing = [
-        r.name for r in state.targets.values()
-        if r.method in RECONSTRUCTING and r.observer not in deferred
-        and int(gm.get_submodule(r.observer).batches) == 0  # type: ignore[arg-type]
+        r.name
+        for r in state.targets.values()
+        if r.method in RECONSTRUCTING and r.observer not in deferred and int(gm.get_submodule(r.observer).batches) == 0  # type: ignore[arg-type]
     ]
     if missing:
         raise ValueError(
@@ -85,7 +93,9 @@ def _levels(gm: GraphModule, state: SparsityState, records: list[TargetRecord]) 
     """``records`` in levels: a target's level is one more than that of any sequential target feeding its input."""
     index = LayerIndex(gm, state.aliases)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    observer_nodes = {r.name: [n for n in gm.graph.nodes if n.op == "call_module" and n.target == r.observer] for r in records}
+    observer_nodes = {
+        r.name: [n for n in gm.graph.nodes if n.op == "call_module" and n.target == r.observer] for r in records
+    }
     calls = {r.name: set(index(r.param.rpartition(".")[0])) for r in records}  # type: ignore[union-attr]
     level: dict[str, int] = {}
     for r in sorted(records, key=lambda r: min(order[n] for n in observer_nodes[r.name])):
@@ -108,7 +118,9 @@ def _replay(gm: GraphModule, state: SparsityState, observers: Iterable[str]) -> 
         )
     all_observers = [m for m in gm.modules() if isinstance(m, ActivationObserver)]
     enabled = [m.enabled for m in all_observers]
-    skip = {id(m.get_buffer("stat")) for m in all_observers} | {id(gm.get_buffer(r.buffer)) for r in state.targets.values()}
+    skip = {id(m.get_buffer("stat")) for m in all_observers} | {
+        id(gm.get_buffer(r.buffer)) for r in state.targets.values()
+    }
     buffers = {name: b.clone() for name, b in gm.named_buffers() if id(b) not in skip}  # BatchNorm statistics, ...
     for m in all_observers:
         m.enabled = False
@@ -139,9 +151,14 @@ def replay_calibration(gm: GraphModule, state: SparsityState, observers: Iterabl
     _replay(gm, state, observers)
 
 
-def reconstruct_in_order(gm: GraphModule, state: SparsityState, records: list[TargetRecord],
-                         new_masks: MutableMapping[str, Any], new_weights: dict[str, Tensor],
-                         on_solved: Callable[[str], None] | None = None) -> None:
+def reconstruct_in_order(
+    gm: GraphModule,
+    state: SparsityState,
+    records: list[TargetRecord],
+    new_masks: MutableMapping[str, Any],
+    new_weights: dict[str, Tensor],
+    on_solved: Callable[[str], None] | None = None,
+) -> None:
     """Prune ``records`` (sequential targets) level after level, writing each level before the next is calibrated.
     ``on_solved(name)`` is called after each target's solve (the step's progress display).
 
@@ -177,8 +194,11 @@ def solve_all(gm: GraphModule, state: SparsityState, records: list[TargetRecord]
     (:func:`fx_sparsify.distributed.solve_split`)."""
     by_name = {r.name: r for r in records}
     solved = distributed.solve_split(
-        list(by_name), [_solve_cost(gm, r) for r in records],
-        lambda name: _solve(gm, state, by_name[name]), lambda name: _solve_template(gm, by_name[name]))
+        list(by_name),
+        [_solve_cost(gm, r) for r in records],
+        lambda name: _solve(gm, state, by_name[name]),
+        lambda name: _solve_template(gm, by_name[name]),
+    )
     return {name: (keep, weight) for name, (keep, weight) in solved.items()}
 
 
@@ -215,9 +235,7 @@ def _defer_later_levels(gm: GraphModule, state: SparsityState) -> None:
 def _record(module: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Forward pre-hook: keep the inputs of a calibration forward (one where a Hessian observer listens)."""
     state = state_of(module)
-    if state.calibration.replaying or not any(
-        m.enabled for m in module.modules() if isinstance(m, HessianObserver)
-    ):
+    if state.calibration.replaying or not any(m.enabled for m in module.modules() if isinstance(m, HessianObserver)):
         return
     if state.calibration.deferred is None:  # the first calibration forward
         _defer_later_levels(module, state)

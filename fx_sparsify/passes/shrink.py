@@ -61,11 +61,16 @@ def _embedding(m: Any) -> None:
 #: module type → how to refresh its size attributes from its (shrunk) tensors
 REFRESH: dict[type[nn.Module], Callable[[nn.Module], None]] = {
     nn.Linear: _linear,
-    nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
-    nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Conv3d: _conv,
+    nn.BatchNorm1d: _batch_norm,
+    nn.BatchNorm2d: _batch_norm,
+    nn.BatchNorm3d: _batch_norm,
     nn.Embedding: _embedding,
     # heads removed: the attention computes with num_heads * head_dim < embed_dim (its out_proj has fewer inputs)
-    nn.MultiheadAttention: as_head_pruned, HeadPrunedMultiheadAttention: as_head_pruned,
+    nn.MultiheadAttention: as_head_pruned,
+    HeadPrunedMultiheadAttention: as_head_pruned,
     nn.modules.linear.NonDynamicallyQuantizableLinear: _linear,
 }
 
@@ -249,7 +254,9 @@ def remove_channels(gm: GraphModule, state: SparsityState, keeps: Mapping[int, T
             assert old is not None
             new = old.detach()
             for d, idx in sorted(dims.items()):
-                kept = torch.tensor([i for i in range(new.shape[d]) if i not in idx], dtype=torch.long, device=new.device)
+                kept = torch.tensor(
+                    [i for i in range(new.shape[d]) if i not in idx], dtype=torch.long, device=new.device
+                )
                 new = new.index_select(d, kept)
             _replace(gm, paths, old, new.contiguous())
     nodes = {n.name: n for n in gm.graph.nodes}

@@ -80,6 +80,7 @@ MARGIN = 0.9
 #: below this fraction of zeros not even the bitmask kernel can pay (its byte ratio is ~0.78x at 25 %)
 BITMASK_MIN_SPARSITY = 0.25
 
+
 @dataclass(frozen=True)
 class StorageChoice:
     """What ``squash(storage=...)`` did with one layer, and why."""
@@ -176,37 +177,56 @@ def _recorded(site: Site, wanted: str, weight: Tensor, zeros: float) -> tuple[nn
     if wanted == "bitmask":
         return BitmaskLinear(weight, site.bias, site.spatial), StorageChoice(site.layer, shape, zeros, "bitmask", why)
     if wanted == "csr":
-        return SparseLinear(weight, site.bias, "csr", 1, site.spatial), StorageChoice(site.layer, shape, zeros, "csr",
-                                                                                      why)
+        return SparseLinear(weight, site.bias, "csr", 1, site.spatial), StorageChoice(
+            site.layer, shape, zeros, "csr", why
+        )
     block = int(wanted.split()[1].split("x")[0]) if wanted.startswith("bsr ") else 0
     if block and _block_of(weight.reshape(shape[0], -1)) % block == 0:
-        return (SparseLinear(weight, site.bias, "bsr", block, site.spatial),
-                StorageChoice(site.layer, shape, zeros, wanted, why))
-    raise ValueError(f"squash(storage=choices): layer {site.layer!r} was recorded as {wanted!r}, which its weight "
-                     "cannot take now (its zeros no longer form those blocks); record the choices again")
+        return (
+            SparseLinear(weight, site.bias, "bsr", block, site.spatial),
+            StorageChoice(site.layer, shape, zeros, wanted, why),
+        )
+    raise ValueError(
+        f"squash(storage=choices): layer {site.layer!r} was recorded as {wanted!r}, which its weight "
+        "cannot take now (its zeros no longer form those blocks); record the choices again"
+    )
 
 
-def _transposed(site: Site, storage: str, batch_size: int, recorded: dict[str, str] | None, weight: Tensor,
-                zeros: float) -> tuple[nn.Module | None, StorageChoice]:
+def _transposed(
+    site: Site, storage: str, batch_size: int, recorded: dict[str, str] | None, weight: Tensor, zeros: float
+) -> tuple[nn.Module | None, StorageChoice]:
     """A GPT-2 ``Conv1D`` (weight ``[in, out]``, ``x @ W + b``): bitmask storage or dense (the CSR / BSR layer
     takes ``[out, in]`` weights)."""
     shape = tuple(weight.shape)
     wanted = recorded.get(site.layer, "dense") if recorded is not None else storage
-    problem = _bitmask_problem(weight) if wanted != "bitmask" else (
-        weight.dtype not in BITMASK_DTYPES and f"{weight.dtype} has no bitmask kernel (float32 / bfloat16)")
+    problem = (
+        _bitmask_problem(weight)
+        if wanted != "bitmask"
+        else (weight.dtype not in BITMASK_DTYPES and f"{weight.dtype} has no bitmask kernel (float32 / bfloat16)")
+    )
     if wanted == "dense" or problem or wanted not in ("bitmask", "auto", "auto-model"):
         why = "recorded choice" if wanted == "dense" else problem or "a Conv1D (weight [in, out]): bitmask storage only"
         return None, StorageChoice(site.layer, shape, zeros, "dense", why)
     layer = BitmaskLinear(weight, site.bias, transposed=True)
     if wanted == "bitmask":
-        return layer, StorageChoice(site.layer, shape, zeros, "bitmask",
-                                    "recorded choice" if recorded is not None else "storage='bitmask' asked for")
+        return layer, StorageChoice(
+            site.layer,
+            shape,
+            zeros,
+            "bitmask",
+            "recorded choice" if recorded is not None else "storage='bitmask' asked for",
+        )
     if wanted == "auto-model":
         ratio = modelled_ratio(zeros, weight.dtype, batch_size, _native.bitmask_isa(), weight.numel())
         margin, how = MODEL_MARGIN, "modelled"
     elif zeros < BITMASK_MIN_SPARSITY:
-        return None, StorageChoice(site.layer, shape, zeros, "dense", f"{zeros:.0%} zeros: below the "
-                                   f"{BITMASK_MIN_SPARSITY:.0%} where a sparse kernel can pay (cost model)")
+        return None, StorageChoice(
+            site.layer,
+            shape,
+            zeros,
+            "dense",
+            f"{zeros:.0%} zeros: below the {BITMASK_MIN_SPARSITY:.0%} where a sparse kernel can pay (cost model)",
+        )
     else:
         t_dense, t_sparse = MEASURE(weight, site.bias, layer, batch_size)
         ratio, margin, how = t_sparse / t_dense, MARGIN, "measured"
@@ -216,8 +236,9 @@ def _transposed(site: Site, storage: str, batch_size: int, recorded: dict[str, s
     return None, StorageChoice(site.layer, shape, zeros, "dense", why + f" (sparse only at <= {margin}x)", ratio)
 
 
-def _decide(site: Site, storage: str, batch_size: int, masked: bool,
-            recorded: dict[str, str] | None = None) -> tuple[nn.Module | None, StorageChoice]:
+def _decide(
+    site: Site, storage: str, batch_size: int, masked: bool, recorded: dict[str, str] | None = None
+) -> tuple[nn.Module | None, StorageChoice]:
     weight = site.weight.detach()
     shape = tuple(weight.shape)
     zeros = 1.0 - int((weight != 0).sum()) / max(weight.numel(), 1)
@@ -238,19 +259,32 @@ def _decide(site: Site, storage: str, batch_size: int, masked: bool,
     if storage == "bitmask":
         if weight.dtype not in BITMASK_DTYPES:
             return dense(f"{weight.dtype} has no bitmask kernel (float32 / bfloat16)")
-        return (BitmaskLinear(weight, site.bias, site.spatial),
-                StorageChoice(site.layer, shape, zeros, "bitmask", "storage='bitmask' asked for"))
+        return (
+            BitmaskLinear(weight, site.bias, site.spatial),
+            StorageChoice(site.layer, shape, zeros, "bitmask", "storage='bitmask' asked for"),
+        )
     if storage == "auto-model":
         problem = _bitmask_problem(weight)
         if problem:
             return dense(f"{problem} (auto-model weighs dense and bitmask only)")
         ratio = modelled_ratio(zeros, weight.dtype, batch_size, _native.bitmask_isa(), weight.numel())
         if ratio <= MODEL_MARGIN:
-            return (BitmaskLinear(weight, site.bias, site.spatial),
-                    StorageChoice(site.layer, shape, zeros, "bitmask", f"modelled {ratio:.2f}x dense at batch "
-                                  f"{batch_size} (no timing)", ratio))
-        return dense(f"modelled bitmask {ratio:.2f}x dense at batch {batch_size} (no timing; bitmask only at <= "
-                     f"{MODEL_MARGIN}x)", ratio)
+            return (
+                BitmaskLinear(weight, site.bias, site.spatial),
+                StorageChoice(
+                    site.layer,
+                    shape,
+                    zeros,
+                    "bitmask",
+                    f"modelled {ratio:.2f}x dense at batch {batch_size} (no timing)",
+                    ratio,
+                ),
+            )
+        return dense(
+            f"modelled bitmask {ratio:.2f}x dense at batch {batch_size} (no timing; bitmask only at <= "
+            f"{MODEL_MARGIN}x)",
+            ratio,
+        )
     if weight.device.type == "cpu" and weight.dtype not in KERNEL_DTYPES and _bitmask_problem(weight) is not None:
         return dense(f"{weight.dtype} has no CPU sparse kernel (float32 / float64; bitmask: float32 / bfloat16)")
     matrix = weight.reshape(shape[0], -1)
@@ -263,8 +297,9 @@ def _decide(site: Site, storage: str, batch_size: int, masked: bool,
         return layer, StorageChoice(site.layer, shape, zeros, kind, f"storage={storage!r} asked for")
     # auto: time the candidates against dense
     if zeros < BITMASK_MIN_SPARSITY:
-        return dense(f"{zeros:.0%} zeros: below the {BITMASK_MIN_SPARSITY:.0%} where a sparse kernel can pay "
-                     "(cost model)")
+        return dense(
+            f"{zeros:.0%} zeros: below the {BITMASK_MIN_SPARSITY:.0%} where a sparse kernel can pay (cost model)"
+        )
     candidates: list[nn.Module] = []
     if zeros >= MIN_SPARSITY and (weight.device.type != "cpu" or weight.dtype in KERNEL_DTYPES):
         candidates.append(SparseLinear(weight, site.bias, "csr", 1, site.spatial))
@@ -282,8 +317,9 @@ def _decide(site: Site, storage: str, batch_size: int, masked: bool,
     ratio, best = min(timed, key=lambda t: t[0])
     measured = ", ".join(f"{_name(c)} {r:.2f}x" for r, c in timed)
     if ratio <= MARGIN:
-        return best, StorageChoice(site.layer, shape, zeros, _name(best),
-                                   f"measured {measured} dense at batch {batch_size}", ratio)
+        return best, StorageChoice(
+            site.layer, shape, zeros, _name(best), f"measured {measured} dense at batch {batch_size}", ratio
+        )
     return dense(f"measured {measured} dense at batch {batch_size} (sparse only at <= {MARGIN}x)", ratio)
 
 
@@ -299,19 +335,28 @@ def recorded_choices(storage: Any) -> dict[str, str] | None:
     elif isinstance(storage, (list, tuple)):
         out = {}
         for c in storage:
-            layer, kind = (c.layer, c.storage) if isinstance(c, StorageChoice) else (
-                (c.get("layer"), c.get("storage")) if isinstance(c, Mapping) else (None, None))
+            layer, kind = (
+                (c.layer, c.storage)
+                if isinstance(c, StorageChoice)
+                else ((c.get("layer"), c.get("storage")) if isinstance(c, Mapping) else (None, None))
+            )
             if not isinstance(layer, str):
-                raise TypeError(f"squash(storage=[...]): each recorded choice is a StorageChoice or a dict with "
-                                f"'layer' and 'storage', got {c!r}")
+                raise TypeError(
+                    f"squash(storage=[...]): each recorded choice is a StorageChoice or a dict with "
+                    f"'layer' and 'storage', got {c!r}"
+                )
             out[layer] = kind
     else:
-        raise TypeError(f"squash(storage={storage!r}): a storage name ({', '.join(map(repr, STORAGES))}), a list "
-                        "of recorded choices (small.storage_choices) or a {layer: storage} dict")
+        raise TypeError(
+            f"squash(storage={storage!r}): a storage name ({', '.join(map(repr, STORAGES))}), a list "
+            "of recorded choices (small.storage_choices) or a {layer: storage} dict"
+        )
     for layer, kind in out.items():
         if not isinstance(kind, str) or not (kind in ("dense", "csr", "bitmask") or kind.startswith("bsr ")):
-            raise ValueError(f"squash(storage=choices): layer {layer!r} has storage {kind!r}; recorded choices are "
-                             "'dense', 'csr', 'bsr NxN' or 'bitmask'")
+            raise ValueError(
+                f"squash(storage=choices): layer {layer!r} has storage {kind!r}; recorded choices are "
+                "'dense', 'csr', 'bsr NxN' or 'bitmask'"
+            )
     return out
 
 
@@ -323,8 +368,9 @@ def check_storage(storage: Any, batch_size: int) -> None:
         raise TypeError(f"squash(batch_size={batch_size!r}): the batch size hint must be a positive int")
 
 
-def apply_sparse_storage(gm: GraphModule, state: SparsityState, storage: Any = "csr",
-                         batch_size: int = 1) -> StorageResult:
+def apply_sparse_storage(
+    gm: GraphModule, state: SparsityState, storage: Any = "csr", batch_size: int = 1
+) -> StorageResult:
     """Give the masked Linear / 1×1 Conv layers of the squashed ``gm`` sparse storage, in place.
 
     ``created`` maps each considered layer to ``{"storage": ..., "why": ...}``; ``choices`` holds the
@@ -343,8 +389,10 @@ def apply_sparse_storage(gm: GraphModule, state: SparsityState, storage: Any = "
     check_uses(gm, sites)
     stale = sorted(set(recorded or ()) - set(sites))
     if stale:
-        raise ValueError(f"squash(storage=choices): the recorded layers {stale[:5]} are not linear / 1x1 conv layers "
-                         f"of this module (its layers: {sorted(sites)[:5]}...); record the choices on this model")
+        raise ValueError(
+            f"squash(storage=choices): the recorded layers {stale[:5]} are not linear / 1x1 conv layers "
+            f"of this module (its layers: {sorted(sites)[:5]}...); record the choices on this model"
+        )
     choices: list[StorageChoice] = []
     created: dict[str, dict[str, str]] = {}
     for layer, site in sites.items():
@@ -371,8 +419,11 @@ def _apply_semi_structured(gm: GraphModule, masked: set[str]) -> StorageResult:
     """
     sites = {**module_sites(gm), **function_sites(gm)}
     check_uses(gm, sites)
-    linear = {layer: site for layer, site in sites.items()
-              if f"{layer}.weight" in masked and not site.spatial and not site.transposed}
+    linear = {
+        layer: site
+        for layer, site in sites.items()
+        if f"{layer}.weight" in masked and not site.spatial and not site.transposed
+    }
     off_gpu = sorted({site.weight.device.type for site in linear.values() if site.weight.device.type != "cuda"})
     if off_gpu or not linear:
         where = f"this module is on {', '.join(off_gpu)}" if off_gpu else "this module has no masked Linear layer"
@@ -391,14 +442,18 @@ def _apply_semi_structured(gm: GraphModule, masked: set[str]) -> StorageResult:
         if layer in linear:
             problem = site.problem or semi_structured_problem(weight)
             if problem:
-                raise ValueError(f"squash(storage='semi_structured'): layer {layer!r} cannot be stored 2:4 "
-                                 f"semi-structured: {problem}; or squash with storage='dense' / 'csr'")
+                raise ValueError(
+                    f"squash(storage='semi_structured'): layer {layer!r} cannot be stored 2:4 "
+                    f"semi-structured: {problem}; or squash with storage='dense' / 'csr'"
+                )
             try:
                 layers[layer] = SemiStructuredLinear(weight, site.bias)
             except (RuntimeError, NotImplementedError) as err:  # torch's shape / device-capability checks
-                raise ValueError(f"squash(storage='semi_structured'): layer {layer!r} ({tuple(weight.shape)}, "
-                                 f"{weight.dtype}): torch.sparse.to_sparse_semi_structured refused it: {err}; "
-                                 "squash with storage='dense' instead") from None
+                raise ValueError(
+                    f"squash(storage='semi_structured'): layer {layer!r} ({tuple(weight.shape)}, "
+                    f"{weight.dtype}): torch.sparse.to_sparse_semi_structured refused it: {err}; "
+                    "squash with storage='dense' instead"
+                ) from None
             choice = StorageChoice(layer, tuple(weight.shape), zeros, "semi_structured", "2:4 on CUDA, asked for")
         else:
             why = "not a masked weight" if f"{layer}.weight" not in masked else "a 1x1 conv (2:4 kernels: Linear only)"
@@ -429,7 +484,20 @@ def _install(gm: GraphModule, site: Site, layer: nn.Module) -> None:
 
 def storage_table(choices: list[StorageChoice]) -> str:
     """The per-layer storage decisions as a table (``time / dense``: the ratio auto measured or modelled)."""
-    rows = [[c.layer, "x".join(map(str, c.shape)), f"{c.sparsity:.1%}", c.storage,
-             "-" if c.ratio is None else f"{c.ratio:.2f}x", c.why] for c in choices]
-    return tabulate(rows, headers=["layer", "shape", "zeros", "storage", "time / dense", "why"], tablefmt="github",
-                    disable_numparse=True)
+    rows = [
+        [
+            c.layer,
+            "x".join(map(str, c.shape)),
+            f"{c.sparsity:.1%}",
+            c.storage,
+            "-" if c.ratio is None else f"{c.ratio:.2f}x",
+            c.why,
+        ]
+        for c in choices
+    ]
+    return tabulate(
+        rows,
+        headers=["layer", "shape", "zeros", "storage", "time / dense", "why"],
+        tablefmt="github",
+        disable_numparse=True,
+    )

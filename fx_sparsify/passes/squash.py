@@ -34,8 +34,16 @@ from ..state import SparsityState, TargetRecord
 from ._runner import PassResult, eliminate_dead_code, finish, run_passes
 from .layer_index import LayerIndex
 
-__all__ = ["fold_masks", "fold_weight_masks", "fold_activation_masks", "activation_fold", "restore_module_calls",
-           "strip", "shallow_copy", "replace_tensor"]
+__all__ = [
+    "fold_masks",
+    "fold_weight_masks",
+    "fold_activation_masks",
+    "activation_fold",
+    "restore_module_calls",
+    "strip",
+    "shallow_copy",
+    "replace_tensor",
+]
 
 
 def fold_weight_masks(gm: GraphModule, state: SparsityState) -> PassResult:
@@ -103,7 +111,9 @@ def _fold_into_weight(weight: Tensor, vector: Tensor) -> Tensor:
         return weight * vector.to(weight.dtype) + 0.0  # + 0.0: pruned columns hold +0.0, never -0.0
     groups = vector.numel() // weight.shape[1]
     grouped = weight.view(groups, weight.shape[0] // groups, weight.shape[1], *weight.shape[2:])
-    return (grouped * vector.to(weight.dtype).view(groups, 1, weight.shape[1], *([1] * (weight.dim() - 2))) + 0.0).view(weight.shape)
+    return (grouped * vector.to(weight.dtype).view(groups, 1, weight.shape[1], *([1] * (weight.dim() - 2))) + 0.0).view(
+        weight.shape
+    )
 
 
 def fold_activation_masks(gm: GraphModule, state: SparsityState) -> PassResult:
@@ -151,9 +161,10 @@ def _dense_feature_mask(gm: GraphModule, record: TargetRecord, mask: Tensor) -> 
             f"squash(): the per-feature mask of {record.name!r} needs the input's shape; run one forward pass "
             "through the sparse module before squash()"
         )
-    rule = record.rule
-    dense = ops.mask_activation(torch.ones(observer.input_shape, dtype=mask.dtype, device=mask.device), mask,
-                                rule.features, rule.feature_dim)  # type: ignore[union-attr]
+    rule: Any = record.rule  # an activation rule (features, feature_dim)
+    dense = ops.mask_activation(
+        torch.ones(observer.input_shape, dtype=mask.dtype, device=mask.device), mask, rule.features, rule.feature_dim
+    )
     return dense[0] if bool((dense == dense[:1]).all()) else dense
 
 

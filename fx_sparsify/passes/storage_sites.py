@@ -59,7 +59,11 @@ class Site:
 
 def conv_problem(kernel: tuple[int, ...], stride: Any, padding: Any, groups: int) -> str | None:
     ones = tuple(int(s) for s in (stride if isinstance(stride, (tuple, list)) else [stride]))
-    pads = padding if isinstance(padding, str) else tuple(int(p) for p in (padding if isinstance(padding, (tuple, list)) else [padding]))
+    pads = (
+        padding
+        if isinstance(padding, str)
+        else tuple(int(p) for p in (padding if isinstance(padding, (tuple, list)) else [padding]))
+    )
     if any(k != 1 for k in kernel):
         return f"a {'x'.join(map(str, kernel))} conv (only 1x1 convs are matrix products)"
     if any(s != 1 for s in ones):
@@ -83,8 +87,9 @@ def module_sites(gm: GraphModule) -> dict[str, Site]:
             continue
         site = sites.get(node.target)
         if site is None:
-            site = sites[node.target] = Site(node.target, module.weight, module.bias, spatial or 0, [],
-                                              transposed=transposed)
+            site = sites[node.target] = Site(
+                node.target, module.weight, module.bias, spatial or 0, [], transposed=transposed
+            )
             if spatial:
                 site.problem = conv_problem(module.kernel_size, module.stride, module.padding, module.groups)
             if module._forward_hooks or module._forward_pre_hooks:
@@ -109,17 +114,24 @@ def function_sites(gm: GraphModule) -> dict[str, Site]:
         if b is not None and not (isinstance(b, Node) and b.op == "get_attr" and b.target == f"{layer}.bias"):
             continue
         transposed = node.target in TRANSPOSED_FUNCTIONS
-        if transposed and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or w.meta.get(
-                "val") is not None and w.meta["val"].dim() != 2):
+        if transposed and (
+            node.kwargs.get("beta", 1) != 1
+            or node.kwargs.get("alpha", 1) != 1
+            or w.meta.get("val") is not None
+            and w.meta["val"].dim() != 2
+        ):
             continue
         site = sites.get(layer)
         if site is None:
             holder: Any = gm.get_submodule(layer)
-            site = sites[layer] = Site(layer, holder.weight, getattr(holder, "bias", None), spatial, [],
-                                        transposed=transposed)
+            site = sites[layer] = Site(
+                layer, holder.weight, getattr(holder, "bias", None), spatial, [], transposed=transposed
+            )
             others = [n for n, _ in holder.named_children()] + [
-                n for n, _ in [*holder.named_parameters(recurse=False), *holder.named_buffers(recurse=False)]
-                if n not in ("weight", "bias")]
+                n
+                for n, _ in [*holder.named_parameters(recurse=False), *holder.named_buffers(recurse=False)]
+                if n not in ("weight", "bias")
+            ]
             if others:
                 site.problem = f"{layer!r} holds more than the layer's weight and bias ({', '.join(others[:3])})"
         if site.spatial != spatial or site.transposed != transposed:
@@ -127,8 +139,12 @@ def function_sites(gm: GraphModule) -> dict[str, Site]:
         if conv is not None:
             si, pi, _, gi = conv
             args = list(node.args) + [None] * 7
-            problem = conv_problem(tuple(site.weight.shape[2:]), args[si] if args[si] is not None else 1,
-                                    args[pi] if args[pi] is not None else 0, args[gi] if args[gi] is not None else 1)
+            problem = conv_problem(
+                tuple(site.weight.shape[2:]),
+                args[si] if args[si] is not None else 1,
+                args[pi] if args[pi] is not None else 0,
+                args[gi] if args[gi] is not None else 1,
+            )
             site.problem = site.problem or problem
         site.nodes.append(node)
     return sites
@@ -152,4 +168,6 @@ def check_uses(gm: GraphModule, sites: dict[str, Site]) -> None:
     for site in sites.values():
         names = owners.get(id(site.weight), [])
         if len(names) > 1:
-            site.problem = site.problem or f"its weight is tied to {', '.join(n for n in names if n != site.layer + '.weight')}"
+            site.problem = (
+                site.problem or f"its weight is tied to {', '.join(n for n in names if n != site.layer + '.weight')}"
+            )

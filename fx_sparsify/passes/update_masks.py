@@ -44,11 +44,27 @@ from ..methods.wanda import PER_ROW, per_row_mask
 from ..state import SparsityState, TargetRecord, current_options
 from .channels import CHANNELS
 from .channels.importance import step_channels
-from .reconstruct import (RECONSTRUCTING, check_calibrated, is_sequential, reconstruct_in_order, replay_calibration,
-                          solve_all)
+from .reconstruct import (
+    RECONSTRUCTING,
+    check_calibrated,
+    is_sequential,
+    reconstruct_in_order,
+    replay_calibration,
+    solve_all,
+)
 
-__all__ = ["update_masks", "weight_scores", "check_options", "check_targets", "apply_masks_inplace", "StepStrategy",
-           "StepWork", "STEP_STRATEGIES", "register_step_strategy", "strategy_of"]
+__all__ = [
+    "update_masks",
+    "weight_scores",
+    "check_options",
+    "check_targets",
+    "apply_masks_inplace",
+    "StepStrategy",
+    "StepWork",
+    "STEP_STRATEGIES",
+    "register_step_strategy",
+    "strategy_of",
+]
 
 
 def weight_scores(gm: GraphModule, record: TargetRecord) -> Tensor:
@@ -67,8 +83,10 @@ def weight_scores(gm: GraphModule, record: TargetRecord) -> Tensor:
         if made is None or isinstance(made, (str, bytes, dict)):
             name = getattr(scores_spec, "__name__", type(scores_spec).__name__)
             got = "None" if made is None else type(made).__name__
-            raise TypeError(f"target {record.name!r}: the scores callable {name!r} returned {got}; it must return a "
-                            f"tensor of the weight's shape {tuple(weight.shape)} (higher scores are kept)")
+            raise TypeError(
+                f"target {record.name!r}: the scores callable {name!r} returned {got}; it must return a "
+                f"tensor of the weight's shape {tuple(weight.shape)} (higher scores are kept)"
+            )
         scores = torch.as_tensor(made).detach()
     else:
         found = find_tensor(gm, scores_spec)
@@ -106,14 +124,17 @@ def check_options(entries: Iterable[tuple[str, str, tuple[int, ...], dict[str, A
     for members in groups.values():
         _, method, _, options = members[0]
         total = (sum(math.prod(shape) for _, _, shape, _ in members),)
-        get_mask_method(method).check_shape(total, options, f"global rule over {', '.join(name for name, *_ in members)}")
+        get_mask_method(method).check_shape(
+            total, options, f"global rule over {', '.join(name for name, *_ in members)}"
+        )
 
 
 def check_targets(state: SparsityState) -> None:
     """:func:`check_options` for every weight target of ``state`` at the current step's options."""
     check_options(
         (r.name, r.method, r.shape, current_options(state, r), r.group)
-        for r in state.targets.values() if r.kind != "activation" and r.method != CHANNELS
+        for r in state.targets.values()
+        if r.kind != "activation" and r.method != CHANNELS
     )
 
 
@@ -234,8 +255,14 @@ def _step_global(work: StepWork, records: list[TargetRecord]) -> None:
     for g, members in groups.items():
         with _for_target(f"global rule over {', '.join(map(repr, (r.name for r in members)))}"):
             first = members[0]
-            parts = global_masks(first.method, (weight_scores(work.gm, r) for r in members), [r.numel for r in members],
-                                 work.options(first), seed=work.state.spec.seed, name=f"global:{g}")
+            parts = global_masks(
+                first.method,
+                (weight_scores(work.gm, r) for r in members),
+                [r.numel for r in members],
+                work.options(first),
+                seed=work.state.spec.seed,
+                name=f"global:{g}",
+            )
         for r, part in zip(members, parts):
             work.new_masks[r.name] = pending(part.view(r.shape))
 
@@ -246,9 +273,14 @@ def _step_channels(work: StepWork, records: list[TargetRecord]) -> None:
     plan, state = work.state.channels, work.state
     if plan is None:
         return
-    masks, params = step_channels(work.gm, plan, {r.name: r.buffer for r in records}, state.steps,  # type: ignore[misc]
-                                  replay=lambda observers: replay_calibration(work.gm, state, observers),
-                                  on_refit=lambda n: work.progress.update(n, "channels") if n else None)
+    masks, params = step_channels(
+        work.gm,
+        plan,
+        {r.name: r.buffer for r in records},
+        state.steps,  # type: ignore[misc]
+        replay=lambda observers: replay_calibration(work.gm, state, observers),
+        on_refit=lambda n: work.progress.update(n, "channels") if n else None,
+    )
     work.new_masks.update(masks)
     for name, value in params.items():
         (work.new_weights if name in state.targets else work.new_params)[name] = value
@@ -268,8 +300,14 @@ def _step_sequential(work: StepWork, records: list[TargetRecord]) -> None:
     levels before it, pruned (it writes masks and weights as it goes, and puts them back if it fails)."""
     work.restart.extend(r.observer for r in records)  # type: ignore[misc]
     if records:
-        reconstruct_in_order(work.gm, work.state, records, work.new_masks, work.new_weights,
-                             on_solved=lambda name: work.progress.update(1, name))
+        reconstruct_in_order(
+            work.gm,
+            work.state,
+            records,
+            work.new_masks,
+            work.new_weights,
+            on_solved=lambda name: work.progress.update(1, name),
+        )
 
 
 def _step_reconstruct(work: StepWork, records: list[TargetRecord]) -> None:
@@ -281,8 +319,11 @@ def _step_reconstruct(work: StepWork, records: list[TargetRecord]) -> None:
     work.restart.extend(r.observer for r in records)  # type: ignore[misc]
 
 
-def _plain_mask(work: StepWork, record: TargetRecord,
-                compute: Callable[[Tensor, torch.Generator, dict[str, Any]], Tensor | PackedMask]) -> None:
+def _plain_mask(
+    work: StepWork,
+    record: TargetRecord,
+    compute: Callable[[Tensor, torch.Generator, dict[str, Any]], Tensor | PackedMask],
+) -> None:
     scores = weight_scores(work.gm, record)
     gen = generator_for(work.state.spec.seed, record.name, scores.device)
     mask = compute(scores, gen, work.options(record))
@@ -317,8 +358,11 @@ STEP_STRATEGIES: list[StepStrategy] = [
     StepStrategy("module", lambda r: r.module is not None, each=_step_module),
     StepStrategy("reconstructing sequential", is_sequential, together=_step_sequential),
     StepStrategy("reconstructing", lambda r: r.method in RECONSTRUCTING, together=_step_reconstruct),
-    StepStrategy("wanda rows", lambda r: getattr(r.rule, "scores", None) == "wanda" and r.method in PER_ROW,
-                 each=_step_wanda_rows),
+    StepStrategy(
+        "wanda rows",
+        lambda r: getattr(r.rule, "scores", None) == "wanda" and r.method in PER_ROW,
+        each=_step_wanda_rows,
+    ),
     StepStrategy("plain", lambda r: True, each=_step_plain),
 ]
 
@@ -333,8 +377,10 @@ def register_step_strategy(strategy: StepStrategy, *, before: str = "plain", ove
     names = [s.name for s in STEP_STRATEGIES]
     if strategy.name in names:
         if not override:
-            raise ValueError(f"a step strategy named {strategy.name!r} is already registered; pass override=True "
-                             "to replace it, or choose another name")
+            raise ValueError(
+                f"a step strategy named {strategy.name!r} is already registered; pass override=True "
+                "to replace it, or choose another name"
+            )
         STEP_STRATEGIES[names.index(strategy.name)] = strategy
         return strategy
     if before not in names:
@@ -357,8 +403,11 @@ def update_masks(gm: GraphModule, state: SparsityState, verbose: bool = False) -
     work = StepWork(gm, state)
     solves = sum(1 for r in state.targets.values() if r.method in RECONSTRUCTING)
     plan = state.channels
-    refits = 0 if plan is None else sum(
-        1 for g in plan.groups if g.rule is not None and g.removable and plan.rules[g.rule].reconstruct)
+    refits = (
+        0
+        if plan is None
+        else sum(1 for g in plan.groups if g.rule is not None and g.removable and plan.rules[g.rule].reconstruct)
+    )
     what = "step: sparsegpt" if not refits else "step: reconstruct" if not solves else "step: solves"
     work.progress = progress(solves + refits, what, enabled=verbose, unit="layer" if not refits else "solve")
     strategies = list(STEP_STRATEGIES)

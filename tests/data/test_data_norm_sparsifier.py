@@ -78,8 +78,14 @@ def test_chunked_processing_equals_reference(monkeypatch):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    h=st.integers(1, 12), w=st.integers(1, 24), bh=st.integers(1, 4), bw=st.integers(1, 6),
-    level=st.floats(0, 1), zfrac=st.floats(0, 1), norm=st.sampled_from(["L1", "L2"]), seed=st.integers(0, 99),
+    h=st.integers(1, 12),
+    w=st.integers(1, 24),
+    bh=st.integers(1, 4),
+    bw=st.integers(1, 6),
+    level=st.floats(0, 1),
+    zfrac=st.floats(0, 1),
+    norm=st.sampled_from(["L1", "L2"]),
+    seed=st.integers(0, 99),
 )
 def test_property_reference_tie_break_matches_reference(h, w, bh, bw, level, zfrac, norm, seed):
     assume(h * w > 1)  # the reference crashes (IndexError) on data that squeezes to 0-D
@@ -113,7 +119,11 @@ def test_configs_equal_reference():
     assert ours.defaults == ref.defaults
     assert ours.data_groups == dict(ref.data_groups)
     d = fxd.DataNormSparsifier(sparse_block_shape=(1, 2))
-    assert d.defaults["zeros_per_block"] == 2 == RefDataNormSparsifier(sparse_block_shape=(1, 2)).defaults["zeros_per_block"]
+    assert (
+        d.defaults["zeros_per_block"]
+        == 2
+        == RefDataNormSparsifier(sparse_block_shape=(1, 2)).defaults["zeros_per_block"]
+    )
 
 
 def test_repeated_step_is_stable_and_mask_object_kept():

@@ -99,8 +99,11 @@ def test_an_int_sparsity_that_looks_like_a_percentage_warns_at_add_data() -> Non
     import warnings
 
     sparsifier = fxd.DataSparsifier(method="l1_unstructured", sparsity=50)
-    with pytest.warns(UserWarning, match=r"DataSparsifier data 'emb': sparsity=50 is an int, so it prunes 50 of the "
-                                         r"6400 entries") as caught:
+    with pytest.warns(
+        UserWarning,
+        match=r"DataSparsifier data 'emb': sparsity=50 is an int, so it prunes 50 of the "
+        r"6400 entries",
+    ) as caught:
         sparsifier.add_data("emb", torch.randn(100, 64))
     assert caught[0].filename == __file__  # points at the user's call
     with warnings.catch_warnings():

@@ -17,15 +17,24 @@ def _gen(seed: int = 0) -> torch.Generator:
 # ---- counting -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("amount", "n", "k"), [(0.5, 5, 2), (0.7, 5, 4), (0.5, 7, 4), (0.25, 10, 2), (3, 5, 3), (0, 4, 0), (1.0, 4, 4)])
+@pytest.mark.parametrize(
+    ("amount", "n", "k"), [(0.5, 5, 2), (0.7, 5, 4), (0.5, 7, 4), (0.25, 10, 2), (3, 5, 3), (0, 4, 0), (1.0, 4, 4)]
+)
 def test_count_to_prune_rounds_half_to_even(amount: float, n: int, k: int) -> None:
     assert count_to_prune(amount, n) == k
 
 
 @pytest.mark.parametrize(
     ("amount", "error", "match"),
-    [(1.5, ValueError, "in \\[0, 1\\]"), (-0.1, ValueError, "in \\[0, 1\\]"), (-1, ValueError, "count"),
-     (11, ValueError, "\\[0, 10\\]"), ("0.5", TypeError, "str"), (True, TypeError, "bool"), (math.nan, ValueError, "fraction")],
+    [
+        (1.5, ValueError, "in \\[0, 1\\]"),
+        (-0.1, ValueError, "in \\[0, 1\\]"),
+        (-1, ValueError, "count"),
+        (11, ValueError, "\\[0, 10\\]"),
+        ("0.5", TypeError, "str"),
+        (True, TypeError, "bool"),
+        (math.nan, ValueError, "fraction"),
+    ],
 )
 def test_count_to_prune_rejects(amount: object, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
@@ -36,8 +45,10 @@ def test_count_to_prune_rejects(amount: object, error: type[Exception], match: s
 @pytest.mark.parametrize("k", [0, 1, 5, 9, 10, 11, 12])
 def test_exact_counts_under_ties(method: str, k: int) -> None:
     t = torch.tensor([-2.0, 0.0, 2.0, 2.0, 0.0, -2.0, 0.0, 2.0, -2.0, 0.0, 2.0, 0.0]).reshape(3, 4)
-    mask = compute_mask(method, t, sparsity=k, generator=_gen()) if method.startswith("random") else compute_mask(
-        method, t, sparsity=k
+    mask = (
+        compute_mask(method, t, sparsity=k, generator=_gen())
+        if method.startswith("random")
+        else compute_mask(method, t, sparsity=k)
     )
     assert int((~mask).sum()) == k
     # everything pruned ranks no higher than anything kept
@@ -80,7 +91,9 @@ def test_topk_needs_exactly_one_amount(kwargs: dict[str, float]) -> None:
 
 def test_threshold_and_dense() -> None:
     t = torch.tensor([-0.3, 0.1, 0.2, -0.05, 0.0])
-    torch.testing.assert_close(compute_mask("threshold", t, threshold=0.1), torch.tensor([True, True, True, False, False]))
+    torch.testing.assert_close(
+        compute_mask("threshold", t, threshold=0.1), torch.tensor([True, True, True, False, False])
+    )
     assert bool(compute_mask("dense", t).all())
     with pytest.raises(ValueError, match="negative"):
         compute_mask("threshold", t, threshold=-1.0)
@@ -119,9 +132,14 @@ def test_nm_shorthands() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
-    [({"n": 2, "m": 3}, ValueError, "not divisible by m=3"), ({"n": 5, "m": 4}, ValueError, "n must be <= m"),
-     ({"n": 2, "m": 4, "dim": 2}, ValueError, "out of range"), ({"n": 2.0, "m": 4}, TypeError, "int"),
-     ({"n": -1, "m": 4}, ValueError, ">= 0"), ({"n": 0, "m": 0}, ValueError, ">= 1")],
+    [
+        ({"n": 2, "m": 3}, ValueError, "not divisible by m=3"),
+        ({"n": 5, "m": 4}, ValueError, "n must be <= m"),
+        ({"n": 2, "m": 4, "dim": 2}, ValueError, "out of range"),
+        ({"n": 2.0, "m": 4}, TypeError, "int"),
+        ({"n": -1, "m": 4}, ValueError, ">= 0"),
+        ({"n": 0, "m": 0}, ValueError, ">= 1"),
+    ],
 )
 def test_nm_errors(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
@@ -160,13 +178,15 @@ def test_block_on_1d_and_3d() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
-    [({"sparsity": 0.5, "block_shape": (2, 2), "zeros_per_block": 5}, ValueError, "more than the 4"),
-     ({"sparsity": 0.5, "block_shape": (0, 4)}, ValueError, "positive"),
-     ({"sparsity": 0.5, "block_shape": "1x4"}, TypeError, "tuple of ints"),
-     ({"sparsity": 0.5, "p": 0}, ValueError, "p > 0"),
-     ({"sparsity": 1.5}, ValueError, "\\[0, 1\\]"),
-     ({"sparsity": 0.5, "zeros_per_block": -1}, ValueError, ">= 0"),
-     ({"sparsity": 0.5, "block_shape": (2, 1, 4)}, ValueError, "more dims")],
+    [
+        ({"sparsity": 0.5, "block_shape": (2, 2), "zeros_per_block": 5}, ValueError, "more than the 4"),
+        ({"sparsity": 0.5, "block_shape": (0, 4)}, ValueError, "positive"),
+        ({"sparsity": 0.5, "block_shape": "1x4"}, TypeError, "tuple of ints"),
+        ({"sparsity": 0.5, "p": 0}, ValueError, "p > 0"),
+        ({"sparsity": 1.5}, ValueError, "\\[0, 1\\]"),
+        ({"sparsity": 0.5, "zeros_per_block": -1}, ValueError, ">= 0"),
+        ({"sparsity": 0.5, "block_shape": (2, 1, 4)}, ValueError, "more dims"),
+    ],
 )
 def test_block_errors(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
@@ -189,9 +209,14 @@ def test_structured_errors(method: str) -> None:
 # ---- random -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "kwargs"), [("random_unstructured", {"sparsity": 0.5}),
-                                                  ("random_structured", {"sparsity": 0.5, "dim": 1}),
-                                                  ("bernoulli", {"density": 0.3})])
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [
+        ("random_unstructured", {"sparsity": 0.5}),
+        ("random_structured", {"sparsity": 0.5, "dim": 1}),
+        ("bernoulli", {"density": 0.3}),
+    ],
+)
 def test_random_methods_follow_the_generator(method: str, kwargs: dict[str, float]) -> None:
     t = torch.randn(32, 64)
     a = compute_mask(method, t, generator=_gen(7), **kwargs)

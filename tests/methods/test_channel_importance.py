@@ -72,8 +72,12 @@ def test_damped_refit_is_the_ridge_minimiser() -> None:
     keep = torch.tensor([0, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
     damp, rows, k = 0.3, x.shape[0], int(keep.sum())
     lam = damp * float(x.square().mean(0).mean())
-    a = torch.cat([torch.cat([x[:, keep], torch.ones(rows, 1, dtype=F64)], 1) / math.sqrt(rows),
-                   torch.cat([math.sqrt(lam) * torch.eye(k, dtype=F64), torch.zeros(k, 1, dtype=F64)], 1)])
+    a = torch.cat(
+        [
+            torch.cat([x[:, keep], torch.ones(rows, 1, dtype=F64)], 1) / math.sqrt(rows),
+            torch.cat([math.sqrt(lam) * torch.eye(k, dtype=F64), torch.zeros(k, 1, dtype=F64)], 1),
+        ]
+    )
     y = torch.cat([(x @ w.T + b) / math.sqrt(rows), math.sqrt(lam) * w[:, keep].T])
     sol = torch.linalg.lstsq(a, y).solution
     w2, b2 = refit(_stats(x, w, b), keep, damp)

@@ -13,9 +13,10 @@ from fx_sparsify.methods._selectors import prune_smallest
 @pytest.mark.parametrize("sizes", [[(3, 4)], [(300, 200), (100,), (250, 160)], [(512, 300), (7, 9)]])
 @pytest.mark.parametrize("fraction", [0.0, 0.2, 0.5, 0.97, 1.0])
 @pytest.mark.parametrize("absolute", [True, False])
-def test_many_equals_the_concatenation(sizes: list[tuple[int, ...]], fraction: float, absolute: bool,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_selectors, "_CHUNK", 5000)  # ties across chunk and tensor borders
+def test_many_equals_the_concatenation(
+    sizes: list[tuple[int, ...]], fraction: float, absolute: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_selectors, "CHUNK", 5000)  # ties across chunk and tensor borders
     gen = torch.Generator().manual_seed(len(sizes))
     tensors = [(torch.randint(-40, 40, s, generator=gen).float() / 9) for s in sizes]
     tensors[-1] = tensors[-1].to(torch.bfloat16)  # mixed dtypes compare as float32, like a float cat

@@ -49,7 +49,9 @@ def test_exact_count_methods_prune_exactly_k(t: torch.Tensor, amount: float | in
 
 @SETTINGS
 @given(tensors(min_dims=2), amounts, st.sampled_from([1, 2, math.inf]), st.data())
-def test_structured_prunes_exactly_k_whole_slices(t: torch.Tensor, amount: float | int, p: float, data: st.DataObject) -> None:
+def test_structured_prunes_exactly_k_whole_slices(
+    t: torch.Tensor, amount: float | int, p: float, data: st.DataObject
+) -> None:
     dim = data.draw(st.integers(-t.dim(), t.dim() - 1))
     amount = _amount(amount, t.shape[dim])
     k = count_to_prune(amount, t.shape[dim])
@@ -71,12 +73,16 @@ def test_nm_holds_in_every_group(t: torch.Tensor, m: int, data: st.DataObject) -
     assert bool((groups.sum(1) == n).all())
     scores = t.abs().float().movedim(dim, -1).reshape(-1, m)
     if 0 < n < m:
-        assert bool((torch.where(groups, -math.inf, scores).amax(1) <= torch.where(groups, scores, math.inf).amin(1)).all())
+        assert bool(
+            (torch.where(groups, -math.inf, scores).amax(1) <= torch.where(groups, scores, math.inf).amin(1)).all()
+        )
 
 
 @SETTINGS
 @given(tensors(min_dims=2, max_dims=2), st.floats(0, 1), st.sampled_from([(1, 4), (2, 2), (1, 1), (3, 2)]), st.data())
-def test_block_prunes_exactly_k_blocks(t: torch.Tensor, sparsity: float, block_shape: tuple[int, int], data: st.DataObject) -> None:
+def test_block_prunes_exactly_k_blocks(
+    t: torch.Tensor, sparsity: float, block_shape: tuple[int, int], data: st.DataObject
+) -> None:
     vpb = block_shape[0] * block_shape[1]
     zpb = data.draw(st.one_of(st.none(), st.integers(0, vpb)))
     mask = compute_mask("block", t, sparsity=sparsity, block_shape=block_shape, zeros_per_block=zpb)

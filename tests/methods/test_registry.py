@@ -7,8 +7,19 @@ import torch
 
 from fx_sparsify.methods import available_mask_methods, compute_mask, get_mask_method, register_mask_method
 
-BUILTINS = {"l1_unstructured", "ln_structured", "random_unstructured", "random_structured", "topk", "nm",
-            "block_topk", "block", "bernoulli", "threshold", "dense"}
+BUILTINS = {
+    "l1_unstructured",
+    "ln_structured",
+    "random_unstructured",
+    "random_structured",
+    "topk",
+    "nm",
+    "block_topk",
+    "block",
+    "bernoulli",
+    "threshold",
+    "dense",
+}
 
 
 def test_available_lists_builtins_with_one_line_descriptions() -> None:
@@ -117,8 +128,10 @@ def test_a_scores_callable_that_edits_its_input_cannot_corrupt_the_weight(mode: 
         return w.abs_()  # a careless scores callable: edits the tensor it was given and returns it
 
     model = nn.Sequential(nn.Linear(8, 8))
-    sgm = fxs.sparsify_graph(model, {"mode": mode, "weights": [{"target": "0", "method": "l1_unstructured",
-                                                                  "sparsity": 0.5, "scores": scores}]})
+    sgm = fxs.sparsify_graph(
+        model,
+        {"mode": mode, "weights": [{"target": "0", "method": "l1_unstructured", "sparsity": 0.5, "scores": scores}]},
+    )
     before = sgm.get_parameter("0.weight").detach().clone()
     sgm.step()
     keep = sgm.masks()["0.weight"]

@@ -106,15 +106,18 @@ def test_half_precision_weight_comes_back_in_its_dtype() -> None:
     assert new.dtype == torch.bfloat16 and torch.all(new[~keep] == 0)
 
 
-@pytest.mark.parametrize("options,error,match", [
-    ({"sparsity": 0.5, "n": 2, "m": 4}, TypeError, "either sparsity"),
-    ({}, TypeError, "either sparsity"),
-    ({"n": 2}, TypeError, "go together"),
-    ({"n": 2, "m": 4, "block_size": 6}, ValueError, "multiple of m=4"),
-    ({"sparsity": 0.5, "damp": -1.0}, ValueError, "damp"),
-    ({"sparsity": 0.5, "hessian_dtype": "float16"}, ValueError, "hessian_dtype"),
-    ({"sparsity": 1.5}, ValueError, "fraction"),
-])
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        ({"sparsity": 0.5, "n": 2, "m": 4}, TypeError, "either sparsity"),
+        ({}, TypeError, "either sparsity"),
+        ({"n": 2}, TypeError, "go together"),
+        ({"n": 2, "m": 4, "block_size": 6}, ValueError, "multiple of m=4"),
+        ({"sparsity": 0.5, "damp": -1.0}, ValueError, "damp"),
+        ({"sparsity": 0.5, "hessian_dtype": "float16"}, ValueError, "hessian_dtype"),
+        ({"sparsity": 1.5}, ValueError, "fraction"),
+    ],
+)
 def test_option_errors_come_when_the_spec_is_built(options: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         fxs.SparsitySpec.from_dict({"weights": [{"target": "fc1", "method": "sparsegpt", **options}]})
@@ -126,7 +129,10 @@ def test_shape_errors() -> None:
     with pytest.raises(ValueError, match="not divisible by m=4"):
         fxs.compute_mask("sparsegpt", torch.randn(4, 6), n=2, m=4)
     conv = torch.randn(4, 2, 2, 2)  # a Conv2d weight: N:M along in_channels × kernel, as its unfolded input
-    assert torch.equal(fxs.compute_mask("sparsegpt", conv, n=2, m=4), fxs.compute_mask("nm", conv.reshape(4, 8), n=2, m=4).reshape(4, 2, 2, 2))
+    assert torch.equal(
+        fxs.compute_mask("sparsegpt", conv, n=2, m=4),
+        fxs.compute_mask("nm", conv.reshape(4, 8), n=2, m=4).reshape(4, 2, 2, 2),
+    )
 
 
 def test_a_singular_hessian_without_damping_is_an_error_saying_what_to_do() -> None:
@@ -152,7 +158,9 @@ def test_a_tied_lm_head_selected_by_type_names_the_tie_and_the_way_out() -> None
             return self.head(torch.relu(self.fc(self.emb(ids))))
 
     rule = {"target": "type:Linear", "method": "sparsegpt", "sparsity": 0.5}
-    with pytest.raises(ValueError, match=r"one tensor with 'head.weight' \(tied.*\{'target': 'head', 'method': 'dense'\}"):
+    with pytest.raises(
+        ValueError, match=r"one tensor with 'head.weight' \(tied.*\{'target': 'head', 'method': 'dense'\}"
+    ):
         fxs.sparsify_graph(TiedLM(), {"weights": [rule]})
     sgm = fxs.sparsify_graph(TiedLM(), {"weights": [rule, {"target": "head", "method": "dense"}]})
     sgm(torch.randint(0, 10, (4, 5)))

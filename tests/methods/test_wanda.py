@@ -32,36 +32,42 @@ class _WrappedGPT:
         self.scaler_row += torch.norm(inp, p=2, dim=1) ** 2 / self.nsamples
 
 
-def _reference_wanda_mask(layer: nn.Linear, wrapped: _WrappedGPT, sparsity: float, prune_n: int = 0,
-                          prune_m: int = 0) -> torch.Tensor:
+def _reference_wanda_mask(
+    layer: nn.Linear, wrapped: _WrappedGPT, sparsity: float, prune_n: int = 0, prune_m: int = 0
+) -> torch.Tensor:
     """Wanda's ``prune_wanda`` mask selection (lib/prune.py); returns our keep-mask (True = kept)."""
     W_metric = torch.abs(layer.weight.data) * torch.sqrt(wrapped.scaler_row.reshape((1, -1)))
     W_mask = torch.zeros_like(W_metric) == 1  # True = pruned
     if prune_n != 0:
         for ii in range(W_metric.shape[1]):
             if ii % prune_m == 0:
-                tmp = W_metric[:, ii:(ii + prune_m)].float()
+                tmp = W_metric[:, ii : (ii + prune_m)].float()
                 W_mask.scatter_(1, ii + torch.topk(tmp, prune_n, dim=1, largest=False)[1], True)
     else:
         sort_res = torch.sort(W_metric, dim=-1, stable=True)
-        indices = sort_res[1][:, :int(W_metric.shape[1] * sparsity)]
+        indices = sort_res[1][:, : int(W_metric.shape[1] * sparsity)]
         W_mask.scatter_(1, indices, True)
     return ~W_mask
 
 
-@pytest.mark.parametrize("rule,n_m", [
-    ({"method": "l1_unstructured", "sparsity": 0.5}, (0, 0)),
-    ({"method": "l1_unstructured", "sparsity": 0.25}, (0, 0)),
-    ({"method": "nm", "n": 2, "m": 4}, (2, 4)),
-])
+@pytest.mark.parametrize(
+    "rule,n_m",
+    [
+        ({"method": "l1_unstructured", "sparsity": 0.5}, (0, 0)),
+        ({"method": "l1_unstructured", "sparsity": 0.25}, (0, 0)),
+        ({"method": "nm", "n": 2, "m": 4}, (2, 4)),
+    ],
+)
 def test_masks_equal_the_reference_implementation(rule: dict, n_m: tuple[int, int]) -> None:
     model = MLP()
     scale = torch.exp(torch.randn(16))
     data = [torch.randn(4, 6, 16) * scale, torch.randn(4, 6, 16) * scale]  # (batch, tokens, features)
     sgm = fxs.sparsify_graph(model, {"weights": [{"target": "type:Linear", **rule, "scores": "wanda"}]})
     wrapped = {name: _WrappedGPT(getattr(model, name)) for name in ("fc1", "fc2", "head")}
-    hooks = [getattr(model, name).register_forward_hook(lambda m, i, o, w=w: w.add_batch(i[0].detach()))
-             for name, w in wrapped.items()]
+    hooks = [
+        getattr(model, name).register_forward_hook(lambda m, i, o, w=w: w.add_batch(i[0].detach()))
+        for name, w in wrapped.items()
+    ]
     for x in data:
         sgm(x)
         model(x)

@@ -127,7 +127,7 @@ def random_residual_cnn(widths: list[int], residual: list[bool], seed: int) -> n
             chans = [3, *widths]
             self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1) for i in range(len(widths)))
             self.bns = nn.ModuleList(nn.BatchNorm2d(w) for w in widths)
-            self.res = [r and chans[i] == chans[i + 1] for i, r in enumerate(residual[:len(widths)])]
+            self.res = [r and chans[i] == chans[i + 1] for i, r in enumerate(residual[: len(widths)])]
             self.head = nn.Linear(widths[-1], 4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,9 +147,14 @@ class InvertedResidual(nn.Module):
         hidden = inp * expand
         self.use_res = stride == 1 and inp == out
         self.conv = nn.Sequential(
-            nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
-            nn.ReLU6(inplace=True), nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out),
+            nn.Conv2d(inp, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, out, 1, bias=False),
+            nn.BatchNorm2d(out),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +166,9 @@ class MobileNetV2Mini(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(inplace=True)),
-            InvertedResidual(16, 16, 1, 4), InvertedResidual(16, 24, 2, 4), InvertedResidual(24, 24, 1, 4),
+            InvertedResidual(16, 16, 1, 4),
+            InvertedResidual(16, 24, 2, 4),
+            InvertedResidual(24, 24, 1, 4),
         )
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(24, 10))
 
@@ -173,9 +180,11 @@ class MobileNetV2Mini(nn.Module):
 def random_residual_cnn_cases(test: Callable[..., Any]) -> Callable[..., Any]:
     """Six derandomised Hypothesis cases for ``test(widths, residual, sparsity, seed)``: the arguments of
     :func:`random_residual_cnn`, and a sparsity in [0, 0.9]."""
-    return settings(max_examples=6, deadline=None, derandomize=True)(given(
-        widths=st.lists(st.sampled_from([4, 8, 12]), min_size=2, max_size=4),
-        residual=st.lists(st.booleans(), min_size=4, max_size=4),
-        sparsity=st.floats(0.0, 0.9),
-        seed=st.integers(0, 1000),
-    )(test))
+    return settings(max_examples=6, deadline=None, derandomize=True)(
+        given(
+            widths=st.lists(st.sampled_from([4, 8, 12]), min_size=2, max_size=4),
+            residual=st.lists(st.booleans(), min_size=4, max_size=4),
+            sparsity=st.floats(0.0, 0.9),
+            seed=st.integers(0, 1000),
+        )(test)
+    )

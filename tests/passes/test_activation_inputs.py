@@ -51,8 +51,11 @@ class Wrapped(nn.Module):
         return two_layer_block(x, self.fc1.weight, self.fc2.weight)
 
 
-SPEC = {"activations": [{"target": "c_proj", "aggregate": "abs_sum", "reduce": "mean",
-                         "mask": "l1_unstructured", "sparsity": 0.5}]}
+SPEC = {
+    "activations": [
+        {"target": "c_proj", "aggregate": "abs_sum", "reduce": "mean", "mask": "l1_unstructured", "sparsity": 0.5}
+    ]
+}
 
 
 def _check_conv1d_input_mask(model: nn.Module, x: torch.Tensor, **kwargs: object) -> None:

@@ -92,8 +92,12 @@ class Net(nn.Module):
 
 
 def test_pointwise_convs_and_bfloat16(path: str) -> None:
-    spec = {"weights": [{"target": "type:Conv2d", "method": "l1_unstructured", "sparsity": 0.7},
-                        {"target": "fc", "method": "l1_unstructured", "sparsity": 0.5}]}
+    spec = {
+        "weights": [
+            {"target": "type:Conv2d", "method": "l1_unstructured", "sparsity": 0.7},
+            {"target": "fc", "method": "l1_unstructured", "sparsity": 0.5},
+        ]
+    }
     x = torch.randn(2, 8, 5, 5)
     sgm = _sgm(Net(), spec)
     dense, small = sgm.squash(), sgm.squash(storage="bitmask")
@@ -131,9 +135,12 @@ def test_gradients_reach_the_input_and_bias_through_the_dense_product() -> None:
     (dense(x2) ** 2).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(small.fc1.bias.grad, dense.fc1.bias.grad, atol=1e-5, rtol=1e-5)
-    torch.autograd.gradcheck(lambda v: torch.ops.fx_sparsify.bitmask_linear(
-        v, small.fc2.values.double(), small.fc2.mask, small.fc2.row_offsets, None, 32), torch.randn(2, 32,
-        dtype=torch.float64, requires_grad=True))
+    torch.autograd.gradcheck(
+        lambda v: torch.ops.fx_sparsify.bitmask_linear(
+            v, small.fc2.values.double(), small.fc2.mask, small.fc2.row_offsets, None, 32
+        ),
+        torch.randn(2, 32, dtype=torch.float64, requires_grad=True),
+    )
 
 
 def test_bad_input_is_a_clear_error() -> None:
@@ -177,8 +184,7 @@ def test_auto_weighs_bitmask_and_records_the_ratio(fake_timing: dict[str, float]
 
 def test_auto_measures_for_real_and_never_keeps_a_slower_layer() -> None:
     """Real timing: whatever auto picks, the choice it records is at most the margin over dense."""
-    sgm = _sgm(MLP(64, 256, 64), {"weights": [{"target": "type:Linear", "method": "l1_unstructured",
-                                               "sparsity": 0.9}]})
+    sgm = _sgm(MLP(64, 256, 64), {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.9}]})
     small = sgm.squash(storage="auto")
     for c in small.storage_choices:
         assert c.ratio is not None and (c.storage == "dense" or c.ratio <= sparse_storage.MARGIN), c
@@ -188,16 +194,21 @@ def test_auto_measures_for_real_and_never_keeps_a_slower_layer() -> None:
 
 def test_auto_model_decides_without_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sparse_storage, "MEASURE", None)  # any timing would fail
-    spec = {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.9},
-                        {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.3}]}
+    spec = {
+        "weights": [
+            {"target": "fc1", "method": "l1_unstructured", "sparsity": 0.9},
+            {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.3},
+        ]
+    }
     sgm = _sgm(MLP(1024, 1024), spec)  # layers of 1 M entries: the model's smallest
     small = sgm.squash(storage="auto-model")
     by = {c.layer: c for c in small.storage_choices}
     if _native.LIB is None:
         assert by["fc1"].storage == "dense" and "not built" in by["fc1"].why
         return
-    assert modelled_ratio(0.9, torch.float32, 1, "avx512") < MODEL_MARGIN < modelled_ratio(0.3, torch.float32, 1,
-                                                                                         "avx512")
+    assert (
+        modelled_ratio(0.9, torch.float32, 1, "avx512") < MODEL_MARGIN < modelled_ratio(0.3, torch.float32, 1, "avx512")
+    )
     assert by["fc1"].storage == "bitmask" and by["fc1"].why.startswith("modelled") and by["fc1"].ratio < MODEL_MARGIN
     assert by["fc2"].storage == "dense" and "no timing" in by["fc2"].why
     assert by["head"].storage == "dense" and by["head"].why == "not a masked weight"
@@ -206,7 +217,8 @@ def test_auto_model_decides_without_timing(monkeypatch: pytest.MonkeyPatch) -> N
     big = sgm.squash(storage="auto-model", batch_size=64)  # past the model's batch sizes: dense
     assert all(c.storage == "dense" for c in big.storage_choices)
     assert [c.storage for c in sgm.squash(storage="auto-model").storage_choices] == [
-        c.storage for c in small.storage_choices]  # the same on every run
+        c.storage for c in small.storage_choices
+    ]  # the same on every run
 
 
 def test_recorded_choices_are_reused_from_the_module_a_dict_or_a_file(tmp_path: Path, path: str) -> None:
@@ -217,7 +229,8 @@ def test_recorded_choices_are_reused_from_the_module_a_dict_or_a_file(tmp_path: 
     assert [c.why for c in first.storage_choices] == ["recorded choice"] * 3
     again = sgm.squash(storage=first.storage_choices)
     assert [type(again.get_submodule(n)) for n in ("fc1", "fc2", "head")] == [
-        type(first.get_submodule(n)) for n in ("fc1", "fc2", "head")]
+        type(first.get_submodule(n)) for n in ("fc1", "fc2", "head")
+    ]
     fxs.save_storage_choices(first.storage_choices, tmp_path / "choices.json")
     loaded = fxs.load_storage_choices(tmp_path / "choices.json")
     assert loaded == first.storage_choices
@@ -253,12 +266,14 @@ def test_bad_recorded_choices_are_clear_errors(tmp_path: Path) -> None:
 def test_gpt2_conv1d_takes_bitmask_storage_or_stays_dense() -> None:
     """GPT-2's Conv1D (weight [in, out], an addmm under export): bitmask or dense, never CSR."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0,
-                                  eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
     ids = torch.randint(0, 50, (1, 8))
     spec = {"weights": [{"target": "type:Conv1D", "method": "l1_unstructured", "sparsity": 0.5}]}
-    sgm = _sgm(transformers.GPT2LMHeadModel(cfg).eval(), spec, example_inputs=(ids,),
-               example_kwargs={"use_cache": False})
+    sgm = _sgm(
+        transformers.GPT2LMHeadModel(cfg).eval(), spec, example_inputs=(ids,), example_kwargs={"use_cache": False}
+    )
     dense, small, csr = sgm.squash(), sgm.squash(storage="bitmask"), sgm.squash(storage="csr")
 
     def logits(module: nn.Module) -> torch.Tensor:

@@ -56,7 +56,9 @@ def test_mlp_zero_rows_shrink_and_their_constants_fold(capture: str) -> None:
     model, x = MLP(), torch.randn(6, 20)
     sgm, small = _shrink(model, _rows("re:fc[12]"), x, capture)
     sd = small.state_dict()
-    assert sd["fc1.weight"].shape == (32, 20) and sd["fc2.weight"].shape == (24, 32) and sd["fc3.weight"].shape == (5, 24)
+    assert (
+        sd["fc1.weight"].shape == (32, 20) and sd["fc2.weight"].shape == (24, 32) and sd["fc3.weight"].shape == (5, 24)
+    )
     # gelu(bias) and tanh(bias) of the pruned units went into the next layer's bias
     assert not torch.equal(sd["fc3.bias"], model.fc3.bias.detach())
     assert "64 → 32" in sgm.shrink_plan() and "48 → 24" in sgm.shrink_plan()
@@ -135,8 +137,11 @@ def test_an_input_dependent_gate_keeps_the_channel() -> None:
     assert small.state_dict()["fc1.weight"].shape[0] == 16 - int(both_zero.sum())
 
 
-@pytest.mark.parametrize("build,shape", [(ResidualCNN, (2, 3, 8, 8)), (MobileNetV2Mini, (2, 3, 16, 16))],
-                         ids=["residual-depthwise-se", "mobilenet-v2"])
+@pytest.mark.parametrize(
+    "build,shape",
+    [(ResidualCNN, (2, 3, 8, 8)), (MobileNetV2Mini, (2, 3, 16, 16))],
+    ids=["residual-depthwise-se", "mobilenet-v2"],
+)
 def test_residual_depthwise_and_gated_cnns_stay_exact(build: Any, shape: tuple[int, ...]) -> None:
     model = randomise_norms(build().eval())
     _, small = _shrink(model, _rows("type:Conv2d"), torch.randn(*shape))
@@ -148,8 +153,10 @@ def test_random_zero_rows_on_random_residual_cnns_shrink_exactly(
     widths: list[int], residual: list[bool], sparsity: float, seed: int
 ) -> None:
     model = random_residual_cnn(widths, residual, seed)
-    spec = {"seed": seed, "weights": [{"target": "re:convs\\.\\d+", "method": "random_structured",
-                                       "sparsity": sparsity, "dim": 0}]}
+    spec = {
+        "seed": seed,
+        "weights": [{"target": "re:convs\\.\\d+", "method": "random_structured", "sparsity": sparsity, "dim": 0}],
+    }
     _, small = _shrink(model, spec, torch.randn(2, 3, 6, 6))
     for i, w in enumerate(widths):
         assert small.state_dict()[f"convs.{i}.weight"].shape[0] <= w

@@ -24,21 +24,33 @@ def _groups(sgm: fxs.SparseGraphModule) -> list:
 @pytest.mark.parametrize("capture", ["fx", "export"])
 def test_cnn_groups_couple_residuals_norms_depthwise_and_consumers(capture: str) -> None:
     model = randomise_norms(ResidualCNN().eval())
-    sgm = fxs.sparsify_graph(model, {"channels": [{"target": "c1", "sparsity": 0.5}]}, example_inputs=(X_CNN,),
-                             capture=capture)
+    sgm = fxs.sparsify_graph(
+        model, {"channels": [{"target": "c1", "sparsity": 0.5}]}, example_inputs=(X_CNN,), capture=capture
+    )
     (group,) = _groups(sgm)
     dims = {(m.tensor, m.dim) for m in group.members}
     # c1's channels flow through b1, the residual add with c2/b2, the depthwise conv and into pw's columns
-    for expected in [("c1.weight", 0), ("c1.bias", 0), ("b1.weight", 0), ("b1.running_mean", 0), ("c2.weight", 0),
-                     ("c2.weight", 1), ("b2.bias", 0), ("dw.weight", 0), ("dw.bias", 0), ("pw.weight", 1)]:
+    for expected in [
+        ("c1.weight", 0),
+        ("c1.bias", 0),
+        ("b1.weight", 0),
+        ("b1.running_mean", 0),
+        ("c2.weight", 0),
+        ("c2.weight", 1),
+        ("b2.bias", 0),
+        ("dw.weight", 0),
+        ("dw.bias", 0),
+        ("pw.weight", 1),
+    ]:
         assert expected in dims
     assert ("pw.weight", 0) not in dims and group.removable and group.units == 16
     assert sorted(group.roots)[:2] == ["c1.weight", "c2.weight"]
 
 
 def test_flatten_maps_a_channel_to_its_spatial_block_of_columns() -> None:
-    sgm = fxs.sparsify_graph(ResidualCNN().eval(), {"channels": [{"target": "pw", "sparsity": 0.5}]},
-                             example_inputs=(X_CNN,))
+    sgm = fxs.sparsify_graph(
+        ResidualCNN().eval(), {"channels": [{"target": "pw", "sparsity": 0.5}]}, example_inputs=(X_CNN,)
+    )
     (group,) = _groups(sgm)
     fc = next(m for m in group.members if m.tensor == "fc.weight")
     assert (fc.dim, fc.offset, fc.width) == (1, 0, 4)  # 2x2 pooled map per channel
@@ -46,8 +58,11 @@ def test_flatten_maps_a_channel_to_its_spatial_block_of_columns() -> None:
 
 
 def test_step_writes_one_keep_vector_into_every_member() -> None:
-    sgm = fxs.sparsify_graph(randomise_norms(ResidualCNN().eval()), {"channels": [{"target": "c1", "sparsity": 0.25}]},
-                             example_inputs=(X_CNN,))
+    sgm = fxs.sparsify_graph(
+        randomise_norms(ResidualCNN().eval()),
+        {"channels": [{"target": "c1", "sparsity": 0.25}]},
+        example_inputs=(X_CNN,),
+    )
     sgm.step()
     masks = sgm.masks()
     rows = masks["c1.weight"].flatten(1).any(1)
@@ -68,7 +83,9 @@ def test_group_ranking_uses_the_joint_norm_of_all_members() -> None:
         model.fc1.weight.fill_(1.0)
         model.fc2.weight.zero_()
         model.fc2.weight[:, :8] = 10.0  # only fc2's columns tell channels 0..7 of fc1 apart
-    sgm = fxs.sparsify_graph(model, {"channels": [{"target": "fc1", "sparsity": 56}]}, example_inputs=(torch.randn(2, 20),))
+    sgm = fxs.sparsify_graph(
+        model, {"channels": [{"target": "fc1", "sparsity": 56}]}, example_inputs=(torch.randn(2, 20),)
+    )
     sgm.step()
     assert sgm.masks()["fc1.bias"].nonzero().flatten().tolist() == list(range(8))
 
@@ -81,9 +98,11 @@ def test_round_to_and_min_channels() -> None:
     sgm = fxs.sparsify_graph(MLP(), {"channels": [{"target": "fc1", "sparsity": 19}]}, example_inputs=(x,))
     sgm.step()  # an int count is exact
     assert int(sgm.masks()["fc1.bias"].sum()) == 45
-    sgm = fxs.sparsify_graph(MLP(), {"channels": [{"target": "fc1", "sparsity": 0.99, "min_channels": 5,
-                                                   "round_to": 1}]},
-                             example_inputs=(x,))
+    sgm = fxs.sparsify_graph(
+        MLP(),
+        {"channels": [{"target": "fc1", "sparsity": 0.99, "min_channels": 5, "round_to": 1}]},
+        example_inputs=(x,),
+    )
     sgm.step()
     assert int(sgm.masks()["fc1.bias"].sum()) == 5
 
@@ -92,8 +111,11 @@ def test_global_ranks_across_the_rules_groups() -> None:
     model = MLP()
     with torch.no_grad():
         model.fc1.weight.mul_(100.0)
-    sgm = fxs.sparsify_graph(model, {"channels": [{"target": "re:fc[12]", "sparsity": 0.4, "global": True,
-                                                   "round_to": 1}]}, example_inputs=(torch.randn(2, 20),))
+    sgm = fxs.sparsify_graph(
+        model,
+        {"channels": [{"target": "re:fc[12]", "sparsity": 0.4, "global": True, "round_to": 1}]},
+        example_inputs=(torch.randn(2, 20),),
+    )
     sgm.step()
     kept1, kept2 = int(sgm.masks()["fc1.bias"].sum()), int(sgm.masks()["fc2.bias"].sum())
     assert kept1 + kept2 == 112 - round(0.4 * 112)
@@ -122,8 +144,16 @@ def test_global_allocation_honours_round_to_min_channels_and_the_total() -> None
 
 
 def test_schedule_moves_the_channel_sparsity() -> None:
-    spec = {"channels": [{"target": "fc1", "sparsity": 0.5, "round_to": 1,
-                          "schedule": {"kind": "linear", "start": 0.0, "end": 0.5, "steps": 2}}]}
+    spec = {
+        "channels": [
+            {
+                "target": "fc1",
+                "sparsity": 0.5,
+                "round_to": 1,
+                "schedule": {"kind": "linear", "start": 0.0, "end": 0.5, "steps": 2},
+            }
+        ]
+    }
     sgm = fxs.sparsify_graph(MLP(), spec, example_inputs=(torch.randn(2, 20),))
     kept = []
     for _ in range(3):
@@ -144,8 +174,9 @@ def test_heads_group_q_k_v_and_o_columns(kv: int) -> None:
 
 
 def test_gqa_head_count_must_take_whole_kv_groups() -> None:
-    sgm = fxs.sparsify_graph(Block(kv=2).eval(), {"channels": [{"target": "attn", "heads": 1}]},
-                             example_inputs=(torch.randn(2, 5, 32),))
+    sgm = fxs.sparsify_graph(
+        Block(kv=2).eval(), {"channels": [{"target": "attn", "heads": 1}]}, example_inputs=(torch.randn(2, 5, 32),)
+    )
     with pytest.raises(ValueError, match="multiple of 2 heads"):
         sgm.step()
 
@@ -155,8 +186,9 @@ def test_non_removable_group_names_its_node_and_reason() -> None:
     with pytest.raises(ValueError, match="chunk"):
         fxs.sparsify_graph(FusedGateUp(), {"channels": [{"target": "gate_up", "sparsity": 0.5}]}, example_inputs=(x,))
     # with a removable group beside it, the rule goes on and the plan says why
-    sgm = fxs.sparsify_graph(MLP(), {"channels": [{"target": "type:Linear", "sparsity": 0.5}]},
-                             example_inputs=(torch.randn(2, 20),))
+    sgm = fxs.sparsify_graph(
+        MLP(), {"channels": [{"target": "type:Linear", "sparsity": 0.5}]}, example_inputs=(torch.randn(2, 20),)
+    )
     plan = sgm.shrink_plan()
     head = next(g for g in _groups(sgm) if g.roots == ["fc3.weight"])
     assert not head.removable and "output" in head.reason and "fc3" in head.node
@@ -168,16 +200,22 @@ def test_non_removable_group_names_its_node_and_reason() -> None:
 
 
 def test_layer_norm_over_the_channels_is_non_removable() -> None:
-    sgm = fxs.sparsify_graph(Block().eval(), {"channels": [{"target": "re:attn\\.o|up", "sparsity": 0.5}]},
-                             example_inputs=(torch.randn(2, 5, 32),))
+    sgm = fxs.sparsify_graph(
+        Block().eval(),
+        {"channels": [{"target": "re:attn\\.o|up", "sparsity": 0.5}]},
+        example_inputs=(torch.randn(2, 5, 32),),
+    )
     o = next(g for g in _groups(sgm) if g.roots[0] == "attn.o.weight")
     assert not o.removable and "LayerNorm" in o.reason or "model input" in o.reason
 
 
 def test_feature_channels_cut_by_a_head_view_suggest_heads() -> None:
     with pytest.raises(ValueError, match="heads"):
-        fxs.sparsify_graph(Block().eval(), {"channels": [{"target": "attn.q", "sparsity": 0.5}]},
-                           example_inputs=(torch.randn(2, 5, 32),))
+        fxs.sparsify_graph(
+            Block().eval(),
+            {"channels": [{"target": "attn.q", "sparsity": 0.5}]},
+            example_inputs=(torch.randn(2, 5, 32),),
+        )
 
 
 def test_fx_capture_needs_example_inputs() -> None:
@@ -186,36 +224,49 @@ def test_fx_capture_needs_example_inputs() -> None:
 
 
 def test_a_tensor_in_a_weight_rule_and_a_channel_group_is_refused() -> None:
-    spec = {"channels": [{"target": "fc1", "sparsity": 0.5}],
-            "weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5}]}
+    spec = {
+        "channels": [{"target": "fc1", "sparsity": 0.5}],
+        "weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5}],
+    }
     with pytest.raises(ValueError, match="one mask"):
         fxs.sparsify_graph(MLP(), spec, example_inputs=(torch.randn(2, 20),))
 
 
 def test_channel_rule_round_trip_and_errors() -> None:
-    spec = SparsitySpec.from_dict({"channels": [
-        {"target": "type:Conv2d", "sparsity": 0.5, "p": 1, "round_to": 4},
-        {"target": "re:.*attn", "heads": 2, "min_channels": 2},
-    ]})
+    spec = SparsitySpec.from_dict(
+        {
+            "channels": [
+                {"target": "type:Conv2d", "sparsity": 0.5, "p": 1, "round_to": 4},
+                {"target": "re:.*attn", "heads": 2, "min_channels": 2},
+            ]
+        }
+    )
     assert spec.channels[0] == ChannelRule("type:Conv2d", sparsity=0.5, p=1, round_to=4)
     assert SparsitySpec.from_dict(spec.to_dict()) == spec
     assert spec.to_dict()["channels"][1] == {"target": "re:.*attn", "heads": 2, "min_channels": 2}
     assert fxs.ChannelRule is ChannelRule
-    for bad, err in [({"target": "a"}, KeyError), ({"target": "a", "sparsity": 0.5, "heads": 1}, KeyError),
-                     ({"target": "a", "sparsity": 1.5}, ValueError), ({"target": "a", "sparsity": "x"}, TypeError),
-                     ({"target": "a", "sparsity": 0.5, "round_to": 0}, ValueError),
-                     ({"target": "a", "sparsity": 0.5, "min_chanels": 2}, KeyError),
-                     ({"target": "a", "heads": 0.5, "global": True}, ValueError)]:
+    for bad, err in [
+        ({"target": "a"}, KeyError),
+        ({"target": "a", "sparsity": 0.5, "heads": 1}, KeyError),
+        ({"target": "a", "sparsity": 1.5}, ValueError),
+        ({"target": "a", "sparsity": "x"}, TypeError),
+        ({"target": "a", "sparsity": 0.5, "round_to": 0}, ValueError),
+        ({"target": "a", "sparsity": 0.5, "min_chanels": 2}, KeyError),
+        ({"target": "a", "heads": 0.5, "global": True}, ValueError),
+    ]:
         with pytest.raises(err, match="channels"):
             SparsitySpec.from_dict({"channels": [bad]})
 
 
-@pytest.mark.parametrize("src,dst,d,expect", [
-    ((2, 16, 2, 2), (2, 64), 1, (1, 0, 4)),       # flatten: channel -> 4 columns
-    ((2, 5, 32), (2, 5, 4, 8), 2, None),          # split into heads: units of 1 cut across
-    ((2, 4, 3, 5, 8), (2, 12, 5, 8), 1, (1, 0, 3)),  # GQA repeat: kv head -> 3 query heads
-    ((2, 1, 7), (2, 7), 2, (1, 0, 1)),            # squeeze
-])
+@pytest.mark.parametrize(
+    "src,dst,d,expect",
+    [
+        ((2, 16, 2, 2), (2, 64), 1, (1, 0, 4)),  # flatten: channel -> 4 columns
+        ((2, 5, 32), (2, 5, 4, 8), 2, None),  # split into heads: units of 1 cut across
+        ((2, 4, 3, 5, 8), (2, 12, 5, 8), 1, (1, 0, 3)),  # GQA repeat: kv head -> 3 query heads
+        ((2, 1, 7), (2, 7), 2, (1, 0, 1)),  # squeeze
+    ],
+)
 def test_map_reshape(src: tuple[int, ...], dst: tuple[int, ...], d: int, expect: tuple[int, int, int] | None) -> None:
     if expect is None:
         with pytest.raises(ValueError) as info:
@@ -261,13 +312,18 @@ class _EmbeddingLSTM(torch.nn.Module):
         return self.lstm(self.proj(self.emb(x)))[0]
 
 
-@pytest.mark.parametrize("model,target,x,why", [
-    (_ChannelShuffle(), "conv", torch.randn(1, 3, 4, 4), "reshape splits the channel dim"),
-    (_EinsumAttention(), "q", torch.randn(2, 3, 16), "einsum"),
-    (_EmbeddingLSTM(), "proj", torch.randint(0, 10, (2, 5)), "LSTM"),
-], ids=["channel-shuffle", "einsum-attention", "lstm"])
-def test_unsupported_structures_are_refused_naming_the_node(model: torch.nn.Module, target: str, x: torch.Tensor,
-                                                            why: str) -> None:
+@pytest.mark.parametrize(
+    "model,target,x,why",
+    [
+        (_ChannelShuffle(), "conv", torch.randn(1, 3, 4, 4), "reshape splits the channel dim"),
+        (_EinsumAttention(), "q", torch.randn(2, 3, 16), "einsum"),
+        (_EmbeddingLSTM(), "proj", torch.randint(0, 10, (2, 5)), "LSTM"),
+    ],
+    ids=["channel-shuffle", "einsum-attention", "lstm"],
+)
+def test_unsupported_structures_are_refused_naming_the_node(
+    model: torch.nn.Module, target: str, x: torch.Tensor, why: str
+) -> None:
     with pytest.raises(ValueError, match=f"none of its channel groups can be removed.*{why}"):
         fxs.sparsify_graph(model, {"channels": [{"target": target, "sparsity": 0.5}]}, example_inputs=(x,))
 
@@ -297,12 +353,21 @@ def test_heads_on_multihead_attention_plan_its_packed_projection(target: str, ca
             return self.block(x)
 
     target = "block.attn" if target == "attn" else "block"
-    sgm = fxs.sparsify_graph(Net(), {"channels": [{"target": target, "heads": 0.5}]},
-                             example_inputs=(torch.randn(2, 5, 16),), capture=capture)
+    sgm = fxs.sparsify_graph(
+        Net(),
+        {"channels": [{"target": target, "heads": 0.5}]},
+        example_inputs=(torch.randn(2, 5, 16),),
+        capture=capture,
+    )
     (group,) = _groups(sgm)
     assert (group.units, group.unit, group.removable) == (4, "attention head", True)
     members = [(m.tensor, m.dim, m.offset, m.width) for m in group.members]
-    assert members == [("block.attn.in_proj_weight", 0, 0, 4), ("block.attn.in_proj_weight", 0, 16, 4),
-                       ("block.attn.in_proj_weight", 0, 32, 4), ("block.attn.in_proj_bias", 0, 0, 4),
-                       ("block.attn.in_proj_bias", 0, 16, 4), ("block.attn.in_proj_bias", 0, 32, 4),
-                       ("block.attn.out_proj.weight", 1, 0, 4)]
+    assert members == [
+        ("block.attn.in_proj_weight", 0, 0, 4),
+        ("block.attn.in_proj_weight", 0, 16, 4),
+        ("block.attn.in_proj_weight", 0, 32, 4),
+        ("block.attn.in_proj_bias", 0, 0, 4),
+        ("block.attn.in_proj_bias", 0, 16, 4),
+        ("block.attn.in_proj_bias", 0, 32, 4),
+        ("block.attn.out_proj.weight", 1, 0, 4),
+    ]

@@ -111,8 +111,11 @@ def test_a_group_with_two_consumers_refits_both() -> None:
     batches = [torch.randn(32, 12) for _ in range(3)]
     errors = {}
     for reconstruct in (False, True):
-        spec = {"channels": [{"target": "fc1", "sparsity": 0.5, "round_to": 1, "importance": "obs",
-                              "reconstruct": reconstruct}]}
+        spec = {
+            "channels": [
+                {"target": "fc1", "sparsity": 0.5, "round_to": 1, "importance": "obs", "reconstruct": reconstruct}
+            ]
+        }
         sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
         _calibrate(sgm, batches)
         sgm.step()
@@ -145,8 +148,18 @@ def test_report_says_when_no_bias_took_the_mean() -> None:
 def test_global_calibrated_rule_prunes_the_exact_total(importance: str) -> None:
     model = nn.Sequential(nn.Linear(8, 40), nn.GELU(), nn.Linear(40, 24), nn.GELU(), nn.Linear(24, 4)).eval()
     batches = [torch.randn(32, 8) for _ in range(3)]
-    spec = {"channels": [{"target": r"re:[02]$", "sparsity": 0.5, "global": True, "round_to": 1,
-                          "importance": importance, "reconstruct": True}]}
+    spec = {
+        "channels": [
+            {
+                "target": r"re:[02]$",
+                "sparsity": 0.5,
+                "global": True,
+                "round_to": 1,
+                "importance": importance,
+                "reconstruct": True,
+            }
+        ]
+    }
     sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
     _calibrate(sgm, batches)
     sgm.step()
@@ -160,8 +173,18 @@ def test_global_calibrated_rule_prunes_the_exact_total(importance: str) -> None:
 def test_refit_equals_least_squares_on_the_calibration_inputs() -> None:
     model = MLP().eval()
     batches = [torch.randn(64, 20) for _ in range(3)]
-    spec = {"channels": [{"target": "fc1", "sparsity": 0.5, "round_to": 1, "importance": "activation",
-                          "reconstruct": True, "damp": 0.0}]}
+    spec = {
+        "channels": [
+            {
+                "target": "fc1",
+                "sparsity": 0.5,
+                "round_to": 1,
+                "importance": "activation",
+                "reconstruct": True,
+                "damp": 0.0,
+            }
+        ]
+    }
     sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
     _calibrate(sgm, batches)
     sgm.step()
@@ -228,8 +251,18 @@ def test_sequential_reconstructs_block_after_block_and_exports() -> None:
     batches = [torch.randn(32, 20) for _ in range(4)]
     errors = {}
     for sequential in (False, True):
-        spec = {"channels": [{"target": r"re:(0\.fc1|1)$", "sparsity": 0.5, "round_to": 1, "importance": "obs",
-                              "reconstruct": True, "sequential": sequential}]}
+        spec = {
+            "channels": [
+                {
+                    "target": r"re:(0\.fc1|1)$",
+                    "sparsity": 0.5,
+                    "round_to": 1,
+                    "importance": "obs",
+                    "reconstruct": True,
+                    "sequential": sequential,
+                }
+            ]
+        }
         sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
         _calibrate(sgm, batches)
         sgm.step()
@@ -248,8 +281,19 @@ def test_sequential_refit_aims_at_the_calibration_outputs() -> None:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(20, 32), nn.GELU(), nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).eval()
     batches = [torch.randn(64, 20) for _ in range(3)]
-    spec = {"channels": [{"target": r"re:[02]$", "sparsity": 0.5, "round_to": 1, "importance": "activation",
-                          "reconstruct": True, "sequential": True, "damp": 0.0}]}
+    spec = {
+        "channels": [
+            {
+                "target": r"re:[02]$",
+                "sparsity": 0.5,
+                "round_to": 1,
+                "importance": "activation",
+                "reconstruct": True,
+                "sequential": True,
+                "damp": 0.0,
+            }
+        ]
+    }
     sgm = fxs.sparsify_graph(model, spec, example_inputs=(batches[0],))
     _calibrate(sgm, batches)
     sgm.step()
@@ -286,22 +330,41 @@ transformers = pytest.importorskip("transformers")
 def _hf(arch: str) -> tuple[nn.Module, dict[str, Any], list[dict[str, Any]]]:
     ids = [torch.randint(1, 100, (2, 9)) for _ in range(4)]
     if arch == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, bos_token_id=0, eos_token_id=0))
-        rules = [{"target": r"re:model\.layers\.\d+\.mlp\.up_proj", "sparsity": 0.5},
-                 {"target": r"re:model\.layers\.\d+\.self_attn", "heads": 2}]
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=100,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        )
+        rules = [
+            {"target": r"re:model\.layers\.\d+\.mlp\.up_proj", "sparsity": 0.5},
+            {"target": r"re:model\.layers\.\d+\.self_attn", "heads": 2},
+        ]
     elif arch == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=100, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+        )
         rules = [{"target": r"re:transformer\.h\.\d+\.mlp\.c_fc", "sparsity": 0.5}]
     else:
-        model = transformers.BertModel(transformers.BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
-        rules = [{"target": r"re:encoder\.layer\.\d+\.intermediate\.dense", "sparsity": 0.5},
-                 {"target": r"re:encoder\.layer\.\d+\.attention\.self", "heads": 2}]
-    kwargs = [{"input_ids": i, "attention_mask": torch.ones_like(i)} | ({} if arch == "bert" else {"use_cache": False})
-              for i in ids]
+        model = transformers.BertModel(
+            transformers.BertConfig(
+                vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+            )
+        )
+        rules = [
+            {"target": r"re:encoder\.layer\.\d+\.intermediate\.dense", "sparsity": 0.5},
+            {"target": r"re:encoder\.layer\.\d+\.attention\.self", "heads": 2},
+        ]
+    kwargs = [
+        {"input_ids": i, "attention_mask": torch.ones_like(i)} | ({} if arch == "bert" else {"use_cache": False})
+        for i in ids
+    ]
     spec = {"channels": [{**r, "importance": "obs", "reconstruct": True} for r in rules]}
     return model.eval(), spec, kwargs
 
@@ -318,8 +381,11 @@ def test_hugging_face_models(arch: str, tmp_path: Any) -> None:
     with torch.no_grad():
         for kw in kwargs:
             sgm(**kw)
-    plain = fxs.sparsify_graph(model, {"channels": [{**r, "importance": "magnitude", "reconstruct": False}
-                                                    for r in spec["channels"]]}, example_kwargs=kwargs[0])
+    plain = fxs.sparsify_graph(
+        model,
+        {"channels": [{**r, "importance": "magnitude", "reconstruct": False} for r in spec["channels"]]},
+        example_kwargs=kwargs[0],
+    )
     plain.step()
     sgm.step()
     with torch.no_grad():

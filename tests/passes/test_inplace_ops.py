@@ -40,8 +40,12 @@ def test_squash_keeps_in_place_ops_whose_result_is_unused(how: str, capture: str
     """Squash's dead-code elimination dropped them in an fx capture (torch's purity test misses them)."""
     torch.manual_seed(0)
     model, x = ActUnused(how).eval(), torch.randn(5, 4)
-    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5}]},
-                             capture=capture, example_inputs=(x,))
+    sgm = fxs.sparsify_graph(
+        model,
+        {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5}]},
+        capture=capture,
+        example_inputs=(x,),
+    )
     sgm.eval()
     sgm.step()
     with torch.no_grad():
@@ -66,7 +70,10 @@ def test_shrink_does_not_fold_a_constant_an_in_place_op_rewrote(how: str, captur
         torch.testing.assert_close(small(x), sgm(x), atol=1e-5, rtol=1e-5)
     if capture == "fx":  # fc2 reads fc1's output node itself, after the ReLU rewrote it: the rows stay, saying why
         assert small.get_parameter("fc1.weight").shape == (8, 4)
-        assert "4 zero-row channel(s) kept: " in sgm.shrink_plan() and "in place and fc2 read(s) it too" in sgm.shrink_plan()
+        assert (
+            "4 zero-row channel(s) kept: " in sgm.shrink_plan()
+            and "in place and fc2 read(s) it too" in sgm.shrink_plan()
+        )
 
 
 class InplaceBlock(nn.Module):
@@ -97,8 +104,9 @@ def test_export_capture_shrinks_through_in_place_ops() -> None:
     group of an export-captured ResNet could shrink ("no channel rule for function relu_.default")."""
     torch.manual_seed(0)
     model, x = InplaceBlock().eval(), torch.randn(2, 3, 8, 8)
-    sgm = fxs.sparsify_graph(model, {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]},
-                             capture="export", example_inputs=(x,))
+    sgm = fxs.sparsify_graph(
+        model, {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]}, capture="export", example_inputs=(x,)
+    )
     assert sgm._fxs.capture == "export"
     sgm.eval()
     sgm.step()

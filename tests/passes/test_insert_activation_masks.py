@@ -81,10 +81,26 @@ def test_per_feature_masks_equal_reference() -> None:
     model = Seq()
     g = torch.Generator().manual_seed(3)
     data = [torch.randn(4, 5, 6, generator=g) for _ in range(3)]
-    config = dict(aggregate_fn=agg_sum, reduce_fn=reduce_mean, mask_fn=keep_above, features=[0, 3], feature_dim=1, threshold=0.3)
+    config = dict(
+        aggregate_fn=agg_sum, reduce_fn=reduce_mean, mask_fn=keep_above, features=[0, 3], feature_dim=1, threshold=0.3
+    )
     ref_mask, sparsifier, ref_model = reference_masks(model, "fc", data, **config)
-    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "fc", "aggregate": "sum", "reduce": "mean",
-                                                      "mask": "threshold", "threshold": 0.3, "features": [0, 3], "feature_dim": 1}]})
+    sgm = fxs.sparsify_graph(
+        model,
+        {
+            "activations": [
+                {
+                    "target": "fc",
+                    "aggregate": "sum",
+                    "reduce": "mean",
+                    "mask": "threshold",
+                    "threshold": 0.3,
+                    "features": [0, 3],
+                    "feature_dim": 1,
+                }
+            ]
+        },
+    )
     for x in data:
         sgm(x)
     sgm.step()
@@ -127,13 +143,23 @@ def test_mask_is_applied_after_step() -> None:
     torch.testing.assert_close(sgm(x), eager.head(torch.relu(eager.fc2(h))))
 
 
-@pytest.mark.parametrize("weight_rule", [None, {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.3},
-                                         {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.3,
-                                          "gradient": "supermask"}])
+@pytest.mark.parametrize(
+    "weight_rule",
+    [
+        None,
+        {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.3},
+        {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.3, "gradient": "supermask"},
+    ],
+)
 def test_squash_folds_into_linear_columns(weight_rule: dict | None) -> None:
     model = MLP()  # the report predicts the fold also when the layer's weight has its own mask node
-    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "fc2", "mask": "l1_unstructured", "sparsity": 0.5}],
-                                     "weights": [weight_rule] if weight_rule else []})
+    sgm = fxs.sparsify_graph(
+        model,
+        {
+            "activations": [{"target": "fc2", "mask": "l1_unstructured", "sparsity": 0.5}],
+            "weights": [weight_rule] if weight_rule else [],
+        },
+    )
     for x in batches():
         sgm(x)
     sgm.step()
@@ -163,8 +189,12 @@ def test_squash_folds_into_conv_input_channels_including_depthwise() -> None:
 
     model = Net()
     # per-channel statistic: sum over batch and space via a callable reduce, top half of channels kept
-    rule = {"target": "re:dw|grouped", "reduce": lambda t: t.abs().sum(dim=(0, 2, 3)).view(-1, 1, 1),
-            "mask": "l1_unstructured", "sparsity": 0.5}
+    rule = {
+        "target": "re:dw|grouped",
+        "reduce": lambda t: t.abs().sum(dim=(0, 2, 3)).view(-1, 1, 1),
+        "mask": "l1_unstructured",
+        "sparsity": 0.5,
+    }
     sgm = fxs.sparsify_graph(model, {"activations": [rule]})
     for _ in range(2):
         sgm(torch.randn(2, 3, 8, 8))
@@ -206,8 +236,12 @@ def test_mask_that_cannot_fold_stays_as_a_named_constant() -> None:
 def test_export_capture_layers() -> None:
     model = transformer_encoder()
     x = torch.randn(2, 5, 16)
-    rule = {"target": "re:layers\\.\\d+\\.linear2", "reduce": lambda t: t.abs().sum(dim=(0, 1)),
-            "mask": "l1_unstructured", "sparsity": 0.25}
+    rule = {
+        "target": "re:layers\\.\\d+\\.linear2",
+        "reduce": lambda t: t.abs().sum(dim=(0, 1)),
+        "mask": "l1_unstructured",
+        "sparsity": 0.25,
+    }
     sgm = fxs.sparsify_graph(model, {"activations": [rule]}, example_inputs=(x,))
     assert sgm._fxs.capture == "export" and count(sgm, ops.mask_activation) == 2
     sgm(x)
@@ -220,7 +254,9 @@ def test_export_capture_layers() -> None:
 
 def test_wanda_scores_equal_hand_computation() -> None:
     model = MLP()
-    sgm = fxs.sparsify_graph(model, {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5, "scores": "wanda"}]})
+    sgm = fxs.sparsify_graph(
+        model, {"weights": [{"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5, "scores": "wanda"}]}
+    )
     data = batches(n=3)
     for x in data:
         sgm(x)
@@ -266,20 +302,25 @@ def test_step_without_data_warns_and_keeps_the_mask() -> None:
 
 
 def test_per_sample_aggregate_refuses_a_changed_batch_shape() -> None:
-    sgm = fxs.sparsify_graph(MLP(), {"activations": [{"target": "fc2", "aggregate": "max", "mask": "threshold", "threshold": 0.1}]})
+    sgm = fxs.sparsify_graph(
+        MLP(), {"activations": [{"target": "fc2", "aggregate": "max", "mask": "threshold", "threshold": 0.1}]}
+    )
     sgm(torch.randn(4, 16))
     with pytest.raises(ValueError, match="batches of one shape"):
         sgm(torch.randn(5, 16))
 
 
-@pytest.mark.parametrize("rule, exc, match", [
-    ({"target": "fc9", "mask": "dense"}, ValueError, "selects no layer"),
-    ({"target": "fc2", "mask": "dense", "features": [1]}, ValueError, "go together"),
-    ({"target": "fc2", "aggregate": 5, "mask": "dense"}, TypeError, "callable"),
-    ({"target": "fc2", "aggregate": "median", "mask": "dense"}, ValueError, "unknown aggregate"),
-    ({"target": "fc2", "mask": "no_such_method"}, KeyError, "unknown mask method"),
-    ({"target": "fc2", "mask": "threshold", "treshold": 0.1}, TypeError, "did you mean 'threshold'"),
-])
+@pytest.mark.parametrize(
+    "rule, exc, match",
+    [
+        ({"target": "fc9", "mask": "dense"}, ValueError, "selects no layer"),
+        ({"target": "fc2", "mask": "dense", "features": [1]}, ValueError, "go together"),
+        ({"target": "fc2", "aggregate": 5, "mask": "dense"}, TypeError, "callable"),
+        ({"target": "fc2", "aggregate": "median", "mask": "dense"}, ValueError, "unknown aggregate"),
+        ({"target": "fc2", "mask": "no_such_method"}, KeyError, "unknown mask method"),
+        ({"target": "fc2", "mask": "threshold", "treshold": 0.1}, TypeError, "did you mean 'threshold'"),
+    ],
+)
 def test_bad_activation_rules(rule: dict, exc: type, match: str) -> None:
     model = MLP()
     before = snapshot(model)
@@ -291,13 +332,18 @@ def test_bad_activation_rules(rule: dict, exc: type, match: str) -> None:
 def test_wanda_on_a_non_linear_weight_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(ValueError, match="nn.Linear"):
-        fxs.sparsify_graph(model, {"weights": [{"target": "0", "method": "l1_unstructured", "sparsity": 0.5, "scores": "wanda"}]})
+        fxs.sparsify_graph(
+            model, {"weights": [{"target": "0", "method": "l1_unstructured", "sparsity": 0.5, "scores": "wanda"}]}
+        )
 
 
 def test_example_input_check_leaves_no_statistics_or_running_stats() -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)).train()
-    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "2", "mask": "threshold", "threshold": 0.1}]},
-                             example_inputs=(torch.randn(5, 4),))
+    sgm = fxs.sparsify_graph(
+        model,
+        {"activations": [{"target": "2", "mask": "threshold", "threshold": 0.1}]},
+        example_inputs=(torch.randn(5, 4),),
+    )
     observer = sgm.get_submodule("2_input_observer")
     assert observer.batches == 0 and observer.stat.numel() == 0
     torch.testing.assert_close(sgm.get_buffer("1.running_mean"), model[1].running_mean)
@@ -307,14 +353,18 @@ def test_missing_importance_scores_tensor_is_a_clear_error() -> None:
     model = MLP()
     before = snapshot(model)
     with pytest.raises(KeyError, match="register them with model.register_buffer"):
-        fxs.sparsify_graph(model, {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5, "scores": "nope"}]})
+        fxs.sparsify_graph(
+            model, {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5, "scores": "nope"}]}
+        )
     assert_unchanged(model, before)
 
 
 def test_layer_called_with_its_input_by_keyword() -> None:
     model = KeywordCall(nn.Linear(16, 4))
-    sgm = fxs.sparsify_graph(model, {"activations": [{"target": "layer", "aggregate": "abs_sum", "mask": "l1_unstructured",
-                                                      "sparsity": 0.5}]})
+    sgm = fxs.sparsify_graph(
+        model,
+        {"activations": [{"target": "layer", "aggregate": "abs_sum", "mask": "l1_unstructured", "sparsity": 0.5}]},
+    )
     data = batches()
     for x in data:
         sgm(x)
@@ -328,8 +378,9 @@ def test_layer_called_with_its_input_by_keyword() -> None:
 
 def test_example_inputs_record_shapes_so_per_feature_masks_squash() -> None:
     model = nn.Sequential(nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 2))
-    spec = {"activations": [{"target": "2", "mask": "threshold", "threshold": 0.1, "features": [0, 2],
-                             "feature_dim": 1}]}
+    spec = {
+        "activations": [{"target": "2", "mask": "threshold", "threshold": 0.1, "features": [0, 2], "feature_dim": 1}]
+    }
     sgm = fxs.sparsify_graph(model, spec, example_inputs=(torch.randn(5, 16),))
     assert sgm.get_submodule("2_input_observer").input_shape == (5, 6)
     x = torch.randn(5, 16)

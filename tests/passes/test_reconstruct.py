@@ -13,8 +13,12 @@ from fx_sparsify.hessian import HessianObserver
 from fx_sparsify.methods.sparsegpt import sparsegpt_prune
 from tests.models import MLP, SmallCNN, TiedLM, transformer_encoder
 
-SPEC = {"weights": [{"target": "type:Linear", "method": "sparsegpt", "sparsity": 0.5, "block_size": 8},
-                    {"target": "head", "method": "dense"}]}
+SPEC = {
+    "weights": [
+        {"target": "type:Linear", "method": "sparsegpt", "sparsity": 0.5, "block_size": 8},
+        {"target": "head", "method": "dense"},
+    ]
+}
 
 
 class SharedInput(nn.Module):
@@ -57,8 +61,15 @@ def test_reconstruction_lowers_the_output_error_versus_magnitude_masks() -> None
     data = [torch.randn(64, 32) * scale for _ in range(4)]
     held = torch.randn(256, 32) * scale
     sgm = fxs.sparsify_graph(model, SPEC)
-    mag = fxs.sparsify_graph(model, {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5},
-                                                 {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5}]})
+    mag = fxs.sparsify_graph(
+        model,
+        {
+            "weights": [
+                {"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5},
+                {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.5},
+            ]
+        },
+    )
     for x in data:
         sgm(x)
     sgm.step()
@@ -69,7 +80,9 @@ def test_reconstruction_lowers_the_output_error_versus_magnitude_masks() -> None
 
 
 def test_layers_reading_one_input_share_one_hessian() -> None:
-    sgm = fxs.sparsify_graph(SharedInput(), {"weights": [{"target": "type:Linear", "method": "sparsegpt", "n": 2, "m": 4}]})
+    sgm = fxs.sparsify_graph(
+        SharedInput(), {"weights": [{"target": "type:Linear", "method": "sparsegpt", "n": 2, "m": 4}]}
+    )
     assert len(_observers(sgm)) == 2  # q, k, v share one; o has its own
     sgm(torch.randn(8, 16))
     sgm.step()
@@ -91,31 +104,54 @@ def test_step_without_calibration_is_an_error_naming_the_targets_and_changes_not
     assert not torch.equal(sgm.get_parameter("fc1.weight"), before)
 
 
-@pytest.mark.parametrize("model,target,match", [
-    (SmallCNN(), "type:Conv2d", r"'blocks.0.dw.weight': a Conv2d .* has groups=64"),
-    (SmallCNN(), "reflect", r"'reflect.weight': a Conv2d .* has padding_mode='reflect'"),
-    (TiedLM(), "emb", r"'emb.weight' \(Embedding\) is not the weight of either"),
-    (MLP(), "fc1.bias", r"'fc1.bias' \(not a layer's weight\)"),
-])
+@pytest.mark.parametrize(
+    "model,target,match",
+    [
+        (SmallCNN(), "type:Conv2d", r"'blocks.0.dw.weight': a Conv2d .* has groups=64"),
+        (SmallCNN(), "reflect", r"'reflect.weight': a Conv2d .* has padding_mode='reflect'"),
+        (TiedLM(), "emb", r"'emb.weight' \(Embedding\) is not the weight of either"),
+        (MLP(), "fc1.bias", r"'fc1.bias' \(not a layer's weight\)"),
+    ],
+)
 def test_non_linear_targets_are_an_error_naming_the_layer(model: nn.Module, target: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         fxs.sparsify_graph(model, {"weights": [{"target": target, "method": "sparsegpt", "sparsity": 0.5}]})
 
 
-@pytest.mark.parametrize("spec,match", [
-    ({"global": [{"targets": ["fc1", "fc2"], "method": "sparsegpt", "sparsity": 0.5}]}, "cannot rank layers together"),
-    ({"weights": [{"target": "fc1", "method": "sparsegpt", "sparsity": 0.5, "scores": "wanda"}]}, "drop 'scores'"),
-    ({"weights": [{"target": "fc1", "method": "sparsegpt", "sparsity": 0.5, "gradient": "supermask"}]}, "gradient 'mask'"),
-    ({"weights": [{"target": "fc1", "method": "sparsegpt", "n": 3, "m": 5, "block_size": 5}]}, "not divisible by m=5"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        (
+            {"global": [{"targets": ["fc1", "fc2"], "method": "sparsegpt", "sparsity": 0.5}]},
+            "cannot rank layers together",
+        ),
+        ({"weights": [{"target": "fc1", "method": "sparsegpt", "sparsity": 0.5, "scores": "wanda"}]}, "drop 'scores'"),
+        (
+            {"weights": [{"target": "fc1", "method": "sparsegpt", "sparsity": 0.5, "gradient": "supermask"}]},
+            "gradient 'mask'",
+        ),
+        (
+            {"weights": [{"target": "fc1", "method": "sparsegpt", "n": 3, "m": 5, "block_size": 5}]},
+            "not divisible by m=5",
+        ),
+    ],
+)
 def test_rules_sparsegpt_cannot_follow_are_refused(spec: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         fxs.sparsify_graph(MLP(), spec)
 
 
 def test_schedule_moves_the_sparsity_and_pruned_weights_stay_pruned() -> None:
-    spec = {"weights": [{"target": "fc2", "method": "sparsegpt", "sparsity": 0.75,
-                         "schedule": {"kind": "linear", "start": 0.25, "end": 0.75, "steps": 2}}]}
+    spec = {
+        "weights": [
+            {
+                "target": "fc2",
+                "method": "sparsegpt",
+                "sparsity": 0.75,
+                "schedule": {"kind": "linear", "start": 0.25, "end": 0.75, "steps": 2},
+            }
+        ]
+    }
     sgm = fxs.sparsify_graph(MLP(), spec)
     previous = None
     for expected in (0.25, 0.5, 0.75):
@@ -191,8 +227,12 @@ def test_calibration_statistics_round_trip_through_state_dict_and_pickle() -> No
         assert torch.equal(fresh.get_parameter(name), sgm.get_parameter(name))
 
 
-SEQUENTIAL = {"weights": [{"target": "type:Linear", "method": "sparsegpt", "sparsity": 0.5, "block_size": 8,
-                           "sequential": True}, {"target": "head", "method": "dense"}]}
+SEQUENTIAL = {
+    "weights": [
+        {"target": "type:Linear", "method": "sparsegpt", "sparsity": 0.5, "block_size": 8, "sequential": True},
+        {"target": "head", "method": "dense"},
+    ]
+}
 
 
 def test_sequential_calibrates_each_layer_on_the_pruned_layers_before_it() -> None:
@@ -292,7 +332,9 @@ def test_conv2d_is_reconstructed_from_its_unfolded_input() -> None:
     for x in data:
         sgm(x)
     sgm.step()
-    patches = torch.cat([torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 36) for x in data])
+    patches = torch.cat(
+        [torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 36) for x in data]
+    )
     keep, weight = sparsegpt_prune(model[0].weight, patches.T @ patches, n=2, m=4, block_size=12)
     assert keep.shape == (8, 4, 3, 3) and torch.equal(sgm.masks()["0.weight"], keep)
     torch.testing.assert_close(sgm.get_parameter("0.weight"), weight)
@@ -318,7 +360,9 @@ def test_one_pass_hessians_that_would_not_fit_warn_at_capture(monkeypatch: pytes
     one_shared = 16 * 16 * 4  # q, k, v read one input: one 16x16 fp32 Hessian; o reads another
     monkeypatch.setattr(passes_hessian, "_available_bytes", lambda device: 2 * (one_shared * 2) - 2)
     spec = {"weights": [{"target": "type:Linear", "method": "sparsegpt", "sparsity": 0.5}]}
-    with pytest.warns(UserWarning, match=r"the 2 Hessians of the one-pass layers take .* on cpu .* \"sequential\": true") as w:
+    with pytest.warns(
+        UserWarning, match=r"the 2 Hessians of the one-pass layers take .* on cpu .* \"sequential\": true"
+    ) as w:
         fxs.sparsify_graph(SharedInput(), spec)
     assert w[0].filename == __file__  # at the user's call
     monkeypatch.setattr(passes_hessian, "_available_bytes", lambda device: 2 * (one_shared * 2))

@@ -57,8 +57,9 @@ def test_cnn_with_residual_depthwise_and_se_shrinks_exactly(capture: str) -> Non
 
 def test_shrunk_parameter_count_is_what_the_report_announced() -> None:
     model = randomise_norms(ResidualCNN().eval())
-    sgm = fxs.sparsify_graph(model, {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]},
-                             example_inputs=(torch.randn(2, 3, 8, 8),))
+    sgm = fxs.sparsify_graph(
+        model, {"channels": [{"target": "type:Conv2d", "sparsity": 0.5}]}, example_inputs=(torch.randn(2, 3, 8, 8),)
+    )
     sgm.step()
     small = sgm.squash(shrink=True)
     assert f"keeps {_params(small):,} of {_params(model):,} parameters" in sgm.report()
@@ -68,8 +69,9 @@ def test_mlp_shrinks() -> None:
     _check(MLP(), {"channels": [{"target": "re:fc[12]", "sparsity": 0.5, "global": True}]}, torch.randn(3, 20))
 
 
-@pytest.mark.parametrize("capture,kv,sdpa", [("fx", 4, True), ("export", 4, False), ("fx", 2, False),
-                                              ("export", 2, True)])
+@pytest.mark.parametrize(
+    "capture,kv,sdpa", [("fx", 4, True), ("export", 4, False), ("fx", 2, False), ("export", 2, True)]
+)
 def test_attention_heads_and_gqa_shrink(capture: str, kv: int, sdpa: bool) -> None:
     model = Block(kv=kv, sdpa=sdpa).eval()
     heads = {4: 0.5, 2: 2}[kv]
@@ -84,7 +86,9 @@ def test_attention_heads_and_gqa_shrink(capture: str, kv: int, sdpa: bool) -> No
 
 def test_nothing_pruned_shrinks_nothing() -> None:
     model = MLP()
-    sgm = fxs.sparsify_graph(model, {"channels": [{"target": "fc1", "sparsity": 0.5}]}, example_inputs=(torch.randn(2, 20),))
+    sgm = fxs.sparsify_graph(
+        model, {"channels": [{"target": "fc1", "sparsity": 0.5}]}, example_inputs=(torch.randn(2, 20),)
+    )
     small = sgm.squash(shrink=True)  # before step(): every mask keeps everything
     assert _params(small) == _params(model)
     assert sgm.squash().state_dict()["fc1.weight"].shape == (64, 20)  # shrink=False keeps the shapes
@@ -124,8 +128,9 @@ def test_random_channel_masks_on_random_residual_cnns_shrink_exactly(
 ) -> None:
     model = random_residual_cnn(widths, residual, seed)
     x = torch.randn(2, 3, 6, 6)
-    sgm = fxs.sparsify_graph(model, {"channels": [{"target": "re:convs\\.\\d+", "sparsity": sparsity, "p": 1}]},
-                             example_inputs=(x,))
+    sgm = fxs.sparsify_graph(
+        model, {"channels": [{"target": "re:convs\\.\\d+", "sparsity": sparsity, "p": 1}]}, example_inputs=(x,)
+    )
     with torch.no_grad():  # random masks: shuffle the weights so the ranking differs from run to run
         for p in sgm.parameters():
             p.copy_(torch.randn_like(p) * p.abs().mean().clamp_min(0.1))
@@ -161,10 +166,14 @@ def test_mobilenet_v2_blocks_shrink() -> None:
     assert get("features.3.conv.6").out_channels == 12  # 24 -> 12, shared by the residual pair
 
 
-@pytest.mark.parametrize("spec", [
-    {"activations": [{"target": "fc2", "mask": "l1_unstructured", "sparsity": 0.5}]},
-    {"weights": [{"target": "fc2", "method": "ln_structured", "sparsity": 0.5, "dim": 1}]},
-], ids=["activation-mask", "ln_structured-columns"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"activations": [{"target": "fc2", "mask": "l1_unstructured", "sparsity": 0.5}]},
+        {"weights": [{"target": "fc2", "method": "ln_structured", "sparsity": 0.5, "dim": 1}]},
+    ],
+    ids=["activation-mask", "ln_structured-columns"],
+)
 def test_zero_columns_made_by_other_rules_shrink_their_producer(spec: dict[str, Any]) -> None:
     x = torch.randn(8, 20)
     model = MLP()

@@ -137,9 +137,13 @@ def test_bsr_takes_the_largest_exact_square_block() -> None:
 
 
 def test_auto_takes_sparse_only_where_measured_faster(fake_timing: list[float]) -> None:
-    spec = {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.9},
-                        {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.9},
-                        {"target": "head", "method": "l1_unstructured", "sparsity": 0.1}]}
+    spec = {
+        "weights": [
+            {"target": "fc1", "method": "l1_unstructured", "sparsity": 0.9},
+            {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.9},
+            {"target": "head", "method": "l1_unstructured", "sparsity": 0.1},
+        ]
+    }
     sgm = fxs.sparsify_graph(MLP(), spec)
     sgm.step()
     bitmask = _native.LIB is not None  # the bitmask layer is a candidate where its C kernel is built
@@ -183,8 +187,12 @@ class Tied(nn.Module):
 
 
 def test_tied_weights_and_weights_read_elsewhere_stay_dense() -> None:
-    spec = {"weights": [{"target": "a", "method": "l1_unstructured", "sparsity": 0.8},
-                        {"target": "c", "method": "l1_unstructured", "sparsity": 0.8}]}
+    spec = {
+        "weights": [
+            {"target": "a", "method": "l1_unstructured", "sparsity": 0.8},
+            {"target": "c", "method": "l1_unstructured", "sparsity": 0.8},
+        ]
+    }
     sgm = _sgm(Tied(), spec)
     sparse = sgm.squash(storage="csr")
     why = {c.layer: (c.storage, c.why) for c in sparse.storage_choices}
@@ -230,7 +238,9 @@ def test_torch_export_of_sparse_storage_says_use_dense() -> None:
 
 def test_bad_storage_arguments() -> None:
     sgm = _sgm(MLP())
-    with pytest.raises(ValueError, match=r"unknown storage; use one of 'dense', 'csr', 'bsr', 'bitmask', 'auto', 'auto-model'"):
+    with pytest.raises(
+        ValueError, match=r"unknown storage; use one of 'dense', 'csr', 'bsr', 'bitmask', 'auto', 'auto-model'"
+    ):
         sgm.squash(storage="coo")
     with pytest.raises(TypeError, match="positive int"):
         sgm.squash(storage="auto", batch_size=0)
@@ -274,8 +284,11 @@ def test_semi_structured_problem_says_why_a_weight_cannot_be_2_4() -> None:
 
 def test_semi_structured_on_the_cpu_says_to_use_cuda_or_csr() -> None:
     sgm = _sgm(MLP(), {"weights": [{"target": "type:Linear", "method": "2:4"}]})
-    with pytest.raises(ValueError, match=r"CUDA GPUs in float16 / bfloat16 only; this module is on cpu: .*"
-                                         r"model\.cuda\(\)\.half\(\).*storage='csr' / 'auto'"):
+    with pytest.raises(
+        ValueError,
+        match=r"CUDA GPUs in float16 / bfloat16 only; this module is on cpu: .*"
+        r"model\.cuda\(\)\.half\(\).*storage='csr' / 'auto'",
+    ):
         sgm.squash(storage="semi_structured")
     assert sgm._fxs.storage is None
 
@@ -291,8 +304,10 @@ class _Wide(nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
-                    reason="2:4 semi-structured kernels need a CUDA GPU of compute capability 8.0+")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+    reason="2:4 semi-structured kernels need a CUDA GPU of compute capability 8.0+",
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_semi_structured_on_cuda_equals_the_dense_squash(dtype: torch.dtype) -> None:
     from fx_sparsify.passes._semi_structured import SemiStructuredLinear
@@ -313,8 +328,11 @@ def test_semi_structured_on_cuda_equals_the_dense_squash(dtype: torch.dtype) -> 
         x = torch.randn(4, 128, device="cuda", dtype=dtype)
         torch.testing.assert_close(semi(x), dense(x), atol=2e-2, rtol=2e-2)
     fp32 = _sgm(_Wide().cuda().eval(), {"weights": [{"target": "type:Linear", "method": "2:4"}]})
-    with pytest.raises(ValueError, match=r"layer 'fc1' cannot be stored 2:4 semi-structured: its weight is "
-                                         r"torch\.float32"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'fc1' cannot be stored 2:4 semi-structured: its weight is "
+        r"torch\.float32",
+    ):
         fp32.squash(storage="semi_structured")
     unstructured = _sgm(_Wide().cuda().to(dtype).eval(), LINEAR_80)
     with pytest.raises(ValueError, match=r"is not 2:4 sparse.*storage='dense' / 'csr'"):

@@ -14,8 +14,12 @@ import fx_sparsify as fxs
 from models import MLP
 
 X = torch.randn(6, 16)
-SPEC: dict[str, Any] = {"weights": [{"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5},
-                                    {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.25}]}
+SPEC: dict[str, Any] = {
+    "weights": [
+        {"target": "fc1", "method": "l1_unstructured", "sparsity": 0.5},
+        {"target": "fc2", "method": "l1_unstructured", "sparsity": 0.25},
+    ]
+}
 
 
 def _ptrs(module: nn.Module) -> dict[str, int]:
@@ -118,8 +122,19 @@ def test_inplace_squash_copies_weights_whose_pruned_values_may_still_matter() ->
 
 
 def test_activation_fold_writes_a_new_weight() -> None:
-    spec = {"activations": [{"target": "fc2", "mask": "threshold", "threshold": 0.2, "reduce": "mean",
-                             "aggregate": "abs_sum", "features": None, "feature_dim": None}]}
+    spec = {
+        "activations": [
+            {
+                "target": "fc2",
+                "mask": "threshold",
+                "threshold": 0.2,
+                "reduce": "mean",
+                "aggregate": "abs_sum",
+                "features": None,
+                "feature_dim": None,
+            }
+        ]
+    }
     sgm = fxs.sparsify_graph(MLP(), spec)
     for _ in range(3):
         sgm(torch.randn(6, 16))

@@ -20,7 +20,9 @@ def test_global_rule_equals_prune_global_unstructured() -> None:
     sgm = fxs.sparsify_graph(model, {"global": [{"targets": ["fc1", "fc2"], **L1, "sparsity": 0.6}]})
     sgm.step()
     ref = copy.deepcopy(model)
-    prune.global_unstructured([(ref.fc1, "weight"), (ref.fc2, "weight")], pruning_method=prune.L1Unstructured, amount=0.6)
+    prune.global_unstructured(
+        [(ref.fc1, "weight"), (ref.fc2, "weight")], pruning_method=prune.L1Unstructured, amount=0.6
+    )
     assert torch.equal(sgm.masks()["fc1.weight"], ref.fc1.weight_mask.bool())
     assert torch.equal(sgm.masks()["fc2.weight"], ref.fc2.weight_mask.bool())
     total = sgm.masks()["fc1.weight"].numel() + sgm.masks()["fc2.weight"].numel()
@@ -76,15 +78,28 @@ def test_user_registered_method_used_from_a_spec() -> None:
         """Keep entries above a margin."""
         return tensor > margin
 
-    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", "method": "keep_positive_test", "margin": 0.0, "regrow": True}]})
+    sgm = fxs.sparsify_graph(
+        MLP(), {"weights": [{"target": "fc1", "method": "keep_positive_test", "margin": 0.0, "regrow": True}]}
+    )
     sgm.step()
     assert torch.equal(sgm.masks()["fc1.weight"], sgm.fc1.weight > 0)
     assert "keep_positive_test" in fxs.available_mask_methods()
 
 
 def test_raising_the_sparsity_prunes_among_the_survivors() -> None:
-    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", **L1, "sparsity": 0.5,
-                                                  "schedule": {"kind": "linear", "start": 0.25, "end": 0.75, "steps": 2}}]})
+    sgm = fxs.sparsify_graph(
+        MLP(),
+        {
+            "weights": [
+                {
+                    "target": "fc1",
+                    **L1,
+                    "sparsity": 0.5,
+                    "schedule": {"kind": "linear", "start": 0.25, "end": 0.75, "steps": 2},
+                }
+            ]
+        },
+    )
     seen = []
     for _ in range(3):
         sgm.step()
@@ -102,8 +117,19 @@ def test_topk_repeated_step_keeps_its_mask_and_raising_prunes_among_survivors() 
         first = sgm.masks()["fc1.weight"].clone()
         sgm.step()
         assert torch.equal(sgm.masks()["fc1.weight"], first), amount
-    sgm = fxs.sparsify_graph(MLP(), {"weights": [{"target": "fc1", "method": "topk", "sparsity": 0.3,
-                                                  "schedule": {"kind": "linear", "start": 0.3, "end": 0.6, "steps": 1}}]})
+    sgm = fxs.sparsify_graph(
+        MLP(),
+        {
+            "weights": [
+                {
+                    "target": "fc1",
+                    "method": "topk",
+                    "sparsity": 0.3,
+                    "schedule": {"kind": "linear", "start": 0.3, "end": 0.6, "steps": 1},
+                }
+            ]
+        },
+    )
     sgm.step()
     before = sgm.masks()["fc1.weight"].clone()
     sgm.step()
@@ -141,9 +167,12 @@ def test_failed_step_changes_nothing() -> None:
         """Always raises (a user method with a bug)."""
         raise RuntimeError("user method failed")
 
-    spec = {"weights": [{"target": "fc1", **L1, "sparsity": 0.5}, {"target": "fc2", "method": "fails_test"}],
-            "activations": [{"target": "head", "aggregate": "sum", "reduce": "mean", "mask": "l1_unstructured",
-                             "sparsity": 0.5}]}
+    spec = {
+        "weights": [{"target": "fc1", **L1, "sparsity": 0.5}, {"target": "fc2", "method": "fails_test"}],
+        "activations": [
+            {"target": "head", "aggregate": "sum", "reduce": "mean", "mask": "l1_unstructured", "sparsity": 0.5}
+        ],
+    }
     sgm = fxs.sparsify_graph(MLP(), spec)
     sgm(torch.randn(4, 16))
     before, steps = _state(sgm), sgm._fxs.steps
@@ -165,7 +194,11 @@ def test_shape_dependent_option_errors_come_at_sparsify_graph_and_name_the_targe
         ({"target": "fc1", "method": "l1_unstructured", "sparsity": 10_000}, ValueError, "fc1.weight.*count"),
         ({"target": "fc1.bias", "method": "ln_structured", "sparsity": 0.5}, ValueError, "fc1.bias.*at least 2 dims"),
         ({"target": "fc1", "method": "ln_structured", "sparsity": 0.5, "dim": 5}, ValueError, "dim=5 is out of range"),
-        ({"target": "fc1", "method": "block", "sparsity": 0.5, "block_shape": (2, 1, 4)}, ValueError, "fc1.weight.*block"),
+        (
+            {"target": "fc1", "method": "block", "sparsity": 0.5, "block_shape": (2, 1, 4)},
+            ValueError,
+            "fc1.weight.*block",
+        ),
     ]
     for rule, error, match in cases:
         with pytest.raises(error, match=match):
@@ -175,7 +208,11 @@ def test_shape_dependent_option_errors_come_at_sparsify_graph_and_name_the_targe
 
 
 def test_option_errors_without_a_shape_come_when_the_spec_is_built() -> None:
-    for rule in ({"method": "topk", "density": 0.5, "sparsity": 0.5}, {"method": "nm", "n": 5, "m": 4},
-                 {"method": "nm", "n": 2, "m": "4"}, {"method": "threshold", "threshold": -1.0}):
+    for rule in (
+        {"method": "topk", "density": 0.5, "sparsity": 0.5},
+        {"method": "nm", "n": 5, "m": 4},
+        {"method": "nm", "n": 2, "m": "4"},
+        {"method": "threshold", "threshold": -1.0},
+    ):
         with pytest.raises((ValueError, TypeError)):
             fxs.SparsitySpec.from_dict({"weights": [{"target": "fc1", **rule}]})

@@ -35,7 +35,9 @@ def test_scores_of_unmasked_weights_are_a_masked_copy() -> None:
 def test_inplace_mode_steps_equal_graph_mode_steps() -> None:
     model = MLP()
     graph = fxs.sparsify_graph(model, {**SPEC, "weights": [{**SPEC["weights"][0], "sparsity": 0.3}]})
-    inplace = fxs.sparsify_graph(model, {**SPEC, "mode": "inplace", "weights": [{**SPEC["weights"][0], "sparsity": 0.3}]})
+    inplace = fxs.sparsify_graph(
+        model, {**SPEC, "mode": "inplace", "weights": [{**SPEC["weights"][0], "sparsity": 0.3}]}
+    )
     for sparsity in (0.3, 0.6):
         for sgm in (graph, inplace):
             sgm._fxs.targets["fc1.weight"].rule.options["sparsity"] = sparsity

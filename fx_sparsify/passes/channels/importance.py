@@ -31,9 +31,17 @@ from .graph import Member
 from .masks import channel_masks, group_keeps, kept_units, magnitude_scores
 from .plan import ChannelGroup, ChannelPlan
 
-__all__ = ["ChannelStatsObserver", "paired_replay", "Consumer", "consumers_of", "insert_channel_observers",
-           "channel_step", "step_channels",
-           "check_channel_calibration", "OBS_STEPS"]
+__all__ = [
+    "ChannelStatsObserver",
+    "paired_replay",
+    "Consumer",
+    "consumers_of",
+    "insert_channel_observers",
+    "channel_step",
+    "step_channels",
+    "check_channel_calibration",
+    "OBS_STEPS",
+]
 
 #: structured OBS removes this many blocks of units per group at most (1 unit per block below it)
 OBS_STEPS = 64
@@ -120,12 +128,18 @@ def _unfold(name: str, conv: nn.Module) -> tuple[tuple[str, Any], ...]:
     elif conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         why = f"padding {conv.padding!r} ({conv.padding_mode})"
     if why is not None:
-        raise ValueError(f"channels rule with a calibrated importance or reconstruct: consumer {name!r} is {why}; "
-                         "its inputs cannot be read as rows of its weight. Use 'importance': 'magnitude' without "
-                         "'reconstruct' for this group, or select other layers")
+        raise ValueError(
+            f"channels rule with a calibrated importance or reconstruct: consumer {name!r} is {why}; "
+            "its inputs cannot be read as rows of its weight. Use 'importance': 'magnitude' without "
+            "'reconstruct' for this group, or select other layers"
+        )
     assert isinstance(conv, nn.Conv2d)
-    return (("kernel_size", conv.kernel_size), ("dilation", conv.dilation), ("padding", conv.padding),
-            ("stride", conv.stride))
+    return (
+        ("kernel_size", conv.kernel_size),
+        ("dilation", conv.dilation),
+        ("padding", conv.padding),
+        ("stride", conv.stride),
+    )
 
 
 def consumers_of(gm: GraphModule, group: ChannelGroup) -> list[tuple[Consumer, Member]]:
@@ -144,8 +158,10 @@ def consumers_of(gm: GraphModule, group: ChannelGroup) -> list[tuple[Consumer, M
         elif len(shape) == 4 and m.dim == 1:
             layout, unfold = "conv", _unfold(layer, gm.get_submodule(layer))
         else:
-            raise ValueError(f"channels rule: consumer {m.tensor!r} of shape {shape} (channels along dim {m.dim}) is "
-                             "not a Linear, Conv1D or Conv2d weight read along its input dim")
+            raise ValueError(
+                f"channels rule: consumer {m.tensor!r} of shape {shape} (channels along dim {m.dim}) is "
+                "not a Linear, Conv1D or Conv2d weight read along its input dim"
+            )
         out.append((Consumer(layer, m.tensor, bias, layout, unfold), m))
     return out
 
@@ -175,10 +191,12 @@ def insert_channel_observers(gm: GraphModule, plan: ChannelPlan, aliases: Mappin
                     gm.get_submodule(shared[key]).keep = True  # type: ignore[assignment]  # an observer's flag
                 continue
             rule = plan.rules[group.rule]  # type: ignore[index]
-            observer = ChannelStatsObserver(None if consumer.unfold is None else dict(consumer.unfold),
-                                            keep=rule.sequential and rule.reconstruct)
-            name = insert_observer(gm, index, consumer.layer, calls, observer, False,
-                                   "channel_stats_observer")["observer"]
+            observer = ChannelStatsObserver(
+                None if consumer.unfold is None else dict(consumer.unfold), keep=rule.sequential and rule.reconstruct
+            )
+            name = insert_observer(gm, index, consumer.layer, calls, observer, False, "channel_stats_observer")[
+                "observer"
+            ]
             made[consumer.layer] = shared[key] = name
     return made
 
@@ -195,15 +213,22 @@ def check_channel_calibration(gm: GraphModule, plan: ChannelPlan, observers: Map
                     missing[rule.target].append(consumer.layer)
     if missing:
         what = "; ".join(f"rule {t!r}: {', '.join(map(repr, layers))}" for t, layers in missing.items())
-        raise ValueError(f"step(): channels rules with a calibrated importance or 'reconstruct' need calibration "
-                         f"forwards (sgm(batch)) before each step(); no forward reached the consumer layers of {what}")
+        raise ValueError(
+            f"step(): channels rules with a calibrated importance or 'reconstruct' need calibration "
+            f"forwards (sgm(batch)) before each step(); no forward reached the consumer layers of {what}"
+        )
 
 
 Corrections = Mapping[str, tuple[Tensor, Tensor | None]]  # consumer layer -> (weight (out, in), bias) to aim at
 
 
-def _consumer_stats(gm: GraphModule, group: ChannelGroup, observers: Mapping[str, str],
-                    masks: Mapping[str, Tensor], corrected: Corrections | None = None) -> list[ConsumerStats]:
+def _consumer_stats(
+    gm: GraphModule,
+    group: ChannelGroup,
+    observers: Mapping[str, str],
+    masks: Mapping[str, Tensor],
+    corrected: Corrections | None = None,
+) -> list[ConsumerStats]:
     out = []
     for consumer, member in consumers_of(gm, group):
         w = gm.get_parameter(consumer.weight).detach()
@@ -216,13 +241,21 @@ def _consumer_stats(gm: GraphModule, group: ChannelGroup, observers: Mapping[str
         if corrected and consumer.layer in corrected:
             matrix, bias = corrected[consumer.layer]
         gram = gm.get_submodule(observers[consumer.layer]).stat  # type: ignore[union-attr]
-        out.append(ConsumerStats(consumer.layer, matrix, bias, gram,  # type: ignore[arg-type]
-                                 consumer.columns(member, group.units, shape)))
+        out.append(
+            ConsumerStats(
+                consumer.layer,
+                matrix,
+                bias,
+                gram,  # type: ignore[arg-type]
+                consumer.columns(member, group.units, shape),
+            )
+        )
     return out
 
 
-def _corrections(gm: GraphModule, plan: ChannelPlan, group: ChannelGroup, observers: Mapping[str, str],
-                 masks: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor | None]]:
+def _corrections(
+    gm: GraphModule, plan: ChannelPlan, group: ChannelGroup, observers: Mapping[str, str], masks: Mapping[str, Tensor]
+) -> dict[str, tuple[Tensor, Tensor | None]]:
     """Consumer layer → the weight and bias that best give its calibration outputs from its replayed inputs."""
     out = {}
     damp = float(plan.rules[group.rule].damp)  # type: ignore[index]
@@ -234,8 +267,11 @@ def _corrections(gm: GraphModule, plan: ChannelPlan, group: ChannelGroup, observ
     return out
 
 
-def _scorer(observers: Mapping[str, str], steps: int, corrected: Corrections | None = None,
-            ) -> Callable[[GraphModule, ChannelGroup, Mapping[str, Tensor], ChannelRule], Tensor]:
+def _scorer(
+    observers: Mapping[str, str],
+    steps: int,
+    corrected: Corrections | None = None,
+) -> Callable[[GraphModule, ChannelGroup, Mapping[str, Tensor], ChannelRule], Tensor]:
     def score(gm: GraphModule, group: ChannelGroup, masks: Mapping[str, Tensor], rule: ChannelRule) -> Tensor:
         magnitude = magnitude_scores(gm, group, masks, rule)
         fn, calibrated = get_channel_importance(rule.importance)
@@ -244,20 +280,35 @@ def _scorer(observers: Mapping[str, str], steps: int, corrected: Corrections | N
         consumers = _consumer_stats(gm, group, observers, masks, corrected) if calibrated or rule.reconstruct else []
         kept = kept_units(rule, group, steps)
         removable = group.units - (rule.min_channels if kept is None else kept)
-        stats = GroupStats(group.units, consumers, magnitude, pruned=None if kept is None else removable,
-                           damp=float(rule.damp), block=max(1, math.ceil(removable / OBS_STEPS)))
+        stats = GroupStats(
+            group.units,
+            consumers,
+            magnitude,
+            pruned=None if kept is None else removable,
+            damp=float(rule.damp),
+            block=max(1, math.ceil(removable / OBS_STEPS)),
+        )
         scores = torch.as_tensor(fn(stats), dtype=torch.float64).flatten().cpu()
         if scores.numel() != group.units or bool(torch.isnan(scores).any()):
-            raise ValueError(f"channel importance {rule.importance!r} returned {scores.numel()} scores (NaN: "
-                             f"{bool(torch.isnan(scores).any())}) for a group of {group.units} units; it must return "
-                             "one finite score per unit")
+            raise ValueError(
+                f"channel importance {rule.importance!r} returned {scores.numel()} scores (NaN: "
+                f"{bool(torch.isnan(scores).any())}) for a group of {group.units} units; it must return "
+                "one finite score per unit"
+            )
         return scores
+
     return score
 
 
-def _refits(gm: GraphModule, plan: ChannelPlan, groups: list[ChannelGroup], keeps: Mapping[int, Tensor],
-            observers: Mapping[str, str], masks: Mapping[str, Tensor],
-            corrected: Corrections | None = None) -> dict[str, Tensor]:
+def _refits(
+    gm: GraphModule,
+    plan: ChannelPlan,
+    groups: list[ChannelGroup],
+    keeps: Mapping[int, Tensor],
+    observers: Mapping[str, str],
+    masks: Mapping[str, Tensor],
+    corrected: Corrections | None = None,
+) -> dict[str, Tensor]:
     """Parameter FQN → refit weight / bias of every consumer of ``groups`` (their rules' ``reconstruct``)."""
     removed: dict[Consumer, list[Tensor]] = {}
     damp: dict[Consumer, float] = {}
@@ -290,9 +341,14 @@ def _refits(gm: GraphModule, plan: ChannelPlan, groups: list[ChannelGroup], keep
     return out
 
 
-def step_channels(gm: GraphModule, plan: ChannelPlan, buffers: Mapping[str, str], steps: int,
-                  replay: Callable[[set[str]], None] | None = None, on_refit: Callable[[int], None] | None = None,
-                  ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def step_channels(
+    gm: GraphModule,
+    plan: ChannelPlan,
+    buffers: Mapping[str, str],
+    steps: int,
+    replay: Callable[[set[str]], None] | None = None,
+    on_refit: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """:func:`channel_step` for a sparse module: ``buffers`` maps each channels target (its parameter FQN) to
     its mask buffer. Sequential rules write their groups' masks and refits as they go; if anything
     raises, every mask and parameter they wrote is put back before the error propagates. ``on_refit(n)``
@@ -323,10 +379,16 @@ def step_channels(gm: GraphModule, plan: ChannelPlan, buffers: Mapping[str, str]
         raise
 
 
-def channel_step(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str], masks: Mapping[str, Tensor],
-                 steps: int, replay: Callable[[set[str]], None] | None = None,
-                 write: Callable[[dict[str, Tensor], dict[str, Tensor]], None] | None = None,
-                 on_refit: Callable[[int], None] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def channel_step(
+    gm: GraphModule,
+    plan: ChannelPlan,
+    observers: Mapping[str, str],
+    masks: Mapping[str, Tensor],
+    steps: int,
+    replay: Callable[[set[str]], None] | None = None,
+    write: Callable[[dict[str, Tensor], dict[str, Tensor]], None] | None = None,
+    on_refit: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(parameter FQN → keep-mask, parameter FQN → refit value) for every channels rule.
 
     Rules with ``"sequential": true`` go last, one group at a time in graph order: ``write(masks, params)``
@@ -341,8 +403,9 @@ def channel_step(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str
     new_masks = channel_masks(gm, now, masks, steps, score)
     keeps = group_keeps(now, new_masks)
     refit_now = [g for g in now.groups if g.id in keeps and g.rule is not None]
-    new_params = _refits(gm, plan, refit_now, keeps, observers,
-                         masks)  # the target: the consumers' outputs as calibrated, before this step's masks
+    new_params = _refits(
+        gm, plan, refit_now, keeps, observers, masks
+    )  # the target: the consumers' outputs as calibrated, before this step's masks
     done = on_refit or (lambda n: None)
     done(len([g for g in refit_now if plan.rules[g.rule].reconstruct]))  # type: ignore[index]
     later = [g for g in plan.groups if g.rule in sequential and g.removable]
@@ -351,8 +414,12 @@ def channel_step(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str
     if replay is None or write is None:
         raise ValueError("step(): 'sequential' channels rules need the recorded calibration inputs")
     order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
-    first_use = {name: min((order.get(n.name, 0) for n in gm.graph.nodes if n.op == "call_module" and n.target == name),
-                           default=0) for name in set(observers.values())}
+    first_use = {
+        name: min(
+            (order.get(n.name, 0) for n in gm.graph.nodes if n.op == "call_module" and n.target == name), default=0
+        )
+        for name in set(observers.values())
+    }
     later.sort(key=lambda g: min(first_use[observers[c.layer]] for c, _ in consumers_of(gm, g)))
     write(new_masks, new_params)
     for i, g in enumerate(later):
