@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _native
+from ._dense_weight_state import DenseWeightState
 
 try:  # numpy packs bits ~10x faster than the torch fallback; optional
     import numpy as _np
@@ -193,7 +194,7 @@ bitmask_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --- the layer --------------------------------------------------------------------------------------------
-class BitmaskLinear(nn.Module):
+class BitmaskLinear(DenseWeightState, nn.Module):
     """A ``Linear`` (or 1×1 ``Conv``, or GPT-2 ``Conv1D``) whose weight is held in bitmask storage.
 
     ``values`` / ``mask`` / ``row_offsets`` are plain non-persistent buffers (``.to()``, deepcopy and
@@ -272,40 +273,6 @@ class BitmaskLinear(nn.Module):
             rows, self.values, self.mask, self.row_offsets, self.bias, self.in_features
         ).movedim(-1, 1)
         return y if batched else y[0]
-
-    # --- dense weights in the state dict under the original key ----------------------------------------
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.dense_weight()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        key = prefix + "weight"
-        if key in state_dict:
-            incoming = state_dict[key]
-            if tuple(incoming.shape) != self.weight_shape:
-                error_msgs.append(
-                    f"size mismatch for {key}: copying a param with shape {tuple(incoming.shape)} "
-                    f"from checkpoint, the shape in current model is {self.weight_shape}."
-                )
-            else:
-                dense = incoming.to_dense() if incoming.layout != torch.strided else incoming
-                with torch.no_grad():
-                    self._store(dense.to(self.values))
-            state_dict = {k: v for k, v in state_dict.items() if k != key}
-        elif strict:
-            missing_keys.append(key)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         zeros = 1.0 - int(self.row_offsets[-1]) / max(self.out_features * self.in_features, 1)

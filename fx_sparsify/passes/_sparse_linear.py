@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .._dense_weight_state import DenseWeightState
 
 __all__ = ["KERNEL_DTYPES", "SparseLinear"]
 
@@ -15,7 +16,7 @@ __all__ = ["KERNEL_DTYPES", "SparseLinear"]
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(DenseWeightState, nn.Module):
     """A ``Linear`` (or 1×1 ``Conv``) whose weight is stored as a CSR / BSR tensor with int32 indices.
 
     ``weight`` is the sparse tensor; ``state_dict()`` writes it dense under ``weight`` (the original
@@ -109,40 +110,6 @@ class SparseLinear(nn.Module):
         if self.spatial:
             return getattr(F, f"conv{self.spatial}d")(x, w, self.bias)
         return F.linear(x, w, self.bias)
-
-    # --- dense weights in the state dict under the original key ----------------------------------------
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.dense_weight()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        key = prefix + "weight"
-        if key in state_dict:
-            incoming = state_dict[key]
-            if tuple(incoming.shape) != self.weight_shape:
-                error_msgs.append(
-                    f"size mismatch for {key}: copying a param with shape {tuple(incoming.shape)} "
-                    f"from checkpoint, the shape in current model is {self.weight_shape}."
-                )
-            else:
-                dense = incoming.to_dense() if incoming.layout != torch.strided else incoming
-                with torch.no_grad():
-                    self._store(dense.to(self.values))
-            state_dict = {k: v for k, v in state_dict.items() if k != key}
-        elif strict:
-            missing_keys.append(key)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         kind = "csr" if self.layout == "csr" else f"bsr {self.blocksize}x{self.blocksize}"
