@@ -26,6 +26,7 @@ __all__ = [
     "zero_pruned_",
     "masked_copy",
     "is_masked",
+    "PendingMask",
     "PackedMask",
     "pending",
     "release_freed_memory",
@@ -109,7 +110,30 @@ PACK_MIN = 1 << 16
 PACK_CHUNKS = 1
 
 
-class PackedMask:
+class PendingMask:
+    """A keep-mask that ``step()`` holds, in some compact form, until it writes every new mask (all or nothing)."""
+
+    shape: tuple[int, ...]
+
+    def unpack_into(self, buf: Tensor) -> None:
+        """Write the mask into ``buf`` (its shape; bool, or 0/1 of another dtype) in place."""
+        raise NotImplementedError
+
+    def packed(self) -> PackedMask:
+        """The mask at 1 bit per entry, reading nothing else."""
+        raise NotImplementedError
+
+    def reads(self) -> Tensor | None:
+        """The tensor the mask is computed from when it is written (None: the mask holds its own bits); it must
+        not change until then."""
+        return None
+
+    def stale(self) -> bool:
+        """Whether the tensor it :meth:`reads` was written in place since the mask was ranked."""
+        return False
+
+
+class PackedMask(PendingMask):
     """A keep-mask held at 1 bit per entry until it is written into its buffer.
 
     ``step()`` is all or nothing, so it holds every new mask until all are computed: packed, they cost
@@ -149,6 +173,9 @@ class PackedMask:
         weights = _WEIGHTS.to(bits.device)
         torch.sum(bits * weights, dim=1, dtype=torch.uint8, out=self.data[start // 8 : start // 8 + bits.shape[0]])
 
+    def packed(self) -> PackedMask:
+        return self
+
     @serial_when_small
     def unpack_into(self, buf: Tensor) -> None:
         """Write the mask into ``buf`` (its shape; bool, or 0/1 of another dtype) in place."""
@@ -166,9 +193,9 @@ class PackedMask:
             part.copy_(bits)
 
 
-def pending(mask: Tensor | PackedMask) -> Tensor | PackedMask:
+def pending(mask: Tensor | PendingMask) -> Tensor | PendingMask:
     """``mask`` as update_masks holds it until the step writes: packed when large (see :class:`PackedMask`)."""
-    if isinstance(mask, PackedMask):  # a selector that packs as it goes (methods.PACKED_METHODS)
+    if isinstance(mask, PendingMask):  # a selector that makes its mask compact (methods.PACKED_METHODS)
         return mask
     return PackedMask(mask) if mask.numel() >= PACK_MIN and mask.is_contiguous() else mask
 

@@ -41,9 +41,9 @@ def _kth_many(flats: list[Tensor], k: int, absolute: bool) -> Tensor:
     lo, hi = _selectors.bracket(torch.sort(sample).values, k / n)
     if lo is not None or hi is not None:
         chunks = (_abs(chunk, absolute).float() for f in flats for chunk in f.split(_selectors.CHUNK))
-        kth = _selectors.kth_in_band(chunks, k, lo, hi)
-        if kth is not None:
-            return kth
+        found = _selectors.kth_in_band(chunks, k, lo, hi)
+        if found is not None:
+            return found[0]
     return torch.kthvalue(torch.cat([_abs(f, absolute).float() for f in flats]), k).values  # rare: a missed bracket
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from .._masks import PackedMask
-from .._threads import serial_when_small
+from .._masks import PackedMask, PendingMask
+from .._threads import serial_below, serial_when_small
 
 __all__ = [
     "count_to_prune",
@@ -29,7 +29,12 @@ __all__ = [
     "warn_if_percent_like",
     "ENTRY_COUNTS",
     "kth_smallest",
+    "kth_and_below",
+    "ranked_chunks",
+    "prune_ties",
     "prune_smallest",
+    "ThresholdMask",
+    "rank_smallest",
     "prune_smallest_packed",
     "prune_smallest_in_groups",
     "normalize_dim",
@@ -133,25 +138,48 @@ def _selectable(scores: Tensor) -> Tensor:
 def kth_smallest(flat: Tensor, k: int, *, absolute: bool = False) -> Tensor:
     """The exact ``k``-th smallest value (1-based) of a 1-D tensor, as a 0-d tensor.
 
-    ``absolute=True`` ranks ``|flat|`` without a full-size copy (each chunk's ``abs`` is a temporary).
+    ``absolute=True`` ranks ``|flat|`` without a full-size copy (each chunk's ``abs`` goes into one reused buffer).
+    """
+    return kth_and_below(flat, k, absolute=absolute)[0]
+
+
+def kth_and_below(flat: Tensor, k: int, *, absolute: bool = False) -> tuple[Tensor, int]:
+    """:func:`kth_smallest` and how many entries are strictly below it (``absolute``: of ``|flat|``).
 
     Large tensors use a sampled band search: a random sample brackets the k-th value in ``[lo, hi]``,
-    only the (few) values inside the band are ranked exactly. The result is exact whatever the sample;
-    a missed bracket falls back to ``torch.kthvalue`` on the whole tensor.
+    only the (few) values inside the band are ranked exactly (by the same search, until a band is small).
+    The result is exact whatever the sample; a missed bracket falls back to ``torch.kthvalue`` on the whole
+    tensor.
     """
     n = flat.numel()
     assert 1 <= k <= n, (k, n)
-    if n <= SMALL:
-        return torch.kthvalue(flat.abs() if absolute else flat, k).values
-    gen = torch.Generator(device=flat.device)
-    gen.manual_seed(0x5EED)
-    idx = torch.randint(n, (SAMPLE,), generator=gen, device=flat.device)
-    lo, hi = bracket(torch.sort(flat[idx].abs() if absolute else flat[idx]).values, k / n)
-    if lo is not None or hi is not None:
-        kth = kth_in_band((chunk.abs() if absolute else chunk for chunk in flat.split(CHUNK)), k, lo, hi)
-        if kth is not None:
-            return kth
-    return torch.kthvalue(flat.abs() if absolute else flat, k).values
+    if n > SMALL:
+        gen = torch.Generator(device=flat.device)
+        gen.manual_seed(0x5EED)
+        idx = torch.randint(n, (SAMPLE,), generator=gen, device=flat.device)
+        sample = flat[idx]
+        del idx
+        lo, hi = bracket(torch.sort(sample.abs_() if absolute else sample).values, k / n)
+        del sample
+        if lo is not None or hi is not None:
+            found = kth_in_band(ranked_chunks(flat, absolute), k, lo, hi)
+            if found is not None:
+                return found
+    values = flat.abs() if absolute else flat  # small, or a missed bracket (rare)
+    kth = torch.kthvalue(values, k).values
+    return kth, int(torch.count_nonzero(torch.lt(values, kth)))
+
+
+def ranked_chunks(flat: Tensor, absolute: bool) -> Iterator[Tensor]:
+    """``flat`` (``|flat|`` when ``absolute``) a chunk of :data:`CHUNK` at a time; the ``abs`` chunks are one
+    reused buffer, each valid until the next is yielded."""
+    chunks = flat.split(CHUNK)
+    if not absolute:
+        yield from chunks
+        return
+    buf = torch.empty(len(chunks[0]) if chunks else 0, dtype=flat.dtype, device=flat.device)
+    for chunk in chunks:
+        yield torch.abs(chunk, out=buf[: chunk.numel()])
 
 
 def bracket(sample: Tensor, q: float) -> tuple[Tensor | None, Tensor | None]:
@@ -164,49 +192,87 @@ def bracket(sample: Tensor, q: float) -> tuple[Tensor | None, Tensor | None]:
     return lo, hi
 
 
-def kth_in_band(chunks: Iterable[Tensor], k: int, lo: Tensor | None, hi: Tensor | None) -> Tensor | None:
-    """The k-th smallest (1-based) of all the values ``chunks`` yield, found inside the band ``(lo, hi]``
-    (at least one of ``lo``/``hi`` given); ``None`` when the bracket missed it.
+def kth_in_band(chunks: Iterable[Tensor], k: int, lo: Tensor | None, hi: Tensor | None) -> tuple[Tensor, int] | None:
+    """The k-th smallest (1-based) of all the values ``chunks`` yield, found inside the band ``[lo, hi]``
+    (at least one of ``lo``/``hi`` given), and how many values are strictly below it; ``None`` when the
+    bracket missed it.
 
-    Chunked, so the boolean temporaries stay small (peak extra memory is the caller's concern).
-    Entries equal to ``lo`` are counted, not collected: a value tied far and wide (the pruned zeros
-    at a repeated step) would otherwise put most of the tensor in the band.
+    Chunked, with two reused boolean buffers, so the temporaries stay small (peak extra memory is the
+    caller's concern). Entries equal to ``lo`` or ``hi`` are counted, not collected: a value tied far and wide
+    (the pruned zeros at a repeated step) would otherwise put most of the tensor in the band. The band strictly
+    inside is ranked by :func:`kth_and_below` in turn (by ``torch.kthvalue`` when it is most of the values).
     """
-    below, at_lo, parts = 0, 0, []
+    if lo is not None and hi is not None and bool(lo == hi):
+        hi = None  # one value: its ties are counted once, as lo's
+        upper = lo
+    else:
+        upper = hi
+    total, below, at_lo, at_hi, parts = 0, 0, 0, 0, []
+    flags: list[Tensor] = []
     for chunk in chunks:
+        total += chunk.numel()
+        if not flags or flags[0].numel() < chunk.numel():
+            flags = [torch.empty(chunk.numel(), dtype=torch.bool, device=chunk.device) for _ in range(2)]
+        f, g = (b[: chunk.numel()] for b in flags)
+        if hi is not None:
+            at_hi += int(torch.count_nonzero(torch.eq(chunk, hi, out=f)))
         if lo is None:
-            assert hi is not None  # one of lo / hi is given
-            in_band = torch.le(chunk, hi)
+            in_band = torch.lt(chunk, upper, out=f)
         else:
-            below += int(torch.count_nonzero(torch.lt(chunk, lo)))
-            at_lo += int(torch.count_nonzero(torch.eq(chunk, lo)))
-            in_band = torch.gt(chunk, lo)
-            if hi is not None:
-                in_band.logical_and_(torch.le(chunk, hi))
+            below += int(torch.count_nonzero(torch.lt(chunk, lo, out=f)))
+            at_lo += int(torch.count_nonzero(torch.eq(chunk, lo, out=f)))
+            in_band = torch.gt(chunk, lo, out=f)
+            if upper is not None:
+                in_band.logical_and_(torch.lt(chunk, upper, out=g))
         parts.append(chunk[in_band])
+    del flags
     band = torch.cat(parts)
+    parts.clear()
     if lo is not None and below < k <= below + at_lo:
-        return lo
-    if below + at_lo < k <= below + at_lo + band.numel():
-        return torch.kthvalue(band, k - below - at_lo).values
+        return lo, below
+    j = k - below - at_lo
+    if 0 < j <= band.numel():
+        if 2 * band.numel() > total:  # the band did not shrink (ranking it in turn might not either)
+            kth = torch.kthvalue(band, j).values
+            return kth, below + at_lo + int(torch.count_nonzero(torch.lt(band, kth)))
+        kth, under = kth_and_below(band, j)
+        return kth, below + at_lo + under
+    if hi is not None and band.numel() < j <= band.numel() + at_hi:
+        return hi, below + at_lo + band.numel()
     return None
+
+
+#: the entries scanned at a time for the ties to prune inside the one chunk where they run out (an index list
+#: of at most this many)
+TIE_PIECE = 1 << 14
+
+
+def prune_ties(values: Tensor, kept: Tensor, kth: Tensor, need: int) -> int:
+    """Prune (set False in the 1-D ``kept``) the first ``need`` entries of ``values`` equal to ``kth``; how many
+    are still to prune after this chunk. A chunk whose ties all go is masked whole, without an index list (ties
+    may be most of the tensor); the chunk where they run out is scanned a small piece at a time."""
+    tied = torch.eq(values, kth)
+    count = int(torch.count_nonzero(tied))
+    if count <= need:
+        kept.logical_and_(tied.logical_not_())
+        return need - count
+    for t, k in zip(tied.split(TIE_PIECE), kept.split(TIE_PIECE)):
+        here = int(torch.count_nonzero(t))
+        if here > need:
+            k[torch.nonzero(t).squeeze(1)[:need]] = False
+            return 0
+        k.logical_and_(t.logical_not())
+        need -= here
+    return need
 
 
 def prune_first_ties(pairs: Iterable[tuple[Tensor, Tensor]], kth: Tensor, need: int) -> None:
     """Prune (set False in ``kept``) the first ``need`` entries equal to ``kth``, over ``(values, kept)``
-    chunk pairs in order; a chunk whose ties all go is masked whole, without an index list (ties may be
-    most of the tensor)."""
+    chunk pairs in order (see :func:`prune_ties`)."""
     for values, kept in pairs:
         if need <= 0:
             break
-        tied = values == kth
-        count = int(torch.count_nonzero(tied))
-        if count <= need:
-            kept.logical_and_(tied.logical_not_())
-            need -= count
-        else:
-            kept[torch.nonzero(tied).squeeze(1)[:need]] = False
-            need = 0
+        need = prune_ties(values, kept, kth, need)
 
 
 def prune_smallest(scores: Tensor, k: int, *, absolute: bool = False) -> Tensor:
@@ -240,36 +306,70 @@ def prune_smallest(scores: Tensor, k: int, *, absolute: bool = False) -> Tensor:
     return keep.view(scores.shape)
 
 
-def prune_smallest_packed(scores: Tensor, k: int, *, absolute: bool = False) -> PackedMask:
-    """:func:`prune_smallest`'s keep-mask (the same entries), made and packed a chunk at a time: never a bool
-    mask of the whole tensor (1/4 of an fp32 weight), only the 1-bit result and two chunk buffers, reused (fresh
-    temporaries a chunk were kept by the C heap: the step's resident memory grew by tens of MiB)."""
+class ThresholdMask(PendingMask):
+    """:func:`prune_smallest`'s keep mask held as its rule rather than its bits: the entries of ``source``
+    (``|source|`` when ``absolute``) below ``kth`` are pruned, and the first ``ties`` entries equal to it (lowest
+    flat index first). Held, it costs nothing but a reference to ``source``; :meth:`unpack_into` and
+    :meth:`packed` make the bits a chunk at a time. ``source`` must not change until then (:meth:`stale`)."""
+
+    def __init__(self, source: Tensor, shape: tuple[int, ...], kth: Tensor, ties: int, absolute: bool) -> None:
+        self.source, self.shape = source.reshape(-1), tuple(shape)
+        self.kth, self.ties, self.absolute = kth, ties, absolute
+        self.version = source._version
+
+    def reads(self) -> Tensor:
+        return self.source
+
+    def stale(self) -> bool:
+        """Whether ``source`` was written in place since it was ranked (the mask would no longer be its rank)."""
+        return self.source._version != self.version
+
+    def chunks(self) -> Iterator[tuple[int, Tensor]]:
+        """``(start, keep)`` over the flat mask in order, ``keep`` a reused bool buffer valid until the next."""
+        chunk = CHUNK
+        keep_buf = torch.empty(min(chunk, self.source.numel()), dtype=torch.bool, device=self.source.device)
+        need = self.ties
+        for i, values in enumerate(ranked_chunks(self.source, self.absolute)):
+            keep = torch.lt(values, self.kth, out=keep_buf[: values.numel()]).logical_not_()
+            if need > 0:
+                need = prune_ties(values, keep, self.kth, need)
+            yield i * chunk, keep
+
+    def packed(self) -> PackedMask:
+        out = PackedMask.packing(self.shape, self.source.device)  # CHUNK is a multiple of 8: starts on a byte
+        with serial_below(self.source.numel()):
+            for start, keep in self.chunks():
+                out.pack(start, keep)
+        return out
+
+    @serial_when_small
+    def unpack_into(self, buf: Tensor) -> None:
+        if not buf.is_contiguous():
+            whole = torch.empty(self.shape, dtype=torch.bool, device=buf.device)
+            self.unpack_into(whole)
+            buf.copy_(whole)
+            return
+        flat = buf.view(-1)
+        for start, keep in self.chunks():
+            flat[start : start + keep.numel()].copy_(keep)
+
+
+def rank_smallest(scores: Tensor, k: int, *, absolute: bool = False) -> ThresholdMask:
+    """:func:`prune_smallest`'s keep-mask (the same entries, ``0 < k < n``) as a :class:`ThresholdMask`: ranked
+    in one pass over the chunks (and a sample), with no temporary the size of ``scores``."""
     n = scores.numel()
     assert 0 < k < n, (k, n)
     refuse_nan(scores, "the scores")
     flat = _selectable(scores).reshape(-1)
-    kth = kth_smallest(flat, k, absolute=absolute)
-    chunks = flat.split(CHUNK)  # CHUNK is a multiple of 8: every chunk starts on a byte of the packed mask
-    values_buf = torch.empty(len(chunks[0]), dtype=flat.dtype, device=flat.device) if absolute else None
-    keep_buf = torch.empty(len(chunks[0]), dtype=torch.bool, device=flat.device)
+    kth, below = kth_and_below(flat, k, absolute=absolute)
+    return ThresholdMask(flat, tuple(scores.shape), kth, k - below, absolute)
 
-    def ranked(chunk: Tensor) -> tuple[Tensor, Tensor]:
-        """(the chunk's values as ranked, its keep mask before ties) in the reused buffers."""
-        values = torch.abs(chunk, out=values_buf[: chunk.numel()]) if values_buf is not None else chunk
-        return values, torch.lt(values, kth, out=keep_buf[: chunk.numel()])
 
-    below = sum(int(torch.count_nonzero(ranked(c)[1])) for c in chunks)
-    need = k - below  # how many of the entries equal to kth to prune, lowest flat index first
-    out = PackedMask.packing(tuple(scores.shape), flat.device)
-    for i, chunk in enumerate(chunks):
-        values, keep = ranked(chunk)
-        keep.logical_not_()
-        if need > 0:
-            tied = torch.nonzero(values == kth).squeeze(1)[:need]
-            keep[tied] = False
-            need -= tied.numel()
-        out.pack(i * CHUNK, keep)
-    return out
+def prune_smallest_packed(scores: Tensor, k: int, *, absolute: bool = False) -> PackedMask:
+    """:func:`prune_smallest`'s keep-mask (the same entries), made and packed a chunk at a time: never a bool
+    mask of the whole tensor (1/4 of an fp32 weight), only the 1-bit result and chunk buffers, reused (fresh
+    temporaries a chunk were kept by the C heap: the step's resident memory grew by tens of MiB)."""
+    return rank_smallest(scores, k, absolute=absolute).packed()
 
 
 def prune_smallest_in_groups(scores: Tensor, k: int) -> Tensor:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .._masks import PackedMask
+from .._masks import PendingMask
 from .._threads import serial_when_small
 from ._registry import register_mask_method
 from ._selectors import (
@@ -34,7 +34,7 @@ from ._selectors import (
     normalize_dim,
     prune_smallest,
     prune_smallest_in_groups,
-    prune_smallest_packed,
+    rank_smallest,
     to_blocks,
 )
 
@@ -109,19 +109,21 @@ def l1_unstructured(tensor: Tensor, *, sparsity: float | int) -> Tensor:
 
 
 @serial_when_small
-def _l1_unstructured_packed(tensor: Tensor, *, sparsity: float | int, **_: object) -> Tensor | PackedMask:
-    """:func:`l1_unstructured`'s mask, packed as it is made (no bool mask of the whole tensor) when k is 0 < k < n."""
+def _l1_unstructured_packed(tensor: Tensor, *, sparsity: float | int, **_: object) -> Tensor | PendingMask:
+    """:func:`l1_unstructured`'s mask when k is 0 < k < n, as its threshold (no bool mask of the whole tensor;
+    written, or packed, a chunk at a time)."""
     k = _unstructured_args(tensor.shape, sparsity=sparsity)
     if k in (0, tensor.numel()):
         return l1_unstructured(tensor, sparsity=sparsity)
-    return prune_smallest_packed(tensor, k, absolute=True)
+    return rank_smallest(tensor, k, absolute=True)
 
 
-#: methods with a variant that returns its keep mask packed (1 bit per entry), made a chunk at a time: step()
-#: takes it for large targets, whose new masks it holds packed anyway until it writes them
-#: (name → the registered function it stands in for, the packed variant): a method registered again under the
+#: methods with a variant that returns its keep mask pending (:class:`PendingMask`: packed at 1 bit per entry, or
+#: as the threshold it is computed from), made a chunk at a time: step() takes it for large targets, whose new
+#: masks it holds compact anyway until it writes them
+#: (name → the registered function it stands in for, the compact variant): a method registered again under the
 #: name (override=True) is not replaced
-PACKED_METHODS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor | PackedMask]]] = {
+PACKED_METHODS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor | PendingMask]]] = {
     "l1_unstructured": (l1_unstructured, _l1_unstructured_packed),
 }
 

@@ -28,7 +28,7 @@ from .. import distributed
 from .._caller import user_stacklevel
 from .._masks import (
     PACK_MIN,
-    PackedMask,
+    PendingMask,
     is_masked,
     keep_of,
     masked_copy,
@@ -210,7 +210,7 @@ class StepWork:
 
     gm: GraphModule
     state: SparsityState
-    new_masks: dict[str, Tensor | PackedMask] = field(default_factory=dict)  # target name -> new keep-mask
+    new_masks: dict[str, Tensor | PendingMask] = field(default_factory=dict)  # target name -> new keep-mask
     new_weights: dict[str, Tensor] = field(default_factory=dict)  # target name -> updated weight (reconstructing)
     restart: list[str] = field(default_factory=list)  # observers whose statistics restart after the step
     # parameter FQN -> new value, for parameters no target owns (the bias of a refit channel consumer)
@@ -322,17 +322,43 @@ def _step_reconstruct(work: StepWork, records: list[TargetRecord]) -> None:
 def _plain_mask(
     work: StepWork,
     record: TargetRecord,
-    compute: Callable[[Tensor, torch.Generator, dict[str, Any]], Tensor | PackedMask],
+    compute: Callable[[Tensor, torch.Generator, dict[str, Any]], Tensor | PendingMask],
 ) -> None:
     scores = weight_scores(work.gm, record)
     gen = generator_for(work.state.spec.seed, record.name, scores.device)
     mask = compute(scores, gen, work.options(record))
+    if isinstance(mask, PendingMask) and not _reads_the_weight(work.gm, record, mask):
+        mask = mask.packed()  # it would hold a copy (the scores of a masked weight, a callable's) until the write
     del scores  # free a scores copy before the next target's
     work.new_masks[record.name] = pending(mask)  # 1 bit per entry until written
     del mask
     release_freed_memory()  # the C heap keeps a target's chunk temporaries, the next target's add up on them
     if record.observer is not None:  # Wanda statistics restart with the next calibration
         work.restart.append(record.observer)
+
+
+def _reads_the_weight(gm: GraphModule, record: TargetRecord, mask: PendingMask) -> bool:
+    """Whether ``mask`` is computed at the write from ``record``'s own weight (holding it costs no memory)."""
+    source = mask.reads()
+    weight = gm.get_parameter(record.param)  # type: ignore[arg-type]
+    return source is not None and source.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+
+
+def _settle(work: StepWork) -> None:
+    """Pack the new masks still to be computed from their weights: a row that may write weights runs next."""
+    for name, keep in work.new_masks.items():
+        if isinstance(keep, PendingMask) and keep.reads() is not None:
+            work.new_masks[name] = keep.packed()
+
+
+def _check_unchanged(work: StepWork) -> None:
+    """Refuse to write masks ranked from weights that changed since (another thread wrote them in place)."""
+    stale = [n for n, k in work.new_masks.items() if isinstance(k, PendingMask) and k.stale()]
+    if stale:
+        raise RuntimeError(
+            f"the weights of {', '.join(map(repr, stale))} changed while step() ranked them (written in place by "
+            "another thread?); nothing was written. Run step() while nothing else changes the weights"
+        )
 
 
 def _step_wanda_rows(work: StepWork, record: TargetRecord) -> None:
@@ -365,6 +391,25 @@ STEP_STRATEGIES: list[StepStrategy] = [
     ),
     StepStrategy("plain", lambda r: True, each=_step_plain),
 ]
+
+
+#: built-in ``together`` rows → whether they may write weights before the masks are written, given the targets they
+#: claimed (a channel plan refits on its own); any other row may
+_WRITES_WEIGHTS: dict[Callable[..., None], Callable[[StepWork, list[TargetRecord]], bool]] = {
+    _step_global: lambda work, claimed: False,
+    _step_reconstruct: lambda work, claimed: bool(claimed),
+    _step_sequential: lambda work, claimed: bool(claimed),
+    _step_channels: lambda work, claimed: work.state.channels is not None,
+}
+
+
+def _may_write_weights(work: StepWork, strategy: StepStrategy, claimed: list[TargetRecord]) -> bool:
+    """Whether ``strategy``'s ``together`` may change weights (masks still to be computed from them are packed
+    first)."""
+    if strategy.together is None:
+        return False
+    rule = _WRITES_WEIGHTS.get(strategy.together)
+    return rule is None or rule(work, claimed)
 
 
 def register_step_strategy(strategy: StepStrategy, *, before: str = "plain", override: bool = False) -> StepStrategy:
@@ -421,9 +466,12 @@ def update_masks(gm: GraphModule, state: SparsityState, verbose: bool = False) -
                     claimed[strategy.name].append(record)
                     if strategy.each is not None:
                         strategy.each(work, record)
+            if any(_may_write_weights(work, s, claimed[s.name]) for s in strategies):
+                _settle(work)
             for strategy in strategies:
                 if strategy.together is not None:
                     strategy.together(work, claimed[strategy.name])
+            _check_unchanged(work)
         except BaseException:
             _restore_rng(rng)
             raise
@@ -447,7 +495,7 @@ def update_masks(gm: GraphModule, state: SparsityState, verbose: bool = False) -
 
 
 @serial_when_small  # a mask copy of a few ten thousand entries on one thread (see _threads.py)
-def _write(gm: GraphModule, state: SparsityState, record: TargetRecord, keep: Tensor | PackedMask) -> None:
+def _write(gm: GraphModule, state: SparsityState, record: TargetRecord, keep: Tensor | PendingMask) -> None:
     if record.kind == "activation":  # activation masks take reduce's shape at the first step
         assert isinstance(keep, Tensor), record.name  # computed whole, never packed
         setattr(gm, record.buffer, keep.to(gm.get_buffer(record.buffer).device))
@@ -457,7 +505,7 @@ def _write(gm: GraphModule, state: SparsityState, record: TargetRecord, keep: Te
         sparsify: Any = gm.get_submodule(record.module)
         sparsify.options = current_options(state, record)
     buf = gm.get_buffer(record.buffer)
-    if isinstance(keep, PackedMask):
+    if isinstance(keep, PendingMask):
         keep.unpack_into(buf)
         return
     buf.copy_(keep.to(device=buf.device, dtype=buf.dtype))
