@@ -202,11 +202,9 @@ def kth_in_band(chunks: Iterable[Tensor], k: int, lo: Tensor | None, hi: Tensor 
     (the pruned zeros at a repeated step) would otherwise put most of the tensor in the band. The band strictly
     inside is ranked by :func:`kth_and_below` in turn (by ``torch.kthvalue`` when it is most of the values).
     """
+    upper: Tensor | None = hi  # the band's open upper end
     if lo is not None and hi is not None and bool(lo == hi):
         hi = None  # one value: its ties are counted once, as lo's
-        upper = lo
-    else:
-        upper = hi
     total, below, at_lo, at_hi, parts = 0, 0, 0, 0, []
     flags: list[Tensor] = []
     for chunk in chunks:
@@ -217,6 +215,7 @@ def kth_in_band(chunks: Iterable[Tensor], k: int, lo: Tensor | None, hi: Tensor 
         if hi is not None:
             at_hi += int(torch.count_nonzero(torch.eq(chunk, hi, out=f)))
         if lo is None:
+            assert upper is not None  # one of lo / hi is given
             in_band = torch.lt(chunk, upper, out=f)
         else:
             below += int(torch.count_nonzero(torch.lt(chunk, lo, out=f)))
