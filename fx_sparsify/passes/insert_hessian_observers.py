@@ -24,7 +24,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .._caller import user_stacklevel
-from ..hessian import HessianObserver
+from ..hessian import SUM_DTYPE, HessianObserver
 from ..methods.sparsegpt import HESSIAN_DTYPES
 from ..select import Selection
 from ._runner import PassResult, finish
@@ -142,7 +142,7 @@ def insert_hessian_observers(gm: GraphModule, selection: Selection) -> PassResul
         created[weight_target] = {"observer": name}
         if not layers[layer][2]:  # one-pass: this observer's Hessian lives through the whole calibration
             weight: Any = gm.get_submodule(layer).weight
-            one_pass[name] = math.prod(weight.shape[1:]) ** 2 * dtype.itemsize, weight.device
+            one_pass[name] = math.prod(weight.shape[1:]) ** 2 * SUM_DTYPE.itemsize, weight.device  # float64 sums
     if any(sequential for _, _, sequential, _ in layers.values()):
         record_calibration_inputs(gm)
     _warn_if_hessians_do_not_fit(one_pass)

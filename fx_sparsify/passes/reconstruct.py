@@ -74,8 +74,9 @@ def reconstruct(gm: GraphModule, record: TargetRecord, options: dict[str, Any]) 
     weight = gm.get_parameter(record.param)  # type: ignore[arg-type]
     keep = None if getattr(record.rule, "regrow", False) else gm.get_buffer(record.buffer) != 0
     options = {k: v for k, v in options.items() if k not in _NOT_SWEEP_OPTIONS}
-    # the statistic's scale does not matter (damp is relative to its mean diagonal): no scaled copy
-    return sparsegpt_prune(weight, observer.stat, keep=keep, **options)
+    # the statistic's scale does not matter (damp is relative to its mean diagonal): no scaled copy; hessian()
+    # rounds the float64 sum over the batches (and ranks) once to the rule's hessian_dtype
+    return sparsegpt_prune(weight, observer.hessian(), keep=keep, **options)
 
 
 def _ancestors(node: Node) -> set[Node]:

@@ -299,14 +299,15 @@ def test_sequential_without_recorded_inputs_is_an_error() -> None:
     assert torch.equal(fresh.get_parameter("fc1.weight"), model.fc1.weight)
 
 
-def test_bfloat16_model_accumulates_in_float32_and_keeps_its_dtype() -> None:
+def test_bfloat16_model_sums_in_float64_solves_in_float32_and_keeps_its_dtype() -> None:
     model = MLP().to(torch.bfloat16)
     sgm = fxs.sparsify_graph(model, {"weights": [{"target": "fc1", "method": "sparsegpt", "n": 2, "m": 4}]})
     sgm(torch.randn(8, 16, dtype=torch.bfloat16))
     sgm.to(torch.bfloat16)  # casting the module mid-calibration does not break the accumulation
     sgm(torch.randn(8, 16, dtype=torch.bfloat16))
     (name,) = _observers(sgm)
-    assert sgm.get_submodule(name).stat.dtype == torch.float32
+    assert sgm.get_submodule(name).stat.dtype == torch.float64  # the sum over batches
+    assert sgm.get_submodule(name).hessian().dtype == torch.float32  # rounded once, for the solve
     sgm.step()
     weight = sgm.get_parameter("fc1.weight")
     assert weight.dtype == torch.bfloat16 and torch.all(weight.reshape(-1, 4).count_nonzero(-1) <= 2)
@@ -357,7 +358,7 @@ def test_one_pass_hessians_that_would_not_fit_warn_at_capture(monkeypatch: pytes
 
     from fx_sparsify.passes import insert_hessian_observers as passes_hessian
 
-    one_shared = 16 * 16 * 4  # q, k, v read one input: one 16x16 fp32 Hessian; o reads another
+    one_shared = 16 * 16 * 8  # q, k, v read one input: one 16x16 Hessian (float64 sums); o reads another
     monkeypatch.setattr(passes_hessian, "_available_bytes", lambda device: 2 * (one_shared * 2) - 2)
     spec = {"weights": [{"target": "type:Linear", "method": "sparsegpt", "sparsity": 0.5}]}
     with pytest.warns(

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
-from ...hessian import HessianObserver
+from ...hessian import SUM_DTYPE, HessianObserver, add_product
 from ...methods.channel_importance import ConsumerStats, GroupStats, corrected_weight, get_channel_importance, refit
 from ...spec import ChannelRule
 from ..insert_activation_masks import insert_observer
@@ -93,8 +93,10 @@ class ChannelStatsObserver(HessianObserver):
     def _observe(self, x: Tensor) -> None:
         if self.replay_at is not None:
             if self.replay_at < len(self.kept):
-                part = self.rows(x).T @ self.kept[self.replay_at]
-                self.cross = part if self.cross is None else self.cross + part
+                rows, kept = self.rows(x), self.kept[self.replay_at]
+                if self.cross is None:  # summed in float64 as the statistic is (one result whatever the order)
+                    self.cross = kept.new_zeros(rows.shape[1], kept.shape[1], dtype=SUM_DTYPE)
+                add_product(self.cross, rows, kept)
             self.replay_at += 1
         elif self.keep:
             self.kept.append(self.rows(x))
@@ -240,7 +242,7 @@ def _consumer_stats(
         matrix = consumer.matrix(w)
         if corrected and consumer.layer in corrected:
             matrix, bias = corrected[consumer.layer]
-        gram = gm.get_submodule(observers[consumer.layer]).stat  # type: ignore[union-attr]
+        gram = gm.get_submodule(observers[consumer.layer]).hessian()  # type: ignore[operator]
         out.append(
             ConsumerStats(
                 consumer.layer,
@@ -330,7 +332,7 @@ def _refits(
         bias = None if consumer.bias is None else gm.get_parameter(consumer.bias).detach()
         if corrected and consumer.layer in corrected:
             w, bias = corrected[consumer.layer]
-        gram = gm.get_submodule(observers[consumer.layer]).stat  # type: ignore[union-attr]
+        gram = gm.get_submodule(observers[consumer.layer]).hessian()  # type: ignore[operator]
         stats = ConsumerStats(consumer.layer, w, bias, gram, torch.arange(w.shape[1]).reshape(-1, 1))  # type: ignore[arg-type]
         new_w, new_b = refit(stats, keep, damp[consumer])
         out[consumer.weight] = consumer.back(new_w, param)
