@@ -103,7 +103,7 @@ MODEL: dict[torch.dtype, tuple[tuple[int, float, float], ...]] = {
     torch.bfloat16: ((1, 0.15, 0.8),),
 }
 #: the model's time multiplied by this on the slower kernel paths
-ISA_FACTOR = {"avx512": 1.0, "avx2": 1.15, "portable": 3.0}
+ISA_FACTOR = {"avx512vbmi2": 1.0, "avx512": 1.0, "avx2": 1.15, "portable": 3.0}
 
 
 #: below this many weight entries a call's fixed cost (~30 us: the custom op, the checks, the hand-off to C)

@@ -271,11 +271,12 @@ BITMASK_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 #: entries the values tensor must hold past the last kept one (the vector paths load whole 16-wide groups)
 BITMASK_PAD = 32
 #: the kernel paths by number (:func:`bitmask_isa`)
-ISAS = ("portable", "avx2", "avx512")
+ISAS = ("portable", "avx2", "avx512", "avx512vbmi2")
 
 
 def bitmask_isa(want: str | None = None) -> str | None:
-    """The path the bitmask kernel takes: ``"avx512"``, ``"avx2"`` or ``"portable"`` (C without SIMD), None
+    """The path the bitmask kernel takes: ``"avx512vbmi2"`` (AVX-512 with its gather path for rows with at most
+    30 % kept at batch 1), ``"avx512"``, ``"avx2"`` or ``"portable"`` (C without SIMD), None
     without the library. ``want`` switches to that path where the CPU has it (the tests force the portable
     one to check it gives the same results; the CPU's best path is the default)."""
     if LIB is None:

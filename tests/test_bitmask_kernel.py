@@ -28,7 +28,7 @@ def _paths() -> list[str]:
     if _native.LIB is None:
         return []
     best = _native.bitmask_isa()
-    paths = [best] + [p for p in ("avx2", "portable") if p != best]
+    paths = [best] + [p for p in ("avx512", "avx2", "portable") if p != best]
     return [p for p in paths if _native.ISAS.index(p) <= _native.ISAS.index(best)]
 
 
@@ -92,6 +92,25 @@ def test_kernel_equals_f_linear_on_every_path(
     b = torch.randn(rows).to(dtype)
     for batch in (0, 1, 2, 5, 9, 17):  # 9 and 17: past the 8 rows of x the AVX-512 path shares a step with
         x = torch.randn(batch, cols).to(dtype)
+        _check(_run(x, w, b), x, w, b)
+    _check(_run(x, w, None), x, w, None)
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [64, 257, 4103])
+def test_sparse_rows_with_dense_windows(cols: int, dtype: torch.dtype, isa: str) -> None:
+    """At most 15 % kept takes the gather path at batch 1 (AVX-512 VBMI2): 64-column windows with 0 to 64 kept
+    entries (one to four groups of 16), a last window of 1-63 columns, rows dense, empty and in between."""
+    rows = 40
+    w = _weight(rows, cols, 0.97, dtype, seed=cols)
+    g = torch.Generator().manual_seed(cols + 1)
+    w[3] = torch.randn(cols, generator=g).to(dtype)  # a dense row: every window has 64 kept
+    w[7, : cols // 2] = torch.randn(cols // 2, generator=g).to(dtype)  # 17-48 kept in some windows
+    w[11, ::3] = 1.0
+    assert (w != 0).float().mean() <= 0.15
+    b = torch.randn(rows).to(dtype)
+    for x in (torch.randn(1, cols).to(dtype), torch.randn(3, cols).to(dtype)[1:2]):
         _check(_run(x, w, b), x, w, b)
     _check(_run(x, w, None), x, w, None)
 
