@@ -7,18 +7,26 @@ keeps new forwards out (it does not starve). The thread that holds it for a step
 (calibration inputs replayed by a sequential SparseGPT step), and a step from a hook inside a forward waits
 for the other threads' forwards only. Under ``torch.compile`` / strict
 ``torch.export`` tracing no lock is taken: a traced graph holds no Python lock.
+
+The other methods of a sparse module take the same lock (:func:`shared`, :func:`exclusive`): what reads the masks
+(``forward`` called directly, ``squash``, ``masks()``, ``state_dict``) shares it with forwards, what rewrites them or
+the weights or modes (``load_state_dict``, ``.to()`` / ``.half()``, ``train()`` / ``eval()``) holds it alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
+import torch
 from torch import nn
 
-__all__ = ["StepLock", "step_lock"]
+__all__ = ["StepLock", "step_lock", "shared", "exclusive"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class StepLock:
@@ -34,8 +42,8 @@ class StepLock:
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
         me = threading.get_ident()
-        if self._writer == me:  # a forward inside this thread's own step
-            yield
+        if self._writer == me or getattr(self._mine, "reads", 0) > 0:  # inside this thread's own step or forward
+            yield  # (sgm.forward inside sgm(...), a module's own call inside a hook): a waiting step must not block it
             return
         with self._cond:
             while self._writer is not None or self._waiting:
@@ -85,3 +93,25 @@ def step_lock(module: nn.Module) -> StepLock:
         with _MADE:
             lock = _LOCKS.setdefault(module, StepLock())
     return lock
+
+
+def _holding(how: Callable[[StepLock], contextlib.AbstractContextManager[None]]) -> Callable[[F], F]:
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():  # traced by torch.compile / strict torch.export: no Python lock
+                return method(self, *args, **kwargs)
+            with how(step_lock(self)):
+                return method(self, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+#: decorator: the method runs holding its module's lock shared, as forwards do (it waits for a step in progress; a
+#: step waits for it): for what reads the masks and weights (``forward`` called directly, ``squash``, ``state_dict``)
+shared = _holding(lambda lock: lock.reading())
+#: decorator: the method runs holding its module's lock alone, as a step does (forwards in flight finish first, new
+#: ones wait): for what rewrites the masks, weights or modes (``load_state_dict``, ``.to()``, ``train()``)
+exclusive = _holding(lambda lock: lock.writing())

@@ -15,7 +15,7 @@ from ._caller import user_stacklevel
 from ._export_capture import LEAFSPEC_WARNING, warn_mode
 from ._load_checks import check_extra_counts, check_state_dict
 from ._meta import META_KEY
-from ._step_lock import step_lock
+from ._step_lock import exclusive, shared, step_lock
 from .passes.channels import shrink_plan_table
 from .passes.shrink import channel_keeps, remove_channels
 from .passes.sparse_storage import apply_sparse_storage, check_storage
@@ -69,6 +69,7 @@ class SparseGraphModule(GraphModule):
         sgm._mark_cache()
         return sgm
 
+    @exclusive  # a forward in flight runs in one mode throughout
     def train(self, mode: bool = True) -> SparseGraphModule:
         super().train(mode)
         self._mark_cache()
@@ -77,6 +78,7 @@ class SparseGraphModule(GraphModule):
             warn_mode(self._fxs.class_name, captured[0], captured[1], bool(mode))
         return self
 
+    @exclusive
     def _apply(self, *args: Any, **kwargs: Any) -> SparseGraphModule:  # .to() / .cuda() / .half() make new masks
         super()._apply(*args, **kwargs)
         self._mark_cache()
@@ -106,18 +108,29 @@ class SparseGraphModule(GraphModule):
         with step_lock(self).reading():
             return super().__call__(*args, **kwargs)
 
+    def recompile(self) -> Any:
+        """fx's recompile; the generated ``forward`` also takes the module's lock when it is called directly."""
+        made = super().recompile()
+        cls = type(self)
+        cls.forward = shared(cls.forward)  # a fresh function at every recompile
+        return made
+
+    @shared
     def masks(self) -> dict[str, Any]:
         """Target name → boolean keep-mask (True = kept); a list of masks for per-feature activations."""
         return masks_of(self, self._fxs)
 
+    @shared
     def sparsity(self) -> dict[str, float]:
         """Target name → achieved fraction of zeros in the mask."""
         return sparsity_of(self, self._fxs)
 
+    @shared
     def report(self) -> str:
         """A table of every target: kind, method, shape, target and achieved sparsity, fate at squash."""
         return report_table(self, self._fxs)
 
+    @shared
     def squash(self, shrink: bool = False, storage: Any = "dense", batch_size: int = 1) -> GraphModule:
         """A plain GraphModule with the masks folded into the constants; ``self`` is unchanged.
 
@@ -158,6 +171,7 @@ class SparseGraphModule(GraphModule):
             stacklevel=user_stacklevel(),
         )
 
+    @shared
     def shrink_plan(self) -> str:
         """A table of the channel groups: members, channels before → after, removable or why not."""
         if self._fxs.channels is None:
@@ -173,6 +187,7 @@ class SparseGraphModule(GraphModule):
         remove_channels(out, self._fxs, keeps)
         return out, keeps
 
+    @shared
     def squash_into(self, model: torch.nn.Module, shrink: bool = False) -> torch.nn.Module:
         """Write the squashed weights into your own eager ``model`` (in place) and return it.
 
@@ -191,6 +206,7 @@ class SparseGraphModule(GraphModule):
             return write_into(self, self._fxs, shrunk, model, keeps)
         return write_into(self, self._fxs, fold_masks(self, self._fxs).gm, model)
 
+    @shared
     def to_torch_prune(self, model: torch.nn.Module) -> torch.nn.Module:
         """Apply the weight masks to the eager ``model`` with ``torch.nn.utils.prune.custom_from_mask``."""
         return attach_prune_hooks(self, self._fxs, model)
@@ -235,6 +251,7 @@ class SparseGraphModule(GraphModule):
 
         return optimizer.register_step_post_hook(rezero)
 
+    @exclusive
     def apply_masks_inplace(self) -> None:
         """Multiply every masked weight by its mask in place (``"mode": "inplace"``)."""
         apply_masks_inplace(self, self._fxs)
@@ -252,6 +269,11 @@ class SparseGraphModule(GraphModule):
                 r.shape = tuple(incoming.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @shared
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return super().state_dict(*args, **kwargs)
+
+    @exclusive
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         self.__dict__["_fxs_strict"] = bool(strict)
         try:
