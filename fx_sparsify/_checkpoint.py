@@ -21,7 +21,9 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["Checkpoint", "INDEX", "parameters_on_meta", "materialise", "release"]
+from ._checkpoint_files import read_header
+
+__all__ = ["Checkpoint", "INDEX", "read_index", "parameters_on_meta", "materialise", "release"]
 
 #: the Hugging Face index of a sharded checkpoint (and of the folders prune_streamed writes)
 INDEX = "model.safetensors.index.json"
@@ -43,22 +45,45 @@ _DTYPES = {
 
 
 def _header(path: Path) -> tuple[dict[str, Any], int]:
-    """The safetensors header of ``path`` and the byte offset where its data starts."""
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"checkpoint file {str(path)!r} is not a safetensors file ({len(head)} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(
-                f"checkpoint file {str(path)!r} is not a safetensors file: its header is not JSON ({err})"
-            ) from None
-    if not isinstance(header, dict):
-        raise ValueError(f"checkpoint file {str(path)!r} is not a safetensors file: its header is not a JSON object")
+    """The safetensors header of ``path``, checked as a schema (:func:`read_header`: every entry's dtype, shape and
+    data offsets inside the file, the header's length bounded), and the byte offset where its data starts."""
+    header, data = read_header(path, path)
     header.pop("__metadata__", None)
-    return header, 8 + n
+    return header, path.stat().st_size - data
+
+
+def _plain_file_name(name: Any) -> bool:
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not os.path.isabs(name)
+    )
+
+
+def read_index(folder: Path) -> dict[str, str]:
+    """The weight map (tensor name → shard file) of the folder's Hugging Face index, checked: a JSON object whose
+    ``weight_map`` maps names to file names in the folder itself (a path, ``..`` or an absolute name would read a
+    file outside it); anything else is a ``ValueError`` naming the index and the entry."""
+    index = folder / INDEX
+    what = "not a Hugging Face index (a JSON object with a 'weight_map' object of tensor name -> shard file name)"
+    try:
+        data = json.loads(index.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{index}: {what}: {type(err).__name__}: {str(err)[:200]}") from None
+    where = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(where, dict):
+        got = f"its weight_map is {type(where).__name__}" if isinstance(data, dict) else f"got {type(data).__name__}"
+        raise ValueError(f"{index}: {what}; {got}")
+    bad = next(((k, v) for k, v in where.items() if not _plain_file_name(v)), None)
+    if bad is not None:
+        raise ValueError(
+            f"{index}: weight_map[{bad[0]!r}] is {bad[1]!r:.80}, not the name of a file in the folder (no path, no "
+            "'..'); the index is damaged or not this folder's: write it again"
+        )
+    return where
 
 
 class Checkpoint:
@@ -76,13 +101,7 @@ class Checkpoint:
         elif self.path.is_dir():
             index = self.path / INDEX
             if index.is_file():
-                try:
-                    where = dict(json.loads(index.read_text())["weight_map"])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                    raise ValueError(
-                        f"checkpoint index {str(index)!r} is not a Hugging Face index "
-                        f"(a JSON object with a 'weight_map'): {err}"
-                    ) from None
+                where = read_index(self.path)
                 names = sorted(set(where.values()))
                 missing = [n for n in names if not (self.path / n).is_file()]
                 if missing:

@@ -36,7 +36,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from . import _native
 from ._bitmask import install_from_checkpoint
-from ._checkpoint import INDEX
+from ._checkpoint import INDEX, read_index
 from ._checkpoint_files import ZSTD_MAGIC, decompress, read_header, write_atomically, zstandard
 
 try:  # numpy packs and scatters bits ~10x faster than the torch fallback; optional
@@ -501,6 +501,9 @@ def load_compressed(
     return model
 
 
+M = TypeVar("M", bound=Mapping[str, Any])
+
+
 def _load_folder(path: Path, model: nn.Module | None, strict: bool, storage: str = "dense") -> Any:
     """The shards listed in the folder's Hugging Face index, one after the other, as one checkpoint.
 
@@ -512,17 +515,15 @@ def _load_folder(path: Path, model: nn.Module | None, strict: bool, storage: str
             f"{path}: a folder without {INDEX}, so not a finished sharded checkpoint (prune_streamed writes the "
             "index last); load one of its files, or run again"
         )
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{index}: not a Hugging Face index (a JSON object with a 'weight_map'): {err!r}") from None
+    shards = sorted(set(read_index(path).values()))
     missing = [s for s in shards if not (path / s).is_file()]
     if missing:
         raise ValueError(f"{path}: shard(s) {', '.join(map(repr, missing))} listed in {INDEX} are missing")
+    owner: dict[str, str] = {}  # tensor name -> the shard holding it
     if model is None:
         state: dict[str, Any] = {}
         for s in shards:
-            state.update(load_compressed(path / s))
+            state.update(_one_shard_each(path, owner, load_compressed(path / s), s))
         return state
     shapes: dict[str, tuple[int, ...]] = {}
     extra: set[str] = set()
@@ -535,18 +536,30 @@ def _load_folder(path: Path, model: nn.Module | None, strict: bool, storage: str
         else:
             names = {g: f"{g}.weight" for g in {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".bitmask")}}
         grouped: dict[str, dict[str, Tensor]] = {p: {} for p in names}
+        here: dict[str, tuple[int, ...]] = {}
         for key, t in tensors.items():
             prefix, _, part = key.rpartition(".")
             if prefix in grouped and part in PARTS:
                 grouped[prefix][part] = t
             else:
-                shapes[key] = tuple(t.shape)
-        shapes.update({name: _validate(path / s, name, grouped[prefix]) for prefix, name in names.items()})
+                here[key] = tuple(t.shape)
+        here.update({name: _validate(path / s, name, grouped[prefix]) for prefix, name in names.items()})
+        shapes.update(_one_shard_each(path, owner, here, s))
         del tensors, grouped
     _check_keys(path, model, shapes, extra, strict)
     for s in shards:
         load_compressed(path / s, model, strict=False, storage=storage)
     return model
+
+
+def _one_shard_each(path: Path, owner: dict[str, str], found: M, shard: str) -> M:
+    """``found`` (shard ``shard``'s names), its names recorded in ``owner``; a tensor in two shards is a ValueError
+    naming it (a silent last-one-wins would load either copy)."""
+    twice = next((k for k in found if k in owner), None)
+    if twice is not None:
+        raise ValueError(f"{path}: tensor {twice!r} is in both {owner[twice]!r} and {shard!r}; the shards are damaged")
+    owner.update(dict.fromkeys(found, shard))
+    return found
 
 
 def _check_keys(

@@ -145,16 +145,18 @@ class ShardWriter:
             if not listing.is_file():
                 continue
             try:
-                data = json.loads(listing.read_text())
-            except (OSError, json.JSONDecodeError):
+                data = json.loads(listing.read_bytes())
+            except (OSError, ValueError, RecursionError):  # not JSON (ValueError: JSON or UTF-8 decoding)
                 continue
-            ours = listing.name == MARKER or "fx_sparsify" in data.get("metadata", {})
-            files = (
-                data.get("files", []) if listing.name == MARKER else sorted(set(data.get("weight_map", {}).values()))
-            )
+            if not isinstance(data, dict):
+                continue  # not a listing of ours (nor of anything): left alone
+            metadata = data.get("metadata")
+            ours = listing.name == MARKER or (isinstance(metadata, dict) and "fx_sparsify" in metadata)
+            files = data.get("files") if listing.name == MARKER else data.get("weight_map")
+            files = files.values() if isinstance(files, dict) else files if isinstance(files, list) else []
             if ours:
-                for f in files:
-                    if "/" not in f and f.startswith("model-"):
+                for f in set(f for f in files if isinstance(f, str)):
+                    if "/" not in f and "\\" not in f and f.startswith("model-"):
                         (self.out / f).unlink(missing_ok=True)
                 listing.unlink()
         self._mark()
