@@ -264,8 +264,10 @@ class SparseGraphModule(GraphModule):
         # activation masks take their shape at the first step(): adopt the saved shape
         for r in self._fxs.targets.values():
             incoming = state_dict.get(prefix + r.buffer)
-            if r.kind == "activation" and incoming is not None and incoming.shape != self.get_buffer(r.buffer).shape:
-                setattr(self, r.buffer, torch.empty_like(incoming))
+            current = self.get_buffer(r.buffer) if r.kind == "activation" else None
+            if current is not None and incoming is not None and incoming.shape != current.shape:
+                # the saved shape, the module's dtype and device (a float64 mask would turn the layer's input float64)
+                setattr(self, r.buffer, torch.empty(incoming.shape, dtype=current.dtype, device=current.device))
                 r.shape = tuple(incoming.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

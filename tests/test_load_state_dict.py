@@ -156,3 +156,18 @@ def test_inside_a_parent_module_the_prefix_is_respected() -> None:
     with pytest.raises(ValueError, match="'steps' must be an int"):
         parent.load_state_dict(bad)
     assert all(torch.equal(v, parent[0].state_dict()[k]) for k, v in before.items() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64])
+def test_an_activation_mask_of_another_dtype_loads_in_the_modules_dtype(dtype: torch.dtype) -> None:
+    """A fresh module adopts the saved activation mask's shape, but not its dtype: a float64 mask turned the layer's
+    input float64 and the forward failed inside torch ('mat1 and mat2 must have the same dtype')."""
+    torch.manual_seed(0)
+    source = _trained(MLP())
+    state = {k: v.to(dtype) if k == "fc2_input_mask" else v for k, v in source.state_dict().items()}
+    torch.manual_seed(1)
+    sgm = fxs.sparsify_graph(MLP(), SPEC)
+    sgm.load_state_dict(state)
+    assert sgm.get_buffer("fc2_input_mask").dtype == source.get_buffer("fc2_input_mask").dtype
+    with torch.no_grad():
+        assert torch.equal(sgm(X), source(X))
