@@ -62,19 +62,29 @@ def pack(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if _np is not None and matrix.device.type == "cpu":
         mask = torch.from_numpy(_np.packbits(keep.numpy(), axis=-1, bitorder="little"))
     else:
-        padded = torch.zeros(rows, math.ceil(cols / 8) * 8, dtype=torch.uint8, device=matrix.device)
-        padded[:, :cols] = keep
-        mask = (padded.view(rows, -1, 8) * _WEIGHTS.to(matrix.device)).sum(-1, dtype=torch.uint8)
+        bits = torch.zeros(rows, math.ceil(cols / 8) * 8, dtype=torch.uint8, device=matrix.device)
+        bits[:, :cols] = keep
+        mask = (bits.view(rows, -1, 8) * _WEIGHTS.to(matrix.device)).sum(-1, dtype=torch.uint8)
     counts = keep.sum(dim=1)
     offsets = torch.zeros(rows + 1, dtype=torch.int64, device=matrix.device)
     torch.cumsum(counts, 0, out=offsets[1:])
-    values = torch.cat([matrix[keep], matrix.new_zeros(_native.BITMASK_PAD)])
-    return values, mask.reshape(rows, (cols + 7) // 8), offsets
+    return padded(matrix[keep]), _kernel_buffer(mask.reshape(rows, (cols + 7) // 8)), offsets
+
+
+def _kernel_buffer(t: Tensor, pad: int = 0) -> Tensor:
+    """A contiguous copy of ``t`` (flattened, then ``pad`` zeros, when ``pad``) for the kernel: on the CPU in
+    memory asked for huge pages (:func:`._native.empty_on_huge_pages`)."""
+    if t.device.type != "cpu":
+        return torch.cat([t.reshape(-1), t.new_zeros(pad)]) if pad else t.contiguous()
+    out = _native.empty_on_huge_pages(t.numel() + pad, t.dtype)
+    out[: t.numel()] = t.reshape(-1)
+    out[t.numel() :] = 0
+    return out if pad else out.view(t.shape)
 
 
 def padded(values: Tensor) -> Tensor:
     """``values`` (the kept entries) followed by the zeros the kernel may read past the last one."""
-    return torch.cat([values.reshape(-1), values.new_zeros(_native.BITMASK_PAD)])
+    return _kernel_buffer(values, _native.BITMASK_PAD)
 
 
 def row_offsets_of(mask: Tensor, cols: int) -> Tensor:
@@ -238,7 +248,7 @@ class BitmaskLinear(DenseWeightState, nn.Module):
                 f"bitmask storage: the mask marks {int(offsets[-1])} entries, {values.numel()} values given"
             )
         layer.register_buffer("values", padded(values), persistent=False)
-        layer.register_buffer("mask", mask.contiguous(), persistent=False)
+        layer.register_buffer("mask", _kernel_buffer(mask), persistent=False)
         layer.register_buffer("row_offsets", offsets, persistent=False)
         layer.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
         return layer

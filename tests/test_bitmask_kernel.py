@@ -197,3 +197,23 @@ def test_what_the_kernel_does_not_take_goes_the_torch_way() -> None:
         pack(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="use one of"):
         _native.bitmask_isa("sse9")
+
+
+def test_large_buffers_are_asked_for_huge_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer's values and mask from HUGE_PAGE_MIN_BYTES on: madvise(MADV_HUGEPAGE) over whole pages inside
+    the buffer, before anything is written; smaller buffers, or no madvise (not Linux): plain memory."""
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(_native, "_MADVISE", lambda start, length, advice: calls.append((start, length, advice)) or 0)
+    monkeypatch.setattr(_native, "HUGE_PAGE_MIN_BYTES", 1 << 16)
+    w = _weight(200, 300, 0.5, torch.float32)
+    layer = BitmaskLinear(w, None)
+    assert torch.equal(layer.weight, w)
+    assert len(calls) == 1 and calls[0][2] == 14  # the values (~120 KB); the mask (7.6 KB) is too small
+    start, length, _ = calls[0]
+    p, n = layer.values.data_ptr(), layer.values.numel() * 4
+    assert start % 4096 == 0 and length % 4096 == 0 and p <= start and start + length <= p + n
+    monkeypatch.setattr(_native, "_MADVISE", None)
+    again = BitmaskLinear(w, None)
+    assert torch.equal(again.values, layer.values) and torch.equal(again.mask, layer.mask)
+    x = torch.randn(2, 300)
+    torch.testing.assert_close(again(x), layer(x))
