@@ -206,3 +206,15 @@ def test_a_weight_written_while_the_step_ranks_is_refused_and_nothing_written(ta
         sgm.step()
     assert all(torch.equal(sgm.masks()[n], m) for n, m in before.items())
     assert sgm._fxs.steps == 0
+
+
+def test_a_step_under_inference_mode_holds_its_thresholds_too(counted: list[tuple[int, ...]]) -> None:
+    """Inference tensors count no versions (reading one raised): the unchanged-weight check is skipped for them."""
+    with torch.inference_mode():
+        model = _stack()
+        expected = _expected_masks(model)
+        sgm = fxs.sparsify_graph(model, {"weights": [{"target": "type:Linear", **L1}], "mode": "inplace"}, inplace=True)
+        sgm.step()
+        assert counted == []
+        for name, mask in expected.items():
+            assert torch.equal(sgm.masks()[name], mask), name

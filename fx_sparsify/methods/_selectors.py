@@ -314,14 +314,15 @@ class ThresholdMask(PendingMask):
     def __init__(self, source: Tensor, shape: tuple[int, ...], kth: Tensor, ties: int, absolute: bool) -> None:
         self.source, self.shape = source.reshape(-1), tuple(shape)
         self.kth, self.ties, self.absolute = kth, ties, absolute
-        self.version = source._version
+        # an inference tensor (made under torch.inference_mode) counts no versions: no check then
+        self.version = None if source.is_inference() else source._version
 
     def reads(self) -> Tensor:
         return self.source
 
     def stale(self) -> bool:
         """Whether ``source`` was written in place since it was ranked (the mask would no longer be its rank)."""
-        return self.source._version != self.version
+        return self.version is not None and self.source._version != self.version
 
     def chunks(self) -> Iterator[tuple[int, Tensor]]:
         """``(start, keep)`` over the flat mask in order, ``keep`` a reused bool buffer valid until the next."""
