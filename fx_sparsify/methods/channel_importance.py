@@ -316,7 +316,9 @@ def refit(c: ConsumerStats, keep: Tensor, damp: float) -> tuple[Tensor, Tensor |
     return weight, bias
 
 
-def corrected_weight(c: ConsumerStats, cross: Tensor, damp: float) -> tuple[Tensor, Tensor | None]:
+def corrected_weight(
+    c: ConsumerStats, cross: Tensor, damp: float, residual: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """The consumer's (weight, bias) that best reproduce its *calibration* outputs from its current inputs.
 
     In sequential pruning the layers before a consumer are already pruned, so its inputs ``x'`` differ
@@ -324,11 +326,17 @@ def corrected_weight(c: ConsumerStats, cross: Tensor, damp: float) -> tuple[Tens
     ``c.gram`` the statistic of ``x'``. Returns the damped least-squares fit of ``W·x + b`` from ``[x', 1]``
     on all columns; with it as the consumer's weight, :func:`obs_scores` and :func:`refit` minimise the
     error against the calibration outputs (the fit's own residual is a constant they do not change).
+
+    ``residual = Σ [x', 1]ᵀ·(r − r')`` (``(in + 1) × out``), for a consumer whose output is added to a
+    stream that was ``r`` in the calibration forwards and is ``r'`` now: the fit's target becomes
+    ``W·x + b + r − r'``, the add's calibration result less what the stream now brings.
     """
     h, w = damped_gram(c, damp)
     n = c.weight.shape[1]
     k = h.shape[0]
     target = cross.detach().to(h.dtype).to(h.device)[:k, :k] / max(c.rows, 1.0) @ w.T  # Σ [x',1]·(W x + b)ᵀ / rows
+    if residual is not None:
+        target = target + residual.detach().to(h.dtype).to(h.device)[:k] / max(c.rows, 1.0)
     factor, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
         raise ValueError(f"reconstruct on {c.name!r}: the input second moment is not positive definite; raise 'damp'")

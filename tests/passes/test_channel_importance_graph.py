@@ -407,3 +407,24 @@ def test_hugging_face_models(arch: str, tmp_path: Any) -> None:
         target.save_pretrained(tmp_path)
         reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
         assert torch.equal(_out(reloaded(**kwargs[0])), _out(target(**kwargs[0])))
+
+
+def test_obs_takes_at_most_16_greedy_steps_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Structured OBS removes a large group's units in at most 16 blocks (each block's joint error is exact,
+    tests/methods): 16 sweeps of the consumer's inverse Hessian cost a fraction of 64, at the same loss."""
+    from fx_sparsify.methods import channel_importance as ci
+
+    seen: list[tuple[int, int]] = []
+
+    def spy(group: Any) -> torch.Tensor:
+        seen.append((group.pruned, group.block))
+        return ci.obs_scores(group)
+
+    monkeypatch.setitem(ci._IMPORTANCES, "obs", (spy, True))  # the registry entry, restored afterwards
+    model = nn.Sequential(nn.Linear(8, 512), nn.GELU(), nn.Linear(512, 4)).eval()
+    spec = {"channels": [{"target": "0", "sparsity": 0.5, "round_to": 1, "importance": "obs"}]}
+    sgm = fxs.sparsify_graph(model, spec, example_inputs=(torch.randn(2, 8),))
+    _calibrate(sgm, [torch.randn(64, 8) for _ in range(12)])
+    sgm.step()
+    assert seen and all(pruned == 256 and -(-pruned // block) <= 16 for pruned, block in seen), seen
+    assert int(sgm.masks()["0.bias"].sum()) == 256

@@ -30,6 +30,7 @@ from ..layer_index import LayerIndex, layer_input
 from .graph import Member
 from .masks import channel_masks, group_keeps, kept_units, magnitude_scores
 from .plan import ChannelGroup, ChannelPlan
+from .residual import ResidualRowsObserver, insert_residual_observer, pair_residual
 
 __all__ = [
     "ChannelStatsObserver",
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 #: structured OBS removes this many blocks of units per group at most (1 unit per block below it)
-OBS_STEPS = 64
+OBS_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,14 @@ class ChannelStatsObserver(HessianObserver):
     """The statistic ``Σ [x, 1]ᵀ[x, 1]`` of a consumer's input; for a sequential ``reconstruct`` rule
     (``keep=True``) it also keeps the rows of the calibration forwards, and while :func:`paired_replay`
     runs them again through the partly pruned module it sums ``cross = Σ [x', 1]ᵀ[x, 1]`` of the new rows
-    ``x'`` against the kept ones, so the refit can aim at the calibration outputs (error correction)."""
+    ``x'`` against the kept ones, so the refit can aim at the calibration outputs (error correction). When
+    the consumer's output is added to a residual stream (``residual``: the name of the
+    :class:`~.residual.ResidualRowsObserver` on the add's other operand) it also sums
+    ``residual_cross = Σ [x', 1]ᵀ(r − r')``, so the refit can aim at the add's calibration result."""
 
-    summed = ("cross",)  # under a process group each rank pairs its own rows; the sums add (distributed.py)
+    summed = ("cross", "residual_cross")  # each rank pairs its own rows; the sums add (distributed.py)
+    residual: str | None = None  # class defaults: observers pickled before the option existed
+    residual_cross: Tensor | None = None
 
     def __init__(self, unfold: dict[str, Any] | None = None, keep: bool = False) -> None:
         super().__init__(torch.float32, unfold=unfold, augment=True)
@@ -89,6 +95,8 @@ class ChannelStatsObserver(HessianObserver):
         self.kept: list[Tensor] = []
         self.replay_at: int | None = None
         self.cross: Tensor | None = None
+        self.residual = None
+        self.residual_cross = None
 
     def _observe(self, x: Tensor) -> None:
         if self.replay_at is not None:
@@ -97,28 +105,48 @@ class ChannelStatsObserver(HessianObserver):
                 if self.cross is None:  # summed in float64 as the statistic is (one result whatever the order)
                     self.cross = kept.new_zeros(rows.shape[1], kept.shape[1], dtype=SUM_DTYPE)
                 add_product(self.cross, rows, kept)
+                pair_residual(self, rows)
             self.replay_at += 1
         elif self.keep:
             self.kept.append(self.rows(x))
         super()._observe(x)
 
     def clear_kept(self) -> None:
-        self.kept, self.replay_at, self.cross = [], None, None
+        self.kept, self.replay_at, self.cross, self.residual_cross = [], None, None, None
+
+
+def with_residuals(gm: GraphModule, names: set[str]) -> set[str]:
+    """``names`` and the residual observers their consumer observers pair with."""
+    more = {getattr(gm.get_submodule(n), "residual", None) for n in names}
+    return names | {n for n in more if n}
 
 
 def paired_replay(gm: GraphModule, names: set[str], replay: Callable[[set[str]], None]) -> None:
-    """``replay(names)`` with the observers pairing the new rows with the kept calibration rows; a replay that
-    did not see as many batches as were kept leaves no ``cross`` (no error correction then)."""
-    observers = [o for o in (gm.get_submodule(n) for n in names) if isinstance(o, ChannelStatsObserver)]
+    """``replay(names)`` (and their residual observers) with the observers pairing the new rows with the kept
+    calibration rows; a replay that did not see as many batches as were kept leaves no ``cross`` (no error
+    correction then), a consumer whose residual differences were not ready in each batch no ``residual_cross``."""
+    names = with_residuals(gm, names)
+    modules = [gm.get_submodule(n) for n in names]
+    observers = [o for o in modules if isinstance(o, ChannelStatsObserver)]
+    partners = [o for o in modules if isinstance(o, ResidualRowsObserver)]
     for o in observers:
-        o.replay_at, o.cross = 0, None
+        o.replay_at, o.cross, o.residual_cross = 0, None, None
+        o.__dict__["residual_broken"] = False
+        o.__dict__["partner"] = gm.get_submodule(o.residual) if o.residual else None
+    for p in partners:
+        p.replay_at, p.diffs = 0, []
     try:
         replay(names)
     finally:
         for o in observers:
             if o.replay_at != len(o.kept):
                 o.cross = None
+            if o.cross is None or o.__dict__.pop("residual_broken", False):
+                o.residual_cross = None
             o.replay_at = None
+            o.__dict__.pop("partner", None)
+        for p in partners:
+            p.replay_at, p.diffs = None, []  # the differences were folded into the consumers' residual_cross
 
 
 def _unfold(name: str, conv: nn.Module) -> tuple[tuple[str, Any], ...]:
@@ -191,6 +219,7 @@ def insert_channel_observers(gm: GraphModule, plan: ChannelPlan, aliases: Mappin
                 rule = plan.rules[group.rule]  # type: ignore[index]
                 if rule.sequential and rule.reconstruct:
                     gm.get_submodule(shared[key]).keep = True  # type: ignore[assignment]  # an observer's flag
+                _drop_residual(gm, shared[key])  # two consumers of one input: no single add to aim at
                 continue
             rule = plan.rules[group.rule]  # type: ignore[index]
             observer = ChannelStatsObserver(
@@ -200,7 +229,17 @@ def insert_channel_observers(gm: GraphModule, plan: ChannelPlan, aliases: Mappin
                 "observer"
             ]
             made[consumer.layer] = shared[key] = name
+            if observer.keep and consumer.unfold is None and len(calls) == 1:  # its refit may aim at the add's sum
+                observer.residual = insert_residual_observer(gm, consumer.layer, calls[0])
     return made
+
+
+def _drop_residual(gm: GraphModule, name: str) -> None:
+    observer = gm.get_submodule(name)
+    partner = getattr(observer, "residual", None)
+    if partner:
+        observer.residual = None  # type: ignore[assignment]
+        gm.get_submodule(partner).keep = False  # type: ignore[assignment]  # an observer's flag: keeps no rows
 
 
 def check_channel_calibration(gm: GraphModule, plan: ChannelPlan, observers: Mapping[str, str]) -> None:
@@ -265,7 +304,7 @@ def _corrections(
         observer = gm.get_submodule(observers[stats.name])
         cross = getattr(observer, "cross", None)
         if cross is not None:
-            out[stats.name] = corrected_weight(stats, cross, damp)
+            out[stats.name] = corrected_weight(stats, cross, damp, getattr(observer, "residual_cross", None))
     return out
 
 
@@ -370,9 +409,9 @@ def step_channels(
 
     try:
         out = channel_step(gm, plan, plan.observers, current, steps, replay, write, on_refit)
-        for name in set(plan.observers.values()):
+        for name in with_residuals(gm, set(plan.observers.values())):
             observer = gm.get_submodule(name)
-            if isinstance(observer, ChannelStatsObserver):
+            if isinstance(observer, (ChannelStatsObserver, ResidualRowsObserver)):
                 observer.clear_kept()  # the calibration rows live until the step that used them
         return out
     except BaseException:
