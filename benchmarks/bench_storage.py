@@ -289,13 +289,16 @@ def bitmask_table(
     repeats: int,
 ) -> str:
     """Dense F.linear, torch CSR (our SparseLinear: int32 indices, addmv / addmm) and the bitmask layer,
-    as time ratios to dense (median of interleaved rounds, range in brackets), and the byte-ratio limit."""
+    as time ratios to dense (median of interleaved rounds, range in brackets), and the byte-ratio limit.
+    The bitmask layer's buffers are on transparent huge pages (as the layer makes them); the last column
+    compares it with dense F.linear on a weight given huge pages too (THP_MEM_ALLOC_ENABLE=1 gives that
+    to every large torch tensor)."""
     from fx_sparsify._bitmask import BitmaskLinear
 
     lines = [
         "| threads | dtype | layer (out x in) | zeros | batch | dense ms | torch CSR / dense | bitmask / dense "
-        "| byte limit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| byte limit | bitmask / dense on huge pages |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n_threads in threads:
         torch.set_num_threads(n_threads)
@@ -306,20 +309,27 @@ def bitmask_table(
                     w = (two_four(shape) if s == "2:4" else pruned(shape, s)).to(dtype)
                     zeros = 0.5 if s == "2:4" else s
                     ours = BitmaskLinear(w, None)
+                    wh = _native.empty_on_huge_pages(w.numel(), w.dtype).view(w.shape).copy_(w)
                     csr = SparseLinear(w, None, "csr") if dtype == torch.float32 else None
                     limit = ((1 - zeros) * w.element_size() + 1 / 8) / w.element_size()
                     for n in batches:
                         x = torch.randn(n, shape[1]).to(dtype)
-                        fns = {"dense": lambda: F.linear(x, w), "ours": lambda: ours(x)}
+                        fns = {
+                            "dense": lambda: F.linear(x, w),
+                            "ours": lambda: ours(x),
+                            "huge": lambda: F.linear(x, wh),
+                        }
                         if csr is not None:
                             fns["csr"] = lambda: csr(x)
                         with torch.inference_mode():
                             r = ratios(fns, repeats)
+                        vs_huge = [a / b for a, b in zip(r["ours"], r["huge"])]
                         label = "2:4" if s == "2:4" else f"{s:.0%}"
                         lines.append(
                             f"| {n_threads} | {str(dtype)[6:]} | {shape[0]}x{shape[1]} | {label} | {n} | "
                             f"{statistics.median(r['dense']) * 1e3:.2f} | "
-                            f"{_cell(r['csr']) if 'csr' in r else '-'} | {_cell(r['ours'])} | {limit:.2f}x |"
+                            f"{_cell(r['csr']) if 'csr' in r else '-'} | {_cell(r['ours'])} | {limit:.2f}x | "
+                            f"{_cell(vs_huge)} |"
                         )
     return "\n".join(lines)
 
