@@ -133,8 +133,7 @@ def masks_of(gm: nn.Module, state: SparsityState) -> dict[str, Any]:
 def sparsity_of(gm: nn.Module, state: SparsityState) -> dict[str, float]:
     """Target name → achieved fraction of zeros in the mask."""
     out = {}
-    for name, mask in masks_of(gm, state).items():
-        masks = mask if isinstance(mask, list) else [mask]
-        total = sum(m.numel() for m in masks)
-        out[name] = 1.0 - sum(int(m.sum()) for m in masks) / max(total, 1)
+    for name, r in state.targets.items():  # counted in place: no bool copy of every mask, no int64 copy to sum
+        mask = gm.get_buffer(r.buffer)
+        out[name] = 1.0 - int(mask.count_nonzero()) / max(mask.numel(), 1)
     return out

@@ -62,6 +62,7 @@ from ._streamed_io import (
     state_outside,
 )
 from .api import sparsify_graph
+from .passes.reconstruct import without_rollback
 from .select import param_aliases, resolve_activation_targets, resolve_weight_targets, select, select_layers
 from .spec import GlobalRule, SparsitySpec, WeightRule
 
@@ -447,7 +448,8 @@ def _block(
                 for j in range(len(store)):
                     args, kwargs = store.inputs(j)
                     sgm(*args, **kwargs)
-            sgm.step()
+            with without_rollback():  # a failing step ends the run: no copy of the block's weights to put back
+                sgm.step()
             release_freed_memory()
             sparsity = sgm.sparsity()
             module = sgm.squash(shrink=bool(part.channels))

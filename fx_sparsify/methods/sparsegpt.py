@@ -102,25 +102,29 @@ def sparsegpt_args(
     return k, n, m, int(block_size), float(damp)
 
 
-def _inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
+def _inverse_cholesky(hessian: Tensor, damp: float, source: Tensor) -> Tensor:
     """Upper Cholesky factor ``U`` of the dampened ``H⁻¹`` (``H⁻¹ = UᵀU``: the sweep reads its updates from it).
 
-    With ``J`` the exchange matrix (index reversal) and ``J·H·J = L·Lᵀ``, ``U = J·L⁻¹·J``: one Cholesky
-    and one triangular inverse, where the reference computes ``H⁻¹`` and factors it again.
-    ``hessian`` is modified (dampened) in place.
+    As the reference computes it (``H = L·Lᵀ``, ``H⁻¹`` from ``L``, then ``H⁻¹``'s Cholesky factor), but in
+    ``hessian``'s own storage: LAPACK factors a column-major matrix in place, and the transposed view of
+    the (symmetric) row-major ``hessian`` is one, so no other ``in × in`` tensor is made. ``hessian`` is
+    overwritten (dampened, then factored); the result is ``hessian`` itself. ``source``: the statistic it
+    was copied from (for the error message: whether it is finite).
     """
     h = hessian
     mean = float(h.diagonal().mean())
     h.diagonal().add_(damp * (mean if mean > 0 else 1.0))
-    factor, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    a = h.mT  # column-major: the factorisations below work in place on it (h is symmetric)
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(a, out=(a, info))  # a = L (lower), H = L·Lᵀ; NaN or inf: info > 0 (LAPACK checks)
     if int(info) == 0:
-        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        upper = torch.linalg.solve_triangular(factor, eye, upper=False).flip(0, 1)
-        if bool(torch.isfinite(upper.diagonal()).all()):
-            return upper
+        torch.cholesky_inverse(a, out=a)  # a = H⁻¹ (symmetric)
+        torch.linalg.cholesky_ex(a, out=(a, info))  # a = L', H⁻¹ = L'·L'ᵀ: h, row-major, holds U = L'ᵀ
+        if int(info) == 0 and bool(torch.isfinite(h.diagonal()).all()):
+            return h
     raise ValueError(
         f"sparsegpt: the layer's Hessian (damp={damp}) is not positive definite "
-        f"(finite={bool(torch.isfinite(h).all())}); "
+        f"(finite={bool(torch.isfinite(source).all())}); "
         "raise 'damp' (e.g. 0.1), use 'hessian_dtype': 'float64', or calibrate on more or non-degenerate inputs"
     )
 
@@ -177,12 +181,12 @@ def sparsegpt_prune(
         keep = keep.to(device=w.device, dtype=torch.bool).reshape(w.shape)
         w.mul_(keep)
     rows, cols = w.shape
-    h = hessian.detach().to(device=w.device, dtype=dtype, copy=True)
+    h = hessian.detach().to(device=w.device, dtype=dtype, copy=True)  # the one in × in workspace of the solve
     dead = h.diagonal() == 0
     if bool(dead.any()):
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
-    hinv = _inverse_cholesky(h, damp)
+    hinv = _inverse_cholesky(h, damp, hessian)  # in h's storage
     del h
     diag_inv = hinv.diagonal().clone()  # [H⁻¹]_cc of each column as the sweep reaches it (saliency)
     hinv.div_(diag_inv.unsqueeze(1))  # rows scaled by 1/[H⁻¹]_cc: a column's update is (pruned w) × its row

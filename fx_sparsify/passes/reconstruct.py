@@ -18,7 +18,9 @@ anyway), so one level's ``in × in`` statistics exist at a time.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterable, Iterator, MutableMapping
 
 import torch
 from torch import Tensor
@@ -40,10 +42,26 @@ __all__ = [
     "reconstruct_in_order",
     "record_calibration_inputs",
     "solve_all",
+    "without_rollback",
 ]
 
 RECONSTRUCTING = frozenset({"sparsegpt"})  # methods whose step also rewrites the weights that stay
 _NOT_SWEEP_OPTIONS = ("hessian_dtype", "sequential")
+_ROLLBACK: ContextVar[bool] = ContextVar("fx_sparsify_sequential_rollback", default=True)
+
+
+@contextmanager
+def without_rollback() -> Iterator[None]:
+    """Within it, a sequential step keeps no copy of the weights and masks to put back if it fails.
+
+    For a caller that throws the module away when ``step()`` raises (``prune_streamed``): the copies are
+    one more set of the targets' weights and masks, held through the whole step.
+    """
+    token = _ROLLBACK.set(False)
+    try:
+        yield
+    finally:
+        _ROLLBACK.reset(token)
 
 
 def check_calibrated(gm: GraphModule, state: SparsityState) -> None:
@@ -163,26 +181,34 @@ def reconstruct_in_order(
     """Prune ``records`` (sequential targets) level after level, writing each level before the next is calibrated.
     ``on_solved(name)`` is called after each target's solve (the step's progress display).
 
-    Fills ``new_masks`` / ``new_weights``. The masks and weights are written as it goes (later levels
-    must see them); if anything raises, every one of them is put back as it was.
+    Fills ``new_masks`` / ``new_weights`` with the module's own mask buffers and weights (written already,
+    so no second copy is held). The masks and weights are written as it goes (later levels must see them);
+    if anything raises, every one of them is put back as it was (unless in :func:`without_rollback`).
     """
-    saved = {r.name: (gm.get_parameter(r.param).detach().clone(), gm.get_buffer(r.buffer).clone()) for r in records}  # type: ignore[arg-type]
+    saved = {}
+    if _ROLLBACK.get():
+        saved = {
+            r.name: (gm.get_parameter(r.param).detach().clone(), gm.get_buffer(r.buffer).clone())  # type: ignore[arg-type]
+            for r in records
+        }
     try:
         for depth, level in enumerate(_levels(gm, state, records)):
             if depth:
                 _replay(gm, state, {r.observer for r in level})  # type: ignore[misc]
             solved = solve_all(gm, state, level)  # each rank solves its share of the level, receives the rest
             for r in level:
-                keep, weight = solved[r.name]
-                gm.get_parameter(r.param).copy_(weight)  # type: ignore[arg-type]
+                keep, weight = solved.pop(r.name)
+                param = gm.get_parameter(r.param)  # type: ignore[arg-type]
+                param.copy_(weight)
                 mask = gm.get_buffer(r.buffer)
                 mask.copy_(keep.to(device=mask.device, dtype=mask.dtype))
-                new_masks[r.name], new_weights[r.name] = keep, weight
+                del keep, weight  # the solve's copies go before the next level's replay
+                new_masks[r.name], new_weights[r.name] = mask, param  # the step's write is a no-op copy onto itself
                 if on_solved is not None:
                     on_solved(r.name)
     except BaseException:
-        for r in records:
-            weight, mask = saved[r.name]
+        for name, (weight, mask) in saved.items():
+            r = state.targets[name]
             gm.get_parameter(r.param).copy_(weight)  # type: ignore[arg-type]
             gm.get_buffer(r.buffer).copy_(mask)
         raise

@@ -288,6 +288,36 @@ def test_a_failing_sequential_step_puts_every_weight_and_mask_back(monkeypatch: 
     assert sgm._fxs.steps == 0
 
 
+def test_without_rollback_a_failing_sequential_step_leaves_the_levels_it_wrote(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune_streamed throws a failed block away, so it steps without the copies that put weights back."""
+    import fx_sparsify.passes.reconstruct as reconstruct
+
+    sgm = fxs.sparsify_graph(MLP(), SEQUENTIAL)
+    sgm(torch.randn(8, 16))
+    before = sgm.get_parameter("fc1.weight").detach().clone()
+    real = reconstruct.sparsegpt_prune
+    calls = []
+
+    def failing_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "sparsegpt_prune", failing_second)
+    with reconstruct.without_rollback(), pytest.raises(ValueError, match="boom"):
+        sgm.step()
+    written = sgm.get_parameter("fc1.weight")
+    assert not torch.equal(written, before) and float((written == 0).float().mean()) == 0.5  # fc1's level stays
+    monkeypatch.setattr(reconstruct, "sparsegpt_prune", real)
+    sgm(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="boom"):  # outside the context the copies are kept again
+        calls.clear()
+        monkeypatch.setattr(reconstruct, "sparsegpt_prune", failing_second)
+        sgm.step()
+    assert torch.equal(sgm.get_parameter("fc1.weight"), written)
+
+
 def test_sequential_without_recorded_inputs_is_an_error() -> None:
     model = MLP()
     source = fxs.sparsify_graph(model, SEQUENTIAL)
