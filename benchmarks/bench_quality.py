@@ -1,7 +1,7 @@
 """Accuracy at sparsity: one-shot pruning of a small byte-level GPT (SPEC §16, §17; slow, a few minutes).
 
     python benchmarks/bench_quality.py [--steps 300] [--d-model 256] [--cache /tmp/fxs_quality_gpt.pt]
-                                       [--section unstructured|structured|all]
+                                       [--section unstructured|structured|all] [--settings all|mlp|heads]
 
 Structured section (``--section structured``): 50 % and 75 % of every block's MLP neurons, 1 and 2 of its
 4 heads removed one-shot by our ``channels`` rules with each ``importance`` with and without
@@ -467,6 +467,8 @@ def structured(
     )
     print("|---|---|---|---|---|---|---|---|")
     for label, kind, amount in SETTINGS:
+        if args.settings not in ("all", kind):
+            continue
         runs: list[tuple[str, Callable[[], tuple[nn.Module, float, int, float]]]] = [
             (
                 "FLAP + least-squares refit (reference)",
@@ -510,10 +512,12 @@ def structured(
                 f"{peak / 2**20:.0f} | {diff:.1e} |",
                 flush=True,
             )
-    structured_timing(model, calib, example, args.repeats)
+    structured_timing(model, calib, example, args.repeats, args.settings)
 
 
-def structured_timing(model: ByteGPT, calib: list[torch.Tensor], example: torch.Tensor, repeats: int) -> None:
+def structured_timing(
+    model: ByteGPT, calib: list[torch.Tensor], example: torch.Tensor, repeats: int, settings: str = "all"
+) -> None:
     """CPU seconds of ``step()``, one thread (several threads spin on the sweep's small products and their CPU
     time says more about the machine's load than the work), median of ``repeats`` interleaved: obs +
     reconstruct against a sparsegpt step at 50 % on the same consumer layers, after the same calibration."""
@@ -527,6 +531,8 @@ def structured_timing(model: ByteGPT, calib: list[torch.Tensor], example: torch.
     }
     try:
         for kind, (amount, layers) in consumers.items():
+            if settings not in ("all", kind.split()[0]):
+                continue
             ours, gpt = [], []
             for _ in range(repeats):
                 spec = channel_spec(kind.split()[0], amount, importance="obs", reconstruct=True)
@@ -560,6 +566,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=("unstructured", "structured", "all"),
         default="all",
         help="unstructured (weights), structured (channels and heads), or both",
+    )
+    parser.add_argument(
+        "--settings",
+        choices=("all", "mlp", "heads"),
+        default="all",
+        help="structured section: the MLP-neuron settings, the head settings, or both",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
