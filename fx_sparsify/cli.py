@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import _run_outputs as outputs
+from ._checkpoint import INDEX
 from ._cli_model import UserError
 from ._cli_run import cmd_run
 
@@ -51,6 +52,18 @@ def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
 def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a ``torch.save``d state dict (``weights_only=True``)."""
     p = Path(path)
+    if p.is_dir():  # a folder of shards (what prune_streamed writes), read through its index
+        if not (p / INDEX).is_file():
+            raise UserError(
+                f"inspect: {path!r} is a folder without {INDEX}; pass a checkpoint file, or a folder of "
+                "safetensors shards with its index"
+            )
+        from ._compressed import load_compressed
+
+        try:
+            return dict(load_compressed(p))
+        except (OSError, ValueError) as err:
+            raise UserError(f"inspect: {path!r} is not a readable folder of shards: {err}") from None
     if not p.is_file():
         raise UserError(f"inspect: {path!r} does not exist")
     if p.suffix == ".pt2":
@@ -94,8 +107,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     tensors = load_checkpoint(args.checkpoint)
     rows = []
     total = zeros = counters = 0
-    names = list(tensors)  # a state dict's / exported program's own order; safetensors sorts its header by name:
-    if Path(args.checkpoint).suffix == ".safetensors":  # there layer2 goes before layer10 at least
+    names = list(tensors)  # a state dict's / exported program's own order
+    if Path(args.checkpoint).suffix == ".safetensors" or Path(args.checkpoint).is_dir():  # sorted by name in the file:
+        # put layer2 before layer10 at least
         names.sort(key=outputs.natural_key)
     for name in names:
         t = tensors[name]

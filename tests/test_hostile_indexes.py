@@ -17,6 +17,7 @@ from torch import nn
 import fx_sparsify as fxs
 from fx_sparsify._checkpoint import INDEX, Checkpoint
 from fx_sparsify._streamed_io import ShardWriter
+from fx_sparsify.cli import main
 
 
 def _model() -> nn.Sequential:
@@ -159,3 +160,23 @@ def test_an_output_folder_with_a_foreign_or_damaged_index_is_prepared_without_er
     (out / INDEX).write_text(json.dumps(index))
     ShardWriter(out, 2).begin()
     assert theirs.read_bytes() == b"someone else's"
+
+
+# --- fx-sparsify inspect on a folder -----------------------------------------------------------------------
+
+
+def test_inspect_reads_a_folder_of_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _sharded(tmp_path / "ck")
+    assert main(["inspect", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert "| 0.weight" in out and "| 1.bias" in out and "4 tensors" in out
+
+
+def test_inspect_of_a_folder_says_what_is_wrong_with_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 2  # was "'...' does not exist" for a folder that does
+    assert f"is a folder without {INDEX}" in capsys.readouterr().err
+    where = _sharded(tmp_path / "ck")
+    (tmp_path / "ck" / INDEX).write_text(json.dumps({"weight_map": {**where, "0.weight": 5}}))
+    assert main(["inspect", str(tmp_path / "ck")]) == 2
+    assert "weight_map['0.weight'] is 5" in capsys.readouterr().err
