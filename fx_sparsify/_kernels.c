@@ -188,7 +188,8 @@ static int fxs_has_dpbf16 = 0; /* AVX512_BF16 and AVX512_VBMI2 (vdpbf16ps, vpexp
                                * 16 KiB of L1) in tiles of 4 rows of W: 4096x11008 at 50 % went 1.0x -> 0.73x */
 #endif
 #ifndef FXS_BM_AHEAD
-#define FXS_BM_AHEAD 2048 /* bytes of values prefetched ahead of the batch-1 loop (Zen 4, 70 % zeros: 0.38-0.40x dense, 0.43-0.44x at 1024) */
+/* bytes of values prefetched ahead of the batch-1 loop (Zen 4, 70 % zeros: 0.38-0.40x dense, 0.43-0.44x at 1024) */
+#define FXS_BM_AHEAD 2048
 #endif
 
 static inline float fxs_bf16_to_f32(uint16_t h) {
