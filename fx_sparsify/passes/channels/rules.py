@@ -19,6 +19,7 @@ from torch.fx import Node
 
 from .graph import ChannelGraph, Edit, Member, Unmappable
 from .ops import OUT, Op, Value, arg_at
+from .reshape import map_reshape, size_reads
 
 __all__ = ["Slot", "Coupling", "RuleContext", "Rule", "RULES", "Flood", "map_reshape"]
 
@@ -38,18 +39,23 @@ class RuleContext:
     def __init__(self, graph: ChannelGraph, units: int) -> None:
         self.g, self.units = graph, units
         self.edits: list[Edit] = []
+        self.runtime: list[tuple[Node, Node, list[tuple[Node, int]] | None]] = []  # (op, size node, sizes it reads)
 
     def ndim(self, v: Value | None) -> int:
         s = self.g.shape(v)
         return -1 if s is None else len(s)
 
-    def edit(self, op: Op, at: Any, width: int) -> None:
+    def edit(self, op: Op, at: Any, width: int, runtime: bool = False) -> None:
+        """Rewrite the size at ``at`` to ``width``. ``runtime``: a size computed at run time there is refused
+        unless it reads the size of one of the group's channel dims (checked when the flood ends)."""
         if at is None:
             return
         if at[0] == "attr":
             self.edits.append(Edit("attr", str(op.node.target), (at[1],), width))
             return
         value = arg_at(op.node, at)
+        if runtime and isinstance(value, Node):
+            self.runtime.append((op.node, value, size_reads(value, self.ndim)))
         if isinstance(value, int) and not isinstance(value, bool) and value != -1:
             self.edits.append(Edit("arg", op.node.name, tuple(at), width))
 
@@ -195,48 +201,6 @@ def r_pool(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
     return [(op.node if pos == 0 else op.operands[0], s.dim, s.offset, s.width)]  # type: ignore[list-item]
 
 
-def map_reshape(
-    src: tuple[int, ...], dst: tuple[int, ...], d: int, offset: int, width: int, units: int
-) -> tuple[int, int, int]:
-    """Where dim ``d`` of a ``src``-shaped tensor goes in its ``dst``-shaped reshape: ``(dim, offset, width)``.
-
-    Raises ``ValueError`` (with ``.split`` set for a dim split too finely) when the channels do not map
-    onto whole index ranges of one dim.
-    """
-    prefix = math.prod(src[:d])
-    n = src[d]
-    # the dst dim holding the first element of src dim d: first dim whose prefix product reaches `prefix`
-    a, acc = 0, 1
-    while a < len(dst) and (acc < prefix or (acc == prefix and dst[a] == 1 and n != 1)):
-        acc *= dst[a]
-        a += 1
-    if a == len(dst):
-        raise ValueError("the reshape moves the channel dim out of place")
-    if acc == prefix:  # dst dims a.. hold src dim d alone (same or split) or merge it with later src dims
-        b, size = a, 1
-        while b < len(dst) and size < n:
-            size *= dst[b]
-            b += 1
-        if size == n:
-            inner = math.prod(dst[a + 1 : b])
-            if width % inner or offset % inner:
-                err = ValueError(f"the reshape splits the channel dim ({n}) into {list(dst[a:b])}")
-                err.split = inner // math.gcd(width, inner)  # type: ignore[attr-defined]
-                raise err
-            return a, offset // inner, width // inner
-        # merge: src dims d..e form dst dim a; d is the outermost of them
-        e, size = d, 1
-        while e < len(src) and size < dst[a]:
-            size *= src[e]
-            e += 1
-        if size == dst[a]:
-            inner = math.prod(src[d + 1 : e])
-            return a, offset * inner, width * inner
-        raise ValueError("the reshape mixes the channel dim with its neighbours")
-    # src dims before d merge with d into dst dim a-1: fine only when they are all 1
-    raise ValueError("the reshape merges the channel dim under an outer dim")
-
-
 def r_reshape(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
     x = op.operands[0]
     sx, so = ctx.g.shape(x), ctx.g.shape(op.node)
@@ -249,7 +213,7 @@ def r_reshape(op: Op, pos: int, s: Slot, ctx: RuleContext) -> list[Coupling]:
         raise Unmappable(op.node, str(err), getattr(err, "split", None)) from None
     out_dim, out_width = (d, k) if pos == 0 else (s.dim, s.width)
     if "sizes_at" in op.extra:
-        ctx.edit(op, op.extra["sizes_at"](out_dim), out_width)
+        ctx.edit(op, op.extra["sizes_at"](out_dim), out_width, runtime=True)
     return [(other, d, o, k)]  # type: ignore[list-item]
 
 
@@ -566,6 +530,12 @@ class Flood:
                 for pos, operand in enumerate(op.operands):
                     if operand is value:
                         work += self._apply(user, pos, Slot(d, o, k))
+        for node, size, reads in self.ctx.runtime:  # a run-time size on the channel dim must read a shrinking dim
+            if reads is None or not any(r in self.slots for r in reads):
+                why = f"its size on the channel dim is {size.name!r}, computed at run time from a tensor this group"
+                raise Unmappable(
+                    node, f"{why} does not shrink; write -1 (or a constant) there so the shrunk model fits"
+                )
 
     def _member(self, tensor: str, d: int, o: int, k: int) -> None:
         is_param = True
