@@ -14,6 +14,7 @@ from torch import nn
 import fx_sparsify as fxs
 from fx_sparsify import _masks
 from fx_sparsify.methods import _selectors
+from fx_sparsify.methods._global import prune_smallest_many, rank_smallest_many
 from fx_sparsify.passes.update_masks import STEP_STRATEGIES, StepStrategy, StepWork, register_step_strategy
 from fx_sparsify.state import TargetRecord
 
@@ -218,3 +219,45 @@ def test_a_step_under_inference_mode_holds_its_thresholds_too(counted: list[tupl
         assert counted == []
         for name, mask in expected.items():
             assert torch.equal(sgm.masks()[name], mask), name
+
+
+# --- global rules ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize("absolute", [True, False])
+@pytest.mark.parametrize("kind", ["random", "ties", "pruned zeros"])
+@pytest.mark.parametrize("fraction", [0.001, 0.3, 0.5, 0.97])
+def test_global_thresholds_prune_what_the_concatenation_prunes(absolute: bool, kind: str, fraction: float) -> None:
+    """Each tensor's threshold mask (the shared k-th value, its own share of the ties, lowest index of the
+    concatenation first) equals the bool masks of the concatenation, float64 and bfloat16 compared as float32."""
+    tensors = [_scores(kind, 3000).view(60, 50), _scores(kind, 2100), _scores(kind, 1500).view(30, 50)]
+    tensors[1] = (tensors[1] + 1e-12).double()  # equal as float32: ties there, as in a float32 concatenation
+    tensors[2] = tensors[2].to(torch.bfloat16)
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    k = max(1, round(fraction * flat.numel()))
+    expected = _reference(flat, k, absolute).split([t.numel() for t in tensors])
+    got = rank_smallest_many(tensors, k, absolute=absolute)
+    old = prune_smallest_many(tensors, k, absolute=absolute)
+    for mask, before, want, t in zip(got, old, expected, tensors):
+        assert isinstance(mask, _selectors.ThresholdMask) and mask.shape == tuple(t.shape)
+        assert torch.equal(_bits(mask).reshape(-1), want) and torch.equal(before.reshape(-1), want)
+
+
+@pytest.mark.parametrize("mode", ["inplace", "graph"])
+def test_a_global_step_holds_thresholds_and_keeps_its_masks(counted: list[tuple[int, ...]], mode: str) -> None:
+    model = _stack()
+    weights = [m.weight.detach() for m in model if isinstance(m, nn.Linear)]
+    flat = torch.cat([w.reshape(-1) for w in weights])
+    expected = _reference(flat, flat.numel() // 2, True).split([w.numel() for w in weights])
+    spec = {"global": [{"targets": ["type:Linear"], **L1}], "mode": mode}
+    sgm = fxs.sparsify_graph(model, spec)
+    sgm.step()
+    assert counted == []  # ranked from the weights themselves: nothing packed
+    for name, want in zip(["0.weight", "1.weight", "2.weight"], expected):
+        assert torch.equal(sgm.masks()[name].reshape(-1), want), name
+    if mode == "graph":  # a second step ranks weight * mask, copies: packed, and the same masks
+        sgm.step()
+        assert counted == [(256, 512), (512, 256), (8, 512)]
+        for name, want in zip(["0.weight", "1.weight", "2.weight"], expected):
+            assert torch.equal(sgm.masks()[name].reshape(-1), want), name

@@ -14,13 +14,14 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from .._masks import PendingMask
 from .._threads import serial_below
 from . import _selectors
 from ._random import generator_for
 from ._registry import get_mask_method
-from ._selectors import count_to_prune, prune_smallest, refuse_nan
+from ._selectors import ThresholdMask, count_to_prune, prune_smallest, ranked_chunks, refuse_nan
 
-__all__ = ["prune_smallest_many", "global_masks", "MANY_RANKERS"]
+__all__ = ["prune_smallest_many", "rank_smallest_many", "global_masks", "MANY_RANKERS"]
 
 
 def _abs(t: Tensor, absolute: bool) -> Tensor:
@@ -40,7 +41,7 @@ def _kth_many(flats: list[Tensor], k: int, absolute: bool) -> Tensor:
     sample = torch.cat([_abs(f[idx[owner == i] - starts[i]], absolute).float() for i, f in enumerate(flats)])
     lo, hi = _selectors.bracket(torch.sort(sample).values, k / n)
     if lo is not None or hi is not None:
-        chunks = (_abs(chunk, absolute).float() for f in flats for chunk in f.split(_selectors.CHUNK))
+        chunks = (chunk for f in flats for chunk in ranked_chunks(f, absolute, torch.float32))
         found = _selectors.kth_in_band(chunks, k, lo, hi)
         if found is not None:
             return found[0]
@@ -84,27 +85,69 @@ def _prune_smallest_many(tensors: list[Tensor], k: int, absolute: bool) -> list[
     return [keep.view(t.shape) for t, keep in zip(tensors, keeps)]
 
 
-def _l1_many(scores: list[Tensor], options: Mapping[str, Any]) -> list[Tensor]:
-    return prune_smallest_many(
-        scores, count_to_prune(options["sparsity"], sum(t.numel() for t in scores)), absolute=True
-    )
+def rank_smallest_many(tensors: list[Tensor], k: int, *, absolute: bool = False) -> list[Tensor | PendingMask]:
+    """:func:`prune_smallest_many`'s masks (the same entries), those of a large group each as a
+    :class:`~fx_sparsify.methods._selectors.ThresholdMask` (the shared k-th value and the ties this tensor prunes):
+    nothing of the tensors' size is made until a mask is written."""
+    n = sum(t.numel() for t in tensors)
+    assert 0 <= k <= n, (k, n)
+    if n <= _selectors.SMALL or k in (0, n):
+        return list(prune_smallest_many(tensors, k, absolute=absolute))
+    with serial_below(n):
+        for t in tensors:
+            refuse_nan(t, "the scores")
+        flats = [t.reshape(-1) for t in tensors]
+        kth = _kth_many(flats, k, absolute)
+        below, ties = 0, []
+        for f in flats:
+            tied = 0
+            for values in ranked_chunks(f, absolute, torch.float32):  # compared as float32, as the concatenation
+                below += int(torch.count_nonzero(torch.lt(values, kth)))
+                tied += int(torch.count_nonzero(torch.eq(values, kth)))
+            ties.append(tied)
+    need = k - below  # ties pruned lowest index of the concatenation first: the earlier tensors' first
+    masks: list[Tensor | PendingMask] = []
+    for f, t, tied in zip(flats, tensors, ties):
+        take = min(tied, need)
+        need -= take
+        masks.append(ThresholdMask(f, tuple(t.shape), kth, take, absolute, dtype=torch.float32))
+    return masks
 
 
-#: methods that rank several tensors together without concatenating them: method -> (scores, options) -> masks
-MANY_RANKERS: dict[str, Callable[[list[Tensor], Mapping[str, Any]], list[Tensor]]] = {"l1_unstructured": _l1_many}
+def _l1_many(scores: list[Tensor], options: Mapping[str, Any], compact: bool) -> list[Tensor | PendingMask]:
+    k = count_to_prune(options["sparsity"], sum(t.numel() for t in scores))
+    if compact:
+        return rank_smallest_many(scores, k, absolute=True)
+    return list(prune_smallest_many(scores, k, absolute=True))
+
+
+#: methods that rank several tensors together without concatenating them: method -> (scores, options, compact) ->
+#: masks (``compact``: large groups may come back as :class:`PendingMask` es)
+MANY_RANKERS: dict[str, Callable[[list[Tensor], Mapping[str, Any], bool], list[Tensor | PendingMask]]] = {
+    "l1_unstructured": _l1_many
+}
 
 
 def global_masks(
-    method: str, scores: Iterable[Tensor], sizes: list[int], options: Mapping[str, Any], *, seed: int, name: str
-) -> list[Tensor]:
+    method: str,
+    scores: Iterable[Tensor],
+    sizes: list[int],
+    options: Mapping[str, Any],
+    *,
+    seed: int,
+    name: str,
+    compact: bool = False,
+) -> list[Any]:
     """Keep-masks of ``scores`` (one tensor per target, ``sizes`` entries each) ranked together as one tensor.
 
-    The parts come back flat, one per target in order. A method without a row in :data:`MANY_RANKERS`
-    ranks the concatenation of the scores as float32, with a generator seeded from ``seed`` and ``name``.
+    The parts come back flat, one per target in order (``compact=True``: a method of :data:`MANY_RANKERS` may
+    return a large group's masks as :class:`PendingMask` es of the scores' shapes, made when written). A method
+    without a row in :data:`MANY_RANKERS` ranks the concatenation of the scores as float32, with a generator
+    seeded from ``seed`` and ``name``.
     """
     many = MANY_RANKERS.get(method)
     if many is not None:
-        return [part.reshape(-1) for part in many(list(scores), options)]
+        return [p.reshape(-1) if isinstance(p, Tensor) else p for p in many(list(scores), options, compact)]
     flat = torch.cat([t.reshape(-1).float() for t in scores])
     keep = get_mask_method(method)(flat, generator=generator_for(seed, name, flat.device), **options)
     return list(keep.split(sizes))

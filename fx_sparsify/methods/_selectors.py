@@ -170,16 +170,21 @@ def kth_and_below(flat: Tensor, k: int, *, absolute: bool = False) -> tuple[Tens
     return kth, int(torch.count_nonzero(torch.lt(values, kth)))
 
 
-def ranked_chunks(flat: Tensor, absolute: bool) -> Iterator[Tensor]:
-    """``flat`` (``|flat|`` when ``absolute``) a chunk of :data:`CHUNK` at a time; the ``abs`` chunks are one
-    reused buffer, each valid until the next is yielded."""
+def ranked_chunks(flat: Tensor, absolute: bool, dtype: torch.dtype | None = None) -> Iterator[Tensor]:
+    """``flat`` (``|flat|`` when ``absolute``; cast to ``dtype`` when given) a chunk of :data:`CHUNK` at a time;
+    the ``abs`` / cast chunks are one reused buffer, each valid until the next is yielded."""
     chunks = flat.split(CHUNK)
-    if not absolute:
+    cast = dtype is not None and dtype != flat.dtype
+    if not (absolute or cast):
         yield from chunks
         return
-    buf = torch.empty(len(chunks[0]) if chunks else 0, dtype=flat.dtype, device=flat.device)
+    buf = torch.empty(len(chunks[0]) if chunks else 0, dtype=dtype if cast else flat.dtype, device=flat.device)
     for chunk in chunks:
-        yield torch.abs(chunk, out=buf[: chunk.numel()])
+        out = buf[: chunk.numel()]
+        if cast:
+            yield out.copy_(chunk).abs_() if absolute else out.copy_(chunk)  # |cast(x)| == cast(|x|)
+        else:
+            yield torch.abs(chunk, out=out)
 
 
 def bracket(sample: Tensor, q: float) -> tuple[Tensor | None, Tensor | None]:
@@ -308,12 +313,21 @@ def prune_smallest(scores: Tensor, k: int, *, absolute: bool = False) -> Tensor:
 class ThresholdMask(PendingMask):
     """:func:`prune_smallest`'s keep mask held as its rule rather than its bits: the entries of ``source``
     (``|source|`` when ``absolute``) below ``kth`` are pruned, and the first ``ties`` entries equal to it (lowest
-    flat index first). Held, it costs nothing but a reference to ``source``; :meth:`unpack_into` and
-    :meth:`packed` make the bits a chunk at a time. ``source`` must not change until then (:meth:`stale`)."""
+    flat index first), compared as ``dtype`` when given. Held, it costs nothing but a reference to ``source``;
+    :meth:`unpack_into` and :meth:`packed` make the bits a chunk at a time. ``source`` must not change until then
+    (:meth:`stale`)."""
 
-    def __init__(self, source: Tensor, shape: tuple[int, ...], kth: Tensor, ties: int, absolute: bool) -> None:
+    def __init__(
+        self,
+        source: Tensor,
+        shape: tuple[int, ...],
+        kth: Tensor,
+        ties: int,
+        absolute: bool,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.source, self.shape = source.reshape(-1), tuple(shape)
-        self.kth, self.ties, self.absolute = kth, ties, absolute
+        self.kth, self.ties, self.absolute, self.dtype = kth, ties, absolute, dtype
         # an inference tensor (made under torch.inference_mode) counts no versions: no check then
         self.version = None if source.is_inference() else source._version
 
@@ -329,7 +343,7 @@ class ThresholdMask(PendingMask):
         chunk = CHUNK
         keep_buf = torch.empty(min(chunk, self.source.numel()), dtype=torch.bool, device=self.source.device)
         need = self.ties
-        for i, values in enumerate(ranked_chunks(self.source, self.absolute)):
+        for i, values in enumerate(ranked_chunks(self.source, self.absolute, self.dtype)):
             keep = torch.lt(values, self.kth, out=keep_buf[: values.numel()]).logical_not_()
             if need > 0:
                 need = prune_ties(values, keep, self.kth, need)

@@ -262,9 +262,15 @@ def _step_global(work: StepWork, records: list[TargetRecord]) -> None:
                 work.options(first),
                 seed=work.state.spec.seed,
                 name=f"global:{g}",
+                compact=True,
             )
         for r, part in zip(members, parts):
-            work.new_masks[r.name] = pending(part.view(r.shape))
+            if isinstance(part, PendingMask):  # a threshold, computed when written: packed unless it reads the weight
+                work.new_masks[r.name] = part if _reads_the_weight(work.gm, r, part) else part.packed()
+            else:
+                work.new_masks[r.name] = pending(part.view(r.shape))
+        del parts
+        release_freed_memory()
 
 
 def _step_channels(work: StepWork, records: list[TargetRecord]) -> None:
