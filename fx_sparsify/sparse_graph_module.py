@@ -289,6 +289,7 @@ class SparseGraphModule(GraphModule):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._fxs.steps = check_extra_counts(state, ("steps",), "the sparse module's extra state")["steps"]
 
+    @shared  # a copy (or a pickle) made while a step runs elsewhere gets all old or all new masks
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseGraphModule:
         with warnings.catch_warnings():  # torch's pytree on an export capture's codegen (quiet_deepcopy)
             warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
@@ -297,6 +298,7 @@ class SparseGraphModule(GraphModule):
         res._mark_cache()
         return res
 
+    @shared
     def __reduce__(self) -> tuple[Any, ...]:
         # GraphModule pickles its generated code and re-traces it on load, which would trace through
         # the fx_sparsify ops (a straight-through mask would become a plain multiply) and lose the

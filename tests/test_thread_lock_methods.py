@@ -5,7 +5,9 @@ until they are done."""
 
 from __future__ import annotations
 
+import copy
 import inspect
+import pickle
 import threading
 import time
 from typing import Any, Callable
@@ -72,6 +74,8 @@ def _held(sgm: Any, how: str) -> tuple[threading.Event, threading.Event, Call]:
         "state_dict",
         "sparsity",
         "to_torch_prune",
+        "deepcopy",
+        "pickle",
     ],
 )
 def test_direct_forward_and_readers_wait_for_a_step_in_progress(what: str) -> None:
@@ -85,6 +89,8 @@ def test_direct_forward_and_readers_wait_for_a_step_in_progress(what: str) -> No
         "state_dict": sgm.state_dict,
         "sparsity": sgm.sparsity,
         "to_torch_prune": lambda: sgm.to_torch_prune(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))),
+        "deepcopy": lambda: copy.deepcopy(sgm),
+        "pickle": lambda: pickle.dumps(sgm),
     }
     release, _, holder = _held(sgm, "writing")
     call = Call(calls[what])
