@@ -106,3 +106,41 @@ def test_sparsity_counts_the_masks_in_place() -> None:
         """
     )
     assert got["entries"] <= 0.1, got  # bytes per mask entry; it was 9
+
+
+def test_after_prune_streamed_a_freed_large_tensor_leaves_the_process() -> None:
+    """prune_streamed fixes glibc's mmap threshold at 1 MiB: a freed block-sized tensor is unmapped at once.
+    With glibc's moving threshold (raised to 20 MiB by the first free below), the 8 MiB tensor came from the
+    heap and stayed resident after it was freed."""
+    got = _run(
+        """
+        import tempfile
+        from pathlib import Path
+        from safetensors.torch import save_file
+        from torch import nn
+        import fx_sparsify as fxs
+
+        class Stack(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+            def forward(self, x):
+                for b in self.blocks:
+                    x = b(x)
+                return x
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file({k: v.contiguous() for k, v in Stack().state_dict().items()}, f"{tmp}/m.safetensors")
+            spec = {"weights": [{"target": "re:blocks\\\\.\\\\d+", "method": "l1_unstructured", "sparsity": 0.5}]}
+            fxs.prune_streamed(Stack, Path(tmp) / "m.safetensors", spec, [torch.randn(2, 8)], Path(tmp) / "out")
+        big = torch.ones(5 << 20)  # 20 MiB: mapped, and freed (glibc's default threshold would rise to its size)
+        del big
+        base = status("VmRSS")
+        t = torch.ones(2 << 20)  # 8 MiB, touched
+        held = status("VmRSS") - base
+        del t
+        print(json.dumps({"held": held / 2**20, "left": (status("VmRSS") - base) / 2**20}))
+        """
+    )
+    assert got["held"] >= 7 and got["left"] <= 1, got

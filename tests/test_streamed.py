@@ -96,6 +96,26 @@ def test_fx_stack_single_file_magnitude_equals_in_memory(tmp_path: Path) -> None
     assert torch.equal(loaded(x), model(x))
 
 
+def test_the_objects_made_before_the_run_are_frozen_during_it_and_thawed_after(tmp_path: Path) -> None:
+    """The collection after each block walks only the objects the run made (gc.freeze), not the interpreter's
+    whole heap; a caller's own freeze is left as it is."""
+    import gc
+
+    ckpt = _save(_stack(), tmp_path / "model.safetensors")
+    batches = [torch.randn(5, 8) for _ in range(2)]
+    counts: list[int] = []
+    seen = lambda *a: counts.append(gc.get_freeze_count())  # noqa: E731
+    assert gc.get_freeze_count() == 0
+    fxs.prune_streamed(Stack, ckpt, SPEC_L1, batches, tmp_path / "out", progress=seen)
+    assert len(counts) == 4 and all(n > 1000 for n in counts) and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        fxs.prune_streamed(Stack, ckpt, SPEC_L1, batches, tmp_path / "again", progress=seen)
+        assert gc.get_freeze_count() > 1000  # not thawed by the run
+    finally:
+        gc.unfreeze()
+
+
 def test_calibration_spills_to_disk_and_equals_in_memory(tmp_path: Path) -> None:
     ckpt = _save(_stack(), tmp_path / "model.safetensors")
     batches = [torch.randn(5, 8) for _ in range(4)]
