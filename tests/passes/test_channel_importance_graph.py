@@ -428,3 +428,45 @@ def test_obs_takes_at_most_16_greedy_steps_per_group(monkeypatch: pytest.MonkeyP
     sgm.step()
     assert seen and all(pruned == 256 and -(-pruned // block) <= 16 for pruned, block in seen), seen
     assert int(sgm.masks()["0.bias"].sum()) == 256
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_hugging_face_models_sequential_aim_at_the_residual_sums(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequential reconstruct on Hugging Face blocks: every consumer's output reaches a residual add (LLaMA's
+    o_proj and down_proj directly, GPT-2's c_proj and BERT's output dense through dropout), so each gets a
+    residual observer; the pruned model is closer to the dense one than magnitude pruning, shrunk == masked."""
+    from fx_sparsify.passes.channels import importance
+    from fx_sparsify.passes.channels.residual import ResidualRowsObserver
+
+    aimed: list[bool] = []
+    corrected_weight = importance.corrected_weight
+
+    def spy(c: Any, cross: torch.Tensor, damp: float, residual: torch.Tensor | None = None) -> Any:
+        aimed.append(residual is not None)
+        return corrected_weight(c, cross, damp, residual)
+
+    monkeypatch.setattr(importance, "corrected_weight", spy)
+    model, spec, kwargs = _hf(arch)
+    spec = {"channels": [{**r, "sequential": True} for r in spec["channels"]]}
+    sgm = fxs.sparsify_graph(model, spec, example_kwargs=kwargs[0])
+    consumers = {"llama": 4, "gpt2": 2, "bert": 4}[arch]
+    assert sum(isinstance(m, ResidualRowsObserver) for m in sgm.modules()) == consumers
+    plain = fxs.sparsify_graph(
+        model,
+        {"channels": [{**r, "importance": "magnitude", "reconstruct": False} for r in _hf(arch)[1]["channels"]]},
+        example_kwargs=kwargs[0],
+    )
+    plain.step()
+    with torch.no_grad():
+        for kw in kwargs:
+            sgm(**kw)
+        sgm.step()
+        dense = [_out(model(**kw)) for kw in kwargs]
+        masked = [_out(sgm(**kw)) for kw in kwargs]
+        err = sum(float((m - d).square().mean()) for m, d in zip(masked, dense))
+        err_plain = sum(float((_out(plain(**kw)) - d).square().mean()) for kw, d in zip(kwargs, dense))
+        assert err < err_plain
+        small = sgm.squash(shrink=True)
+        assert float((_out(small(**kwargs[0])) - masked[0]).abs().max()) <= 1e-4
+    assert aimed == [True] * (consumers - 1)  # every group after the first (one consumer each) aims at its add

@@ -304,7 +304,10 @@ def _corrections(
         observer = gm.get_submodule(observers[stats.name])
         cross = getattr(observer, "cross", None)
         if cross is not None:
-            out[stats.name] = corrected_weight(stats, cross, damp, getattr(observer, "residual_cross", None))
+            residual = getattr(observer, "residual_cross", None)
+            if residual is not None and residual.shape[1] != stats.weight.shape[0]:
+                residual = None  # the stream's rows are not the consumer's output rows (a reshape between)
+            out[stats.name] = corrected_weight(stats, cross, damp, residual)
     return out
 
 

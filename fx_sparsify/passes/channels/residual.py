@@ -9,8 +9,9 @@ consumer's new output on its replayed inputs ``x'`` is fitted to ``W·x + b + (r
 reproducing its own outputs it repairs, as far as a linear function of ``x'`` can, the error the earlier
 groups left in the stream (the add's result is what the rest of the model reads).
 
-:func:`residual_operand` finds the add: the consumer's output (through ``Dropout`` / ``Identity`` layers)
-is one operand of an ``operator.add`` / ``torch.add`` whose other operand does not depend on the consumer. A
+:func:`residual_operand` finds the add: the consumer's output (through dropout, ``Identity`` and reshapes
+that keep its rows) is one operand of an add (``operator.add``, ``torch.add``, ``aten.add.Tensor``; no
+``alpha``) whose other operand does not depend on the consumer. A
 :class:`ResidualRowsObserver` on that operand keeps its calibration rows; during the consumer's paired
 replay it turns them into the differences ``r − r'``, which the consumer's observer folds into
 ``Σ [x', 1]ᵀ·(r − r')`` (``residual_cross``). A consumer read through unfolded patches (a ``Conv2d``), an
@@ -35,8 +36,16 @@ from ...observer import ActivationObserver
 
 __all__ = ["ResidualRowsObserver", "residual_operand", "insert_residual_observer", "pair_residual"]
 
-_ADDS = (operator.add, operator.iadd, torch.add)
-_DROPOUTS = (F.dropout, torch.dropout)
+_ADDS = (operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor)
+_DROPOUTS = (F.dropout, torch.dropout, torch.ops.aten.dropout.default)
+# row-preserving reshapes the output may pass through (GPT-2's addmm rows viewed as (b, t, out)); the width
+# is checked when the statistics are read (a reshape of the last dim pairs rows of another width: no target)
+_RESHAPES = (
+    torch.reshape,
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+)
 
 
 class ResidualRowsObserver(ActivationObserver):
@@ -80,10 +89,12 @@ class ResidualRowsObserver(ActivationObserver):
         return f"kept={len(self.kept)}"
 
 
-def _is_dropout(gm: GraphModule, node: Node) -> bool:
+def _passes_through(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), (nn.Dropout, nn.Identity))
-    return node.op == "call_function" and node.target in _DROPOUTS
+    if node.op == "call_method":
+        return node.target in ("view", "reshape")
+    return node.op == "call_function" and (node.target in _DROPOUTS or node.target in _RESHAPES)
 
 
 def _ancestors(node: Node) -> set[Node]:
@@ -98,12 +109,12 @@ def _ancestors(node: Node) -> set[Node]:
 
 
 def residual_operand(gm: GraphModule, call: Node) -> tuple[Node, Node] | None:
-    """(add node, other operand) when ``call``'s output, through ``Dropout`` / ``Identity`` layers, is one
+    """(add node, other operand) when ``call``'s output, through dropout, ``Identity`` and reshapes, is one
     operand of an add whose other operand is a node that does not depend on ``call``; None otherwise."""
     node = call
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if _is_dropout(gm, user) and user.args and user.args[0] is node:
+        if _passes_through(gm, user) and user.args and user.args[0] is node:
             node = user
             continue
         if user.op != "call_function" or user.target not in _ADDS or user.kwargs or len(user.args) != 2:
