@@ -59,14 +59,40 @@ def save_storage_choices(choices: Iterable[StorageChoice], path: str | os.PathLi
         tmp.unlink(missing_ok=True)
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _row(row: object) -> StorageChoice:
+    """One layer entry as a StorageChoice; a ValueError saying which field is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"an object, got {type(row).__name__}")
+    layer, shape, sparsity, storage = row.get("layer"), row.get("shape"), row.get("sparsity"), row.get("storage")
+    ratio, why = row.get("ratio"), row.get("why", "")
+    if not isinstance(layer, str) or not layer:
+        raise ValueError(f"'layer' must be a layer name, got {layer!r:.60}")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ValueError(f"'shape' must be a list of sizes >= 0, got {shape!r:.60}")
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity <= 1.0:  # and NaN
+        raise ValueError(f"'sparsity' must be a fraction in [0, 1], got {sparsity!r:.60}")
+    if not isinstance(storage, str):
+        raise ValueError(f"'storage' must be a string such as 'dense' or 'bitmask', got {storage!r:.60}")
+    if ratio is not None and not _number(ratio):
+        raise ValueError(f"'ratio' must be a number or null, got {ratio!r:.60}")
+    if not isinstance(why, str):
+        raise ValueError(f"'why' must be a string, got {why!r:.60}")
+    return StorageChoice(layer, tuple(shape), float(sparsity), storage, why, None if ratio is None else float(ratio))
+
+
 def load_storage_choices(path: str | os.PathLike[str]) -> list[StorageChoice]:
     """The choices :func:`save_storage_choices` wrote, for ``squash(storage=...)``. A file that is not such a
-    record is a ``ValueError`` naming what is wrong."""
+    record (not JSON, another format, a malformed or repeated layer entry) is a ``ValueError`` naming the file and
+    what is wrong."""
     path = Path(os.fspath(path))
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not a storage choices file (not JSON: {err})") from None
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:  # JSON or UTF-8 decoding, an integer past Python's digit limit
+        raise ValueError(f"{path}: not a storage choices file (not JSON: {str(err)[:200]})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(
             f'{path}: not a storage choices file (no "format": {FORMAT!r}); write one with '
@@ -74,22 +100,21 @@ def load_storage_choices(path: str | os.PathLike[str]) -> list[StorageChoice]:
         )
     if data.get("version") != VERSION:
         raise ValueError(f"{path}: storage choices version {data.get('version')!r}; this fx_sparsify reads {VERSION}")
-    out = []
-    for i, row in enumerate(data.get("layers", [])):
+    layers = data.get("layers", [])
+    if not isinstance(layers, list):
+        raise ValueError(f"{path}: 'layers' must be a list of layer entries, got {type(layers).__name__}")
+    out: dict[str, StorageChoice] = {}
+    for i, row in enumerate(layers):
         try:
-            ratio = row.get("ratio")
-            out.append(
-                StorageChoice(
-                    str(row["layer"]),
-                    tuple(int(s) for s in row["shape"]),
-                    float(row["sparsity"]),
-                    str(row["storage"]),
-                    str(row.get("why", "")),
-                    None if ratio is None else float(ratio),
-                )
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            choice = _row(row)
+        except ValueError as err:
             raise ValueError(
-                f"{path}: layer entry {i} is malformed ({err!r}): each needs layer, shape, sparsity, storage"
+                f"{path}: layer entry {i} is malformed: {err}; each needs layer, shape, sparsity, storage"
             ) from None
-    return out
+        if choice.layer in out:
+            raise ValueError(
+                f"{path}: layer {choice.layer!r} has two entries (0-based {list(out).index(choice.layer)} "
+                f"and {i}); a file records one storage per layer"
+            )
+        out[choice.layer] = choice
+    return list(out.values())
