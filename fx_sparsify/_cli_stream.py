@@ -34,7 +34,21 @@ def load_weights(model: nn.Module, path: str) -> None:
     missing = [k for k in state if k not in checkpoint]
     if missing:
         raise UserError(f"--checkpoint {path!r} lacks {len(missing)} of the model's tensors, e.g. {missing[:3]}")
-    model.load_state_dict({k: checkpoint.read(k, v.dtype) for k, v in state.items()})
+    wrong = [
+        f"{k} {list(checkpoint.shape(k))} (the model's {list(v.shape)})"
+        for k, v in state.items()
+        if checkpoint.shape(k) != tuple(v.shape)
+    ]
+    if wrong:  # before anything is read (load_state_dict raised a RuntimeError, a traceback)
+        raise UserError(
+            f"--checkpoint {path!r} holds {len(wrong)} tensor(s) of another shape, e.g. {', '.join(wrong[:3])}; "
+            "is it the checkpoint of this model (and --model-kwargs)?"
+        )
+    try:
+        loaded = {k: checkpoint.read(k, v.dtype) for k, v in state.items()}
+    except ValueError as err:  # a dtype it cannot read, a file cut short
+        raise UserError(f"--checkpoint {path!r}: {err}") from None
+    model.load_state_dict(loaded)
 
 
 def run_streamed(args: argparse.Namespace, spec: Any, out: Path, batch: Callable[[int], Batch]) -> int:

@@ -180,3 +180,28 @@ def test_inspect_of_a_folder_says_what_is_wrong_with_it(tmp_path: Path, capsys: 
     (tmp_path / "ck" / INDEX).write_text(json.dumps({"weight_map": {**where, "0.weight": 5}}))
     assert main(["inspect", str(tmp_path / "ck")]) == 2
     assert "weight_map['0.weight'] is 5" in capsys.readouterr().err
+
+
+# --- fx-sparsify run --checkpoint --------------------------------------------------------------------------
+
+
+def test_run_with_a_checkpoint_of_another_shape_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The shapes are compared before anything is read (load_state_dict raised a RuntimeError: exit 1, a
+    traceback); nothing is written."""
+    factory = tmp_path / "factory.py"
+    factory.write_text(
+        "from torch import nn\n\ndef mlp():\n    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))\n"
+    )
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(
+        json.dumps({"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]})
+    )
+    weights = {"0.weight": torch.randn(32, 16), "0.bias": torch.randn(32), "2.weight": torch.randn(8, 33)}
+    save_file({**weights, "2.bias": torch.randn(8)}, str(tmp_path / "ckpt.safetensors"))
+    args = [str(recipe), "--model", f"{factory}:mlp", "--input", "2x16", "--quiet", "--out", str(tmp_path / "out")]
+    assert main(["run", *args, "--checkpoint", str(tmp_path / "ckpt.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "holds 1 tensor(s) of another shape, e.g. 2.weight [8, 33] (the model's [8, 32])" in err
+    assert not (tmp_path / "out").exists()
