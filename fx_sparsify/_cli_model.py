@@ -75,6 +75,8 @@ def build_model(ref: str, kwargs_json: str | None) -> nn.Module:
             raise UserError(
                 f"--model-kwargs: not valid JSON ({err.msg} at column {err.colno}): {kwargs_json!r}"
             ) from None
+        except (ValueError, RecursionError) as err:  # an integer past Python's digit limit, nesting too deep
+            raise UserError(f"--model-kwargs: not usable JSON ({str(err)[:120]}): {kwargs_json[:80]!r}") from None
         if not isinstance(kwargs, dict):
             raise UserError(
                 f"--model-kwargs: expected a JSON object such as '{{\"num_classes\": 10}}', got {kwargs_json!r}"

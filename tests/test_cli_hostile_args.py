@@ -1,0 +1,32 @@
+"""Command-line JSON that parses badly in Python's own limits is a one-line usage error (exit 2) naming the flag."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fx_sparsify.cli import main
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ('{"a": ' + "9" * 5000 + "}", "--model-kwargs: not usable JSON (Exceeds the limit"),
+        ('{"a":' * 5000 + "1" + "}" * 5000, "--model-kwargs: not usable JSON (maximum recursion depth"),
+    ],
+)
+def test_model_kwargs_past_pythons_json_limits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kwargs: str, match: str
+) -> None:
+    factory = tmp_path / "factory.py"
+    factory.write_text("from torch import nn\n\ndef mlp(**kwargs):\n    return nn.Sequential(nn.Linear(16, 8))\n")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(
+        json.dumps({"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]})
+    )
+    args = [str(recipe), "--model", f"{factory}:mlp", "--input", "2x16", "--quiet", "--out", str(tmp_path / "out")]
+    assert main(["run", *args, "--model-kwargs", kwargs]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.splitlines()) <= 3
