@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import io
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,10 @@ from ._progress import progress
 __all__ = ["cmd_run", "parse_shape", "save_weights"]
 
 
+#: the most entries of one random ``--input`` batch (8 GiB as float32)
+MAX_INPUT = 2**31
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1x3x224x224"`` → ``(1, 3, 224, 224)``."""
     try:
@@ -34,6 +39,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise UserError(f"--input {text!r}: expected a shape such as 1x3x224x224") from None
     if not shape or any(s <= 0 for s in shape):
         raise UserError(f"--input {text!r}: every dimension must be a positive integer")
+    if math.prod(shape) > MAX_INPUT:  # torch's allocation error (or the OOM killer) would come instead
+        raise UserError(
+            f"--input {text!r}: a random batch of {math.prod(shape):,} entries ({math.prod(shape) * 4 / 2**30:,.0f} "
+            f"GiB as float32); an example batch takes at most {MAX_INPUT:,} entries"
+        )
     return shape
 
 

@@ -30,3 +30,20 @@ def test_model_kwargs_past_pythons_json_limits(
     assert main(["run", *args, "--model-kwargs", kwargs]) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err and len(err.splitlines()) <= 3
+
+
+@pytest.mark.parametrize("shape", ["2x99999999999", "99999999999999999999x16"])
+def test_an_input_shape_too_large_to_allocate_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], shape: str
+) -> None:
+    """Was torch's allocation error (exit 1, a traceback) or a TypeError with a C++ stack."""
+    factory = tmp_path / "factory.py"
+    factory.write_text("from torch import nn\n\ndef mlp():\n    return nn.Sequential(nn.Linear(16, 8))\n")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(
+        json.dumps({"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]})
+    )
+    args = [str(recipe), "--model", f"{factory}:mlp", "--quiet", "--out", str(tmp_path / "out")]
+    assert main(["run", *args, "--input", shape]) == 2
+    err = capsys.readouterr().err
+    assert f"--input '{shape}': a random batch of" in err and "an example batch takes at most" in err
