@@ -64,7 +64,7 @@ from ._streamed_io import (
     state_outside,
 )
 from .api import sparsify_graph
-from .passes.reconstruct import without_rollback
+from .passes.reconstruct import inputs_kept_by, without_rollback
 from .select import param_aliases, resolve_activation_targets, resolve_weight_targets, select, select_layers
 from .spec import GlobalRule, SparsitySpec, WeightRule
 
@@ -205,6 +205,21 @@ def _shell(path: str, block: nn.Module) -> nn.Module:
         parent = child
     parent.add_module(last, block)
     return root  # type: ignore[no-any-return]
+
+
+class _Stored(Sequence[tuple[tuple[Any, ...], dict[str, Any]]]):
+    """The store's block inputs as a sequence of ``(args, kwargs)``, read (from disk if spilled) when indexed."""
+
+    def __init__(self, store: Activations) -> None:
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, j: int) -> tuple[tuple[Any, ...], dict[str, Any]]:  # type: ignore[override]
+        if not 0 <= j < len(self.store):
+            raise IndexError(j)
+        return self.store.inputs(j)
 
 
 class _Stop(Exception):
@@ -480,9 +495,10 @@ def _block(
             sgm = sparsify_graph(shell, part, example_inputs=args, example_kwargs=kwargs, capture=capture, inplace=True)
             release_freed_memory()  # the capture's temporaries (each stage's go back before the next allocates)
             if needs_calibration(part):
-                for j in range(len(store)):
-                    args, kwargs = store.inputs(j)
-                    sgm(*args, **kwargs)
+                with inputs_kept_by(_Stored(store)):  # sequential rules replay the store, not copies of it
+                    for j in range(len(store)):
+                        args, kwargs = store.inputs(j)
+                        sgm(*args, **kwargs)
             with without_rollback():  # a failing step ends the run: no copy of the block's weights to put back
                 sgm.step()
             release_freed_memory()

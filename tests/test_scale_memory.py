@@ -144,3 +144,51 @@ def test_after_prune_streamed_a_freed_large_tensor_leaves_the_process() -> None:
         """
     )
     assert got["held"] >= 7 and got["left"] <= 1, got
+
+
+def test_streamed_sequential_sparsegpt_replays_the_spilled_inputs_without_copies() -> None:
+    """With the block inputs spilled to disk (activation_memory=0), a sequential step replays them from the
+    store: the calibration forwards recorded a copy of every batch's input, all in memory (32 MiB here)."""
+    got = _run(
+        """
+        import tempfile
+        from pathlib import Path
+        from safetensors.torch import save_file
+        from torch import nn
+        import fx_sparsify as fxs
+
+        class Block(nn.Module):
+            def __init__(self, d):
+                super().__init__()
+                self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+            def forward(self, x):
+                return x + self.down(torch.relu(self.up(x)))
+
+        class Stack(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inp = nn.Linear(8, 256)
+                self.blocks = nn.ModuleList(Block(256) for _ in range(2))
+
+            def forward(self, x):
+                x = self.inp(x)
+                for b in self.blocks:
+                    x = b(x)
+                return x
+
+        torch.manual_seed(0)
+        batches = [torch.randn(4096, 8) for _ in range(8)]  # block inputs: 8 x 4 MiB
+        spec = {"weights": [{"target": "re:blocks\\\\.\\\\d+\\\\.(up|down)", "method": "sparsegpt", "sparsity": 0.5,
+                             "sequential": True}]}
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file({k: v.contiguous() for k, v in Stack().state_dict().items()}, f"{tmp}/m.safetensors")
+            run = lambda: fxs.prune_streamed(Stack, Path(tmp) / "m.safetensors", spec, batches, Path(tmp) / "out",
+                                             activation_memory=0)
+            peak, _ = measure(run)
+        print(json.dumps({"batches": peak / (4096 * 256 * 4)}))
+        """
+    )
+    # one forward's activations (the input, up's and relu's outputs at twice the width, down's, the sum: ~7
+    # batches), the observers' rows and the weights: ~11; with the 8 recorded copies and their replays it was 29
+    assert got["batches"] <= 16, got

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, Iterable, Iterator, MutableMapping
+from typing import Any, Callable, Iterable, Iterator, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
@@ -43,11 +43,30 @@ __all__ = [
     "record_calibration_inputs",
     "solve_all",
     "without_rollback",
+    "inputs_kept_by",
 ]
 
 RECONSTRUCTING = frozenset({"sparsegpt"})  # methods whose step also rewrites the weights that stay
 _NOT_SWEEP_OPTIONS = ("hessian_dtype", "sequential")
 _ROLLBACK: ContextVar[bool] = ContextVar("fx_sparsify_sequential_rollback", default=True)
+Inputs = Sequence[tuple[tuple[Any, ...], dict[str, Any]]]
+_KEPT_BY: ContextVar[Inputs | None] = ContextVar("fx_sparsify_calibration_inputs", default=None)
+
+
+@contextmanager
+def inputs_kept_by(source: Inputs) -> Iterator[None]:
+    """Within it, calibration forwards keep no copy of their inputs: a sequential step replays ``source``.
+
+    ``source``: the ``(args, kwargs)`` of exactly the calibration forwards run inside the context, which
+    the caller keeps (and may read from disk at each replay) until the step. For ``prune_streamed``,
+    whose block inputs are held already: the recorded copies doubled them, and held in memory the
+    batches it had spilled to disk.
+    """
+    token = _KEPT_BY.set(source)
+    try:
+        yield
+    finally:
+        _KEPT_BY.reset(token)
 
 
 @contextmanager
@@ -266,6 +285,10 @@ def _record(module: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         return
     if state.calibration.deferred is None:  # the first calibration forward
         _defer_later_levels(module, state)
+    kept = _KEPT_BY.get()
+    if kept is not None:  # the caller keeps the inputs: replayed from there
+        state.calibration.inputs = kept  # type: ignore[assignment]
+        return
     detach = lambda v: v.detach().clone() if isinstance(v, Tensor) else v  # noqa: E731
     if state.calibration.inputs is None:
         state.calibration.inputs = []
