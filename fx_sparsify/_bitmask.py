@@ -161,6 +161,14 @@ def bitmask_linear(
     x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor, bias: Tensor | None, in_features: int
 ) -> Tensor:
     """``F.linear(x, W, bias)`` for the weight W held as ``values`` / ``mask`` / ``row_offsets`` (see the module)."""
+    return _product(x, values, mask, row_offsets, bias, in_features)
+
+
+def _product(
+    x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor, bias: Tensor | None, in_features: int
+) -> Tensor:
+    """The op's body; the layer calls it directly where the op's dispatch would only cost time (~0.1 ms a call:
+    eager, no gradient wanted, nothing tracing)."""
     _check(x, values, mask, in_features)
     rows = mask.shape[0]
     flat = x.reshape(-1, in_features)
@@ -273,16 +281,20 @@ class BitmaskLinear(DenseWeightState, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.spatial:
-            return torch.ops.fx_sparsify.bitmask_linear(
-                x, self.values, self.mask, self.row_offsets, self.bias, self.in_features
-            )
+            return self._linear(x)
         batched = x.dim() == self.spatial + 2
         xb = x if batched else x.unsqueeze(0)
-        rows = xb.movedim(1, -1)  # [N, *space, C]
-        y = torch.ops.fx_sparsify.bitmask_linear(
-            rows, self.values, self.mask, self.row_offsets, self.bias, self.in_features
-        ).movedim(-1, 1)
+        y = self._linear(xb.movedim(1, -1)).movedim(-1, 1)  # rows: [N, *space, C]
         return y if batched else y[0]
+
+    def _linear(self, x: Tensor) -> Tensor:
+        """The custom op, or its body straight away where the op would add only its dispatch: in eager mode
+        with no gradient wanted (the op's autograd and its trace by compile / export are kept otherwise)."""
+        args = (x, self.values, self.mask, self.row_offsets, self.bias, self.in_features)
+        wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])
+        if wants_grad or _native.transformed():
+            return torch.ops.fx_sparsify.bitmask_linear(*args)
+        return _product(*args)
 
     def extra_repr(self) -> str:
         zeros = 1.0 - int(self.row_offsets[-1]) / max(self.out_features * self.in_features, 1)

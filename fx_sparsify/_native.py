@@ -32,6 +32,7 @@ __all__ = [
     "empty_on_huge_pages",
     "expand",
     "mask_row_offsets",
+    "transformed",
     "masked_bag",
     "masked_rows",
 ]
@@ -97,7 +98,7 @@ def _plain_cpu(t: Tensor) -> bool:
     return type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and t.layout == torch.strided
 
 
-def _transformed() -> bool:
+def transformed() -> bool:
     """Inside something that traces or transforms the call (compile, export, make_fx, vmap / grad, forward
     AD, a torch function / dispatch mode): the kernels would read no real memory there, so torch's path runs."""
     return (
@@ -135,7 +136,7 @@ def _kernel(kind: str, input: Tensor, weight: Tensor, mask: Tensor, offsets: Ten
         or not all(_plain_cpu(t) for t in (input, weight, mask) + (() if offsets is None else (offsets,)))
         or not weight.is_contiguous()
         or not mask.is_contiguous()
-        or _transformed()
+        or transformed()
     ):
         return None
     return getattr(LIB, f"fxs_masked_{kind}_{suffix}")
@@ -346,7 +347,7 @@ def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor,
         or not x.is_floating_point()
         or (bias is not None and bias.shape != (rows,))
         or not all(_plain_cpu(t) for t in tensors)
-        or _transformed()
+        or transformed()
     ):
         return None
     if not (values.is_contiguous() and mask.is_contiguous() and row_offsets.is_contiguous()):
