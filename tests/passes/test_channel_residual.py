@@ -146,3 +146,51 @@ def test_corrected_weight_with_residual_is_least_squares(bias: bool) -> None:
         torch.testing.assert_close(b2, sol[6], atol=1e-9, rtol=1e-9)
     else:
         assert b2 is None
+
+
+class LateStream(nn.Module):
+    """The second block's stream is computed after its consumer's input: y = b2(gelu(b1(x))); r = g(x); y + r."""
+
+    def __init__(self, d: int = 12, hidden: int = 24) -> None:
+        super().__init__()
+        self.a1, self.a2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.b1, self.b2, self.g = nn.Linear(d, hidden), nn.Linear(hidden, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.a2(F.gelu(self.a1(x)))
+        y = self.b2(F.gelu(self.b1(x)))
+        return y + self.g(x)
+
+
+def test_a_stream_computed_after_the_consumer_input_falls_back_to_the_plain_target(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its differences are not ready when the consumer's replayed rows arrive: no residual target, and the refit
+    is the plain one (lstsq of the layer's own calibration outputs on the replayed inputs)."""
+    from fx_sparsify.passes.channels import importance
+
+    aimed: list[bool] = []
+    corrected = importance.corrected_weight
+
+    def spy(c: ConsumerStats, cross: torch.Tensor, damp: float, residual: torch.Tensor | None = None) -> object:
+        aimed.append(residual is not None)
+        return corrected(c, cross, damp, residual)
+
+    monkeypatch.setattr(importance, "corrected_weight", spy)
+    torch.manual_seed(2)
+    model = LateStream().eval()
+    batches = [torch.randn(64, 12) + 0.5 for _ in range(3)]
+    sgm = _pruned(model, batches)
+    assert aimed == [False]
+    p, m = dict(sgm.named_parameters()), sgm.masks()
+    w = {k: p[k] * m[k] if k in m else p[k] for k in p}
+    with torch.no_grad():
+        x = torch.cat(batches)
+        r = x + model.a2(F.gelu(model.a1(x)))
+        r_new = x + F.linear(F.gelu(F.linear(x, w["a1.weight"], w["a1.bias"])), w["a2.weight"], w["a2.bias"])
+        h_new = F.gelu(F.linear(r_new, w["b1.weight"], w["b1.bias"])).double()
+        y = model.b2(F.gelu(model.b1(r))).double()
+    keep = m["b1.bias"].bool()
+    a = torch.cat([h_new[:, keep], torch.ones(len(x), 1, dtype=F64)], 1)
+    sol = torch.linalg.lstsq(a, y).solution
+    torch.testing.assert_close(p["b2.weight"][:, keep].double(), sol[:-1].T, atol=5e-4, rtol=1e-3)
