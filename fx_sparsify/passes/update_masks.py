@@ -138,6 +138,18 @@ def check_targets(state: SparsityState) -> None:
     )
 
 
+def _check_materialised(gm: GraphModule, state: SparsityState) -> None:
+    """Refuse a step over weights on the meta device (a model built without memory has no values to rank)."""
+    meta = [r.name for r in state.targets.values() if r.param is not None and gm.get_parameter(r.param).is_meta]
+    if meta:
+        raise ValueError(
+            f"step(): the weights of {', '.join(map(repr, meta[:4]))}{' ...' if len(meta) > 4 else ''} are on the "
+            "meta device (no values to rank); load the weights into the model before sparsify_graph "
+            "(model.to_empty(device='cpu'), then model.load_state_dict(...)), or prune a checkpoint too large to "
+            "load with fx_sparsify.prune_streamed"
+        )
+
+
 def _activation_mask(gm: GraphModule, record: TargetRecord, seed: int) -> Tensor | None:
     """``mask_fn(reduce_fn(aggregated), **options)`` per layer or per selected feature (stacked)."""
     observer: Any = gm.get_submodule(record.observer)  # type: ignore[arg-type]
@@ -449,6 +461,7 @@ def update_masks(gm: GraphModule, state: SparsityState, verbose: bool = False) -
     """Recompute the mask of every target of ``gm`` (masks are buffers); all or nothing. ``verbose``: a line (or a
     tqdm bar) on stderr per solved layer of SparseGPT / reconstruction, the long part of a step."""
     check_targets(state)
+    _check_materialised(gm, state)
     sync_observers(gm)
     check_calibrated(gm, state)
     work = StepWork(gm, state)
