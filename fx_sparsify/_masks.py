@@ -115,8 +115,18 @@ class PendingMask:
 
     shape: tuple[int, ...]
 
+    @serial_when_small
     def unpack_into(self, buf: Tensor) -> None:
         """Write the mask into ``buf`` (its shape; bool, or 0/1 of another dtype) in place."""
+        if buf.is_contiguous():
+            self.unpack_flat(buf.view(-1))
+            return
+        whole = torch.empty(self.shape, dtype=torch.bool, device=buf.device)
+        self.unpack_flat(whole.view(-1))
+        buf.copy_(whole)
+
+    def unpack_flat(self, flat: Tensor) -> None:
+        """Write the mask into the contiguous 1-D ``flat`` (its entries in row-major order) in place."""
         raise NotImplementedError
 
     def packed(self) -> PackedMask:
@@ -176,15 +186,7 @@ class PackedMask(PendingMask):
     def packed(self) -> PackedMask:
         return self
 
-    @serial_when_small
-    def unpack_into(self, buf: Tensor) -> None:
-        """Write the mask into ``buf`` (its shape; bool, or 0/1 of another dtype) in place."""
-        if not buf.is_contiguous():
-            whole = torch.empty(self.shape, dtype=torch.bool, device=buf.device)
-            self.unpack_into(whole)
-            buf.copy_(whole)
-            return
-        flat = buf.view(-1)
+    def unpack_flat(self, flat: Tensor) -> None:
         shifts = _SHIFTS.to(self.data.device)
         for start in range(0, flat.numel(), self.chunk):
             part = flat[start : start + self.chunk]

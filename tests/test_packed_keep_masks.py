@@ -30,7 +30,7 @@ def test_packed_selector_keeps_the_same_entries(
         scores = (scores * 3).round()  # most values tied, zeros among them
     for k in (1, n // 3, n // 2, n - 1):
         expected = _selectors.prune_smallest(scores.view(-1, 1), k, absolute=absolute)
-        got = _selectors.prune_smallest_packed(scores.view(-1, 1), k, absolute=absolute)
+        got = _selectors.rank_smallest(scores.view(-1, 1), k, absolute=absolute).packed()
         assert got.shape == (n, 1) and torch.equal(_unpacked(got), expected), k
 
 

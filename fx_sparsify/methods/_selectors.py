@@ -35,7 +35,6 @@ __all__ = [
     "prune_smallest",
     "ThresholdMask",
     "rank_smallest",
-    "prune_smallest_packed",
     "prune_smallest_in_groups",
     "normalize_dim",
     "block_grid",
@@ -356,14 +355,7 @@ class ThresholdMask(PendingMask):
                 out.pack(start, keep)
         return out
 
-    @serial_when_small
-    def unpack_into(self, buf: Tensor) -> None:
-        if not buf.is_contiguous():
-            whole = torch.empty(self.shape, dtype=torch.bool, device=buf.device)
-            self.unpack_into(whole)
-            buf.copy_(whole)
-            return
-        flat = buf.view(-1)
+    def unpack_flat(self, flat: Tensor) -> None:
         for start, keep in self.chunks():
             flat[start : start + keep.numel()].copy_(keep)
 
@@ -377,13 +369,6 @@ def rank_smallest(scores: Tensor, k: int, *, absolute: bool = False) -> Threshol
     flat = _selectable(scores).reshape(-1)
     kth, below = kth_and_below(flat, k, absolute=absolute)
     return ThresholdMask(flat, tuple(scores.shape), kth, k - below, absolute)
-
-
-def prune_smallest_packed(scores: Tensor, k: int, *, absolute: bool = False) -> PackedMask:
-    """:func:`prune_smallest`'s keep-mask (the same entries), made and packed a chunk at a time: never a bool
-    mask of the whole tensor (1/4 of an fp32 weight), only the 1-bit result and chunk buffers, reused (fresh
-    temporaries a chunk were kept by the C heap: the step's resident memory grew by tens of MiB)."""
-    return rank_smallest(scores, k, absolute=absolute).packed()
 
 
 def prune_smallest_in_groups(scores: Tensor, k: int) -> Tensor:
