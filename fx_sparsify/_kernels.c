@@ -160,7 +160,8 @@ FXS_MASKED_ROWS(fxs_masked_rows_f64, double)
  * Three paths, picked at the first call by the CPU (fxs_bitmask_isa), the same sums in another order:
  * - AVX-512: 16 columns a step; vexpandps puts the step's kept values in their columns (zeros elsewhere)
  *   in one instruction; tiles of 4 rows of W x up to 4 rows of x share each expanded step and each load
- *   of x (the loads, not the bytes, bound one row at a time on AMD Zen 4);
+ *   of x (the loads, not the bytes, bound one row at a time on AMD Zen 4); with AVX512_VBMI2, batch-1 rows
+ *   with few kept entries gather their entries of x instead (FXS_BM_GATHER_KEPT);
  * - AVX2: 8 columns a step; a table of 256 permutations does the expand (vpermps);
  * - portable C: each row's kept columns decoded once into a list, then a dot product per row of x.
  */
@@ -180,8 +181,10 @@ FXS_MASKED_ROWS(fxs_masked_rows_f64, double)
 static int fxs_isa = -1;
 static int fxs_has_dpbf16 = 0; /* AVX512_BF16 and AVX512_VBMI2 (vdpbf16ps, vpexpandw) */
 #ifndef FXS_BM_GATHER_KEPT /* batch 1 takes the gather path where at most this many entries in 100 are kept, */
-#define FXS_BM_GATHER_KEPT 15 /* or in rows longer than FXS_BM_L1_COLS (x read from L2) this many: */
-#define FXS_BM_GATHER_KEPT_LONG 12 /* measured on Zen 4 against the expand path (4096x11008 at 85 % zeros: 0.46x vs 0.42x) */
+#define FXS_BM_GATHER_KEPT 15
+#endif
+#ifndef FXS_BM_GATHER_KEPT_LONG /* or in rows longer than FXS_BM_L1_COLS (x read from L2) this many: measured on */
+#define FXS_BM_GATHER_KEPT_LONG 12 /* Zen 4 against the expand path (4096x11008 at 85 % zeros: 0.46x vs 0.42x) */
 #endif
 #ifndef FXS_BM_L1_COLS
 #define FXS_BM_L1_COLS 4096 /* batch 1: one row at a time up to this many columns; longer rows of x (past

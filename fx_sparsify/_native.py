@@ -315,10 +315,10 @@ def empty_on_huge_pages(numel: int, dtype: torch.dtype) -> Tensor:
 
 
 def bitmask_isa(want: str | None = None) -> str | None:
-    """The path the bitmask kernel takes: ``"avx512vbmi2"`` (AVX-512 with its gather path for rows with at most
-    30 % kept at batch 1), ``"avx512"``, ``"avx2"`` or ``"portable"`` (C without SIMD), None
-    without the library. ``want`` switches to that path where the CPU has it (the tests force the portable
-    one to check it gives the same results; the CPU's best path is the default)."""
+    """The path the bitmask kernel takes: ``"avx512vbmi2"`` (AVX-512 with its gather path at batch 1 for rows
+    with at most 15 % kept, 12 % in rows past 4096 columns), ``"avx512"``, ``"avx2"`` or ``"portable"`` (C without
+    SIMD), None without the library. ``want`` switches to that path where the CPU has it (the tests force the
+    portable one to check it gives the same results; the CPU's best path is the default)."""
     if LIB is None:
         return None
     if want is not None and want not in ISAS:
