@@ -261,15 +261,21 @@ class SparseGraphModule(GraphModule):
         # everything is checked before anything is written (the root loads before its submodules); torch
         # passes strict=True here whatever the caller asked, so load_state_dict below records the caller's
         check_state_dict(self, self._fxs, state_dict, prefix, self.__dict__.get("_fxs_strict", False))
-        # activation masks take their shape at the first step(): adopt the saved shape
+        # masks of another dtype load in the module's (a float64 mask would turn the layer's input or weight
+        # float64; with assign=True the module would take the dict's tensor as it is)
+        cast: dict[str, torch.Tensor] = {}
         for r in self._fxs.targets.values():
             incoming = state_dict.get(prefix + r.buffer)
-            current = self.get_buffer(r.buffer) if r.kind == "activation" else None
-            if current is not None and incoming is not None and incoming.shape != current.shape:
-                # the saved shape, the module's dtype and device (a float64 mask would turn the layer's input float64)
+            current = self.get_buffer(r.buffer)
+            if not isinstance(incoming, torch.Tensor):
+                continue
+            if incoming.dtype != current.dtype:
+                cast[prefix + r.buffer] = incoming.to(current.dtype)
+            if r.kind == "activation" and incoming.shape != current.shape:
+                # activation masks take their shape at the first step(): adopt the saved shape on the module's device
                 setattr(self, r.buffer, torch.empty(incoming.shape, dtype=current.dtype, device=current.device))
                 r.shape = tuple(incoming.shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict({**state_dict, **cast} if cast else state_dict, prefix, *args, **kwargs)
 
     @shared
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:

@@ -171,3 +171,19 @@ def test_an_activation_mask_of_another_dtype_loads_in_the_modules_dtype(dtype: t
     assert sgm.get_buffer("fc2_input_mask").dtype == source.get_buffer("fc2_input_mask").dtype
     with torch.no_grad():
         assert torch.equal(sgm(X), source(X))
+
+
+@pytest.mark.parametrize("key", ["fc2_input_mask", "fc1_weight_mask"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_assign_true_keeps_the_masks_dtype(key: str, dtype: torch.dtype) -> None:
+    """``load_state_dict(..., assign=True)`` takes the dict's tensors themselves: a mask of another dtype was taken
+    as it was (a float64 mask made the layer's input or weight float64, and the forward failed inside torch)."""
+    torch.manual_seed(0)
+    source = _trained(MLP())
+    state = {k: v.to(dtype) if k == key else v for k, v in source.state_dict().items()}
+    torch.manual_seed(1)
+    sgm = fxs.sparsify_graph(MLP(), SPEC)
+    sgm.load_state_dict(state, assign=True)
+    assert sgm.get_buffer(key).dtype == source.get_buffer(key).dtype
+    with torch.no_grad():
+        assert torch.equal(sgm(X), source(X))
