@@ -37,6 +37,8 @@ def one_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 ONE_PASS: dict[str, Any] = {
     "weights": [
         {"target": "fc1", "method": "sparsegpt", "sparsity": 0.5, "hessian_dtype": "float64"},
