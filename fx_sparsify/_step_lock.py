@@ -5,7 +5,8 @@ nothing); a forward running meanwhile in another thread would read a mix. :class
 readers-writer lock per sparse module: forwards share it, a step takes it alone, and a step waiting for it
 keeps new forwards out (it does not starve). The thread that holds it for a step may run forwards inside
 (calibration inputs replayed by a sequential SparseGPT step), and a step from a hook inside a forward waits
-for the other threads' forwards only. Under ``torch.compile`` / strict
+for the other threads' forwards only (a second such step in another thread meanwhile would wait for the
+first's forward, which waits for it: that one is a ``RuntimeError``). Under ``torch.compile`` / strict
 ``torch.export`` tracing no lock is taken: a traced graph holds no Python lock.
 
 The other methods of a sparse module take the same lock (:func:`shared`, :func:`exclusive`): what reads the masks
@@ -37,6 +38,7 @@ class StepLock:
         self._readers = 0
         self._writer: int | None = None  # the thread id of the step holding it
         self._waiting = 0
+        self._upgrading = 0  # of those waiting, the threads inside a forward of their own (a step from a hook)
         self._mine = threading.local()  # .reads: this thread's forwards under way (a step inside one of them)
 
     @contextlib.contextmanager
@@ -56,7 +58,7 @@ class StepLock:
             self._mine.reads -= 1
             with self._cond:
                 self._readers -= 1
-                if not self._readers:
+                if not self._readers or self._upgrading:  # a step from inside a forward waits for the others only
                     self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -67,12 +69,20 @@ class StepLock:
             return
         own = getattr(self._mine, "reads", 0)  # a step from a hook inside this thread's forward: not a wait on itself
         with self._cond:
+            if own and self._upgrading:  # each would wait for the other's forward to end: a deadlock
+                raise RuntimeError(
+                    "a step (or load_state_dict, .to(), train()) from inside its forward in this thread while another "
+                    "thread waits to do one from inside its forward: each would wait for the other's forward to end. "
+                    "Call it outside the forwards (between calls), or from one thread only"
+                )
             self._waiting += 1
+            self._upgrading += bool(own)
             try:
                 while self._writer is not None or self._readers > own:
                     self._cond.wait()
             finally:
                 self._waiting -= 1
+                self._upgrading -= bool(own)
             self._writer = me
         try:
             yield

@@ -209,3 +209,55 @@ def test_the_locked_forward_keeps_its_signature_and_exports() -> None:
     assert list(inspect.signature(sgm.forward).parameters) == ["input"]
     exported = torch.export.export(sgm, (x,), strict=False)
     assert torch.allclose(exported.module()(x), expected)
+
+
+def test_two_forwards_stepping_from_a_hook_at_once_refuse_instead_of_deadlocking() -> None:
+    """A step from a hook inside a forward waits for the other threads' forwards; two such steps at once would each
+    wait for the other's forward forever: the second is a RuntimeError (its forward ends), the first then steps."""
+    sgm = _sgm()
+    both_inside = threading.Barrier(2)
+
+    def step_inside(module: nn.Module, args: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            both_inside.wait(30)
+            sgm.step()
+
+    sgm.register_forward_pre_hook(step_inside)
+    calls = [Call(lambda: sgm(torch.randn(1, 8))) for _ in range(2)]
+    assert all(c.done.wait(30) for c in calls), "deadlock: two forwards each waiting to step"
+    errors = [c.error for c in calls if c.error is not None]
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
+    assert "inside its forward" in str(errors[0]) and "outside" in str(errors[0])
+    assert sgm._fxs.steps == 1
+    with torch.no_grad():
+        sgm._forward_pre_hooks.clear()
+        assert Call(lambda: sgm(torch.randn(1, 8))).finished(10)  # the lock is free again
+
+
+def test_a_step_from_a_hook_runs_once_the_other_threads_forward_ends() -> None:
+    """A step from a hook inside a forward waits for the forwards of other threads: the end of the last of them
+    wakes it (it woke only when no forward at all was left, its own included: it waited forever)."""
+    sgm = _sgm()
+    other_inside, other_go = threading.Event(), threading.Event()
+
+    def hook(module: nn.Module, args: Any) -> None:
+        if threading.current_thread().name == "stepper":
+            assert other_inside.wait(30)
+            sgm.step()
+        elif threading.current_thread().name == "other":
+            other_inside.set()
+            other_go.wait(30)
+
+    sgm.register_forward_pre_hook(hook)
+    x = torch.randn(1, 8)
+    threads = {name: threading.Thread(target=lambda: sgm(x), name=name, daemon=True) for name in ("other", "stepper")}
+    for t in threads.values():
+        t.start()
+    assert other_inside.wait(30)
+    threads["stepper"].join(PAUSE)
+    assert threads["stepper"].is_alive() and sgm._fxs.steps == 0  # the step waits for the other forward
+    other_go.set()
+    threads["stepper"].join(30)
+    assert not threads["stepper"].is_alive(), "the step was never woken after the other forward ended"
+    assert sgm._fxs.steps == 1
+    threads["other"].join(30)
