@@ -413,12 +413,18 @@ def mask_row_offsets(mask: Tensor, cols: int) -> Tensor:
     return offsets
 
 
+def _version(t: Tensor) -> int:
+    """``t._version``; -1 for an inference tensor (made under ``torch.inference_mode``), which counts none: the
+    layers' buffers are replaced, never written in place, so such a pair is checked once."""
+    return -1 if t.is_inference() else t._version
+
+
 def _offsets_agree(values: Tensor, mask: Tensor, row_offsets: Tensor, cols: int) -> bool:
     """Whether ``row_offsets`` are the running counts of the mask's rows (bits past ``cols`` ignored) and
     ``values`` holds them all plus the padding: the kernel trusts them for every load. Checked once per
     (tensor, version): the check reads the whole mask, ~1/8 byte an entry."""
     key = (mask.data_ptr(), row_offsets.data_ptr())
-    stamp = (mask._version, row_offsets._version, values.numel(), cols, mask.shape[0])
+    stamp = (_version(mask), _version(row_offsets), values.numel(), cols, mask.shape[0])
     if _AGREED.get(key) == stamp:
         return True
     want = mask_row_offsets(mask, cols)

@@ -109,6 +109,7 @@ def _cached(weight: Tensor, mask: Tensor) -> bool:
         and not torch.is_grad_enabled()
         and isinstance(weight, torch.nn.Parameter)
         and not torch.compiler.is_compiling()
+        and not (weight.is_inference() or mask.is_inference())  # no versions: a write in place would go unseen
     )
 
 
