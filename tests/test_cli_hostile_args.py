@@ -10,6 +10,17 @@ import pytest
 from fx_sparsify.cli import main
 
 
+def _args(tmp_path: Path) -> list[str]:
+    """``fx-sparsify run``'s recipe and ``--model`` (an MLP factory taking any keyword) in ``tmp_path``."""
+    factory = tmp_path / "factory.py"
+    factory.write_text("from torch import nn\n\ndef mlp(**kwargs):\n    return nn.Sequential(nn.Linear(16, 8))\n")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(
+        json.dumps({"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]})
+    )
+    return [str(recipe), "--model", f"{factory}:mlp", "--quiet", "--out", str(tmp_path / "out")]
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -20,14 +31,7 @@ from fx_sparsify.cli import main
 def test_model_kwargs_past_pythons_json_limits(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], kwargs: str, match: str
 ) -> None:
-    factory = tmp_path / "factory.py"
-    factory.write_text("from torch import nn\n\ndef mlp(**kwargs):\n    return nn.Sequential(nn.Linear(16, 8))\n")
-    recipe = tmp_path / "recipe.json"
-    recipe.write_text(
-        json.dumps({"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]})
-    )
-    args = [str(recipe), "--model", f"{factory}:mlp", "--input", "2x16", "--quiet", "--out", str(tmp_path / "out")]
-    assert main(["run", *args, "--model-kwargs", kwargs]) == 2
+    assert main(["run", *_args(tmp_path), "--input", "2x16", "--model-kwargs", kwargs]) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err and len(err.splitlines()) <= 3
 
@@ -37,13 +41,6 @@ def test_an_input_shape_too_large_to_allocate_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], shape: str
 ) -> None:
     """Was torch's allocation error (exit 1, a traceback) or a TypeError with a C++ stack."""
-    factory = tmp_path / "factory.py"
-    factory.write_text("from torch import nn\n\ndef mlp():\n    return nn.Sequential(nn.Linear(16, 8))\n")
-    recipe = tmp_path / "recipe.json"
-    recipe.write_text(
-        json.dumps({"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.5}]})
-    )
-    args = [str(recipe), "--model", f"{factory}:mlp", "--quiet", "--out", str(tmp_path / "out")]
-    assert main(["run", *args, "--input", shape]) == 2
+    assert main(["run", *_args(tmp_path), "--input", shape]) == 2
     err = capsys.readouterr().err
     assert f"--input '{shape}': a random batch of" in err and "an example batch takes at most" in err
