@@ -97,7 +97,7 @@ def dense_of(values: Tensor, mask: Tensor, row_offsets: Tensor, cols: int) -> Te
     """The dense ``[rows, cols]`` weight (pruned entries +0.0): the torch path, no C kernel needed."""
     rows = mask.shape[0]
     keep = ((mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1).bool()
-    keep = keep.reshape(rows, -1)[:, :cols]
+    keep = keep.reshape(rows, mask.shape[1] * 8)[:, :cols]
     out = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
     return out.masked_scatter_(keep, values)  # takes the first (kept-count) values: the padding is never read
 
@@ -171,7 +171,7 @@ def _product(
     eager, no gradient wanted, nothing tracing)."""
     _check(x, values, mask, in_features)
     rows = mask.shape[0]
-    flat = x.reshape(-1, in_features)
+    flat = x.reshape(math.prod(x.shape[:-1]), in_features)  # not -1: ambiguous for a layer without inputs
     y = _native.bitmask_linear(flat, values, mask, row_offsets, bias)
     if y is None:  # no C kernel for this (not built, a dtype it lacks, another device): expand and F.linear
         return F.linear(x, dense_of(values, mask, row_offsets, in_features), bias)
@@ -195,12 +195,12 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     kept entries."""
     x, values, mask, row_offsets = ctx.saved_tensors
     rows, cols = mask.shape[0], ctx.in_features
-    g = grad.reshape(-1, rows)
+    g = grad.reshape(math.prod(grad.shape[:-1]), rows)
     gx = gv = gb = None
     if ctx.needs_input_grad[0]:
         gx = (g @ dense_of(values, mask, row_offsets, cols)).reshape(x.shape)
     if ctx.needs_input_grad[1]:
-        full = g.T @ x.reshape(-1, cols)
+        full = g.T @ x.reshape(g.shape[0], cols)
         keep = dense_of(torch.ones_like(values), mask, row_offsets, cols) != 0
         gv = torch.cat([full[keep], values.new_zeros(_native.BITMASK_PAD)])
     if ctx.needs_input_grad[4]:

@@ -217,3 +217,19 @@ def test_large_buffers_are_asked_for_huge_pages(monkeypatch: pytest.MonkeyPatch)
     assert torch.equal(again.values, layer.values) and torch.equal(again.mask, layer.mask)
     x = torch.randn(2, 300)
     torch.testing.assert_close(again(x), layer(x))
+
+
+@pytest.mark.parametrize("rows,cols", [(8, 0), (0, 8), (0, 0)])
+def test_layers_without_inputs_or_outputs_run_forward_and_backward(rows: int, cols: int) -> None:
+    """A Linear(0, n) or Linear(n, 0) as F.linear computes it (reshape(-1, 0) failed: -1 is ambiguous)."""
+    w = torch.randn(rows, cols)
+    b = torch.randn(rows, requires_grad=True)
+    layer = BitmaskLinear(w, b.detach())
+    layer.bias.requires_grad_(True)
+    layer.values.requires_grad_(True)
+    x = torch.randn(2, 3, cols, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, w, b))
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape and not x.grad.any()
+    assert layer.bias.grad is not None and torch.equal(layer.bias.grad, torch.full((rows,), 6.0))
