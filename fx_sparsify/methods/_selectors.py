@@ -1,7 +1,8 @@
 """Shared, vectorised selectors. Scores are computed by the methods; these pick what to keep.
 
-Every selector returns a boolean keep-mask (True = kept) and prunes *exactly* the requested count,
-also when scores tie. Among exactly tied scores the entry with the lower flat index is pruned first,
+Every selector returns a boolean keep-mask (True = kept; :func:`rank_smallest` the same mask held as its
+threshold, a :class:`ThresholdMask` that makes the bits when written) and prunes *exactly* the requested
+count, also when scores tie. Among exactly tied scores the entry with the lower flat index is pruned first,
 so results are deterministic (``torch.topk``, which the references use, picks among ties in an
 unspecified order: that choice is the only place our masks may differ from theirs). NaN scores are
 refused with a ``ValueError`` (:func:`refuse_nan`): a NaN has no rank, so no exact count could hold.
