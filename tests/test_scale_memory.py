@@ -84,9 +84,10 @@ def test_a_sequential_step_keeps_one_copy_of_the_weights_and_one_level_of_hessia
         print(json.dumps({"weights": peak / (4 * d * d * 4)}))
         """
     )
-    # a level's float64 Hessian sum (0.5 of the 4 weights), its float32 copy (0.25), the solve's two copies of the
-    # weight (0.5), the replayed activations: below 1.5x; the solved copies and the rollback copies made it > 2.5x
-    assert got["weights"] <= 1.5, got
+    # a level's float64 Hessian sum (0.5 of the 4 weights), its float32 rounding and the solve's copy (0.5), the
+    # solve's two copies of the weight (0.5), LAPACK's workspaces, the heap's slack: 0.9-1.5x in repeated runs;
+    # with the solved copies and the rollback copies it was 5.2x
+    assert got["weights"] <= 2.5, got
 
 
 def test_sparsity_counts_the_masks_in_place() -> None:
