@@ -345,17 +345,20 @@ FXS_TILE512(fxs_tile512_bf16, uint16_t, fxs_w16_bf16)
 #define FXS_TVB __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
 #define FXS_INLINEVB static inline __attribute__((always_inline)) FXS_TVB
 
-/* the entries of the 64-column window xw[0..3] at the 16 column numbers in the low bytes of `cols8` */
-FXS_INLINEVB __m512 fxs_pick64(const __m512 *xw, __m128i cols8) {
+/* the first n (all 16 from 16 on) of 16 lanes */
+FXS_INLINEVB __mmask16 fxs_first16(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+/* the entries of the 64-column window xw[0..3] at the first n of the 16 column numbers in the low bytes of
+ * `cols8`; zeros in the other lanes (their column number is 0: x's inf there times a zero value would be NaN) */
+FXS_INLINEVB __m512 fxs_pick64(const __m512 *xw, __m128i cols8, int n) {
     __m512i id = _mm512_cvtepu8_epi32(cols8);
-    __m512 lo = _mm512_permutex2var_ps(xw[0], id, xw[1]), hi = _mm512_permutex2var_ps(xw[2], id, xw[3]);
+    __mmask16 k = fxs_first16(n);
+    __m512 lo = _mm512_maskz_permutex2var_ps(k, xw[0], id, xw[1]), hi = _mm512_maskz_permutex2var_ps(k, xw[2], id, xw[3]);
     return _mm512_mask_blend_ps(_mm512_test_epi32_mask(id, _mm512_set1_epi32(32)), lo, hi);
 }
-FXS_INLINEVB __m512 fxs_v16_f32(const float *v, int n) {
-    return _mm512_maskz_loadu_ps(n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u), v);
-}
+FXS_INLINEVB __m512 fxs_v16_f32(const float *v, int n) { return _mm512_maskz_loadu_ps(fxs_first16(n), v); }
 FXS_INLINEVB __m512 fxs_v16_bf16(const uint16_t *v, int n) {
-    __m256i h = _mm256_maskz_loadu_epi16(n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u), v);
+    __m256i h = _mm256_maskz_loadu_epi16(fxs_first16(n), v);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
@@ -368,13 +371,13 @@ FXS_INLINEVB __m512 fxs_v16_bf16(const uint16_t *v, int n) {
                                              11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);                     \
         int n = (int)_mm_popcnt_u64(bits);                                                              \
         __m512i kept = _mm512_maskz_compress_epi8(bits, iota);                                          \
-        *acc = _mm512_fmadd_ps(V16(v, n), fxs_pick64(xw, _mm512_castsi512_si128(kept)), *acc);         \
+        *acc = _mm512_fmadd_ps(V16(v, n), fxs_pick64(xw, _mm512_castsi512_si128(kept), n), *acc);         \
         if (n > 16) {                                                                                   \
-            *acc2 = _mm512_fmadd_ps(V16(v + 16, n - 16), fxs_pick64(xw, _mm512_extracti32x4_epi32(kept, 1)), *acc2); \
+            *acc2 = _mm512_fmadd_ps(V16(v + 16, n - 16), fxs_pick64(xw, _mm512_extracti32x4_epi32(kept, 1), n - 16), *acc2); \
             if (n > 32) {                                                                               \
-                *acc = _mm512_fmadd_ps(V16(v + 32, n - 32), fxs_pick64(xw, _mm512_extracti32x4_epi32(kept, 2)), *acc); \
+                *acc = _mm512_fmadd_ps(V16(v + 32, n - 32), fxs_pick64(xw, _mm512_extracti32x4_epi32(kept, 2), n - 32), *acc); \
                 if (n > 48)                                                                             \
-                    *acc2 = _mm512_fmadd_ps(V16(v + 48, n - 48), fxs_pick64(xw, _mm512_extracti32x4_epi32(kept, 3)), \
+                    *acc2 = _mm512_fmadd_ps(V16(v + 48, n - 48), fxs_pick64(xw, _mm512_extracti32x4_epi32(kept, 3), n - 48), \
                                             *acc2);                                                     \
             }                                                                                           \
         }                                                                                               \

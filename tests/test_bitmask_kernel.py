@@ -233,3 +233,17 @@ def test_layers_without_inputs_or_outputs_run_forward_and_backward(rows: int, co
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape and not x.grad.any()
     assert layer.bias.grad is not None and torch.equal(layer.bias.grad, torch.full((rows,), 6.0))
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_infinite_input_times_kept_entries_is_inf_on_every_path(isa: str, dtype: torch.dtype) -> None:
+    """x[c] = inf where column c is kept in every row: each output is +-inf, as F.linear gives. The gather path
+    (sparse rows at batch 1) made NaN: the unused lanes of a group of 16 kept entries picked x at the window's
+    column 0 and multiplied it by a zero value."""
+    w = _weight(6, 200, 0.97, dtype, seed=3)
+    w[:, 64] = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, -6.0]).to(dtype)  # the first column of the second window
+    x = torch.randn(1, 200).to(dtype)
+    x[0, 64] = float("inf")
+    y = _run(x, w, None)
+    assert torch.equal(y, F.linear(x.float(), w.float())), y
