@@ -296,6 +296,7 @@ def pipeline_child(kind: str, config: str, spec_name: str, ckpt: str, out: str, 
     import transformers
 
     import fx_sparsify as fxs
+    from fx_sparsify._streamed_io import mmap_large_allocations
 
     _warm_up()
     cfg = llama_config(config)
@@ -305,7 +306,8 @@ def pipeline_child(kind: str, config: str, spec_name: str, ckpt: str, out: str, 
     base = status("VmRSS")
     reset_peak()
     start = time.perf_counter()
-    if kind == "streamed":
+    if kind == "streamed":  # as fx-sparsify run --stream runs it: glibc's mmap threshold fixed at 1 MiB
+        mmap_large_allocations()
         fxs.prune_streamed(lambda: transformers.LlamaForCausalLM(cfg), Path(ckpt), spec, data, Path(out))
     else:
         _in_memory(Path(ckpt), spec, data, Path(out))

@@ -20,6 +20,7 @@ from torch import nn
 from ._checkpoint import Checkpoint
 from ._cli_model import Batch, UserError, build_model, say
 from ._progress import Progress, progress
+from ._streamed_io import mmap_large_allocations
 
 __all__ = ["load_weights", "run_streamed"]
 
@@ -71,6 +72,7 @@ def run_streamed(args: argparse.Namespace, spec: Any, out: Path, batch: Callable
         bar[0].update(1, name)
 
     say(args, f"streaming {args.model} from {args.checkpoint}, one block at a time")
+    mmap_large_allocations()  # this process only runs the prune: steadier peaks (see _streamed_io)
     start = time.perf_counter()
     try:
         sparsity = fxs.prune_streamed(

@@ -61,8 +61,10 @@ def mmap_large_allocations(threshold: int = 1 << 20) -> bool:
     to 32 MiB); after the first block's weights are freed, the next blocks' weights, Hessians and solve
     copies come from the heap, whose freed chunks stay resident and fragment it: the peak of a streamed run
     varied from run to run by a third. Fixed, each such tensor leaves the process as soon as it is freed.
-    Process-wide and kept after the call (glibc cannot go back to its moving threshold); allocations over
-    1 MiB are few and large, so the extra page faults cost little. Returns whether it was set (glibc only).
+    Process-wide and kept after the call (glibc cannot go back to its moving threshold), so only
+    ``fx-sparsify run --stream`` sets it, in a process that exists for the prune: ``prune_streamed`` called
+    from the user's own process leaves the allocator as it is (every allocation of 1-32 MiB made later would
+    map and fault in fresh pages). Returns whether it was set (glibc only).
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -57,7 +57,6 @@ from ._streamed_io import (
     ShardWriter,
     attach,
     first_tensor,
-    mmap_large_allocations,
     needs_calibration,
     outside_groups,
     prune_outside,
@@ -319,7 +318,6 @@ def prune_streamed(
     """
     spec = SparsitySpec.from_dict(spec) if not isinstance(spec, SparsitySpec) else spec
     started = time.perf_counter()
-    mmap_large_allocations()  # freed block-sized tensors leave the process at once (glibc; see _streamed_io)
     ckpt = Checkpoint(checkpoint)  # a missing shard is an error here, before out is touched
     out_dir = Path(os.fspath(out))
     if out_dir.resolve() == ckpt.path.resolve() or (

@@ -109,10 +109,10 @@ def test_sparsity_counts_the_masks_in_place() -> None:
     assert got["entries"] <= 0.1, got  # bytes per mask entry; it was 9
 
 
-def test_after_prune_streamed_a_freed_large_tensor_leaves_the_process() -> None:
-    """prune_streamed fixes glibc's mmap threshold at 1 MiB: a freed block-sized tensor is unmapped at once.
-    With glibc's moving threshold (raised to 20 MiB by the first free below), the 8 MiB tensor came from the
-    heap and stayed resident after it was freed."""
+def test_with_the_cli_s_allocator_setting_a_freed_large_tensor_leaves_the_process() -> None:
+    """mmap_large_allocations (which fx-sparsify run --stream calls) fixes glibc's mmap threshold at 1 MiB: a
+    freed block-sized tensor is unmapped at once. With glibc's moving threshold (raised to 20 MiB by the first
+    free below), the 8 MiB tensor came from the heap and stayed resident after it was freed."""
     got = _run(
         """
         import tempfile
@@ -135,6 +135,8 @@ def test_after_prune_streamed_a_freed_large_tensor_leaves_the_process() -> None:
             save_file({k: v.contiguous() for k, v in Stack().state_dict().items()}, f"{tmp}/m.safetensors")
             spec = {"weights": [{"target": "re:blocks\\\\.\\\\d+", "method": "l1_unstructured", "sparsity": 0.5}]}
             fxs.prune_streamed(Stack, Path(tmp) / "m.safetensors", spec, [torch.randn(2, 8)], Path(tmp) / "out")
+        from fx_sparsify._streamed_io import mmap_large_allocations
+        assert mmap_large_allocations()
         big = torch.ones(5 << 20)  # 20 MiB: mapped, and freed (glibc's default threshold would rise to its size)
         del big
         base = status("VmRSS")
@@ -178,6 +180,8 @@ def test_streamed_sequential_sparsegpt_replays_the_spilled_inputs_without_copies
                     x = b(x)
                 return x
 
+        from fx_sparsify._streamed_io import mmap_large_allocations
+        mmap_large_allocations()  # as fx-sparsify run --stream: freed tensors leave (else heap slack adds ~3)
         torch.manual_seed(0)
         batches = [torch.randn(4096, 8) for _ in range(8)]  # block inputs: 8 x 4 MiB
         spec = {"weights": [{"target": "re:blocks\\\\.\\\\d+\\\\.(up|down)", "method": "sparsegpt", "sparsity": 0.5,
