@@ -8,7 +8,10 @@ and at ``rtol=atol=1e-2`` after rounding to bfloat16 (one bfloat16 step is 2**-8
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -247,3 +250,39 @@ def test_an_infinite_input_times_kept_entries_is_inf_on_every_path(isa: str, dty
     x[0, 64] = float("inf")
     y = _run(x, w, None)
     assert torch.equal(y, F.linear(x.float(), w.float())), y
+
+
+def _at_page_end(t: torch.Tensor, keep: list[object]) -> torch.Tensor:
+    """A copy of the contiguous ``t`` whose last byte is the last one before a page that cannot be read (a read past
+    it is a segmentation fault)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes, libc.mprotect.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    nbytes, page = t.numel() * t.element_size(), mmap.PAGESIZE
+    pages = -(-nbytes // page) + 1
+    area = mmap.mmap(-1, pages * page)
+    keep.append(area)
+    assert libc.mprotect(ctypes.addressof(ctypes.c_char.from_buffer(area)) + (pages - 1) * page, page, 0) == 0
+    flat = torch.frombuffer(area, dtype=torch.uint8)[(pages - 1) * page - nbytes : (pages - 1) * page]
+    out = flat.view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@needs_lib
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through libc")
+@pytest.mark.parametrize("cols", [1, 9, 63, 64, 65, 129, 4103])
+def test_no_path_reads_past_x_the_mask_or_the_padded_values(isa: str, cols: int) -> None:
+    """x, the mask and the values (with their BITMASK_PAD entries) each end where unreadable memory starts: every
+    path, sparse rows (the gather path) and a dense last row (its last window full), batch 1 and 3."""
+    keep: list[object] = []
+    for zeros in (0.98, 0.5):
+        w = _weight(5, cols, zeros, torch.float32, seed=cols)
+        w[-1] = torch.randn(cols)
+        values, mask, offsets = pack(w)
+        values = _at_page_end(values[: int(offsets[-1]) + _native.BITMASK_PAD], keep)
+        mask = _at_page_end(mask, keep)
+        for batch in (1, 3):
+            x = _at_page_end(torch.randn(batch, cols), keep)
+            y = _native.bitmask_linear(x, values, mask, offsets, None)
+            assert y is not None
+            _check(y, x, w, None)
