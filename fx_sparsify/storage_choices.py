@@ -77,8 +77,8 @@ def _row(row: object) -> StorageChoice:
         raise ValueError(f"'sparsity' must be a fraction in [0, 1], got {sparsity!r:.60}")
     if not isinstance(storage, str):
         raise ValueError(f"'storage' must be a string such as 'dense' or 'bitmask', got {storage!r:.60}")
-    if ratio is not None and not _number(ratio):
-        raise ValueError(f"'ratio' must be a number or null, got {ratio!r:.60}")
+    if ratio is not None and not (_number(ratio) and ratio >= 0):  # NaN fails; Infinity (bitmask cannot pay) passes
+        raise ValueError(f"'ratio' must be a number >= 0 or null (a time / dense), got {ratio!r:.60}")
     if not isinstance(why, str):
         raise ValueError(f"'why' must be a string, got {why!r:.60}")
     return StorageChoice(layer, tuple(shape), float(sparsity), storage, why, None if ratio is None else float(ratio))

@@ -55,7 +55,9 @@ def test_a_file_that_is_not_json_names_the_file(tmp_path: Path, raw: bytes, matc
         ([{**ROW, "sparsity": "nan"}], "'sparsity' must be a fraction in \\[0, 1\\]"),
         ([{**ROW, "sparsity": 7}], "'sparsity' must be a fraction in \\[0, 1\\]"),
         ([{**ROW, "storage": ["csr"]}], "'storage' must be a string"),
-        ([{**ROW, "ratio": "fast"}], "'ratio' must be a number or null"),
+        ([{**ROW, "ratio": "fast"}], "'ratio' must be a number >= 0 or null"),
+        ([{**ROW, "ratio": float("nan")}], "'ratio' must be a number >= 0 or null \\(a time / dense\\), got nan"),
+        ([{**ROW, "ratio": -0.5}], "'ratio' must be a number >= 0 or null \\(a time / dense\\), got -0.5"),
         ([ROW, {**ROW, "storage": "dense"}], "layer '0' has two entries \\(0-based 0 and 1\\)"),
     ],
 )
