@@ -11,12 +11,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
-import sys
-from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from ._native import libc_function
 from ._threads import serial_when_small
 
 __all__ = [
@@ -202,9 +201,6 @@ def pending(mask: Tensor | PendingMask) -> Tensor | PendingMask:
     return PackedMask(mask) if mask.numel() >= PACK_MIN and mask.is_contiguous() else mask
 
 
-_TRIM: list[Callable[[int], Any] | None] = []
-
-
 def release_freed_memory() -> None:
     """Hand the C heap's freed pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
@@ -212,14 +208,6 @@ def release_freed_memory() -> None:
     rarely shrinks, so the chunk-sized temporaries of a step would otherwise stay in the process's
     resident memory after the step. Costs microseconds.
     """
-    if not _TRIM:
-        trim = None
-        if sys.platform.startswith("linux"):
-            try:
-                trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-            except (OSError, AttributeError):  # not glibc (musl, ...)
-                trim = None
-        _TRIM.append(trim)
-    if _TRIM[0] is not None:
-        _TRIM[0](0)
+    trim = libc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
+    if trim is not None:
+        trim(0)

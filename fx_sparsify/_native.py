@@ -10,6 +10,7 @@ same results. The tests monkeypatch :data:`LIB` to None to run both paths on the
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.machinery
 import mmap
 import os
@@ -31,10 +32,11 @@ __all__ = [
     "bitmask_linear",
     "empty_on_huge_pages",
     "expand",
+    "libc_function",
     "mask_row_offsets",
-    "transformed",
     "masked_bag",
     "masked_rows",
+    "transformed",
 ]
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -283,19 +285,22 @@ HUGE_PAGE_MIN_BYTES = 4 << 20
 _MADV_HUGEPAGE = 14  # linux/mman.h
 
 
-def _madvise() -> Any:
-    """libc's ``madvise`` on Linux, else None."""
+@functools.cache
+def libc_function(name: str, argtypes: tuple[Any, ...], restype: Any) -> Any:
+    """The C library's function ``name`` with that ctypes signature, on Linux where the C library has it
+    (``madvise``; glibc's ``malloc_trim``, ``mallopt``); None elsewhere. Looked up among the symbols the
+    process has loaded (no ``find_library`` subprocess), once per name."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):  # pragma: no cover - a libc without madvise
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):  # another C library (musl lacks malloc_trim)
         return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    fn.argtypes, fn.restype = list(argtypes), restype
     return fn
 
 
-_MADVISE = _madvise()
+_MADVISE = libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int)
 
 
 def empty_on_huge_pages(numel: int, dtype: torch.dtype) -> Tensor:

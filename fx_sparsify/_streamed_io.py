@@ -9,7 +9,6 @@ import ctypes
 import ctypes.util
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from ._checkpoint import INDEX, Checkpoint
 from ._compressed import save_compressed
+from ._native import libc_function
 from .methods import generator_for, get_mask_method
 from .select import resolve_weight_targets
 from .spec import GlobalRule, SparsitySpec, WeightRule
@@ -66,14 +66,8 @@ def mmap_large_allocations(threshold: int = 1 << 20) -> bool:
     from the user's own process leaves the allocator as it is (every allocation of 1-32 MiB made later would
     map and fault in fresh pages). Returns whether it was set (glibc only).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    mallopt = libc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 # --- calibration activations -----------------------------------------------------------------------------
