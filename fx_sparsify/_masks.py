@@ -9,7 +9,6 @@ temporaries stay a small, fixed size whatever the tensor's size.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import math
 
 import torch

@@ -6,7 +6,6 @@ and the tensors outside the repeated blocks.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import os
 from pathlib import Path
