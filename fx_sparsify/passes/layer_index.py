@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 from .._meta import info_of
 
-__all__ = ["LayerIndex", "layer_input", "INPUT_OPERAND", "WEIGHT_VIEWS"]
+__all__ = ["LayerIndex", "ancestors", "layer_input", "INPUT_OPERAND", "WEIGHT_VIEWS"]
 
 _aten = torch.ops.aten
 _FIRST = {1: 0}  # f(input, weight, ...)
@@ -198,3 +198,15 @@ def layer_input(gm: GraphModule, call: Node, layer: str, carrier: Node | None = 
         "capture='export' and example_inputs=(...) so the function is traced into its ops, or target a layer "
         "whose input the graph shows."
     )
+
+
+def ancestors(node: Node) -> set[Node]:
+    """Every node ``node`` reads, directly or through others."""
+    seen: set[Node] = set()
+    todo = [node]
+    while todo:
+        for parent in todo.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen

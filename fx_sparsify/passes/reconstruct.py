@@ -24,14 +24,14 @@ from typing import Any, Callable, Iterable, Iterator, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from .. import distributed
 from ..hessian import HessianObserver
 from ..methods.sparsegpt import sparsegpt_prune
 from ..observer import ActivationObserver
 from ..state import SparsityState, TargetRecord, current_options, state_of
-from .layer_index import LayerIndex
+from .layer_index import LayerIndex, ancestors
 
 __all__ = [
     "replay_calibration",
@@ -116,17 +116,6 @@ def reconstruct(gm: GraphModule, record: TargetRecord, options: dict[str, Any]) 
     return sparsegpt_prune(weight, observer.hessian(), keep=keep, **options)
 
 
-def _ancestors(node: Node) -> set[Node]:
-    seen: set[Node] = set()
-    todo = [node]
-    while todo:
-        for parent in todo.pop().all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                todo.append(parent)
-    return seen
-
-
 def _levels(gm: GraphModule, state: SparsityState, records: list[TargetRecord]) -> list[list[TargetRecord]]:
     """``records`` in levels: a target's level is one more than that of any sequential target feeding its input."""
     index = LayerIndex(gm, state.aliases)
@@ -137,7 +126,7 @@ def _levels(gm: GraphModule, state: SparsityState, records: list[TargetRecord]) 
     calls = {r.name: set(index(r.param.rpartition(".")[0])) for r in records}  # type: ignore[union-attr]
     level: dict[str, int] = {}
     for r in sorted(records, key=lambda r: min(order[n] for n in observer_nodes[r.name])):
-        upstream = set().union(*(_ancestors(n) for n in observer_nodes[r.name]))
+        upstream = set().union(*(ancestors(n) for n in observer_nodes[r.name]))
         feeding = [level[s.name] for s in records if s.name in level and calls[s.name] & upstream]
         level[r.name] = 1 + max(feeding) if feeding else 0
     out: list[list[TargetRecord]] = [[] for _ in range(1 + max(level.values(), default=-1))]

@@ -33,6 +33,7 @@ from ..._meta import NodeInfo, annotate
 from ..._names import unique_attr
 from ...hessian import SUM_DTYPE, add_product
 from ...observer import ActivationObserver
+from ..layer_index import ancestors
 
 __all__ = ["ResidualRowsObserver", "residual_operand", "insert_residual_observer", "pair_residual"]
 
@@ -97,17 +98,6 @@ def _passes_through(gm: GraphModule, node: Node) -> bool:
     return node.op == "call_function" and (node.target in _DROPOUTS or node.target in _RESHAPES)
 
 
-def _ancestors(node: Node) -> set[Node]:
-    seen: set[Node] = set()
-    todo = [node]
-    while todo:
-        for parent in todo.pop().all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                todo.append(parent)
-    return seen
-
-
 def residual_operand(gm: GraphModule, call: Node) -> tuple[Node, Node] | None:
     """(add node, other operand) when ``call``'s output, through dropout, ``Identity`` and reshapes, is one
     operand of an add whose other operand is a node that does not depend on ``call``; None otherwise."""
@@ -121,7 +111,7 @@ def residual_operand(gm: GraphModule, call: Node) -> tuple[Node, Node] | None:
             return None
         a, b = user.args
         other = b if a is node else a if b is node else None
-        if not isinstance(other, Node) or other is node or call in _ancestors(other) or other is call:
+        if not isinstance(other, Node) or other is node or call in ancestors(other) or other is call:
             return None
         return user, other
     return None
