@@ -148,15 +148,20 @@ class EmbeddingIdError(IndexError, RuntimeError):
     """An id outside the table: an IndexError as ``F.embedding``'s, a RuntimeError as ``F.embedding_bag``'s."""
 
 
-def _run(fn: Any, calls: list[tuple[Any, ...]], ids: Tensor, rows: int) -> bool:
-    """Run the kernel calls (the first on this thread, the others on the pool); True when all returned 0.
-    An id outside the table (-2) is an :class:`EmbeddingIdError` naming it."""
+def _statuses(fn: Any, calls: list[tuple[Any, ...]]) -> list[int]:
+    """Run the kernel calls, the first on this thread, the others on the pool; their return values."""
     others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
     try:
         statuses = [fn(*calls[0])]
     finally:  # the pieces write into the caller's tensors: never return (or raise) while one still runs
         wait(others)
-    statuses += [f.result() for f in others]
+    return statuses + [f.result() for f in others]
+
+
+def _run(fn: Any, calls: list[tuple[Any, ...]], ids: Tensor, rows: int) -> bool:
+    """Run the kernel calls (:func:`_statuses`); True when all returned 0. An id outside the table (-2) is an
+    :class:`EmbeddingIdError` naming it."""
+    statuses = _statuses(fn, calls)
     if -2 in statuses:
         i = int(((ids < 0) | (ids >= rows)).nonzero()[0])
         raise EmbeddingIdError(
@@ -388,13 +393,7 @@ def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor,
         )
         for a, b in pieces
     ]
-    others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
-    try:
-        statuses = [fn(*calls[0])]
-    finally:  # the pieces write into out: never return (or raise) while one still runs
-        wait(others)
-    statuses += [f.result() for f in others]
-    return out if all(s == 0 for s in statuses) else None
+    return out if all(s == 0 for s in _statuses(fn, calls)) else None
 
 
 #: (mask, offsets) checked against each other: their data pointers and versions, so a changed tensor is checked again
@@ -463,10 +462,4 @@ def _bf16_row(
         )
         for a, b in _split(rows, rows * cols)
     ]
-    others = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]] if len(calls) > 1 else []
-    try:
-        statuses = [fn(*calls[0])]
-    finally:  # the pieces write into out: never return (or raise) while one still runs
-        wait(others)
-    statuses += [f.result() for f in others]
-    return out if all(s == 0 for s in statuses) else None
+    return out if all(s == 0 for s in _statuses(fn, calls)) else None
