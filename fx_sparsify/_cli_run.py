@@ -23,6 +23,7 @@ from torch import nn
 from . import _run_outputs as outputs
 from ._cli_model import Batch, UserError, build_model, load_factory, say
 from ._progress import progress
+from .passes.sparse_storage import storage_table
 
 __all__ = ["cmd_run", "parse_shape", "save_weights"]
 
@@ -133,23 +134,10 @@ def storage_lines(result: nn.Module) -> list[str]:
     choices = getattr(result, "storage_choices", None)
     if not choices:
         return []
-    from tabulate import tabulate
-
-    rows = [
-        [
-            c.layer,
-            "x".join(map(str, c.shape)),
-            f"{c.sparsity:.1%}",
-            c.storage,
-            "-" if c.ratio is None else f"{c.ratio:.2f}x",
-            c.why,
-        ]
-        for c in choices
-    ]
     return [
         "## Storage per layer",
         "",
-        tabulate(rows, headers=["layer", "shape", "zeros", "storage", "time / dense", "why"], tablefmt="github"),
+        storage_table(choices),
         "",
         "`storage.json` records these choices: `--storage storage.json` in a rerun gives every layer the same "
         "layout without timing again.",
