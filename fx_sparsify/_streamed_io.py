@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ._checkpoint import INDEX, Checkpoint
 from ._compressed import save_compressed
+from ._modules import attach
 from ._native import libc_function
 from .methods import generator_for, get_mask_method
 from .select import resolve_weight_targets
@@ -29,7 +30,6 @@ __all__ = [
     "first_tensor",
     "outside_groups",
     "prune_outside",
-    "attach",
     "state_outside",
     "mmap_large_allocations",
 ]
@@ -295,17 +295,6 @@ def prune_outside(model: nn.Module, members: list[str], spec: SparsitySpec | Non
             weight.masked_fill_(~keep.bool(), 0.0)
         out[name] = 1.0 - float(keep.float().mean())
     return out
-
-
-def attach(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent = root
-    *outer, last = path.split(".") if path else [""]
-    for part in outer:
-        if not hasattr(parent, part):
-            parent.add_module(part, nn.Module())
-        parent = getattr(parent, part)
-    if last:
-        parent.add_module(last, module)
 
 
 def state_outside(model: nn.Module, members: list[str]) -> dict[str, Tensor]:

@@ -51,11 +51,11 @@ from torch import Tensor, nn
 from . import distributed
 from ._checkpoint import Checkpoint, materialise, parameters_on_meta, release
 from ._masks import release_freed_memory
+from ._modules import attach
 from ._streamed_io import (
     MARKER,
     Activations,
     ShardWriter,
-    attach,
     first_tensor,
     needs_calibration,
     outside_groups,
