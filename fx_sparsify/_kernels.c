@@ -160,10 +160,12 @@ FXS_MASKED_ROWS(fxs_masked_rows_f64, double)
  * Three paths, picked at the first call by the CPU (fxs_bitmask_isa), the same sums in another order:
  * - AVX-512: 16 columns a step; vexpandps puts the step's kept values in their columns (zeros elsewhere)
  *   in one instruction; tiles of 4 rows of W x up to 4 rows of x share each expanded step and each load
- *   of x (the loads, not the bytes, bound one row at a time on AMD Zen 4); with AVX512_VBMI2, batch-1 rows
- *   with few kept entries gather their entries of x instead (FXS_BM_GATHER_KEPT);
+ *   of x (the loads, not the bytes, bound one row at a time on AMD Zen 4);
  * - AVX2: 8 columns a step; a table of 256 permutations does the expand (vpermps);
  * - portable C: each row's kept columns decoded once into a list, then a dot product per row of x.
+ * And at batch 1, for sparse layers, the pick path (AVX-512): fxs_bitmask_pick_<T>(values, pick, offsets, cols,
+ * r0, r1, x, bias, out) with the layer's pick index (fxs_bitmask_pick_index) picks x's entries at the kept
+ * columns instead of expanding the values to all columns.
  */
 #include <string.h>
 #include <stdlib.h>
@@ -176,16 +178,10 @@ FXS_MASKED_ROWS(fxs_masked_rows_f64, double)
 
 #define FXS_BM_PAD 32
 
-/* 0 portable C, 1 AVX2, 2 AVX-512, 3 AVX-512 with VBMI2 (the gather path below for sparse rows); -1 until the
+/* 0 portable C, 1 AVX2, 2 AVX-512, 3 AVX-512 with VBMI2 (and AVX512_BF16: the bfloat16 row path); -1 until the
  * first call decides by the CPU */
 static int fxs_isa = -1;
 static int fxs_has_dpbf16 = 0; /* AVX512_BF16 and AVX512_VBMI2 (vdpbf16ps, vpexpandw) */
-#ifndef FXS_BM_GATHER_KEPT /* batch 1 takes the gather path where at most this many entries in 100 are kept, */
-#define FXS_BM_GATHER_KEPT 15
-#endif
-#ifndef FXS_BM_GATHER_KEPT_LONG /* or in rows longer than FXS_BM_L1_COLS (x read from L2) this many: measured on */
-#define FXS_BM_GATHER_KEPT_LONG 12 /* Zen 4 against the expand path (4096x11008 at 85 % zeros: 0.46x vs 0.42x) */
-#endif
 #ifndef FXS_BM_L1_COLS
 #define FXS_BM_L1_COLS 4096 /* batch 1: one row at a time up to this many columns; longer rows of x (past
                                * 16 KiB of L1) in tiles of 4 rows of W: 4096x11008 at 50 % went 1.0x -> 0.73x */
@@ -336,110 +332,107 @@ FXS_ROW512(fxs_row512_bf16, uint16_t, fxs_w16_bf16)
 FXS_TILE512(fxs_tile512_f32, float, fxs_w16_f32)
 FXS_TILE512(fxs_tile512_bf16, uint16_t, fxs_w16_bf16)
 
-/* --- AVX-512 VBMI2: sparse rows at batch 1, x gathered instead of W expanded ---
- * 64 columns a step: vpcompressb of the column numbers 0..63 under the step's 64 mask bits lists the kept
- * columns (as bytes); 16 at a time they pick their entries of x out of the step's 64 (two vpermt2ps and a
- * blend), and one FMA multiplies those with 16 consecutive kept values. The expand path costs a shuffle and an
- * FMA per 16 columns whatever the sparsity; this one costs them per 16 kept entries (plus one compress per 64
- * columns): on AMD Zen 4, ~1.6 cycles per 16 columns at 10 % kept against ~2.8. */
-#define FXS_TVB __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
-#define FXS_INLINEVB static inline __attribute__((always_inline)) FXS_TVB
+/* --- AVX-512, batch 1, sparse rows: x picked by the kept entries' columns (the pick path) ---
+ * Where a layer is sparse, it also holds a pick index (fxs_bitmask_pick_index): the kept entries of each
+ * 64-column window of a row (a byte each) and, for each kept entry, its column within its window (a byte each,
+ * in the order of `values`). A row's step is a window: 16 at a time, the kept entries' columns pick their
+ * entries of x out of the window's 64 (vpmovzxbd, two vpermt2ps and a blend), and one FMA, masked to the
+ * window's kept lanes, multiplies them with 16 consecutive values: the work follows the kept entries, not the
+ * columns. Four rows share each window's loads of x (from L2 for rows past L1's size). On AMD Zen 4 the
+ * 11008x4096 / 4096x11008 float32 layers at 90 % zeros ran at 0.14-0.2x dense F.linear (the expand path:
+ * ~0.25x / ~0.30x). The values are prefetched far ahead (FXS_PICK_AHEAD): four rows' streams run at once. */
+#ifndef FXS_PICK_AHEAD
+#define FXS_PICK_AHEAD 65536 /* bytes (Zen 4, 90 % zeros: 2 KiB 0.19-0.27x dense, 8 KiB 0.14-0.22x, 64 KiB 0.15x) */
+#endif
 
-/* the first n (all 16 from 16 on) of 16 lanes */
-FXS_INLINEVB __mmask16 fxs_first16(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+static const uint16_t fxs_lanes_of[17] = {0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2047, 4095, 8191, 16383, 32767,
+                                          65535};
 
-/* the entries of the 64-column window xw[0..3] at the first n of the 16 column numbers in the low bytes of
- * `cols8`; zeros in the other lanes (their column number is 0: x's inf there times a zero value would be NaN) */
-FXS_INLINEVB __m512 fxs_pick64(const __m512 *xw, __m128i cols8, int n) {
-    __m512i id = _mm512_cvtepu8_epi32(cols8);
-    __mmask16 k = fxs_first16(n);
-    __m512 lo = _mm512_maskz_permutex2var_ps(k, xw[0], id, xw[1]), hi = _mm512_maskz_permutex2var_ps(k, xw[2], id, xw[3]);
+/* the entries of x's 64-column window x0..x3 at the column numbers in the low 6 bits of id's lanes */
+FXS_INLINE512 __m512 fxs_pick64(__m512 x0, __m512 x1, __m512 x2, __m512 x3, __m512i id) {
+    __m512 lo = _mm512_permutex2var_ps(x0, id, x1), hi = _mm512_permutex2var_ps(x2, id, x3);
     return _mm512_mask_blend_ps(_mm512_test_epi32_mask(id, _mm512_set1_epi32(32)), lo, hi);
 }
-FXS_INLINEVB __m512 fxs_v16_f32(const float *v, int n) { return _mm512_maskz_loadu_ps(fxs_first16(n), v); }
-FXS_INLINEVB __m512 fxs_v16_bf16(const uint16_t *v, int n) {
-    __m256i h = _mm256_maskz_loadu_epi16(fxs_first16(n), v);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+/* the column numbers of 16 kept entries, a lane each */
+FXS_INLINE512 __m512i fxs_cols16(const uint8_t *c8) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c8)); }
+/* 16 consecutive values as float32 (lanes past a window's kept entries are left out by the masked FMA) */
+FXS_INLINE512 __m512 fxs_v16_f32(const float *v) { return _mm512_loadu_ps(v); }
+FXS_INLINE512 __m512 fxs_v16_bf16(const uint16_t *v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)v)), 16));
 }
 
-/* one 64-column step of one row: adds the step's products to acc / acc2, returns the kept entries used */
-#define FXS_GATHER_STEP(NAME, T, V16)                                                                   \
-    FXS_INLINEVB int NAME(const T *v, uint64_t bits, const __m512 *xw, __m512 *acc, __m512 *acc2) {     \
-        const __m512i iota = _mm512_set_epi8(63, 62, 61, 60, 59, 58, 57, 56, 55, 54, 53, 52, 51, 50, 49, 48, 47, 46, \
-                                             45, 44, 43, 42, 41, 40, 39, 38, 37, 36, 35, 34, 33, 32, 31, 30, 29, \
-                                             28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, \
-                                             11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);                     \
-        int n = (int)_mm_popcnt_u64(bits);                                                              \
-        __m512i kept = _mm512_maskz_compress_epi8(bits, iota);                                          \
-        *acc = _mm512_fmadd_ps(V16(v, n), fxs_pick64(xw, _mm512_castsi512_si128(kept), n), *acc);         \
-        if (n > 16) {                                                                                   \
-            *acc2 = _mm512_fmadd_ps(V16(v + 16, n - 16), fxs_pick64(xw, _mm512_extracti32x4_epi32(kept, 1), n - 16), *acc2); \
-            if (n > 32) {                                                                               \
-                *acc = _mm512_fmadd_ps(V16(v + 32, n - 32), fxs_pick64(xw, _mm512_extracti32x4_epi32(kept, 2), n - 32), *acc); \
-                if (n > 48)                                                                             \
-                    *acc2 = _mm512_fmadd_ps(V16(v + 48, n - 48), fxs_pick64(xw, _mm512_extracti32x4_epi32(kept, 3), n - 48), \
-                                            *acc2);                                                     \
-            }                                                                                           \
+/* one row's window of x at xp: its n kept entries (from k) times their entries of x added to acc; returns k + n.
+ * Most windows of a sparse row hold at most 16: the first group is picked before the branch (written otherwise,
+ * with the pick inside each branch, GCC 12 no longer shared the loads of x across the tile's rows: 1.5x slower) */
+#define FXS_PICK_STEP(NAME, T, V16)                                                                     \
+    FXS_INLINE512 int64_t NAME(const T *v, const uint8_t *c8, int64_t k, int n, const float *xp, __m512 *acc) { \
+        __m512 x0 = _mm512_loadu_ps(xp), x1 = _mm512_loadu_ps(xp + 16), x2 = _mm512_loadu_ps(xp + 32);  \
+        __m512 x3 = _mm512_loadu_ps(xp + 48), p = fxs_pick64(x0, x1, x2, x3, fxs_cols16(c8 + k));        \
+        if (__builtin_expect(n <= 16, 1)) {                                                             \
+            *acc = _mm512_mask3_fmadd_ps(V16(v + k), p, *acc, _load_mask16((__mmask16 *)&fxs_lanes_of[n])); \
+            return k + n;                                                                               \
         }                                                                                               \
-        return n;                                                                                       \
+        *acc = _mm512_fmadd_ps(V16(v + k), p, *acc);                                                    \
+        for (int q = 16; q < n; q += 16)                                                                \
+            *acc = _mm512_mask3_fmadd_ps(V16(v + k + q), fxs_pick64(x0, x1, x2, x3, fxs_cols16(c8 + k + q)), *acc, \
+                                         (__mmask16)fxs_lanes_of[n - q < 16 ? n - q : 16]);             \
+        return k + n;                                                                                   \
+    }
+FXS_PICK_STEP(fxs_pick_step_f32, float, fxs_v16_f32)
+FXS_PICK_STEP(fxs_pick_step_bf16, uint16_t, fxs_v16_bf16)
+
+#define FXS_PICK_ONE(STEP, I, XP)                                                                       \
+    if (R > I) {                                                                                        \
+        _mm_prefetch((const char *)(v + k##I) + FXS_PICK_AHEAD, _MM_HINT_T0);                           \
+        _mm_prefetch((const char *)(c8 + k##I) + FXS_PICK_AHEAD / 4, _MM_HINT_T0);                      \
+        k##I = STEP(v, c8, k##I, cw##I[w], XP, &a##I);                                                  \
     }
 
-/* the 64 mask bits of a row from column c (fewer at the row's end: no byte read past it) and the 64 entries of x
- * there (zeros past the end) */
-FXS_INLINEVB uint64_t fxs_window64(const uint8_t *m, const float *x, int64_t c, int64_t cols, __m512 *xw) {
-    int64_t left = cols - c;
-    uint64_t bits = 0;
-    if (left >= 64) {
-        memcpy(&bits, m + (c >> 3), 8);
-        for (int i = 0; i < 4; i++) xw[i] = _mm512_loadu_ps(x + c + 16 * i);
-        return bits;
-    }
-    for (int64_t i = 0; i < (left + 7) / 8; i++) bits |= (uint64_t)m[(c >> 3) + i] << (8 * i);
-    for (int i = 0; i < 4; i++) {
-        int64_t l = left - 16 * i;
-        __mmask16 lanes = l >= 16 ? (__mmask16)0xFFFF : l <= 0 ? 0 : (__mmask16)((1u << l) - 1u);
-        xw[i] = _mm512_maskz_loadu_ps(lanes, x + c + 16 * i);
-    }
-    return bits & ((1ull << left) - 1u);
-}
-
-/* rows r0..r1 one at a time (two rows sharing the loads of x measured slower: two streams of values) */
-#define FXS_GATHER_ROWS(NAME, T, STEP)                                                                  \
-    FXS_TVB static void NAME(const T *values, const int64_t *offsets, const uint8_t *mask, int64_t cols,  \
-                             int64_t r0, int64_t r1, const float *x, const float *bias, float *out) {    \
-        int64_t stride = (cols + 7) / 8;                                                                \
-        for (int64_t r = r0; r < r1; r++) {                                                             \
-            const uint8_t *m = mask + r * stride;                                                       \
-            int64_t k = offsets[r];                                                                     \
-            __m512 acc = _mm512_setzero_ps(), acc2 = acc, xw[4];                                        \
-            for (int64_t c = 0; c < cols; c += 64) {                                                    \
-                _mm_prefetch((const char *)(values + k) + FXS_BM_AHEAD, _MM_HINT_T0);                   \
-                k += STEP(values + k, fxs_window64(m, x, c, cols, xw), xw, &acc, &acc2);                \
-            }                                                                                           \
-            out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2)) + (bias ? bias[r] : 0.f);           \
+/* R (1 or 4: a constant after inlining) rows from r, each in its own accumulator, sharing the loads of x */
+#define FXS_PICK_ROWS(NAME, T, STEP)                                                                    \
+    FXS_INLINE512 void NAME(const T *v, const uint8_t *c8, const uint8_t *counts, const int64_t *offsets, \
+                            int64_t cols, int64_t r, int R, const float *x, const float *bias, float *out) { \
+        int64_t nw = (cols + 63) / 64, full = cols / 64, w = 0;                                         \
+        int64_t k0 = offsets[r], k1 = R > 1 ? offsets[r + 1] : 0, k2 = R > 2 ? offsets[r + 2] : 0;       \
+        int64_t k3 = R > 3 ? offsets[r + 3] : 0;                                                        \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                     \
+        const uint8_t *cw0 = counts + r * nw, *cw1 = cw0 + nw, *cw2 = cw1 + nw, *cw3 = cw2 + nw;        \
+        for (; w < full; w++) {                                                                         \
+            const float *xp = x + 64 * w;                                                               \
+            FXS_PICK_ONE(STEP, 0, xp) FXS_PICK_ONE(STEP, 1, xp) FXS_PICK_ONE(STEP, 2, xp) FXS_PICK_ONE(STEP, 3, xp) \
         }                                                                                               \
+        if (full < nw) { /* the last 1-63 columns: a copy of x's end, zeros after it */                 \
+            float xt[64];                                                                               \
+            memset(xt, 0, sizeof xt);                                                                   \
+            memcpy(xt, x + 64 * full, (size_t)(cols - 64 * full) * sizeof(float));                      \
+            FXS_PICK_ONE(STEP, 0, xt) FXS_PICK_ONE(STEP, 1, xt) FXS_PICK_ONE(STEP, 2, xt) FXS_PICK_ONE(STEP, 3, xt) \
+        }                                                                                               \
+        float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),  \
+                         _mm512_reduce_add_ps(a3)};                                                     \
+        for (int i = 0; i < R; i++) out[r + i] = sums[i] + (bias ? bias[r + i] : 0.f);                 \
     }
+FXS_PICK_ROWS(fxs_pick_rows_f32, float, fxs_pick_step_f32)
+FXS_PICK_ROWS(fxs_pick_rows_bf16, uint16_t, fxs_pick_step_bf16)
 
-FXS_GATHER_STEP(fxs_gather_step_f32, float, fxs_v16_f32)
-FXS_GATHER_STEP(fxs_gather_step_bf16, uint16_t, fxs_v16_bf16)
-FXS_GATHER_ROWS(fxs_gather_f32, float, fxs_gather_step_f32)
-FXS_GATHER_ROWS(fxs_gather_bf16, uint16_t, fxs_gather_step_bf16)
+#define FXS_PICK(NAME, T, ROWS)                                                                         \
+    FXS_T512 static void NAME(const T *v, const uint8_t *c8, const uint8_t *counts, const int64_t *offsets, \
+                              int64_t cols, int64_t r0, int64_t r1, const float *x, const float *bias, float *out) { \
+        int64_t r = r0;                                                                                 \
+        for (; r + 4 <= r1; r += 4) ROWS(v, c8, counts, offsets, cols, r, 4, x, bias, out);             \
+        for (; r < r1; r++) ROWS(v, c8, counts, offsets, cols, r, 1, x, bias, out);                     \
+    }
+FXS_PICK(fxs_pick_f32, float, fxs_pick_rows_f32)
+FXS_PICK(fxs_pick_bf16, uint16_t, fxs_pick_rows_bf16)
 
 #define FXS_TILE_CASE(TILE, R, NB)                                                                      \
     case R * 8 + NB: TILE(values, offsets, mask, stride, cols, r, xb, xs, R, NB, res); break;
 
-#define FXS_BM_AVX512(NAME, T, TILE, ROW, GATHER)                                                               \
+#define FXS_BM_AVX512(NAME, T, TILE, ROW)                                                               \
     FXS_T512 static int NAME(const T *values, const int64_t *offsets, const uint8_t *mask, int64_t cols,   \
                              int64_t r0, int64_t r1, const float *x, int64_t batch, int64_t xs,         \
                              const float *bias, float *out, int64_t os) {                               \
         int64_t stride = (cols + 7) / 8;                                                                \
         float res[16];                                                                                  \
-        if (batch == 1 && fxs_isa == 3 &&                                                               \
-            100 * (offsets[r1] - offsets[r0]) <=                                                        \
-                (cols <= FXS_BM_L1_COLS ? FXS_BM_GATHER_KEPT : FXS_BM_GATHER_KEPT_LONG) * (r1 - r0) * cols) { \
-            GATHER(values, offsets, mask, cols, r0, r1, x, bias, out);                                  \
-            return 0;                                                                                   \
-        }                                                                                               \
         if (batch == 1 && cols <= FXS_BM_L1_COLS) {                                                     \
             int64_t k = offsets[r0];                                                                    \
             for (int64_t r = r0; r < r1; r++) {                                                         \
@@ -467,8 +460,8 @@ FXS_GATHER_ROWS(fxs_gather_bf16, uint16_t, fxs_gather_step_bf16)
         return 0;                                                                                       \
     }
 
-FXS_BM_AVX512(fxs_bm_avx512_f32, float, fxs_tile512_f32, fxs_row512_f32, fxs_gather_f32)
-FXS_BM_AVX512(fxs_bm_avx512_bf16, uint16_t, fxs_tile512_bf16, fxs_row512_bf16, fxs_gather_bf16)
+FXS_BM_AVX512(fxs_bm_avx512_f32, float, fxs_tile512_f32, fxs_row512_f32)
+FXS_BM_AVX512(fxs_bm_avx512_bf16, uint16_t, fxs_tile512_bf16, fxs_row512_bf16)
 
 
 /* --- AVX-512 BF16: bfloat16 values and a bfloat16 row of x (batch 1) ---
@@ -659,6 +652,50 @@ FXS_API int fxs_bitmask_isa(int want) {
 
 FXS_BM_ENTRY(fxs_bitmask_linear_f32, float, f32)
 FXS_BM_ENTRY(fxs_bitmask_linear_bf16, uint16_t, bf16)
+
+/* fxs_bitmask_pick_index(mask, rows, cols, out): a layer's pick index, written to out[rows * nw + kept]
+ * (nw = ceil(cols / 64)): first the kept entries of each row's 64-column windows ([rows, nw] bytes), then for
+ * each kept entry, in the order of `values`, its column within its window (0-63). */
+FXS_API void fxs_bitmask_pick_index(const uint8_t *mask, int64_t rows, int64_t cols, uint8_t *out) {
+    int64_t stride = (cols + 7) / 8, nw = (cols + 63) / 64;
+    uint8_t *c8 = out + rows * nw;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *m = mask + r * stride;
+        for (int64_t w = 0; w < nw; w++) {
+            int64_t left = cols - 64 * w, nb = left >= 64 ? 8 : (left + 7) / 8;
+            uint64_t bits = 0;
+            for (int64_t b = 0; b < nb; b++) bits |= (uint64_t)m[8 * w + b] << (8 * b);
+            if (left < 64) bits &= (1ull << left) - 1u;
+            out[r * nw + w] = (uint8_t)__builtin_popcountll(bits);
+            for (; bits; bits &= bits - 1) *c8++ = (uint8_t)__builtin_ctzll(bits);
+        }
+    }
+}
+
+/* fxs_bitmask_pick_<T>(values, cols8, counts, offsets, cols, r0, r1, x, bias, out): out[r] = row r of W . x
+ * (+ bias[r]) for the rows [r0, r1), one row of float32 x, by the pick path, from the two parts of the layer's
+ * pick index (they must agree with the offsets: _native.py checks them once; FXS_BM_PAD readable bytes after
+ * cols8). -2 where the path in use lacks AVX-512: the caller takes fxs_bitmask_linear_<T>. */
+#ifdef FXS_BM_X86
+#define FXS_PICK_DISPATCH(PICK)                                                                         \
+    if (fxs_isa >= 2) {                                                                                 \
+        PICK(values, cols8, counts, offsets, cols, r0, r1, x, bias, out);                               \
+        return 0;                                                                                       \
+    }
+#else
+#define FXS_PICK_DISPATCH(PICK)
+#endif
+#define FXS_PICK_ENTRY(NAME, T, PICK)                                                                   \
+    FXS_API int NAME(const T *values, const uint8_t *cols8, const uint8_t *counts, const int64_t *offsets,  \
+                     int64_t cols, int64_t r0, int64_t r1, const float *x, const float *bias, float *out) { \
+        if (fxs_isa < 0) fxs_bitmask_isa(-1);                                                           \
+        if (cols < 0 || r0 < 0 || r1 < r0) return -1;                                                  \
+        FXS_PICK_DISPATCH(PICK)                                                                         \
+        (void)values; (void)cols8; (void)counts; (void)offsets; (void)x; (void)bias; (void)out;         \
+        return -2;                                                                                      \
+    }
+FXS_PICK_ENTRY(fxs_bitmask_pick_f32, float, fxs_pick_f32)
+FXS_PICK_ENTRY(fxs_bitmask_pick_bf16, uint16_t, fxs_pick_bf16)
 
 /* fxs_bitmask_linear_bf16x1(values, offsets, mask, cols, r0, r1, x, bias, out): the bfloat16 product for one
  * bfloat16 row of x (products of bfloat16 pairs, float32 sums); -2 where the CPU (or the path forced) lacks

@@ -36,6 +36,7 @@ __all__ = [
     "mask_row_offsets",
     "masked_bag",
     "masked_rows",
+    "pick_index",
     "transformed",
 ]
 
@@ -50,6 +51,8 @@ _SIGNATURES = {
     },
     "fxs_bitmask_isa": (_INT, [_INT]),
     "fxs_bitmask_linear_bf16x1": (_INT, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P]),
+    **{f"fxs_bitmask_pick_{t}": (_INT, [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P]) for t in ("f32", "bf16")},
+    "fxs_bitmask_pick_index": (None, [_P, _I64, _I64, _P]),
 }
 
 
@@ -325,10 +328,11 @@ def empty_on_huge_pages(numel: int, dtype: torch.dtype) -> Tensor:
 
 
 def bitmask_isa(want: str | None = None) -> str | None:
-    """The path the bitmask kernel takes: ``"avx512vbmi2"`` (AVX-512 with its gather path at batch 1 for rows
-    with at most 15 % kept, 12 % in rows past 4096 columns), ``"avx512"``, ``"avx2"`` or ``"portable"`` (C without
-    SIMD), None without the library. ``want`` switches to that path where the CPU has it (the tests force the
-    portable one to check it gives the same results; the CPU's best path is the default)."""
+    """The path the bitmask kernel takes: ``"avx512vbmi2"`` (AVX-512 with VBMI2, and the bfloat16 row path where the
+    CPU has AVX512_BF16), ``"avx512"``, ``"avx2"`` or ``"portable"`` (C without SIMD), None without the library.
+    Both AVX-512 paths take the pick path at batch 1 where a layer has a pick index (:func:`pick_index`). ``want``
+    switches to that path where the CPU has it (the tests force the portable one to check it gives the same
+    results; the CPU's best path is the default)."""
     if LIB is None:
         return None
     if want is not None and want not in ISAS:
@@ -336,12 +340,50 @@ def bitmask_isa(want: str | None = None) -> str | None:
     return ISAS[int(LIB.fxs_bitmask_isa(ISAS.index(want) if want is not None else -1))]
 
 
-def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor, bias: Tensor | None) -> Tensor | None:
+def pick_index(mask: Tensor, cols: int) -> Tensor | None:
+    """The pick index of a ``[rows, ceil(cols / 8)]`` packed mask (None without the library): uint8, first the
+    kept entries of each row's 64-column windows (``[rows, ceil(cols / 64)]``), then for each kept entry, in the
+    order of the values, its column within its window (0-63), then :data:`BITMASK_PAD` zeros. With it, batch-1
+    products of a sparse layer take the pick path (:func:`bitmask_linear`): x's entries at the kept columns
+    are picked instead of the values being expanded to every column. One byte per kept entry and per 64
+    columns of a row."""
+    if LIB is None or mask.device.type != "cpu" or mask.dtype != torch.uint8 or mask.dim() != 2:
+        return None
+    rows, windows = mask.shape[0], -(-cols // 64)
+    kept = int(mask_row_offsets(mask, cols)[-1])
+    out = torch.zeros(rows * windows + kept + BITMASK_PAD, dtype=torch.uint8)
+    LIB.fxs_bitmask_pick_index(mask.contiguous().data_ptr(), rows, cols, out.data_ptr())
+    return out
+
+
+def _pick_agrees(pick: Tensor, mask: Tensor, row_offsets: Tensor, cols: int) -> bool:
+    """Whether ``pick`` has the pick index's size and its window counts add up to each row's kept entries (the
+    kernel trusts them for every load of values; the columns in it are only used for their low 6 bits). Checked
+    once per (tensor, version), like the offsets."""
+    rows, windows = mask.shape[0], -(-cols // 64)
+    key = (pick.data_ptr(), row_offsets.data_ptr())
+    stamp = (_version(pick), _version(row_offsets), pick.numel(), cols, rows)
+    if _AGREED.get(key) == stamp:
+        return True
+    kept = int(row_offsets[-1])
+    if pick.dtype != torch.uint8 or pick.dim() != 1 or pick.numel() != rows * windows + kept + BITMASK_PAD:
+        return False
+    counts = pick[: rows * windows].view(rows, windows).sum(dim=1, dtype=torch.int64)
+    if not torch.equal(counts, row_offsets[1:] - row_offsets[:-1]):
+        return False
+    _AGREED[key] = stamp
+    return True
+
+
+def bitmask_linear(
+    x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor, bias: Tensor | None, pick: Tensor | None = None
+) -> Tensor | None:
     """``x @ W.T + bias`` in float32 for the ``[rows, cols]`` weight W held as ``values`` (its kept entries,
     row-major, :data:`BITMASK_PAD` more after the last), ``mask`` (uint8 ``[rows, ceil(cols / 8)]``, least
     significant bit first) and ``row_offsets`` (int64 ``[rows + 1]``: where each row starts in ``values``,
-    the last is the count). ``x`` is ``[batch, cols]``. Returns None where the kernel does not apply (no
-    library, another dtype or device, a tracer, shapes that disagree): the caller takes the torch path.
+    the last is the count). ``x`` is ``[batch, cols]``. With the mask's ``pick`` index (:func:`pick_index`),
+    one row of x takes the pick path where the CPU has AVX-512. Returns None where the kernel does not apply
+    (no library, another dtype or device, a tracer, shapes that disagree): the caller takes the torch path.
     The rows are split across ``torch.get_num_threads()`` threads for large products."""
     suffix = BITMASK_DTYPES.get(values.dtype)
     if LIB is None or suffix is None or x.dim() != 2 or mask.dim() != 2 or row_offsets.dim() != 1:
@@ -372,6 +414,10 @@ def bitmask_linear(x: Tensor, values: Tensor, mask: Tensor, row_offsets: Tensor,
     if x32.stride(1) != 1 and cols > 1:  # rows of x may be apart (a view), their entries must be adjacent
         x32 = x32.contiguous()
     b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    if x32.shape[0] == 1 and pick is not None and _plain_cpu(pick) and _pick_agrees(pick, mask, row_offsets, cols):
+        out = _picked(x32, values, pick, row_offsets, b32, rows, cols)
+        if out is not None:
+            return out
     batch = x32.shape[0]
     out = torch.empty(batch, rows, dtype=torch.float32, device="cpu")
     pieces = _split(rows, max(batch, 1) * rows * cols)
@@ -458,6 +504,31 @@ def _bf16_row(
             b,
             xr.data_ptr(),
             None if b32 is None else b32.data_ptr(),
+            out.data_ptr(),
+        )
+        for a, b in _split(rows, rows * cols)
+    ]
+    return out if all(s == 0 for s in _statuses(fn, calls)) else None
+
+
+def _picked(
+    x: Tensor, values: Tensor, pick: Tensor, row_offsets: Tensor, bias: Tensor | None, rows: int, cols: int
+) -> Tensor | None:
+    """One float32 row of x by the pick path (None where the path in use lacks AVX-512)."""
+    out = torch.empty(1, rows, dtype=torch.float32, device="cpu")
+    fn = getattr(LIB, f"fxs_bitmask_pick_{BITMASK_DTYPES[values.dtype]}")
+    counts = pick.data_ptr()
+    calls: list[tuple[Any, ...]] = [
+        (
+            values.data_ptr(),
+            counts + rows * -(-cols // 64),
+            counts,
+            row_offsets.data_ptr(),
+            cols,
+            a,
+            b,
+            x.data_ptr(),
+            None if bias is None else bias.data_ptr(),
             out.data_ptr(),
         )
         for a, b in _split(rows, rows * cols)

@@ -8,9 +8,11 @@ and at ``rtol=atol=1e-2`` after rounding to bfloat16 (one bfloat16 step is 2**-8
 
 from __future__ import annotations
 
+import copy as copy_module
 import ctypes
 import math
 import mmap
+import pickle
 import sys
 from collections.abc import Iterator
 
@@ -64,8 +66,13 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
 
 
 def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's product without a pick index (checked here) and with one (returned: at batch 1 on AVX-512 the
+    pick path, else the same paths again)."""
     values, mask, offsets = pack(w)
     y = _native.bitmask_linear(x, values, mask, offsets, b)
+    assert y is not None and y.dtype == torch.float32 and y.shape == (x.shape[0], w.shape[0])
+    _check(y, x, w, b)
+    y = _native.bitmask_linear(x, values, mask, offsets, b, _native.pick_index(mask, w.shape[1]))
     assert y is not None and y.dtype == torch.float32 and y.shape == (x.shape[0], w.shape[0])
     return y
 
@@ -103,8 +110,9 @@ def test_kernel_equals_f_linear_on_every_path(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cols", [64, 257, 4103])
 def test_sparse_rows_with_dense_windows(cols: int, dtype: torch.dtype, isa: str) -> None:
-    """At most 15 % kept takes the gather path at batch 1 (AVX-512 VBMI2): 64-column windows with 0 to 64 kept
-    entries (one to four groups of 16), a last window of 1-63 columns, rows dense, empty and in between."""
+    """The pick path (batch 1, AVX-512, a pick index) on sparse rows: 64-column windows with 0 to 64 kept entries
+    (one to four groups of 16), a last window of 1-63 columns, rows dense, empty and in between, tiles of four rows
+    and the rows left after them."""
     rows = 40
     w = _weight(rows, cols, 0.97, dtype, seed=cols)
     g = torch.Generator().manual_seed(cols + 1)
@@ -241,9 +249,9 @@ def test_layers_without_inputs_or_outputs_run_forward_and_backward(rows: int, co
 @needs_lib
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_infinite_input_times_kept_entries_is_inf_on_every_path(isa: str, dtype: torch.dtype) -> None:
-    """x[c] = inf where column c is kept in every row: each output is +-inf, as F.linear gives. The gather path
-    (sparse rows at batch 1) made NaN: the unused lanes of a group of 16 kept entries picked x at the window's
-    column 0 and multiplied it by a zero value."""
+    """x[c] = inf where column c is kept in every row: each output is +-inf, as F.linear gives. The pick path
+    (sparse rows at batch 1) must leave out the unused lanes of a group of 16 kept entries: they pick x at other
+    columns of the window and would multiply it by values of the next window (or zeros: NaN)."""
     w = _weight(6, 200, 0.97, dtype, seed=3)
     w[:, 64] = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, -6.0]).to(dtype)  # the first column of the second window
     x = torch.randn(1, 200).to(dtype)
@@ -273,7 +281,8 @@ def _at_page_end(t: torch.Tensor, keep: list[object]) -> torch.Tensor:
 @pytest.mark.parametrize("cols", [1, 9, 63, 64, 65, 129, 4103])
 def test_no_path_reads_past_x_the_mask_or_the_padded_values(isa: str, cols: int) -> None:
     """x, the mask and the values (with their BITMASK_PAD entries) each end where unreadable memory starts: every
-    path, sparse rows (the gather path) and a dense last row (its last window full), batch 1 and 3."""
+    path, sparse rows (the pick path, its index at a page end too) and a dense last row (its last window full), batch
+    1 and 3."""
     keep: list[object] = []
     for zeros in (0.98, 0.5):
         w = _weight(5, cols, zeros, torch.float32, seed=cols)
@@ -281,8 +290,68 @@ def test_no_path_reads_past_x_the_mask_or_the_padded_values(isa: str, cols: int)
         values, mask, offsets = pack(w)
         values = _at_page_end(values[: int(offsets[-1]) + _native.BITMASK_PAD], keep)
         mask = _at_page_end(mask, keep)
+        pick = _native.pick_index(mask, cols)
+        assert pick is not None
+        pick = _at_page_end(pick, keep)
         for batch in (1, 3):
             x = _at_page_end(torch.randn(batch, cols), keep)
-            y = _native.bitmask_linear(x, values, mask, offsets, None)
-            assert y is not None
-            _check(y, x, w, None)
+            for index in (None, pick):
+                y = _native.bitmask_linear(x, values, mask, offsets, None, index)
+                assert y is not None
+                _check(y, x, w, None)
+
+
+@needs_lib
+@pytest.mark.parametrize("cols", [1, 8, 63, 64, 65, 200])
+def test_the_pick_index_lists_each_windows_kept_entries_and_their_columns(cols: int) -> None:
+    """pick_index: the kept entries of each row's 64-column windows, then each kept entry's column within its
+    window (in the order of the values), then BITMASK_PAD zeros; bits past ``cols`` in the last mask byte ignored."""
+    w = _weight(7, cols, 0.6, torch.float32, seed=cols)
+    w[2] = 0
+    w[4] = 1.0
+    values, mask, offsets = pack(w)
+    if cols % 8:
+        mask[:, -1] |= 0xFF << (cols % 8) & 0xFF  # stray bits past the row's end
+    pick = _native.pick_index(mask, cols)
+    windows = -(-cols // 64)
+    keep = w != 0
+    counts = torch.stack([keep[:, 64 * i : 64 * (i + 1)].sum(dim=1) for i in range(windows)], dim=1)
+    columns = keep.nonzero()[:, 1] % 64
+    want = torch.cat([counts.reshape(-1), columns, torch.zeros(_native.BITMASK_PAD, dtype=torch.int64)])
+    assert pick is not None and pick.dtype == torch.uint8 and torch.equal(pick.long(), want)
+
+
+@needs_lib
+def test_a_pick_index_that_disagrees_is_not_used() -> None:
+    """A pick index of another size or dtype, or whose window counts do not add up to the rows' kept entries
+    (the kernel would read past a row's values), is left out: the other paths give the product."""
+    w = _weight(9, 130, 0.9, torch.float32)
+    values, mask, offsets = pack(w)
+    x = torch.randn(1, 130)
+    pick = _native.pick_index(mask, 130)
+    assert pick is not None
+    lying = pick.clone()
+    lying[0] += 3  # the first window claims three more kept entries
+    for bad in (lying, pick[:-1], pick.to(torch.int16), pick[: 9 * 3]):
+        y = _native.bitmask_linear(x, values, mask, offsets, None, bad)
+        assert y is not None
+        _check(y, x, w, None)
+
+
+@needs_lib
+def test_sparse_layers_hold_a_pick_index_and_dense_ones_do_not(isa: str) -> None:
+    """A layer with at most PICK_KEPT of its entries kept holds the pick index where the path is AVX-512; it is
+    rebuilt when a denser weight is loaded, travels with deepcopy and pickle, and stays out of the state dict."""
+    sparse, dense = _weight(20, 300, 0.9, torch.float32), _weight(20, 300, 0.5, torch.float32)
+    layer = BitmaskLinear(sparse, None)
+    assert (layer.pick is not None) == isa.startswith("avx512")
+    assert BitmaskLinear(dense, None).pick is None
+    assert set(layer.state_dict()) == {"weight"}
+    x = torch.randn(1, 300)
+    for copy in (copy_module.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert (copy.pick is None) == (layer.pick is None)
+        torch.testing.assert_close(copy(x), layer(x))
+    _check(layer(x), x, sparse, None)
+    layer.load_state_dict({"weight": dense})
+    assert layer.pick is None
+    _check(layer(x), x, dense, None)
