@@ -163,8 +163,8 @@ FXS_MASKED_ROWS(fxs_masked_rows_f64, double)
  *   of x (the loads, not the bytes, bound one row at a time on AMD Zen 4);
  * - AVX2: 8 columns a step; a table of 256 permutations does the expand (vpermps);
  * - portable C: each row's kept columns decoded once into a list, then a dot product per row of x.
- * And at batch 1, for sparse layers, the pick path (AVX-512): fxs_bitmask_pick_<T>(values, pick, offsets, cols,
- * r0, r1, x, bias, out) with the layer's pick index (fxs_bitmask_pick_index) picks x's entries at the kept
+ * And at batch 1, for sparse layers, the pick path (AVX-512): fxs_bitmask_pick_<T>(values, pick, offsets, rows,
+ * cols, r0, r1, x, bias, out) with the layer's pick index (fxs_bitmask_pick_index) picks x's entries at the kept
  * columns instead of expanding the values to all columns.
  */
 #include <string.h>
@@ -333,16 +333,17 @@ FXS_TILE512(fxs_tile512_f32, float, fxs_w16_f32)
 FXS_TILE512(fxs_tile512_bf16, uint16_t, fxs_w16_bf16)
 
 /* --- AVX-512, batch 1, sparse rows: x picked by the kept entries' columns (the pick path) ---
- * Where a layer is sparse, it also holds a pick index (fxs_bitmask_pick_index): the kept entries of each
- * 64-column window of a row (a byte each) and, for each kept entry, its column within its window (a byte each,
- * in the order of `values`). A row's step is a window: 16 at a time, the kept entries' columns pick their
- * entries of x out of the window's 64 (vpmovzxbd, two vpermt2ps and a blend), and one FMA, masked to the
- * window's kept lanes, multiplies them with 16 consecutive values: the work follows the kept entries, not the
- * columns. Four rows share each window's loads of x (from L2 for rows past L1's size). On AMD Zen 4 the
- * 11008x4096 / 4096x11008 float32 layers at 90 % zeros ran at 0.14-0.2x dense F.linear (the expand path:
- * ~0.25x / ~0.30x). The values are prefetched far ahead (FXS_PICK_AHEAD): four rows' streams run at once. */
+ * Where a layer is sparse, it also holds a pick index (fxs_bitmask_pick_index), one byte stream per tile of four
+ * rows: for each 64-column window, the tile's rows' kept entries there (a byte a row), then for each row its kept
+ * entries' columns within the window (a byte each). A row's step is a window: 16 at a time, the kept entries'
+ * columns pick their entries of x out of the window's 64 (vpmovzxbd, two vpermt2ps and a blend), and one FMA,
+ * masked to the window's kept lanes, multiplies them with 16 consecutive values: the work follows the kept
+ * entries, not the columns. The tile's rows share each window's loads of x (from L2 for rows past L1's size)
+ * and read one index stream. On AMD Zen 4 the 11008x4096 / 4096x11008 float32 layers at 90 % zeros ran at
+ * ~0.18x dense F.linear, data not in cache (the expand path: ~0.24x / ~0.32x; each row's index read as its own
+ * stream: ~0.19x). The values are prefetched far ahead (FXS_PICK_AHEAD): four rows' streams run at once. */
 #ifndef FXS_PICK_AHEAD
-#define FXS_PICK_AHEAD 65536 /* bytes (Zen 4, 90 % zeros: 2 KiB 0.19-0.27x dense, 8 KiB 0.14-0.22x, 64 KiB 0.15x) */
+#define FXS_PICK_AHEAD 16384 /* bytes of each row's values (Zen 4, 90 % zeros: 2 KiB 0.23-0.28x dense, 8 KiB 0.18-0.23x) */
 #endif
 
 static const uint16_t fxs_lanes_of[17] = {0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2047, 4095, 8191, 16383, 32767,
@@ -365,46 +366,52 @@ FXS_INLINE512 __m512 fxs_v16_bf16(const uint16_t *v) {
  * Most windows of a sparse row hold at most 16: the first group is picked before the branch (written otherwise,
  * with the pick inside each branch, GCC 12 no longer shared the loads of x across the tile's rows: 1.5x slower) */
 #define FXS_PICK_STEP(NAME, T, V16)                                                                     \
-    FXS_INLINE512 int64_t NAME(const T *v, const uint8_t *c8, int64_t k, int n, const float *xp, __m512 *acc) { \
+    FXS_INLINE512 void NAME(const T *v, const uint8_t *c8, int n, const float *xp, __m512 *acc) {       \
         __m512 x0 = _mm512_loadu_ps(xp), x1 = _mm512_loadu_ps(xp + 16), x2 = _mm512_loadu_ps(xp + 32);  \
-        __m512 x3 = _mm512_loadu_ps(xp + 48), p = fxs_pick64(x0, x1, x2, x3, fxs_cols16(c8 + k));        \
+        __m512 x3 = _mm512_loadu_ps(xp + 48), p = fxs_pick64(x0, x1, x2, x3, fxs_cols16(c8));            \
         if (__builtin_expect(n <= 16, 1)) {                                                             \
-            *acc = _mm512_mask3_fmadd_ps(V16(v + k), p, *acc, _load_mask16((__mmask16 *)&fxs_lanes_of[n])); \
-            return k + n;                                                                               \
+            *acc = _mm512_mask3_fmadd_ps(V16(v), p, *acc, _load_mask16((__mmask16 *)&fxs_lanes_of[n])); \
+            return;                                                                                     \
         }                                                                                               \
-        *acc = _mm512_fmadd_ps(V16(v + k), p, *acc);                                                    \
+        *acc = _mm512_fmadd_ps(V16(v), p, *acc);                                                        \
         for (int q = 16; q < n; q += 16)                                                                \
-            *acc = _mm512_mask3_fmadd_ps(V16(v + k + q), fxs_pick64(x0, x1, x2, x3, fxs_cols16(c8 + k + q)), *acc, \
+            *acc = _mm512_mask3_fmadd_ps(V16(v + q), fxs_pick64(x0, x1, x2, x3, fxs_cols16(c8 + q)), *acc, \
                                          (__mmask16)fxs_lanes_of[n - q < 16 ? n - q : 16]);             \
-        return k + n;                                                                                   \
     }
 FXS_PICK_STEP(fxs_pick_step_f32, float, fxs_v16_f32)
 FXS_PICK_STEP(fxs_pick_step_bf16, uint16_t, fxs_v16_bf16)
 
 #define FXS_PICK_ONE(STEP, I, XP)                                                                       \
     if (R > I) {                                                                                        \
+        int n = pk[I];                                                                                  \
         _mm_prefetch((const char *)(v + k##I) + FXS_PICK_AHEAD, _MM_HINT_T0);                           \
-        _mm_prefetch((const char *)(c8 + k##I) + FXS_PICK_AHEAD / 4, _MM_HINT_T0);                      \
-        k##I = STEP(v, c8, k##I, cw##I[w], XP, &a##I);                                                  \
+        STEP(v + k##I, c, n, XP, &a##I);                                                                \
+        k##I += n;                                                                                      \
+        c += n;                                                                                         \
     }
 
-/* R (1 or 4: a constant after inlining) rows from r, each in its own accumulator, sharing the loads of x */
+/* R (1-4: a constant after inlining) rows from r (a tile's first row), each in its own accumulator */
 #define FXS_PICK_ROWS(NAME, T, STEP)                                                                    \
-    FXS_INLINE512 void NAME(const T *v, const uint8_t *c8, const uint8_t *counts, const int64_t *offsets, \
-                            int64_t cols, int64_t r, int R, const float *x, const float *bias, float *out) { \
+    FXS_INLINE512 void NAME(const T *v, const uint8_t *pick, const int64_t *offsets, int64_t cols, int64_t r, \
+                            int R, const float *x, const float *bias, float *out) {                     \
         int64_t nw = (cols + 63) / 64, full = cols / 64, w = 0;                                         \
         int64_t k0 = offsets[r], k1 = R > 1 ? offsets[r + 1] : 0, k2 = R > 2 ? offsets[r + 2] : 0;       \
         int64_t k3 = R > 3 ? offsets[r + 3] : 0;                                                        \
+        const uint8_t *c = pick + r * nw + offsets[r];                                                  \
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                     \
-        const uint8_t *cw0 = counts + r * nw, *cw1 = cw0 + nw, *cw2 = cw1 + nw, *cw3 = cw2 + nw;        \
         for (; w < full; w++) {                                                                         \
             const float *xp = x + 64 * w;                                                               \
+            const uint8_t *pk = c;                                                                      \
+            c += R;                                                                                     \
+            _mm_prefetch((const char *)c + FXS_PICK_AHEAD / 4, _MM_HINT_T0);                            \
             FXS_PICK_ONE(STEP, 0, xp) FXS_PICK_ONE(STEP, 1, xp) FXS_PICK_ONE(STEP, 2, xp) FXS_PICK_ONE(STEP, 3, xp) \
         }                                                                                               \
         if (full < nw) { /* the last 1-63 columns: a copy of x's end, zeros after it */                 \
             float xt[64];                                                                               \
             memset(xt, 0, sizeof xt);                                                                   \
             memcpy(xt, x + 64 * full, (size_t)(cols - 64 * full) * sizeof(float));                      \
+            const uint8_t *pk = c;                                                                      \
+            c += R;                                                                                     \
             FXS_PICK_ONE(STEP, 0, xt) FXS_PICK_ONE(STEP, 1, xt) FXS_PICK_ONE(STEP, 2, xt) FXS_PICK_ONE(STEP, 3, xt) \
         }                                                                                               \
         float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),  \
@@ -415,11 +422,15 @@ FXS_PICK_ROWS(fxs_pick_rows_f32, float, fxs_pick_step_f32)
 FXS_PICK_ROWS(fxs_pick_rows_bf16, uint16_t, fxs_pick_step_bf16)
 
 #define FXS_PICK(NAME, T, ROWS)                                                                         \
-    FXS_T512 static void NAME(const T *v, const uint8_t *c8, const uint8_t *counts, const int64_t *offsets, \
-                              int64_t cols, int64_t r0, int64_t r1, const float *x, const float *bias, float *out) { \
-        int64_t r = r0;                                                                                 \
-        for (; r + 4 <= r1; r += 4) ROWS(v, c8, counts, offsets, cols, r, 4, x, bias, out);             \
-        for (; r < r1; r++) ROWS(v, c8, counts, offsets, cols, r, 1, x, bias, out);                     \
+    FXS_T512 static void NAME(const T *v, const uint8_t *pick, const int64_t *offsets, int64_t cols, int64_t r0, \
+                              int64_t r1, const float *x, const float *bias, float *out) {              \
+        for (int64_t r = r0; r < r1; r += 4) {                                                          \
+            int64_t R = r1 - r < 4 ? r1 - r : 4;                                                        \
+            if (R == 4) ROWS(v, pick, offsets, cols, r, 4, x, bias, out);                                \
+            else if (R == 3) ROWS(v, pick, offsets, cols, r, 3, x, bias, out);                          \
+            else if (R == 2) ROWS(v, pick, offsets, cols, r, 2, x, bias, out);                          \
+            else ROWS(v, pick, offsets, cols, r, 1, x, bias, out);                                      \
+        }                                                                                               \
     }
 FXS_PICK(fxs_pick_f32, float, fxs_pick_rows_f32)
 FXS_PICK(fxs_pick_bf16, uint16_t, fxs_pick_rows_bf16)
@@ -653,45 +664,74 @@ FXS_API int fxs_bitmask_isa(int want) {
 FXS_BM_ENTRY(fxs_bitmask_linear_f32, float, f32)
 FXS_BM_ENTRY(fxs_bitmask_linear_bf16, uint16_t, bf16)
 
-/* fxs_bitmask_pick_index(mask, rows, cols, out): a layer's pick index, written to out[rows * nw + kept]
- * (nw = ceil(cols / 64)): first the kept entries of each row's 64-column windows ([rows, nw] bytes), then for
- * each kept entry, in the order of `values`, its column within its window (0-63). */
+/* fxs_bitmask_pick_index(mask, rows, cols, out): a layer's pick index, rows * nw + kept bytes (nw = ceil(cols /
+ * 64)): for each tile of four rows (the last: the rows left) and each window, the tile's rows' kept entries in the
+ * window, then each row's kept entries' columns within the window (0-63). Tile t starts at 4t * nw + offsets[4t]. */
 FXS_API void fxs_bitmask_pick_index(const uint8_t *mask, int64_t rows, int64_t cols, uint8_t *out) {
     int64_t stride = (cols + 7) / 8, nw = (cols + 63) / 64;
-    uint8_t *c8 = out + rows * nw;
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *m = mask + r * stride;
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        int64_t R = rows - r0 < 4 ? rows - r0 : 4;
         for (int64_t w = 0; w < nw; w++) {
             int64_t left = cols - 64 * w, nb = left >= 64 ? 8 : (left + 7) / 8;
-            uint64_t bits = 0;
-            for (int64_t b = 0; b < nb; b++) bits |= (uint64_t)m[8 * w + b] << (8 * b);
-            if (left < 64) bits &= (1ull << left) - 1u;
-            out[r * nw + w] = (uint8_t)__builtin_popcountll(bits);
-            for (; bits; bits &= bits - 1) *c8++ = (uint8_t)__builtin_ctzll(bits);
+            uint8_t *counts = out;
+            out += R;
+            for (int64_t i = 0; i < R; i++) {
+                const uint8_t *m = mask + (r0 + i) * stride;
+                uint64_t bits = 0;
+                for (int64_t b = 0; b < nb; b++) bits |= (uint64_t)m[8 * w + b] << (8 * b);
+                if (left < 64) bits &= (1ull << left) - 1u;
+                counts[i] = (uint8_t)__builtin_popcountll(bits);
+                for (; bits; bits &= bits - 1) *out++ = (uint8_t)__builtin_ctzll(bits);
+            }
         }
     }
 }
 
-/* fxs_bitmask_pick_<T>(values, cols8, counts, offsets, cols, r0, r1, x, bias, out): out[r] = row r of W . x
- * (+ bias[r]) for the rows [r0, r1), one row of float32 x, by the pick path, from the two parts of the layer's
- * pick index (they must agree with the offsets: _native.py checks them once; FXS_BM_PAD readable bytes after
- * cols8). -2 where the path in use lacks AVX-512: the caller takes fxs_bitmask_linear_<T>. */
+/* fxs_bitmask_pick_check(pick, n, offsets, rows, cols): 0 where the n bytes of `pick` are laid out as the pick
+ * index of rows with those offsets (each row's window counts add up to its kept entries, the tiles fill n bytes
+ * exactly), else -1. */
+FXS_API int fxs_bitmask_pick_check(const uint8_t *pick, int64_t n, const int64_t *offsets, int64_t rows, int64_t cols) {
+    int64_t nw = (cols + 63) / 64, at = 0;
+    if (rows < 0 || cols < 0) return -1;
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        int64_t R = rows - r0 < 4 ? rows - r0 : 4, sums[4] = {0, 0, 0, 0};
+        for (int64_t w = 0; w < nw; w++) {
+            if (at + R > n) return -1;
+            int64_t kept = 0;
+            for (int64_t i = 0; i < R; i++) {
+                if (pick[at + i] > 64) return -1;
+                sums[i] += pick[at + i];
+                kept += pick[at + i];
+            }
+            at += R + kept;
+        }
+        for (int64_t i = 0; i < R; i++)
+            if (sums[i] != offsets[r0 + i + 1] - offsets[r0 + i]) return -1;
+    }
+    return at == n ? 0 : -1;
+}
+
+/* fxs_bitmask_pick_<T>(values, pick, offsets, rows, cols, r0, r1, x, bias, out): out[r] = row r of W . x
+ * (+ bias[r]) for the rows [r0, r1) of the `rows`, one row of float32 x, by the pick path with the layer's pick
+ * index (it must agree with the offsets: _native.py checks it once; FXS_BM_PAD readable bytes after it). r0 and
+ * r1 start tiles (multiples of 4, or r1 == rows): -1 otherwise; -2 where the path in use lacks AVX-512: the caller
+ * takes fxs_bitmask_linear_<T>. */
 #ifdef FXS_BM_X86
 #define FXS_PICK_DISPATCH(PICK)                                                                         \
     if (fxs_isa >= 2) {                                                                                 \
-        PICK(values, cols8, counts, offsets, cols, r0, r1, x, bias, out);                               \
+        PICK(values, pick, offsets, cols, r0, r1, x, bias, out);                                        \
         return 0;                                                                                       \
     }
 #else
 #define FXS_PICK_DISPATCH(PICK)
 #endif
 #define FXS_PICK_ENTRY(NAME, T, PICK)                                                                   \
-    FXS_API int NAME(const T *values, const uint8_t *cols8, const uint8_t *counts, const int64_t *offsets,  \
+    FXS_API int NAME(const T *values, const uint8_t *pick, const int64_t *offsets, int64_t rows,            \
                      int64_t cols, int64_t r0, int64_t r1, const float *x, const float *bias, float *out) { \
         if (fxs_isa < 0) fxs_bitmask_isa(-1);                                                           \
-        if (cols < 0 || r0 < 0 || r1 < r0) return -1;                                                  \
+        if (cols < 0 || r0 < 0 || r1 < r0 || r1 > rows || r0 % 4 || (r1 % 4 && r1 != rows)) return -1;  \
         FXS_PICK_DISPATCH(PICK)                                                                         \
-        (void)values; (void)cols8; (void)counts; (void)offsets; (void)x; (void)bias; (void)out;         \
+        (void)values; (void)pick; (void)offsets; (void)rows; (void)x; (void)bias; (void)out;            \
         return -2;                                                                                      \
     }
 FXS_PICK_ENTRY(fxs_bitmask_pick_f32, float, fxs_pick_f32)

@@ -51,8 +51,9 @@ _SIGNATURES = {
     },
     "fxs_bitmask_isa": (_INT, [_INT]),
     "fxs_bitmask_linear_bf16x1": (_INT, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P]),
-    **{f"fxs_bitmask_pick_{t}": (_INT, [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P]) for t in ("f32", "bf16")},
+    **{f"fxs_bitmask_pick_{t}": (_INT, [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P]) for t in ("f32", "bf16")},
     "fxs_bitmask_pick_index": (None, [_P, _I64, _I64, _P]),
+    "fxs_bitmask_pick_check": (_INT, [_P, _I64, _P, _I64, _I64]),
 }
 
 
@@ -314,16 +315,18 @@ _MADVISE = libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_
 def empty_on_huge_pages(numel: int, dtype: torch.dtype) -> Tensor:
     """An uninitialised 1-D CPU tensor whose pages are asked (``madvise(MADV_HUGEPAGE)``, before anything is
     written to them) to be transparent huge pages, on Linux and from :data:`HUGE_PAGE_MIN_BYTES`; else a plain
-    ``torch.empty``. The bitmask kernel's loads of values follow the mask, so a TLB miss holds up the loads
-    behind it instead of overlapping them: on 2 MiB pages the float32 11008x4096 layer at 50 % zeros ran at
-    ~0.56x dense ``F.linear`` instead of ~0.84x (AMD Zen 4, 1 thread). Where the kernel refuses (THP set to
-    ``never``) the pages stay ordinary: nothing else changes."""
-    t = torch.empty(numel, dtype=dtype)
-    nbytes = numel * t.element_size()
-    if _MADVISE is not None and nbytes >= HUGE_PAGE_MIN_BYTES:
-        start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
-        end = (t.data_ptr() + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        _MADVISE(start, end - start, _MADV_HUGEPAGE)  # a hint: its result does not matter
+    ``torch.empty``. The memory is a fresh anonymous mapping: memory the allocator reuses is already in small
+    pages, which the hint does not change (a 5 MiB buffer made after larger ones were freed got none). The
+    bitmask kernel's loads of values follow the mask, so a TLB miss holds up the loads behind it instead of
+    overlapping them: on 2 MiB pages the float32 11008x4096 layer at 50 % zeros ran at ~0.56x dense
+    ``F.linear`` instead of ~0.84x (AMD Zen 4, 1 thread). Where the kernel refuses (THP set to ``never``) the
+    pages stay ordinary: nothing else changes."""
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    if _MADVISE is None or nbytes < HUGE_PAGE_MIN_BYTES:
+        return torch.empty(numel, dtype=dtype)
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # freed with the last tensor on it
+    t = torch.frombuffer(area, dtype=dtype, count=numel)
+    _MADVISE(t.data_ptr(), -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE, _MADV_HUGEPAGE)  # a hint: result unused
     return t
 
 
@@ -341,35 +344,34 @@ def bitmask_isa(want: str | None = None) -> str | None:
 
 
 def pick_index(mask: Tensor, cols: int) -> Tensor | None:
-    """The pick index of a ``[rows, ceil(cols / 8)]`` packed mask (None without the library): uint8, first the
-    kept entries of each row's 64-column windows (``[rows, ceil(cols / 64)]``), then for each kept entry, in the
-    order of the values, its column within its window (0-63), then :data:`BITMASK_PAD` zeros. With it, batch-1
-    products of a sparse layer take the pick path (:func:`bitmask_linear`): x's entries at the kept columns
-    are picked instead of the values being expanded to every column. One byte per kept entry and per 64
-    columns of a row."""
+    """The pick index of a ``[rows, ceil(cols / 64 * 8)]`` packed mask (None without the library): uint8, for each
+    tile of four rows (the last: the rows left) and each 64-column window, the tile's rows' kept entries in the
+    window (a byte a row), then each row's kept entries' columns within the window (0-63, a byte each); then
+    :data:`BITMASK_PAD` zeros. With it, batch-1 products of a sparse layer take the pick path
+    (:func:`bitmask_linear`): x's entries at the kept columns are picked instead of the values being expanded to
+    every column. One byte per kept entry and per 64 columns of a row."""
     if LIB is None or mask.device.type != "cpu" or mask.dtype != torch.uint8 or mask.dim() != 2:
         return None
     rows, windows = mask.shape[0], -(-cols // 64)
     kept = int(mask_row_offsets(mask, cols)[-1])
-    out = torch.zeros(rows * windows + kept + BITMASK_PAD, dtype=torch.uint8)
+    out = empty_on_huge_pages(rows * windows + kept + BITMASK_PAD, torch.uint8)  # read along with the values
+    out[-BITMASK_PAD:] = 0
     LIB.fxs_bitmask_pick_index(mask.contiguous().data_ptr(), rows, cols, out.data_ptr())
     return out
 
 
-def _pick_agrees(pick: Tensor, mask: Tensor, row_offsets: Tensor, cols: int) -> bool:
-    """Whether ``pick`` has the pick index's size and its window counts add up to each row's kept entries (the
-    kernel trusts them for every load of values; the columns in it are only used for their low 6 bits). Checked
-    once per (tensor, version), like the offsets."""
-    rows, windows = mask.shape[0], -(-cols // 64)
+def _pick_agrees(pick: Tensor, row_offsets: Tensor, cols: int) -> bool:
+    """Whether ``pick`` is laid out as the pick index of those rows: each window's counts add up to each row's kept
+    entries, within the index's size (the kernel trusts them for every load; the columns in it are only used for
+    their low 6 bits). Checked in C, once per (tensor, version), like the offsets."""
     key = (pick.data_ptr(), row_offsets.data_ptr())
-    stamp = (_version(pick), _version(row_offsets), pick.numel(), cols, rows)
+    stamp = (_version(pick), _version(row_offsets), pick.numel(), cols)
     if _AGREED.get(key) == stamp:
         return True
-    kept = int(row_offsets[-1])
-    if pick.dtype != torch.uint8 or pick.dim() != 1 or pick.numel() != rows * windows + kept + BITMASK_PAD:
+    if pick.dtype != torch.uint8 or pick.dim() != 1 or not pick.is_contiguous() or LIB is None:
         return False
-    counts = pick[: rows * windows].view(rows, windows).sum(dim=1, dtype=torch.int64)
-    if not torch.equal(counts, row_offsets[1:] - row_offsets[:-1]):
+    n = pick.numel() - BITMASK_PAD
+    if n < 0 or LIB.fxs_bitmask_pick_check(pick.data_ptr(), n, row_offsets.data_ptr(), row_offsets.numel() - 1, cols):
         return False
     _AGREED[key] = stamp
     return True
@@ -414,7 +416,7 @@ def bitmask_linear(
     if x32.stride(1) != 1 and cols > 1:  # rows of x may be apart (a view), their entries must be adjacent
         x32 = x32.contiguous()
     b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    if x32.shape[0] == 1 and pick is not None and _plain_cpu(pick) and _pick_agrees(pick, mask, row_offsets, cols):
+    if x32.shape[0] == 1 and pick is not None and _plain_cpu(pick) and _pick_agrees(pick, row_offsets, cols):
         out = _picked(x32, values, pick, row_offsets, b32, rows, cols)
         if out is not None:
             return out
@@ -514,23 +516,23 @@ def _bf16_row(
 def _picked(
     x: Tensor, values: Tensor, pick: Tensor, row_offsets: Tensor, bias: Tensor | None, rows: int, cols: int
 ) -> Tensor | None:
-    """One float32 row of x by the pick path (None where the path in use lacks AVX-512)."""
+    """One float32 row of x by the pick path (None where the path in use lacks AVX-512); the threads take whole
+    tiles of four rows."""
     out = torch.empty(1, rows, dtype=torch.float32, device="cpu")
     fn = getattr(LIB, f"fxs_bitmask_pick_{BITMASK_DTYPES[values.dtype]}")
-    counts = pick.data_ptr()
     calls: list[tuple[Any, ...]] = [
         (
             values.data_ptr(),
-            counts + rows * -(-cols // 64),
-            counts,
+            pick.data_ptr(),
             row_offsets.data_ptr(),
+            rows,
             cols,
-            a,
-            b,
+            4 * a,
+            min(4 * b, rows),
             x.data_ptr(),
             None if bias is None else bias.data_ptr(),
             out.data_ptr(),
         )
-        for a, b in _split(rows, rows * cols)
+        for a, b in _split(-(-rows // 4), rows * cols)
     ]
     return out if all(s == 0 for s in _statuses(fn, calls)) else None

@@ -211,8 +211,9 @@ def test_what_the_kernel_does_not_take_goes_the_torch_way() -> None:
 
 
 def test_large_buffers_are_asked_for_huge_pages(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The layer's values and mask from HUGE_PAGE_MIN_BYTES on: madvise(MADV_HUGEPAGE) over whole pages inside
-    the buffer, before anything is written; smaller buffers, or no madvise (not Linux): plain memory."""
+    """The layer's values and mask from HUGE_PAGE_MIN_BYTES on: a fresh mapping of their own (memory reused from
+    the allocator is already in small pages), madvise(MADV_HUGEPAGE) over all of it before anything is written;
+    smaller buffers, or no madvise (not Linux): plain memory."""
     calls: list[tuple[int, int, int]] = []
     monkeypatch.setattr(_native, "_MADVISE", lambda start, length, advice: calls.append((start, length, advice)) or 0)
     monkeypatch.setattr(_native, "HUGE_PAGE_MIN_BYTES", 1 << 16)
@@ -222,7 +223,7 @@ def test_large_buffers_are_asked_for_huge_pages(monkeypatch: pytest.MonkeyPatch)
     assert len(calls) == 1 and calls[0][2] == 14  # the values (~120 KB); the mask (7.6 KB) is too small
     start, length, _ = calls[0]
     p, n = layer.values.data_ptr(), layer.values.numel() * 4
-    assert start % 4096 == 0 and length % 4096 == 0 and p <= start and start + length <= p + n
+    assert start == p and p % mmap.PAGESIZE == 0 and length == -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
     monkeypatch.setattr(_native, "_MADVISE", None)
     again = BitmaskLinear(w, None)
     assert torch.equal(again.values, layer.values) and torch.equal(again.mask, layer.mask)
@@ -301,38 +302,49 @@ def test_no_path_reads_past_x_the_mask_or_the_padded_values(isa: str, cols: int)
                 _check(y, x, w, None)
 
 
+def _listed_pick_index(w: torch.Tensor) -> list[int]:
+    """The pick index of ``w``, written out entry by entry: per tile of four rows and 64-column window, the tile's
+    rows' kept entries in the window, then each row's kept columns there (mod 64); then BITMASK_PAD zeros."""
+    keep = (w != 0).tolist()
+    rows, cols = w.shape
+    out: list[int] = []
+    for r0 in range(0, rows, 4):
+        tile = keep[r0 : r0 + 4]
+        for c0 in range(0, cols, 64):
+            kept = [[c - c0 for c in range(c0, min(c0 + 64, cols)) if row[c]] for row in tile]
+            out += [len(k) for k in kept] + [c for k in kept for c in k]
+    return out + [0] * _native.BITMASK_PAD
+
+
 @needs_lib
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])
 @pytest.mark.parametrize("cols", [1, 8, 63, 64, 65, 200])
-def test_the_pick_index_lists_each_windows_kept_entries_and_their_columns(cols: int) -> None:
-    """pick_index: the kept entries of each row's 64-column windows, then each kept entry's column within its
-    window (in the order of the values), then BITMASK_PAD zeros; bits past ``cols`` in the last mask byte ignored."""
-    w = _weight(7, cols, 0.6, torch.float32, seed=cols)
-    w[2] = 0
-    w[4] = 1.0
+def test_the_pick_index_lists_each_windows_kept_entries_and_their_columns(rows: int, cols: int) -> None:
+    """pick_index against the layout written out in Python; bits past ``cols`` in the last mask byte ignored."""
+    w = _weight(rows, cols, 0.6, torch.float32, seed=cols)
+    w[rows // 2] = 0
+    w[-1] = 1.0
     values, mask, offsets = pack(w)
     if cols % 8:
         mask[:, -1] |= 0xFF << (cols % 8) & 0xFF  # stray bits past the row's end
     pick = _native.pick_index(mask, cols)
-    windows = -(-cols // 64)
-    keep = w != 0
-    counts = torch.stack([keep[:, 64 * i : 64 * (i + 1)].sum(dim=1) for i in range(windows)], dim=1)
-    columns = keep.nonzero()[:, 1] % 64
-    want = torch.cat([counts.reshape(-1), columns, torch.zeros(_native.BITMASK_PAD, dtype=torch.int64)])
-    assert pick is not None and pick.dtype == torch.uint8 and torch.equal(pick.long(), want)
+    assert pick is not None and pick.dtype == torch.uint8 and pick.tolist() == _listed_pick_index(w)
 
 
 @needs_lib
 def test_a_pick_index_that_disagrees_is_not_used() -> None:
     """A pick index of another size or dtype, or whose window counts do not add up to the rows' kept entries
-    (the kernel would read past a row's values), is left out: the other paths give the product."""
+    (the kernel would read past a row's values or the index), is left out: the other paths give the product."""
     w = _weight(9, 130, 0.9, torch.float32)
     values, mask, offsets = pack(w)
     x = torch.randn(1, 130)
     pick = _native.pick_index(mask, 130)
     assert pick is not None
-    lying = pick.clone()
-    lying[0] += 3  # the first window claims three more kept entries
-    for bad in (lying, pick[:-1], pick.to(torch.int16), pick[: 9 * 3]):
+    lying, swapped, overfull = pick.clone(), pick.clone(), pick.clone()
+    lying[0] += 3  # the first row's first window claims three more kept entries
+    swapped[0], swapped[1] = pick[1], pick[0]  # the counts add up per tile, not per row
+    overfull[0] = 200  # more than a window holds
+    for bad in (lying, swapped, overfull, pick[:-1], torch.cat([pick, pick[:1]]), pick.to(torch.int16), pick[:30]):
         y = _native.bitmask_linear(x, values, mask, offsets, None, bad)
         assert y is not None
         _check(y, x, w, None)
