@@ -186,6 +186,10 @@ static int fxs_has_dpbf16 = 0; /* AVX512_BF16 and AVX512_VBMI2 (vdpbf16ps, vpexp
 #define FXS_BM_L1_COLS 4096 /* batch 1: one row at a time up to this many columns; longer rows of x (past
                                * 16 KiB of L1) in tiles of 4 rows of W: 4096x11008 at 50 % went 1.0x -> 0.73x */
 #endif
+#ifndef FXS_TILE_AHEAD /* batch 1 in tiles (rows past FXS_BM_L1_COLS) with at most FXS_TILE_PF_KEPT % kept: values */
+#define FXS_TILE_AHEAD 1024 /* prefetched this far (Zen 4, 4096x11008 at 70 % zeros: ~0.40x dense, 0.42-0.44x without; */
+#define FXS_TILE_PF_KEPT 40 /* at 50 % the prefetches cost more than they gave: 0.66x against 0.53x) */
+#endif
 #ifndef FXS_BM_AHEAD
 /* bytes of values prefetched ahead of the batch-1 loop (Zen 4, 70 % zeros: 0.38-0.40x dense, 0.43-0.44x at 1024) */
 #define FXS_BM_AHEAD 2048
@@ -291,7 +295,8 @@ FXS_ROW512(fxs_row512_bf16, uint16_t, fxs_w16_bf16)
  * each 16 columns of a row of x are loaded once and used by the R rows of W. */
 #define FXS_TILE512(NAME, T, W16)                                                                       \
     FXS_INLINE512 void NAME(const T *values, const int64_t *offsets, const uint8_t *mask, int64_t stride,   \
-                            int64_t cols, int64_t r, const float *x, int64_t xs, int R, int NB, float *res) { \
+                            int64_t cols, int64_t r, const float *x, int64_t xs, int R, int NB, int pf,    \
+                            float *res) {                                                               \
         __m512 acc[4][4], w[4];                                                                         \
         const uint8_t *m[4];                                                                            \
         int64_t k[4];                                                                                   \
@@ -303,6 +308,7 @@ FXS_ROW512(fxs_row512_bf16, uint16_t, fxs_w16_bf16)
         int64_t c = 0;                                                                                  \
         for (; c + 16 <= cols; c += 16) {                                                               \
             for (int i = 0; i < R; i++) {                                                               \
+                if (pf && (c & 63) == 0) _mm_prefetch((const char *)(values + k[i]) + FXS_TILE_AHEAD, _MM_HINT_T0); \
                 uint16_t bits;                                                                          \
                 memcpy(&bits, m[i] + (c >> 3), 2);                                                      \
                 w[i] = W16(values + k[i], (__mmask16)bits);                                             \
@@ -436,7 +442,7 @@ FXS_PICK(fxs_pick_f32, float, fxs_pick_rows_f32)
 FXS_PICK(fxs_pick_bf16, uint16_t, fxs_pick_rows_bf16)
 
 #define FXS_TILE_CASE(TILE, R, NB)                                                                      \
-    case R * 8 + NB: TILE(values, offsets, mask, stride, cols, r, xb, xs, R, NB, res); break;
+    case R * 8 + NB: TILE(values, offsets, mask, stride, cols, r, xb, xs, R, NB, pf, res); break;
 
 #define FXS_BM_AVX512(NAME, T, TILE, ROW)                                                               \
     FXS_T512 static int NAME(const T *values, const int64_t *offsets, const uint8_t *mask, int64_t cols,   \
@@ -444,6 +450,7 @@ FXS_PICK(fxs_pick_bf16, uint16_t, fxs_pick_rows_bf16)
                              const float *bias, float *out, int64_t os) {                               \
         int64_t stride = (cols + 7) / 8;                                                                \
         float res[16];                                                                                  \
+        int pf = batch == 1 && 100 * (offsets[r1] - offsets[r0]) <= FXS_TILE_PF_KEPT * (r1 - r0) * cols;  \
         if (batch == 1 && cols <= FXS_BM_L1_COLS) {                                                     \
             int64_t k = offsets[r0];                                                                    \
             for (int64_t r = r0; r < r1; r++) {                                                         \
