@@ -349,7 +349,9 @@ FXS_TILE512(fxs_tile512_bf16, uint16_t, fxs_w16_bf16)
  * ~0.18x dense F.linear, data not in cache (the expand path: ~0.24x / ~0.32x; each row's index read as its own
  * stream: ~0.19x). The values are prefetched far ahead (FXS_PICK_AHEAD): four rows' streams run at once. */
 #ifndef FXS_PICK_AHEAD
-#define FXS_PICK_AHEAD 16384 /* bytes of each row's values (Zen 4, 90 % zeros: 2 KiB 0.23-0.28x dense, 8 KiB 0.18-0.23x) */
+/* bytes of each row's values (Zen 4, 90 % zeros, data not in cache: 2 KiB ahead 0.23-0.28x dense, 8 KiB
+ * 0.18-0.21x, 16 KiB 0.18-0.19x, 64 KiB 0.17-0.18x, 128 KiB the same) */
+#define FXS_PICK_AHEAD 65536
 #endif
 
 static const uint16_t fxs_lanes_of[17] = {0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2047, 4095, 8191, 16383, 32767,
