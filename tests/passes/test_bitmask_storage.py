@@ -124,6 +124,28 @@ def test_export_and_compile_take_a_bitmask_module() -> None:
     torch.testing.assert_close(torch.compile(small)(x), want, atol=1e-5, rtol=1e-5)
 
 
+def test_export_and_compile_take_a_layer_with_a_pick_index() -> None:
+    """A 90 % sparse layer holds a pick index (on AVX-512 CPUs) that the op takes as its last input: export,
+    compile and gradients work with it, at batch 1 (the pick path) and 3."""
+    sgm = _sgm(MLP(), {"weights": [{"target": "type:Linear", "method": "l1_unstructured", "sparsity": 0.9}]})
+    dense, small = sgm.squash(), sgm.squash(storage="bitmask")
+    if _native.bitmask_isa() in ("avx512", "avx512vbmi2"):
+        assert small.fc1.pick is not None and small.fc2.pick is not None
+    for batch in (1, 3):
+        x = torch.randn(batch, 16)
+        want = dense(x)
+        torch.testing.assert_close(small(x), want, atol=1e-5, rtol=1e-5)
+        ep = torch.export.export(small, (x,))
+        assert "fx_sparsify.bitmask_linear" in str(ep.graph)
+        torch.testing.assert_close(ep.module()(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.compile(small, backend="aot_eager")(x), want, atol=1e-5, rtol=1e-5)
+    x = torch.randn(1, 16, requires_grad=True)
+    (small(x) ** 2).sum().backward()
+    xd = x.detach().clone().requires_grad_(True)
+    (dense(xd) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_gradients_reach_the_input_and_bias_through_the_dense_product() -> None:
     sgm = _sgm(MLP())
     dense, small = sgm.squash(), sgm.squash(storage="bitmask")
