@@ -236,8 +236,9 @@ bitmask_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # --- the layer --------------------------------------------------------------------------------------------
 #: a layer with at most this fraction of its entries kept holds a pick index (:func:`._native.pick_index`) where
-#: the CPU has AVX-512: its batch-1 products pick x's entries at the kept columns. On AMD Zen 4 the pick path beat
-#: the expand path from ~80 % zeros on (at 80 %: 0.37x vs 0.36-0.43x dense; at 90 %: 0.15x vs 0.25-0.30x)
+#: the CPU has AVX-512: its batch-1 products pick x's entries at the kept columns. On AMD Zen 4 (LLaMA-7B MLP
+#: shapes, data not in cache) the pick path beat the expand path from ~80 % zeros on (at 80 %: ~0.29x dense
+#: against ~0.35x; at 70-75 % no better; at 90 %: 0.16-0.20x against 0.24-0.32x)
 PICK_KEPT = 0.2
 
 

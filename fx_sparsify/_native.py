@@ -321,7 +321,7 @@ def empty_on_huge_pages(numel: int, dtype: torch.dtype) -> Tensor:
     overlapping them: on 2 MiB pages the float32 11008x4096 layer at 50 % zeros ran at ~0.56x dense
     ``F.linear`` instead of ~0.84x (AMD Zen 4, 1 thread). Where the kernel refuses (THP set to ``never``) the
     pages stay ordinary: nothing else changes."""
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if _MADVISE is None or nbytes < HUGE_PAGE_MIN_BYTES:
         return torch.empty(numel, dtype=dtype)
     area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # freed with the last tensor on it
@@ -344,7 +344,7 @@ def bitmask_isa(want: str | None = None) -> str | None:
 
 
 def pick_index(mask: Tensor, cols: int) -> Tensor | None:
-    """The pick index of a ``[rows, ceil(cols / 64 * 8)]`` packed mask (None without the library): uint8, for each
+    """The pick index of a ``[rows, ceil(cols / 8)]`` packed mask (None without the library): uint8, for each
     tile of four rows (the last: the rows left) and each 64-column window, the tile's rows' kept entries in the
     window (a byte a row), then each row's kept entries' columns within the window (0-63, a byte each); then
     :data:`BITMASK_PAD` zeros. With it, batch-1 products of a sparse layer take the pick path

@@ -72,7 +72,12 @@ def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
     y = _native.bitmask_linear(x, values, mask, offsets, b)
     assert y is not None and y.dtype == torch.float32 and y.shape == (x.shape[0], w.shape[0])
     _check(y, x, w, b)
-    y = _native.bitmask_linear(x, values, mask, offsets, b, _native.pick_index(mask, w.shape[1]))
+    pick = _native.pick_index(mask, w.shape[1])
+    if w.dtype == torch.bfloat16:  # bfloat16 values with a float32 x: the float32 paths, pick path included
+        y = _native.bitmask_linear(x.float(), values, mask, offsets, b, pick)
+        assert y is not None
+        _check(y, x, w, b)
+    y = _native.bitmask_linear(x, values, mask, offsets, b, pick)
     assert y is not None and y.dtype == torch.float32 and y.shape == (x.shape[0], w.shape[0])
     return y
 
