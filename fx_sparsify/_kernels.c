@@ -372,8 +372,8 @@ FXS_INLINE512 __m512 fxs_v16_bf16(const uint16_t *v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)v)), 16));
 }
 
-/* one row's window of x at xp: its n kept entries (from k) times their entries of x added to acc; returns k + n.
- * Most windows of a sparse row hold at most 16: the first group is picked before the branch (written otherwise,
+/* one row's window of x at xp: its n kept entries (values from v, their columns from c8) times their entries of x
+ * added to acc. Most windows of a sparse row hold at most 16: the first group is picked before the branch (written otherwise,
  * with the pick inside each branch, GCC 12 no longer shared the loads of x across the tile's rows: 1.5x slower) */
 #define FXS_PICK_STEP(NAME, T, V16)                                                                     \
     FXS_INLINE512 void NAME(const T *v, const uint8_t *c8, int n, const float *xp, __m512 *acc) {       \
