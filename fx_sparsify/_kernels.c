@@ -675,6 +675,23 @@ FXS_API int fxs_bitmask_isa(int want) {
 FXS_BM_ENTRY(fxs_bitmask_linear_f32, float, f32)
 FXS_BM_ENTRY(fxs_bitmask_linear_bf16, uint16_t, bf16)
 
+/* bit counts for the pick index, in any C compiler (MSVC lacks the GCC builtins) */
+#if defined(__GNUC__) && !defined(FXS_PORTABLE_BITS)
+#define fxs_popcount64(v) __builtin_popcountll(v)
+#define fxs_ctz64(v) __builtin_ctzll(v)
+#else
+static int fxs_popcount64(uint64_t v) {
+    int n = 0;
+    for (; v; v &= v - 1) n++;
+    return n;
+}
+static int fxs_ctz64(uint64_t v) { /* v != 0 */
+    int n = 0;
+    for (; !(v & 1); v >>= 1) n++;
+    return n;
+}
+#endif
+
 /* fxs_bitmask_pick_index(mask, rows, cols, out): a layer's pick index, rows * nw + kept bytes (nw = ceil(cols /
  * 64)): for each tile of four rows (the last: the rows left) and each window, the tile's rows' kept entries in the
  * window, then each row's kept entries' columns within the window (0-63). Tile t starts at 4t * nw + offsets[4t]. */
@@ -691,8 +708,8 @@ FXS_API void fxs_bitmask_pick_index(const uint8_t *mask, int64_t rows, int64_t c
                 uint64_t bits = 0;
                 for (int64_t b = 0; b < nb; b++) bits |= (uint64_t)m[8 * w + b] << (8 * b);
                 if (left < 64) bits &= (1ull << left) - 1u;
-                counts[i] = (uint8_t)__builtin_popcountll(bits);
-                for (; bits; bits &= bits - 1) *out++ = (uint8_t)__builtin_ctzll(bits);
+                counts[i] = (uint8_t)fxs_popcount64(bits);
+                for (; bits; bits &= bits - 1) *out++ = (uint8_t)fxs_ctz64(bits);
             }
         }
     }
