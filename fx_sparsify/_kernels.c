@@ -186,15 +186,18 @@ static int fxs_has_dpbf16 = 0; /* AVX512_BF16 and AVX512_VBMI2 (vdpbf16ps, vpexp
 #define FXS_BM_L1_COLS 4096 /* batch 1: one row at a time up to this many columns; longer rows of x (past
                                * 16 KiB of L1) in tiles of 4 rows of W: 4096x11008 at 50 % went 1.0x -> 0.73x */
 #endif
-#ifndef FXS_TILE_AHEAD /* batch 1 in tiles (rows past FXS_BM_L1_COLS) with at most FXS_TILE_PF_KEPT % kept: values */
-#define FXS_TILE_AHEAD 1024 /* prefetched this far (Zen 4, 4096x11008 at 70 % zeros: ~0.40x dense, 0.42-0.44x without; */
-#define FXS_TILE_PF_KEPT 40 /* at 50 % the prefetches cost more than they gave: 0.66x against 0.53x) */
+#ifndef FXS_TILE_AHEAD /* batch 1 in tiles (rows past FXS_BM_L1_COLS): values prefetched into L2 FXS_TILE_FAR ahead */
+#define FXS_TILE_FAR 65536 /* (Zen 4, 4096x11008, 70 % zeros: 4.0-4.1 cycles per 16 columns, 4.6-4.7 without; */
+#define FXS_TILE_AHEAD 1024 /* 50 %: no change) and, with at most FXS_TILE_PF_KEPT % kept, into L1 FXS_TILE_AHEAD ahead */
+#define FXS_TILE_PF_KEPT 40 /* (70 %: ~0.40x dense, 0.42-0.44x without; at 50 % those cost more than they gave) */
 #endif
 #ifndef FXS_BM_AHEAD
-/* bytes of values prefetched ahead of the batch-1 loop (Zen 4, 11008x4096, data not in cache, cycles per 16
- * columns at 50 / 70 % zeros: 1 KiB 6.6-6.7 / 5.1-5.2, 2 KiB 6.3-6.5 / 4.5-4.7, 3 KiB 6.1-6.2 / 4.4-4.6, 4 KiB
- * 6.2 / 4.6-4.7) */
+/* bytes of values prefetched into L1 ahead of the batch-1 loop, and into L2 further ahead (Zen 4, 11008x4096, data
+ * not in cache, cycles per 16 columns at 50 / 70 % zeros, into L1 only: 1 KiB 6.6-6.7 / 5.1-5.2, 2 KiB 6.3-6.5 /
+ * 4.5-4.7, 3 KiB 6.1-6.2 / 4.4-4.6, 4 KiB 6.2 / 4.6-4.7; 3 KiB into L1 and 16 or 32 KiB into L2: 5.0 / 3.7-3.8;
+ * 16 KiB into L1 as well: 7.3-7.5 / 5.2-5.5) */
 #define FXS_BM_AHEAD 3072
+#define FXS_BM_FAR 16384
 #endif
 
 static inline float fxs_bf16_to_f32(uint16_t h) {
@@ -266,6 +269,7 @@ FXS_INLINE512 __m512 fxs_w16_bf16(const uint16_t *v, __mmask16 mm) {
             memcpy(&bits, m + (c >> 3), 4);                                                             \
             __mmask16 lo = (__mmask16)bits, hi = (__mmask16)(bits >> 16);                               \
             _mm_prefetch((const char *)(values + k) + FXS_BM_AHEAD, _MM_HINT_T0);                       \
+            _mm_prefetch((const char *)(values + k) + FXS_BM_FAR, _MM_HINT_T1);                         \
             __m512 w0 = W16(values + k, lo);                                                            \
             k += _mm_popcnt_u32(lo);                                                                    \
             __m512 w1 = W16(values + k, hi);                                                            \
@@ -310,7 +314,10 @@ FXS_ROW512(fxs_row512_bf16, uint16_t, fxs_w16_bf16)
         int64_t c = 0;                                                                                  \
         for (; c + 16 <= cols; c += 16) {                                                               \
             for (int i = 0; i < R; i++) {                                                               \
-                if (pf && (c & 63) == 0) _mm_prefetch((const char *)(values + k[i]) + FXS_TILE_AHEAD, _MM_HINT_T0); \
+                if (NB == 1 && (c & 63) == 0) {                                                         \
+                    if (pf) _mm_prefetch((const char *)(values + k[i]) + FXS_TILE_AHEAD, _MM_HINT_T0);   \
+                    _mm_prefetch((const char *)(values + k[i]) + FXS_TILE_FAR, _MM_HINT_T1);            \
+                }                                                                                       \
                 uint16_t bits;                                                                          \
                 memcpy(&bits, m[i] + (c >> 3), 2);                                                      \
                 w[i] = W16(values + k[i], (__mmask16)bits);                                             \
@@ -351,9 +358,11 @@ FXS_TILE512(fxs_tile512_bf16, uint16_t, fxs_w16_bf16)
  * ~0.18x dense F.linear, data not in cache (the expand path: ~0.24x / ~0.32x; each row's index read as its own
  * stream: ~0.19x). The values are prefetched far ahead (FXS_PICK_AHEAD): four rows' streams run at once. */
 #ifndef FXS_PICK_AHEAD
-/* bytes of each row's values (Zen 4, 90 % zeros, data not in cache: 2 KiB ahead 0.23-0.28x dense, 8 KiB
- * 0.18-0.21x, 16 KiB 0.18-0.19x, 64 KiB 0.17-0.18x, 128 KiB the same) */
-#define FXS_PICK_AHEAD 65536
+/* bytes of each row's values prefetched into L1 and, further ahead, into L2 (Zen 4, 90 % zeros, data not in cache:
+ * into L1 only, 2 KiB ahead 0.23-0.28x dense, 8 KiB 0.18-0.21x, 64 KiB 0.17-0.19x; 4 KiB into L1 and 64 KiB into
+ * L2: 0.14-0.15x) */
+#define FXS_PICK_AHEAD 4096
+#define FXS_PICK_FAR 65536
 #endif
 
 static const uint16_t fxs_lanes_of[17] = {0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2047, 4095, 8191, 16383, 32767,
@@ -395,6 +404,7 @@ FXS_PICK_STEP(fxs_pick_step_bf16, uint16_t, fxs_v16_bf16)
     if (R > I) {                                                                                        \
         int n = pk[I];                                                                                  \
         _mm_prefetch((const char *)(v + k##I) + FXS_PICK_AHEAD, _MM_HINT_T0);                           \
+        _mm_prefetch((const char *)(v + k##I) + FXS_PICK_FAR, _MM_HINT_T1);                             \
         STEP(v + k##I, c, n, XP, &a##I);                                                                \
         k##I += n;                                                                                      \
         c += n;                                                                                         \
