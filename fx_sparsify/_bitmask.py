@@ -159,20 +159,6 @@ def _check(x: Tensor, values: Tensor, mask: Tensor, in_features: int) -> None:
         )
 
 
-@torch.library.custom_op("fx_sparsify::bitmask_linear", mutates_args=(), schema=_SCHEMA)
-def bitmask_linear(
-    x: Tensor,
-    values: Tensor,
-    mask: Tensor,
-    row_offsets: Tensor,
-    bias: Tensor | None,
-    in_features: int,
-    pick: Tensor | None = None,
-) -> Tensor:
-    """``F.linear(x, W, bias)`` for the weight W held as ``values`` / ``mask`` / ``row_offsets`` (see the module)."""
-    return _product(x, values, mask, row_offsets, bias, in_features, pick)
-
-
 def _product(
     x: Tensor,
     values: Tensor,
@@ -182,7 +168,8 @@ def _product(
     in_features: int,
     pick: Tensor | None = None,
 ) -> Tensor:
-    """The op's body; the layer calls it directly where the op's dispatch would only cost time (~0.1 ms a call:
+    """``F.linear(x, W, bias)`` for the weight W held as ``values`` / ``mask`` / ``row_offsets`` (see the module):
+    the op's body. The layer calls it directly where the op's dispatch would only cost time (~0.1 ms a call:
     eager, no gradient wanted, nothing tracing)."""
     _check(x, values, mask, in_features)
     rows = mask.shape[0]
@@ -191,6 +178,9 @@ def _product(
     if y is None:  # no C kernel for this (not built, a dtype it lacks, another device): expand and F.linear
         return F.linear(x, dense_of(values, mask, row_offsets, in_features), bias)
     return y.to(x.dtype).reshape(*x.shape[:-1], rows)
+
+
+bitmask_linear = torch.library.custom_op("fx_sparsify::bitmask_linear", mutates_args=(), schema=_SCHEMA)(_product)
 
 
 @bitmask_linear.register_fake
