@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
 
 
-@pytest.mark.slow
-def test_quality_benchmark_runs_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _bench() -> Any:
+    """benchmarks/bench_quality.py as a module (benchmarks/ is no package)."""
     spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_quality_benchmark_runs_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _bench()
     bench.main(
         [
             "--steps",
@@ -57,10 +64,7 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path: Path, capsys: pytest.C
 
 @pytest.mark.slow
 def test_structured_section_runs_the_head_settings_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     args = ["--steps", "2", "--d-model", "32", "--calib", "8", "--eval", "8", "--repeats", "1"]
     bench.main([*args, "--cache", str(tmp_path / "gpt.pt"), "--section", "structured", "--settings", "heads"])
     out = capsys.readouterr().out

@@ -74,21 +74,22 @@ def _mlp_batches() -> list[torch.Tensor]:
     return [torch.randn(6, 16, generator=g, dtype=torch.float64) for _ in range(4)]
 
 
-def _llama() -> Any:
+def _llama(vocab: int = 100, hidden: int = 32, heads: int = 2, kv_heads: int = 1, inter: int = 64) -> Any:
+    """A 2-layer float32 LLaMA from a config, the same weights every call."""
     import transformers
 
     cfg = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
+        vocab_size=vocab,
+        hidden_size=hidden,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=inter,
         bos_token_id=0,
         eos_token_id=0,
     )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).double().eval()
+    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _llama_batches() -> list[dict[str, Any]]:
@@ -110,20 +111,7 @@ def _stack_batches() -> list[torch.Tensor]:
 
 def _llama32() -> Any:
     """A float32 LLaMA where float32 sums over the batches, added in another order, flip masks in later levels."""
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=1000,
-        hidden_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        intermediate_size=704,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return _llama(vocab=1000, hidden=256, heads=8, kv_heads=4, inter=704)
 
 
 def _llama32_batches() -> list[dict[str, Any]]:
@@ -174,7 +162,7 @@ def _one_pass(batches: list[torch.Tensor]) -> dict[str, Any]:
 
 
 def _sequential(batches: list[dict[str, Any]]) -> dict[str, Any]:
-    sgm = fxs.sparsify_graph(_llama(), SEQUENTIAL, example_kwargs=batches[0])
+    sgm = fxs.sparsify_graph(_llama().double(), SEQUENTIAL, example_kwargs=batches[0])
     for b in batches:
         sgm(**b)
     sgm.step()
@@ -192,7 +180,7 @@ def _channels(batches: list[dict[str, Any]], sequential: bool) -> dict[str, Any]
         "reconstruct": True,
         "sequential": sequential,
     }
-    sgm = fxs.sparsify_graph(_llama(), {"channels": [rule]}, example_kwargs=batches[0])
+    sgm = fxs.sparsify_graph(_llama().double(), {"channels": [rule]}, example_kwargs=batches[0])
     for b in batches:
         sgm(**b)
     sgm.step()

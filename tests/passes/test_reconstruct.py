@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -263,14 +264,13 @@ def test_sequential_levels_follow_the_graph() -> None:
     assert [sorted(r.name for r in level) for level in levels] == [["k.weight", "q.weight", "v.weight"], ["o.weight"]]
 
 
-def test_a_failing_sequential_step_puts_every_weight_and_mask_back(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fail_the_second_solve(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``reconstruct.sparsegpt_prune`` made to raise ``ValueError("boom")`` on its second call (the first level
+    solves, the second fails); returns the function it replaced."""
     import fx_sparsify.passes.reconstruct as reconstruct
 
-    sgm = fxs.sparsify_graph(MLP(), SEQUENTIAL)
-    sgm(torch.randn(8, 16))
-    before = {k: v.clone() for k, v in sgm.state_dict().items() if isinstance(v, torch.Tensor)}
-    calls = []
     real = reconstruct.sparsegpt_prune
+    calls = []
 
     def failing_second(*args, **kwargs):
         calls.append(1)
@@ -279,6 +279,14 @@ def test_a_failing_sequential_step_puts_every_weight_and_mask_back(monkeypatch: 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(reconstruct, "sparsegpt_prune", failing_second)
+    return real
+
+
+def test_a_failing_sequential_step_puts_every_weight_and_mask_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    sgm = fxs.sparsify_graph(MLP(), SEQUENTIAL)
+    sgm(torch.randn(8, 16))
+    before = {k: v.clone() for k, v in sgm.state_dict().items() if isinstance(v, torch.Tensor)}
+    _fail_the_second_solve(monkeypatch)
     with pytest.raises(ValueError, match=r"target 'fc2.weight': boom"):
         sgm.step()
     after = sgm.state_dict()
@@ -295,16 +303,7 @@ def test_without_rollback_a_failing_sequential_step_leaves_the_levels_it_wrote(m
     sgm = fxs.sparsify_graph(MLP(), SEQUENTIAL)
     sgm(torch.randn(8, 16))
     before = sgm.get_parameter("fc1.weight").detach().clone()
-    real = reconstruct.sparsegpt_prune
-    calls = []
-
-    def failing_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise ValueError("boom")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(reconstruct, "sparsegpt_prune", failing_second)
+    real = _fail_the_second_solve(monkeypatch)
     with reconstruct.without_rollback(), pytest.raises(ValueError, match="boom"):
         sgm.step()
     written = sgm.get_parameter("fc1.weight")
@@ -312,8 +311,7 @@ def test_without_rollback_a_failing_sequential_step_leaves_the_levels_it_wrote(m
     monkeypatch.setattr(reconstruct, "sparsegpt_prune", real)
     sgm(torch.randn(8, 16))
     with pytest.raises(ValueError, match="boom"):  # outside the context the copies are kept again
-        calls.clear()
-        monkeypatch.setattr(reconstruct, "sparsegpt_prune", failing_second)
+        _fail_the_second_solve(monkeypatch)
         sgm.step()
     assert torch.equal(sgm.get_parameter("fc1.weight"), written)
 
